@@ -1,0 +1,1 @@
+"""Latency runs, trace replay, Belady, reports."""

@@ -1,0 +1,1 @@
+"""The expert memory hierarchy: host tier, budgeted device expert cache, async loader, policies."""

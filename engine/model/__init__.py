@@ -1,0 +1,1 @@
+"""Model code: shared layers and one small file per family."""

@@ -1,0 +1,94 @@
+"""The one narrow interface through which model code reaches routed-expert weights.
+
+Model code never opens expert shards itself. An MoE block routes its tokens, tells the source what
+it routed (``observe``), then asks for the weights of the experts it needs (``fetch``) and combines
+the results in whatever order they arrive. The memory hierarchy (``engine/memory``) implements the
+same interface with a budgeted cache, an async loader and a policy underneath; ``MappedExperts``
+below is the simple all-resident implementation that maps every shard.
+
+Store format of one expert shard (``experts/L<layer>/E<expert>.safetensors``), as nn.Linear weights:
+``gate_proj.weight`` [I, H], ``up_proj.weight`` [I, H], ``down_proj.weight`` [H, I], and for
+families with expert biases (gpt-oss) ``gate_proj.bias`` [I], ``up_proj.bias`` [I], ``down_proj.bias`` [H].
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import torch
+
+EXPERT_TENSORS = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+EXPERT_BIASES = ("gate_proj.bias", "up_proj.bias", "down_proj.bias")
+
+
+@dataclass
+class ExpertWeights:
+    """One routed expert's matrices on the compute device (nn.Linear layout)."""
+
+    gate: torch.Tensor  # [I, H]
+    up: torch.Tensor  # [I, H]
+    down: torch.Tensor  # [H, I]
+    gate_bias: torch.Tensor | None = None  # [I]
+    up_bias: torch.Tensor | None = None  # [I]
+    down_bias: torch.Tensor | None = None  # [H]
+
+    @classmethod
+    def from_tensors(cls, t: dict[str, torch.Tensor]) -> ExpertWeights:
+        return cls(
+            gate=t["gate_proj.weight"],
+            up=t["up_proj.weight"],
+            down=t["down_proj.weight"],
+            gate_bias=t.get("gate_proj.bias"),
+            up_bias=t.get("up_proj.bias"),
+            down_bias=t.get("down_proj.bias"),
+        )
+
+
+class ExpertSource(Protocol):
+    """What an MoE block sees. ``layer`` is the decoder layer index; experts are 0..E-1."""
+
+    def observe(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Routing of ``layer`` for this step: topk_ids [T, k] (int64), hidden [T, H] the router input.
+
+        Called before ``fetch`` for the same layer. Used to count accesses, record activation traces
+        and predict (prefetch) the experts of the coming layers. May do nothing.
+        """
+
+    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        """Yield ``(expert_id, weights)`` for every id in ``expert_ids``, in any order (loaded ones first).
+
+        Weights stay valid until the next ``fetch`` call; the caller must not keep them longer.
+        """
+
+
+class MappedExperts:
+    """All-resident expert source: every shard memory-mapped, converted to dtype/device on first use."""
+
+    def __init__(self, model_root: Path, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        from engine.store.paths import expert_shard_path
+
+        self._path = lambda layer, expert: expert_shard_path(model_root, layer, expert)
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self._cache: dict[tuple[int, int], ExpertWeights] = {}
+
+    def _load(self, layer: int, expert: int) -> ExpertWeights:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(self._path(layer, expert)), device="cpu")
+        tensors = {k: v.to(device=self.device, dtype=self.dtype) for k, v in tensors.items()}
+        return ExpertWeights.from_tensors(tensors)
+
+    def observe(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor) -> None:
+        return None
+
+    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        for e in expert_ids:
+            key = (layer, int(e))
+            w = self._cache.get(key)
+            if w is None:
+                w = self._cache[key] = self._load(layer, int(e))
+            yield int(e), w

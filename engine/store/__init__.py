@@ -1,0 +1,1 @@
+"""The model store under ``$MOEINF_HOME`` (default ``~/.moeinf``): layout, manifests, pull."""

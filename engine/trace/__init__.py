@@ -1,0 +1,1 @@
+"""Expert activation matrices: record, persist, match, predict."""

@@ -1,0 +1,3 @@
+from moeinf_cli.app import main
+
+main()

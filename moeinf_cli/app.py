@@ -1,0 +1,60 @@
+"""Entry point of the ``moeinf`` command.
+
+Each module in ``moeinf_cli/commands`` exposes ``register(app)`` and adds its command(s). Heavy
+imports (torch, the engine) happen inside the commands, so ``moeinf --help`` stays fast.
+Errors a user can cause arrive as ``engine.errors.MoeinfError`` and are printed as one line.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+from engine import __version__
+from engine.errors import MoeinfError
+
+COMMAND_MODULES = ("pull", "models", "run", "chat", "trace", "bench")
+
+app = typer.Typer(
+    name="moeinf",
+    help="Run Mixture-of-Experts language models larger than your GPU or RAM.\n\n"
+    "Example: moeinf pull mixtral && moeinf run mixtral \"Why is the sky blue?\"",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"moeinf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+) -> None:
+    """Run Mixture-of-Experts language models larger than your GPU or RAM."""
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"moeinf_cli.commands.{_name}").register(app)
+
+
+def main() -> None:
+    try:
+        app()
+    except MoeinfError as err:
+        print(f"Error: {err}", file=sys.stderr)
+        sys.exit(err.exit_code)
+    except KeyboardInterrupt:
+        print(file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,7 @@
+"""`moeinf models` (being built)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    return None

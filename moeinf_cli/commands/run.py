@@ -1,0 +1,7 @@
+"""`moeinf run` (being built)."""
+
+import typer
+
+
+def register(app: typer.Typer) -> None:
+    return None
