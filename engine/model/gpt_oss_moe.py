@@ -1,0 +1,45 @@
+"""gpt-oss routing and its clamped SwiGLU expert.
+
+* Router: ``logits = hidden @ W.T + b`` (in the hidden dtype), top-k of the logits (sorted), then a
+  softmax over those k logits. Parameter names ``weight``/``bias`` as transformers' ``mlp.router``.
+* Expert (weights from the store, untangled to nn.Linear layout with biases):
+  ``gate = x @ Wg.T + bg`` clamped above at ``limit``, ``up = x @ Wu.T + bu`` clamped to ``±limit``,
+  ``h = (up + 1) * gate * sigmoid(alpha * gate)``, ``out = h @ Wd.T + bd``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model.experts import ExpertWeights
+
+SWIGLU_ALPHA = 1.702
+SWIGLU_LIMIT = 7.0
+
+
+class GptOssRouter(nn.Module):
+    """Top-k of biased router logits, softmax over the k chosen."""
+
+    def __init__(self, hidden_size: int, num_experts: int, top_k: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(num_experts), requires_grad=False)
+
+    def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = F.linear(hidden, self.weight, self.bias)  # [T, E], hidden dtype
+        top, ids = torch.topk(logits, self.top_k, dim=-1)
+        weights = torch.softmax(top, dim=-1, dtype=top.dtype)
+        return weights.float(), ids
+
+
+def clamped_swiglu(
+    x: torch.Tensor, w: ExpertWeights, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT
+) -> torch.Tensor:
+    """One gpt-oss expert on tokens ``x [n, H]`` -> ``[n, H]``."""
+    gate = F.linear(x, w.gate, w.gate_bias).clamp(max=limit)
+    up = F.linear(x, w.up, w.up_bias).clamp(min=-limit, max=limit)
+    return F.linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), w.down, w.down_bias)

@@ -1,0 +1,161 @@
+"""Multi-head latent attention (DeepSeek-V2/V3) with a static cache of the compressed latent.
+
+Per token: ``q = q_b(norm(q_a(x)))`` (or ``q_proj(x)`` when ``q_lora_rank`` is None), split per head
+into ``q_nope [qk_nope_head_dim]`` and ``q_rope [qk_rope_head_dim]``; ``kv_a_proj_with_mqa(x)`` gives
+the latent ``c [kv_lora_rank]`` (RMS-normed) and one shared ``k_rope [qk_rope_head_dim]``. Keys are
+``[k_nope, k_rope]`` and values ``v`` with ``[k_nope, v] = kv_b_proj(c)`` per head. Rotary is
+applied to ``q_rope``/``k_rope`` only.
+
+The cache holds only ``c`` and the roped ``k_rope`` (``kv_lora_rank + qk_rope_head_dim`` numbers a
+token, shared by all heads). Attention runs in one of two exactly equivalent ways:
+
+* expanded (long prompts): ``kv_b_proj`` is applied to every cached latent, then ordinary
+  attention;
+* absorbed (decode, short chunks): ``kv_b_proj``'s key half is folded into the query
+  (``q_nope @ W_uk`` lives in latent space) and its value half applied after attention to the
+  per-head latent mix, so nothing of size ``heads x positions`` is ever expanded.
+
+Rotary conventions: DeepSeek-V2, and V3 with ``rope_interleave`` (the default), rotate adjacent pairs
+``(x[2i], x[2i+1])``; V3 without it rotates ``(x[i], x[i + d/2])``. ``cos``/``sin`` passed in are
+``[T, d/2]`` tables for the tokens' positions, already multiplied by the rope's attention scaling.
+Parameter names are transformers' (``self_attn.q_a_proj`` ...), so dense checkpoints load by name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class MLAArgs:
+    hidden_size: int
+    num_heads: int
+    q_lora_rank: int | None
+    kv_lora_rank: int
+    qk_nope_head_dim: int
+    qk_rope_head_dim: int
+    v_head_dim: int
+    softmax_scale: float
+    attention_bias: bool = False
+    rope_interleave: bool = True
+    latent_norm_eps: float = 1e-6  # q_a_layernorm / kv_a_layernorm use transformers' default eps
+
+
+class LatentRMSNorm(nn.Module):
+    """RMSNorm as DeepSeek's: normalise in float32, cast back, then multiply by the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+    """Rotate ``x [..., T, d]`` by the angles of ``cos``/``sin [T, d/2]``.
+
+    ``interleaved``: pairs ``(x[2i], x[2i+1])`` (DeepSeek's complex-number rope), computed in float32
+    as transformers' V2 does; the result keeps the pair layout. Otherwise pairs ``(x[i], x[i+d/2])``.
+    """
+    if interleaved:
+        xf = x.float()
+        x1, x2 = xf[..., 0::2], xf[..., 1::2]
+        c, s = cos.float(), sin.float()
+        out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
+        return out.to(x.dtype)
+    c, s = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+
+
+class MultiHeadLatentAttention(nn.Module):
+    """MLA for one decoder layer, batch size one, with its own static latent cache."""
+
+    def __init__(self, args: MLAArgs, max_seq_len: int):
+        super().__init__()
+        a = self.args = args
+        self.qk_head_dim = a.qk_nope_head_dim + a.qk_rope_head_dim
+        self.max_seq_len = max_seq_len
+        if a.q_lora_rank is None:
+            self.q_proj = nn.Linear(a.hidden_size, a.num_heads * self.qk_head_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(a.hidden_size, a.q_lora_rank, bias=a.attention_bias)
+            self.q_a_layernorm = LatentRMSNorm(a.q_lora_rank, a.latent_norm_eps)
+            self.q_b_proj = nn.Linear(a.q_lora_rank, a.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            a.hidden_size, a.kv_lora_rank + a.qk_rope_head_dim, bias=a.attention_bias
+        )
+        self.kv_a_layernorm = LatentRMSNorm(a.kv_lora_rank, a.latent_norm_eps)
+        self.kv_b_proj = nn.Linear(a.kv_lora_rank, a.num_heads * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
+        self.o_proj = nn.Linear(a.num_heads * a.v_head_dim, a.hidden_size, bias=a.attention_bias)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        self.register_buffer("cache_latent", torch.zeros(max_seq_len, a.kv_lora_rank), persistent=False)
+        self.register_buffer("cache_k_rope", torch.zeros(max_seq_len, a.qk_rope_head_dim), persistent=False)
+        # Chunks of at most this many tokens use the absorbed path (fewer flops than expanding).
+        lat, nope, rope, v = a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
+        self.absorb_max_tokens = max(1, (lat * (nope + v)) // max(1, (2 * lat + rope) - (nope + rope + v)))
+
+    def _queries(self, x: torch.Tensor) -> torch.Tensor:
+        if self.args.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        return q.view(x.shape[0], self.args.num_heads, self.qk_head_dim).transpose(0, 1)  # [nH, T, qk]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        start_pos: int,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        absorb: bool | None = None,
+    ) -> torch.Tensor:
+        """``x [T, H]`` at positions ``start_pos..start_pos+T-1`` -> ``[T, H]``; writes the cache."""
+        a = self.args
+        T = x.shape[0]
+        end = start_pos + T
+        if end > self.max_seq_len:
+            raise ValueError(f"positions up to {end} exceed the KV cache of {self.max_seq_len}")
+        q = self._queries(x)
+        q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
+        q_rope = apply_rope(q_rope, cos, sin, a.rope_interleave)
+
+        latent, k_rope = self.kv_a_proj_with_mqa(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
+        self.cache_latent[start_pos:end] = self.kv_a_layernorm(latent)
+        self.cache_k_rope[start_pos:end] = apply_rope(k_rope, cos, sin, a.rope_interleave)
+        c = self.cache_latent[:end]  # [S, lat]
+        k_r = self.cache_k_rope[:end]  # [S, rope]
+
+        # causal mask: query i (position start_pos+i) sees keys 0..start_pos+i
+        mask = None
+        if T > 1:
+            pos_q = torch.arange(start_pos, end, device=x.device)[:, None]
+            mask = torch.arange(end, device=x.device)[None, :] <= pos_q  # [T, S]
+
+        if absorb is None:
+            absorb = T <= self.absorb_max_tokens
+        w = self.kv_b_proj.weight.view(a.num_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
+        w_uk, w_uv = w[:, : a.qk_nope_head_dim], w[:, a.qk_nope_head_dim :]  # [nH, nope, lat], [nH, v, lat]
+        if absorb:
+            q_lat = torch.bmm(q_nope, w_uk)  # [nH, T, lat]
+            scores = (q_lat @ c.T + q_rope @ k_r.T).float() * a.softmax_scale  # [nH, T, S]
+            if mask is not None:
+                scores = scores.masked_fill(~mask, float("-inf"))
+            probs = scores.softmax(dim=-1).to(x.dtype)
+            out = torch.bmm(probs @ c, w_uv.transpose(1, 2))  # [nH, T, v]
+        else:
+            kv = F.linear(c, self.kv_b_proj.weight).view(end, a.num_heads, -1).transpose(0, 1)
+            k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)  # [nH, S, *]
+            k = torch.cat((k_nope, k_r.unsqueeze(0).expand(a.num_heads, -1, -1)), dim=-1)
+            qf = torch.cat((q_nope, q_rope), dim=-1)
+            out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=a.softmax_scale)
+        return self.o_proj(out.transpose(0, 1).reshape(T, a.num_heads * a.v_head_dim))
