@@ -1,0 +1,350 @@
+"""GGUF file -> Hugging Face-format checkpoint directory (what ``moeinf pull model.gguf`` converts).
+
+``gguf_to_checkpoint(gguf_path, out_dir, dtype)`` reads the file with the ``gguf`` package,
+dequantises every tensor (Q4_1, Q8_0, K-quants, ...) to ``dtype``, undoes llama.cpp's Q/K row
+permutation for the llama architecture (so the Hugging Face rotary convention holds), renames the
+tensors to transformers' names and writes ``config.json``, ``model*.safetensors``, ``tokenizer.json``,
+``tokenizer_config.json`` (with the chat template) and ``generation_config.json``.
+
+Architectures: ``llama`` dense (-> model_type ``llama``), ``llama`` with routed experts
+(Mixtral-style ``ffn_*_exps`` 3-D tensors or per-expert ``ffn_*.E`` tensors -> ``mixtral``),
+``qwen2moe`` (-> ``qwen2_moe``) and ``qwen3moe`` (-> ``qwen3_moe``). Anything else is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from engine.errors import MoeinfError
+from engine.store import gguf_tokenizer
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2moe", "qwen3moe")
+SHARD_BYTES = 2 << 30  # one safetensors shard per ~2 GiB
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+}
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "attn_q_norm": "self_attn.q_norm",
+    "attn_k_norm": "self_attn.k_norm",
+    "ffn_norm": "post_attention_layernorm",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+    # Qwen2-MoE's shared expert and its sigmoid gate
+    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
+    "ffn_up_shexp": "mlp.shared_expert.up_proj",
+    "ffn_down_shexp": "mlp.shared_expert.down_proj",
+    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
+}
+# Routed experts: GGUF projection -> (Mixtral name, Qwen name)
+_EXPERT_NAMES = {"gate": ("w1", "gate_proj"), "up": ("w3", "up_proj"), "down": ("w2", "down_proj")}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+?)(?:\.(\d+))?\.(weight|bias)$")
+_EXPS_RE = re.compile(r"^ffn_(gate|up|down)_exps$")
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    """``dtype`` as a torch dtype (None: bfloat16); an unknown name is a user error."""
+    if dtype is None:
+        return torch.bfloat16
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    key = str(dtype).lower().removeprefix("torch.")
+    if key not in _DTYPES:
+        raise MoeinfError(f"unknown dtype {dtype!r}; use one of bfloat16, float16, float32")
+    return _DTYPES[key]
+
+
+def read_metadata(reader: Any) -> dict[str, Any]:
+    """Every metadata key of a ``GGUFReader`` as plain Python values."""
+    meta: dict[str, Any] = {}
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF."):
+            continue
+        meta[key] = field.contents()
+    return meta
+
+
+def _open(gguf_path: Path) -> Any:
+    from gguf import GGUFReader
+
+    if not gguf_path.is_file():
+        raise MoeinfError(f"GGUF file not found: {gguf_path}; check the path")
+    try:
+        return GGUFReader(str(gguf_path))
+    except Exception as exc:  # the gguf package raises ValueError/struct errors on bad files
+        raise MoeinfError(f"{gguf_path} is not a readable GGUF file ({exc}); download it again") from None
+
+
+def _arch_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+    """``config.json`` for the file's architecture (transformers' names and both RoPE forms)."""
+    arch = meta.get("general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise MoeinfError(
+            f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)}); "
+            "pull the model's Hugging Face repository instead"
+        )
+    if "rope_freqs.weight" in tensor_names:
+        raise MoeinfError(
+            "this GGUF uses Llama-3 style rope frequency factors (rope_freqs), which moeinf cannot map back; "
+            "pull the model's Hugging Face repository instead"
+        )
+
+    def get(key: str, default: Any = None) -> Any:
+        return meta.get(f"{arch}.{key}", default)
+
+    hidden = int(get("embedding_length"))
+    heads = int(get("attention.head_count"))
+    kv_heads = int(get("attention.head_count_kv", heads))
+    vocab = int(get("vocab_size", len(meta.get("tokenizer.ggml.tokens") or [])))
+    theta = float(get("rope.freq_base", 10000.0))
+    cfg: dict[str, Any] = {
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "num_hidden_layers": int(get("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads,
+        "max_position_embeddings": int(get("context_length", 4096)),
+        "rms_norm_eps": float(get("attention.layer_norm_rms_epsilon", 1e-6)),
+        "rope_theta": theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta},
+        "tie_word_embeddings": "output.weight" not in tensor_names,
+        "hidden_act": "silu",
+        "attention_dropout": 0.0,
+    }
+    scaling = get("rope.scaling.type")
+    if scaling not in (None, "none"):
+        if scaling != "linear":
+            raise MoeinfError(f"GGUF rope scaling {scaling!r} is not supported; pull the Hugging Face repository")
+        factor = float(get("rope.scaling.factor", 1.0))
+        cfg["rope_scaling"] = {"rope_type": "linear", "factor": factor}
+        cfg["rope_parameters"] = {"rope_type": "linear", "factor": factor, "rope_theta": theta}
+    for name in ("bos_token_id", "eos_token_id", "padding_token_id"):
+        value = meta.get(f"tokenizer.ggml.{name}")
+        if value is not None:
+            cfg[name.replace("padding", "pad")] = int(value)
+
+    experts = int(get("expert_count", 0) or 0)
+    if arch == "llama":
+        key_length = get("attention.key_length")
+        head_dim = int(key_length) if key_length else hidden // heads
+        cfg["head_dim"] = head_dim
+        cfg["intermediate_size"] = int(get("feed_forward_length"))
+        has_experts = experts > 0 or any(".ffn_gate_exps." in n or ".ffn_gate_inp." in n for n in tensor_names)
+        if has_experts:
+            if experts <= 0:
+                raise MoeinfError("GGUF has expert tensors but no llama.expert_count; the file is incomplete")
+            cfg.update(
+                model_type="mixtral",
+                architectures=["MixtralForCausalLM"],
+                num_local_experts=experts,
+                num_experts_per_tok=int(get("expert_used_count", 2)),
+                router_aux_loss_coef=0.02,
+                output_router_logits=False,
+                sliding_window=None,
+            )
+        else:
+            cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=False,
+                       mlp_bias=False, pretraining_tp=1)
+        return cfg
+
+    # qwen2moe / qwen3moe
+    expert_ff = int(get("expert_feed_forward_length"))
+    cfg.update(
+        num_experts=experts,
+        num_experts_per_tok=int(get("expert_used_count")),
+        moe_intermediate_size=expert_ff,
+        intermediate_size=int(get("feed_forward_length", expert_ff) or expert_ff),
+        decoder_sparse_step=1,
+        mlp_only_layers=[],
+        output_router_logits=False,
+        router_aux_loss_coef=0.001,
+        use_sliding_window=False,
+        sliding_window=None,
+    )
+    if arch == "qwen2moe":
+        cfg.update(
+            model_type="qwen2_moe",
+            architectures=["Qwen2MoeForCausalLM"],
+            shared_expert_intermediate_size=int(get("expert_shared_feed_forward_length", 0) or 0),
+            norm_topk_prob=False,  # llama.cpp's qwen2moe graph does not renormalise the top-k weights
+            qkv_bias=True,
+        )
+    else:
+        key_length = get("attention.key_length")
+        cfg.update(
+            model_type="qwen3_moe",
+            architectures=["Qwen3MoeForCausalLM"],
+            head_dim=int(key_length) if key_length else hidden // heads,
+            norm_topk_prob=True,  # llama.cpp's qwen3moe graph renormalises the top-k weights
+            attention_bias=False,
+        )
+    return cfg
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's ``permute`` of Q/K rows (interleaved rotary pairs -> HF's halves)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _dequantize(data: np.ndarray, tensor_type: Any) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    out = np.ascontiguousarray(dequantize(data, tensor_type), dtype=np.float32)
+    return out if out.flags.writeable else out.copy()  # F32 tensors come back as read-only map views
+
+
+def _tensors(reader: Any, cfg: dict[str, Any], arch: str) -> Iterator[tuple[str, np.ndarray]]:
+    """(transformers name, float32 array) for every tensor of the file, experts split one by one."""
+    moe_prefix = "block_sparse_moe" if cfg["model_type"] == "mixtral" else "mlp"
+    expert_slot = 0 if cfg["model_type"] == "mixtral" else 1
+    heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    for t in reader.tensors:
+        name = t.name
+        if name in _GLOBAL_NAMES:
+            yield _GLOBAL_NAMES[name], _dequantize(t.data, t.tensor_type)
+            continue
+        m = _BLOCK_RE.match(name)
+        if m is None:
+            raise MoeinfError(f"GGUF tensor {name!r} is not understood for {arch}; pull the Hugging Face repository")
+        layer, part, expert, kind = int(m[1]), m[2], m[3], m[4]
+        prefix = f"model.layers.{layer}."
+        exps = _EXPS_RE.match(part)
+        if exps is not None:  # 3-D [E, out, in]: dequantise one expert at a time
+            hf = _EXPERT_NAMES[exps[1]][expert_slot]
+            for e in range(t.data.shape[0]):
+                yield f"{prefix}{moe_prefix}.experts.{e}.{hf}.{kind}", _dequantize(t.data[e], t.tensor_type)
+            continue
+        if expert is not None:  # old per-expert Mixtral tensors: blk.N.ffn_gate.E.weight
+            proj = part.removeprefix("ffn_")
+            if proj not in _EXPERT_NAMES:
+                raise MoeinfError(f"GGUF tensor {name!r} is not understood; pull the Hugging Face repository")
+            hf = _EXPERT_NAMES[proj][expert_slot]
+            yield f"{prefix}{moe_prefix}.experts.{expert}.{hf}.{kind}", _dequantize(t.data, t.tensor_type)
+            continue
+        w = _dequantize(t.data, t.tensor_type)
+        if part == "ffn_gate_inp":
+            yield f"{prefix}{moe_prefix}.gate.{kind}", w
+            continue
+        if part not in _BLOCK_NAMES:
+            raise MoeinfError(f"GGUF tensor {name!r} is not understood for {arch}; pull the Hugging Face repository")
+        if arch == "llama" and part == "attn_q":
+            w = _unpermute(w, heads)
+        elif arch == "llama" and part == "attn_k":
+            w = _unpermute(w, kv_heads)
+        if part == "ffn_gate_inp_shexp":
+            w = w.reshape(1, -1)
+        yield f"{prefix}{_BLOCK_NAMES[part]}.{kind}", w
+
+
+class _ShardWriter:
+    """Writes tensors into ~SHARD_BYTES safetensors shards plus an index when there is more than one."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.out_dir = out_dir
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.written: list[tuple[Path, list[str]]] = []
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += tensor.numel() * tensor.element_size()
+        if self.pending_bytes >= SHARD_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self.pending:
+            return
+        path = self.out_dir / f"model-part{len(self.written) + 1:05d}.safetensors"
+        save_file(self.pending, str(path), metadata={"format": "pt"})
+        self.written.append((path, list(self.pending)))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        self._flush()
+        if len(self.written) == 1:
+            self.written[0][0].rename(self.out_dir / "model.safetensors")
+            return
+        total = len(self.written)
+        weight_map: dict[str, str] = {}
+        size = 0
+        for i, (path, names) in enumerate(self.written, start=1):
+            final = self.out_dir / f"model-{i:05d}-of-{total:05d}.safetensors"
+            path.rename(final)
+            size += final.stat().st_size
+            weight_map.update(dict.fromkeys(names, final.name))
+        _write_json(self.out_dir / "model.safetensors.index.json",
+                    {"metadata": {"total_size": size}, "weight_map": weight_map})
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def gguf_to_checkpoint(gguf_path: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None) -> Path:
+    """Convert ``gguf_path`` into a Hugging Face checkpoint directory at ``out_dir`` and return it.
+
+    The directory is built beside ``out_dir`` and renamed into place when complete.
+    """
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    torch_dtype = resolve_dtype(dtype)
+    reader = _open(gguf_path)
+    meta = read_metadata(reader)
+    names = {t.name for t in reader.tensors}
+    cfg = _arch_config(meta, names)
+    arch = meta["general.architecture"]
+    cfg["dtype"] = str(torch_dtype).removeprefix("torch.")
+    cfg["torch_dtype"] = cfg["dtype"]
+    cfg["moeinf_source"] = {"format": "gguf", "file": gguf_path.name,
+                            "name": meta.get("general.name"), "file_type": meta.get("general.file_type")}
+    tokenizer = gguf_tokenizer.build_tokenizer(meta)
+
+    work = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    writer = _ShardWriter(work)
+    for hf_name, array in _tensors(reader, cfg, arch):
+        writer.add(hf_name, torch.from_numpy(array).to(torch_dtype))
+    writer.close()
+
+    _write_json(work / "config.json", cfg)
+    tokenizer.save(str(work / "tokenizer.json"))
+    _write_json(work / "tokenizer_config.json",
+                gguf_tokenizer.tokenizer_config(meta, cfg.get("max_position_embeddings")))
+    gen: dict[str, Any] = {"eos_token_id": gguf_tokenizer.eos_token_ids(meta)}
+    if cfg.get("bos_token_id") is not None:
+        gen["bos_token_id"] = cfg["bos_token_id"]
+    if cfg.get("pad_token_id") is not None:
+        gen["pad_token_id"] = cfg["pad_token_id"]
+    _write_json(work / "generation_config.json", gen)
+
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(work, out_dir)
+    return out_dir
