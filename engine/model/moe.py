@@ -1,0 +1,77 @@
+"""The generic sparse MoE block: route, observe, fetch, run each expert on its tokens, combine.
+
+Routed expert weights are reached only through the ``ExpertSource`` (``engine.model.experts``):
+``observe(layer, topk_ids, hidden)`` then ``fetch(layer, unique_ids)``; each fetched expert is used
+inside the loop and never kept. Pluggable parts:
+
+* ``gate``: the router (``SoftmaxTopKRouter`` or any module returning (weights [T,k], ids [T,k])),
+* ``expert_fn(x [t, H], ExpertWeights) -> [t, H]``: the expert computation (SwiGLU by default),
+* ``shared_expert`` (an ``MLP``) and ``shared_expert_gate`` (Linear(H, 1), sigmoid-gated, Qwen2-MoE).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.model.activations import activation
+from engine.model.experts import ExpertSource, ExpertWeights
+
+ExpertFn = Callable[[torch.Tensor, ExpertWeights], torch.Tensor]
+
+
+def swiglu_expert(act: str = "silu") -> ExpertFn:
+    """``down(act(gate(x)) * up(x))`` with the expert's own matrices (biases when it has them)."""
+    fn = activation(act)
+
+    def run(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+        h = fn(F.linear(x, w.gate, w.gate_bias)) * F.linear(x, w.up, w.up_bias)
+        return F.linear(h, w.down, w.down_bias)
+
+    return run
+
+
+class MoEBlock(nn.Module):
+    def __init__(
+        self,
+        layer_idx: int,
+        gate: nn.Module,
+        experts: ExpertSource,
+        expert_fn: ExpertFn | None = None,
+        shared_expert: nn.Module | None = None,
+        shared_expert_gate: nn.Module | None = None,
+    ):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.gate = gate
+        self.experts = experts
+        self.expert_fn = expert_fn or swiglu_expert()
+        self.shared_expert = shared_expert
+        self.shared_expert_gate = shared_expert_gate
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [T, H] -> [T, H]."""
+        weights, ids = self.gate(x)  # [T, k], [T, k]
+        self.experts.observe(self.layer_idx, ids, x)
+        out = torch.zeros_like(x)
+        if x.shape[0] == 1:
+            id_list = ids[0].tolist()
+            w = weights[0]
+            for e, ew in self.experts.fetch(self.layer_idx, id_list):
+                y = self.expert_fn(x, ew) * w[id_list.index(e)]
+                out.add_(y.to(out.dtype))
+        else:
+            unique = torch.unique(ids).tolist()
+            for e, ew in self.experts.fetch(self.layer_idx, unique):
+                tok, slot = torch.where(ids == e)
+                y = self.expert_fn(x[tok], ew) * weights[tok, slot, None]
+                out.index_add_(0, tok, y.to(out.dtype))
+        if self.shared_expert is not None:
+            shared = self.shared_expert(x)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
+            out = out + shared
+        return out
