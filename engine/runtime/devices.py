@@ -1,0 +1,55 @@
+"""Resolving the ``device`` and ``dtype`` a user asks for, with one-line errors."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.errors import MoeinfError
+
+DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """A usable torch device; MoeinfError when it names CUDA/MPS that this machine does not have."""
+    text = "cpu" if device is None else str(device)
+    try:
+        dev = torch.device(text)
+    except RuntimeError:
+        raise MoeinfError(f"unknown device {text!r}; use cpu or cuda (e.g. --device cuda:0)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch build has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise MoeinfError(f"--device {text}: CUDA is not available ({why}); use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise MoeinfError(
+                f"--device {text}: only {torch.cuda.device_count()} CUDA device(s) here; use cuda:0 .. "
+                f"cuda:{torch.cuda.device_count() - 1}"
+            )
+    elif dev.type == "mps":
+        if not torch.backends.mps.is_available():
+            raise MoeinfError(f"--device {text}: MPS is not available on this machine; use --device cpu")
+    elif dev.type != "cpu":
+        raise MoeinfError(f"unsupported device {text!r}; use cpu or cuda")
+    return dev
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, stored: str | None, device: torch.device) -> torch.dtype:
+    """The compute dtype: the one asked for, else the stored weights' dtype (float16 becomes bfloat16
+    on the CPU, where float16 matmuls are slow), else float32."""
+    if isinstance(dtype, torch.dtype):
+        if dtype not in DTYPES.values():
+            raise MoeinfError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
+        return dtype
+    if dtype is not None:
+        try:
+            return DTYPES[str(dtype).lower()]
+        except KeyError:
+            raise MoeinfError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
+    chosen = DTYPES.get(str(stored).lower().removeprefix("torch."), torch.float32) if stored else torch.float32
+    if chosen == torch.float16 and device.type == "cpu":
+        chosen = torch.bfloat16
+    return chosen

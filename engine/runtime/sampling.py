@@ -1,0 +1,131 @@
+"""Choosing the next token: Ollama's options and defaults, llama.cpp's repetition penalty.
+
+Order for one step (as Ollama's sampler): repetition penalty over the last ``repeat_last_n`` tokens
+(prompt included, as llama.cpp); then ``temperature == 0`` picks the argmax (greedy); otherwise top-k
+-> temperature -> softmax -> top-p -> min-p -> a draw from a ``torch.Generator`` seeded with ``seed``
+(a random seed when None). Disabled values: ``top_k <= 0``, ``top_p >= 1``, ``min_p <= 0``,
+``repeat_penalty == 1`` or ``repeat_last_n == 0``; ``repeat_last_n == -1`` means the whole context.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+
+from engine.errors import MoeinfError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling options, named and defaulted as Ollama's."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.9
+    min_p: float = 0.0
+    repeat_penalty: float = 1.1
+    repeat_last_n: int = 64
+    seed: int | None = None
+    num_predict: int = -1  # -1: until EOS, a stop string or a full context
+    stop: tuple[str, ...] = ()
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any]) -> SamplingParams:
+        """Build from keyword options (None values mean "default"); unknown names raise MoeinfError."""
+        names = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - names)
+        if unknown:
+            raise MoeinfError(f"unknown sampling option(s) {', '.join(unknown)}; known: {', '.join(sorted(names))}")
+        given = {k: v for k, v in options.items() if v is not None}
+        if isinstance(given.get("stop"), str):
+            given["stop"] = (given["stop"],)
+        if "stop" in given:
+            given["stop"] = tuple(given["stop"])
+        params = cls(**given)
+        params.validate()
+        return params
+
+    def validate(self) -> None:
+        if not (self.temperature >= 0 and math.isfinite(self.temperature)):
+            raise MoeinfError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 <= self.top_p <= 1.0:
+            raise MoeinfError(f"top_p must be between 0 and 1, got {self.top_p}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise MoeinfError(f"min_p must be between 0 and 1, got {self.min_p}")
+        if not self.repeat_penalty > 0:
+            raise MoeinfError(f"repeat_penalty must be > 0, got {self.repeat_penalty}")
+        if self.repeat_last_n < -1:
+            raise MoeinfError(f"repeat_last_n must be -1 (whole context), 0 (off) or more, got {self.repeat_last_n}")
+        if self.num_predict < -2:
+            raise MoeinfError(f"num_predict must be -1 (no limit) or >= 0, got {self.num_predict}")
+
+
+def apply_repeat_penalty(logits: torch.Tensor, recent: Sequence[int], penalty: float) -> torch.Tensor:
+    """llama.cpp's penalty: each distinct recent token's logit is divided by ``penalty`` if positive,
+    multiplied by it if negative. Returns a new tensor."""
+    if penalty == 1.0 or not recent:
+        return logits
+    ids = torch.tensor(sorted(set(recent)), dtype=torch.long, device=logits.device)
+    ids = ids[ids < logits.shape[-1]]
+    out = logits.clone()
+    picked = out[ids]
+    out[ids] = torch.where(picked > 0, picked / penalty, picked * penalty)
+    return out
+
+
+def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
+    """Keep the ``k`` largest logits (others -inf); ``k <= 0`` or ``k >= V`` keeps all."""
+    if k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = torch.topk(logits, k).values[-1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_filter(probs: torch.Tensor, p: float) -> torch.Tensor:
+    """Keep the most likely tokens until their mass first reaches ``p`` (at least one); renormalised."""
+    if p >= 1.0:
+        return probs
+    sorted_probs, order = torch.sort(probs, descending=True)
+    mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
+    drop_sorted = mass_before >= p
+    drop_sorted[0] = False
+    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
+    out = probs.masked_fill(drop, 0.0)
+    return out / out.sum()
+
+
+def min_p_filter(probs: torch.Tensor, min_p: float) -> torch.Tensor:
+    """Drop tokens whose probability is below ``min_p`` times the top probability; renormalised."""
+    if min_p <= 0.0:
+        return probs
+    out = probs.masked_fill(probs < min_p * probs.max(), 0.0)
+    return out / out.sum()
+
+
+class Sampler:
+    """Stateful sampler for one generation: holds the seeded generator."""
+
+    def __init__(self, params: SamplingParams):
+        self.params = params
+        seed = params.seed if params.seed is not None and params.seed >= 0 else random.randrange(2**63)
+        self.generator = torch.Generator(device="cpu").manual_seed(seed)
+
+    def __call__(self, logits: torch.Tensor, history: Sequence[int]) -> int:
+        """The next token id given ``logits`` [V] and the ids so far (prompt and generated)."""
+        p = self.params
+        logits = logits.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+        if p.repeat_penalty != 1.0 and p.repeat_last_n != 0:
+            recent = history if p.repeat_last_n < 0 else history[-p.repeat_last_n :]
+            logits = apply_repeat_penalty(logits, recent, p.repeat_penalty)
+        if p.temperature == 0.0:
+            return int(torch.argmax(logits))
+        logits = top_k_filter(logits, p.top_k)
+        probs = torch.softmax(logits / p.temperature, dim=-1)
+        probs = top_p_filter(probs, p.top_p)
+        probs = min_p_filter(probs, p.min_p)
+        return int(torch.multinomial(probs, 1, generator=self.generator))

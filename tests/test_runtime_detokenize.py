@@ -1,0 +1,86 @@
+"""Streaming detokenisation never splits a UTF-8 character; stop strings across pieces."""
+
+import pytest
+from tiny_models import make_tokenizer
+
+from engine.runtime.detokenize import StreamDecoder
+from engine.runtime.stops import StopScanner
+from engine.runtime.tokenizer import Tokenizer
+
+TEXTS = [
+    "Hello 😀🎉 wörld, 你好世界! ñ€𝄞 done.",
+    "👩‍👩‍👧‍👦 family 🇫🇷 flag",
+    "plain ascii only",
+    "ééééé ü 日本語のテキスト",
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tok")
+    make_tokenizer(d)
+    return Tokenizer(d)
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_stream_reassembles_text_without_replacement_chars(tok, text):
+    ids = tok.encode(text)
+    single = [tok.decode([i]) for i in ids]
+    if text != "plain ascii only":
+        assert any("\ufffd" in s for s in single), "the test needs characters split over tokens"
+    dec = StreamDecoder(tok)
+    pieces = [dec.push(i) for i in ids]
+    pieces.append(dec.flush())
+    assert "".join(pieces) == text
+    assert all("\ufffd" not in p for p in pieces)
+
+
+def test_special_tokens_are_not_printed(tok):
+    ids = tok.encode("<|im_start|>Hi<|im_end|></s>")
+    assert ids[0] == 2
+    dec = StreamDecoder(tok)
+    out = "".join(dec.push(i) for i in ids) + dec.flush()
+    assert out == "Hi"
+
+
+def test_flush_releases_incomplete_bytes(tok):
+    ids = tok.encode("😀")
+    assert len(ids) > 1
+    dec = StreamDecoder(tok)
+    assert dec.push(ids[0]) == ""
+    assert dec.flush() == "\ufffd"
+
+
+def _scan(stops, pieces):
+    sc = StopScanner(stops)
+    out, stopped = [], False
+    for p in pieces:
+        text, stopped = sc.push(p)
+        out.append(text)
+        if stopped:
+            break
+    if not stopped:
+        out.append(sc.flush())
+    return "".join(out), stopped, out
+
+
+def test_stop_string_within_one_piece():
+    assert _scan(["STOP"], ["abc STOP def"])[:2] == ("abc ", True)
+
+
+def test_stop_string_across_pieces_is_not_printed():
+    text, stopped, out = _scan(["</end>"], ["hello <", "/e", "nd", "> more"])
+    assert (text, stopped) == ("hello ", True)
+    assert "<" not in "".join(out)
+
+
+def test_partial_match_is_released_when_it_fails():
+    text, stopped, out = _scan(["</end>"], ["a <", "/x", " b"])
+    assert (text, stopped) == ("a </x b", False)
+    assert out[0] == "a "  # '<' held back until it is clear
+
+
+def test_earliest_of_several_stops_wins_and_held_tail_flushes():
+    assert _scan(["B", "AB"], ["xxAB"])[:2] == ("xx", True)
+    assert _scan(["</end>"], ["tail </en"])[:2] == ("tail </en", False)
+    assert _scan([], ["a", "b"])[:2] == ("ab", False)
