@@ -45,7 +45,16 @@ class ModelArgs:
         return default if value is None else value
 
     @classmethod
-    def from_config(cls, config: dict[str, Any], default_rope_theta: float = 10000.0) -> ModelArgs:
+    def from_config(
+        cls,
+        config: dict[str, Any],
+        default_rope_theta: float = 10000.0,
+        defaults: dict[str, Any] | None = None,
+    ) -> ModelArgs:
+        """``defaults``: the family's values for keys a config.json may omit (as its transformers
+        config class has them), e.g. ``{"rms_norm_eps": 1e-5}``."""
+        if defaults:
+            config = {**defaults, **{k: v for k, v in config.items() if v is not None}}
         def need(key: str) -> Any:
             if config.get(key) is None:
                 raise MoeinfError(

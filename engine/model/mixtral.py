@@ -16,7 +16,7 @@ from engine.model.transformer import CausalLM, DecoderLayer
 
 
 def parse(config: dict[str, Any]) -> ModelArgs:
-    return ModelArgs.from_config(config, default_rope_theta=1e6)
+    return ModelArgs.from_config(config, default_rope_theta=1e6, defaults={"rms_norm_eps": 1e-5})
 
 
 def build(args: ModelArgs, experts: ExpertSource) -> CausalLM:

@@ -1,0 +1,48 @@
+"""OLMoE: q/k RMSNorm over the whole q / k projection (before splitting heads), optional
+``clip_qkv``, softmax top-k router (``norm_topk_prob``), every layer sparse, no shared expert."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.model.args import ModelArgs
+from engine.model.attention import Attention
+from engine.model.experts import ExpertSource
+from engine.model.moe import MoEBlock, swiglu_expert
+from engine.model.registry import Family, register
+from engine.model.rope import RotaryEmbedding
+from engine.model.router import SoftmaxTopKRouter
+from engine.model.transformer import CausalLM, DecoderLayer
+from engine.store.families import moe_layout
+
+
+def parse(config: dict[str, Any]) -> ModelArgs:
+    return ModelArgs.from_config(config, defaults={"rms_norm_eps": 1e-5})
+
+
+def build(args: ModelArgs, experts: ExpertSource) -> CausalLM:
+    layout = moe_layout(args.config)
+    bias = bool(args.get("attention_bias", False))
+    layers = []
+    for i in range(args.num_layers):
+        attn = Attention(
+            args.hidden_size,
+            args.num_heads,
+            args.num_kv_heads,
+            args.head_dim,
+            qkv_bias=bias,
+            o_bias=bias,
+            qk_norm="proj",
+            norm_eps=args.rms_norm_eps,
+            clip_qkv=args.get("clip_qkv"),
+        )
+        gate = SoftmaxTopKRouter(
+            args.hidden_size, layout.num_experts, layout.top_k, renormalize=bool(args.get("norm_topk_prob", False))
+        )
+        mlp = MoEBlock(i, gate, experts, swiglu_expert(args.hidden_act))
+        layers.append(DecoderLayer(attn, mlp, args.hidden_size, args.rms_norm_eps))
+    rotary = RotaryEmbedding(args.rope, args.head_dim, args.max_position_embeddings)
+    return CausalLM(args, layers, rotary)
+
+
+FAMILY = register(Family("olmoe", build, parse))
