@@ -171,15 +171,16 @@ def _arch_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]
                        mlp_bias=False, pretraining_tp=1)
         return cfg
 
-    # qwen2moe / qwen3moe
+    # qwen2moe / qwen3moe: a layer with a plain FFN instead of experts is listed in mlp_only_layers
     expert_ff = int(get("expert_feed_forward_length"))
+    dense_layers = sorted(int(n.split(".")[1]) for n in tensor_names if re.fullmatch(r"blk\.\d+\.ffn_gate\.weight", n))
     cfg.update(
+        mlp_only_layers=dense_layers,
         num_experts=experts,
         num_experts_per_tok=int(get("expert_used_count")),
         moe_intermediate_size=expert_ff,
         intermediate_size=int(get("feed_forward_length", expert_ff) or expert_ff),
         decoder_sparse_step=1,
-        mlp_only_layers=[],
         output_router_logits=False,
         router_aux_loss_coef=0.001,
         use_sliding_window=False,

@@ -1,0 +1,142 @@
+"""Write tiny GGUF files from tiny transformers models, the way llama.cpp's convert_hf_to_gguf.py does.
+
+Tensor names come from the ``gguf`` package's own HF -> GGUF name map (llama.cpp's source of truth),
+Q/K rows of the llama architecture are permuted as llama.cpp permutes them, routed experts are
+stacked into 3-D ``ffn_*_exps`` tensors, and the tokenizer is stored as GGUF metadata. Used by the
+GGUF and upcycling tests; ``quantize`` picks tensors to store as Q8_0 (llama.cpp's own quantiser).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+import torch
+
+_ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "mixtral": gguf.MODEL_ARCH.LLAMA,
+         "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE, "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE}
+
+
+def llama_cpp_permute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """convert_hf_to_gguf.py's LlamaModel.permute (rotary halves -> interleaved pairs)."""
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_json: dict, tokenizer_config: dict,
+                        chat_template: str | None, pre: str) -> None:
+    vocab: dict[str, int] = tokenizer_json["model"]["vocab"]
+    for added in tokenizer_json.get("added_tokens", []):
+        vocab.setdefault(added["content"], added["id"])
+    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
+    special = {a["content"] for a in tokenizer_json.get("added_tokens", []) if a.get("special")}
+    merges = [m if isinstance(m, str) else " ".join(m) for m in tokenizer_json["model"]["merges"]]
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(pre)
+    writer.add_token_list(tokens)
+    writer.add_token_types([3 if t in special else 1 for t in tokens])
+    writer.add_token_merges(merges)
+    ids = {t: i for i, t in enumerate(tokens)}
+    for key, add in (("bos_token", writer.add_bos_token_id), ("eos_token", writer.add_eos_token_id),
+                     ("pad_token", writer.add_pad_token_id), ("unk_token", writer.add_unk_token_id)):
+        tok = tokenizer_config.get(key)
+        if isinstance(tok, dict):
+            tok = tok.get("content")
+        if tok in ids:
+            add(ids[tok])
+    writer.add_add_bos_token(tokenizer_json.get("post_processor") is not None)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+
+def write_gguf(model: torch.nn.Module, family: str, tokenizer_dir: Path, path: Path,
+               quantize: tuple[str, ...] = (), pre: str = "gpt2") -> Path:
+    """Write ``model`` (a tiny transformers model of ``family``) and the tokenizer saved in
+    ``tokenizer_dir`` as a GGUF file at ``path``. GGUF names matching a substring in ``quantize``
+    are stored as Q8_0."""
+    import json
+
+    cfg = model.config
+    arch = _ARCH[family]
+    arch_name = gguf.MODEL_ARCH_NAMES[arch]
+    n_layers = cfg.num_hidden_layers
+    name_map = gguf.get_tensor_name_map(arch, n_layers)
+    writer = gguf.GGUFWriter(str(path), arch_name)
+    writer.add_name(f"tiny-{family}")
+    writer.add_block_count(n_layers)
+    writer.add_context_length(cfg.max_position_embeddings)
+    writer.add_embedding_length(cfg.hidden_size)
+    writer.add_head_count(cfg.num_attention_heads)
+    writer.add_head_count_kv(cfg.num_key_value_heads)
+    writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+    theta = (getattr(cfg, "rope_parameters", None) or {}).get("rope_theta") or getattr(cfg, "rope_theta", 10000.0)
+    writer.add_rope_freq_base(float(theta))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    writer.add_rope_dimension_count(head_dim)
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_Q8_0 if quantize else gguf.LlamaFileType.ALL_F32)
+    writer.add_feed_forward_length(cfg.intermediate_size)
+    if family == "mixtral":
+        writer.add_expert_count(cfg.num_local_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+    elif family in ("qwen2_moe", "qwen3_moe"):
+        writer.add_expert_count(cfg.num_experts)
+        writer.add_expert_used_count(cfg.num_experts_per_tok)
+        writer.add_expert_feed_forward_length(cfg.moe_intermediate_size)
+        if family == "qwen2_moe":
+            writer.add_expert_shared_feed_forward_length(cfg.shared_expert_intermediate_size)
+        else:
+            writer.add_key_length(head_dim)
+            writer.add_value_length(head_dim)
+
+    tok_json = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+    tok_cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+    template_file = tokenizer_dir / "chat_template.jinja"
+    template = template_file.read_text() if template_file.exists() else tok_cfg.get("chat_template")
+    _tokenizer_metadata(writer, tok_json, tok_cfg, template, pre)
+
+    def add(name: str, array: np.ndarray) -> None:
+        array = np.ascontiguousarray(array, dtype=np.float32)
+        if any(q in name for q in quantize) and array.ndim >= 2 and array.shape[-1] % 32 == 0:
+            q = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(name, array)
+
+    for hf_name, tensor in model.state_dict().items():
+        w = tensor.detach().float().numpy()
+        if hf_name == "lm_head.weight" and cfg.tie_word_embeddings:
+            continue
+        if ".mlp.experts." in hf_name:  # transformers 5 keeps experts fused: [E, 2I, H] and [E, H, I]
+            bid = hf_name.split(".")[2]
+            if hf_name.endswith("gate_up_proj"):
+                inter = w.shape[1] // 2
+                add(f"blk.{bid}.ffn_gate_exps.weight", w[:, :inter])
+                add(f"blk.{bid}.ffn_up_exps.weight", w[:, inter:])
+            elif hf_name.endswith("down_proj"):
+                add(f"blk.{bid}.ffn_down_exps.weight", w)
+            else:
+                raise ValueError(f"unexpected expert tensor {hf_name}")
+            continue
+        base, suffix = hf_name.rsplit(".", 1)
+        if base.endswith("mlp.gate") and family == "mixtral":
+            base = base.replace("mlp.gate", "block_sparse_moe.gate")
+        gname = name_map.get_name(base)
+        dense = {"mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down"}
+        if gname is None and base.split(".", 3)[-1] in dense:  # a dense layer of a MoE arch
+            gname = f"blk.{base.split('.')[2]}.{dense[base.split('.', 3)[-1]]}"
+        if gname is None:
+            raise ValueError(f"no GGUF name for {hf_name}")
+        if family in ("llama", "mixtral") and gname.endswith("attn_q"):
+            w = llama_cpp_permute(w, cfg.num_attention_heads)
+        elif family in ("llama", "mixtral") and gname.endswith("attn_k"):
+            w = llama_cpp_permute(w, cfg.num_key_value_heads)
+        if gname.endswith("ffn_gate_inp_shexp"):
+            w = w.reshape(-1)  # llama.cpp stores the shared-expert gate as a vector
+        add(f"{gname}.{suffix}", w)
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
