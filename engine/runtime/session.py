@@ -20,6 +20,7 @@ Example::
 
 from __future__ import annotations
 
+import inspect
 import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -83,6 +84,7 @@ class Session:
         self._tokens: list[int] = []  # ids whose keys/values are in the KV cache, positions 0..n-1
         self._load_reported = False
         self._generation = 0  # id of the newest generation; older generators stop when it changes
+        self._last_only = "last_only" in inspect.signature(model.forward).parameters
 
     # ---- prompt -> token ids -------------------------------------------------------------
 
@@ -117,8 +119,10 @@ class Session:
 
     # ---- model passes --------------------------------------------------------------------
 
-    def _forward(self, ids: Sequence[int], start_pos: int) -> torch.Tensor:
+    def _forward(self, ids: Sequence[int], start_pos: int, last_only: bool = False) -> torch.Tensor:
         tokens = torch.tensor(list(ids), dtype=torch.long, device=self.device)
+        if last_only and self._last_only:
+            return self.model.forward(tokens, start_pos, last_only=True)
         return self.model.forward(tokens, start_pos)
 
     def _prefill(self, ids: Sequence[int], start: int) -> torch.Tensor:
@@ -127,7 +131,7 @@ class Session:
         last = None
         for s in range(start, len(ids), self.prefill_chunk):
             chunk = ids[s : s + self.prefill_chunk]
-            out = self._forward(chunk, s)
+            out = self._forward(chunk, s, last_only=True)
             self._tokens.extend(chunk)
             last = out[-1]
         assert last is not None
