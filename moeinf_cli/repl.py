@@ -1,0 +1,380 @@
+"""The interactive chat of ``moeinf chat MODEL`` and ``moeinf run MODEL`` (no prompt, on a terminal).
+
+Like Ollama's: ``>>> `` prompt, ``\"\"\"`` for multi-line input, slash commands (``/?``), answers
+streamed as they come, a multi-turn conversation through the chat template. Ctrl+C stops an answer
+(the text shown so far stays in the conversation as the assistant's turn; an answer stopped before
+any text is dropped with its question); Ctrl+C at an empty prompt says how to leave; Ctrl+D or
+``/bye`` leaves. When the conversation outgrows the context the oldest exchanges are dropped (the
+system prompt stays) and the REPL says so.
+
+Example::
+
+    from moeinf_cli.repl import run_repl
+    run_repl("mixtral", {"ctx": 4096, "expert_budget": "25%"}, {"temperature": 0.7}, system="Be brief.")
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TextIO
+
+from rich.console import Console
+
+from engine.errors import MoeinfError
+from moeinf_cli.repl_commands import Command, CommandError, parse_command, strip_block
+from moeinf_cli.repl_conversation import (
+    Conversation,
+    answer_reserve,
+    fit_to_context,
+    load_conversation,
+    save_conversation,
+)
+from moeinf_cli.repl_info import cache_stats, info_lines, parameters_lines
+from moeinf_cli.repl_input import Interrupted, LineReader, Reader, TerminalReader
+from moeinf_cli.repl_output import AnswerWriter
+
+Loader = Callable[..., Any]
+
+
+def history_path() -> Path:
+    """The REPL's input history: ``$MOEINF_HOME/history``."""
+    from engine.store.paths import moeinf_home
+
+    return moeinf_home() / "history"
+
+
+class StopRequest:
+    """While active, the first Ctrl+C sets ``requested`` (the stream stops at the next piece); a second
+    one raises KeyboardInterrupt at once. Only the main thread can own signal handlers."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    @contextmanager
+    def active(self) -> Iterator[StopRequest]:
+        self.requested = False
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        previous = signal.signal(signal.SIGINT, self._handler)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+
+class ChatRepl:
+    """One interactive chat: the loaded session, the conversation, the settings the user changed."""
+
+    def __init__(
+        self,
+        model_name: str,
+        load_kwargs: Mapping[str, Any] | None = None,
+        sampling: Mapping[str, Any] | None = None,
+        system: str | None = None,
+        verbose: bool = False,
+        *,
+        console: Console | None = None,
+        err_console: Console | None = None,
+        answer_stream: TextIO | None = None,
+        loader: Loader | None = None,
+        session: Any = None,
+    ) -> None:
+        self.model_name = model_name
+        self.load_kwargs = dict(load_kwargs or {})
+        self.sampling = {k: v for k, v in (sampling or {}).items() if v is not None}
+        self.conversation = Conversation(system=system or None)
+        self.verbose = verbose
+        self.console = console or Console(highlight=False)
+        self.err_console = err_console or Console(stderr=True, highlight=False)
+        self.answer_stream = answer_stream or sys.stdout
+        self.wordwrap = self.console.is_terminal
+        self._loader = loader
+        self.session = session
+        self.last_stats: Any = None
+        self._stop = StopRequest()
+
+    # ---- output --------------------------------------------------------------------------
+
+    def say(self, text: str, style: str | None = None) -> None:
+        self.console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+
+    def warn(self, text: str) -> None:
+        self.say(text, style="yellow")
+
+    # ---- loading -------------------------------------------------------------------------
+
+    def load(self, name: str | None = None, **overrides: Any) -> None:
+        """Load ``name`` (default: the current model) with the load options plus ``overrides``; the
+        current session is kept on failure. Raises MoeinfError on failure."""
+        name = name or self.model_name
+        kwargs = {**self.load_kwargs, **overrides}
+        loader = self._loader
+        if loader is None:
+            import engine
+
+            loader = engine.load
+        if self.console.is_terminal:
+            with self.console.status(f"Loading {name}...", spinner="dots"):
+                session = loader(name, **kwargs)
+        else:
+            session = loader(name, **kwargs)
+        previous, self.session = self.session, session
+        self.model_name, self.load_kwargs = name, kwargs
+        if previous is not None and hasattr(previous, "close"):
+            previous.close()
+
+    # ---- the loop ------------------------------------------------------------------------
+
+    def run(self, reader: Reader) -> None:
+        """Read and handle inputs until /bye, Ctrl+D or the end of the input."""
+        if self.session is None:
+            self.load()
+        while True:
+            try:
+                text = reader.read()
+            except Interrupted as interrupted:
+                if not interrupted.text.strip():
+                    self.say("Use Ctrl + d or /bye to exit.")
+                continue
+            except EOFError:
+                return
+            if not self.handle(text):
+                return
+
+    def handle(self, text: str) -> bool:
+        """Handle one input (a message or a slash command); False when the user leaves."""
+        stripped = text.strip()
+        if not stripped:
+            return True
+        if stripped.startswith("/") and not stripped.startswith('"""'):
+            try:
+                command = parse_command(stripped)
+            except CommandError as err:
+                self.warn(str(err))
+                return True
+            return self.execute(command)
+        message = strip_block(text)
+        if message:
+            self.ask(message)
+        return True
+
+    # ---- answering -----------------------------------------------------------------------
+
+    def _count_tokens(self, messages: list[dict[str, str]]) -> int:
+        return len(self.session.prompt_ids(messages))
+
+    def ask(self, message: str) -> None:
+        """Send ``message`` with the conversation so far and stream the answer."""
+        ctx = int(self.session.ctx)
+        fit = fit_to_context(self.conversation, message, self._count_tokens, ctx,
+                             answer_reserve(ctx, self.sampling.get("num_predict")))
+        if fit.dropped:
+            self.warn(f"The conversation outgrew the context of {ctx} tokens: dropped the {fit.dropped} "
+                      f"oldest exchange(s). Use /clear to start afresh.")
+        if fit.prompt_tokens >= ctx:
+            self.warn(f"This message needs {fit.prompt_tokens} tokens but the context holds {ctx}; "
+                      f"shorten it, /clear, or /set parameter num_ctx {2 * ctx}.")
+            return
+        if not fit.fits:
+            self.warn(f"Little room is left for the answer ({ctx - fit.prompt_tokens} tokens of {ctx}); "
+                      f"use /clear or /set parameter num_ctx {2 * ctx} for more.")
+        messages = self.conversation.messages([{"role": "user", "content": message}])
+        try:
+            stream = self.session.generate(messages, **self.sampling)
+        except MoeinfError as err:
+            self.warn(f"Error: {err}")
+            return
+        answer, stats, stopped = self._stream(stream)
+        if stopped and not answer:
+            return
+        self.conversation.add_exchange(message, answer)
+        if stats is not None:
+            self.last_stats = stats
+            if stats.done_reason == "length" and stats.prompt_tokens + stats.generated_tokens >= ctx - 1:
+                self.warn(f"(the answer filled the context of {ctx} tokens; the oldest exchanges will be "
+                          f"dropped next time, or use /clear)")
+            if self.verbose:
+                for line in stats.summary_lines():
+                    self.err_console.print(line, markup=False, highlight=False, soft_wrap=True)
+                self.err_console.print()
+
+    def _stream(self, stream: Iterator[Any]) -> tuple[str, Any, bool]:
+        """Write the pieces as they come; (answer text, GenerationStats or None, stopped by Ctrl+C)."""
+        width = self.console.width if (self.console.is_terminal and self.wordwrap) else None
+        writer = AnswerWriter(self.answer_stream, width)
+        stats = None
+        stopped = False
+        status = self.console.status("", spinner="dots") if self.console.is_terminal else None
+        with self._stop.active() as stop:
+            try:
+                if status is not None:
+                    status.start()
+                for item in stream:
+                    if status is not None:
+                        status.stop()
+                        status = None
+                    if stop.requested:  # Ctrl+C: what was not shown yet is dropped
+                        stopped = True
+                        break
+                    if isinstance(item, str):
+                        writer.write(item)
+                    else:
+                        stats = item
+            except KeyboardInterrupt:
+                stopped = True
+            except MoeinfError as err:
+                writer.finish()
+                self.warn(f"Error: {err}")
+                stopped = True
+            finally:
+                if status is not None:
+                    status.stop()
+                close = getattr(stream, "close", None)
+                if close is not None:
+                    close()
+            stopped = stopped or stop.requested
+        writer.finish()
+        if stats is not None or stopped:
+            self.answer_stream.write("\n")
+            self.answer_stream.flush()
+        return writer.text, stats, stopped and stats is None
+
+    # ---- slash commands ------------------------------------------------------------------
+
+    def execute(self, command: Command) -> bool:
+        """Carry out one parsed slash command; False for /bye."""
+        action, arg = command.action, command.arg
+        if action == "bye":
+            return False
+        if action == "help":
+            self.say(arg)
+        elif action == "clear":
+            self.conversation.clear()
+            if hasattr(self.session, "reset"):
+                self.session.reset()
+            self.say("Cleared session context")
+        elif action == "set_parameter":
+            self._set_parameter(*arg)
+        elif action == "set_system":
+            self.conversation.system = arg
+            self.say("Set system message.")
+        elif action in ("set_verbose", "set_quiet"):
+            self.verbose = action == "set_verbose"
+            self.say(f"Set '{action.removeprefix('set_')}' mode.")
+        elif action in ("set_wordwrap", "set_nowordwrap"):
+            self.wordwrap = action == "set_wordwrap"
+            self.say(f"Set '{action.removeprefix('set_')}' mode.")
+        elif action == "show_info":
+            self.say("\n".join(info_lines(self.session, self.load_kwargs)))
+        elif action == "show_stats":
+            self._show_stats()
+        elif action == "show_parameters":
+            self.say("\n".join(parameters_lines(self.sampling)))
+        elif action == "show_system":
+            self.say(self.conversation.system or "No system message was specified for this session.")
+        elif action == "load":
+            self._load_command(arg)
+        elif action == "save":
+            self._save(arg)
+        else:  # parse_command only makes the actions above
+            raise AssertionError(f"unhandled command {action}")
+        return True
+
+    def _set_parameter(self, name: str, value: Any) -> None:
+        if name == "num_ctx":
+            self.say(f"Loading {self.model_name} with a context of {value} tokens...")
+            try:
+                self.load(self.model_name, ctx=value)
+            except MoeinfError as err:
+                self.warn(f"Error: {err}")
+                return
+        else:
+            self.sampling[name] = value
+        shown = ", ".join(value) if isinstance(value, list) else str(value)
+        self.say(f"Set parameter '{name}' to '{shown}'")
+
+    def _show_stats(self) -> None:
+        if self.last_stats is None:
+            self.say("No answer yet: ask something first.")
+            return
+        lines = list(self.last_stats.summary_lines())
+        total = cache_stats(self.session)
+        if total is not None and hasattr(total, "summary_line"):
+            lines.append(f"expert cache so far: {total.summary_line()}")
+        self.say("\n".join(lines))
+
+    def _load_command(self, target: str) -> None:
+        path = Path(target).expanduser()
+        if target.endswith(".json") and path.is_file():
+            try:
+                model, conversation, params = load_conversation(path)
+            except ValueError as err:
+                self.warn(str(err))
+                return
+            if model and model != self.model_name:
+                if not self._try_load(model):
+                    return
+            self.conversation = conversation
+            self.sampling.update({k: v for k, v in params.items() if v is not None})
+            if hasattr(self.session, "reset"):
+                self.session.reset()
+            self.say(f"Loaded conversation '{path}' ({conversation.exchanges} exchange(s))")
+            return
+        if self._try_load(target):
+            self.conversation.clear()
+
+    def _try_load(self, name: str) -> bool:
+        self.say(f"Loading model '{name}'")
+        try:
+            self.load(name)
+        except MoeinfError as err:
+            self.warn(f"Error: {err}")
+            return False
+        return True
+
+    def _save(self, target: str) -> None:
+        try:
+            path = save_conversation(Path(target), self.conversation, self.model_name, self.sampling)
+        except OSError as err:
+            self.warn(f"Error: cannot write {target}: {err.strerror or err}")
+            return
+        self.say(f"Saved conversation to {path}")
+
+
+def run_repl(
+    model_name: str,
+    load_kwargs: Mapping[str, Any] | None = None,
+    sampling: Mapping[str, Any] | None = None,
+    system: str | None = None,
+    verbose: bool = False,
+    session: Any = None,
+) -> None:
+    """Chat with ``model_name`` until /bye or Ctrl+D.
+
+    load_kwargs: ``engine.load`` options (device, dtype, ctx, expert_budget, policy); sampling: Ollama's
+    sampling options the user set; ``session``: an already loaded Session (skips loading). A prompt
+    with editing and history when stdin and stdout are terminals, plain lines from stdin otherwise.
+    A model that fails to load raises MoeinfError.
+    """
+    from engine.runtime.sampling import SamplingParams
+
+    SamplingParams.from_options(dict(sampling or {}))  # bad values: one error line before loading
+    repl = ChatRepl(model_name, load_kwargs, sampling, system, verbose, session=session)
+    if repl.session is None:
+        repl.load()
+    if sys.stdin.isatty() and sys.stdout.isatty():
+        reader: Reader = TerminalReader(history_path())
+    else:
+        reader = LineReader(sys.stdin)
+    repl.run(reader)

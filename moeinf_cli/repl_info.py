@@ -1,0 +1,131 @@
+"""What ``/show info`` and ``/show parameters`` print: facts about the loaded model and its expert cache.
+
+Built from ``Session.info()``, the model config (``engine.store.families.moe_layout``) and the
+expert source's ``stats()``; every function returns lines of text and prints nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+
+def human_count(n: float) -> str:
+    """A parameter count as Ollama shows it: ``135.0M``, ``46.7B``, ``980K``."""
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
+def parameter_count(session: Any) -> int | None:
+    """Dense parameters held by the model plus every routed expert's (from the MoE layout); None if unknown."""
+    model = getattr(session, "model", None)
+    if model is None or not hasattr(model, "parameters"):
+        return None
+    dense = sum(p.numel() for p in model.parameters())
+    layout = _layout(session)
+    if layout is None or not layout.is_moe:
+        return dense
+    per_expert = 3 * layout.hidden_size * layout.expert_intermediate_size
+    return dense + per_expert * layout.num_experts * len(layout.moe_layers)
+
+
+def _layout(session: Any) -> Any:
+    config = getattr(session, "config", None)
+    if not config:
+        return None
+    try:
+        from engine.store.families import moe_layout
+
+        return moe_layout(dict(config))
+    except Exception:  # an unsupported or partial config: show what else is known
+        return None
+
+
+def _rows(title: str, rows: list[tuple[str, Any]]) -> list[str]:
+    lines = [f"  {title}"]
+    lines += [f"    {key:<22}{value}" for key, value in rows if value not in (None, "")]
+    return lines
+
+
+def info_lines(session: Any, load_kwargs: Mapping[str, Any]) -> list[str]:
+    """``/show info``: the model (name, family, parameters, experts, context, dtype, device) and the
+    expert cache (budget, policy, hit rate and the rest of the cache figures so far)."""
+    info = dict(session.info()) if hasattr(session, "info") else {}
+    layout = _layout(session)
+    params = info.get("parameters") or parameter_count(session)
+    model_rows: list[tuple[str, Any]] = [
+        ("name", info.get("name")),
+        ("family", info.get("family")),
+        ("parameters", human_count(params) if isinstance(params, int | float) else params),
+    ]
+    if layout is not None and layout.is_moe:
+        model_rows.append(("experts", f"{layout.num_experts} per layer, top-{layout.top_k}, "
+                                      f"{len(layout.moe_layers)} of {layout.num_layers} layers"))
+    model_rows += [
+        ("context length", info.get("ctx", getattr(session, "ctx", None))),
+        ("tokens in KV cache", info.get("tokens_in_cache")),
+        ("dtype", info.get("dtype")),
+        ("device", info.get("device")),
+        ("path", info.get("path")),
+    ]
+    lines = _rows("Model", model_rows)
+    if layout is None or layout.is_moe:
+        cache_rows: list[tuple[str, Any]] = [
+            ("budget", info.get("budget") or load_kwargs.get("expert_budget") or "100% (all experts resident)"),
+            ("policy", info.get("policy") or load_kwargs.get("policy") or "default"),
+        ]
+        cache = cache_stats(session)
+        if cache is not None and hasattr(cache, "summary_line"):
+            cache_rows.append(("so far", cache.summary_line()))
+        figures = info.get("expert_cache")
+        if isinstance(figures, Mapping):
+            cache_rows += [(str(k).replace("_", " "), _fmt(v)) for k, v in figures.items()]
+        lines += [""] + _rows("Expert cache", cache_rows)
+    return lines
+
+
+def cache_stats(session: Any) -> Any:
+    """The expert source's cumulative stats object, or None when it keeps none."""
+    experts = getattr(session, "experts", None)
+    if experts is not None and hasattr(experts, "stats"):
+        return experts.stats()
+    return None
+
+
+def _fmt(value: Any) -> Any:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return value
+
+
+def parameters_lines(sampling: Mapping[str, Any]) -> list[str]:
+    """``/show parameters``: the values set in this session, then the defaults of the rest."""
+    try:
+        from dataclasses import fields
+
+        from engine.runtime.sampling import SamplingParams
+
+        defaults = {f.name: f.default for f in fields(SamplingParams)}
+    except ImportError:
+        defaults = {}
+    lines = []
+    if sampling:
+        lines.append("User defined parameters:")
+        lines += [f"{name:<16}{_param_text(value)}" for name, value in sampling.items()]
+    rest = {k: v for k, v in defaults.items() if k not in sampling}
+    if rest:
+        if lines:
+            lines.append("")
+        lines.append("Default parameters:")
+        lines += [f"{name:<16}{_param_text(value)}" for name, value in rest.items()]
+    return lines
+
+
+def _param_text(value: Any) -> str:
+    if isinstance(value, list | tuple):
+        return " ".join(repr(v) if " " in v or not v else v for v in value) if value else "(none)"
+    if value is None:
+        return "(random)"
+    return str(value)

@@ -1,0 +1,94 @@
+"""Reading the user's input: a prompt_toolkit prompt on a terminal, plain lines otherwise.
+
+Both readers return one complete input per ``read()`` (a ``\"\"\"`` block spans several lines), raise
+``EOFError`` when the user leaves (Ctrl+D, end of input) and ``Interrupted`` on Ctrl+C.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Protocol, TextIO
+
+from moeinf_cli.repl_commands import is_open_block
+
+PROMPT = ">>> "
+CONTINUATION = "... "
+PLACEHOLDER = "Send a message (/? for help)"
+
+
+class Interrupted(Exception):
+    """Ctrl+C at the prompt; ``text`` is what had been typed (empty at an empty prompt)."""
+
+    def __init__(self, text: str = "") -> None:
+        super().__init__(text)
+        self.text = text
+
+
+class Reader(Protocol):
+    def read(self) -> str: ...
+
+
+class TerminalReader:
+    """``>>> `` prompt with editing, history in ``history_path``, ``... `` on the lines of a ``\"\"\"`` block."""
+
+    def __init__(self, history_path: Path) -> None:
+        from prompt_toolkit import PromptSession
+        from prompt_toolkit.formatted_text import FormattedText
+        from prompt_toolkit.history import FileHistory
+        from prompt_toolkit.key_binding import KeyBindings
+
+        history_path.parent.mkdir(parents=True, exist_ok=True)
+        bindings = KeyBindings()
+
+        @bindings.add("enter")
+        def _enter(event) -> None:  # Enter sends, except inside an open """ block
+            buffer = event.current_buffer
+            if is_open_block(buffer.text):
+                buffer.insert_text("\n")
+            else:
+                buffer.validate_and_handle()
+
+        @bindings.add("c-c")
+        def _interrupt(event) -> None:
+            event.app.exit(exception=Interrupted(event.current_buffer.text))
+
+        def continuation(width: int, line_number: int, wrap_count: int) -> str:
+            return CONTINUATION if wrap_count == 0 else ""
+
+        self._session = PromptSession(
+            history=FileHistory(str(history_path)),
+            multiline=True,
+            key_bindings=bindings,
+            prompt_continuation=continuation,
+            placeholder=FormattedText([("class:placeholder", PLACEHOLDER)]),
+            style=_style(),
+            enable_open_in_editor=False,
+        )
+
+    def read(self) -> str:
+        return self._session.prompt(PROMPT)
+
+
+def _style():
+    from prompt_toolkit.styles import Style
+
+    return Style.from_dict({"placeholder": "#888888", "prompt-continuation": ""})
+
+
+class LineReader:
+    """Inputs read line by line from a non-terminal stream (a pipe, a file); no prompt is printed."""
+
+    def __init__(self, stream: TextIO) -> None:
+        self._stream = stream
+
+    def read(self) -> str:
+        line = self._stream.readline()
+        if not line:
+            raise EOFError
+        text = line.rstrip("\n")
+        while is_open_block(text):
+            more = self._stream.readline()
+            if not more:
+                break  # an unclosed block at the end of the input is sent as it is
+            text += "\n" + more.rstrip("\n")
+        return text

@@ -1,0 +1,253 @@
+"""The REPL loop (ChatRepl) driven with scripted input against a small stand-in for engine's Session.
+
+The stand-in keeps the Session interface of RULES.md: ``generate(messages, **sampling)`` yields
+text pieces then a GenerationStats, ``prompt_ids``, ``ctx``, ``info()``, ``reset()``. Its "tokens"
+are words. The real model is driven end to end in tests/test_chat_repl.py.
+"""
+
+import io
+import json
+import os
+import signal
+
+from rich.console import Console
+
+from engine.errors import MoeinfError
+from engine.runtime.stats import GenerationStats
+from moeinf_cli.repl import ChatRepl
+from moeinf_cli.repl_conversation import Conversation, answer_reserve, fit_to_context, load_conversation
+from moeinf_cli.repl_input import Interrupted, LineReader
+
+
+class WordSession:
+    """Answers ``answer N`` for the N-th question, one word per piece; a token is a word."""
+
+    def __init__(self, ctx=4096, answer_words=4, interrupt_after=None, name="fake"):
+        self.ctx = ctx
+        self.name = name
+        self.answer_words = answer_words
+        self.interrupt_after = interrupt_after  # send ourselves SIGINT after this many pieces
+        self.calls = []  # (messages, sampling) of every generate
+        self.closed_early = 0
+        self.resets = 0
+        self.config = {}
+
+    def prompt_ids(self, messages):
+        return [0 for m in messages for _ in m["content"].split()] + [0] * (2 * len(messages))
+
+    def generate(self, messages, **sampling):
+        if sampling.get("temperature", 0) > 5:
+            raise MoeinfError("temperature too high for this test")
+        self.calls.append(([dict(m) for m in messages], dict(sampling)))
+        n = len(self.calls)
+        words = [f"answer{n}"] + [f"w{i}" for i in range(1, self.answer_words)]
+        prompt = len(self.prompt_ids(messages))
+
+        def stream():
+            done = False
+            try:
+                for i, w in enumerate(words):
+                    if self.interrupt_after is not None and i == self.interrupt_after:
+                        self.interrupt_after = None  # only the first answer is interrupted
+                        os.kill(os.getpid(), signal.SIGINT)
+                    yield (" " if i else "") + w
+                yield GenerationStats(prompt_tokens=prompt, prompt_eval_count=prompt, prompt_eval_s=0.5,
+                                      generated_tokens=len(words), eval_s=0.25, total_s=1.0)
+                done = True
+            finally:
+                if not done:
+                    self.closed_early += 1
+
+        return stream()
+
+    def info(self):
+        return {"name": self.name, "family": "mixtral", "ctx": self.ctx, "dtype": "float32", "device": "cpu"}
+
+    def reset(self):
+        self.resets += 1
+
+
+class ScriptReader:
+    """Returns the scripted inputs; an ``Interrupted`` instance in the script is raised (Ctrl+C)."""
+
+    def __init__(self, *items):
+        self.items = list(items)
+
+    def read(self):
+        if not self.items:
+            raise EOFError
+        item = self.items.pop(0)
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+
+def make_repl(session, **kw):
+    out, err, answers = io.StringIO(), io.StringIO(), io.StringIO()
+    repl = ChatRepl("fake", {"ctx": session.ctx}, kw.pop("sampling", {}), kw.pop("system", None),
+                    kw.pop("verbose", False), console=Console(file=out, width=100),
+                    err_console=Console(file=err, width=100), answer_stream=answers, session=session, **kw)
+    return repl, out, err, answers
+
+
+def test_multi_turn_conversation_goes_through_messages():
+    s = WordSession()
+    repl, out, _, answers = make_repl(s, system="Be brief.")
+    repl.run(ScriptReader("Hello there", "", '"""Second\nquestion"""', "/bye", "never read"))
+    assert len(s.calls) == 2
+    first, second = s.calls[0][0], s.calls[1][0]
+    assert first == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
+    assert second == first + [{"role": "assistant", "content": "answer1 w1 w2 w3"},
+                              {"role": "user", "content": "Second\nquestion"}]
+    assert answers.getvalue() == "answer1 w1 w2 w3\n\nanswer2 w1 w2 w3\n\n"
+
+
+def test_set_parameters_reach_generate_and_bad_values_stay_in_repl():
+    s = WordSession()
+    repl, out, _, _ = make_repl(s, sampling={"top_k": 5})
+    repl.run(ScriptReader("/set parameter temperature 0", "/set parameter stop END done",
+                          "/set parameter temperature warm", "/frobnicate", "Hi", "/show parameters"))
+    assert s.calls[0][1] == {"top_k": 5, "temperature": 0.0, "stop": ["END", "done"]}
+    text = out.getvalue()
+    assert "Set parameter 'temperature' to '0.0'" in text
+    assert "Set parameter 'stop' to 'END, done'" in text
+    assert "Invalid value for 'temperature': 'warm' is not a number" in text
+    assert "Unknown command '/frobnicate'. Type /? for help" in text
+    assert "User defined parameters:" in text and "Default parameters:" in text
+
+
+def test_engine_error_is_one_line_and_repl_goes_on():
+    s = WordSession()
+    repl, out, _, _ = make_repl(s)
+    repl.run(ScriptReader("/set parameter temperature 9", "Hi", "/set parameter temperature 1", "Hi again"))
+    assert "Error: temperature too high for this test" in out.getvalue()
+    assert len(s.calls) == 1 and s.calls[0][0] == [{"role": "user", "content": "Hi again"}]
+
+
+def test_ctrl_c_stops_the_answer_and_keeps_what_was_shown():
+    s = WordSession(answer_words=50, interrupt_after=3)
+    repl, _, _, answers = make_repl(s)
+    repl.run(ScriptReader("Tell me a long story", "And then?"))
+    assert s.closed_early == 1  # the generator was closed, not run to its end
+    first_answer = s.calls[1][0][1]["content"]
+    assert first_answer.startswith("answer1 w1 w2") and len(first_answer.split()) < 10
+    assert s.calls[1][0][2] == {"role": "user", "content": "And then?"}
+    assert answers.getvalue().startswith(first_answer + "\n")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+
+def test_ctrl_c_before_any_text_drops_the_question():
+    s = WordSession(answer_words=5, interrupt_after=0)
+    repl, _, _, _ = make_repl(s)
+    repl.run(ScriptReader("Question one", "Question two"))
+    assert s.calls[1][0] == [{"role": "user", "content": "Question two"}]
+
+
+def test_ctrl_c_at_prompt_says_how_to_leave():
+    s = WordSession()
+    repl, out, _, _ = make_repl(s)
+    repl.run(ScriptReader(Interrupted(""), Interrupted("half typed"), "/bye"))
+    assert out.getvalue().count("Use Ctrl + d or /bye to exit.") == 1
+
+
+def test_verbose_prints_timing_lines_after_each_answer():
+    s = WordSession()
+    repl, out, err, _ = make_repl(s)
+    repl.run(ScriptReader("quiet question", "/set verbose", "loud question", "/show stats"))
+    lines = err.getvalue().splitlines()
+    assert lines.count("eval count:           4 token(s)") == 1
+    assert "eval rate:            16.00 tokens/s" in lines
+    assert "Set 'verbose' mode." in out.getvalue()
+    assert "prompt eval duration: 500ms" in out.getvalue()  # /show stats
+
+
+def test_clear_forgets_the_conversation_but_keeps_the_system_prompt():
+    s = WordSession()
+    repl, out, _, _ = make_repl(s)
+    repl.run(ScriptReader('/set system "Speak like a pirate."', "one", "/clear", "two", "/show system"))
+    assert s.calls[1][0] == [{"role": "system", "content": "Speak like a pirate."}, {"role": "user", "content": "two"}]
+    assert s.resets == 1
+    assert "Cleared session context" in out.getvalue()
+    assert out.getvalue().rstrip().endswith("Speak like a pirate.")
+
+
+def test_context_overflow_drops_oldest_exchanges_and_says_so():
+    s = WordSession(ctx=64, answer_words=10)  # each exchange costs about 16 "tokens"; reserve 16
+    repl, out, _, _ = make_repl(s, system="sys prompt")
+    repl.run(ScriptReader(*[f"question number {i}" for i in range(6)]))
+    last = s.calls[-1][0]
+    assert last[0] == {"role": "system", "content": "sys prompt"}
+    assert last[-1] == {"role": "user", "content": "question number 5"}
+    assert len(s.prompt_ids(last)) <= 64 - 16
+    assert {"role": "user", "content": "question number 0"} not in last
+    assert "outgrew the context of 64 tokens: dropped the" in out.getvalue()
+
+
+def test_message_longer_than_the_context_is_refused():
+    s = WordSession(ctx=32)
+    repl, out, _, _ = make_repl(s)
+    repl.run(ScriptReader(" ".join(["word"] * 40), "short"))
+    assert len(s.calls) == 1 and s.calls[0][0] == [{"role": "user", "content": "short"}]
+    assert "context holds 32; shorten it, /clear, or /set parameter num_ctx 64." in out.getvalue()
+
+
+def test_fit_to_context_unit():
+    conv = Conversation(system="S")
+    for i in range(5):
+        conv.add_exchange(f"u{i} " * 3, f"a{i} " * 3)
+
+    def count(messages):
+        return sum(len(m["content"].split()) for m in messages)
+
+    result = fit_to_context(conv, "new message", count, ctx=20, reserve=4)
+    assert result.fits and result.prompt_tokens <= 16 and result.dropped == 3
+    assert conv.exchanges == 2 and conv.turns[0]["content"].startswith("u3")
+    result = fit_to_context(conv, "x " * 30, count, ctx=20, reserve=4)
+    assert not result.fits and conv.exchanges == 0 and conv.system == "S"
+    assert answer_reserve(4096, None) == 1024
+    assert answer_reserve(4096, 100) == 100
+    assert answer_reserve(100, 1000) == 50
+
+
+def test_save_and_load_conversation(tmp_path):
+    s = WordSession()
+    repl, out, _, _ = make_repl(s, system="sys")
+    path = tmp_path / "chats" / "talk.json"
+    repl.run(ScriptReader("/set parameter seed 7", "first", f"/save {path}"))
+    data = json.loads(path.read_text())
+    assert data["model"] == "fake" and data["parameters"] == {"seed": 7}
+    assert [m["role"] for m in data["messages"]] == ["system", "user", "assistant"]
+    model, conv, params = load_conversation(path)
+    assert model == "fake" and conv.system == "sys" and conv.exchanges == 1 and params == {"seed": 7}
+
+    s2 = WordSession()
+    repl2, out2, _, _ = make_repl(s2)
+    repl2.run(ScriptReader(f"/load {path}", "second"))
+    assert s2.calls[0][0][:3] == data["messages"] and s2.calls[0][1] == {"seed": 7}
+    assert "Loaded conversation" in out2.getvalue()
+
+
+def test_load_switches_model_and_keeps_old_one_on_failure():
+    loaded = []
+
+    def loader(name, **kw):
+        if name == "missing":
+            raise MoeinfError("model 'missing' not found in the store; pull it with `moeinf pull missing`")
+        loaded.append((name, kw))
+        return WordSession(name=name)
+
+    s = WordSession()
+    repl, out, _, _ = make_repl(s, loader=loader)
+    repl.run(ScriptReader("hello", "/load missing", "/load other", "/set parameter num_ctx 128", "/show info"))
+    assert [n for n, _ in loaded] == ["other", "other"]
+    assert loaded[1][1]["ctx"] == 128
+    text = out.getvalue()
+    assert "Error: model 'missing' not found in the store" in text
+    assert "name                  other" in text and "family                mixtral" in text
+
+
+def test_line_reader_joins_blocks():
+    reader = LineReader(io.StringIO('one\n"""two\nthree\n"""\n/bye\n'))
+    assert reader.read() == "one"
+    assert reader.read() == '"""two\nthree\n"""'
+    assert reader.read() == "/bye"
