@@ -1,0 +1,330 @@
+"""Hugging Face checkpoint shards -> store model (dense parts + one safetensors shard per routed expert).
+
+``Converter`` takes source shards one at a time (``convert_shard``) and reads one tensor at a time, so
+the extra memory is about one tensor (plus the pieces of experts whose matrices straddle two source
+shards). What it cannot finish within a shard (an expert whose ``down_proj`` is in the next shard, an
+FP8 weight whose scale is elsewhere) it keeps as *pending* and can save to / restore from a file, which
+is what lets an interrupted pull resume after the last finished shard.
+
+Source tensor names handled (after Mixtral's ``block_sparse_moe.`` -> ``mlp.`` rename):
+* per expert: ``model.layers.L.mlp.experts.E.{w1,w2,w3,gate_proj,up_proj,down_proj}.{weight,bias}``
+* fused: ``model.layers.L.mlp.experts.gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I];
+  gpt-oss: ``gate_up_proj`` [E, H, 2I] (gate = ``[..., 0::2]``, up = ``[..., 1::2]``),
+  ``gate_up_proj_bias`` [E, 2I], ``down_proj`` [E, I, H], ``down_proj_bias`` [E, H]
+* quantised: ``<x>_blocks`` + ``<x>_scales`` (MXFP4), FP8 ``<x>.weight`` + ``<x>.weight_scale_inv``
+* anything else under ``model.layers.L`` with L >= num_hidden_layers (DeepSeek-V3's MTP layer) is dropped
+* everything else is dense and goes to ``dense/part-<k>.safetensors`` for source shard k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.errors import MoeinfError
+from engine.model.experts import EXPERT_BIASES, EXPERT_TENSORS
+from engine.store.families import MoELayout, moe_layout
+from engine.store.paths import expert_shard_path
+from engine.store.quant import dequant_fp8_blocks, dequant_mxfp4
+from engine.store.shards import ALIGN, DTYPE_TO_ST, TensorSpec, build_header, read_header, write_tensors
+
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
+_PER_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|bias)$")
+_FUSED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$")
+_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
+KEEP_DTYPE = ("e_score_correction_bias",)  # kept in its source dtype (float32), as transformers does
+DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+               "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+def parse_dtype(name: str | None) -> torch.dtype | None:
+    """``bf16``/``fp16``/``fp32`` (or torch names) -> torch dtype; None stays None."""
+    if name is None:
+        return None
+    try:
+        return DTYPE_NAMES[name.lower()]
+    except KeyError:
+        raise MoeinfError(f"unknown dtype {name!r}; use bf16, fp16 or fp32") from None
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def sha256_file(path: str | Path, chunk: int = 16 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass
+class WrittenFile:
+    rel: str
+    size: int
+    sha256: str
+
+
+class SpillingShardWriter:
+    """A safetensors file built from tensors whose list is not known up front, at about one tensor of memory:
+    data is appended to a side file, then the header is written and the data copied behind it."""
+
+    def __init__(self, path: Path, align: int = 8):
+        self.path = path
+        self.align = align
+        self.specs: list[TensorSpec] = []
+        self._data_path = path.with_name(path.name + ".data")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._data = open(self._data_path, "wb")
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().contiguous()
+        self.specs.append(TensorSpec(name, t.dtype, tuple(t.shape)))
+        if t.numel():
+            self._data.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
+
+    def finish(self) -> WrittenFile | None:
+        self._data.close()
+        try:
+            if not self.specs:
+                return None
+            h = hashlib.sha256()
+            tmp = self.path.with_name(self.path.name + ".tmp")
+            header = build_header(self.specs, self.align)
+            size = 0
+            with open(tmp, "wb") as out, open(self._data_path, "rb") as data:
+                for block in _chunks(header, data):
+                    out.write(block)
+                    h.update(block)
+                    size += len(block)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, self.path)
+            return WrittenFile("", size, h.hexdigest())
+        finally:
+            self._data_path.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        self._data.close()
+        self._data_path.unlink(missing_ok=True)
+
+
+def _chunks(header: bytes, data, chunk: int = 16 << 20):
+    yield header
+    while block := data.read(chunk):
+        yield block
+
+
+@dataclass
+class Converter:
+    """Converts source shards of one checkpoint into ``out_dir`` (see the module docstring)."""
+
+    config: dict
+    out_dir: Path
+    dtype: torch.dtype | None = None  # None: keep the source dtype
+    on_bytes: Callable[[int], None] | None = None  # progress: source bytes processed
+    layout: MoELayout = field(init=False)
+    raw: dict[str, torch.Tensor] = field(default_factory=dict)  # quantised parts waiting for their partner
+    pieces: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)
+    experts_done: set[tuple[int, int]] = field(default_factory=set)
+    stored_dtype: torch.dtype | None = None
+    source_dtype: torch.dtype | None = None
+    dequantized: str | None = None
+    dropped: int = 0
+
+    def __post_init__(self) -> None:
+        self.layout = moe_layout(self.config)
+        self.family = self.layout.family
+        self.required = EXPERT_TENSORS + (EXPERT_BIASES if self.family == "gpt_oss" else ())
+        self.moe_layers = set(self.layout.moe_layers)
+        qc = self.config.get("quantization_config") or {}
+        self.fp8_block = tuple(qc.get("weight_block_size") or (128, 128))
+        cfg_dtype = self.config.get("dtype") or self.config.get("torch_dtype")
+        self.compute_dtype = DTYPE_NAMES.get(str(cfg_dtype), torch.bfloat16)
+
+    # ---- one source shard -------------------------------------------------------------------
+    def convert_shard(self, path: Path, index: int) -> list[WrittenFile]:
+        """Convert every tensor of source shard ``path`` (the ``index``-th, 1-based); returns files written."""
+        from safetensors import safe_open
+
+        written: list[WrittenFile] = []
+        dense = SpillingShardWriter(self.out_dir / "dense" / f"part-{index:05d}.safetensors")
+        try:
+            start, header = read_header(path)
+            names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+            with safe_open(str(path), framework="pt") as f:
+                for name in names:
+                    tensor = f.get_tensor(name)
+                    nbytes = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
+                    for out_name, t in self._decode(name, tensor):
+                        self._route(out_name, t, dense, written)
+                    del tensor
+                    if self.on_bytes:
+                        self.on_bytes(nbytes)
+        except BaseException:
+            dense.abort()
+            raise
+        part = dense.finish()
+        if part is not None:
+            part.rel = f"dense/part-{index:05d}.safetensors"
+            written.append(part)
+        return written
+
+    def _cast(self, name: str, t: torch.Tensor, quantised: bool = False) -> torch.Tensor:
+        if not t.is_floating_point() or name.endswith(KEEP_DTYPE):
+            return t
+        target = self.dtype or (self.compute_dtype if quantised else t.dtype)
+        return t.to(target)
+
+    def _decode(self, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """Source tensor -> zero or more (normalised name, full-precision tensor) once its unit is complete."""
+        if self.family == "mixtral":
+            name = name.replace(".block_sparse_moe.", ".mlp.")
+        m = _LAYER_RE.match(name)
+        if m and int(m.group(1)) >= self.layout.num_layers:
+            self.dropped += 1
+            return []
+        if name.endswith("_scale_inv"):
+            self.raw[name] = t
+            return self._complete_fp8(name.removesuffix("_scale_inv"))
+        if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+            self.raw[name] = t
+            return self._complete_fp8(name)
+        if name.endswith("_blocks") or name.endswith("_scales"):
+            self.raw[name] = t
+            return self._complete_mxfp4(name.rsplit("_", 1)[0])
+        if self.source_dtype is None and t.is_floating_point() and (_PER_EXPERT_RE.match(name) or _FUSED_RE.match(name)):
+            self.source_dtype = t.dtype
+        return [(name, self._cast(name, t))]
+
+    def _complete_fp8(self, base: str) -> list[tuple[str, torch.Tensor]]:
+        scale_name = base + "_scale_inv"
+        if base not in self.raw or scale_name not in self.raw:
+            return []
+        w, s = self.raw.pop(base), self.raw.pop(scale_name)
+        self.dequantized = "fp8"
+        self.source_dtype = self.source_dtype or w.dtype
+        out_dtype = self.dtype or self.compute_dtype
+        return [(base, dequant_fp8_blocks(w, s, self.fp8_block, out_dtype))]
+
+    def _complete_mxfp4(self, base: str) -> list[tuple[str, torch.Tensor]]:
+        b, s = base + "_blocks", base + "_scales"
+        if b not in self.raw or s not in self.raw:
+            return []
+        blocks, scales = self.raw.pop(b), self.raw.pop(s)
+        self.dequantized = "mxfp4"
+        self.source_dtype = self.source_dtype or torch.uint8
+        return [(base, dequant_mxfp4(blocks, scales, self.dtype or self.compute_dtype))]
+
+    def _route(self, name: str, t: torch.Tensor, dense: SpillingShardWriter, written: list[WrittenFile]) -> None:
+        m = _PER_EXPERT_RE.match(name)
+        if m:
+            layer, expert, proj, kind = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
+            self._add_piece(layer, expert, f"{_PROJ.get(proj, proj)}.{kind}", t, written)
+            return
+        m = _FUSED_RE.match(name)
+        if m:
+            layer, which, bias = int(m.group(1)), m.group(2), bool(m.group(3))
+            for e, piece, sub in self._split_fused(which, bias, t):
+                self._add_piece(layer, e, piece, sub, written)
+            return
+        dense.add(name, t)
+
+    def _split_fused(self, which: str, bias: bool, t: torch.Tensor):
+        n_exp, inter = t.shape[0], self.layout.expert_intermediate_size
+        for e in range(n_exp):
+            x = t[e]
+            if self.family == "gpt_oss":
+                if which == "gate_up_proj" and bias:
+                    yield e, "gate_proj.bias", x[0::2].clone()
+                    yield e, "up_proj.bias", x[1::2].clone()
+                elif which == "gate_up_proj":  # [H, 2I] interleaved
+                    yield e, "gate_proj.weight", x[:, 0::2].t().contiguous()
+                    yield e, "up_proj.weight", x[:, 1::2].t().contiguous()
+                elif bias:
+                    yield e, "down_proj.bias", x.clone()
+                else:  # [I, H]
+                    yield e, "down_proj.weight", x.t().contiguous()
+            elif bias:
+                raise MoeinfError(f"unexpected fused expert bias {which}_bias in a {self.family} checkpoint")
+            elif which == "gate_up_proj":  # [2I, H]
+                yield e, "gate_proj.weight", x[:inter].clone()
+                yield e, "up_proj.weight", x[inter:].clone()
+            else:  # [H, I]
+                yield e, "down_proj.weight", x.clone()
+
+    def _add_piece(self, layer: int, expert: int, piece: str, t: torch.Tensor, written: list[WrittenFile]) -> None:
+        if layer not in self.moe_layers or not 0 <= expert < self.layout.num_experts:
+            raise MoeinfError(
+                f"checkpoint has expert {expert} of layer {layer}, but its config.json says layers "
+                f"{sorted(self.moe_layers)} have {self.layout.num_experts} experts; the checkpoint is inconsistent"
+            )
+        if piece not in self.required:
+            raise MoeinfError(f"unexpected expert tensor {piece} in layer {layer} of a {self.family} checkpoint")
+        got = self.pieces.setdefault((layer, expert), {})
+        got[piece] = t
+        if all(p in got for p in self.required):
+            self._write_expert(layer, expert, self.pieces.pop((layer, expert)), written)
+
+    def _write_expert(self, layer: int, expert: int, got: dict[str, torch.Tensor], written: list[WrittenFile]) -> None:
+        inter, hidden = self.layout.expert_intermediate_size, self.layout.hidden_size
+        expect = {"gate_proj.weight": (inter, hidden), "up_proj.weight": (inter, hidden), "down_proj.weight": (hidden, inter),
+                  "gate_proj.bias": (inter,), "up_proj.bias": (inter,), "down_proj.bias": (hidden,)}
+        for p in self.required:
+            if tuple(got[p].shape) != expect[p]:
+                raise MoeinfError(
+                    f"expert {expert} of layer {layer}: {p} has shape {tuple(got[p].shape)}, config.json implies "
+                    f"{expect[p]}; the checkpoint does not match its config"
+                )
+        path = expert_shard_path(self.out_dir, layer, expert)
+        w = write_tensors(path, [(p, got[p]) for p in self.required], align=ALIGN)
+        self.stored_dtype = self.stored_dtype or got["gate_proj.weight"].dtype
+        self.experts_done.add((layer, expert))
+        written.append(WrittenFile(path.relative_to(self.out_dir).as_posix(), w.size, w.sha256))
+
+    # ---- pending state (for resume) ---------------------------------------------------------
+    def pending_tensors(self) -> dict[str, torch.Tensor]:
+        out = {f"raw::{k}": v.clone() for k, v in self.raw.items()}
+        for (layer, e), got in self.pieces.items():
+            out.update({f"piece::{layer}::{e}::{p}": v.clone() for p, v in got.items()})
+        return out
+
+    def restore_pending(self, tensors: dict[str, torch.Tensor]) -> None:
+        for key, v in tensors.items():
+            kind, _, rest = key.partition("::")
+            if kind == "raw":
+                self.raw[rest] = v
+            else:
+                layer, e, p = rest.split("::")
+                self.pieces.setdefault((int(layer), int(e)), {})[p] = v
+
+    def missing(self) -> list[str]:
+        """What the source lacked, once every shard is converted (empty when complete)."""
+        out = [f"{k} (its quantisation partner is missing)" for k in sorted(self.raw)]
+        for (layer, e), got in sorted(self.pieces.items()):
+            out.append(f"layer {layer} expert {e}: {', '.join(p for p in self.required if p not in got)}")
+        for layer in sorted(self.moe_layers):
+            for e in range(self.layout.num_experts):
+                if (layer, e) not in self.experts_done and (layer, e) not in self.pieces:
+                    out.append(f"layer {layer} expert {e}")
+        return out
+
+
+def disk_full_error(out_dir: Path, err: OSError) -> MoeinfError:
+    """Remove the partial output and explain, for ENOSPC/EDQUOT while writing."""
+    shutil.rmtree(out_dir, ignore_errors=True)
+    return MoeinfError(
+        f"disk full while writing {out_dir.parent} ({err.strerror}); the partial model was removed, "
+        "free some space (or set MOEINF_HOME to a bigger disk) and pull again"
+    )
+
+
+__all__ = ["Converter", "WrittenFile", "parse_dtype", "dtype_name", "sha256_file", "disk_full_error", "DTYPE_TO_ST"]

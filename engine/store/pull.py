@@ -1,0 +1,440 @@
+"""``pull_model``: an alias, hub repo, checkpoint directory or GGUF file -> a complete store model.
+
+The model is built in ``models/.partial-<name>/`` and renamed to ``models/<name>/`` only when its
+manifest is written, so the store never shows a half-built model. After every source shard the pull
+records what it wrote (with sha256) in ``.partial-<name>/pull-state.json`` plus the tensors still
+waiting for a partner in ``pending-<k>.safetensors``; a later pull of the same source and options
+re-hashes those files and, when they all verify, continues with the next shard.
+
+``MOEINF_PULL_THROTTLE_S`` (seconds) makes the pull wait after each source shard: a way to watch or
+interrupt a pull of a tiny model (the tests kill one midway with it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+
+from engine.errors import MoeinfError
+from engine.store.convert import (
+    DTYPE_NAMES,
+    Converter,
+    WrittenFile,
+    disk_full_error,
+    dtype_name,
+    parse_dtype,
+    sha256_file,
+)
+from engine.store.families import moe_layout
+from engine.store.hub import (
+    META_FILES,
+    HubSource,
+    LocalSource,
+    is_repo_id,
+    resolve_alias,
+    unknown_alias_error,
+)
+from engine.store.manifest import FORMAT_VERSION, MANIFEST, PARTIAL_PREFIX, check_name
+from engine.store.paths import expert_shard_path, models_dir, moeinf_home
+
+STATE = "pull-state.json"
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+class PullProgress:
+    """What a pull reports while it works; the CLI draws it with rich. Every method may be a no-op."""
+
+    def message(self, text: str) -> None: ...
+
+    def download(self, desc: str, n: int, total: int | None) -> None: ...
+
+    def convert_start(self, total_bytes: int, done_bytes: int) -> None: ...
+
+    def convert_advance(self, n: int) -> None: ...
+
+
+@dataclass
+class PullResult:
+    name: str
+    path: Path
+    manifest: dict
+    up_to_date: bool = False
+
+
+def default_name(source: str, kind: str) -> str:
+    if kind == "alias":
+        base = source.lower()
+    elif kind == "hub":
+        base = source.split("/")[-1].lower()
+    else:
+        p = Path(source).expanduser()
+        base = (p.stem if kind == "gguf" else p.resolve().name).lower()
+    base = re.sub(r"[^A-Za-z0-9._:+-]+", "-", base).strip("-.") or "model"
+    return base
+
+
+def classify_source(source: str) -> tuple[str, str]:
+    """("gguf" | "local" | "alias" | "hub", normalised value) for a SOURCE argument."""
+    p = Path(source).expanduser()
+    if source.lower().endswith(".gguf"):
+        if p.is_file():
+            return "gguf", str(p)
+        raise MoeinfError(f"no such GGUF file: {source}")
+    if p.is_dir():
+        return "local", str(p)
+    repo = resolve_alias(source)
+    if repo:
+        return "alias", repo
+    if is_repo_id(source):
+        return "hub", source
+    if os.sep in source or source.startswith((".", "~")):
+        raise MoeinfError(f"no such checkpoint directory: {source}")
+    raise unknown_alias_error(source)
+
+
+@contextlib.contextmanager
+def _lock(name: str):
+    models_dir().mkdir(parents=True, exist_ok=True)
+    path = models_dir() / f".lock-{name}"
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise MoeinfError(f"another `moeinf pull` of {name} is running; wait for it to finish") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _estimate_bytes(config: dict, src_bytes: int, dtype: torch.dtype | None) -> int:
+    """About how many bytes the store model of ``src_bytes`` of source shards takes."""
+    quant = (config.get("quantization_config") or {}).get("quant_method")
+    cfg_name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").removeprefix("torch.")
+    cfg_dtype = DTYPE_NAMES.get(cfg_name, torch.bfloat16)
+    out = (dtype or cfg_dtype).itemsize
+    if quant == "mxfp4":  # one byte holds two values
+        return src_bytes * out * 2
+    if quant == "fp8":
+        return src_bytes * out
+    return src_bytes * out // cfg_dtype.itemsize
+
+
+def _write_json(path: Path, data: dict) -> WrittenFile:
+    tmp = path.with_name(path.name + ".tmp")
+    raw = (json.dumps(data, indent=2) + "\n").encode()
+    with open(tmp, "wb") as f:
+        f.write(raw)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return WrittenFile(path.name, len(raw), sha256_file(path))
+
+
+def _verified(root: Path, files: dict[str, dict]) -> bool:
+    for rel, info in files.items():
+        p = root / rel
+        if not p.is_file() or p.stat().st_size != info["size"] or sha256_file(p) != info["sha256"]:
+            return False
+    return True
+
+
+def pull_model(
+    source: str,
+    *,
+    revision: str | None = None,
+    dtype: str | None = None,
+    name: str | None = None,
+    upcycle: int | None = None,
+    top_k: int | None = None,
+    keep_downloads: bool = False,
+    progress: PullProgress | None = None,
+) -> PullResult:
+    """Pull ``source`` into the store as ``name`` (see the module docstring); returns where it is."""
+    progress = progress or PullProgress()
+    target_dtype = parse_dtype(dtype)
+    kind, value = classify_source(source)
+    if upcycle is not None and upcycle < 2:
+        raise MoeinfError("--upcycle needs at least 2 experts")
+    if top_k is not None and upcycle is None:
+        raise MoeinfError("--top-k only applies with --upcycle E")
+    name = check_name(name or default_name(source if kind == "alias" else value, kind) + (f"-moe{upcycle}" if upcycle else ""))
+    with _lock(name):
+        return _pull_locked(kind, value, source, name, revision, target_dtype, upcycle, top_k, keep_downloads, progress)
+
+
+def _pull_locked(kind, value, source, name, revision, target_dtype, upcycle, top_k, keep_downloads, progress) -> PullResult:
+    tmp_root = moeinf_home() / "tmp" / name
+    try:
+        src = _open_source(kind, value, revision, target_dtype, keep_downloads, progress, tmp_root)
+        upcycled = None
+        if upcycle is not None:
+            k = top_k or 2
+            if k > upcycle:
+                raise MoeinfError(f"--top-k {k} is larger than the number of experts {upcycle}")
+            src, upcycled = _upcycle(src, upcycle, k, target_dtype, tmp_root, progress)
+        return _convert_into_store(src, name, target_dtype, upcycled, progress)
+    finally:
+        shutil.rmtree(tmp_root, ignore_errors=True)
+
+
+def _open_source(kind, value, revision, target_dtype, keep_downloads, progress, tmp_root: Path):
+    if kind in ("alias", "hub"):
+        progress.message(f"resolving {value} on the hub")
+        return HubSource(value, revision, keep_downloads=keep_downloads, on_download=progress.download)
+    if revision:
+        raise MoeinfError("--revision only applies to hub repositories")
+    if kind == "local":
+        return LocalSource(Path(value))
+    from engine.store.gguf import gguf_to_checkpoint
+
+    progress.message(f"converting {value} from GGUF")
+    shutil.rmtree(tmp_root / "gguf", ignore_errors=True)
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    out = gguf_to_checkpoint(value, tmp_root / "gguf", target_dtype)
+    return LocalSource(Path(out), kind="gguf", describe_path=str(Path(value).resolve()))
+
+
+def _upcycle(src, num_experts: int, top_k: int, target_dtype, tmp_root: Path, progress):
+    from engine.store.upcycle import upcycle_checkpoint
+
+    for shard in src.shards:  # the upcycler reads the whole dense checkpoint
+        src.fetch(shard)
+    progress.message(f"upcycling into {num_experts} experts, top-{top_k}")
+    shutil.rmtree(tmp_root / "upcycle", ignore_errors=True)
+    tmp_root.mkdir(parents=True, exist_ok=True)
+    out = upcycle_checkpoint(src.meta_dir, tmp_root / "upcycle", num_experts, top_k, target_dtype)
+    info = {"from": src.describe(), "num_experts": num_experts, "top_k": top_k}
+    return LocalSource(Path(out), kind=src.describe()["kind"], describe_path=str(src.meta_dir)), info
+
+
+def _pull_key(src, target_dtype, upcycled) -> dict:
+    key = {"format_version": FORMAT_VERSION, "source": src.describe(), "dtype": target_dtype and dtype_name(target_dtype),
+           "upcycled": upcycled}
+    if isinstance(src, LocalSource):
+        key["fingerprint"] = src.fingerprint() if src.kind == "local" else None
+    return key
+
+
+def _convert_into_store(src, name: str, target_dtype, upcycled, progress: PullProgress) -> PullResult:
+    config = json.loads((src.meta_dir / "config.json").read_text())
+    layout = moe_layout(config)  # refuses unsupported families
+    key = _pull_key(src, target_dtype, upcycled)
+    final = models_dir() / name
+    if (final / MANIFEST).is_file():
+        with contextlib.suppress(OSError, ValueError):
+            existing = json.loads((final / MANIFEST).read_text())
+            if existing.get("pull_key") == key and key.get("fingerprint", True) is not None:
+                return PullResult(name, final, existing, up_to_date=True)
+
+    partial = models_dir() / f"{PARTIAL_PREFIX}{name}"
+    state = _load_state(partial, key, progress)
+    sizes = src.shard_sizes() or {}
+    total = sum(sizes.values())
+    done_bytes = sum(sizes.get(s, 0) for s in state["done_shards"])
+    _check_space(partial, config, total - done_bytes, target_dtype)
+    try:
+        return _build(src, name, config, layout, key, partial, state, total, done_bytes, target_dtype, upcycled, progress)
+    except OSError as err:
+        if err.errno in _NO_SPACE:
+            raise disk_full_error(partial, err) from None
+        raise
+
+
+def _load_state(partial: Path, key: dict, progress: PullProgress) -> dict:
+    fresh = {"key": key, "done_shards": [], "files": {}, "pending": None, "converter": {}}
+    path = partial / STATE
+    if path.is_file():
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError):
+            state = None
+        if state and state.get("key") == key and _verified(partial, state["files"]) and (
+            state["pending"] is None or (partial / state["pending"]).is_file()
+        ):
+            progress.message(f"resuming: {len(state['done_shards'])} source shard(s) already converted and verified")
+            return state
+    shutil.rmtree(partial, ignore_errors=True)
+    return fresh
+
+
+def _check_space(partial: Path, config: dict, remaining_src: int, target_dtype) -> None:
+    if remaining_src <= 0:
+        return
+    need = _estimate_bytes(config, remaining_src, target_dtype)
+    models_dir().mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(models_dir()).free
+    if need > free:
+        gb = 1 << 30
+        raise MoeinfError(
+            f"not enough disk space in {models_dir()}: the model needs about {need / gb:.1f} GiB more, "
+            f"{free / gb:.1f} GiB free; free some space or set MOEINF_HOME to a bigger disk"
+        )
+
+
+def _build(src, name, config, layout, key, partial: Path, state, total, done_bytes, target_dtype, upcycled, progress):
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
+    partial.mkdir(parents=True, exist_ok=True)
+    meta = {}
+    for fname in META_FILES:
+        p = src.meta_dir / fname
+        if fname in ("config.json", "model.safetensors.index.json") or not p.is_file():
+            continue
+        shutil.copyfile(p, partial / fname)
+        meta[fname] = {"size": (partial / fname).stat().st_size, "sha256": sha256_file(partial / fname)}
+
+    conv = Converter(config, partial, target_dtype, on_bytes=progress.convert_advance)
+    c = state["converter"]
+    conv.experts_done = {tuple(x) for x in c.get("experts_done", [])}
+    conv.stored_dtype = getattr(torch, c["stored_dtype"]) if c.get("stored_dtype") else None
+    conv.source_dtype = getattr(torch, c["source_dtype"]) if c.get("source_dtype") else None
+    conv.dequantized = c.get("dequantized")
+    conv.dropped = c.get("dropped", 0)
+    if state["pending"]:
+        conv.restore_pending(load_file(str(partial / state["pending"])))
+    throttle = float(os.environ.get("MOEINF_PULL_THROTTLE_S") or 0)
+
+    progress.convert_start(total, done_bytes)
+    for k, shard in enumerate(src.shards, 1):
+        if shard in state["done_shards"]:
+            continue
+        path = src.fetch(shard)
+        try:
+            written = conv.convert_shard(path, k)
+        except (SafetensorError, ValueError, EOFError, json.JSONDecodeError) as err:
+            if isinstance(err, MoeinfError):
+                raise
+            hint = src.corrupt_hint(shard)
+            raise MoeinfError(f"source file {shard} is corrupt or truncated ({_short(err)}); {hint}") from None
+        except OSError as err:
+            if err.errno in _NO_SPACE:
+                raise
+            raise MoeinfError(f"cannot read source file {shard} ({err.strerror or err}); {src.corrupt_hint(shard)}") from None
+        for w in written:
+            state["files"][w.rel] = {"size": w.size, "sha256": w.sha256}
+        pending = conv.pending_tensors()
+        old_pending = state["pending"]
+        state["pending"] = None
+        if pending:
+            state["pending"] = f"pending-{k:05d}.safetensors"
+            save_file(pending, str(partial / state["pending"]))
+        state["done_shards"].append(shard)
+        state["converter"] = {
+            "experts_done": sorted(conv.experts_done), "dropped": conv.dropped, "dequantized": conv.dequantized,
+            "stored_dtype": conv.stored_dtype and dtype_name(conv.stored_dtype),
+            "source_dtype": conv.source_dtype and dtype_name(conv.source_dtype),
+        }
+        _write_json(partial / STATE, state)
+        if old_pending and old_pending != state["pending"]:
+            (partial / old_pending).unlink(missing_ok=True)
+        src.release(shard)
+        if throttle:
+            time.sleep(throttle)
+
+    missing = conv.missing()
+    if missing:
+        shutil.rmtree(partial, ignore_errors=True)
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise MoeinfError(f"the checkpoint is incomplete: missing {'; '.join(missing[:3])}{more}")
+    if not any(r.startswith("dense/") for r in state["files"]):
+        raise MoeinfError("the checkpoint has no dense tensors (embeddings, attention); it is not a complete model")
+    return _finish(src, name, config, layout, key, partial, state, meta, conv, upcycled)
+
+
+def _short(err: BaseException) -> str:
+    return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+
+
+def _finish(src, name, config, layout, key, partial: Path, state, meta, conv: Converter, upcycled) -> PullResult:
+    from engine import __version__
+
+    stored = conv.stored_dtype
+    if stored is None:  # dense model: the dtype of the dense weights
+        from engine.store.shards import ST_TO_DTYPE, read_header
+
+        first = sorted(r for r in state["files"] if r.startswith("dense/"))[0]
+        hdr = read_header(partial / first)[1]
+        stored = next(ST_TO_DTYPE[v["dtype"]] for k, v in hdr.items() if k != "__metadata__")
+    cfg = dict(config)
+    changed = conv.dequantized is not None or (conv.source_dtype is not None and stored != conv.source_dtype)
+    if conv.dequantized:
+        cfg.pop("quantization_config", None)
+    if changed or "dtype" in cfg or "torch_dtype" in cfg:
+        cfg["dtype"] = dtype_name(stored)
+        if "torch_dtype" in cfg:
+            cfg["torch_dtype"] = dtype_name(stored)
+    cw = _write_json(partial / "config.json", cfg)
+
+    files = {**meta, "config.json": {"size": cw.size, "sha256": cw.sha256}, **state["files"]}
+    files = dict(sorted(files.items()))
+    expert_bytes = 0
+    if layout.is_moe:
+        rel = expert_shard_path(Path("."), layout.moe_layers[0], 0).as_posix()
+        expert_bytes = files[rel]["size"]
+    manifest = {
+        "format_version": FORMAT_VERSION,
+        "name": name,
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "moeinf_version": __version__,
+        "source": src.describe() | ({"upcycled": upcycled} if upcycled else {}),
+        "family": layout.family,
+        "num_layers": layout.num_layers,
+        "num_experts": layout.num_experts,
+        "top_k": layout.top_k,
+        "moe_layers": layout.moe_layers,
+        "hidden_size": layout.hidden_size,
+        "expert_intermediate_size": layout.expert_intermediate_size,
+        "dtype": dtype_name(stored),
+        "source_dtype": dtype_name(conv.source_dtype or stored),
+        "dequantized": conv.dequantized,
+        "expert_tensors": list(conv.required) if layout.is_moe else [],
+        "dropped_tensors": conv.dropped,
+        "dense_bytes": sum(v["size"] for k, v in files.items() if k.startswith("dense/")),
+        "expert_bytes": expert_bytes,
+        "total_bytes": sum(v["size"] for v in files.values()),
+        "pull_key": key,
+        "files": files,
+    }
+    if state["pending"]:
+        (partial / state["pending"]).unlink(missing_ok=True)
+    _write_json(partial / MANIFEST, manifest)
+    (partial / STATE).unlink(missing_ok=True)
+    for leftover in list(partial.rglob("*.tmp")) + list(partial.rglob("*.data")):
+        leftover.unlink(missing_ok=True)
+    final = models_dir() / name
+    old = models_dir() / f".old-{name}"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(partial, final)
+    shutil.rmtree(old, ignore_errors=True)
+    return PullResult(name, final, manifest)
+
+
+def remove_model(name: str) -> Path:
+    """Delete a store model (and any half-built pull of it); returns the path removed."""
+    from engine.store.manifest import resolve_model
+
+    path = resolve_model(name)
+    if path.parent != models_dir():
+        raise MoeinfError(f"{name} is not in the store ({models_dir()}); `moeinf rm` only deletes store models")
+    trash = models_dir() / f".rm-{path.name}"
+    shutil.rmtree(trash, ignore_errors=True)
+    os.replace(path, trash)
+    shutil.rmtree(trash, ignore_errors=True)
+    shutil.rmtree(models_dir() / f"{PARTIAL_PREFIX}{path.name}", ignore_errors=True)
+    return path
+
