@@ -22,7 +22,7 @@ from engine.errors import MoeinfError
 from engine.memory.policy import Key, Policy
 
 POLICY_NAMES: tuple[str, ...] = ("lru", "lfu", "eam")
-DEFAULT_POLICY = "lru"  # becomes "eam" once engine.trace.policy lands (same session)
+DEFAULT_POLICY = "eam"
 
 
 class LRUPolicy(Policy):
