@@ -1,0 +1,360 @@
+"""The budgeted expert source: a fixed set of slots, a policy choosing victims and prefetches, and the
+async loader filling slots in the background.
+
+Decode step of one MoE layer: ``observe`` tells the policy (and the trace recorder) what the router
+picked, cancels queued prefetches the routing made stale and queues the policy's new prefetches;
+``fetch`` pins the resident experts and hands them out first, queues demand loads for the misses and
+hands each out as it lands, so compute on the first experts overlaps loading the rest. Pins last until
+the next ``fetch`` (the ExpertSource contract), so a layer's experts are never evicted under it.
+
+Prefill (a step with more than one token) touches most experts of every layer. Its misses go to a free
+cache slot when there is one (admission without eviction) and otherwise through a couple of stream
+slots kept aside from the budget, which are reused as soon as the compute moved on: the decode working
+set is not flushed. In a prefill ``fetch`` a handed-out expert stays valid until the caller asks for
+the next one. With budgets too small for stream slots, prefill misses evict through the policy.
+
+Locking: one reentrant lock (a Condition) guards slots, residency, pins, policy calls and the loader
+queue. Policy methods are only ever called with it held.
+"""
+
+from __future__ import annotations
+
+import queue
+import time
+import weakref
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from threading import Condition, RLock
+
+import torch
+
+from engine.memory.loader import DEMAND, PREFETCH, Job, Loader
+from engine.memory.policy import Key, Policy
+from engine.memory.stats import CacheStats
+from engine.memory.transfer import FREE, LOADING, RESIDENT, STREAM, Slot, Transfer
+from engine.model.experts import ExpertWeights
+
+
+class OffloadedExperts:
+    """ExpertSource over a budget of ``capacity`` slots (``stream_slots`` of them for prefill streaming)."""
+
+    def __init__(
+        self,
+        shard_path: Callable[[int, int], Path],
+        transfer: Transfer,
+        policy: Policy,
+        capacity: int,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        stream_slots: int | None = None,
+        recorder=None,
+        workers: int = 2,
+        prefetch: bool = True,
+        stats: CacheStats | None = None,
+    ):
+        if capacity < top_k:
+            raise ValueError(f"capacity {capacity} below top_k {top_k}")
+        if stream_slots is None:
+            stream_slots = 2 if capacity >= 2 * top_k + 2 else 0
+        self._path = shard_path
+        self.transfer = transfer
+        self.policy = policy
+        self.recorder = recorder
+        self.top_k = top_k
+        self.lock = Condition(RLock())
+        self.slots: list[Slot] = transfer.make_slots(capacity, stream_slots)
+        self.main_capacity = capacity - stream_slots
+        self.n_stream = stream_slots
+        self._free_main = [s for s in self.slots if not s.stream]
+        self._free_stream = [s for s in self.slots if s.stream]
+        self._resident: dict[Key, Slot] = {}
+        self._pinned: dict[int, Slot] = {}  # by slot index
+        self._epoch = 0
+        self._last_layer: int | None = None
+        self._step_tokens: dict[int, int] = {}
+        self.prefetch_limit = max(0, min(4 * top_k, self.main_capacity - 2 * top_k)) if prefetch else 0
+        self._stats = stats or CacheStats()
+        self._stats.mode = "offload"
+        self._stats.io = transfer.io
+        self._stats.policy = getattr(policy, "name", type(policy).__name__)
+        self._stats.slot_bytes = transfer.slot_bytes
+        self._stats.slots = capacity
+        self._stats.stream_slots = stream_slots
+        policy.setup(num_layers, num_experts, self.main_capacity)
+        self.loader = Loader(
+            self.lock, self._start, self._run, self._finish, workers=workers, max_prefetch=4 * top_k + 16
+        )
+        self._finalizer = weakref.finalize(self, self.loader.close)
+
+    # -- ExpertSource --
+
+    def begin_sequence(self) -> None:
+        """A new request starts (the runtime may call this; the policy hears it)."""
+        with self.lock:
+            self._last_layer = None
+            self.policy.begin_sequence()
+
+    def observe(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor) -> None:
+        ids, counts = torch.unique(topk_ids.reshape(-1), return_counts=True)
+        experts, cnts = [int(x) for x in ids.tolist()], [int(c) for c in counts.tolist()]
+        tokens = int(topk_ids.shape[0]) if topk_ids.dim() > 1 else 1
+        if self.recorder is not None:
+            self.recorder.on_route(layer, topk_ids)
+        with self.lock:
+            if self._last_layer is None or layer <= self._last_layer:
+                self.policy.begin_token()
+            self._last_layer = layer
+            self._step_tokens[layer] = tokens
+            self.policy.on_route(layer, experts, cnts)
+            routed = set(experts)
+            # what was guessed for this layer and not routed is stale now
+            self.loader.cancel(lambda k: k[0] == layer and k[1] not in routed)
+            if tokens > 1 or self.prefetch_limit == 0:
+                return
+            wanted = [k for k in self.policy.prefetch(layer, self.prefetch_limit) if k not in self._resident]
+            wanted_set = set(wanted)
+            # a newer prediction replaces the queued older ones
+            self.loader.cancel(lambda k: k not in wanted_set and k[0] != layer)
+            for key in wanted[: self.prefetch_limit]:
+                if self.loader.get(key) is None:
+                    if self.loader.submit(key, PREFETCH, kind="prefetch") is None:
+                        self._stats.prefetch_dropped += 1
+
+    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        ids = list(dict.fromkeys(int(e) for e in expert_ids))
+        streaming = self._step_tokens.pop(layer, 1) > 1
+        with self.lock:
+            self._release_pins()
+            self._epoch += 1
+            epoch = self._epoch
+            st = self._stats
+            hits: list[tuple[int, Slot]] = []
+            misses: list[int] = []
+            st.layer_accesses[layer] = st.layer_accesses.get(layer, 0) + len(ids)
+            st.accesses += len(ids)
+            for e in ids:
+                slot = self._resident.get((layer, e))
+                if slot is None:
+                    misses.append(e)
+                    continue
+                self._pin(slot)
+                if slot.prefetched:
+                    slot.prefetched = False
+                    st.prefetch_useful += 1
+                hits.append((e, slot))
+            st.hits += len(hits)
+            st.layer_hits[layer] = st.layer_hits.get(layer, 0) + len(hits)
+            # queued prefetches of this layer that the routing did not ask for are stale
+            wanted = set(ids)
+            self.loader.cancel(lambda k: k[0] == layer and k[1] not in wanted)
+        return self._deliver(layer, epoch, hits, misses, streaming)
+
+    def stats(self) -> CacheStats:
+        with self.lock:
+            st = self._stats
+            st.prefetch_cancelled = self.loader.cancelled
+            st.prefetch_dropped = max(st.prefetch_dropped, self.loader.dropped)
+            st.resident_experts = len(self._resident)
+            st.resident_bytes = len(self._resident) * self.transfer.slot_bytes
+            st.io = self.transfer.io
+            return CacheStats(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(st).items()})
+
+    def resident_keys(self) -> set[Key]:
+        with self.lock:
+            return set(self._resident)
+
+    def close(self) -> None:
+        """Stop the loader (queued loads are cancelled, running ones finish). Idempotent."""
+        self._finalizer()
+
+    def __enter__(self) -> OffloadedExperts:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- delivery --
+
+    def _deliver(
+        self, layer: int, epoch: int, hits: list[tuple[int, Slot]], misses: list[int], streaming: bool
+    ) -> Iterator[tuple[int, ExpertWeights]]:
+        for e, slot in hits:
+            self.transfer.before_use(slot)
+            assert slot.weights is not None
+            yield e, slot.weights
+            if streaming:
+                with self.lock:
+                    self._unpin(slot)
+        if not misses:
+            return
+        done: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        pending = list(reversed(misses))
+        outstanding = 0
+
+        def waiter(job: Job) -> None:  # lock held, on a worker (or here)
+            if job.state == "done":
+                if self._epoch == epoch:
+                    self._pin(job.slot)
+                elif job.slot.stream and job.slot.pins == 0:  # this fetch was abandoned
+                    self._free_stream_slot(job.slot)
+            done.put(job)
+
+        def issue() -> int:
+            """Queue demand loads; in a prefill only as many as there are slots to stream through."""
+            n = 0
+            with self.lock:
+                while pending:
+                    if streaming and outstanding + n >= self._stream_window():
+                        break
+                    e = pending.pop()
+                    key = (layer, e)
+                    slot = self._resident.get(key)
+                    if slot is not None:  # landed meanwhile (a prefetch)
+                        fake = Job(key, DEMAND, -1, state="done", slot=slot)
+                        self._stats.hits += 1
+                        self._stats.layer_hits[layer] = self._stats.layer_hits.get(layer, 0) + 1
+                        if slot.prefetched:
+                            slot.prefetched = False
+                            self._stats.prefetch_useful += 1
+                        waiter(fake)
+                    else:
+                        kind = "stream" if streaming else "demand"
+                        job = self.loader.submit(key, DEMAND, waiter, kind=kind)
+                        if job is None:
+                            raise RuntimeError("the expert loader is closed")
+                    n += 1
+            return n
+
+        outstanding += issue()
+        while outstanding:
+            try:
+                job = done.get_nowait()
+            except queue.Empty:
+                t0 = time.perf_counter()
+                job = done.get()
+                self._stats.stall_s += time.perf_counter() - t0
+            outstanding -= 1
+            if job.state != "done":
+                raise job.error or RuntimeError(f"loading expert {job.key} was cancelled")
+            slot = job.slot
+            self.transfer.before_use(slot)
+            yield job.key[1], slot.weights
+            if streaming:
+                with self.lock:
+                    self._unpin(slot)
+                outstanding += issue()
+
+    def _stream_window(self) -> int:
+        if self.n_stream:
+            return self.n_stream
+        return max(1, self.main_capacity - len(self._pinned))
+
+    # -- pins (lock held) --
+
+    def _pin(self, slot: Slot) -> None:
+        slot.pins += 1
+        self._pinned[slot.index] = slot
+
+    def _unpin(self, slot: Slot) -> None:
+        if slot.pins <= 0:
+            return
+        slot.pins -= 1
+        if slot.pins == 0:
+            self.transfer.after_use(slot)
+            self._pinned.pop(slot.index, None)
+            if slot.state == STREAM:
+                self._free_stream_slot(slot)
+            self.lock.notify_all()
+
+    def _free_stream_slot(self, slot: Slot) -> None:
+        slot.state, slot.key = FREE, None
+        if slot not in self._free_stream:
+            self._free_stream.append(slot)
+        self.lock.notify_all()
+
+    def _release_pins(self) -> None:
+        for slot in list(self._pinned.values()):
+            slot.pins = 1
+            self._unpin(slot)
+
+    # -- slots (lock held) --
+
+    def _evict_one(self) -> Slot | None:
+        pinned = {s.key for s in self._pinned.values() if s.state == RESIDENT}
+        if len(self._resident) <= len(pinned):
+            return None
+        victim = self.policy.victim(self._resident.keys(), pinned)
+        slot = self._resident.get(victim)
+        if slot is None or victim in pinned:
+            raise RuntimeError(f"policy {self._stats.policy} chose {victim}, not an evictable expert")
+        del self._resident[victim]
+        self.policy.on_evict(victim)
+        self._stats.evictions += 1
+        if slot.prefetched:
+            self._stats.prefetch_wasted += 1
+            slot.prefetched = False
+        slot.key, slot.state = None, FREE
+        return slot
+
+    def _claim(self, kind: str) -> Slot | None:
+        """A slot for a load of ``kind``: demand (may wait), stream (free, else stream slot), prefetch."""
+        while True:
+            if self._free_main:
+                return self._free_main.pop()
+            if kind == "stream" and self._free_stream:
+                return self._free_stream.pop()
+            if kind == "stream" and self.n_stream:
+                if self.loader.closed:
+                    return None
+                self.lock.wait(0.5)
+                continue
+            slot = self._evict_one()
+            if slot is not None or kind == "prefetch" or self.loader.closed:
+                return slot
+            self.lock.wait(0.5)  # every slot is pinned or loading: wait for one to land or be released
+
+    # -- loader hooks --
+
+    def _start(self, job: Job) -> bool:
+        kind = "prefetch" if job.priority == PREFETCH else job.data.get("kind", "demand")
+        if kind == "prefetch" and job.key in self._resident:
+            return False
+        slot = self._claim(kind)
+        if slot is None:
+            if kind == "prefetch":
+                self._stats.prefetch_dropped += 1
+                return False
+            raise RuntimeError("the expert loader is closed")
+        slot.key, slot.state = job.key, LOADING
+        job.slot = slot
+        return True
+
+    def _run(self, job: Job) -> None:
+        layer, expert = job.key
+        job.data["bytes"] = self.transfer.load(job.slot, self._path(layer, expert))
+
+    def _finish(self, job: Job, error: BaseException | None) -> None:
+        slot: Slot = job.slot
+        st = self._stats
+        if error is not None:
+            slot.key, slot.state = None, FREE
+            (self._free_stream if slot.stream else self._free_main).append(slot)
+            return
+        st.bytes_loaded += job.data.get("bytes", 0)
+        if job.first_priority == PREFETCH:
+            st.prefetch_loads += 1
+            if job.priority == DEMAND:  # the compute came for it while it was loading
+                st.prefetch_useful += 1
+        else:
+            st.demand_loads += 1
+        if slot.stream:
+            slot.state = STREAM
+            st.streamed += 1
+        else:
+            slot.state = RESIDENT
+            slot.prefetched = job.priority == PREFETCH
+            self._resident[job.key] = slot
+            self.policy.on_load(job.key)
+            n = len(self._resident) * self.transfer.slot_bytes
+            st.peak_resident_bytes = max(st.peak_resident_bytes, n)

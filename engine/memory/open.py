@@ -1,0 +1,151 @@
+"""``open_experts``: the expert source of a store model for a budget and a policy."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from engine.errors import MoeinfError
+from engine.memory.budget import fmt_bytes, parse_budget, resolve_budget
+from engine.memory.offload import OffloadedExperts
+from engine.memory.resident import ResidentExperts
+from engine.memory.shard import read_header
+from engine.memory.stats import CacheStats
+from engine.memory.transfer import ExpertLayout, make_transfer
+from engine.store.paths import expert_shard_path
+
+
+def _config(model_root: Path) -> dict:
+    try:
+        return json.loads((model_root / "config.json").read_text())
+    except FileNotFoundError:
+        raise MoeinfError(f"{model_root} has no config.json; pull the model again") from None
+    except (OSError, ValueError) as e:
+        raise MoeinfError(f"{model_root / 'config.json'} is unreadable ({e}); pull the model again") from None
+
+
+def _elem(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def dense_bytes(model_root: Path, dtype: torch.dtype) -> int:
+    """Approximate bytes of the dense weights in ``dtype`` (from the dense shards' data sizes)."""
+    total = 0
+    for f in sorted((model_root / "dense").glob("*.safetensors")):
+        try:
+            h = read_header(f)
+        except MoeinfError:
+            continue
+        for t in h.tensors.values():
+            n = (t.end - t.start) // max(1, _elem(t.dtype))
+            total += n * (_elem(dtype) if t.dtype.is_floating_point else _elem(t.dtype))
+    return total
+
+
+def kv_bytes(config: dict, ctx: int, dtype: torch.dtype) -> int:
+    """Approximate KV-cache bytes for ``ctx`` tokens (standard K and V per layer)."""
+    layers = int(config.get("num_hidden_layers") or 0)
+    heads = int(config.get("num_attention_heads") or 1)
+    kv_heads = int(config.get("num_key_value_heads") or heads)
+    hidden = int(config.get("hidden_size") or 0)
+    head_dim = int(config.get("head_dim") or (hidden // heads if heads else 0))
+    if config.get("kv_lora_rank"):  # MLA: the latent cache
+        per_token = int(config["kv_lora_rank"]) + int(config.get("qk_rope_head_dim") or 0)
+        return layers * ctx * per_token * _elem(dtype)
+    return 2 * layers * ctx * kv_heads * head_dim * _elem(dtype)
+
+
+def open_experts(
+    model_root: Path | str,
+    dtype: torch.dtype,
+    device: torch.device | str = "cpu",
+    budget: str | None = "auto",
+    policy: str | None = None,
+    recorder=None,
+    *,
+    ctx: int = 4096,
+    workers: int = 2,
+    direct: bool = True,
+    prefetch: bool = True,
+    verbose: bool = False,
+    available: int | None = None,
+):
+    """The ExpertSource of a store model.
+
+    ``budget``: None or "100%" keeps every expert resident; a size ("12GiB", "500MB") or share ("25%")
+    of all experts (in the compute dtype) bounds the expert cache; "auto" fits free memory after the
+    dense weights, the KV cache for ``ctx`` tokens and a margin. ``policy``: a name of
+    ``engine.memory.policies`` (None: its default). ``direct``: O_DIRECT reads on the CPU (buffered
+    when False or unsupported). ``available``: free bytes to assume instead of asking the OS (tests).
+    The choice of budget is in ``stats().budget_note`` (and on stderr with ``verbose``).
+    """
+    model_root = Path(model_root)
+    device = torch.device(device)
+    spec = parse_budget(budget)
+    config = _config(model_root)
+    from engine.store.families import moe_layout
+
+    layout = moe_layout(config)
+    if not layout.is_moe:
+        raise MoeinfError(f"{model_root.name} is a dense model: it has no routed experts to offload")
+    paths = lambda layer, expert: expert_shard_path(model_root, layer, expert)  # noqa: E731
+    ref_path = paths(layout.moe_layers[0], 0)
+    header = read_header(ref_path)
+    ex_layout = ExpertLayout.from_header(header, ref_path.stat().st_size, dtype)
+    n_experts = len(layout.moe_layers) * layout.num_experts
+    total = n_experts * ex_layout.compute_bytes()
+    stats = CacheStats(expert_bytes_total=total)
+    resolved = resolve_budget(
+        spec,
+        total,
+        device,
+        dense_bytes=dense_bytes(model_root, dtype) if spec.kind == "auto" else 0,
+        kv_bytes=kv_bytes(config, ctx, dtype) if spec.kind == "auto" else 0,
+        available=available,
+    )
+    stats.budget_note = resolved.note
+    if resolved.bytes is None:
+        if verbose:
+            print(f"expert budget: {resolved.note}", file=sys.stderr)
+        return ResidentExperts(paths, dtype, device, recorder=recorder, stats=stats)
+
+    transfer = make_transfer(ex_layout, device, direct=direct)
+    capacity = resolved.bytes // transfer.slot_bytes
+    if capacity < layout.top_k:
+        need = layout.top_k * transfer.slot_bytes
+        raise MoeinfError(
+            f"expert budget {fmt_bytes(resolved.bytes)} is below the minimum {fmt_bytes(need)} "
+            f"(the {layout.top_k} experts one layer uses at once); use --expert-budget {_ceil_mib(need)}MiB or more"
+        )
+    stats.budget_bytes = resolved.bytes
+    from engine.memory.policies import make_policy
+
+    manifest_name = model_root.name
+    pol = make_policy(policy, model_name=manifest_name, model_root=model_root, config=config)
+    if verbose:
+        print(
+            f"expert budget: {resolved.note}; {capacity} of {n_experts} experts fit"
+            f" ({fmt_bytes(transfer.slot_bytes)} each), policy {pol.name}",
+            file=sys.stderr,
+        )
+    return OffloadedExperts(
+        paths,
+        transfer,
+        pol,
+        capacity,
+        num_layers=layout.num_layers,
+        num_experts=layout.num_experts,
+        top_k=layout.top_k,
+        recorder=recorder,
+        workers=max(1, min(workers, os.cpu_count() or 1, 8)) if workers else 1,
+        prefetch=prefetch,
+        stats=stats,
+    )
+
+
+def _ceil_mib(n: int) -> int:
+    return -(-n // (1 << 20))

@@ -1,0 +1,91 @@
+"""The all-resident expert source (no budget): every expert converted to the compute dtype on first use
+and kept. Same behaviour as ``engine.model.experts.MappedExperts``, plus counters and the recorder."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from threading import Lock
+
+import torch
+
+from engine.memory.stats import CacheStats
+from engine.model.experts import ExpertWeights
+
+
+class ResidentExperts:
+    def __init__(
+        self,
+        shard_path: Callable[[int, int], Path],
+        dtype: torch.dtype,
+        device: torch.device,
+        recorder=None,
+        stats: CacheStats | None = None,
+    ):
+        self._path = shard_path
+        self.dtype = dtype
+        self.device = device
+        self.recorder = recorder
+        self._cache: dict[tuple[int, int], ExpertWeights] = {}
+        self._stats = stats or CacheStats()
+        self._stats.mode = "resident"
+        self._stats.io = "mmap"
+        self._lock = Lock()
+
+    def begin_sequence(self) -> None:
+        return None
+
+    def observe(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor) -> None:
+        if self.recorder is not None:
+            self.recorder.on_route(layer, topk_ids)
+
+    def _load(self, layer: int, expert: int) -> tuple[ExpertWeights, int]:
+        from safetensors.torch import load_file
+
+        path = self._path(layer, expert)
+        tensors = load_file(str(path), device="cpu")
+        size = sum(t.numel() * t.element_size() for t in tensors.values())
+        tensors = {k: v.to(device=self.device, dtype=self.dtype) for k, v in tensors.items()}
+        return ExpertWeights.from_tensors(tensors), size
+
+    def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        st = self._stats
+        for e in expert_ids:
+            key = (layer, int(e))
+            st.accesses += 1
+            st.layer_accesses[layer] = st.layer_accesses.get(layer, 0) + 1
+            w = self._cache.get(key)
+            if w is None:
+                t0 = time.perf_counter()
+                w, size = self._load(layer, int(e))
+                with self._lock:
+                    self._cache[key] = w
+                    st.demand_loads += 1
+                    st.bytes_loaded += size
+                    st.stall_s += time.perf_counter() - t0
+                    st.resident_experts = len(self._cache)
+            else:
+                st.hits += 1
+                st.layer_hits[layer] = st.layer_hits.get(layer, 0) + 1
+            yield int(e), w
+
+    def stats(self) -> CacheStats:
+        st = self._stats
+        esize = torch.empty((), dtype=self.dtype).element_size()
+        st.resident_experts = len(self._cache)
+        st.resident_bytes = sum(
+            sum(t.numel() for t in vars(w).values() if isinstance(t, torch.Tensor)) * esize
+            for w in self._cache.values()
+        )
+        st.peak_resident_bytes = max(st.peak_resident_bytes, st.resident_bytes)
+        return CacheStats(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(st).items()})
+
+    def close(self) -> None:
+        return None
+
+    def __enter__(self) -> ResidentExperts:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

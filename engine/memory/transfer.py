@@ -1,0 +1,301 @@
+"""Slots and the copy primitive that fills them: the only part of the hierarchy that differs by device.
+
+* CPU, store dtype == compute dtype (``DirectTransfer``): a slot is a page-aligned image of a whole
+  shard file; one O_DIRECT read lands the tensors in place and the weights are views into it.
+* CPU, other dtype (``ConvertTransfer``): a slot holds the compute-dtype tensors; a worker reads the
+  shard (O_DIRECT) into its own aligned staging buffer and converts into the slot.
+* CUDA (``CudaTransfer``): the host tier is the memory-mapped shards; a worker copies (and converts)
+  into a pinned staging buffer, then copies to the device slot on its own stream and records an event.
+  The compute stream waits on that event before using the slot, and a slot's next load waits on the
+  event recorded when the compute released it.
+
+All slot memory is allocated once, when the cache opens; a load only copies into existing memory.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.errors import MoeinfError
+from engine.memory.shard import ALIGN, ShardHeader, ShardReader, aligned_buffer, parse_header, round_up
+from engine.model.experts import ExpertWeights
+
+FREE, LOADING, RESIDENT, STREAM = "free", "loading", "resident", "stream"
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """The tensors of one expert shard (taken from a reference shard) and the compute dtype."""
+
+    tensors: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]  # name, shape, store dtype
+    file_size: int
+    compute_dtype: torch.dtype
+
+    @classmethod
+    def from_header(cls, header: ShardHeader, file_size: int, compute_dtype: torch.dtype) -> ExpertLayout:
+        items = tuple(sorted((k, v.shape, v.dtype) for k, v in header.tensors.items()))
+        return cls(items, file_size, compute_dtype)
+
+    @property
+    def same_dtype(self) -> bool:
+        return all(dt == self.compute_dtype for _n, _s, dt in self.tensors)
+
+    def compute_bytes(self) -> int:
+        """Bytes of one expert in the compute dtype, each tensor starting on a 64-byte boundary."""
+        esize = torch.empty((), dtype=self.compute_dtype).element_size()
+        return sum(round_up(math.prod(s) * esize, 64) for _n, s, _d in self.tensors)
+
+    def check(self, header: ShardHeader, path: Path | str) -> None:
+        got = tuple(sorted((k, v.shape, v.dtype) for k, v in header.tensors.items()))
+        if got != self.tensors:
+            raise MoeinfError(
+                f"expert shard {path} does not match the model's other experts; pull the model again"
+            )
+
+
+@dataclass(eq=False)
+class Slot:
+    """Preallocated memory for one expert, and what it holds now."""
+
+    index: int
+    stream: bool  # a streaming slot (prefill experts not admitted to the cache)
+    nbytes: int
+    key: tuple[int, int] | None = None
+    state: str = FREE
+    pins: int = 0
+    prefetched: bool = False  # loaded ahead and not used yet
+    weights: ExpertWeights | None = None
+    raw: memoryview | None = None  # DirectTransfer: the shard image
+    raw_t: torch.Tensor | None = None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # Convert/Cuda: fixed views
+    ready_event: object | None = None  # CUDA: the copy into this slot is done
+    release_event: object | None = None  # CUDA: the compute stopped using this slot
+
+
+def _weights(views: dict[str, torch.Tensor]) -> ExpertWeights:
+    return ExpertWeights.from_tensors(views)
+
+
+def _flat_views(flat: torch.Tensor, layout: ExpertLayout) -> dict[str, torch.Tensor]:
+    """Views of each tensor inside one flat compute-dtype buffer (64-byte aligned starts)."""
+    esize = flat.element_size()
+    views, off = {}, 0
+    for name, shape, _dt in layout.tensors:
+        n = math.prod(shape)
+        views[name] = flat[off : off + n].view(shape)
+        off += round_up(n * esize, 64) // esize
+    return views
+
+
+class Transfer:
+    """Base: allocates slots and fills one from a shard file. ``load`` runs on a worker thread."""
+
+    io = ""
+
+    def __init__(self, layout: ExpertLayout, device: torch.device):
+        self.layout = layout
+        self.device = device
+        self._headers: dict[str, ShardHeader] = {}
+        self._local = threading.local()
+
+    @property
+    def slot_bytes(self) -> int:
+        return self.layout.compute_bytes()
+
+    def make_slots(self, n: int, n_stream: int) -> list[Slot]:
+        raise NotImplementedError
+
+    def load(self, slot: Slot, path: Path) -> int:
+        """Fill ``slot`` with the shard at ``path``; returns the bytes moved (read or copied)."""
+        raise NotImplementedError
+
+    def before_use(self, slot: Slot) -> None:
+        """Called on the compute thread before the slot's weights are handed out."""
+
+    def after_use(self, slot: Slot) -> None:
+        """Called on the compute thread when the compute released the slot (its pins went to zero)."""
+
+    def _header(self, path: Path, buf: memoryview | bytes) -> ShardHeader:
+        key = str(path)
+        h = self._headers.get(key)
+        if h is None:
+            h = parse_header(buf, path)
+            self.layout.check(h, path)
+            self._headers[key] = h
+        return h
+
+
+class DirectTransfer(Transfer):
+    """CPU, same dtype: O_DIRECT read of the whole shard into the slot; weights are views into it."""
+
+    def __init__(self, layout: ExpertLayout, device: torch.device, direct: bool = True):
+        super().__init__(layout, device)
+        self.reader = ShardReader(direct)
+        self._slot_bytes = round_up(layout.file_size) + ALIGN  # one page of slack for header padding
+        self._arena = None
+
+    @property
+    def io(self) -> str:  # type: ignore[override]
+        return self.reader.mode
+
+    @property
+    def slot_bytes(self) -> int:
+        return self._slot_bytes
+
+    def make_slots(self, n: int, n_stream: int) -> list[Slot]:
+        self._arena = aligned_buffer(n * self._slot_bytes)
+        mv = memoryview(self._arena)
+        arena_t = torch.frombuffer(self._arena, dtype=torch.uint8)
+        slots = []
+        for i in range(n):
+            a, b = i * self._slot_bytes, (i + 1) * self._slot_bytes
+            slots.append(Slot(i, i >= n - n_stream, self._slot_bytes, raw=mv[a:b], raw_t=arena_t[a:b]))
+        return slots
+
+    def load(self, slot: Slot, path: Path) -> int:
+        assert slot.raw is not None and slot.raw_t is not None
+        size = self.reader.read_into(path, slot.raw)
+        header = self._header(path, slot.raw)
+        views = {}
+        for name, t in header.tensors.items():
+            views[name] = slot.raw_t[t.start : t.end].view(t.dtype).view(t.shape)
+        slot.weights = _weights(views)
+        return size
+
+
+class ConvertTransfer(Transfer):
+    """CPU, other dtype: O_DIRECT read into a per-worker staging buffer, converted into the slot."""
+
+    def __init__(self, layout: ExpertLayout, device: torch.device, direct: bool = True):
+        super().__init__(layout, device)
+        self.reader = ShardReader(direct)
+        self._staging_bytes = round_up(layout.file_size) + ALIGN
+
+    @property
+    def io(self) -> str:  # type: ignore[override]
+        return self.reader.mode
+
+    def make_slots(self, n: int, n_stream: int) -> list[Slot]:
+        per = self.slot_bytes // torch.empty((), dtype=self.layout.compute_dtype).element_size()
+        arena = torch.empty(n * per, dtype=self.layout.compute_dtype, device=self.device)
+        arena.zero_()  # fault the pages in now, not in the decode loop
+        slots = []
+        for i in range(n):
+            s = Slot(i, i >= n - n_stream, self.slot_bytes)
+            s.tensors = _flat_views(arena[i * per : (i + 1) * per], self.layout)
+            s.weights = _weights(s.tensors)
+            slots.append(s)
+        return slots
+
+    def _staging(self) -> tuple[memoryview, torch.Tensor]:
+        st = getattr(self._local, "staging", None)
+        if st is None:
+            buf = aligned_buffer(self._staging_bytes)
+            st = self._local.staging = (memoryview(buf), torch.frombuffer(buf, dtype=torch.uint8), buf)
+        return st[0], st[1]
+
+    def load(self, slot: Slot, path: Path) -> int:
+        mv, t = self._staging()
+        size = self.reader.read_into(path, mv)
+        header = self._header(path, mv)
+        for name, e in header.tensors.items():
+            slot.tensors[name].copy_(t[e.start : e.end].view(e.dtype).view(e.shape))
+        return size
+
+
+class CudaTransfer(Transfer):
+    """CUDA: memory-mapped shards -> pinned staging (converted) -> device slot on a copy stream + event."""
+
+    io = "mmap+pinned->cuda"
+
+    def __init__(self, layout: ExpertLayout, device: torch.device):
+        super().__init__(layout, device)
+        self._maps: dict[str, torch.Tensor] = {}
+        self._maps_lock = threading.Lock()
+
+    def make_slots(self, n: int, n_stream: int) -> list[Slot]:
+        per = self.slot_bytes // torch.empty((), dtype=self.layout.compute_dtype).element_size()
+        arena = torch.empty(n * per, dtype=self.layout.compute_dtype, device=self.device)
+        slots = []
+        for i in range(n):
+            s = Slot(i, i >= n - n_stream, self.slot_bytes)
+            s.tensors = _flat_views(arena[i * per : (i + 1) * per], self.layout)
+            s.weights = _weights(s.tensors)
+            s.ready_event = torch.cuda.Event()
+            s.release_event = None
+            slots.append(s)
+        return slots
+
+    def _mapped(self, path: Path) -> torch.Tensor:
+        """The host tier: the shard file memory-mapped once (the page cache holds its pages)."""
+        key = str(path)
+        with self._maps_lock:
+            t = self._maps.get(key)
+            if t is None:
+                import numpy as np
+
+                arr = np.memmap(key, dtype=np.uint8, mode="r")
+                t = self._maps[key] = torch.from_numpy(arr)  # read-only mapping, never written
+            return t
+
+    def _worker_state(self) -> dict:
+        st = getattr(self._local, "state", None)
+        if st is None:
+            per = self.slot_bytes // torch.empty((), dtype=self.layout.compute_dtype).element_size()
+            staging = []
+            for _ in range(2):  # double-buffered: fill one while the other is being copied
+                flat = torch.empty(per, dtype=self.layout.compute_dtype, pin_memory=True)
+                staging.append((_flat_views(flat, self.layout), torch.cuda.Event()))
+            st = self._local.state = {
+                "stream": torch.cuda.Stream(device=self.device),
+                "staging": staging,
+                "next": 0,
+            }
+        return st
+
+    def load(self, slot: Slot, path: Path) -> int:
+        import warnings
+
+        st = self._worker_state()
+        views, done = st["staging"][st["next"]]
+        st["next"] ^= 1
+        done.synchronize()  # the previous copy out of this staging buffer has finished
+        mapped = self._mapped(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # from_numpy of a read-only map warns; it is only read
+            header = self._header(path, memoryview(mapped.numpy()[: 8 + 100_000]))
+        for name, e in header.tensors.items():
+            views[name].copy_(mapped[e.start : e.end].view(e.dtype).view(e.shape))
+        stream = st["stream"]
+        with torch.cuda.stream(stream):
+            if slot.release_event is not None:
+                stream.wait_event(slot.release_event)  # the compute is done with what was here
+            for name, dst in slot.tensors.items():
+                dst.copy_(views[name], non_blocking=True)
+            slot.ready_event.record(stream)
+            done.record(stream)
+        return self.slot_bytes
+
+    def before_use(self, slot: Slot) -> None:
+        torch.cuda.current_stream(self.device).wait_event(slot.ready_event)
+
+    def after_use(self, slot: Slot) -> None:
+        ev = torch.cuda.Event()
+        ev.record(torch.cuda.current_stream(self.device))
+        slot.release_event = ev
+
+
+def make_transfer(layout: ExpertLayout, device: torch.device, direct: bool = True) -> Transfer:
+    """The copy primitive for ``device``: CUDA when asked and available, else the CPU paths."""
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise MoeinfError("CUDA was asked for but torch sees no GPU; use --device cpu")
+        return CudaTransfer(layout, device)
+    if layout.same_dtype:
+        return DirectTransfer(layout, device, direct)
+    return ConvertTransfer(layout, device, direct)
