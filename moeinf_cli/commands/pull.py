@@ -1,7 +1,122 @@
-"""`moeinf pull` (being built)."""
+"""`moeinf pull SOURCE`: download (or read) a checkpoint and convert it into per-expert shards.
+
+SOURCE is an alias (`moeinf pull --list-aliases`), a hub repo `org/name`, a local Hugging Face
+checkpoint directory, or a `.gguf` file. Progress bars go to stderr; the last line (stdout) says where
+the model is.
+"""
+
+from __future__ import annotations
+
+import sys
 
 import typer
 
+HELP = """Download a model and convert it into the store (one shard per expert).
+
+SOURCE is an alias (see --list-aliases), a Hugging Face repo org/name, a local checkpoint directory, or a .gguf file. An interrupted pull resumes where it stopped. HF_TOKEN, HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE are honoured.
+
+\b
+Examples:
+  moeinf pull mixtral
+  moeinf pull Qwen/Qwen1.5-MoE-A2.7B --revision main --dtype bf16 --name qwen-moe
+  moeinf pull ./my-checkpoint --name mine
+  moeinf pull SmolLM2-135M-Instruct.Q4_1.gguf --upcycle 8 --top-k 2
+  moeinf pull --list-aliases
+"""
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def _print_aliases() -> None:
+    from engine.store.hub import ALIASES
+
+    width = max(len(a) for a in ALIASES)
+    typer.echo(f"{'ALIAS'.ljust(width)}  HUB REPO")
+    for alias, repo in ALIASES.items():
+        typer.echo(f"{alias.ljust(width)}  {repo}")
+
+
+def _make_progress():
+    """A PullProgress drawing rich bars on stderr (plain lines when stderr is not a terminal)."""
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    from engine.store.pull import PullProgress
+
+    console = Console(stderr=True)
+
+    class RichPullProgress(PullProgress):
+        def __init__(self) -> None:
+            self.bars = Progress(
+                TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                TimeRemainingColumn(), console=console, transient=False, disable=not console.is_terminal,
+            )
+            self.downloads: dict[str, int] = {}
+            self.convert_task = None
+
+        def message(self, text: str) -> None:
+            console.print(f"[dim]{text}[/dim]" if console.is_terminal else text, highlight=False)
+
+        def download(self, desc: str, n: int, total: int | None) -> None:
+            key = desc or "download"
+            if key not in self.downloads:
+                self.downloads[key] = self.bars.add_task(f"pulling {key}", total=total)
+            self.bars.advance(self.downloads[key], n)
+
+        def convert_start(self, total_bytes: int, done_bytes: int) -> None:
+            self.convert_task = self.bars.add_task("converting", total=total_bytes or None, completed=done_bytes)
+
+        def convert_advance(self, n: int) -> None:
+            if self.convert_task is not None:
+                self.bars.advance(self.convert_task, n)
+
+    return RichPullProgress()
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command("pull", help=HELP, no_args_is_help=True)
+    def pull(
+        source: str = typer.Argument(None, help="Alias, org/repo, checkpoint directory or .gguf file.", show_default=False),
+        revision: str = typer.Option(None, "--revision", "-r", help="Hub branch, tag or commit (default: main)."),
+        dtype: str = typer.Option(None, "--dtype", help="Store weights as bf16, fp16 or fp32 (default: as the source)."),
+        name: str = typer.Option(None, "--name", "-n", help="Store name (default: the alias or repo name)."),
+        upcycle: int = typer.Option(None, "--upcycle", help="Turn a dense llama model into a MoE of E copies of its FFN."),
+        top_k: int = typer.Option(None, "--top-k", help="Experts per token for --upcycle (default 2)."),
+        keep_download: bool = typer.Option(
+            False, "--keep-download", help="Keep downloaded shards in the Hugging Face cache after converting."
+        ),
+        list_aliases: bool = typer.Option(False, "--list-aliases", help="List the model aliases and exit."),
+    ) -> None:
+        if list_aliases:
+            _print_aliases()
+            return
+        if not source:
+            from engine.errors import MoeinfError
+
+            raise MoeinfError("give a SOURCE to pull, e.g. `moeinf pull mixtral` (see `moeinf pull --list-aliases`)")
+        from engine.store.pull import pull_model
+
+        progress = _make_progress()
+        with progress.bars:
+            result = pull_model(
+                source, revision=revision, dtype=dtype, name=name, upcycle=upcycle, top_k=top_k,
+                keep_downloads=keep_download, progress=progress,
+            )
+        m = result.manifest
+        experts = f"{m['num_experts']} experts x {len(m['moe_layers'])} layers, top-{m['top_k']}" if m["num_experts"] else "dense"
+        verb = "up to date" if result.up_to_date else "pulled"
+        print(f"{verb}: {result.name} ({m['family']}, {experts}, {m['dtype']}, {_human(m['total_bytes'])}) at {result.path}")
+        sys.stdout.flush()
