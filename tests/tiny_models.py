@@ -22,7 +22,8 @@ Each family exercises its own features:
   with ``n_group``/``topk_group``, ``first_k_dense_replace=1``, shared experts, routed_scaling_factor.
 * deepseek_v3: MLA with q_lora, ``first_k_dense_replace=1``, ``n_group``/``topk_group``, sigmoid scores
   with a random non-zero ``e_score_correction_bias``, ``routed_scaling_factor=2.5``, ``norm_topk_prob=True``.
-* gpt_oss: sliding + full ``layer_types``, attention sinks, expert and router biases, attention bias.
+* gpt_oss: sliding + full ``layer_types``, attention sinks, expert and router biases, attention bias;
+  intermediate 64 so the experts can be MXFP4-packed (groups of 32).
 * llama: dense, no experts (the GGUF demo path).
 """
 
@@ -133,7 +134,7 @@ def tiny_config(family: str):
     if family == "gpt_oss":
         c["num_key_value_heads"] = 2
         return tf.GptOssConfig(
-            **c, intermediate_size=48, num_hidden_layers=2, head_dim=16, num_local_experts=NUM_EXPERTS,
+            **c, intermediate_size=64, num_hidden_layers=2, head_dim=16, num_local_experts=NUM_EXPERTS,
             num_experts_per_tok=TOP_K, sliding_window=8, layer_types=["sliding_attention", "full_attention"],
             rope_parameters={"rope_type": "yarn", "rope_theta": 150000.0, "factor": 4.0, "beta_fast": 32.0,
                              "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 128},
@@ -205,11 +206,13 @@ def make_tiny_checkpoint(
     layout: str = "per_expert",
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    max_shard_size: str | int | None = None,
 ) -> Path:
     """Write a tiny random checkpoint of ``family`` to ``out_dir``; returns ``out_dir``.
 
     ``layout``: "per_expert" (default ``save_pretrained``, one tensor per expert) or "fused"
-    (``save_original_format=False``, 3-D expert tensors).
+    (``save_original_format=False``, 3-D expert tensors). ``max_shard_size`` (e.g. "100KB") splits the
+    weights into several ``model-0000k-of-0000n.safetensors`` with an index, as hub checkpoints are.
     """
     if layout not in ("per_expert", "fused"):
         raise ValueError(f"layout must be 'per_expert' or 'fused', not {layout!r}")
@@ -219,7 +222,8 @@ def make_tiny_checkpoint(
     model.generation_config.eos_token_id = [1, 3]  # </s> and <|im_end|>
     model.generation_config.bos_token_id = 0
     model.generation_config.pad_token_id = 4
-    model.save_pretrained(str(out), save_original_format=(layout == "per_expert"))
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(str(out), save_original_format=(layout == "per_expert"), **kwargs)
     make_tokenizer(out)
     return out
 

@@ -152,6 +152,10 @@ def _tqdm_for(on_progress: Callable[[str, int, int | None], None] | None):
     return _Reporter
 
 
+def _ignore(desc: str, n: int, total: int | None) -> None:
+    return None
+
+
 class HubSource:
     """A hub repo at a revision: meta files via ``snapshot_download``, shards one by one via ``hf_hub_download``."""
 
@@ -166,7 +170,7 @@ class HubSource:
             from huggingface_hub import snapshot_download
 
             self.meta_dir = Path(
-                snapshot_download(repo, revision=revision, allow_patterns=list(META_FILES), tqdm_class=None)
+                snapshot_download(repo, revision=revision, allow_patterns=list(META_FILES), tqdm_class=_tqdm_for(_ignore))
             )
         self.commit = self.meta_dir.name
         if not (self.meta_dir / "config.json").is_file():
