@@ -56,19 +56,20 @@ class MoEBlock(nn.Module):
         """x [T, H] -> [T, H]."""
         weights, ids = self.gate(x)  # [T, k], [T, k]
         self.experts.observe(self.layer_idx, ids, x)
-        out = torch.zeros_like(x)
+        # weighted expert outputs are summed in float32 and rounded once (as transformers does)
+        acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         if x.shape[0] == 1:
             id_list = ids[0].tolist()
             w = weights[0]
             for e, ew in self.experts.fetch(self.layer_idx, id_list):
-                y = self.expert_fn(x, ew) * w[id_list.index(e)]
-                out.add_(y.to(out.dtype))
+                acc.add_(self.expert_fn(x, ew) * w[id_list.index(e)])
         else:
             unique = torch.unique(ids).tolist()
             for e, ew in self.experts.fetch(self.layer_idx, unique):
                 tok, slot = torch.where(ids == e)
                 y = self.expert_fn(x[tok], ew) * weights[tok, slot, None]
-                out.index_add_(0, tok, y.to(out.dtype))
+                acc.index_add_(0, tok, y.float())
+        out = acc.to(x.dtype)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
             if self.shared_expert_gate is not None:
