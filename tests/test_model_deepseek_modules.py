@@ -14,8 +14,19 @@ from transformers.models.deepseek_v2.configuration_deepseek_v2 import DeepseekV2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as tv3
 from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
 
+from engine.model.context import StepContext
 from engine.model.deepseek_router import DeepseekV2Router, DeepseekV3Router
 from engine.model.mla import MLAArgs, MultiHeadLatentAttention
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny matrices: one thread is faster, and much faster when other jobs load the CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 YARN = {
     "rope_type": "yarn",
@@ -79,6 +90,11 @@ def _cos_sin(version: int, rotary, positions: torch.Tensor, x: torch.Tensor):
     return cos[0, :, :half], sin[0, :, :half]
 
 
+def _ctx(start_pos: int, cos: torch.Tensor, sin: torch.Tensor) -> StepContext:
+    """A framework step context whose rotary rows are [T, rope_dim] in the cat(freqs, freqs) layout."""
+    return StepContext(start_pos, cos.shape[0], cos.device, torch.cat((cos, cos), -1), torch.cat((sin, sin), -1))
+
+
 def _mine(cfg, ref_attn, max_seq: int = 64) -> MultiHeadLatentAttention:
     args = MLAArgs(
         hidden_size=cfg.hidden_size,
@@ -91,7 +107,8 @@ def _mine(cfg, ref_attn, max_seq: int = 64) -> MultiHeadLatentAttention:
         softmax_scale=ref_attn.scaling,
         rope_interleave=getattr(cfg, "rope_interleave", True),
     )
-    mine = MultiHeadLatentAttention(args, max_seq_len=max_seq)
+    mine = MultiHeadLatentAttention(args)
+    mine.setup_cache(max_seq, torch.float32, "cpu")
     missing, unexpected = mine.load_state_dict(ref_attn.state_dict(), strict=True)
     assert not missing and not unexpected
     return mine
@@ -121,16 +138,16 @@ def test_mla_matches_transformers_prefill_and_decode(version, q_lora_rank, rope,
         cos, sin = _cos_sin(version, rotary, pos, x)
         for absorb in (False, True):
             mine = _mine(cfg, ref)
-            got = mine(x[0], 0, cos, sin, absorb=absorb)
+            got = mine.attend(x[0], 0, cos, sin, absorb=absorb)
             torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
         # prefill 25 tokens, then decode one at a time through the latent cache
         mine = _mine(cfg, ref)
-        outs = [mine(x[0, :25], 0, cos[:25], sin[:25])]
+        outs = [mine.attend(x[0, :25], 0, cos[:25], sin[:25])]
         for t in range(25, T):
-            outs.append(mine(x[0, t : t + 1], t, cos[t : t + 1], sin[t : t + 1]))
+            outs.append(mine(x[0, t : t + 1], _ctx(t, cos[t : t + 1], sin[t : t + 1])))
         torch.testing.assert_close(torch.cat(outs), want, atol=1e-5, rtol=1e-5)
         # rewinding: rerunning from an earlier position overwrites the cache
-        again = mine(x[0, 30:], 30, cos[30:], sin[30:])
+        again = mine(x[0, 30:], _ctx(30, cos[30:], sin[30:]))
         torch.testing.assert_close(again, want[30:], atol=1e-5, rtol=1e-5)
 
 
@@ -141,7 +158,7 @@ def test_mla_cache_overflow_is_an_error():
     x = torch.randn(9, cfg.hidden_size)
     cos, sin = _cos_sin(3, rotary, torch.arange(9), x[None])
     with pytest.raises(ValueError, match="exceed"):
-        mine(x, 0, cos, sin)
+        mine.attend(x, 0, cos, sin)
 
 
 def _router_input(cfg, seed: int):

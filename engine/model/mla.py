@@ -29,6 +29,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.context import StepContext
+from engine.model.norm import RMSNorm
+
 
 @dataclass(frozen=True)
 class MLAArgs:
@@ -43,20 +46,6 @@ class MLAArgs:
     attention_bias: bool = False
     rope_interleave: bool = True
     latent_norm_eps: float = 1e-6  # q_a_layernorm / kv_a_layernorm use transformers' default eps
-
-
-class LatentRMSNorm(nn.Module):
-    """RMSNorm as DeepSeek's: normalise in float32, cast back, then multiply by the weight."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -79,30 +68,44 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
 class MultiHeadLatentAttention(nn.Module):
     """MLA for one decoder layer, batch size one, with its own static latent cache."""
 
-    def __init__(self, args: MLAArgs, max_seq_len: int):
+    def __init__(self, args: MLAArgs):
         super().__init__()
         a = self.args = args
         self.qk_head_dim = a.qk_nope_head_dim + a.qk_rope_head_dim
-        self.max_seq_len = max_seq_len
+        self.max_seq_len = 0
         if a.q_lora_rank is None:
             self.q_proj = nn.Linear(a.hidden_size, a.num_heads * self.qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(a.hidden_size, a.q_lora_rank, bias=a.attention_bias)
-            self.q_a_layernorm = LatentRMSNorm(a.q_lora_rank, a.latent_norm_eps)
+            self.q_a_layernorm = RMSNorm(a.q_lora_rank, a.latent_norm_eps)
             self.q_b_proj = nn.Linear(a.q_lora_rank, a.num_heads * self.qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(
             a.hidden_size, a.kv_lora_rank + a.qk_rope_head_dim, bias=a.attention_bias
         )
-        self.kv_a_layernorm = LatentRMSNorm(a.kv_lora_rank, a.latent_norm_eps)
+        self.kv_a_layernorm = RMSNorm(a.kv_lora_rank, a.latent_norm_eps)
         self.kv_b_proj = nn.Linear(a.kv_lora_rank, a.num_heads * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
         self.o_proj = nn.Linear(a.num_heads * a.v_head_dim, a.hidden_size, bias=a.attention_bias)
         for p in self.parameters():
             p.requires_grad_(False)
-        self.register_buffer("cache_latent", torch.zeros(max_seq_len, a.kv_lora_rank), persistent=False)
-        self.register_buffer("cache_k_rope", torch.zeros(max_seq_len, a.qk_rope_head_dim), persistent=False)
+        self.cache_latent: torch.Tensor | None = None  # [max_seq_len, kv_lora_rank]
+        self.cache_k_rope: torch.Tensor | None = None  # [max_seq_len, qk_rope_head_dim]
         # Chunks of at most this many tokens use the absorbed path (fewer flops than expanding).
         lat, nope, rope, v = a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
         self.absorb_max_tokens = max(1, (lat * (nope + v)) // max(1, (2 * lat + rope) - (nope + rope + v)))
+
+    def setup_cache(self, max_seq_len: int, dtype: torch.dtype, device: torch.device | str) -> None:
+        """Allocate the latent cache for ``max_seq_len`` positions (replacing any earlier one)."""
+        a = self.args
+        self.max_seq_len = max_seq_len
+        self.cache_latent = torch.zeros(max_seq_len, a.kv_lora_rank, dtype=dtype, device=device)
+        self.cache_k_rope = torch.zeros(max_seq_len, a.qk_rope_head_dim, dtype=dtype, device=device)
+
+    def forward(self, x: torch.Tensor, ctx: StepContext, absorb: bool | None = None) -> torch.Tensor:
+        """Framework entry point: ``ctx`` carries ``start_pos`` and the rotary rows ``[T, rope_dim]``
+        (``cat(freqs, freqs)`` layout, of which the first half is used)."""
+        assert ctx.cos is not None and ctx.sin is not None, "MLA needs the model's rotary rows"
+        half = self.args.qk_rope_head_dim // 2
+        return self.attend(x, ctx.start_pos, ctx.cos[:, :half], ctx.sin[:, :half], absorb)
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         if self.args.q_lora_rank is None:
@@ -111,7 +114,7 @@ class MultiHeadLatentAttention(nn.Module):
             q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         return q.view(x.shape[0], self.args.num_heads, self.qk_head_dim).transpose(0, 1)  # [nH, T, qk]
 
-    def forward(
+    def attend(
         self,
         x: torch.Tensor,
         start_pos: int,
@@ -123,6 +126,7 @@ class MultiHeadLatentAttention(nn.Module):
         a = self.args
         T = x.shape[0]
         end = start_pos + T
+        assert self.cache_latent is not None and self.cache_k_rope is not None, "setup_cache() was not called"
         if end > self.max_seq_len:
             raise ValueError(f"positions up to {end} exceed the KV cache of {self.max_seq_len}")
         q = self._queries(x)
