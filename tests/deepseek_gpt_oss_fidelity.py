@@ -1,23 +1,20 @@
 """Shared fidelity checks of the DeepSeek-V2/V3 and gpt-oss families against transformers.
 
-A tiny random checkpoint (``tests/tiny_models.py``) goes into a store directory (A's converter
-``engine.store.convert`` when it is there, else the in-memory writer below), is loaded with
+A tiny random checkpoint (``tests/tiny_models.py``) is pulled into a store directory as ``moeinf pull``
+does it (``engine.store.pull``), is loaded with
 ``engine.model.loader.load_model`` and compared with the transformers model of the same checkpoint:
 prefill logits on several prompts, decode through the KV cache, greedy tokens, bf16 logits.
 """
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 
 import torch
-from model_fidelity import write_store_from_model
-from safetensors.torch import save_file
 from tiny_models import load_reference, make_tiny_checkpoint
 
 from engine.model.loader import load_model
-from engine.store.paths import expert_shard_path
 
 # token-id prompts (the tiny tokenizer's ids 5..383 are ordinary tokens); the longest is far past
 # gpt-oss's tiny sliding window (8)
@@ -30,47 +27,21 @@ def prompts(seed: int = 0) -> list[torch.Tensor]:
     return [torch.randint(5, 380, (n,), generator=g) for n in PROMPT_LENGTHS]
 
 
-def write_gpt_oss_store(hf_model, ckpt_dir: Path, store_dir: Path) -> Path:
-    """Store layout of a transformers gpt-oss model: fused ``gate_up_proj`` [E, H, 2I] (gate = columns
-    0::2, up = 1::2), ``down_proj`` [E, I, H] and their biases untangled into per-expert nn.Linear shards."""
-    store_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja"):
-        if (ckpt_dir / name).exists():
-            (store_dir / name).write_bytes((ckpt_dir / name).read_bytes())
-    dense: dict[str, torch.Tensor] = {}
-    fused: dict[int, dict[str, torch.Tensor]] = {}
-    for name, t in hf_model.state_dict().items():
-        if ".mlp.experts." in name:
-            layer = int(name.split(".layers.")[1].split(".")[0])
-            fused.setdefault(layer, {})[name.rsplit(".", 1)[-1]] = t.detach()
+def build_store(family: str, tmp: Path, seed: int = 0, layout: str = "per_expert") -> tuple[Path, Path]:
+    """(checkpoint dir, store dir) of the tiny ``family`` model, pulled with ``moeinf pull``'s code
+    (``engine.store.pull.pull_model``) into a store under ``tmp``."""
+    from engine.store.pull import pull_model
+
+    ckpt = make_tiny_checkpoint(family, tmp / "ckpt", seed=seed, layout=layout)
+    before = os.environ.get("MOEINF_HOME")
+    os.environ["MOEINF_HOME"] = str(tmp / "home")
+    try:
+        store = pull_model(str(ckpt), name=f"tiny-{family}").path
+    finally:
+        if before is None:
+            del os.environ["MOEINF_HOME"]
         else:
-            dense[name] = t.detach().clone().contiguous()
-    for layer, t in fused.items():
-        for e in range(t["gate_up_proj"].shape[0]):
-            gu, gub = t["gate_up_proj"][e], t["gate_up_proj_bias"][e]
-            shard = {
-                "gate_proj.weight": gu[:, 0::2].T, "up_proj.weight": gu[:, 1::2].T,
-                "down_proj.weight": t["down_proj"][e].T,
-                "gate_proj.bias": gub[0::2], "up_proj.bias": gub[1::2], "down_proj.bias": t["down_proj_bias"][e],
-            }
-            path = expert_shard_path(store_dir, layer, e)
-            path.parent.mkdir(parents=True, exist_ok=True)
-            save_file({k: v.clone().contiguous() for k, v in shard.items()}, str(path))
-    (store_dir / "dense").mkdir(exist_ok=True)
-    save_file(dense, str(store_dir / "dense" / "model.safetensors"))
-    (store_dir / "manifest.json").write_text(json.dumps({"format": 1, "source": str(ckpt_dir)}))
-    return store_dir
-
-
-def build_store(family: str, tmp: Path, seed: int = 0) -> tuple[Path, Path]:
-    """(checkpoint dir, store dir) of the tiny ``family`` model."""
-    ckpt = make_tiny_checkpoint(family, tmp / "ckpt", seed=seed)
-    store = tmp / "store"
-    if family == "gpt_oss":
-        write_gpt_oss_store(load_reference(ckpt), ckpt, store)
-    else:
-        write_store_from_model(load_reference(ckpt), ckpt, store)
+            os.environ["MOEINF_HOME"] = before
     return ckpt, store
 
 

@@ -31,7 +31,9 @@ def _one_thread():
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request, tmp_path_factory):
-    ckpt, store = build_store(request.param, tmp_path_factory.mktemp(request.param))
+    # V2 from the per-expert checkpoint layout, V3 from the fused one (save_original_format=False)
+    layout = "per_expert" if request.param == "deepseek_v2" else "fused"
+    ckpt, store = build_store(request.param, tmp_path_factory.mktemp(request.param), layout=layout)
     return request.param, ckpt, store
 
 
