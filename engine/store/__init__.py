@@ -5,7 +5,9 @@ Store format (``format_version`` 1)
 
 ```
 models/<name>/manifest.json                 written last; its presence marks a complete model
-models/<name>/config.json                   the source config.json, unchanged
+models/<name>/config.json                   the source config.json; its dtype (and torch_dtype) key names
+                                            the stored dtype, and quantization_config is removed when
+                                            the pull dequantised the weights
 models/<name>/generation_config.json        copied when the source has one
 models/<name>/tokenizer.json, tokenizer_config.json, chat_template.jinja (when the source has
               it; older repos keep the template inside tokenizer_config.json), special_tokens_map.json,
@@ -35,8 +37,9 @@ whole expert. ``engine.store.shards.data_offset(path)`` gives the data start.
 Weights keep the source dtype unless ``moeinf pull --dtype`` asks otherwise (DeepSeek-V3's
 ``e_score_correction_bias`` is always kept in float32, as transformers keeps it). Quantised sources are
 dequantised at pull: gpt-oss MXFP4 experts (``*_blocks`` + ``*_scales``) and DeepSeek-V3 FP8 weights
-with 128x128 ``weight_scale_inv`` blocks become the config's compute dtype (bf16 unless ``--dtype``);
-the manifest's ``dequantized`` field says which.
+with 128x128 ``weight_scale_inv`` blocks (``quantization_config.weight_block_size``) are dequantised in
+float32 and stored, like every other float tensor of a quantised source, in the config's compute dtype
+(bf16 unless ``--dtype``); the manifest's ``dequantized`` field says which.
 
 manifest.json
 -------------

@@ -148,7 +148,9 @@ class Converter:
         qc = self.config.get("quantization_config") or {}
         self.fp8_block = tuple(qc.get("weight_block_size") or (128, 128))
         cfg_dtype = self.config.get("dtype") or self.config.get("torch_dtype")
-        self.compute_dtype = DTYPE_NAMES.get(str(cfg_dtype), torch.bfloat16)
+        self.compute_dtype = DTYPE_NAMES.get(str(cfg_dtype).removeprefix("torch."), torch.bfloat16)
+        if qc and self.dtype is None:  # a quantised source: every float tensor becomes the compute dtype
+            self.dtype = self.compute_dtype
 
     # ---- one source shard -------------------------------------------------------------------
     def convert_shard(self, path: Path, index: int) -> list[WrittenFile]:
