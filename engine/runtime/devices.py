@@ -14,8 +14,11 @@ DTYPES = {
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
-    """A usable torch device; MoeinfError when it names CUDA/MPS that this machine does not have."""
+    """A usable torch device ("auto": CUDA when available, else CPU); MoeinfError when it names
+    CUDA/MPS that this machine does not have."""
     text = "cpu" if device is None else str(device)
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(text)
     except RuntimeError:

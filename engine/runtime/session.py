@@ -287,9 +287,10 @@ def _read_config(root: Path) -> dict[str, Any]:
         raise MoeinfError(f"{root / 'config.json'} is unreadable ({err}); pull the model again") from None
 
 
-def _open_experts(root: Path, config: dict, dtype: torch.dtype, device: torch.device,
-                  budget: str | None, policy: str | None, recorder: Any) -> Any:
-    """The expert source: the memory hierarchy's when it is available, else every shard mapped."""
+def _open_experts(root: Path, config: dict, dtype: torch.dtype, device: torch.device, budget: str | None,
+                  policy: str | None, recorder: Any, ctx: int, verbose: bool) -> Any:
+    """The expert source: the memory hierarchy's (``engine.memory.open_experts``) when it is available,
+    else every shard mapped (``MappedExperts``); None for a dense model."""
     from engine.store.families import moe_layout
 
     if not moe_layout(config).is_moe:
@@ -299,7 +300,9 @@ def _open_experts(root: Path, config: dict, dtype: torch.dtype, device: torch.de
     except ImportError:
         open_experts = None
     if open_experts is not None:
-        return open_experts(root, dtype, device, budget, policy, recorder)
+        accepted = inspect.signature(open_experts).parameters
+        extra = {k: v for k, v in (("ctx", ctx), ("verbose", verbose)) if k in accepted}
+        return open_experts(root, dtype, device, budget if budget is not None else "auto", policy, recorder, **extra)
     if budget not in (None, "100%") or policy is not None:
         raise MoeinfError("expert budgets and policies need the memory hierarchy (engine.memory), not installed")
     from engine.model.experts import MappedExperts
@@ -307,13 +310,20 @@ def _open_experts(root: Path, config: dict, dtype: torch.dtype, device: torch.de
     return MappedExperts(root, dtype, device)
 
 
-def _make_recorder(name: str, root: Path, config: dict) -> Any:
-    """The routing-trace recorder, when the trace package provides one."""
+def _make_recorder(root: Path, config: dict) -> Any:
+    """The routing-trace recorder (``engine.trace``) that persists this model's expert activations,
+    or None for a dense model or when the trace package is not there."""
+    from engine.store.families import moe_layout
+
+    layout = moe_layout(config)
+    if not layout.is_moe:
+        return None
     try:
         from engine.trace.recorder import TraceRecorder
     except ImportError:
         return None
-    return TraceRecorder.for_model(name, root) if hasattr(TraceRecorder, "for_model") else None
+    # rows are decoder-layer indices, as the expert cache and its policies count them
+    return TraceRecorder(root.name, layout.num_layers, layout.num_experts)
 
 
 def load(
@@ -329,7 +339,9 @@ def load(
 
     device: "cpu" or "cuda[:N]"; dtype: float32/bfloat16/float16 (default: the stored dtype);
     ctx: KV-cache length in tokens (prompt plus reply); expert_budget: how much of the routed experts
-    stays in fast memory ("25%", "2GB", None = all); policy: expert cache policy ("lru", "lfu", "eam").
+    stays in fast memory ("25%", "2GB", "100%" = all; None = "auto": what fits the free memory);
+    policy: expert cache policy ("lru", "lfu", "eam"; None = the memory package's default).
+    Routing traces are recorded per generation under ``$MOEINF_HOME/traces/<model>``.
     """
     import sys
 
@@ -345,10 +357,10 @@ def load(
     torch_dtype = resolve_dtype(dtype, manifest.get("dtype") or config.get("dtype") or config.get("torch_dtype"), dev)
     name = str(manifest.get("name") or root.name)
     if verbose:
-        print(f"loading {name} from {root} ({torch_dtype}, {dev}, ctx {ctx})", file=sys.stderr)
+        print(f"loading {name} from {root} ({str(torch_dtype).removeprefix('torch.')}, {dev}, ctx {ctx})", file=sys.stderr)
     tokenizer = Tokenizer(root)
-    recorder = _make_recorder(name, root, config)
-    experts = _open_experts(root, config, torch_dtype, dev, expert_budget, policy, recorder)
+    recorder = _make_recorder(root, config)
+    experts = _open_experts(root, config, torch_dtype, dev, expert_budget, policy, recorder, int(ctx), verbose)
 
     from engine.model.loader import load_model
 

@@ -1,7 +1,134 @@
-"""`moeinf run` (being built)."""
+"""`moeinf run MODEL [PROMPT]`: stream one answer to stdout, or chat when no prompt is given.
+
+The prompt comes from the argument, else from stdin when stdin is not a terminal; with neither, the
+interactive chat of ``moeinf_cli.repl`` takes over. ``--verbose`` prints Ollama's timing lines (and
+one expert-cache line) to stderr. Ctrl+C stops generation and exits with status 130.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
 
 import typer
 
+HELP = """Run a model on a prompt and stream the answer (Ollama-style).
+
+Without PROMPT, reads the prompt from stdin when it is piped, otherwise starts an interactive chat.
+
+\b
+Examples:
+  moeinf run mixtral "Why is the sky blue?"
+  moeinf run mixtral --temperature 0 -n 64 --verbose "Write a haiku about experts"
+  echo "Summarise: ..." | moeinf run qwen3-moe --system "Answer in one sentence."
+  moeinf run mixtral --expert-budget 25% --policy lru      # interactive chat
+"""
+
+
+def _sampling(**given: Any) -> dict[str, Any]:
+    """The sampling options the user set (None = not given, the Session keeps Ollama's default)."""
+    return {k: v for k, v in given.items() if v is not None and v != []}
+
+
+def _stdin_is_terminal() -> bool:
+    return sys.stdin is not None and sys.stdin.isatty()
+
+
+def _read_stdin_prompt() -> str:
+    data = sys.stdin.buffer.read()
+    return data.decode("utf-8", errors="replace")
+
+
+def _stream(session: Any, prompt: str, raw: bool, system: str | None, sampling: dict, verbose: bool) -> int:
+    """Print the answer as it comes; the exit status (130 on Ctrl+C)."""
+    gen = session.generate(prompt, raw=raw, system=system, **sampling)
+    out = sys.stdout
+    last = "\n"
+    stats = None
+    try:
+        for item in gen:
+            if isinstance(item, str):
+                out.write(item)
+                out.flush()
+                last = item[-1]
+            else:
+                stats = item
+    except KeyboardInterrupt:
+        gen.close()
+        if last != "\n":
+            out.write("\n")
+        out.flush()
+        return 130
+    if last != "\n":
+        out.write("\n")
+    out.flush()
+    if verbose and stats is not None:
+        print(file=sys.stderr)
+        for line in stats.summary_lines():
+            print(line, file=sys.stderr)
+    return 0
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command("run", help=HELP, no_args_is_help=True)
+    def run(
+        model: str = typer.Argument(..., help="Model name in the store (see `moeinf list`) or a store directory."),
+        prompt: str | None = typer.Argument(None, help="The prompt. Omit it to read stdin or to chat."),
+        temperature: float | None = typer.Option(None, "--temperature", help="Sampling temperature; 0 = greedy. (default 0.8)"),
+        top_k: int | None = typer.Option(None, "--top-k", help="Keep the K most likely tokens; 0 = off. (default 40)"),
+        top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass; 1 = off. (default 0.9)"),
+        min_p: float | None = typer.Option(None, "--min-p", help="Drop tokens below this fraction of the best one. (default 0.0)"),
+        repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", help="Penalty for recent tokens; 1 = off. (default 1.1)"),
+        repeat_last_n: int | None = typer.Option(None, "--repeat-last-n", help="How many recent tokens the penalty sees; 0 = off, -1 = all. (default 64)"),
+        seed: int | None = typer.Option(None, "--seed", help="Random seed for reproducible sampling. (default random)"),
+        num_predict: int | None = typer.Option(None, "-n", "--num-predict", help="Most tokens to generate; -1 = until EOS or context full. (default -1)"),
+        stop: list[str] | None = typer.Option(None, "--stop", help="Stop when this text appears (not printed); repeatable."),
+        ctx: int = typer.Option(4096, "--ctx", help="Context length in tokens (prompt + answer)."),
+        system: str | None = typer.Option(None, "--system", help="System prompt (with the chat template)."),
+        raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+        device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto (cuda when available)."),
+        dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16 or float16. (default the stored dtype)"),
+        expert_budget: str | None = typer.Option(None, "--expert-budget", help="Fast memory for routed experts, e.g. 25% or 2GB. (default all)"),
+        policy: str | None = typer.Option(None, "--policy", help="Expert cache policy: lru, lfu or eam. (default eam)"),
+        verbose: bool = typer.Option(False, "--verbose", help="Print timing and expert-cache statistics to stderr."),
+    ) -> None:
+        from engine.errors import MoeinfError
+
+        sampling = _sampling(
+            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+            repeat_last_n=repeat_last_n, seed=seed, num_predict=num_predict, stop=stop,
+        )
+        load_kwargs = dict(device=device, dtype=dtype, ctx=ctx, expert_budget=expert_budget, policy=policy)
+
+        if prompt is None and _stdin_is_terminal():
+            from moeinf_cli.repl import run_repl
+
+            run_repl(model, load_kwargs, sampling, system=system, verbose=verbose)
+            return
+
+        from engine.store.manifest import resolve_model
+
+        resolve_model(model)  # an unknown model fails fast, before torch is imported
+        from engine.runtime.sampling import SamplingParams
+
+        SamplingParams.from_options(sampling)  # bad values: one error line before loading anything
+        if prompt is None:
+            prompt = _read_stdin_prompt()
+            if not prompt.strip():
+                raise MoeinfError("no prompt: stdin was empty; pass the prompt as an argument or pipe some text")
+
+        import engine
+
+        if hasattr(sys.stdout, "reconfigure"):
+            sys.stdout.reconfigure(errors="replace")
+        try:
+            session = engine.load(model, verbose=verbose, **load_kwargs)
+        except KeyboardInterrupt:
+            raise typer.Exit(130) from None
+        try:
+            code = _stream(session, prompt, raw, system, sampling, verbose)
+        except BrokenPipeError:
+            code = 0  # the reader went away (e.g. `| head`): not an error
+            sys.stdout = None  # nothing more to flush at exit
+        if code:
+            raise typer.Exit(code)
