@@ -1,70 +1,39 @@
-"""Helpers for the model fidelity tests: tiny checkpoints into a store directory, and the
-transformers reference on the same weights.
+"""Helpers for the model fidelity tests: a tiny random checkpoint pulled into a store with the real
+converter (``engine.store.pull.pull_model``), and the transformers reference on the same weights.
 
-``store_from_checkpoint`` uses the store converter (``engine.store.convert``) when it exists;
-until then it writes the store layout itself from the transformers model's in-memory tensors
-(dense tensors by name, routed experts split from the fused 3-D parameters into per-expert shards
-with the canonical names of ``engine.model.experts``).
+Module-scoped fixtures run before the per-test ``MOEINF_HOME`` of conftest.py is set, so
+``pull_tiny`` points ``MOEINF_HOME`` at its own directory while it pulls.
 """
 
 from __future__ import annotations
 
-import json
-import shutil
 from pathlib import Path
 
+import pytest
 import torch
-from safetensors.torch import save_file
-
-from engine.store.paths import expert_shard_path
+from tiny_models import make_tiny_checkpoint
 
 
-def write_store_from_model(hf_model, ckpt_dir: Path, store_dir: Path) -> Path:
-    """Store layout (config.json, dense/model.safetensors, experts/L*/E*.safetensors) of a
-    transformers model whose routed experts are fused ``mlp.experts.gate_up_proj`` [E, 2I, H] and
-    ``mlp.experts.down_proj`` [E, H, I] parameters."""
-    store_dir.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-                 "chat_template.jinja"):
-        if (ckpt_dir / name).exists():
-            shutil.copy(ckpt_dir / name, store_dir / name)
-    dense: dict[str, torch.Tensor] = {}
-    for name, t in hf_model.state_dict().items():
-        if ".mlp.experts." not in name:
-            if name == "lm_head.weight" and hf_model.config.tie_word_embeddings:
-                continue
-            dense[name] = t.detach().clone().contiguous()
-            continue
-        layer = int(name.split(".layers.")[1].split(".")[0])
-        leaf = name.rsplit(".", 1)[-1]
-        if leaf == "gate_up_proj":
-            inter = t.shape[1] // 2
-            for e in range(t.shape[0]):
-                _add_expert(store_dir, layer, e, {
-                    "gate_proj.weight": t[e, :inter], "up_proj.weight": t[e, inter:]})
-        elif leaf == "down_proj":
-            for e in range(t.shape[0]):
-                _add_expert(store_dir, layer, e, {"down_proj.weight": t[e]})
-        else:
-            raise ValueError(f"unexpected expert tensor {name}")
-    (store_dir / "dense").mkdir(exist_ok=True)
-    save_file(dense, str(store_dir / "dense" / "model.safetensors"))
-    _flush_experts(store_dir)
-    (store_dir / "manifest.json").write_text(json.dumps({"format": 1, "source": str(ckpt_dir)}))
-    return store_dir
+def pull_tiny(
+    family: str,
+    root: Path,
+    layout: str = "per_expert",
+    seed: int = 0,
+    dtype: torch.dtype = torch.float32,
+) -> tuple[Path, Path]:
+    """Make the tiny checkpoint of ``family`` under ``root`` and pull it into ``root/home``;
+    returns (checkpoint dir, store model dir)."""
+    from engine.store.pull import pull_model
+
+    ckpt = make_tiny_checkpoint(family, root / f"ckpt-{layout}", layout=layout, seed=seed, dtype=dtype)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOEINF_HOME", str(root / "home"))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        result = pull_model(str(ckpt), name=f"tiny-{family}-{layout}")
+    return ckpt, Path(result.path)
 
 
-_PENDING: dict[tuple[Path, int, int], dict[str, torch.Tensor]] = {}
-
-
-def _add_expert(store_dir: Path, layer: int, e: int, tensors: dict[str, torch.Tensor]) -> None:
-    _PENDING.setdefault((store_dir, layer, e), {}).update(
-        {k: v.detach().clone().contiguous() for k, v in tensors.items()})
-
-
-def _flush_experts(store_dir: Path) -> None:
-    for key in [k for k in _PENDING if k[0] == store_dir]:
-        _, layer, e = key
-        path = expert_shard_path(store_dir, layer, e)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_file(_PENDING.pop(key), str(path))
+def ref_logits(ref, tokens: torch.Tensor) -> torch.Tensor:
+    """float32 logits [T, V] of the transformers model on one sequence."""
+    with torch.no_grad():
+        return ref(tokens[None]).logits[0].float()

@@ -1,4 +1,5 @@
-"""moeinf's model code against transformers on the same tiny random weights (B1 families).
+"""moeinf's model code against transformers on the same tiny random weights (B1 families), each
+checkpoint pulled into a store by the real converter.
 
 For mixtral, qwen2_moe, qwen3_moe, olmoe and llama (dense):
 * fp32 prefill logits within 1e-4 of transformers on several prompts;
@@ -18,8 +19,8 @@ import copy
 
 import pytest
 import torch
-from model_fidelity import write_store_from_model
-from tiny_models import load_reference, make_tiny_checkpoint
+from model_fidelity import pull_tiny, ref_logits
+from tiny_models import load_reference
 
 from engine.model.loader import load_model
 
@@ -41,16 +42,10 @@ def _prompts() -> list[torch.Tensor]:
 def family_setup(request, tmp_path_factory):
     family = request.param
     root = tmp_path_factory.mktemp(f"fid_{family}")
-    ckpt = make_tiny_checkpoint(family, root / "ckpt", seed=0)
+    ckpt, store = pull_tiny(family, root)
     ref = load_reference(ckpt)
-    store = write_store_from_model(ref, ckpt, root / "store")
     model = load_model(store, dtype=torch.float32, max_seq_len=160)
     return family, ckpt, store, ref, model
-
-
-def _ref_logits(ref, tokens: torch.Tensor) -> torch.Tensor:
-    with torch.no_grad():
-        return ref(tokens[None]).logits[0].float()
 
 
 def test_prefill_logits_match_transformers_fp32(family_setup):
@@ -59,7 +54,7 @@ def test_prefill_logits_match_transformers_fp32(family_setup):
         ours = model(tokens, 0)
         assert ours.shape == (len(tokens), model.vocab_size)
         assert ours.dtype == torch.float32
-        diff = (ours - _ref_logits(ref, tokens)).abs().max().item()
+        diff = (ours - ref_logits(ref, tokens)).abs().max().item()
         assert diff < ATOL_FP32, f"prompt of {len(tokens)} tokens: max |diff| {diff}"
 
 
@@ -99,7 +94,7 @@ def test_greedy_32_tokens_identical_to_transformers_generate(family_setup):
 def test_chunked_prefill_and_decode_match_full_pass(family_setup):
     _, _, _, ref, model = family_setup
     tokens = _prompts()[3]  # 38 tokens
-    expected = _ref_logits(ref, tokens)
+    expected = ref_logits(ref, tokens)
     pieces = []
     bounds = [0, 5, 6, 19, 30]
     for a, b in zip(bounds, bounds[1:], strict=False):
@@ -116,11 +111,11 @@ def test_rewind_overwrites_cache(family_setup):
     b = torch.arange(100, 112)
     model(a, 0)
     ours = model(b, 8)  # conversation rewound to position 8
-    expected = _ref_logits(ref, torch.cat([a[:8], b]))[8:]
+    expected = ref_logits(ref, torch.cat([a[:8], b]))[8:]
     assert (ours - expected).abs().max().item() < ATOL_FP32
     # and decoding after the rewind continues from the new content
     nxt = torch.tensor([7])
-    expected_next = _ref_logits(ref, torch.cat([a[:8], b, nxt]))[-1]
+    expected_next = ref_logits(ref, torch.cat([a[:8], b, nxt]))[-1]
     assert (model(nxt, 20)[0] - expected_next).abs().max().item() < ATOL_FP32
 
 
@@ -130,8 +125,8 @@ def test_bf16_within_stated_tolerance(family_setup):
     assert model_bf16.embed_tokens.weight.dtype == torch.bfloat16
     ref_bf16 = load_reference(ckpt, dtype=torch.bfloat16)
     tokens = _prompts()[3]
-    fp32 = _ref_logits(ref, tokens)
-    tf_bf16 = _ref_logits(ref_bf16, tokens)
+    fp32 = ref_logits(ref, tokens)
+    tf_bf16 = ref_logits(ref_bf16, tokens)
     # prefill of all but the last 6 tokens, then token-by-token decode (both attention paths)
     n = len(tokens) - 6
     ours = torch.cat([model_bf16(tokens[:n], 0)] + [model_bf16(tokens[p : p + 1], p) for p in range(n, len(tokens))])
