@@ -106,6 +106,7 @@ def _mine(cfg, ref_attn, max_seq: int = 64) -> MultiHeadLatentAttention:
         v_head_dim=cfg.v_head_dim,
         softmax_scale=ref_attn.scaling,
         rope_interleave=getattr(cfg, "rope_interleave", True),
+        rope_fp32=isinstance(cfg, DeepseekV2Config),
     )
     mine = MultiHeadLatentAttention(args)
     mine.setup_cache(max_seq, torch.float32, "cpu")

@@ -2,7 +2,8 @@
 MoE layers with shared experts.
 
 * Attention: ``MultiHeadLatentAttention``; rotary over ``qk_rope_head_dim`` only, adjacent-pair
-  convention (V2 always; V3 unless ``rope_interleave`` is false); softmax scale
+  convention (V2 always, in float32 as transformers' complex rope; V3 unless ``rope_interleave`` is
+  false, in the model dtype); softmax scale
   ``qk_head_dim**-0.5``, times ``mscale(factor, mscale_all_dim)**2`` for scaled (yarn) ropes.
 * Which layers are sparse: ``engine.store.families.moe_layout`` (``i >= first_k_dense_replace`` and
   ``i % moe_layer_freq == 0``; transformers 5.23 ignores ``moe_layer_freq``, which is 1 in every
@@ -19,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import torch
 from torch import nn
 
 from engine.model.args import ModelArgs
@@ -47,7 +49,14 @@ def softmax_scale(rope: dict[str, Any], qk_head_dim: int) -> float:
     return scale
 
 
-def mla_args(args: ModelArgs, rope_interleave: bool) -> MLAArgs:
+class Float32RotaryEmbedding(RotaryEmbedding):
+    """Rotary tables kept in float32 whatever the model dtype (transformers' V2 rope is complex float32)."""
+
+    def setup(self, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().setup(max_seq_len, torch.float32, device)
+
+
+def mla_args(args: ModelArgs, rope_interleave: bool, rope_fp32: bool) -> MLAArgs:
     nope = int(args.get("qk_nope_head_dim"))
     rope_dim = int(args.get("qk_rope_head_dim"))
     q_lora = args.get("q_lora_rank")
@@ -62,6 +71,7 @@ def mla_args(args: ModelArgs, rope_interleave: bool) -> MLAArgs:
         softmax_scale=softmax_scale(args.rope, nope + rope_dim),
         attention_bias=bool(args.get("attention_bias", False)),
         rope_interleave=rope_interleave,
+        rope_fp32=rope_fp32,
     )
 
 
@@ -69,7 +79,7 @@ def build_deepseek(args: ModelArgs, experts: ExpertSource, version: int) -> Caus
     """The V2 (``version=2``) or V3 model of ``args``."""
     layout = moe_layout(args.config)
     rope_interleave = True if version == 2 else bool(args.config.get("rope_interleave", True))
-    attn_args = mla_args(args, rope_interleave)
+    attn_args = mla_args(args, rope_interleave, rope_fp32=version == 2)
     mlp_bias = bool(args.get("mlp_bias", False)) if version == 2 else False
     moe_inter = layout.expert_intermediate_size
     n_shared = int(args.get("n_shared_experts", 0))
@@ -103,7 +113,8 @@ def build_deepseek(args: ModelArgs, experts: ExpertSource, version: int) -> Caus
         else:
             mlp = MLP(args.hidden_size, args.intermediate_size, args.hidden_act, bias=mlp_bias)
         layers.append(DecoderLayer(MultiHeadLatentAttention(attn_args), mlp, args.hidden_size, args.rms_norm_eps))
-    rotary = RotaryEmbedding(args.rope, attn_args.qk_rope_head_dim, args.max_position_embeddings)
+    rotary_cls = Float32RotaryEmbedding if version == 2 else RotaryEmbedding
+    rotary = rotary_cls(args.rope, attn_args.qk_rope_head_dim, args.max_position_embeddings)
     return CausalLM(args, layers, rotary)
 
 

@@ -45,24 +45,31 @@ class MLAArgs:
     softmax_scale: float
     attention_bias: bool = False
     rope_interleave: bool = True
+    rope_fp32: bool = False  # V2: rotate in float32 (its rotary tables are float32 too)
     latent_norm_eps: float = 1e-6  # q_a_layernorm / kv_a_layernorm use transformers' default eps
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool) -> torch.Tensor:
+def apply_rope(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleaved: bool, fp32: bool = False
+) -> torch.Tensor:
     """Rotate ``x [..., T, d]`` by the angles of ``cos``/``sin [T, d/2]``.
 
-    ``interleaved``: pairs ``(x[2i], x[2i+1])`` (DeepSeek's complex-number rope), computed in float32
-    as transformers' V2 does; the result keeps the pair layout. Otherwise pairs ``(x[i], x[i+d/2])``.
+    ``interleaved``: pairs ``(x[2i], x[2i+1])``, the result keeping the pair layout; otherwise pairs
+    ``(x[i], x[i+d/2])``. ``fp32``: compute in float32 and cast back (transformers' V2 complex-number
+    rope does); else in x's dtype (V3). Any fixed layout works as long as q and k share it.
     """
+    dtype = x.dtype
+    if fp32:
+        x, cos, sin = x.float(), cos.float(), sin.float()
+    else:
+        cos, sin = cos.to(dtype), sin.to(dtype)
     if interleaved:
-        xf = x.float()
-        x1, x2 = xf[..., 0::2], xf[..., 1::2]
-        c, s = cos.float(), sin.float()
-        out = torch.stack((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1).flatten(-2)
-        return out.to(x.dtype)
-    c, s = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((x1 * c - x2 * s, x2 * c + x1 * s), dim=-1)
+        x1, x2 = x[..., 0::2], x[..., 1::2]
+        out = torch.stack((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1).flatten(-2)
+    else:
+        x1, x2 = x.chunk(2, dim=-1)
+        out = torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+    return out.to(dtype)
 
 
 class MultiHeadLatentAttention(nn.Module):
@@ -131,11 +138,11 @@ class MultiHeadLatentAttention(nn.Module):
             raise ValueError(f"positions up to {end} exceed the KV cache of {self.max_seq_len}")
         q = self._queries(x)
         q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
-        q_rope = apply_rope(q_rope, cos, sin, a.rope_interleave)
+        q_rope = apply_rope(q_rope, cos, sin, a.rope_interleave, a.rope_fp32)
 
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
         self.cache_latent[start_pos:end] = self.kv_a_layernorm(latent)
-        self.cache_k_rope[start_pos:end] = apply_rope(k_rope, cos, sin, a.rope_interleave)
+        self.cache_k_rope[start_pos:end] = apply_rope(k_rope, cos, sin, a.rope_interleave, a.rope_fp32)
         c = self.cache_latent[:end]  # [S, lat]
         k_r = self.cache_k_rope[:end]  # [S, rope]
 
