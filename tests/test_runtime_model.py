@@ -42,6 +42,7 @@ def test_greedy_tokens_match_transformers_generate(tiny):
     assert text == s.tokenizer.decode(want, skip_special_tokens=True)
     assert stats.prompt_tokens == len(ids) and stats.generated_tokens == len(want)
     assert torch.allclose(s.logits(ids), ref(torch.tensor([ids])).logits[0].float(), atol=1e-4)
+    assert s.info()["parameters"] == sum(p.numel() for p in ref.parameters())
 
 
 def test_multi_turn_prefix_reuse_equals_fresh_run(tiny):

@@ -68,6 +68,8 @@ class Session:
         load_s: float = 0.0,
         config: Mapping[str, Any] | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        expert_budget: str | None = None,
+        policy: str | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -81,6 +83,8 @@ class Session:
         self.load_s = load_s
         self.config = dict(config or {})
         self.prefill_chunk = max(1, int(prefill_chunk))
+        self.expert_budget = expert_budget
+        self.policy = policy
         self._tokens: list[int] = []  # ids whose keys/values are in the KV cache, positions 0..n-1
         self._load_reported = False
         self._generation = 0  # id of the newest generation; older generators stop when it changes
@@ -256,6 +260,21 @@ class Session:
         self._generation += 1
         self._tokens = []
 
+    def parameter_count(self) -> int:
+        """Parameters of the model: the resident ones plus every routed expert's three matrices."""
+        dense = sum(p.numel() for p in self.model.parameters()) if hasattr(self.model, "parameters") else 0
+        routed = 0
+        if self.config.get("model_type"):
+            from engine.store.families import moe_layout
+
+            try:
+                layout = moe_layout(self.config)
+            except (MoeinfError, KeyError, TypeError, ValueError):
+                return dense
+            routed = (len(layout.moe_layers) * layout.num_experts * 3 * layout.hidden_size
+                      * layout.expert_intermediate_size)
+        return dense + routed
+
     def info(self) -> dict[str, Any]:
         """What is loaded: name, path, family, device, dtype, ctx, vocabulary, expert source, cache use."""
         info: dict[str, Any] = {
@@ -270,6 +289,9 @@ class Session:
             "chat_template": self.tokenizer.has_chat_template,
             "eos_ids": list(self.tokenizer.eos_ids),
             "experts": type(self.experts).__name__ if self.experts is not None else None,
+            "budget": self.expert_budget,
+            "policy": self.policy,
+            "parameters": self.parameter_count(),
             "load_s": self.load_s,
         }
         if self.experts is not None and hasattr(self.experts, "stats"):
@@ -367,4 +389,5 @@ def load(
     model = load_model(root, dtype=torch_dtype, device=dev, experts=experts, max_seq_len=int(ctx))
     load_s = time.perf_counter() - t0
     return Session(model, tokenizer, ctx=int(ctx), name=name, model_root=root, device=dev, dtype=torch_dtype,
-                   experts=experts, recorder=recorder, load_s=load_s, config=config)
+                   experts=experts, recorder=recorder, load_s=load_s, config=config,
+                   expert_budget=expert_budget, policy=policy)
