@@ -7,11 +7,9 @@ import shutil
 from pathlib import Path
 
 import torch
+from tiny_models import make_tiny_checkpoint, read_config
 
 from engine.store.convert import Converter
-from tests.tiny_models import make_tiny_checkpoint, read_config
-
-_CACHE: dict[tuple[str, int], Path] = {}
 
 
 def tiny_store(family: str, root: Path, seed: int = 0) -> Path:

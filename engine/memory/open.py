@@ -119,7 +119,7 @@ def open_experts(
         need = layout.top_k * transfer.slot_bytes
         raise MoeinfError(
             f"expert budget {fmt_bytes(resolved.bytes)} is below the minimum {fmt_bytes(need)} "
-            f"(the {layout.top_k} experts one layer uses at once); use --expert-budget {_ceil_mib(need)}MiB or more"
+            f"(the {layout.top_k} experts one layer uses at once); use --expert-budget {_size_arg(need)} or more"
         )
     stats.budget_bytes = resolved.bytes
     from engine.memory.policies import make_policy
@@ -147,5 +147,8 @@ def open_experts(
     )
 
 
-def _ceil_mib(n: int) -> int:
-    return -(-n // (1 << 20))
+def _size_arg(n: int) -> str:
+    """``n`` bytes as a budget string, rounded up (MiB, or KiB for small sizes)."""
+    if n >= 16 << 20:
+        return f"{-(-n // (1 << 20))}MiB"
+    return f"{-(-n // 1024)}KiB"
