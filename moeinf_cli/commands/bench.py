@@ -1,7 +1,66 @@
-"""`moeinf bench` (being built)."""
+"""`moeinf bench`: latency over budgets and policies, trace replay, and the distance to the machine's limit."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
 
 import typer
 
+HELP = """Benchmark a model: load time, time to first token, decode speed, expert-cache behaviour.
+
+One row per configuration (each budget x each policy; a 100% budget is the all-resident run), medians
+over repetitions, printed as a llama-bench style markdown table (--json for the JSON schema of
+engine/bench/report.py).
+
+\b
+Examples:
+  moeinf bench mixtral -p 512 -n 128 --expert-budget 25%,50%,100% --policy lru,lfu,eam
+  moeinf bench --synthetic mixtral-8x7b --scale 0.25 --expert-budget 100%,25% -p 16 -n 32
+  moeinf bench --synthetic mixtral-8x7b --scale 0.25 --replay mixtral-trace.npz --expert-budget 100%,25% --profile
+"""
+
+
+def _split(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
 
 def register(app: typer.Typer) -> None:
-    return None
+    @app.command("bench", help=HELP)
+    def bench(
+        model: str | None = typer.Argument(None, help="Model name in the store (omit with --synthetic)."),
+        prompt_tokens: int = typer.Option(512, "-p", "--n-prompt", help="Prompt length in tokens (time to first token)."),
+        gen_tokens: int = typer.Option(128, "-n", "--n-gen", help="Tokens to decode (time per token)."),
+        repetitions: int = typer.Option(3, "-r", "--repetitions", help="Runs per configuration; medians are reported."),
+        expert_budget: str = typer.Option("100%,50%,25%", "--expert-budget", help="Comma-separated budgets: shares (25%) or sizes (2GiB); 100% = all resident."),
+        policy: str = typer.Option("lru,lfu,eam", "--policy", help="Comma-separated cache policies."),
+        synthetic: str | None = typer.Option(None, "--synthetic", help="Benchmark a random-weight model of a real family's shape (created once in the store), e.g. mixtral-8x7b."),
+        scale: float = typer.Option(0.25, "--scale", help="With --synthetic: width scale (hidden and intermediate sizes)."),
+        replay: str | None = typer.Option(None, "--replay", help="Force routing from a routing trace (.npz, ../shared/traces/FORMAT.md); adds Belady's optimum."),
+        profile: bool = typer.Option(False, "--profile", help="Probe disk bandwidth and predict time per token from the counts (hardware model)."),
+        as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
+        dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: bf16, fp16 or fp32 (default: stored)."),
+        device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+        seed: int = typer.Option(0, "--seed", help="Seed of the random prompt."),
+    ) -> None:
+        from engine.bench.run import bench_main
+
+        if (model is None) == (synthetic is None):
+            raise typer.BadParameter("give a MODEL or --synthetic NAME (one of them)")
+        result = bench_main(
+            model=model, synthetic=synthetic, scale=scale, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
+            repetitions=repetitions, budgets=_split(expert_budget), policies=_split(policy), replay=replay,
+            profile=profile, dtype=dtype, device=device, seed=seed,
+            progress=None if as_json else lambda msg: print(msg, file=sys.stderr),
+        )
+        if as_json:
+            print(json.dumps(result, indent=2))
+        else:
+            from engine.bench.report import markdown
+
+            print(markdown(result, result["rows"]))
+            if result.get("probe"):
+                p = result["probe"]
+                print(f"\ndisk: {p['bandwidth_gbps']:.2f} GB/s ({p['io']}); compute "
+                      f"{result['compute_ms_per_token']:.1f} ms/token; threads {os.environ.get('OMP_NUM_THREADS', '-')}")

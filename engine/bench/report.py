@@ -1,0 +1,103 @@
+"""``moeinf bench`` output: a markdown table in llama-bench's style, and JSON.
+
+JSON schema (``moeinf bench --json``), version ``moeinf-bench/1``::
+
+    {
+      "schema": "moeinf-bench/1",
+      "model": str, "family": str, "dtype": str, "device": str, "threads": int,
+      "prompt_tokens": int, "gen_tokens": int, "repetitions": int,
+      "replay": str | null,                  # trace file when routing was forced
+      "probe": {"disk_bytes", "disk_s", "io", "bandwidth_gbps"} | null,   # --profile
+      "compute_ms_per_token": float | null,  # the hardware model's compute time (--profile)
+      "rows": [{
+        "budget": str, "policy": str, "slots": int, "budget_bytes": int | null,
+        "load_s": float, "ttft_s": float, "prefill_tps": float,
+        "ms_per_token": float, "ms_per_token_std": float, "decode_tps": float,
+        "hit_rate": float, "bytes_per_token": float, "stall_share": float,
+        "loads": int,                           # expert loads of the whole run (prompt + decode)
+        "bytes_loaded": int,                    # bytes the loader read in that run (its own count)
+        "os_read_bytes": int,                   # bytes the OS says this process read meanwhile (/proc/self/io)
+        "belady_loads": int | null,             # --replay: Belady's optimum for the same tokens
+        "predicted_ms_per_token": float | null, # --profile: the hardware model's figure
+        "limit_ms_per_token": float | null      # --profile --replay: max(compute, Belady bytes / bandwidth)
+      }]
+    }
+
+Times are medians over the repetitions; ``ms_per_token_std`` is their spread.
+"""
+
+from __future__ import annotations
+
+from engine.bench.probe import Probe, limit_s, predicted_s
+from engine.bench.runner import BenchRow
+
+
+def row_dict(row: BenchRow, probe: Probe | None, compute_s: float | None) -> dict:
+    loads = int(row.total_counter("demand_loads") + row.total_counter("prefetch_loads"))
+    per_load = row.total_counter("bytes_loaded") / loads if loads else float(row.expert_bytes)
+    d = {
+        "budget": row.budget,
+        "policy": row.policy,
+        "slots": row.slots,
+        "budget_bytes": row.budget_bytes,
+        "load_s": row.load_s,
+        "ttft_s": row.ttft_s,
+        "prefill_tps": row.prefill_tps,
+        "ms_per_token": row.ms_per_token,
+        "ms_per_token_std": row.ms_per_token_spread,
+        "decode_tps": row.decode_tps,
+        "hit_rate": row.hit_rate,
+        "bytes_per_token": row.decode_counter("bytes_loaded"),
+        "stall_share": row.stall_share,
+        "loads": loads,
+        "bytes_loaded": int(row.total_counter("bytes_loaded")),
+        "os_read_bytes": int(row.total_counter("os_read_bytes")),
+        "belady_loads": row.belady_loads,
+        "predicted_ms_per_token": None,
+        "limit_ms_per_token": None,
+    }
+    if probe is not None and compute_s is not None:
+        demand = row.decode_counter("demand_loads") * per_load
+        prefetch = row.decode_counter("prefetch_loads") * per_load
+        d["predicted_ms_per_token"] = 1e3 * predicted_s(compute_s, demand, prefetch, probe.bandwidth)
+        if row.belady_loads is not None:
+            tokens = row.prompt_tokens + row.gen_tokens
+            d["limit_ms_per_token"] = 1e3 * limit_s(compute_s, row.belady_loads * per_load / tokens, probe.bandwidth)
+    return d
+
+
+def _f(x: float | None, fmt: str) -> str:
+    return "-" if x is None or x != x else format(x, fmt)
+
+
+def markdown(meta: dict, rows: list[dict]) -> str:
+    """A llama-bench style table, one row per configuration."""
+    p, n = meta["prompt_tokens"], meta["gen_tokens"]
+    head = ["model", "budget", "policy", "load s", f"pp{p} t/s", f"tg{n} t/s", "ms/tok", "hit %", "MB/tok",
+            "stall %", "loads"]
+    replay = any(r["belady_loads"] is not None for r in rows)
+    profile = any(r["predicted_ms_per_token"] is not None for r in rows)
+    if replay:
+        head += ["Belady loads", "loads/Belady"]
+    if profile:
+        head += ["pred ms/tok"]
+        if replay:
+            head += ["limit ms/tok", "ms/limit"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i > 2 else "---" for i in range(len(head))) + "|"]
+    for r in rows:
+        cells = [
+            meta["model"], r["budget"], r["policy"], _f(r["load_s"], ".2f"), _f(r["prefill_tps"], ".1f"),
+            _f(r["decode_tps"], ".2f") + " ± " + _f(1e3 / r["ms_per_token"] ** 2 * r["ms_per_token_std"], ".2f"),
+            _f(r["ms_per_token"], ".1f"), _f(100 * r["hit_rate"], ".1f"), _f(r["bytes_per_token"] / 1e6, ".1f"),
+            _f(100 * r["stall_share"], ".1f"), str(r["loads"]),
+        ]
+        if replay:
+            b = r["belady_loads"]
+            cells += [str(b) if b is not None else "-", _f(r["loads"] / b if b else None, ".2f")]
+        if profile:
+            cells += [_f(r["predicted_ms_per_token"], ".1f")]
+            if replay:
+                lim = r["limit_ms_per_token"]
+                cells += [_f(lim, ".1f"), _f(r["ms_per_token"] / lim if lim else None, ".2f")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,0 +1,215 @@
+"""``moeinf bench``'s measurements: one configuration (budget x policy) over several repetitions.
+
+Each repetition opens the model afresh (so load time and a cold expert cache are measured every
+time), runs a prompt of ``prompt_tokens`` tokens (time to first token), then ``gen_tokens`` decode steps
+one token at a time (greedy; EOS ignored). Counters of the expert source are read between the phases,
+so hit rate, bytes per token and stall share are those of the decode phase. With a routing trace
+(``--replay``) every forward follows the trace (``engine.bench.forced``) and the whole run (prompt and
+decode) is compared with Belady's optimum for the same tokens and cache capacity.
+
+The bench never records activation traces: repetitions do not teach each other.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.bench.forced import force_routing
+from engine.trace.format import RoutingTrace
+
+
+@dataclass
+class BenchConfig:
+    budget: str  # as --expert-budget takes it: "100%", "25%", "2GiB", "auto"
+    policy: str | None  # None for the all-resident run
+
+
+@dataclass
+class Rep:
+    load_s: float
+    ttft_s: float
+    decode_s: list[float]  # per token
+    prompt_stats: dict
+    decode_stats: dict  # counter deltas of the decode phase
+    total_stats: dict  # counters of the whole repetition
+
+
+@dataclass
+class BenchRow:
+    budget: str
+    policy: str
+    prompt_tokens: int
+    gen_tokens: int
+    reps: list[Rep] = field(default_factory=list)
+    slots: int = 0
+    budget_bytes: int | None = None
+    belady_loads: int | None = None
+    expert_bytes: int = 0
+
+    # medians over repetitions
+    def _med(self, values: list[float]) -> float:
+        return statistics.median(values) if values else float("nan")
+
+    def _spread(self, values: list[float]) -> float:
+        return statistics.pstdev(values) if len(values) > 1 else 0.0
+
+    @property
+    def load_s(self) -> float:
+        return self._med([r.load_s for r in self.reps])
+
+    @property
+    def ttft_s(self) -> float:
+        return self._med([r.ttft_s for r in self.reps])
+
+    @property
+    def ms_per_token(self) -> float:
+        return 1e3 * self._med([statistics.mean(r.decode_s) for r in self.reps if r.decode_s])
+
+    @property
+    def ms_per_token_spread(self) -> float:
+        return 1e3 * self._spread([statistics.mean(r.decode_s) for r in self.reps if r.decode_s])
+
+    @property
+    def decode_tps(self) -> float:
+        return 1e3 / self.ms_per_token if self.ms_per_token else float("nan")
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.ttft_s if self.ttft_s else float("nan")
+
+    def decode_counter(self, name: str) -> float:
+        """Median over reps of a decode-phase counter, per decoded token."""
+        return self._med([r.decode_stats.get(name, 0) / max(1, len(r.decode_s)) for r in self.reps])
+
+    def total_counter(self, name: str) -> float:
+        return self._med([r.total_stats.get(name, 0) for r in self.reps])
+
+    @property
+    def hit_rate(self) -> float:
+        vals = []
+        for r in self.reps:
+            acc = r.decode_stats.get("accesses", 0)
+            vals.append(r.decode_stats.get("hits", 0) / acc if acc else 1.0)
+        return self._med(vals)
+
+    @property
+    def stall_share(self) -> float:
+        return self._med([r.decode_stats.get("stall_s", 0.0) / max(1e-9, sum(r.decode_s)) for r in self.reps])
+
+    @property
+    def compute_s(self) -> float:
+        """Per token decode time with the stalls taken out."""
+        return self._med(
+            [(sum(r.decode_s) - r.decode_stats.get("stall_s", 0.0)) / max(1, len(r.decode_s)) for r in self.reps]
+        )
+
+
+_COUNTERS = ("accesses", "hits", "demand_loads", "prefetch_loads", "prefetch_useful", "prefetch_wasted",
+             "bytes_loaded", "stall_s")
+
+
+def _counters(experts) -> dict:
+    if experts is None or not hasattr(experts, "stats"):
+        return {}
+    d = experts.stats().as_dict()
+    return {k: d.get(k, 0) for k in _COUNTERS} | {"os_read_bytes": os_read_bytes(), "slots": d.get("slots", 0), "stream_slots": d.get("stream_slots", 0),
+                                                  "budget_bytes": d.get("budget_bytes"), "slot_bytes": d.get("slot_bytes", 0)}
+
+
+def _delta(after: dict, before: dict) -> dict:
+    return {k: after.get(k, 0) - before.get(k, 0) for k in (*_COUNTERS, "os_read_bytes")}
+
+
+def os_read_bytes() -> int:
+    """Bytes this process read from storage, as the OS counts them (``read_bytes`` of /proc/self/io)."""
+    try:
+        with open("/proc/self/io") as f:
+            for line in f:
+                if line.startswith("read_bytes:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def _warm_all(experts, moe_layers: list[int], num_experts: int) -> None:
+    """Bring every expert of an all-resident source into memory (part of its load time)."""
+    for layer in moe_layers:
+        for _ in experts.fetch(layer, list(range(num_experts))):
+            pass
+
+
+def run_config(
+    model_root: Path,
+    cfg: BenchConfig,
+    *,
+    prompt_tokens: int,
+    gen_tokens: int,
+    reps: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    trace: RoutingTrace | None = None,
+    seed: int = 0,
+) -> BenchRow:
+    from engine.memory import open_experts
+    from engine.model.loader import load_model
+    from engine.store.families import moe_layout
+    from engine.store.manifest import read_manifest
+
+    manifest = read_manifest(model_root)
+    import json
+
+    config = json.loads((model_root / "config.json").read_text())
+    layout = moe_layout(config)
+    ctx = prompt_tokens + gen_tokens + 1
+    row = BenchRow(cfg.budget, cfg.policy or "-", prompt_tokens, gen_tokens)
+    vocab = int(config.get("vocab_size") or manifest.get("vocab_size") or 1000)
+    prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed))
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        experts = open_experts(model_root, dtype, device, cfg.budget, cfg.policy, None, ctx=ctx)
+        try:
+            model = load_model(model_root, dtype=dtype, device=device, experts=experts, max_seq_len=ctx)
+            before = _counters(experts)
+            if before.get("budget_bytes") is None:
+                _warm_all(experts, layout.moe_layers, layout.num_experts)
+            forced = force_routing(model, trace) if trace is not None else None
+            base = _counters(experts)
+            load_s = time.perf_counter() - t0
+            if hasattr(experts, "begin_sequence"):
+                experts.begin_sequence()
+            t1 = time.perf_counter()
+            logits = model(prompt.to(device), 0, last_only=True)
+            ttft = time.perf_counter() - t1
+            after_prompt = _counters(experts)
+            if forced is not None:
+                forced.step = prompt_tokens
+            tok = logits[-1].argmax()
+            times = []
+            for i in range(gen_tokens):
+                t = time.perf_counter()
+                logits = model(tok.view(1), prompt_tokens + i)
+                tok = logits[-1].argmax()
+                times.append(time.perf_counter() - t)
+                if forced is not None:
+                    forced.step += 1
+            end = _counters(experts)
+        finally:
+            if hasattr(experts, "close"):
+                experts.close()
+        row.reps.append(Rep(load_s, ttft, times, _delta(after_prompt, base), _delta(end, after_prompt),
+                            _delta(end, base)))
+        row.slots = int(end.get("slots") or 0) - int(end.get("stream_slots") or 0)
+        row.budget_bytes = end.get("budget_bytes")
+        row.expert_bytes = int(end.get("slot_bytes") or 0)
+    if trace is not None and row.budget_bytes is not None and row.slots > 0:
+        from engine.trace.replay import belady_loads
+
+        used = RoutingTrace(trace.expert_ids[: prompt_tokens + gen_tokens], trace.num_experts)
+        row.belady_loads = belady_loads(used, row.slots)
+    return row

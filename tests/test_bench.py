@@ -1,0 +1,88 @@
+"""`moeinf bench`: the JSON document, forced routing from a trace, Belady beside each row."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from engine.bench.forced import force_routing
+from engine.bench.synthetic import make_synthetic_model
+from engine.trace.format import RoutingTrace
+from engine.trace.replay import belady_loads
+
+LAYERS, EXPERTS = 3, 8
+
+
+@pytest.fixture()
+def synth(_isolated_home):
+    return make_synthetic_model("synth-bench", num_layers=LAYERS, num_experts=EXPERTS, top_k=2, hidden=64,
+                                intermediate=128, vocab=256, dtype=torch.float32)
+
+
+def _trace(tokens: int, seed: int = 0) -> RoutingTrace:
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.choice(EXPERTS, 2, replace=False) for _ in range(tokens * LAYERS)])
+    return RoutingTrace(ids.reshape(tokens, LAYERS, 2), EXPERTS)
+
+
+def test_forced_routing_follows_the_trace(synth):
+    from engine.memory import open_experts
+    from engine.model.loader import load_model
+
+    seen: list[tuple[int, list[int]]] = []
+
+    class Spy:
+        def on_route(self, layer, topk_ids):
+            seen.append((layer, sorted(topk_ids.reshape(-1).tolist())))
+
+    trace = _trace(6)
+    experts = open_experts(synth, torch.float32, "cpu", "100%", None, Spy())
+    model = load_model(synth, dtype=torch.float32, experts=experts, max_seq_len=16)
+    state = force_routing(model, trace)
+    for t in range(6):
+        state.step = t
+        model(torch.tensor([t + 1]), t)
+    want = [(layer, sorted(trace.expert_ids[t, layer].tolist())) for t in range(6) for layer in range(LAYERS)]
+    assert seen == want
+
+
+def test_bench_json_on_a_tiny_model(synth, tmp_path):
+    trace = _trace(12)
+    path = tmp_path / "trace.npz"
+    np.savez(path, expert_ids=trace.expert_ids.astype(np.int16), num_experts=np.int64(EXPERTS),
+             seq_starts=np.array([0]), meta=json.dumps({"model": "test"}))
+    r = subprocess.run(
+        [sys.executable, "-m", "moeinf_cli", "bench", "synth-bench", "-p", "2", "-n", "10", "-r", "2",
+         "--expert-budget", "100%,25%", "--policy", "lru,lfu", "--replay", str(path), "--profile", "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["schema"] == "moeinf-bench/1" and doc["repetitions"] == 2
+    assert [(row["budget"], row["policy"]) for row in doc["rows"]] == [("100%", "-"), ("25%", "lru"), ("25%", "lfu")]
+    resident, *offloaded = doc["rows"]
+    assert resident["hit_rate"] == 1.0 and resident["loads"] == 0 and resident["belady_loads"] is None
+    assert doc["probe"]["bandwidth_gbps"] > 0 and doc["compute_ms_per_token"] > 0
+    for row in offloaded:
+        slots = row["slots"]
+        assert 0 < slots < LAYERS * EXPERTS
+        # Belady is the optimum for the same tokens and capacity: no policy loads less
+        assert row["belady_loads"] == belady_loads(trace, slots)
+        assert row["loads"] >= row["belady_loads"] > 0
+        assert row["bytes_loaded"] > 0 and row["limit_ms_per_token"] > 0
+        assert row["predicted_ms_per_token"] >= doc["compute_ms_per_token"]
+
+
+def test_bench_markdown_and_errors(synth):
+    r = subprocess.run([sys.executable, "-m", "moeinf_cli", "bench", "synth-bench", "-p", "3", "-n", "2", "-r", "1",
+                        "--expert-budget", "50%", "--policy", "lru"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.strip().splitlines()
+    assert lines[0].startswith("| model | budget | policy |") and "pp3 t/s" in lines[0] and "tg2 t/s" in lines[0]
+    assert lines[2].startswith("| synth-bench | 50% | lru |")
+    bad = subprocess.run([sys.executable, "-m", "moeinf_cli", "bench", "synth-bench", "--policy", "nope",
+                          "--expert-budget", "50%"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "unknown policy" in bad.stderr
