@@ -212,7 +212,7 @@ class ChatRepl:
     def _stream(self, stream: Iterator[Any]) -> tuple[str, Any, bool]:
         """Write the pieces as they come; (answer text, GenerationStats or None, stopped by Ctrl+C)."""
         width = self.console.width if (self.console.is_terminal and self.wordwrap) else None
-        writer = AnswerWriter(self.answer_stream, width)
+        writer = AnswerWriter(self.answer_stream, width, sanitize=self.console.is_terminal)
         stats = None
         stopped = False
         status = self.console.status("", spinner="dots") if self.console.is_terminal else None

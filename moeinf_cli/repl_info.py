@@ -49,6 +49,18 @@ def _rows(title: str, rows: list[tuple[str, Any]]) -> list[str]:
     return lines
 
 
+# The expert-cache figures /show info lists (key in CacheStats.as_dict(), label); the summary line
+# already gives hit rate, MB loaded and time stalled.
+CACHE_FIGURES = (
+    ("mode", "mode"),
+    ("budget_note", "budget note"),
+    ("io", "reads"),
+    ("resident_experts", "resident experts"),
+    ("resident_bytes", "resident bytes"),
+    ("evictions", "evictions"),
+)
+
+
 def info_lines(session: Any, load_kwargs: Mapping[str, Any]) -> list[str]:
     """``/show info``: the model (name, family, parameters, experts, context, dtype, device) and the
     expert cache (budget, policy, hit rate and the rest of the cache figures so far)."""
@@ -81,7 +93,8 @@ def info_lines(session: Any, load_kwargs: Mapping[str, Any]) -> list[str]:
             cache_rows.append(("so far", cache.summary_line()))
         figures = info.get("expert_cache")
         if isinstance(figures, Mapping):
-            cache_rows += [(str(k).replace("_", " "), _fmt(v)) for k, v in figures.items()]
+            cache_rows += [(label, _bytes(figures[key]) if key.endswith("bytes") else _fmt(figures[key]))
+                           for key, label in CACHE_FIGURES if key in figures]
         lines += [""] + _rows("Expert cache", cache_rows)
     return lines
 
@@ -92,6 +105,15 @@ def cache_stats(session: Any) -> Any:
     if experts is not None and hasattr(experts, "stats"):
         return experts.stats()
     return None
+
+
+def _bytes(value: Any) -> Any:
+    if not isinstance(value, int | float):
+        return value
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if value >= size:
+            return f"{value / size:.1f} {unit}"
+    return f"{int(value)} B"
 
 
 def _fmt(value: Any) -> Any:

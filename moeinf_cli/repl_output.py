@@ -1,7 +1,8 @@
 """Streaming an answer to the terminal as it comes, word-wrapped like Ollama's, or as plain text.
 
 ``AnswerWriter.write(piece)`` is called with every piece the model yields; on a terminal whole words
-move to the next line instead of being cut at the edge (``width``), otherwise the text goes out as is.
+move to the next line instead of being cut at the edge (``width``) and control characters are shown
+instead of obeyed (``sanitize``); otherwise the text goes out as is.
 """
 
 from __future__ import annotations
@@ -10,12 +11,24 @@ from typing import TextIO
 
 from rich.cells import cell_len
 
+# Control characters a model may emit (ESC, CR, BEL, C1 controls) would drive the terminal instead of
+# showing: on a terminal they are shown as Unicode control pictures (ESC -> U+241B) or U+FFFD.
+CONTROL_PICTURES = {c: 0x2400 + c for c in range(0x20) if chr(c) not in "\n\t"}
+CONTROL_PICTURES[0x7F] = 0x2421
+CONTROL_PICTURES.update({c: 0xFFFD for c in range(0x80, 0xA0)})
+
+
+def visible(text: str) -> str:
+    """``text`` with terminal control characters (all but newline and tab) replaced by visible ones."""
+    return text.translate(CONTROL_PICTURES)
+
 
 class AnswerWriter:
     """Writes streamed text to ``stream``, wrapping at word boundaries when ``width`` is given."""
 
-    def __init__(self, stream: TextIO, width: int | None = None) -> None:
+    def __init__(self, stream: TextIO, width: int | None = None, sanitize: bool = False) -> None:
         self.stream = stream
+        self.sanitize = sanitize
         self.width = width if width and width > 1 else None
         self.column = 0
         self._word = ""
@@ -25,6 +38,8 @@ class AnswerWriter:
     def write(self, piece: str) -> None:
         """Emit ``piece`` (its complete words at once; a word still growing waits for its end)."""
         self.text += piece
+        if self.sanitize:
+            piece = visible(piece)
         if self.width is None:
             self._emit(piece)
             self.stream.flush()

@@ -131,3 +131,12 @@ def test_answer_writer_without_width_is_plain():
     w.write("\tc")
     w.finish()
     assert out.getvalue() == "a  b\tc\n"
+
+
+def test_answer_writer_shows_control_characters_on_a_terminal():
+    out = io.StringIO()
+    w = AnswerWriter(out, width=None, sanitize=True)
+    w.write("a\x1b[2Jb\rc\x07\x9bd\te\n")
+    w.finish()
+    assert out.getvalue() == "a\u241b[2Jb\u240dc\u2407\ufffdd\te\n"
+    assert w.text == "a\x1b[2Jb\rc\x07\x9bd\te\n"  # the conversation keeps the model's text
