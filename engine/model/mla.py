@@ -157,12 +157,15 @@ class MultiHeadLatentAttention(nn.Module):
         w = self.kv_b_proj.weight.view(a.num_heads, a.qk_nope_head_dim + a.v_head_dim, a.kv_lora_rank)
         w_uk, w_uv = w[:, : a.qk_nope_head_dim], w[:, a.qk_nope_head_dim :]  # [nH, nope, lat], [nH, v, lat]
         if absorb:
-            q_lat = torch.bmm(q_nope, w_uk)  # [nH, T, lat]
-            scores = (q_lat @ c.T + q_rope @ k_r.T).float() * a.softmax_scale  # [nH, T, S]
+            nHT = a.num_heads * T
+            q_lat = torch.bmm(q_nope, w_uk).reshape(nHT, -1)  # [nH*T, lat]: heads share the latent keys
+            scores = torch.addmm(q_lat @ c.T, q_rope.reshape(nHT, -1), k_r.T)  # [nH*T, S]
+            scores = scores.float().view(a.num_heads, T, end) * a.softmax_scale
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            probs = scores.softmax(dim=-1).to(x.dtype)
-            out = torch.bmm(probs @ c, w_uv.transpose(1, 2))  # [nH, T, v]
+            probs = scores.softmax(dim=-1).to(x.dtype).view(nHT, end)
+            mixed = (probs @ c).view(a.num_heads, T, -1)  # [nH, T, lat]
+            out = torch.bmm(mixed, w_uv.transpose(1, 2))  # [nH, T, v]
         else:
             kv = F.linear(c, self.kv_b_proj.weight).view(end, a.num_heads, -1).transpose(0, 1)
             k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)  # [nH, S, *]
