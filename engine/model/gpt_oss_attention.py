@@ -11,6 +11,7 @@ than every query's window are not read at all.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from engine.model.attention import Attention
@@ -59,22 +60,33 @@ def attend_with_sinks(
     sinks: torch.Tensor,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """q [T, H, D] over keys/values [Hkv, S, D] (S = ctx.end_pos) with per-head sinks [H] -> [T, H*D]."""
+    """q [T, H, D] over keys/values [Hkv, S, D] (S = ctx.end_pos) with per-head sinks [H] -> [T, H*D].
+
+    The sink becomes one extra key that every query sees, with a zero value: queries get one more
+    component holding their head's sink logit, real keys a zero there, the sink key ``1/scaling``
+    there and zeros elsewhere, so its score is exactly the sink. Then one fused
+    ``scaled_dot_product_attention`` (no [H, T, S] score tensor in memory); head dims are padded
+    with zeros to a multiple of 8.
+    """
     T, H, D = q.shape
     Hkv = keys.shape[0]
-    G = H // Hkv
     lo = 0
     if sliding_window is not None:
         lo = max(0, ctx.start_pos - sliding_window + 1)  # no query of this step sees keys below lo
-    keys, values = keys[:, lo:], values[:, lo:]
+    S = keys.shape[1] - lo
+    Dx = (D // 8 + 1) * 8  # room for the sink component
+    qx = q.new_zeros(1, H, T, Dx)
+    qx[0, :, :, :D] = q.transpose(0, 1)
+    qx[0, :, :, D] = sinks.to(q.dtype)[:, None]
+    kx = keys.new_zeros(1, Hkv, S + 1, Dx)
+    kx[0, :, 0, D] = 1.0 / scaling
+    kx[0, :, 1:, :D] = keys[:, lo:]
+    vx = values.new_zeros(1, Hkv, S + 1, values.shape[-1])
+    vx[0, :, 1:] = values[:, lo:]
     mask = ctx.mask(sliding_window)
-    # query head h = kv_head * G + g reads key/value head kv_head
-    qg = q.view(T, Hkv, G, D).permute(1, 2, 0, 3).reshape(Hkv, G * T, D)
-    scores = torch.bmm(qg, keys.transpose(1, 2)).view(Hkv, G, T, -1).float() * scaling  # [Hkv, G, T, S']
+    attn_mask = None
     if mask is not None:
-        scores = scores.masked_fill(~mask[:, lo:], float("-inf"))
-    sink = sinks.float().view(Hkv, G, 1, 1).expand(Hkv, G, T, 1)
-    logits = torch.cat((scores, sink), dim=-1)
-    probs = torch.softmax(logits, dim=-1)[..., :-1].to(values.dtype)
-    out = torch.bmm(probs.reshape(Hkv, G * T, -1), values)  # [Hkv, G*T, D]
-    return out.view(Hkv, G, T, -1).permute(2, 0, 1, 3).reshape(T, -1)
+        attn_mask = torch.ones(T, S + 1, dtype=torch.bool, device=q.device)
+        attn_mask[:, 1:] = mask[:, lo:]
+    out = F.scaled_dot_product_attention(qx, kx, vx, attn_mask=attn_mask, scale=scaling, enable_gqa=H != Hkv)
+    return out[0].transpose(0, 1).reshape(T, -1)
