@@ -367,6 +367,10 @@ def run_repl(
     with editing and history when stdin and stdout are terminals, plain lines from stdin otherwise.
     A model that fails to load raises MoeinfError.
     """
+    if session is None:
+        from engine.store.manifest import resolve_model
+
+        resolve_model(model_name)  # an unknown model fails at once, before torch is imported
     from engine.runtime.sampling import SamplingParams
 
     SamplingParams.from_options(dict(sampling or {}))  # bad values: one error line before loading

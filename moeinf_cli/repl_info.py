@@ -85,7 +85,7 @@ def info_lines(session: Any, load_kwargs: Mapping[str, Any]) -> list[str]:
     lines = _rows("Model", model_rows)
     if layout is None or layout.is_moe:
         cache_rows: list[tuple[str, Any]] = [
-            ("budget", info.get("budget") or load_kwargs.get("expert_budget") or "100% (all experts resident)"),
+            ("budget", info.get("budget") or load_kwargs.get("expert_budget") or "auto"),
             ("policy", info.get("policy") or load_kwargs.get("policy") or "default"),
         ]
         cache = cache_stats(session)

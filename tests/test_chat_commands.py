@@ -140,3 +140,15 @@ def test_answer_writer_shows_control_characters_on_a_terminal():
     w.finish()
     assert out.getvalue() == "a\u241b[2Jb\u240dc\u2407\ufffdd\te\n"
     assert w.text == "a\x1b[2Jb\rc\x07\x9bd\te\n"  # the conversation keeps the model's text
+
+
+def test_chat_help_shows_an_example():
+    from typer.testing import CliRunner
+
+    from moeinf_cli.app import app
+
+    result = CliRunner().invoke(app, ["chat", "--help"], env={"COLUMNS": "120"})
+    assert result.exit_code == 0
+    assert "Example: moeinf chat mixtral" in result.output
+    for flag in ("--system", "--temperature", "--expert-budget", "--policy", "--ctx", "--verbose"):
+        assert flag in result.output

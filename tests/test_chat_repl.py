@@ -132,8 +132,8 @@ def test_chat_session_in_a_terminal(chat_home, tmp_path):
         assert line in history
 
 
-def test_ctrl_d_leaves(chat_home):
-    child = spawn(chat_home, "chat", "tiny", "-n", "4")
+def test_run_without_prompt_chats_and_ctrl_d_leaves(chat_home):
+    child = spawn(chat_home, "run", "tiny", "-n", "4")  # `moeinf run` on a terminal hands over to the REPL
     try:
         enter(child, "/show info")
         child.expect_exact("family                mixtral")
