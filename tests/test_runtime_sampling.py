@@ -8,9 +8,9 @@ from engine.runtime.sampling import (
     Sampler,
     SamplingParams,
     apply_repeat_penalty,
-    min_p_filter,
-    top_k_filter,
-    top_p_filter,
+    candidates,
+    min_p_size,
+    nucleus_size,
 )
 
 
@@ -38,29 +38,28 @@ def test_repeat_penalty_is_llama_cpp_semantics():
     assert apply_repeat_penalty(logits, [0], 1.0) is logits
 
 
-def test_top_k_keeps_k_largest():
+def test_top_k_candidates_are_the_k_largest_in_order():
     logits = torch.tensor([0.1, 3.0, 2.0, -1.0, 2.5])
-    out = top_k_filter(logits, 2)
-    assert torch.isinf(out).tolist() == [True, False, True, True, False]
-    assert top_k_filter(logits, 0) is logits and top_k_filter(logits, 99) is logits
+    values, ids = candidates(logits, 2)
+    assert ids.tolist() == [1, 4] and values.tolist() == [3.0, 2.5]
+    assert candidates(logits, 0)[1].tolist() == [1, 4, 2, 0, 3]  # off: everything, sorted
+    assert candidates(logits, 99)[1].tolist() == [1, 4, 2, 0, 3]
 
 
 def test_top_p_keeps_smallest_set_reaching_p():
-    probs = torch.tensor([0.1, 0.5, 0.3, 0.1])
-    out = top_p_filter(probs, 0.7)  # 0.5 then 0.3 reaches 0.8 >= 0.7
-    assert (out > 0).tolist() == [False, True, True, False]
-    assert torch.allclose(out.sum(), torch.tensor(1.0))
-    assert torch.allclose(out[1], torch.tensor(0.5 / 0.8))
-    assert (top_p_filter(probs, 0.5) > 0).tolist() == [False, True, False, False]  # exactly reached: stops
-    assert (top_p_filter(probs, 0.01) > 0).sum() == 1  # always keeps the best token
-    assert top_p_filter(probs, 1.0) is probs
+    probs = torch.tensor([0.5, 0.3, 0.1, 0.1])
+    assert nucleus_size(probs, 0.7) == 2  # 0.5 then 0.3 reaches 0.8 >= 0.7
+    assert nucleus_size(probs, 0.5) == 1  # exactly reached by the first: stops there
+    assert nucleus_size(probs, 0.85) == 3
+    assert nucleus_size(probs, 0.01) == 1  # always keeps the best token
+    assert nucleus_size(probs, 1.0) == 4
 
 
 def test_min_p_drops_relative_to_top():
     probs = torch.tensor([0.5, 0.3, 0.15, 0.05])
-    out = min_p_filter(probs, 0.35)  # threshold 0.175
-    assert (out > 0).tolist() == [True, True, False, False]
-    assert torch.allclose(out.sum(), torch.tensor(1.0))
+    assert min_p_size(probs, 0.35) == 2  # threshold 0.175
+    assert min_p_size(probs, 0.3) == 3  # 0.15 == 0.3 * 0.5 is kept
+    assert min_p_size(probs, 0.0) == 4
 
 
 def _logits(v=50, seed=0):
@@ -103,6 +102,19 @@ def test_sampled_tokens_respect_filters():
     allowed = set((probs >= 0.9 * probs.max()).nonzero().flatten().tolist())
     s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.9, repeat_penalty=1.0, seed=0))
     assert {s(logits, []) for _ in range(100)} <= allowed
+    s = Sampler(SamplingParams(temperature=1.0, top_k=10, top_p=1.0, min_p=0.9, repeat_penalty=1.0, seed=0))
+    assert {s(logits, []) for _ in range(100)} <= allowed
+
+
+def test_sampling_frequencies_follow_the_distribution():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    for top_k in (0, 4):
+        s = Sampler(SamplingParams(temperature=1.0, top_k=top_k, top_p=1.0, repeat_penalty=1.0, seed=1))
+        counts = torch.bincount(torch.tensor([s(logits, []) for _ in range(4000)]), minlength=4).float() / 4000
+        assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03), counts
+    s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=0.7, repeat_penalty=1.0, seed=1))
+    counts = torch.bincount(torch.tensor([s(logits, []) for _ in range(4000)]), minlength=4).float() / 4000
+    assert torch.allclose(counts, torch.tensor([0.625, 0.375, 0.0, 0.0]), atol=0.03), counts  # renormalised nucleus
 
 
 def test_temperature_sharpens_distribution():
@@ -120,3 +132,10 @@ def test_top_p_sampling_never_leaves_nucleus():
     assert probs[0] < 0.8
     s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=0.8, repeat_penalty=1.0, seed=5))
     assert {s(logits, []) for _ in range(200)} == {0, 1}
+
+
+def test_top_p_without_top_k_beyond_the_probe():
+    logits = torch.zeros(4096)  # uniform: the nucleus of 0.5 is 2048 tokens, more than the 1024 probed first
+    s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=0.5, repeat_penalty=1.0, seed=0))
+    drawn = {s(logits, []) for _ in range(6000)}
+    assert 1024 < len(drawn) <= 2048

@@ -19,6 +19,8 @@ import torch
 
 from engine.errors import MoeinfError
 
+NUCLEUS_PROBE = 1024  # tokens ranked first when top-p runs without top-k (a full sort only if they fall short)
+
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -78,33 +80,28 @@ def apply_repeat_penalty(logits: torch.Tensor, recent: Sequence[int], penalty: f
     return out
 
 
-def top_k_filter(logits: torch.Tensor, k: int) -> torch.Tensor:
-    """Keep the ``k`` largest logits (others -inf); ``k <= 0`` or ``k >= V`` keeps all."""
-    if k <= 0 or k >= logits.shape[-1]:
-        return logits
-    kth = torch.topk(logits, k).values[-1]
-    return logits.masked_fill(logits < kth, float("-inf"))
+def candidates(logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-k: the ``k`` largest logits and their token ids, largest first (all of them, sorted, when
+    ``k <= 0`` or ``k >= V``)."""
+    if 0 < k < logits.shape[-1]:
+        return torch.topk(logits, k)
+    return torch.sort(logits, descending=True)
 
 
-def top_p_filter(probs: torch.Tensor, p: float) -> torch.Tensor:
-    """Keep the most likely tokens until their mass first reaches ``p`` (at least one); renormalised."""
+def nucleus_size(sorted_probs: torch.Tensor, p: float) -> int:
+    """Top-p: how many of the (descending) probabilities to keep so that their mass first reaches
+    ``p``; at least one, all when ``p >= 1``."""
     if p >= 1.0:
-        return probs
-    sorted_probs, order = torch.sort(probs, descending=True)
+        return sorted_probs.shape[-1]
     mass_before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs
-    drop_sorted = mass_before >= p
-    drop_sorted[0] = False
-    drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)
-    out = probs.masked_fill(drop, 0.0)
-    return out / out.sum()
+    return max(1, int((mass_before < p).sum()))
 
 
-def min_p_filter(probs: torch.Tensor, min_p: float) -> torch.Tensor:
-    """Drop tokens whose probability is below ``min_p`` times the top probability; renormalised."""
+def min_p_size(sorted_probs: torch.Tensor, min_p: float) -> int:
+    """Min-p: how many of the (descending) probabilities are at least ``min_p`` times the top one."""
     if min_p <= 0.0:
-        return probs
-    out = probs.masked_fill(probs < min_p * probs.max(), 0.0)
-    return out / out.sum()
+        return sorted_probs.shape[-1]
+    return max(1, int((sorted_probs >= min_p * sorted_probs[0]).sum()))
 
 
 class Sampler:
@@ -124,8 +121,19 @@ class Sampler:
             logits = apply_repeat_penalty(logits, recent, p.repeat_penalty)
         if p.temperature == 0.0:
             return int(torch.argmax(logits))
-        logits = top_k_filter(logits, p.top_k)
-        probs = torch.softmax(logits / p.temperature, dim=-1)
-        probs = top_p_filter(probs, p.top_p)
-        probs = min_p_filter(probs, p.min_p)
-        return int(torch.multinomial(probs, 1, generator=self.generator))
+        if p.top_k <= 0 and p.top_p >= 1.0:  # no ranking needed: draw from the whole vocabulary
+            probs = torch.softmax(logits / p.temperature, dim=-1)
+            if p.min_p > 0.0:
+                probs = probs.masked_fill(probs < p.min_p * probs.max(), 0.0)
+            return int(torch.multinomial(probs, 1, generator=self.generator))
+        if p.top_k <= 0:  # top-p over the whole vocabulary: rank only as many tokens as the nucleus needs
+            full = torch.softmax(logits / p.temperature, dim=-1)
+            probs, ids = torch.topk(full, min(NUCLEUS_PROBE, full.shape[-1]))
+            if float(probs.sum()) < p.top_p:
+                probs, ids = torch.sort(full, descending=True)
+        else:
+            values, ids = candidates(logits, p.top_k)
+            probs = torch.softmax(values / p.temperature, dim=-1)
+        n = min(nucleus_size(probs, p.top_p), min_p_size(probs, p.min_p))
+        choice = torch.multinomial(probs[:n], 1, generator=self.generator)
+        return int(ids[choice])
