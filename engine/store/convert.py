@@ -31,6 +31,7 @@ import torch
 from engine.errors import MoeinfError
 from engine.model.experts import EXPERT_BIASES, EXPERT_TENSORS
 from engine.store.families import MoELayout, moe_layout
+from engine.store.files import DTYPE_ALIASES, WrittenFile, canonical_dtype, sha256_file
 from engine.store.paths import expert_shard_path
 from engine.store.quant import dequant_fp8_blocks, dequant_mxfp4
 from engine.store.shards import ALIGN, DTYPE_TO_ST, TensorSpec, build_header, read_header, write_tensors
@@ -40,37 +41,17 @@ _PER_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(w1|w2
 _FUSED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$")
 _PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
 KEEP_DTYPE = ("e_score_correction_bias",)  # kept in its source dtype (float32), as transformers does
-DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-               "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+DTYPE_NAMES = {k: getattr(torch, v) for k, v in DTYPE_ALIASES.items()}
 
 
 def parse_dtype(name: str | None) -> torch.dtype | None:
     """``bf16``/``fp16``/``fp32`` (or torch names) -> torch dtype; None stays None."""
-    if name is None:
-        return None
-    try:
-        return DTYPE_NAMES[name.lower()]
-    except KeyError:
-        raise MoeinfError(f"unknown dtype {name!r}; use bf16, fp16 or fp32") from None
+    canonical = canonical_dtype(name)
+    return getattr(torch, canonical) if canonical else None
 
 
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def sha256_file(path: str | Path, chunk: int = 16 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-@dataclass
-class WrittenFile:
-    rel: str
-    size: int
-    sha256: str
 
 
 class SpillingShardWriter:

@@ -24,19 +24,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-import torch
-
 from engine.errors import MoeinfError
-from engine.store.convert import (
-    DTYPE_NAMES,
-    Converter,
-    WrittenFile,
-    disk_full_error,
-    dtype_name,
-    parse_dtype,
-    sha256_file,
-)
 from engine.store.families import moe_layout
+from engine.store.files import canonical_dtype, sha256_file, write_json
 from engine.store.hub import (
     META_FILES,
     HubSource,
@@ -118,28 +108,21 @@ def _lock(name: str):
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def _estimate_bytes(config: dict, src_bytes: int, dtype: torch.dtype | None) -> int:
+def _estimate_bytes(config: dict, src_bytes: int, dtype: str | None) -> int:
     """About how many bytes the store model of ``src_bytes`` of source shards takes."""
+    import torch
+
+    from engine.store.convert import DTYPE_NAMES
+
     quant = (config.get("quantization_config") or {}).get("quant_method")
     cfg_name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").removeprefix("torch.")
     cfg_dtype = DTYPE_NAMES.get(cfg_name, torch.bfloat16)
-    out = (dtype or cfg_dtype).itemsize
+    out = (getattr(torch, dtype) if dtype else cfg_dtype).itemsize
     if quant == "mxfp4":  # one byte holds two values
         return src_bytes * out * 2
     if quant == "fp8":
         return src_bytes * out
     return src_bytes * out // cfg_dtype.itemsize
-
-
-def _write_json(path: Path, data: dict) -> WrittenFile:
-    tmp = path.with_name(path.name + ".tmp")
-    raw = (json.dumps(data, indent=2) + "\n").encode()
-    with open(tmp, "wb") as f:
-        f.write(raw)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return WrittenFile(path.name, len(raw), sha256_file(path))
 
 
 def _verified(root: Path, files: dict[str, dict]) -> bool:
@@ -163,7 +146,7 @@ def pull_model(
 ) -> PullResult:
     """Pull ``source`` into the store as ``name`` (see the module docstring); returns where it is."""
     progress = progress or PullProgress()
-    target_dtype = parse_dtype(dtype)
+    target_dtype = canonical_dtype(dtype)
     kind, value = classify_source(source)
     if upcycle is not None and upcycle < 2:
         raise MoeinfError("--upcycle needs at least 2 experts")
@@ -220,7 +203,7 @@ def _upcycle(src, num_experts: int, top_k: int, target_dtype, tmp_root: Path, pr
 
 
 def _pull_key(src, target_dtype, upcycled) -> dict:
-    key = {"format_version": FORMAT_VERSION, "source": src.describe(), "dtype": target_dtype and dtype_name(target_dtype),
+    key = {"format_version": FORMAT_VERSION, "source": src.describe(), "dtype": target_dtype,
            "upcycled": upcycled}
     if isinstance(src, LocalSource):
         key["fingerprint"] = src.fingerprint() if src.kind == "local" else None
@@ -248,6 +231,8 @@ def _convert_into_store(src, name: str, target_dtype, upcycled, progress: PullPr
         return _build(src, name, config, layout, key, partial, state, total, done_bytes, target_dtype, upcycled, progress)
     except OSError as err:
         if err.errno in _NO_SPACE:
+            from engine.store.convert import disk_full_error
+
             raise disk_full_error(partial, err) from None
         raise
 
@@ -284,8 +269,11 @@ def _check_space(partial: Path, config: dict, remaining_src: int, target_dtype) 
 
 
 def _build(src, name, config, layout, key, partial: Path, state, total, done_bytes, target_dtype, upcycled, progress):
+    import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
+
+    from engine.store.convert import Converter, dtype_name, parse_dtype
 
     partial.mkdir(parents=True, exist_ok=True)
     meta = {}
@@ -296,7 +284,7 @@ def _build(src, name, config, layout, key, partial: Path, state, total, done_byt
         shutil.copyfile(p, partial / fname)
         meta[fname] = {"size": (partial / fname).stat().st_size, "sha256": sha256_file(partial / fname)}
 
-    conv = Converter(config, partial, target_dtype, on_bytes=progress.convert_advance)
+    conv = Converter(config, partial, parse_dtype(target_dtype), on_bytes=progress.convert_advance)
     c = state["converter"]
     conv.experts_done = {tuple(x) for x in c.get("experts_done", [])}
     conv.stored_dtype = getattr(torch, c["stored_dtype"]) if c.get("stored_dtype") else None
@@ -337,7 +325,7 @@ def _build(src, name, config, layout, key, partial: Path, state, total, done_byt
             "stored_dtype": conv.stored_dtype and dtype_name(conv.stored_dtype),
             "source_dtype": conv.source_dtype and dtype_name(conv.source_dtype),
         }
-        _write_json(partial / STATE, state)
+        write_json(partial / STATE, state)
         if old_pending and old_pending != state["pending"]:
             (partial / old_pending).unlink(missing_ok=True)
         src.release(shard)
@@ -358,8 +346,9 @@ def _short(err: BaseException) -> str:
     return (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
 
 
-def _finish(src, name, config, layout, key, partial: Path, state, meta, conv: Converter, upcycled) -> PullResult:
+def _finish(src, name, config, layout, key, partial: Path, state, meta, conv, upcycled) -> PullResult:
     from engine import __version__
+    from engine.store.convert import dtype_name
 
     stored = conv.stored_dtype
     if stored is None:  # dense model: the dtype of the dense weights
@@ -376,7 +365,7 @@ def _finish(src, name, config, layout, key, partial: Path, state, meta, conv: Co
         cfg["dtype"] = dtype_name(stored)
         if "torch_dtype" in cfg:
             cfg["torch_dtype"] = dtype_name(stored)
-    cw = _write_json(partial / "config.json", cfg)
+    cw = write_json(partial / "config.json", cfg)
 
     files = {**meta, "config.json": {"size": cw.size, "sha256": cw.sha256}, **state["files"]}
     files = dict(sorted(files.items()))
@@ -410,7 +399,7 @@ def _finish(src, name, config, layout, key, partial: Path, state, meta, conv: Co
     }
     if state["pending"]:
         (partial / state["pending"]).unlink(missing_ok=True)
-    _write_json(partial / MANIFEST, manifest)
+    write_json(partial / MANIFEST, manifest)
     (partial / STATE).unlink(missing_ok=True)
     for leftover in list(partial.rglob("*.tmp")) + list(partial.rglob("*.data")):
         leftover.unlink(missing_ok=True)

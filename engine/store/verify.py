@@ -6,7 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from engine.store.convert import sha256_file
+from engine.store.files import sha256_file
 from engine.store.manifest import MANIFEST, read_manifest
 
 
