@@ -106,7 +106,8 @@ class Session:
     def prompt_ids(self, prompt: Prompt, raw: bool = False, system: str | None = None) -> list[int]:
         """Token ids the model sees for ``prompt``.
 
-        raw: the text as is, with the tokenizer's own special tokens (e.g. BOS). Otherwise the chat
+        raw: the text as is, with the tokenizer's own special tokens (e.g. BOS); a ``system`` text is put
+        before it, separated by a blank line. Otherwise the chat
         template renders the conversation with the assistant's turn opened; a model without a template
         gets the messages' contents joined by blank lines, tokenised like raw text.
         """
