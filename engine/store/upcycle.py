@@ -1,0 +1,185 @@
+"""Sparse upcycling: a dense llama checkpoint -> a Mixtral checkpoint (Komatsuzaki et al., 2022).
+
+``upcycle_checkpoint(src_dir, out_dir, num_experts, top_k, dtype)``: every expert of a layer is an
+exact copy of that layer's FFN (w1 = gate_proj, w3 = up_proj, w2 = down_proj); attention, norms and
+embeddings are copied; each layer gets a router whose rows are k-means centroids of the layer's FFN
+inputs on text the dense model generated itself (``engine.store.upcycle_router``). Mixtral
+renormalises the top-k routing weights to sum to one, so with identical experts the output is the
+dense model's up to rounding, whichever experts the router picks -- the model is upcycled, not
+trained. ``config.json`` records that under ``"moeinf_upcycled"``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from engine.errors import MoeinfError
+from engine.store.gguf import resolve_dtype
+from engine.store.shards import StreamingShardWriter, TensorSpec
+from engine.store.upcycle_router import collect_ffn_inputs, router_weights
+
+UPCYCLED_KEY = "moeinf_upcycled"
+_FFN_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
+_EXPERT_NAME = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
+_DROP_KEYS = ("mlp_bias", "pretraining_tp", "architectures", "model_type", "auto_map")
+
+
+def _read_config(src_dir: Path) -> dict[str, Any]:
+    path = src_dir / "config.json"
+    if not path.is_file():
+        raise MoeinfError(f"{src_dir} has no config.json; upcycling needs a Hugging Face checkpoint directory")
+    return json.loads(path.read_text())
+
+
+def _check(config: dict[str, Any], num_experts: int, top_k: int) -> None:
+    if config.get("model_type") != "llama":
+        raise MoeinfError(
+            f"--upcycle needs a dense llama-family model, not {config.get('model_type')!r}; "
+            "pull it without --upcycle"
+        )
+    if config.get("mlp_bias") or config.get("attention_bias"):
+        raise MoeinfError("--upcycle does not support llama models with attention or MLP biases (Mixtral has none)")
+    if num_experts < 2:
+        raise MoeinfError(f"--upcycle needs at least 2 experts, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise MoeinfError(f"--top-k must be between 1 and the number of experts ({num_experts}), got {top_k}")
+
+
+def mixtral_config(config: dict[str, Any], num_experts: int, top_k: int, dtype: torch.dtype,
+                   record: dict[str, Any]) -> dict[str, Any]:
+    """The Mixtral ``config.json`` of the upcycled model of a llama ``config``."""
+    out = {k: v for k, v in config.items() if k not in _DROP_KEYS}
+    out.update(
+        model_type="mixtral",
+        architectures=["MixtralForCausalLM"],
+        num_local_experts=num_experts,
+        num_experts_per_tok=top_k,
+        router_aux_loss_coef=0.02,
+        router_jitter_noise=0.0,
+        output_router_logits=False,
+        sliding_window=None,
+        dtype=str(dtype).removeprefix("torch."),
+    )
+    out.pop("torch_dtype", None)
+    out[UPCYCLED_KEY] = record
+    return out
+
+
+def _source_tensors(src_dir: Path) -> list[tuple[Path, str]]:
+    files = sorted(src_dir.glob("*.safetensors"))
+    if not files:
+        raise MoeinfError(f"{src_dir} has no *.safetensors weights to upcycle")
+    out = []
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            out.extend((f, k) for k in fh.keys())
+    return out
+
+
+def _plan(src: list[tuple[Path, str]], num_experts: int, hidden: int, dtype: torch.dtype,
+          ) -> list[tuple[TensorSpec, Path, str]]:
+    """Every output tensor (spec, source file, source tensor name), in source order; the router of a
+    layer comes right before its experts."""
+    plan: list[tuple[TensorSpec, Path, str]] = []
+    routed: set[int] = set()
+    for path, name in src:
+        with safe_open(str(path), framework="pt") as fh:
+            shape = tuple(fh.get_slice(name).get_shape())
+        m = _FFN_RE.match(name)
+        if m is None:
+            plan.append((TensorSpec(name, dtype, shape), path, name))
+            continue
+        layer, proj = int(m[1]), m[2]
+        prefix = f"model.layers.{layer}.block_sparse_moe"
+        if layer not in routed:
+            routed.add(layer)
+            plan.append((TensorSpec(f"{prefix}.gate.weight", dtype, (num_experts, hidden)), path, f"router:{layer}"))
+        for e in range(num_experts):
+            plan.append((TensorSpec(f"{prefix}.experts.{e}.{_EXPERT_NAME[proj]}.weight", dtype, shape), path, name))
+    return plan
+
+
+def upcycle_checkpoint(
+    src_dir: str | Path,
+    out_dir: str | Path,
+    num_experts: int = 8,
+    top_k: int = 2,
+    dtype: str | torch.dtype | None = None,
+    *,
+    max_new_tokens: int = 64,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> Path:
+    """Write the Mixtral checkpoint upcycled from the dense llama checkpoint ``src_dir`` to ``out_dir``.
+
+    ``dtype`` None keeps the source's dtype. The directory is built aside and renamed into place.
+    """
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    config = _read_config(src_dir)
+    _check(config, num_experts, top_k)
+    src_dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
+    torch_dtype = resolve_dtype(dtype if dtype is not None else src_dtype)
+    say = progress or (lambda _msg: None)
+
+    t0 = time.perf_counter()
+    say("generating calibration text with the dense model")
+    calib = collect_ffn_inputs(src_dir, max_new_tokens=max_new_tokens, seed=seed)
+    say(f"clustering FFN inputs of {calib.tokens} tokens into {num_experts} experts per layer")
+    routers = [router_weights(x, num_experts, top_k, seed=seed + i) for i, x in enumerate(calib.inputs)]
+    hidden = int(config["hidden_size"])
+    record = {
+        "method": "sparse upcycling (Komatsuzaki et al., 2022): experts are copies of the dense FFN",
+        "trained": False,
+        "source": config.get("moeinf_source") or {"path": src_dir.name},
+        "source_model_type": "llama",
+        "num_experts": num_experts,
+        "top_k": top_k,
+        "router": "spherical k-means centroids of centred FFN inputs (mean direction removed) on self-generated text",
+        "calibration_tokens": calib.tokens,
+        "calibration_prompts": calib.prompts,
+        "router_margin": routers[0].median_margin if routers else None,
+        "seed": seed,
+    }
+
+    work = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    say("writing experts")
+    plan = _plan(_source_tensors(src_dir), num_experts, hidden, torch_dtype)
+    handles: dict[Path, Any] = {}
+    try:
+        with StreamingShardWriter(work / "model.safetensors", [p[0] for p in plan], metadata={"format": "pt"}) as w:
+            cached: tuple[str, torch.Tensor] | None = None
+            for spec, path, name in plan:
+                if name.startswith("router:"):
+                    w.write(spec.name, routers[int(name.split(":")[1])].weight.to(torch_dtype))
+                    continue
+                if cached is None or cached[0] != f"{path}:{name}":
+                    fh = handles.get(path) or handles.setdefault(path, safe_open(str(path), framework="pt"))
+                    cached = (f"{path}:{name}", fh.get_tensor(name).to(torch_dtype))
+                w.write(spec.name, cached[1])
+    finally:
+        handles.clear()
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
+                 "special_tokens_map.json"):
+        if (src_dir / name).is_file():
+            shutil.copy2(src_dir / name, work / name)
+    record["seconds"] = round(time.perf_counter() - t0, 1)
+    out_cfg = mixtral_config(config, num_experts, top_k, torch_dtype, record)
+    tmp = work / "config.json.tmp"
+    tmp.write_text(json.dumps(out_cfg, indent=2) + "\n")
+    os.replace(tmp, work / "config.json")
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(work, out_dir)
+    return out_dir
