@@ -269,3 +269,32 @@ def test_o_direct_reads_match_the_os_count(tmp_path):
         assert abs(os_count - own) <= 0.05 * own, (os_count, own)
     finally:
         src.close()
+
+
+def test_fetch_without_observe_of_many_ids_streams(model, reference):
+    src = _open(model, slots=TOP_K, prefetch=False)
+    try:
+        got = {e: _same(w, _ref(reference, 0, e)) for e, w in src.fetch(0, list(range(EXPERTS)))}
+        assert got == {e: True for e in range(EXPERTS)}
+    finally:
+        src.close()
+
+
+def test_interpreter_exit_without_close_is_clean(model):
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent(f"""
+        import torch
+        from engine.memory import open_experts
+        src = open_experts({str(model)!r}, torch.float32, "cpu", "60%", "lru")
+        src.observe(0, torch.tensor([[1, 2]]), torch.zeros(1, 64))
+        gen = src.fetch(0, [1, 2])
+        next(gen)
+        print("ok", flush=True)
+        raise SystemExit(0)  # no close(): the loader must not hang the exit
+    """)
+    env = dict(os.environ, PYTHONPATH=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]

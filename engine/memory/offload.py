@@ -123,7 +123,8 @@ class OffloadedExperts:
 
     def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
         ids = list(dict.fromkeys(int(e) for e in expert_ids))
-        streaming = self._step_tokens.pop(layer, 1) > 1
+        # more than one token in this step (or more ids than one token routes): stream the misses
+        streaming = self._step_tokens.pop(layer, 1) > 1 or len(ids) > self.top_k
         with self.lock:
             self._release_pins()
             self._epoch += 1
