@@ -34,7 +34,7 @@ from moeinf_cli.repl_conversation import (
     load_conversation,
     save_conversation,
 )
-from moeinf_cli.repl_info import cache_stats, info_lines, parameters_lines
+from moeinf_cli.repl_info import cache_delta, cache_snapshot, cache_stats, info_lines, parameters_lines
 from moeinf_cli.repl_input import Interrupted, LineReader, Reader, TerminalReader
 from moeinf_cli.repl_output import AnswerWriter
 
@@ -190,6 +190,7 @@ class ChatRepl:
             self.warn(f"Little room is left for the answer ({ctx - fit.prompt_tokens} tokens of {ctx}); "
                       f"use /clear or /set parameter num_ctx {2 * ctx} for more.")
         messages = self.conversation.messages([{"role": "user", "content": message}])
+        cache_before = cache_snapshot(self.session)
         try:
             stream = self.session.generate(messages, **self.sampling)
         except MoeinfError as err:
@@ -200,6 +201,8 @@ class ChatRepl:
             return
         self.conversation.add_exchange(message, answer)
         if stats is not None:
+            if getattr(stats, "cache", None) is not None:
+                stats.cache = cache_delta(stats.cache, cache_before)  # this answer's figures, not the total
             self.last_stats = stats
             if stats.done_reason == "length" and stats.prompt_tokens + stats.generated_tokens >= ctx - 1:
                 self.warn(f"(the answer filled the context of {ctx} tokens; the oldest exchanges will be "
@@ -311,7 +314,7 @@ class ChatRepl:
         lines = list(self.last_stats.summary_lines())
         total = cache_stats(self.session)
         if total is not None and hasattr(total, "summary_line"):
-            lines.append(f"expert cache so far: {total.summary_line()}")
+            lines.append(f"so far:               {total.summary_line()}")
         self.say("\n".join(lines))
 
     def _load_command(self, target: str) -> None:

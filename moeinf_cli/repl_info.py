@@ -6,8 +6,15 @@ expert source's ``stats()``; every function returns lines of text and prints not
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
+
+# Counters of engine.memory's CacheStats that grow during an answer (the rest describe the cache).
+CACHE_COUNTERS = ("accesses", "hits", "demand_loads", "prefetch_loads", "prefetch_useful", "prefetch_wasted",
+                  "prefetch_cancelled", "prefetch_dropped", "streamed", "evictions", "bytes_loaded", "stall_s")
+CACHE_LAYER_COUNTERS = ("layer_hits", "layer_accesses")
 
 
 def human_count(n: float) -> str:
@@ -114,6 +121,27 @@ def _bytes(value: Any) -> Any:
         if value >= size:
             return f"{value / size:.1f} {unit}"
     return f"{int(value)} B"
+
+
+def cache_snapshot(session: Any) -> Any:
+    """A copy of the cumulative cache stats now (to subtract after an answer), or None."""
+    stats = cache_stats(session)
+    return copy.deepcopy(stats) if stats is not None else None
+
+
+def cache_delta(after: Any, before: Any) -> Any:
+    """The cache figures of one answer: ``after`` minus ``before`` for every counter (hit rate, loads,
+    bytes, stall time), the descriptive fields (budget, policy, residency) of ``after``. When the two
+    cannot be subtracted (not the same dataclass), ``after`` as it is."""
+    if before is None or after is None or type(before) is not type(after) or not dataclasses.is_dataclass(after):
+        return after
+    names = {f.name for f in dataclasses.fields(after)}
+    changes: dict[str, Any] = {n: getattr(after, n) - getattr(before, n) for n in CACHE_COUNTERS if n in names}
+    for n in CACHE_LAYER_COUNTERS:
+        if n in names:
+            a, b = getattr(after, n), getattr(before, n)
+            changes[n] = {k: v - b.get(k, 0) for k, v in a.items() if v - b.get(k, 0)}
+    return dataclasses.replace(after, **changes)
 
 
 def _fmt(value: Any) -> Any:

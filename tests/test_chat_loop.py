@@ -13,9 +13,11 @@ import signal
 from rich.console import Console
 
 from engine.errors import MoeinfError
+from engine.memory.stats import CacheStats
 from engine.runtime.stats import GenerationStats
 from moeinf_cli.repl import ChatRepl
 from moeinf_cli.repl_conversation import Conversation, answer_reserve, fit_to_context, load_conversation
+from moeinf_cli.repl_info import cache_delta
 from moeinf_cli.repl_input import Interrupted, LineReader
 
 
@@ -251,3 +253,61 @@ def test_line_reader_joins_blocks():
     assert reader.read() == "one"
     assert reader.read() == '"""two\nthree\n"""'
     assert reader.read() == "/bye"
+
+
+class CountingExperts:
+    """An expert source whose counters grow by 10 accesses (``hits_per_answer`` hits) per answer."""
+
+    def __init__(self, hits_per_answer):
+        self.hits_per_answer = list(hits_per_answer)
+        self.total = CacheStats(mode="offload", policy="lru", budget_bytes=1 << 20, slots=4)
+
+    def answer(self):
+        hits = self.hits_per_answer.pop(0)
+        self.total.accesses += 10
+        self.total.hits += hits
+        self.total.demand_loads += 10 - hits
+        self.total.bytes_loaded += (10 - hits) * 1_000_000
+        self.total.layer_accesses[0] = self.total.layer_accesses.get(0, 0) + 10
+
+    def stats(self):
+        return CacheStats(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(self.total).items()})
+
+
+def test_verbose_cache_line_is_per_answer_and_show_stats_adds_the_total():
+    s = WordSession()
+    s.experts = CountingExperts([2, 8])
+    plain_generate = s.generate
+
+    def generate(messages, **sampling):
+        inner = plain_generate(messages, **sampling)
+
+        def stream():
+            for item in inner:
+                if not isinstance(item, str):
+                    s.experts.answer()
+                    item.cache = s.experts.stats()
+                yield item
+
+        return stream()
+
+    s.generate = generate
+    repl, out, err, _ = make_repl(s, verbose=True)
+    repl.run(ScriptReader("one", "two", "/show stats"))
+    cache_lines = [line for line in err.getvalue().splitlines() if line.startswith("expert cache:")]
+    assert len(cache_lines) == 2
+    assert "hit rate 20.0%, 8 demand" in cache_lines[0] and "8.0 MB loaded" in cache_lines[0]
+    assert "hit rate 80.0%, 2 demand" in cache_lines[1] and "2.0 MB loaded" in cache_lines[1]
+    shown = out.getvalue()
+    assert "hit rate 80.0%" in shown and "so far:               experts: hit rate 50.0%, 10 demand" in shown
+
+
+def test_cache_delta_subtracts_counters_and_keeps_descriptions():
+    before = CacheStats(mode="offload", accesses=10, hits=5, stall_s=0.5, resident_experts=3,
+                        layer_hits={0: 5}, layer_accesses={0: 10})
+    after = CacheStats(mode="offload", accesses=30, hits=20, stall_s=0.75, resident_experts=4,
+                       layer_hits={0: 12, 1: 8}, layer_accesses={0: 20, 1: 10})
+    d = cache_delta(after, before)
+    assert (d.accesses, d.hits, d.stall_s, d.resident_experts) == (20, 15, 0.25, 4)
+    assert d.layer_hits == {0: 7, 1: 8} and d.layer_accesses == {0: 10, 1: 10}
+    assert cache_delta(after, None) is after
