@@ -241,3 +241,39 @@ def test_bad_option_and_info_and_reset(tok_dir):
     assert s.info()["tokens_in_cache"] == 0
     _, st = run(s.generate("Hi", num_predict=2, **GREEDY))
     assert st.prompt_eval_count == st.prompt_tokens
+
+
+def test_generator_does_not_leave_inference_mode_on(tok_dir):
+    s = make_session(tok_dir)
+    gen = s.generate("Hi", num_predict=5, **GREEDY)
+    next(gen)
+    assert not torch.is_inference_mode_enabled()
+    gen.close()
+    out = s.logits(s.prompt_ids("Hi"))
+    assert not out.is_inference()
+
+
+class _Recorder:
+    def __init__(self):
+        self.events = []
+
+    def begin_sequence(self):
+        self.events.append("begin")
+
+    def end_sequence(self):
+        self.events.append("end")
+
+
+def test_each_generation_is_one_traced_sequence(tok_dir):
+    s = make_session(tok_dir)
+    s.recorder = rec = _Recorder()
+    run(s.generate("Hi", num_predict=3, **GREEDY))
+    gen = s.generate("Hello", num_predict=30, **GREEDY)
+    next(gen)
+    gen.close()  # an early stop still ends the sequence
+    assert rec.events == ["begin", "end", "begin", "end"]
+    old = s.generate("Hi", num_predict=30, **GREEDY)
+    next(old)
+    run(s.generate("Hello", num_predict=2, **GREEDY))
+    old.close()  # superseded: its sequence was ended by the newer begin, not again now
+    assert rec.events[4:] == ["begin", "begin", "end"]

@@ -125,10 +125,12 @@ class Session:
     # ---- model passes --------------------------------------------------------------------
 
     def _forward(self, ids: Sequence[int], start_pos: int, last_only: bool = False) -> torch.Tensor:
-        tokens = torch.tensor(list(ids), dtype=torch.long, device=self.device)
-        if last_only and self._last_only:
-            return self.model.forward(tokens, start_pos, last_only=True)
-        return self.model.forward(tokens, start_pos)
+        # inference mode only around the pass: a generator must not leave it switched on for its caller
+        with torch.inference_mode():
+            tokens = torch.tensor(list(ids), dtype=torch.long, device=self.device)
+            if last_only and self._last_only:
+                return self.model.forward(tokens, start_pos, last_only=True)
+            return self.model.forward(tokens, start_pos)
 
     def _prefill(self, ids: Sequence[int], start: int) -> torch.Tensor:
         """Run ``ids[start:]`` (the cache holds ``ids[:start]``); the logits of the last position."""
@@ -161,12 +163,11 @@ class Session:
         self._generation += 1
         self._tokens = []
         outs = []
-        with torch.inference_mode():
-            for s in range(0, len(ids), self.prefill_chunk):
-                chunk = ids[s : s + self.prefill_chunk]
-                outs.append(self._forward(chunk, s).float().cpu())
-                self._tokens.extend(chunk)
-        return torch.cat(outs, dim=0)
+        for s in range(0, len(ids), self.prefill_chunk):
+            chunk = ids[s : s + self.prefill_chunk]
+            outs.append(self._forward(chunk, s).float().cpu())
+            self._tokens.extend(chunk)
+        return torch.cat(outs, dim=0).clone()  # a normal tensor (made in inference mode)
 
     # ---- generation ----------------------------------------------------------------------
 
@@ -205,43 +206,43 @@ class Session:
             recorder.begin_sequence()
         t_eval = None
         try:
-            with torch.inference_mode():
-                start = common_prefix_len(self._tokens, ids)
-                start = min(start, len(ids) - 1)  # the last prompt token always runs: its logits pick the next
-                stats.prompt_eval_count = len(ids) - start
-                logits = self._prefill(ids, start)
-                t_eval = time.perf_counter()
-                stats.prompt_eval_s = t_eval - t_start
-                stats.done_reason = "length"
-                stopped = False
-                while limit is None or stats.generated_tokens < limit:
-                    if self._generation != generation:
-                        raise MoeinfError("this generation was superseded by a newer call on the same session")
-                    token = sampler(logits, history)
-                    if token in eos:
-                        stats.done_reason = "stop"
-                        break
-                    stats.generated_tokens += 1
-                    history.append(token)
-                    text, stopped = stopper.push(decoder.push(token))
-                    if text:
-                        yield text
-                    if stopped:
-                        break
-                    if len(self._tokens) >= self.ctx or (limit is not None and stats.generated_tokens >= limit):
-                        break  # no room for the token in the KV cache, or enough tokens
-                    logits = self._forward([token], len(self._tokens))[-1]
-                    self._tokens.append(token)
-                if not stopped:  # release what the decoder and the stop scanner still hold
-                    tail, stopped = stopper.push(decoder.flush())
-                    if not stopped:
-                        tail += stopper.flush()
-                    if tail:
-                        yield tail
-                if stopped:
+            start = common_prefix_len(self._tokens, ids)
+            start = min(start, len(ids) - 1)  # the last prompt token always runs: its logits pick the next
+            stats.prompt_eval_count = len(ids) - start
+            logits = self._prefill(ids, start)
+            t_eval = time.perf_counter()
+            stats.prompt_eval_s = t_eval - t_start
+            stats.done_reason = "length"
+            stopped = False
+            while limit is None or stats.generated_tokens < limit:
+                if self._generation != generation:
+                    raise MoeinfError("this generation was superseded by a newer call on the same session")
+                token = sampler(logits, history)
+                if token in eos:
                     stats.done_reason = "stop"
+                    break
+                stats.generated_tokens += 1
+                history.append(token)
+                text, stopped = stopper.push(decoder.push(token))
+                if text:
+                    yield text
+                if stopped:
+                    break
+                if len(self._tokens) >= self.ctx or (limit is not None and stats.generated_tokens >= limit):
+                    break  # no room for the token in the KV cache, or enough tokens
+                logits = self._forward([token], len(self._tokens))[-1]
+                self._tokens.append(token)
+            if not stopped:  # release what the decoder and the stop scanner still hold
+                tail, stopped = stopper.push(decoder.flush())
+                if not stopped:
+                    tail += stopper.flush()
+                if tail:
+                    yield tail
+            if stopped:
+                stats.done_reason = "stop"
         finally:
-            if recorder is not None and hasattr(recorder, "end_sequence"):
+            # a superseded generation's sequence was already ended by the newer one's begin_sequence
+            if recorder is not None and hasattr(recorder, "end_sequence") and self._generation == generation:
                 recorder.end_sequence()
         now = time.perf_counter()
         stats.eval_s = now - (t_eval if t_eval is not None else now)
