@@ -237,10 +237,14 @@ class CudaTransfer(Transfer):
         with self._maps_lock:
             t = self._maps.get(key)
             if t is None:
+                import warnings
+
                 import numpy as np
 
                 arr = np.memmap(key, dtype=np.uint8, mode="r")
-                t = self._maps[key] = torch.from_numpy(arr)  # read-only mapping, never written
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # a read-only array: torch warns, and it is only read
+                    t = self._maps[key] = torch.from_numpy(arr)
             return t
 
     def _worker_state(self) -> dict:
@@ -259,16 +263,12 @@ class CudaTransfer(Transfer):
         return st
 
     def load(self, slot: Slot, path: Path) -> int:
-        import warnings
-
         st = self._worker_state()
         views, done = st["staging"][st["next"]]
         st["next"] ^= 1
         done.synchronize()  # the previous copy out of this staging buffer has finished
         mapped = self._mapped(path)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # from_numpy of a read-only map warns; it is only read
-            header = self._header(path, memoryview(mapped.numpy()[: 8 + 100_000]))
+        header = self._header(path, memoryview(mapped.numpy()[: 8 + 100_000]))
         for name, e in header.tensors.items():
             views[name].copy_(mapped[e.start : e.end].view(e.dtype).view(e.shape))
         stream = st["stream"]
