@@ -297,10 +297,7 @@ class ChatRepl:
     def _set_parameter(self, name: str, value: Any) -> None:
         if name == "num_ctx":
             self.say(f"Loading {self.model_name} with a context of {value} tokens...")
-            try:
-                self.load(self.model_name, ctx=value)
-            except MoeinfError as err:
-                self.warn(f"Error: {err}")
+            if not self._reload(self.model_name, ctx=value):
                 return
         else:
             self.sampling[name] = value
@@ -339,10 +336,17 @@ class ChatRepl:
 
     def _try_load(self, name: str) -> bool:
         self.say(f"Loading model '{name}'")
+        return self._reload(name)
+
+    def _reload(self, name: str, **overrides: Any) -> bool:
+        """Load inside the REPL: an error or Ctrl+C leaves the current model in place."""
         try:
-            self.load(name)
+            self.load(name, **overrides)
         except MoeinfError as err:
             self.warn(f"Error: {err}")
+            return False
+        except KeyboardInterrupt:
+            self.warn(f"Loading cancelled; still chatting with {self.model_name}.")
             return False
         return True
 

@@ -149,6 +149,6 @@ def test_chat_help_shows_an_example():
 
     result = CliRunner().invoke(app, ["chat", "--help"], env={"COLUMNS": "120"})
     assert result.exit_code == 0
-    assert "Example: moeinf chat mixtral" in result.output
+    assert "moeinf chat mixtral --system" in result.output
     for flag in ("--system", "--temperature", "--expert-budget", "--policy", "--ctx", "--verbose"):
         assert flag in result.output

@@ -6,13 +6,19 @@ from typing import Any
 
 import typer
 
-HELP = """Chat with a model in the terminal, as `ollama run` does.
+HELP = """Chat with a model in the terminal, as `ollama run MODEL` does.
 
 Type a message and press Enter; the answer streams as it comes. \"\"\" begins and ends a message of
-several lines; /? lists the commands (/set parameter temperature 0, /show info, /save chat.json,
-/clear, /bye). Ctrl+C stops an answer, Ctrl+D leaves. Input history is kept in $MOEINF_HOME/history.
+several lines. Commands: /? (help), /set parameter temperature 0, /set system "...", /set verbose,
+/show info, /show stats, /load MODEL, /save chat.json, /clear, /bye. Ctrl+C stops an answer,
+Ctrl+D leaves. Input history is kept in $MOEINF_HOME/history. With stdin not a terminal, each line
+read is one message (or command).
 
-Example: moeinf chat mixtral --system "Answer in one sentence." --expert-budget 25% --verbose
+\b
+Examples:
+  moeinf chat mixtral
+  moeinf chat mixtral --system "Answer in one sentence." --expert-budget 25% --verbose
+  printf 'Hi\\n/show info\\n' | moeinf chat mixtral --temperature 0
 """
 
 
