@@ -1,27 +1,29 @@
 """The trace-driven policy ``eam`` (the default): predict each expert's next use, prefetch, evict.
 
-For every expert (l, e) the policy estimates the probability that it is used the next time layer l
-runs, from three sources combined:
+For every expert (l, e) the policy estimates ``p[l, e]``, the probability that e is used the next
+time layer l runs, with a small logistic model over features that combine the sources the papers
+use, and learns the model's weights online (every single-token step is a labelled example: the
+features an expert had before its layer ran, and whether the router picked it):
 
-* the running request's own history: a recency-weighted per-token usage rate of each expert (an
-  exponential moving average over tokens), blended with the rate the EAM collection predicts for
-  requests like this one (``EAMCollection.predict``: cosine match of the partial EAM over the layers
-  seen so far, nearer layers weighted more);
-* for the layers still to come in the current token: the cross-layer transition counts of the
-  collection (a token's experts at layer l predict its experts at l+1, chained a few layers ahead);
+* recency and frequency inside the running request: used at the layer's previous run, the run
+  before, a fast and a slow exponential moving average of use, the request's usage rate;
+* the EAM collection: the usage rate that past requests like this one predict
+  (``EAMCollection.predict``: cosine match of the partial EAM over the layers seen so far, nearer
+  layers weighted more), or the session's rate while the collection is empty;
+* cross-layer transitions: for the layers still to come in the current token, the experts that
+  tokens routed like this one used at the next layer (transition counts of the collection);
 * speculative-gating hints (``on_hint(layer, scores)``: the coming layer's router applied early to
-  the current hidden state), which, when present, dominate the prediction of that layer.
+  the current hidden state); the hint's excess over the prior is a feature whose weight starts high.
 
-From these probabilities it derives an expected next-use distance in layer steps (Belady
-approximated): distance to the layer's next run, plus, if not used then, L steps per expected token
-until use (1 / rate). ``victim`` evicts the resident expert with the farthest expected next use;
-``prefetch`` loads the most likely experts of the next layers, but only those whose expected next
-use is sooner than that of the expert they would displace and whose probability clears a floor.
+Eviction approximates Belady: the expected next-use distance of (l, e) in layer steps is the
+distance to layer l's next run plus ``L * (1 - p) / p`` (a geometric number of further tokens);
+``victim`` evicts the resident expert whose expected next use is farthest. ``prefetch`` proposes the
+most likely non-resident experts of the next layers whose probability clears ``prefetch_floor``
+and whose expected use comes before that of the resident expert each would displace.
 
-The policy learns online: at each ``begin_sequence`` the finished request's EAM joins its in-memory
-collection, and every single-token step adds to the transition counts. A persisted collection (the
-model's traces under ``$MOEINF_HOME/traces/<model>/``) is loaded at ``setup`` when ``model_name``
-is given.
+Learning across requests: at each ``begin_sequence`` the finished request's EAM joins the in-memory
+collection and every single-token step adds to the transition counts. With ``model_name`` the
+persisted collection of that model (``$MOEINF_HOME/traces/<model>/``) is loaded at ``setup``.
 """
 
 from __future__ import annotations
@@ -32,6 +34,26 @@ import numpy as np
 
 from engine.memory.policy import Key, Policy
 from engine.trace.eam import DECODE, EAM, PREFILL, EAMCollection
+
+# feature order of the reuse model
+F_BIAS, F_PREV, F_PREV2, F_FAST, F_SLOW, F_FREQ, F_PRIOR, F_TRANS, F_HINT = range(9)
+NUM_FEATURES = 9
+
+
+def _top_k_of(config: dict | None) -> int | None:
+    if not config:
+        return None
+    try:
+        from engine.store.families import moe_layout
+
+        return moe_layout(dict(config)).top_k or None
+    except (KeyError, ValueError, TypeError):
+        return None
+
+
+def _logit(p: np.ndarray | float) -> np.ndarray:
+    p = np.clip(p, 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
 
 
 class EAMPolicy(Policy):
@@ -44,22 +66,28 @@ class EAMPolicy(Policy):
         model_name: str | None = None,
         collection: EAMCollection | None = None,
         learn: bool = True,
-        ema_decay: float = 0.9,
-        prior_tokens: float = 8.0,
-        hint_weight: float = 0.75,
-        horizon: int = 2,
-        prefetch_floor: float = 0.3,
-        transition_trust: float = 64.0,
+        fast_decay: float = 0.5,
+        slow_decay: float = 0.95,
+        learning_rate: float = 0.05,
+        hint_weight: float = 6.0,
+        prefetch_floor: float = 0.5,
+        prefetch_layers: int = 1,
+        transition_trust: float = 32.0,
+        horizon: int = 1,
+        top_k: int | None = None,
+        config: dict | None = None,
     ):
         self.model_name = model_name
         self._given = collection
         self.learn = learn
-        self.ema_decay = ema_decay
-        self.prior_tokens = prior_tokens
+        self.fast_decay, self.slow_decay = fast_decay, slow_decay
+        self.learning_rate = learning_rate
         self.hint_weight = hint_weight
-        self.horizon = horizon
         self.prefetch_floor = prefetch_floor
+        self.prefetch_layers = prefetch_layers
         self.transition_trust = transition_trust
+        self.horizon = horizon
+        self._top_k_given = top_k or _top_k_of(config)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def setup(self, num_layers: int, num_experts: int, capacity: int) -> None:
@@ -74,25 +102,39 @@ class EAMPolicy(Policy):
             coll = EAMCollection(L, E)
         self.collection = coll
         self.resident = np.zeros((L, E), dtype=bool)
-        self.top_k = 1
+        self.top_k = self._top_k_given or 1
         self._session_counts = np.zeros((L, E), dtype=np.float32)
         self._session_tokens = 0
-        self._cur = EAM.empty(L, E)
-        self._prior: np.ndarray | None = None
+        self.weights = np.zeros(NUM_FEATURES, dtype=np.float64)
+        self._weights_ready = False
         self._hint = np.zeros((L, E), dtype=np.float32)
         self._has_hint = np.zeros(L, dtype=bool)
+        self._cur = EAM.empty(L, E)
         self._reset_request()
+
+    def _init_weights(self) -> None:
+        base = self.top_k / self.num_experts
+        w = np.zeros(NUM_FEATURES)
+        w[F_BIAS] = float(_logit(base)) - 1.0
+        w[F_PREV], w[F_FAST], w[F_SLOW], w[F_FREQ] = 0.5, 1.0, 1.0, 1.0
+        w[F_PRIOR], w[F_TRANS] = 2.0, 2.0
+        w[F_HINT] = self.hint_weight
+        self.weights = w
+        self._weights_ready = True
 
     def _reset_request(self) -> None:
         L, E = self.num_layers, self.num_experts
-        self._ema = np.zeros((L, E), dtype=np.float32)
-        self._ema_mass = np.zeros(L, dtype=np.float32)
+        self._dist: np.ndarray | None = None
+        self._feat = np.zeros((L, E, NUM_FEATURES), dtype=np.float32)
+        self._feat[..., F_BIAS] = 1.0
+        self._runs = np.zeros(L, dtype=np.float64)  # single-token runs of each layer in this request
+        self._req_counts = np.zeros((L, E), dtype=np.float32)
         self._cur = EAM.empty(L, E)
         self._tokens = 0
+        self._new_step = True
         self._layer = -1
-        self._layer_steps = np.zeros(L, dtype=np.int64)
         self._token_experts: dict[int, np.ndarray] = {}
-        self._ahead = np.full((L, E), np.nan, dtype=np.float32)  # this token's predictions, layers ahead
+        self._prior = np.full((L, E), self.top_k / E, dtype=np.float32)
         self._refresh_prior()
 
     def begin_sequence(self) -> None:
@@ -101,51 +143,78 @@ class EAMPolicy(Policy):
         self._reset_request()
 
     def begin_token(self) -> None:
+        self._new_step = True
+        self._dist = None
         self._token_experts = {}
-        self._ahead[:] = np.nan
         self._layer = -1
         if self._tokens and self._tokens % 4 == 0:
             self._refresh_prior()
 
     # -- observations ---------------------------------------------------------------------------------
     def on_route(self, layer: int, experts: Sequence[int], counts: Sequence[int] | None = None) -> None:
+        self._dist = None
         ids = np.fromiter((int(e) for e in experts), dtype=np.int64)
         cnt = np.ones(len(ids), dtype=np.float32) if counts is None else np.asarray(counts, dtype=np.float32)
         multi = bool(len(cnt) and cnt.max() > 1)
-        phase = PREFILL if multi else DECODE
-        step_tokens = float(cnt.sum() / max(len(ids), 1)) if multi else 1.0
         if not multi:
             self.top_k = max(self.top_k, len(ids))
+        if not self._weights_ready and (not multi or self._top_k_given):
+            self._init_weights()
         self._layer = layer
-        if layer == 0 or not self._layer_steps.any():
+        step_tokens = max(1.0, float(cnt.sum()) / self.top_k) if multi else 1.0
+        phase = PREFILL if multi else DECODE
+        if self._new_step:  # the first MoE layer of a step: count its tokens once
+            self._new_step = False
             self._tokens += 1
-            self._cur.tokens[phase] += max(1, int(round(cnt.sum() / max(self.top_k, 1)))) if multi else 1
-        self._layer_steps[layer] += 1
+            self._cur.tokens[phase] += int(round(step_tokens))
+            self._session_tokens += int(round(step_tokens))
         self._cur.counts[phase, layer, ids] += cnt
         self._session_counts[layer, ids] += cnt
-        if layer == 0:
-            self._session_tokens += 1
-        d = self.ema_decay ** step_tokens
-        self._ema[layer] *= d
-        self._ema_mass[layer] = self._ema_mass[layer] * d + (1.0 - d)
-        self._ema[layer, ids] += (1.0 - d) * np.minimum(cnt / step_tokens, 1.0)
+        used = np.zeros(self.num_experts, dtype=np.float32)
+        used[ids] = 1.0
+        share = used.copy()  # fraction of the step's tokens routed to each expert
+        if multi:
+            share[ids] = np.minimum(cnt / step_tokens, 1.0)
+        f = self._feat[layer]
+        if not multi and self.learn and self._weights_ready:
+            self._learn(f, used)
+        # features for this layer's next run
+        self._runs[layer] += step_tokens
+        self._req_counts[layer] += share * step_tokens
+        f[:, F_PREV2] = f[:, F_PREV]
+        f[:, F_PREV] = used
+        df, ds = self.fast_decay**step_tokens, self.slow_decay**step_tokens
+        f[:, F_FAST] = f[:, F_FAST] * df + (1 - df) * share
+        f[:, F_SLOW] = f[:, F_SLOW] * ds + (1 - ds) * share
+        f[:, F_FREQ] = self._req_counts[layer] / max(self._runs[layer], 1)
+        f[:, F_PRIOR] = self._prior[layer]
+        f[:, F_TRANS] = self._prior[layer]
+        f[:, F_HINT] = 0.0
         self._has_hint[layer] = False
         if not multi:
             prev = self._token_experts.get(layer - 1)
             if self.learn and prev is not None and self.collection.transitions is not None and len(ids):
                 self.collection.transitions[layer - 1][np.ix_(prev, ids)] += 1.0
             self._token_experts[layer] = ids
-            self._predict_ahead(layer, ids)
+            self._predict_next_layer(layer, ids)
+
+    def _learn(self, f: np.ndarray, used: np.ndarray) -> None:
+        """One SGD step of the logistic reuse model on this layer's run (features were set before it)."""
+        z = f.astype(np.float64) @ self.weights
+        p = 1.0 / (1.0 + np.exp(-z))
+        grad = (used - p) @ f / max(len(used), 1)
+        self.weights += self.learning_rate * grad * len(used) / max(self.top_k, 1)
 
     def on_hint(self, layer: int, scores: Sequence[float]) -> None:
+        self._dist = None
         s = np.asarray(scores, dtype=np.float64).reshape(-1)
         if s.shape[0] != self.num_experts or not 0 <= layer < self.num_layers:
             return
         p = np.exp(s - s.max())
-        p = p / p.sum() * self.top_k
-        self._hint[layer] = np.minimum(p, 1.0).astype(np.float32)
+        p = np.minimum(p / p.sum() * self.top_k, 1.0)
+        self._hint[layer] = p
         self._has_hint[layer] = True
-        self._ahead[layer] = self._combine_next(layer, self._ahead[layer])
+        self._feat[layer, :, F_HINT] = p - self._feat[layer, :, F_PRIOR]
 
     def on_load(self, key: Key) -> None:
         self.resident[key] = True
@@ -155,112 +224,101 @@ class EAMPolicy(Policy):
 
     # -- prediction ---------------------------------------------------------------------------------
     def _refresh_prior(self) -> None:
-        partial = self._cur.rates()
-        seen = self.num_layers if self._tokens > 1 else max(self._layer + 1, 1)
-        self._prior = self.collection.predict(partial, seen, min(seen, self.num_layers - 1))
-
-    def rates(self) -> np.ndarray:
-        """Per-token usage rate [L, E] of every expert for the running request (best estimate)."""
         L, E = self.num_layers, self.num_experts
-        uniform = np.full((L, E), self.top_k / E, dtype=np.float32)
-        base = uniform
-        if self._session_tokens:
-            sess = self._session_counts / max(self._session_tokens, 1)
-            base = (sess * self._session_tokens + uniform * 4.0) / (self._session_tokens + 4.0)
-        if self._prior is not None:
-            base = 0.5 * base + 0.5 * self._prior
-        mass = self._ema_mass[:, None]
-        ema = np.where(mass > 0, self._ema / np.maximum(mass, 1e-6), 0.0)
-        w = (self._tokens / (self._tokens + self.prior_tokens)) * np.minimum(mass * 10.0, 1.0)
-        return (w * ema + (1.0 - w) * base).astype(np.float32)
+        pred = None
+        if len(self.collection):
+            seen = L if self._tokens > 1 else max(self._layer + 1, 1)
+            pred = self.collection.predict(self._cur.rates(), seen, min(seen, L - 1))
+        if pred is None and self._session_tokens:
+            uniform = self.top_k / E
+            pred = (self._session_counts + 4.0 * uniform) / (self._session_tokens + 4.0)
+        if pred is not None:
+            self._prior = np.clip(pred, 0.0, 1.0).astype(np.float32)
+            if hasattr(self, "_feat"):
+                self._feat[..., F_PRIOR] = self._prior
 
-    def _combine_next(self, layer: int, from_history: np.ndarray) -> np.ndarray:
-        if not self._has_hint[layer]:
-            return from_history
-        h = self._hint[layer]
-        base = np.nan_to_num(from_history, nan=0.0)
-        return (self.hint_weight * h + (1.0 - self.hint_weight) * base).astype(np.float32)
+    def _predict_next_layer(self, layer: int, ids: np.ndarray) -> None:
+        """Transition-based probabilities for this token's coming layers (feature F_TRANS).
 
-    def _predict_ahead(self, layer: int, ids: np.ndarray) -> None:
-        """This token's usage probabilities for layers layer+1 .. layer+horizon."""
-        rates = None
-        cur = np.zeros(self.num_experts, dtype=np.float32)
+        Layer+1 from this token's experts at ``layer``; further layers (up to ``horizon``) by chaining
+        the prediction through the next transition matrices, which flattens it as it goes.
+        """
+        tr = self.collection.transitions
+        if tr is None or not len(ids):
+            return
+        cur = np.zeros(self.num_experts, dtype=np.float64)
         cur[ids] = 1.0
         for nl in range(layer + 1, min(layer + 1 + self.horizon, self.num_layers)):
-            tr = self.collection.transitions
-            if rates is None:
-                rates = self.rates()
-            base = rates[nl]
-            if tr is not None:
-                rows = cur @ tr[nl - 1]
-                total = float(rows.sum())
-                if total > 0:
-                    pred = rows * (float(cur.sum()) / total)
-                    n_obs = total / max(float(cur.sum()), 1.0)
-                    a = n_obs / (n_obs + self.transition_trust)
-                    base = a * np.minimum(pred, 1.0) + (1.0 - a) * base
-            nxt = self._combine_next(nl, base) if nl == layer + 1 else base
-            self._ahead[nl] = nxt
-            cur = nxt
+            rows = cur @ tr[nl - 1]
+            total = float(rows.sum())
+            if total <= 0:
+                return
+            n_obs = total / max(float(cur.sum()), 1e-6) / max(self.top_k, 1)  # tokens behind these rows
+            a = n_obs / (n_obs + self.transition_trust)
+            pred = np.minimum(rows * (self.top_k / total), 1.0)
+            self._feat[nl, :, F_TRANS] = a * pred + (1 - a) * self._prior[nl]
+            cur = pred
+
+    def probabilities(self) -> np.ndarray:
+        """P(used at the layer's next run) [L, E] for every expert."""
+        if not self._weights_ready:
+            return np.maximum(self._prior, self._feat[..., F_FAST])
+        z = self._feat.astype(np.float64) @ self.weights
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
     def next_use_distance(self) -> np.ndarray:
         """Expected steps [L, E] until each expert is next needed (layer steps; larger = later)."""
+        if self._dist is not None:
+            return self._dist
         L = self.num_layers
-        rates = np.maximum(self.rates(), 1e-4)
-        here = self._layer
-        d0 = (np.arange(L) - here) % L
+        p = np.clip(self.probabilities(), 1e-4, 1.0)
+        d0 = (np.arange(L) - self._layer) % L
         d0[d0 == 0] = L
-        d0 = d0.astype(np.float32)[:, None]
-        p0 = np.where(np.isnan(self._ahead), rates, self._ahead)
-        hinted = self._has_hint[:, None]
-        p0 = np.where(hinted & np.isnan(self._ahead), self._hint, p0)
-        return d0 + (1.0 - np.clip(p0, 0.0, 1.0)) * (L / rates)
+        self._dist = d0.astype(np.float64)[:, None] + L * (1.0 - p) / p
+        return self._dist
 
     # -- decisions ----------------------------------------------------------------------------------
     def victim(self, resident: Collection[Key], pinned: Collection[Key]) -> Key:
         dist = self.next_use_distance()
-        mask = self.resident.copy()
-        for key in pinned:
-            mask[key] = False
-        if not mask.any() or not all(self.resident[k] for k in resident):
-            self.resident[:] = False  # out of sync with the cache: rebuild from what it says
-            for key in resident:
-                self.resident[key] = True
+        if len(resident) != int(self.resident.sum()):
+            self._resync(resident)
+        for _ in range(2):
             mask = self.resident.copy()
             for key in pinned:
                 mask[key] = False
-        score = np.where(mask, dist, -np.inf)
-        flat = int(np.argmax(score))
-        key = (flat // self.num_experts, flat % self.num_experts)
-        if key not in resident or key in pinned:
-            candidates = [k for k in resident if k not in pinned]
-            key = max(candidates, key=lambda k: dist[k])
-        return key
+            if mask.any():
+                flat = int(np.argmax(np.where(mask, dist, -np.inf)))
+                key = (flat // self.num_experts, flat % self.num_experts)
+                if key in resident:
+                    return key
+            self._resync(resident)  # out of step with the cache: take what it says, then retry
+        return next(k for k in resident if k not in pinned)
+
+    def _resync(self, resident: Collection[Key]) -> None:
+        self.resident[:] = False
+        for key in resident:
+            self.resident[key] = True
 
     def prefetch(self, layer: int, limit: int) -> list[Key]:
         if limit <= 0:
             return []
+        L = self.num_layers
+        layers = [(layer + i) % L for i in range(1, self.prefetch_layers + 1)]
+        p = self.probabilities()
         dist = self.next_use_distance()
-        nxt = [nl for nl in range(layer + 1, min(layer + 1 + self.horizon, self.num_layers))]
-        if not nxt and layer == self.num_layers - 1:
-            nxt = [0]
         cands: list[tuple[float, Key]] = []
-        for nl in nxt:
-            p = self._ahead[nl] if not np.isnan(self._ahead[nl]).all() else self.rates()[nl]
-            if self._has_hint[nl]:
-                p = self._combine_next(nl, p)
-            for e in np.nonzero((p >= self.prefetch_floor) & ~self.resident[nl])[0]:
+        for nl in dict.fromkeys(layers):
+            for e in np.nonzero((p[nl] >= self.prefetch_floor) & ~self.resident[nl])[0]:
                 cands.append((float(dist[nl, e]), (nl, int(e))))
         if not cands:
             return []
         cands.sort()
-        # the experts these would displace: resident ones, farthest expected use first
         free = self.capacity - int(self.resident.sum())
-        res_d = np.sort(dist[self.resident])[::-1]
+        displaced = np.sort(dist[self.resident])[::-1]  # what each prefetch would evict, in turn
         out: list[Key] = []
         for i, (d, key) in enumerate(cands[:limit]):
             j = i - free
-            if j >= 0 and (j >= len(res_d) or res_d[j] <= d):
+            if j >= 0 and (j >= len(displaced) or displaced[j] <= d):
                 break
             out.append(key)
         return out

@@ -78,6 +78,15 @@ def capacity_for(fraction: float, num_layers: int, num_experts: int) -> int:
     return max(1, int(round(fraction * num_layers * num_experts)))
 
 
+def count_accesses(trace: RoutingTrace) -> int:
+    """(step, distinct needed expert) pairs of the trace: the denominator of every hit rate."""
+    ids = np.sort(trace.expert_ids, axis=-1)
+    valid = ids >= 0
+    distinct = valid.copy()
+    distinct[..., 1:] &= ids[..., 1:] != ids[..., :-1]
+    return int(distinct.sum())
+
+
 def _steps(trace: RoutingTrace):
     """Yield (token, layer, needed expert ids) with ids distinct, in first-seen order, -1 dropped."""
     ids = trace.expert_ids
