@@ -298,3 +298,35 @@ def test_interpreter_exit_without_close_is_clean(model):
     env = dict(os.environ, PYTHONPATH=str(__import__("pathlib").Path(__file__).resolve().parents[1]))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-2000:]
+
+
+def test_speculative_hints_reach_the_policy(model):
+    from engine.memory.hints import RouterHints
+
+    class Hinted(ScriptedPolicy):
+        def __init__(self):
+            super().__init__({})
+            self.hints = []
+
+        def on_hint(self, layer, scores):
+            self.hints.append((layer, list(scores)))
+
+    src = _open(model, slots=20)
+    src.policy = Hinted()
+    src.hints = RouterHints(model, list(range(LAYERS)))
+    try:
+        h = torch.randn(1, 64)
+        src.observe(0, torch.tensor([[1, 2]]), h)
+        list(src.fetch(0, [1, 2]))
+        src.observe(LAYERS - 1, torch.tensor([[1, 2]]), h)  # the last layer: nothing after it
+        list(src.fetch(LAYERS - 1, [1, 2]))
+        src.observe(0, torch.tensor([[1, 2], [3, 4]]), torch.randn(2, 64))  # prefill: no hints
+        assert [layer for layer, _ in src.policy.hints] == [1]
+        from safetensors import safe_open
+
+        dense = next((model / "dense").glob("*.safetensors"))
+        with safe_open(str(dense), "pt") as f:
+            w = f.get_tensor("model.layers.1.mlp.gate.weight")
+        assert torch.allclose(torch.tensor(src.policy.hints[0][1]), w @ h[0], atol=1e-5)
+    finally:
+        src.close()

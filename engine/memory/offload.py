@@ -52,6 +52,7 @@ class OffloadedExperts:
         workers: int = 2,
         prefetch: bool = True,
         stats: CacheStats | None = None,
+        hints=None,
     ):
         if capacity < top_k:
             raise ValueError(f"capacity {capacity} below top_k {top_k}")
@@ -74,6 +75,8 @@ class OffloadedExperts:
         self._last_layer: int | None = None
         self._step_tokens: dict[int, int] = {}
         self.prefetch_limit = max(0, min(4 * top_k, self.main_capacity - 2 * top_k)) if prefetch else 0
+        # speculative gating only for policies that listen to hints
+        self.hints = hints if hints and type(policy).on_hint is not Policy.on_hint else None
         self._stats = stats or CacheStats()
         self._stats.mode = "offload"
         self._stats.io = transfer.io
@@ -101,6 +104,11 @@ class OffloadedExperts:
         tokens = int(topk_ids.shape[0]) if topk_ids.dim() > 1 else 1
         if self.recorder is not None:
             self.recorder.on_route(layer, topk_ids)
+        hint = None
+        if self.hints is not None and tokens == 1 and self.prefetch_limit:
+            nxt = self.hints.next_layer(layer)
+            if nxt is not None:
+                hint = (nxt, self.hints.scores(nxt, hidden[-1]))
         with self.lock:
             if self._last_layer is None or layer <= self._last_layer:
                 self.policy.begin_token()
@@ -112,6 +120,8 @@ class OffloadedExperts:
             self.loader.cancel(lambda k: k[0] == layer and k[1] not in routed)
             if tokens > 1 or self.prefetch_limit == 0:
                 return
+            if hint is not None:
+                self.policy.on_hint(*hint)
             wanted = [k for k in self.policy.prefetch(layer, self.prefetch_limit) if k not in self._resident]
             wanted_set = set(wanted)
             # a newer prediction replaces the queued older ones

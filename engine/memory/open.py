@@ -12,6 +12,7 @@ import torch
 from engine.errors import MoeinfError
 from engine.memory.budget import fmt_bytes, parse_budget, resolve_budget
 from engine.memory.offload import OffloadedExperts
+from engine.memory.policy import Policy
 from engine.memory.resident import ResidentExperts
 from engine.memory.shard import read_header
 from engine.memory.stats import CacheStats
@@ -132,6 +133,11 @@ def open_experts(
             f" ({fmt_bytes(transfer.slot_bytes)} each), policy {pol.name}",
             file=sys.stderr,
         )
+    hints = None
+    if prefetch and type(pol).on_hint is not Policy.on_hint:
+        from engine.memory.hints import RouterHints
+
+        hints = RouterHints(model_root, layout.moe_layers)
     return OffloadedExperts(
         paths,
         transfer,
@@ -144,6 +150,7 @@ def open_experts(
         workers=max(1, min(workers, os.cpu_count() or 1, 8)) if workers else 1,
         prefetch=prefetch,
         stats=stats,
+        hints=hints,
     )
 
 

@@ -1,0 +1,58 @@
+"""Speculative gating (ProMoE): the next MoE layer's router applied to this layer's router input.
+
+The hidden state changes little from one layer to the next, so ``W_router[l'] @ h_l`` ranks the
+experts layer ``l'`` will pick well enough to start loading them one layer early. The router
+matrices ([E, H], small) are read from the dense shards through a copy-on-write memory map, so they
+cost page cache, not a second resident copy. The scores go to ``Policy.on_hint``.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import torch
+
+from engine.memory.shard import read_header
+
+ROUTER_SUFFIXES = (".mlp.gate.weight", ".mlp.router.weight")  # gpt-oss calls its router "router"
+
+
+class RouterHints:
+    """Router logits of a later MoE layer for a hidden state of an earlier one."""
+
+    def __init__(self, model_root: Path, moe_layers: list[int]):
+        self.moe_layers = list(moe_layers)
+        self._next = {a: b for a, b in zip(self.moe_layers, self.moe_layers[1:], strict=False)}
+        self._weights: dict[int, torch.Tensor] = {}
+        self._maps: list[mmap.mmap] = []
+        wanted = {f"model.layers.{layer}{suffix}": layer for layer in self.moe_layers for suffix in ROUTER_SUFFIXES}
+        for f in sorted((Path(model_root) / "dense").glob("*.safetensors")):
+            header = read_header(f)
+            hits = {name: t for name, t in header.tensors.items() if name in wanted}
+            if not hits:
+                continue
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
+            finally:
+                os.close(fd)
+            self._maps.append(mm)
+            whole = torch.frombuffer(mm, dtype=torch.uint8)
+            for name, t in hits.items():
+                self._weights[wanted[name]] = whole[t.start : t.end].view(t.dtype).view(t.shape)
+
+    def __bool__(self) -> bool:
+        return bool(self._weights)
+
+    def next_layer(self, layer: int) -> int | None:
+        """The MoE layer after ``layer`` (None at the last one)."""
+        nxt = self._next.get(layer)
+        return nxt if nxt in self._weights else None
+
+    def scores(self, layer: int, hidden: torch.Tensor) -> list[float]:
+        """Router logits [E] of ``layer`` for one hidden vector [H]."""
+        w = self._weights[layer]
+        h = hidden.reshape(-1).to(device="cpu", dtype=w.dtype)
+        return torch.mv(w, h).float().tolist()
