@@ -177,15 +177,17 @@ class ChatRepl:
     def ask(self, message: str) -> None:
         """Send ``message`` with the conversation so far and stream the answer."""
         ctx = int(self.session.ctx)
-        fit = fit_to_context(self.conversation, message, self._count_tokens, ctx,
+        trial = Conversation(self.conversation.system, list(self.conversation.turns))
+        fit = fit_to_context(trial, message, self._count_tokens, ctx,
                              answer_reserve(ctx, self.sampling.get("num_predict")))
-        if fit.dropped:
-            self.warn(f"The conversation outgrew the context of {ctx} tokens: dropped the {fit.dropped} "
-                      f"oldest exchange(s). Use /clear to start afresh.")
-        if fit.prompt_tokens >= ctx:
+        if fit.prompt_tokens >= ctx:  # refused: the conversation stays as it was
             self.warn(f"This message needs {fit.prompt_tokens} tokens but the context holds {ctx}; "
                       f"shorten it, /clear, or /set parameter num_ctx {2 * ctx}.")
             return
+        self.conversation = trial
+        if fit.dropped:
+            self.warn(f"The conversation outgrew the context of {ctx} tokens: dropped the {fit.dropped} "
+                      f"oldest exchange(s). Use /clear to start afresh.")
         if not fit.fits:
             self.warn(f"Little room is left for the answer ({ctx - fit.prompt_tokens} tokens of {ctx}); "
                       f"use /clear or /set parameter num_ctx {2 * ctx} for more.")

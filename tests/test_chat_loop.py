@@ -188,8 +188,8 @@ def test_context_overflow_drops_oldest_exchanges_and_says_so():
 def test_message_longer_than_the_context_is_refused():
     s = WordSession(ctx=32)
     repl, out, _, _ = make_repl(s)
-    repl.run(ScriptReader(" ".join(["word"] * 40), "short"))
-    assert len(s.calls) == 1 and s.calls[0][0] == [{"role": "user", "content": "short"}]
+    repl.run(ScriptReader("short", " ".join(["word"] * 40), "again"))
+    assert len(s.calls) == 2 and s.calls[1][0][:2] == s.calls[0][0][:1] + [{"role": "assistant", "content": "answer1 w1 w2 w3"}]
     assert "context holds 32; shorten it, /clear, or /set parameter num_ctx 64." in out.getvalue()
 
 
