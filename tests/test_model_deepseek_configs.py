@@ -106,3 +106,14 @@ def test_gpt_oss_hub_config():
     inv_freq, factor = inv_freq_for(args.rope, 64, args.max_position_embeddings)
     torch.testing.assert_close(inv_freq, rotary.inv_freq)
     assert factor == pytest.approx(rotary.attention_scaling) and factor > 1.3
+
+
+def test_moe_layer_freq_and_no_shared_experts():
+    """DeepSeek's own code makes layer i sparse when i >= first_k_dense_replace and i % moe_layer_freq == 0
+    (transformers ignores moe_layer_freq, 1 in every release); n_shared_experts 0 means no shared MLP."""
+    config = dict(DEEPSEEK_V2_LITE, num_hidden_layers=7, moe_layer_freq=2, first_k_dense_replace=1, n_shared_experts=0)
+    _, model = _build(config)
+    sparse = [i for i, layer in enumerate(model.layers) if isinstance(layer.mlp, MoEBlock)]
+    assert sparse == [2, 4, 6]
+    assert all(model.layers[i].mlp.shared_expert is None for i in sparse)
+    assert model.layers[3].mlp.gate_proj.weight.shape[0] == config["intermediate_size"]
