@@ -330,3 +330,46 @@ def test_speculative_hints_reach_the_policy(model):
         assert torch.allclose(torch.tensor(src.policy.hints[0][1]), w @ h[0], atol=1e-5)
     finally:
         src.close()
+
+
+class RandomPrefetch(ScriptedPolicy):
+    """LRU eviction and random prefetch guesses: exercises prefetch/demand/evict/promote races."""
+
+    def __init__(self, seed: int):
+        super().__init__({})
+        self.rng = random.Random(seed)
+
+    def prefetch(self, layer, limit):
+        return [((layer + self.rng.randint(0, 2)) % LAYERS, self.rng.randrange(EXPERTS)) for _ in range(limit)]
+
+
+@pytest.mark.parametrize("slots,workers", [(TOP_K + 4, 2), (3 * TOP_K + 2, 2), (2 * TOP_K + 2, 1)])
+def test_random_prefetch_races_never_give_wrong_weights(model, reference, slots, workers):
+    src = _open(model, slots=slots, workers=workers)
+    src.policy = RandomPrefetch(slots)
+    src.prefetch_limit = 3
+    rng = random.Random(slots)
+    try:
+        for step in range(30):
+            for layer in range(LAYERS):
+                if step % 10 == 0:  # now and then a prefill step over most experts
+                    ids = torch.tensor([[rng.randrange(EXPERTS), rng.randrange(EXPERTS)] for _ in range(6)])
+                    want = sorted(set(ids.flatten().tolist()))
+                    src.observe(layer, ids, torch.zeros(6, 64))
+                    got = []
+                    for e, w in src.fetch(layer, want):
+                        assert _same(w, _ref(reference, layer, e))
+                        got.append(e)
+                    assert sorted(got) == want
+                else:
+                    ids = rng.sample(range(EXPERTS), TOP_K)
+                    for e, w in _decode_step(src, layer, ids):
+                        assert _same(w, _ref(reference, layer, e))
+                with src.lock:
+                    assert len(src._resident) <= src.main_capacity
+        st = src.stats()
+        assert st.prefetch_loads > 0
+        assert st.prefetch_useful + st.prefetch_wasted <= st.prefetch_loads
+        assert st.peak_resident_bytes <= st.budget_bytes
+    finally:
+        src.close()
