@@ -225,12 +225,11 @@ class HubSource:
 
 
 class LocalSource:
-    """A checkpoint directory on disk."""
+    """A checkpoint directory on disk (also the temporary one a GGUF file or an upcycling becomes)."""
 
-    def __init__(self, path: Path, kind: str = "local", describe_path: str | None = None):
+    def __init__(self, path: Path, description: dict | None = None):
         self.meta_dir = Path(path)
-        self.kind = kind
-        self._describe_path = describe_path or str(Path(path).resolve())
+        self._description = description or {"kind": "local", "path": str(Path(path).resolve())}
         if not (self.meta_dir / "config.json").is_file():
             raise MoeinfError(f"{path} has no config.json; give a Hugging Face checkpoint directory")
         self.shards = shard_names(self.meta_dir)
@@ -239,7 +238,8 @@ class LocalSource:
             raise MoeinfError(f"{path} lacks {', '.join(missing[:3])}; the checkpoint directory is incomplete")
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "path": self._describe_path}
+        """Where the checkpoint came from (for a GGUF or upcycled source: the original, not this temp dir)."""
+        return dict(self._description)
 
     def shard_sizes(self) -> dict[str, int]:
         return {s: (self.meta_dir / s).stat().st_size for s in self.shards}

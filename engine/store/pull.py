@@ -158,38 +158,57 @@ def pull_model(
 
 
 def _pull_locked(kind, value, source, name, revision, target_dtype, upcycle, top_k, keep_downloads, progress) -> PullResult:
+    if revision and kind not in ("alias", "hub"):
+        raise MoeinfError("--revision only applies to hub repositories")
+    upcycled = None
+    if upcycle is not None:
+        k = top_k or 2
+        if k > upcycle:
+            raise MoeinfError(f"--top-k {k} is larger than the number of experts {upcycle}")
+        upcycled = {"num_experts": upcycle, "top_k": k}
+    src = None
+    if kind in ("alias", "hub"):
+        progress.message(f"resolving {value} on the hub")
+        src = HubSource(value, revision, keep_downloads=keep_downloads, on_download=progress.download)
+        described, fingerprint = src.describe(), None
+    elif kind == "local":
+        src = LocalSource(Path(value))
+        described, fingerprint = src.describe(), src.fingerprint()
+    else:
+        st = Path(value).stat()
+        described, fingerprint = {"kind": "gguf", "path": str(Path(value).resolve())}, [st.st_size, int(st.st_mtime)]
+    key = {"format_version": FORMAT_VERSION, "source": described, "fingerprint": fingerprint, "dtype": target_dtype,
+           "upcycled": upcycled}
+    final = models_dir() / name
+    if (final / MANIFEST).is_file():
+        with contextlib.suppress(OSError, ValueError):
+            existing = json.loads((final / MANIFEST).read_text())
+            if existing.get("pull_key") == key:
+                return PullResult(name, final, existing, up_to_date=True)
+
     tmp_root = moeinf_home() / "tmp" / name
     try:
-        src = _open_source(kind, value, revision, target_dtype, keep_downloads, progress, tmp_root)
-        upcycled = None
-        if upcycle is not None:
-            k = top_k or 2
-            if k > upcycle:
-                raise MoeinfError(f"--top-k {k} is larger than the number of experts {upcycle}")
-            src, upcycled = _upcycle(src, upcycle, k, target_dtype, tmp_root, progress)
-        return _convert_into_store(src, name, target_dtype, upcycled, progress)
+        if kind == "gguf":
+            src = _from_gguf(value, target_dtype, tmp_root, described, progress)
+        if upcycled:
+            upcycled = {"from": described, **upcycled}
+            src = _upcycle(src, upcycled["num_experts"], upcycled["top_k"], target_dtype, tmp_root, described, progress)
+        return _convert_into_store(src, name, key, target_dtype, upcycled, progress)
     finally:
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 
-def _open_source(kind, value, revision, target_dtype, keep_downloads, progress, tmp_root: Path):
-    if kind in ("alias", "hub"):
-        progress.message(f"resolving {value} on the hub")
-        return HubSource(value, revision, keep_downloads=keep_downloads, on_download=progress.download)
-    if revision:
-        raise MoeinfError("--revision only applies to hub repositories")
-    if kind == "local":
-        return LocalSource(Path(value))
+def _from_gguf(path: str, target_dtype, tmp_root: Path, described: dict, progress) -> LocalSource:
     from engine.store.gguf import gguf_to_checkpoint
 
-    progress.message(f"converting {value} from GGUF")
+    progress.message(f"converting {path} from GGUF")
     shutil.rmtree(tmp_root / "gguf", ignore_errors=True)
     tmp_root.mkdir(parents=True, exist_ok=True)
-    out = gguf_to_checkpoint(value, tmp_root / "gguf", target_dtype)
-    return LocalSource(Path(out), kind="gguf", describe_path=str(Path(value).resolve()))
+    out = gguf_to_checkpoint(path, tmp_root / "gguf", target_dtype)
+    return LocalSource(Path(out), description=described)
 
 
-def _upcycle(src, num_experts: int, top_k: int, target_dtype, tmp_root: Path, progress):
+def _upcycle(src, num_experts: int, top_k: int, target_dtype, tmp_root: Path, described: dict, progress) -> LocalSource:
     from engine.store.upcycle import upcycle_checkpoint
 
     for shard in src.shards:  # the upcycler reads the whole dense checkpoint
@@ -198,29 +217,12 @@ def _upcycle(src, num_experts: int, top_k: int, target_dtype, tmp_root: Path, pr
     shutil.rmtree(tmp_root / "upcycle", ignore_errors=True)
     tmp_root.mkdir(parents=True, exist_ok=True)
     out = upcycle_checkpoint(src.meta_dir, tmp_root / "upcycle", num_experts, top_k, target_dtype)
-    info = {"from": src.describe(), "num_experts": num_experts, "top_k": top_k}
-    return LocalSource(Path(out), kind=src.describe()["kind"], describe_path=str(src.meta_dir)), info
+    return LocalSource(Path(out), description=described)
 
 
-def _pull_key(src, target_dtype, upcycled) -> dict:
-    key = {"format_version": FORMAT_VERSION, "source": src.describe(), "dtype": target_dtype,
-           "upcycled": upcycled}
-    if isinstance(src, LocalSource):
-        key["fingerprint"] = src.fingerprint() if src.kind == "local" else None
-    return key
-
-
-def _convert_into_store(src, name: str, target_dtype, upcycled, progress: PullProgress) -> PullResult:
+def _convert_into_store(src, name: str, key: dict, target_dtype, upcycled, progress: PullProgress) -> PullResult:
     config = json.loads((src.meta_dir / "config.json").read_text())
     layout = moe_layout(config)  # refuses unsupported families
-    key = _pull_key(src, target_dtype, upcycled)
-    final = models_dir() / name
-    if (final / MANIFEST).is_file():
-        with contextlib.suppress(OSError, ValueError):
-            existing = json.loads((final / MANIFEST).read_text())
-            if existing.get("pull_key") == key and key.get("fingerprint", True) is not None:
-                return PullResult(name, final, existing, up_to_date=True)
-
     partial = models_dir() / f"{PARTIAL_PREFIX}{name}"
     state = _load_state(partial, key, progress)
     sizes = src.shard_sizes() or {}
