@@ -40,7 +40,10 @@ class CausalLM(nn.Module):
         self.args = args
         self.vocab_size = args.vocab_size
         self.max_seq_len = 0
-        self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
+        # _weight: no random init (on the meta device it would import torch._dynamo, ~4 s per process)
+        self.embed_tokens = nn.Embedding(
+            args.vocab_size, args.hidden_size, _weight=torch.empty(args.vocab_size, args.hidden_size)
+        )
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
