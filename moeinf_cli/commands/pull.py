@@ -61,7 +61,7 @@ def _make_progress():
     class RichPullProgress(PullProgress):
         def __init__(self) -> None:
             self.bars = Progress(
-                TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                TextColumn("{task.description}"), BarColumn(bar_width=30), DownloadColumn(), TransferSpeedColumn(),
                 TimeRemainingColumn(), console=console, transient=False, disable=not console.is_terminal,
             )
             self.downloads: dict[str, int] = {}
@@ -71,7 +71,7 @@ def _make_progress():
             console.print(f"[dim]{text}[/dim]" if console.is_terminal else text, highlight=False)
 
         def download(self, desc: str, n: int, total: int | None) -> None:
-            key = desc or "download"
+            key = (desc or "download").rsplit("/", 1)[-1]  # huggingface_hub passes "(…)<commit>/<file>"
             if key not in self.downloads:
                 self.downloads[key] = self.bars.add_task(f"pulling {key}", total=total)
             self.bars.advance(self.downloads[key], n)
