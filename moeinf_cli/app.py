@@ -47,7 +47,7 @@ for _name in COMMAND_MODULES:
 
 def main() -> None:
     try:
-        app()
+        app(prog_name="moeinf")
     except MoeinfError as err:
         print(f"Error: {err}", file=sys.stderr)
         sys.exit(err.exit_code)
