@@ -11,7 +11,7 @@ from deepseek_gpt_oss_fidelity import build_store, check_bf16, check_greedy, che
 
 from engine.model.context import StepContext
 from engine.model.experts import ExpertWeights
-from engine.model.gpt_oss_attention import SinkAttention, attend_with_sinks
+from engine.model.gpt_oss_attention import SinkAttention, SinkKVCache, attend_with_sinks
 from engine.model.gpt_oss_moe import GptOssRouter, clamped_swiglu
 from engine.model.loader import load_model
 
@@ -69,17 +69,28 @@ def test_sliding_window_matters(tiny):
 
 
 def test_sinks_absorb_attention():
-    """A huge sink drives the attention output to zero; a very negative one gives plain softmax."""
+    """A huge sink drives the attention output to zero; a very negative one gives plain causal softmax
+    attention; in between, each head's output is plain attention times sum(e^s) / (sum(e^s) + e^sink)."""
     torch.manual_seed(0)
-    q, k, v = torch.randn(3, 4, 8), torch.randn(2, 3, 8), torch.randn(2, 3, 8)
-    ctx = StepContext(0, 3, q.device)
-    out = attend_with_sinks(q, k, v, ctx, 0.35, torch.full((4,), 50.0))
+    T, H, Hkv, D, scale = 3, 4, 2, 12, 0.35
+    q, k, v = torch.randn(T, H, D), torch.randn(T, Hkv, D), torch.randn(T, Hkv, D)
+    cache = SinkKVCache(8, Hkv, D, scale, torch.float32, torch.device("cpu"))
+    cache.update(0, k, v)
+    ctx = StepContext(0, T, q.device)
+    plain = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1).repeat_interleave(2, 0), v.transpose(0, 1).repeat_interleave(2, 0),
+        is_causal=True, scale=scale,
+    ).transpose(0, 1)  # [T, H, D]
+    out = attend_with_sinks(q, cache, ctx, scale, torch.full((H,), 50.0))
     assert out.abs().max() < 1e-12
-    out = attend_with_sinks(q, k, v, ctx, 0.35, torch.full((4,), -1e4))
-    want = torch.nn.functional.scaled_dot_product_attention(
-        q.transpose(0, 1), k.repeat_interleave(2, 0), v.repeat_interleave(2, 0), is_causal=True, scale=0.35
-    ).transpose(0, 1).reshape(3, -1)
-    torch.testing.assert_close(out, want)
+    out = attend_with_sinks(q, cache, ctx, scale, torch.full((H,), -1e4))
+    torch.testing.assert_close(out, plain.reshape(T, -1))
+    sinks = torch.randn(H)
+    scores = torch.einsum("thd,shd->hts", q, k.repeat_interleave(2, 1)) * scale
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+    kept = scores.exp().sum(-1) / (scores.exp().sum(-1) + sinks.exp()[:, None])  # [H, T]
+    out = attend_with_sinks(q, cache, ctx, scale, sinks)
+    torch.testing.assert_close(out, (plain * kept.T[:, :, None]).reshape(T, -1))
 
 
 def test_clamped_swiglu_and_router():

@@ -6,6 +6,13 @@ logit ``sink`` that joins every query's softmax as one extra column and is then 
 can put weight "nowhere" (``probs = softmax([scores, sink])[:-1]``). Sliding layers see only the last
 ``sliding_window`` positions (key ``j`` visible from query ``p`` when ``p - window < j <= p``); keys older
 than every query's window are not read at all.
+
+The sink is computed as one extra key that every query sees, with a zero value, inside one fused
+``scaled_dot_product_attention`` (no [heads, T, S] score tensor in memory): queries get one more
+component holding their head's sink logit, real keys a zero there, and the sink key (slot 0 of the
+cache) ``1/scaling`` there and zeros elsewhere, so its score is exactly the sink. Head dims are padded
+with zeros to a multiple of 8; the cache is kept in that layout, so a step copies nothing but its own
+keys (and, on sliding layers past the window, the window's rows).
 """
 
 from __future__ import annotations
@@ -19,8 +26,47 @@ from engine.model.context import StepContext
 from engine.model.rope import apply_rotary
 
 
+def padded_dim(head_dim: int) -> int:
+    """Head dim plus room for the sink component, rounded up to a multiple of 8."""
+    return (head_dim // 8 + 1) * 8
+
+
+class SinkKVCache(nn.Module):
+    """Keys [1, Hkv, 1 + max_seq_len, Dx] and values [1, Hkv, 1 + max_seq_len, D]; slot 0 holds the sink
+    key (``1/scaling`` at component D) and a zero value, position p lives in slot p + 1."""
+
+    def __init__(
+        self, max_seq_len: int, kv_heads: int, head_dim: int, scaling: float, dtype: torch.dtype, device: torch.device
+    ):
+        super().__init__()
+        self.max_seq_len = max_seq_len
+        self.head_dim = head_dim
+        k = torch.zeros(1, kv_heads, max_seq_len + 1, padded_dim(head_dim), dtype=dtype, device=device)
+        k[0, :, 0, head_dim] = 1.0 / scaling
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer(
+            "v", torch.zeros(1, kv_heads, max_seq_len + 1, head_dim, dtype=dtype, device=device), persistent=False
+        )
+
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store k/v [T, Hkv, D] at positions ``start_pos..start_pos+T-1``."""
+        end = start_pos + k.shape[0]
+        if end > self.max_seq_len:
+            raise ValueError(f"positions up to {end} exceed the KV cache of {self.max_seq_len}")
+        self.k[0, :, start_pos + 1 : end + 1, : self.head_dim] = k.transpose(0, 1)
+        self.v[0, :, start_pos + 1 : end + 1] = v.transpose(0, 1)
+
+    def visible(self, lo: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sink slot followed by positions ``lo..end-1``: keys [1, Hkv, 1+end-lo, Dx], values."""
+        if lo == 0:
+            return self.k[:, :, : end + 1], self.v[:, :, : end + 1]
+        k = torch.cat((self.k[:, :, :1], self.k[:, :, lo + 1 : end + 1]), dim=2)
+        v = torch.cat((self.v[:, :, :1], self.v[:, :, lo + 1 : end + 1]), dim=2)
+        return k, v
+
+
 class SinkAttention(Attention):
-    """``Attention`` with gpt-oss's sinks (parameter ``sinks`` [num_heads])."""
+    """``Attention`` with gpt-oss's sinks (parameter ``sinks`` [num_heads]) and its own ``SinkKVCache``."""
 
     def __init__(
         self,
@@ -36,6 +82,10 @@ class SinkAttention(Attention):
             hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias=bias, o_bias=bias, sliding_window=sliding_window
         )
         self.sinks = nn.Parameter(torch.zeros(num_heads))
+        self.sink_cache: SinkKVCache | None = None
+
+    def setup_cache(self, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.sink_cache = SinkKVCache(max_seq_len, self.num_kv_heads, self.head_dim, self.scaling, dtype, device)
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         T = x.shape[0]
@@ -45,48 +95,35 @@ class SinkAttention(Attention):
         assert ctx.cos is not None and ctx.sin is not None, "gpt-oss attention needs the model's rotary rows"
         q = apply_rotary(q, ctx.cos, ctx.sin)
         k = apply_rotary(k, ctx.cos, ctx.sin)
-        assert self.kv_cache is not None, "setup_cache() was not called"
-        keys, values = self.kv_cache.update(ctx.start_pos, k, v)
-        out = attend_with_sinks(q, keys[0], values[0], ctx, self.scaling, self.sinks, self.sliding_window)
+        assert self.sink_cache is not None, "setup_cache() was not called"
+        self.sink_cache.update(ctx.start_pos, k, v)
+        out = attend_with_sinks(q, self.sink_cache, ctx, self.scaling, self.sinks, self.sliding_window)
         return self.o_proj(out)
 
 
 def attend_with_sinks(
     q: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
+    cache: SinkKVCache,
     ctx: StepContext,
     scaling: float,
     sinks: torch.Tensor,
     sliding_window: int | None = None,
 ) -> torch.Tensor:
-    """q [T, H, D] over keys/values [Hkv, S, D] (S = ctx.end_pos) with per-head sinks [H] -> [T, H*D].
-
-    The sink becomes one extra key that every query sees, with a zero value: queries get one more
-    component holding their head's sink logit, real keys a zero there, the sink key ``1/scaling``
-    there and zeros elsewhere, so its score is exactly the sink. Then one fused
-    ``scaled_dot_product_attention`` (no [H, T, S] score tensor in memory); head dims are padded
-    with zeros to a multiple of 8.
-    """
+    """q [T, H, D] over the cached positions ``0..ctx.end_pos-1`` plus the sink -> [T, H*D]."""
     T, H, D = q.shape
-    Hkv = keys.shape[0]
     lo = 0
     if sliding_window is not None:
         lo = max(0, ctx.start_pos - sliding_window + 1)  # no query of this step sees keys below lo
-    S = keys.shape[1] - lo
-    Dx = (D // 8 + 1) * 8  # room for the sink component
-    qx = q.new_zeros(1, H, T, Dx)
+    keys, values = cache.visible(lo, ctx.end_pos)
+    qx = q.new_zeros(1, H, T, keys.shape[-1])
     qx[0, :, :, :D] = q.transpose(0, 1)
     qx[0, :, :, D] = sinks.to(q.dtype)[:, None]
-    kx = keys.new_zeros(1, Hkv, S + 1, Dx)
-    kx[0, :, 0, D] = 1.0 / scaling
-    kx[0, :, 1:, :D] = keys[:, lo:]
-    vx = values.new_zeros(1, Hkv, S + 1, values.shape[-1])
-    vx[0, :, 1:] = values[:, lo:]
     mask = ctx.mask(sliding_window)
     attn_mask = None
     if mask is not None:
-        attn_mask = torch.ones(T, S + 1, dtype=torch.bool, device=q.device)
+        attn_mask = torch.ones(T, keys.shape[2], dtype=torch.bool, device=q.device)
         attn_mask[:, 1:] = mask[:, lo:]
-    out = F.scaled_dot_product_attention(qx, kx, vx, attn_mask=attn_mask, scale=scaling, enable_gqa=H != Hkv)
+    out = F.scaled_dot_product_attention(
+        qx, keys, values, attn_mask=attn_mask, scale=scaling, enable_gqa=H != keys.shape[1]
+    )
     return out[0].transpose(0, 1).reshape(T, -1)
