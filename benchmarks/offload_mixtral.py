@@ -10,7 +10,7 @@ produced the same tokens. Expert loads are O_DIRECT reads, so the page cache doe
 
     flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/offload_mixtral.py
 
-Options: --budget 25% --policies lru,lfu,eam --prompt 16 --tokens 16 --runs 3 --json out.json
+Options: --budget 25% --policies lru,lfu,eam --prompt 16 --tokens 16 --runs 3 --dtype fp32 --json out.json
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from engine.memory import open_experts  # noqa: E402
 from engine.memory.budget import fmt_bytes  # noqa: E402
 from engine.model.loader import load_model  # noqa: E402
 
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SHAPE = dict(family="mixtral", num_layers=32, num_experts=8, top_k=2, hidden=1024, intermediate=2816,
              vocab=32000, heads=8, kv_heads=2, head_dim=128)
 
@@ -52,8 +53,9 @@ def generate(model, prompt: list[int], n: int) -> tuple[list[int], float, float]
 
 
 def run_config(root: Path, budget: str | None, policy: str | None, args) -> dict:
-    src = open_experts(root, torch.bfloat16, "cpu", budget, policy, ctx=args.prompt + args.tokens + 8)
-    model = load_model(root, dtype=torch.bfloat16, experts=src, max_seq_len=args.prompt + args.tokens + 8)
+    dtype = DTYPES[args.dtype]
+    src = open_experts(root, dtype, "cpu", budget, policy, ctx=args.prompt + args.tokens + 8)
+    model = load_model(root, dtype=dtype, experts=src, max_seq_len=args.prompt + args.tokens + 8)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(300, SHAPE["vocab"], (args.prompt,), generator=g).tolist()
     tokens, _, _ = generate(model, prompt, args.tokens)  # warm-up (resident: loads every expert used)
@@ -94,6 +96,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                    help="compute dtype (the store is bf16; fp32 converts while loading; bf16 matrix-vector "
+                         "products are very slow in this CPU build of torch)")
     ap.add_argument("--layers", type=int, default=SHAPE["num_layers"], help="fewer layers for a quick try")
     ap.add_argument("--intermediate", type=int, default=SHAPE["intermediate"])
     ap.add_argument("--root", default=None, help="store models dir (default: $MOEINF_HOME/models)")
@@ -129,7 +134,7 @@ def main() -> None:
     base = rows[0]["decode_tok_s"]
     print()
     print(f"Mixtral-shaped synthetic model, {args.layers} layers x 8 experts top-2, {fmt_bytes(total)} of bf16 experts, "
-          f"CPU {args.threads} threads, prompt {args.prompt}, {args.tokens} tokens, median of {args.runs}")
+          f"{args.dtype} compute, CPU {args.threads} threads, prompt {args.prompt}, {args.tokens} tokens, median of {args.runs}")
     print()
     print("| config | decode tok/s | vs resident | prompt tok/s | expert hit rate | MB read/token | stall s/run |")
     print("|---|---|---|---|---|---|---|")
