@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 LOAD_TIMEOUT = 180  # seconds: starting python, importing torch and loading, on a busy 2-core machine
 ANSWER_TIMEOUT = 120
-ANSWER_STARTED = re.compile(r"\x1b\[2K[^\x1b\r\n]")  # the spinner line cleared, then the first answer text
+ANSWER_STARTED = re.compile(r"\x1b\[2K\s*[^\x1b\s]")  # the spinner line cleared, then answer text
 
 
 @pytest.fixture(scope="module")
