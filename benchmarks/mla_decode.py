@@ -44,8 +44,11 @@ def main() -> None:
     torch.manual_seed(0)
     dtype = getattr(torch, a.dtype)
 
-    from transformers import DeepseekV2Config, DynamicCache
-    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2Attention, DeepseekV2RotaryEmbedding
+    from transformers import DeepseekV2Config
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import (
+        DeepseekV2Attention,
+        DeepseekV2RotaryEmbedding,
+    )
 
     cfg = DeepseekV2Config(
         hidden_size=HIDDEN, num_attention_heads=HEADS, num_key_value_heads=HEADS, q_lora_rank=None, kv_lora_rank=LORA,
@@ -68,27 +71,34 @@ def main() -> None:
           f"({full_bytes / lat_bytes:.0f}x)")
     print(f"{'context':>8} {'absorbed ms':>12} {'expanded ms':>12} {'transformers ms':>16} {'speedup vs tf':>14}")
     for S in a.contexts:
-        mine.setup_cache(S + 1, dtype, "cpu")
-        x = torch.randn(S + 1, HIDDEN, dtype=dtype)
-        freqs = rotary(x, torch.arange(S + 1)[None])[0]
-        cos, sin = freqs.real, freqs.imag
-        cache = DynamicCache(config=cfg)
-        with torch.inference_mode():
-            mine.attend(x[:S], 0, cos[:S], sin[:S])
-            ref(x[None, :S], position_embeddings=rotary(x, torch.arange(S)[None]), attention_mask=None,
-                past_key_values=cache)
-            step = (x[S : S + 1], S, cos[S : S + 1], sin[S : S + 1])
-            absorbed = _median_ms(lambda: mine.attend(*step, absorb=True), a.runs)
-            expanded = _median_ms(lambda: mine.attend(*step, absorb=False), a.runs)
-            pe = rotary(x, torch.tensor([[S]]))
-
-            def tf_step() -> None:
-                ref(x[None, S : S + 1], position_embeddings=pe, attention_mask=None, past_key_values=cache)
-                cache.crop(-1)  # drop the token just added: the context stays S
-
-            theirs = _median_ms(tf_step, a.runs)
+        absorbed, expanded, theirs = _measure(S, mine, ref, rotary, cfg, dtype, a.runs)
         print(f"{S:>8} {absorbed:>12.2f} {expanded:>12.2f} {theirs:>16.2f} {theirs / absorbed:>13.1f}x")
 
+
+def _measure(S: int, mine, ref, rotary, cfg, dtype: torch.dtype, runs: int) -> tuple[float, float, float]:
+    """Median ms of one decode step at context S: absorbed, expanded, transformers."""
+    from transformers import DynamicCache
+
+    mine.setup_cache(S + 1, dtype, "cpu")
+    x = torch.randn(S + 1, HIDDEN, dtype=dtype)
+    freqs = rotary(x, torch.arange(S + 1)[None])[0]
+    cos, sin = freqs.real, freqs.imag
+    cache = DynamicCache(config=cfg)
+    with torch.inference_mode():
+        mine.attend(x[:S], 0, cos[:S], sin[:S])
+        ref(x[None, :S], position_embeddings=rotary(x, torch.arange(S)[None]), attention_mask=None,
+            past_key_values=cache)
+        step = (x[S : S + 1], S, cos[S : S + 1], sin[S : S + 1])
+        absorbed = _median_ms(lambda: mine.attend(*step, absorb=True), runs)
+        expanded = _median_ms(lambda: mine.attend(*step, absorb=False), runs)
+        pe = rotary(x, torch.tensor([[S]]))
+
+        def tf_step() -> None:
+            ref(x[None, S : S + 1], position_embeddings=pe, attention_mask=None, past_key_values=cache)
+            cache.crop(-1)  # drop the token just added: the context stays S
+
+        theirs = _median_ms(tf_step, runs)
+    return absorbed, expanded, theirs
 
 if __name__ == "__main__":
     main()
