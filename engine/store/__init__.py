@@ -24,7 +24,7 @@ Dense tensors (``dense/``) keep the names transformers 5 gives them in memory, e
 MLPs of non-MoE layers are dense tensors. DeepSeek-V3's multi-token-prediction layers (decoder layer
 index >= num_hidden_layers) are not used for decoding and are dropped. ``dense/part-<k>`` holds the
 dense tensors that came from the k-th source shard; which part holds what is in the safetensors headers
-(use ``safe_open`` on each part).
+(use ``safe_open`` on each part). Dense parts are 4 KiB-aligned too.
 
 An expert shard holds, in nn.Linear layout (see ``engine/model/experts.py``):
 ``gate_proj.weight`` [I, H], ``up_proj.weight`` [I, H], ``down_proj.weight`` [H, I], and for gpt-oss

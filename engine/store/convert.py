@@ -139,7 +139,7 @@ class Converter:
         from safetensors import safe_open
 
         written: list[WrittenFile] = []
-        dense = SpillingShardWriter(self.out_dir / "dense" / f"part-{index:05d}.safetensors")
+        dense = SpillingShardWriter(self.out_dir / "dense" / f"part-{index:05d}.safetensors", align=ALIGN)
         try:
             start, header = read_header(path)
             names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
