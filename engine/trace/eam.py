@@ -98,6 +98,7 @@ class EAMCollection:
         self.merge_at = merge_at
         self.rates = np.zeros((0, 2, num_layers, num_experts), dtype=np.float32)  # per-token usage rates
         self.weights = np.zeros(0, dtype=np.float64)  # requests each entry stands for
+        self._keys: dict[tuple[int, int], np.ndarray] = {}  # unit match keys per (seen, target), cached
         self.requests = 0
         self.tokens = np.zeros(2, dtype=np.int64)
         fits = max(num_layers - 1, 0) * num_experts * num_experts <= MAX_TRANSITION_ENTRIES
@@ -120,6 +121,7 @@ class EAMCollection:
         self._insert(eam.rates().astype(np.float32), weight)
 
     def _insert(self, rates: np.ndarray, weight: float) -> None:
+        self._keys = {}
         if len(self):
             sims = _unit(self.rates.reshape(len(self), -1)) @ _unit(rates.reshape(-1))
             best = int(np.argmax(sims))
@@ -180,8 +182,11 @@ class EAMCollection:
             pick = self.rates[:, phase]
             w = self.weights
         else:
-            keys = (self.rates[:, :, :seen] * lw[None]).reshape(n, -1)
-            sims = _unit(keys) @ _unit(q)
+            keys = self._keys.get((seen, target_layer))
+            if keys is None:
+                keys = _unit((self.rates[:, :, :seen] * lw[None]).reshape(n, -1))
+                self._keys[(seen, target_layer)] = keys
+            sims = keys @ _unit(q)
             order = np.argsort(-sims)[:top]
             w = np.exp(sharpness * (sims[order] - sims[order[0]])) * np.sqrt(self.weights[order])
             pick = self.rates[order, phase]
