@@ -211,3 +211,21 @@ def test_no_template_is_reported(base_dir, tmp_path):
 def test_missing_tokenizer_is_a_moeinf_error(tmp_path):
     with pytest.raises(MoeinfError, match="tokenizer.json"):
         Tokenizer(tmp_path)
+
+
+@pytest.mark.parametrize("flags", [{"add_bos_token": False}, {"add_bos_token": True, "add_eos_token": True},
+                                   {"add_eos_token": True}, {}])
+@pytest.mark.parametrize("drop_post_processor", [False, True])
+def test_raw_encoding_follows_bos_eos_flags_like_transformers(base_dir, tmp_path, flags, drop_post_processor):
+    d = tmp_path / "t"
+    shutil.copytree(base_dir, d)
+    cfg = json.loads((d / "tokenizer_config.json").read_text())
+    cfg.update(flags)
+    (d / "tokenizer_config.json").write_text(json.dumps(cfg))
+    if drop_post_processor:
+        tj = json.loads((d / "tokenizer.json").read_text())
+        tj["post_processor"] = None
+        (d / "tokenizer.json").write_text(json.dumps(tj))
+    text = "Hello wörld 😀"
+    want = _reference(d)(text)["input_ids"]
+    assert Tokenizer(d).encode(text, add_special_tokens=True) == list(want)

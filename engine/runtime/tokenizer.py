@@ -106,7 +106,8 @@ class Tokenizer:
         return self.chat_template is not None
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
-        """Token ids of ``text``; ``add_special_tokens`` runs the post-processor (e.g. prepends BOS)."""
+        """Token ids of ``text``; ``add_special_tokens`` runs tokenizer.json's post-processor (e.g. prepends
+        BOS), as transformers 5's generic tokenizer does (it ignores ``add_bos_token`` in tokenizer_config)."""
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
