@@ -37,7 +37,7 @@ from engine.runtime.stats import GenerationStats
 from engine.runtime.stops import StopScanner
 from engine.runtime.tokenizer import Tokenizer
 
-PREFILL_CHUNK = 256  # prompt tokens per forward pass while prefilling
+PREFILL_CHUNK = 512  # prompt tokens per forward pass while prefilling (llama.cpp's default micro-batch)
 
 Prompt = str | Sequence[Mapping[str, Any]]
 

@@ -95,5 +95,6 @@ class GenerationStats:
             lines.append(f"eval duration:        {go_duration(self.eval_s)}")
             lines.append(f"eval rate:            {self.generated_tokens / self.eval_s:.2f} tokens/s")
         if self.cache is not None and hasattr(self.cache, "summary_line"):
-            lines.append(f"expert cache:         {self.cache.summary_line()}")
+            line = str(self.cache.summary_line()).removeprefix("experts: ")
+            lines.append(f"expert cache:         {line}")
         return lines
