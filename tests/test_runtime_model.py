@@ -93,3 +93,18 @@ def test_load_errors(tiny):
         s.generate("The quick brown fox jumps over the lazy dog")
     info = s.info()
     assert info["family"] == root.name.removeprefix("tiny-") and info["ctx"] == 8
+
+
+def test_long_prompt_prefills_in_chunks_like_one_pass(tiny):
+    root, ref = tiny
+    s = engine.load(root, ctx=1024)
+    prompt = "The quick brown fox jumps over the lazy dog. Why is the sky blue? " * 20
+    ids = s.prompt_ids(prompt, raw=True)
+    assert 512 < len(ids) < 1000  # more than one prefill chunk
+    text, stats = collect(s.generate(prompt, raw=True, num_predict=6, **GREEDY))
+    with torch.no_grad():
+        want = ref.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False, eos_token_id=None,
+                            pad_token_id=4)[0, len(ids):].tolist()
+    got = s.cached_tokens[len(ids):]
+    assert stats.prompt_eval_count == len(ids)
+    assert got == want[: len(got)] and len(got) == 5
