@@ -105,5 +105,7 @@ def test_budget_below_one_layer_names_the_minimum(small_model):
 
 
 def test_unknown_policy_is_user_error(small_model):
-    with pytest.raises(MoeinfError):
-        open_experts(small_model, torch.float32, "cpu", "50%", "fifo-magic")
+    for budget in ("50%", None):
+        with pytest.raises(MoeinfError) as err:
+            open_experts(small_model, torch.float32, "cpu", budget, "fifo-magic")
+        assert "lru" in str(err.value)

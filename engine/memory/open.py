@@ -84,9 +84,13 @@ def open_experts(
     when False or unsupported). ``available``: free bytes to assume instead of asking the OS (tests).
     The choice of budget is in ``stats().budget_note`` (and on stderr with ``verbose``).
     """
+    from engine.memory.policies import POLICY_NAMES, make_policy
+
     model_root = Path(model_root)
     device = torch.device(device)
     spec = parse_budget(budget)
+    if policy is not None and policy.strip().lower() not in POLICY_NAMES:
+        make_policy(policy)  # raises the one-line error naming the policies
     config = _config(model_root)
     from engine.store.families import moe_layout
 
@@ -123,8 +127,6 @@ def open_experts(
             f"(the {layout.top_k} experts one layer uses at once); use --expert-budget {_size_arg(need)} or more"
         )
     stats.budget_bytes = resolved.bytes
-    from engine.memory.policies import make_policy
-
     manifest_name = model_root.name
     pol = make_policy(policy, model_name=manifest_name, model_root=model_root, config=config)
     if verbose:
