@@ -152,3 +152,18 @@ def test_chat_help_shows_an_example():
     assert "moeinf chat mixtral --system" in result.output
     for flag in ("--system", "--temperature", "--expert-budget", "--policy", "--ctx", "--verbose"):
         assert flag in result.output
+
+
+def test_shell_completion_offers_store_names(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    for name in ("tiny-a", "tiny-b", "other"):
+        (tmp_path / "models" / name).mkdir(parents=True)
+        (tmp_path / "models" / name / "manifest.json").write_text("{}")
+    env = dict(os.environ, MOEINF_HOME=str(tmp_path), _MOEINF_COMPLETE="complete_bash",
+               COMP_WORDS="moeinf chat ti", COMP_CWORD="2")
+    out = subprocess.run([sys.executable, "-c", "from moeinf_cli.app import app; app(prog_name='moeinf')"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["tiny-a", "tiny-b"], out.stderr

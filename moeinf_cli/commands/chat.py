@@ -22,8 +22,16 @@ Examples:
 """
 
 
+def complete_model_name(incomplete: str) -> list[str]:
+    """Shell completion of MODEL: the store's model names starting with what was typed."""
+    from engine.store.manifest import store_names
+
+    return [name for name in store_names() if name.startswith(incomplete)]
+
+
 def chat(
-    model: str = typer.Argument(..., help="A model in the store (see `moeinf list`) or a store directory."),
+    model: str = typer.Argument(..., help="A model in the store (see `moeinf list`) or a store directory.",
+                                autocompletion=complete_model_name),
     system: str | None = typer.Option(None, "--system", "-s", help="System prompt for the conversation."),
     temperature: float | None = typer.Option(None, help="Sampling temperature; 0 always picks the likeliest token. (default 0.8)"),
     top_k: int | None = typer.Option(None, "--top-k", help="Sample from the k likeliest tokens (0: all). (default 40)"),
