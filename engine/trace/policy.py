@@ -16,8 +16,12 @@ features an expert had before its layer ran, and whether the router picked it):
   the current hidden state); the hint's excess over the prior is a feature whose weight starts high.
 
 Eviction approximates Belady: the expected next-use distance of (l, e) in layer steps is the
-distance to layer l's next run plus ``L * (1 - p) / p`` (a geometric number of further tokens);
-``victim`` evicts the resident expert whose expected next use is farthest. ``prefetch`` proposes the
+distance to layer l's next run plus ``L * (1 - p) / q``: if the next run does not use it, a
+geometric number of further tokens at the per-token rate ``q``. ``q`` mixes the short-term ``p``
+with a long-run rate (the request's usage rate shrunk towards the EAM prior and the session's rate);
+the mixing share is itself learned online, as the mixture that best predicted (log loss) the use two
+runs after the prediction was made. ``victim`` evicts the resident expert whose expected next use is
+farthest. ``prefetch`` proposes the
 most likely non-resident experts of the next layers whose probability clears ``prefetch_floor``
 and whose expected use comes before that of the resident expert each would displace.
 
@@ -74,6 +78,9 @@ class EAMPolicy(Policy):
         prefetch_layers: int = 1,
         transition_trust: float = 32.0,
         horizon: int = 1,
+        long_run_weight: float = 8.0,
+        short_term_share: float = 0.5,
+        share_rate: float = 0.01,
         top_k: int | None = None,
         config: dict | None = None,
     ):
@@ -87,6 +94,9 @@ class EAMPolicy(Policy):
         self.prefetch_layers = prefetch_layers
         self.transition_trust = transition_trust
         self.horizon = horizon
+        self.long_run_weight = long_run_weight
+        self.short_term_share = short_term_share
+        self.share_rate = share_rate
         self._top_k_given = top_k or _top_k_of(config)
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -107,6 +117,7 @@ class EAMPolicy(Policy):
         self._session_tokens = 0
         self.weights = np.zeros(NUM_FEATURES, dtype=np.float64)
         self._weights_ready = False
+        self.short_share = self.short_term_share
         self._hint = np.zeros((L, E), dtype=np.float32)
         self._has_hint = np.zeros(L, dtype=bool)
         self._cur = EAM.empty(L, E)
@@ -135,6 +146,7 @@ class EAMPolicy(Policy):
         self._layer = -1
         self._token_experts: dict[int, np.ndarray] = {}
         self._prior = np.full((L, E), self.top_k / E, dtype=np.float32)
+        self._hist = np.full((2, 2, L, E), np.nan, dtype=np.float64)  # [age, (short, long), L, E]
         self._refresh_prior()
 
     def begin_sequence(self) -> None:
@@ -178,6 +190,7 @@ class EAMPolicy(Policy):
         f = self._feat[layer]
         if not multi and self.learn and self._weights_ready:
             self._learn(f, used)
+            self._learn_share(layer, used)
         # features for this layer's next run
         self._runs[layer] += step_tokens
         self._req_counts[layer] += share * step_tokens
@@ -197,6 +210,11 @@ class EAMPolicy(Policy):
                 self.collection.transitions[layer - 1][np.ix_(prev, ids)] += 1.0
             self._token_experts[layer] = ids
             self._predict_next_layer(layer, ids)
+        if self._weights_ready:  # this run's predictions, judged two runs from now
+            self._hist[1, :, layer] = self._hist[0, :, layer]
+            z = self._feat[layer].astype(np.float64) @ self.weights
+            self._hist[0, 0, layer] = 1.0 / (1.0 + np.exp(-z))
+            self._hist[0, 1, layer] = self.long_run_rates()[layer]
 
     def _learn(self, f: np.ndarray, used: np.ndarray) -> None:
         """One SGD step of the logistic reuse model on this layer's run (features were set before it)."""
@@ -204,6 +222,17 @@ class EAMPolicy(Policy):
         p = 1.0 / (1.0 + np.exp(-z))
         grad = (used - p) @ f / max(len(used), 1)
         self.weights += self.learning_rate * grad * len(used) / max(self.top_k, 1)
+
+    def _learn_share(self, layer: int, used: np.ndarray) -> None:
+        """One SGD step on the share of the short-term probability in the beyond-next-run rate: the
+        mixture of the predictions made two runs ago that best predicts this run (log loss)."""
+        short, long = self._hist[1, 0, layer], self._hist[1, 1, layer]
+        if np.isnan(short).any() or np.isnan(long).any():
+            return
+        lam = self.short_share
+        m = np.clip(lam * short + (1.0 - lam) * long, 1e-4, 1 - 1e-4)
+        grad = float(np.mean(-(used / m - (1.0 - used) / (1.0 - m)) * (short - long)))
+        self.short_share = float(np.clip(lam - self.share_rate * grad, 0.05, 0.95))
 
     def on_hint(self, layer: int, scores: Sequence[float]) -> None:
         self._dist = None
@@ -266,6 +295,14 @@ class EAMPolicy(Policy):
         z = self._feat.astype(np.float64) @ self.weights
         return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
+    def long_run_rates(self) -> np.ndarray:
+        """Per-token usage rate [L, E] after the next run: request counts shrunk towards the prior and
+        the session's rate (``long_run_weight`` pseudo-tokens of them)."""
+        m = self.long_run_weight
+        session = (self._session_counts + self._prior) / (self._session_tokens + 1.0)
+        base = 0.5 * self._prior + 0.5 * session
+        return (self._req_counts + m * base) / (self._runs[:, None] + m)
+
     def next_use_distance(self) -> np.ndarray:
         """Expected steps [L, E] until each expert is next needed (layer steps; larger = later)."""
         if self._dist is not None:
@@ -274,7 +311,9 @@ class EAMPolicy(Policy):
         p = np.clip(self.probabilities(), 1e-4, 1.0)
         d0 = (np.arange(L) - self._layer) % L
         d0[d0 == 0] = L
-        self._dist = d0.astype(np.float64)[:, None] + L * (1.0 - p) / p
+        lam = self.short_share
+        p_long = np.clip(lam * p + (1.0 - lam) * self.long_run_rates(), 1e-4, 1.0)
+        self._dist = d0.astype(np.float64)[:, None] + L * (1.0 - p) / p_long
         return self._dist
 
     # -- decisions ----------------------------------------------------------------------------------
