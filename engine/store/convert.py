@@ -86,8 +86,6 @@ class SpillingShardWriter:
                     out.write(block)
                     h.update(block)
                     size += len(block)
-                out.flush()
-                os.fsync(out.fileno())
             os.replace(tmp, self.path)
             return WrittenFile("", size, h.hexdigest())
         finally:
