@@ -24,7 +24,12 @@ def repos(tmp_path_factory):
     (mix / "original" / "consolidated.00.pt").write_bytes(b"x" * 4096)  # never needed, never fetched
     (mix / "README.md").write_text("# tiny\n")
     qwen = make_tiny_checkpoint("qwen3_moe", root / "qwen", layout="fused")
-    return {"acme/tiny-mix": Repo(mix), "acme/qwen": Repo(qwen), "acme/gated": Repo(qwen, gated_token="hf_secret")}
+    bin_only = root / "bin-only"
+    bin_only.mkdir()
+    (bin_only / "config.json").write_text((qwen / "config.json").read_text())
+    (bin_only / "pytorch_model.bin").write_bytes(b"\0" * 64)
+    return {"acme/tiny-mix": Repo(mix), "acme/qwen": Repo(qwen), "acme/gated": Repo(qwen, gated_token="hf_secret"),
+            "acme/bin-only": Repo(bin_only)}
 
 
 @pytest.fixture
@@ -111,6 +116,8 @@ def test_unknown_repo_revision_and_alias(hub):
     assert "acme/nope not found" in msg
     msg = _one_line_error(run_pull(hub.url, "acme/qwen", "--revision", "v9"))
     assert "revision 'v9' not found" in msg
+    msg = _one_line_error(run_pull(hub.url, "acme/bin-only"))
+    assert "has no model.safetensors" in msg
     msg = _one_line_error(run_pull(hub.url, "mixtrl"))
     assert "did you mean mixtral" in msg
     assert not any("mixtrl" in p for _, p in hub.requests)

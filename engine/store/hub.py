@@ -102,6 +102,11 @@ def hub_errors(repo: str, revision: str | None) -> Iterator[None]:
     except e.RevisionNotFoundError:
         raise MoeinfError(f"revision {revision!r} not found in {repo}; give a branch, tag or commit that exists") from None
     except e.RemoteEntryNotFoundError as err:
+        if SINGLE_SHARD in str(err):
+            raise MoeinfError(
+                f"{repo} has no model.safetensors (nor model.safetensors.index.json); moeinf converts safetensors "
+                "checkpoints only"
+            ) from None
         raise MoeinfError(f"{repo} lacks a file the pull needs ({_first_line(err)}); it is not a complete checkpoint") from None
     except e.HfHubHTTPError as err:
         raise MoeinfError(f"the hub answered an error for {repo}: {_first_line(err)}") from None
