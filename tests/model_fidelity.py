@@ -37,3 +37,25 @@ def ref_logits(ref, tokens: torch.Tensor) -> torch.Tensor:
     """float32 logits [T, V] of the transformers model on one sequence."""
     with torch.no_grad():
         return ref(tokens[None]).logits[0].float()
+
+
+def pull_config(config, root: Path, name: str, seed: int = 0) -> tuple[Path, Path, torch.nn.Module]:
+    """A random transformers model of ``config`` (norms and biases randomised like the tiny models),
+    saved with a tokenizer and pulled into ``root/home``; returns (checkpoint, store dir, model)."""
+    import transformers as tf
+    from tiny_models import _randomise, make_tokenizer
+
+    from engine.store.pull import pull_model
+
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _randomise(model, torch.Generator().manual_seed(seed + 1))
+    model.eval()
+    ckpt = root / f"ckpt-{name}"
+    model.save_pretrained(str(ckpt))
+    make_tokenizer(ckpt)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MOEINF_HOME", str(root / "home"))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        result = pull_model(str(ckpt), name=name)
+    return ckpt, Path(result.path), model
