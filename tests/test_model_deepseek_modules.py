@@ -148,8 +148,9 @@ def test_mla_matches_transformers_prefill_and_decode(version, q_lora_rank, rope,
             outs.append(mine(x[0, t : t + 1], _ctx(t, cos[t : t + 1], sin[t : t + 1])))
         torch.testing.assert_close(torch.cat(outs), want, atol=1e-5, rtol=1e-5)
         # rewinding: rerunning from an earlier position overwrites the cache
-        again = mine(x[0, 30:], _ctx(30, cos[30:], sin[30:]))
-        torch.testing.assert_close(again, want[30:], atol=1e-5, rtol=1e-5)
+        for absorb in (False, True):  # a later chunk (start_pos > 0, masked) on both paths
+            again = mine(x[0, 30:], _ctx(30, cos[30:], sin[30:]), absorb=absorb)
+            torch.testing.assert_close(again, want[30:], atol=1e-5, rtol=1e-5)
 
 
 def test_mla_cache_overflow_is_an_error():
