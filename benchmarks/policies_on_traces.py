@@ -5,7 +5,8 @@
 
 Default traces: ../shared/traces/*.npz. For each trace and cache size (fraction of all L x E
 experts) it replays lru, lfu and eam (demand only), eam with a prefetch allowance per layer (default:
-the trace's top-k), and, with --hint-recall, eam with simulated speculative-gating hints of that
+the trace's top-k), eam with an eager prefetch (twice that allowance, probability floor 0.1: fewer
+stalls, many more loads), and, with --hint-recall, eam with simulated speculative-gating hints of that
 recall (labelled "sim"). Columns: total loads, demand misses, prefetch loads, wasted prefetches,
 hit rate, loads / Belady loads, demand misses / Belady loads.
 
@@ -80,13 +81,15 @@ def main() -> None:
             cap = capacity_for(frac, tr.num_layers, tr.num_experts)
             bel = belady_loads(tr, cap)
             print(f"| {name} | {frac:.0%} | belady | {bel} | {bel} | 0 | 0 | {1 - bel / max(1, count_accesses(tr)):.3f} | 1.00 | 1.00 |")
-            runs = [("lru", "lru", 0, None), ("lfu", "lfu", 0, None), ("eam", "eam", 0, None),
-                    (f"eam + prefetch {allowance}/layer", "eam", allowance, None)]
+            runs = [("lru", "lru", 0, None, {}), ("lfu", "lfu", 0, None, {}), ("eam", "eam", 0, None, {}),
+                    (f"eam + prefetch {allowance}/layer", "eam", allowance, None, {}),
+                    (f"eam + eager prefetch {2 * allowance}/layer (floor 0.1)", "eam", 2 * allowance, None,
+                     {"prefetch_floor": 0.1})]
             if args.hint_recall is not None:
                 hints = simulated_hints(tr, args.hint_recall)
-                runs.append((f"eam + prefetch {allowance} + sim. hints r={args.hint_recall}", "eam", allowance, hints))
-            for label, pol, pf, hints in runs:
-                r = replay(tr, make_policy(pol), cap, prefetch_per_layer=pf, hints=hints, with_belady=False)
+                runs.append((f"eam + prefetch {allowance} + sim. hints r={args.hint_recall}", "eam", allowance, hints, {}))
+            for label, pol, pf, hints, kw in runs:
+                r = replay(tr, make_policy(pol, **kw), cap, prefetch_per_layer=pf, hints=hints, with_belady=False)
                 print(row(name, frac, label, r, bel), flush=True)
             if not args.no_holdout and len(tr.sequences()) > 1:
                 holdout += heldout_rows(tr, name, frac, allowance)
