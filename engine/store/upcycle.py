@@ -116,7 +116,7 @@ def upcycle_checkpoint(
     top_k: int = 2,
     dtype: str | torch.dtype | None = None,
     *,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 48,
     seed: int = 0,
     progress: Callable[[str], None] | None = None,
 ) -> Path:
@@ -135,7 +135,7 @@ def upcycle_checkpoint(
     say("generating calibration text with the dense model")
     calib = collect_ffn_inputs(src_dir, max_new_tokens=max_new_tokens, seed=seed)
     say(f"clustering FFN inputs of {calib.tokens} tokens into {num_experts} experts per layer")
-    routers = [router_weights(x, num_experts, top_k, seed=seed + i) for i, x in enumerate(calib.inputs)]
+    routers = [router_weights(x, num_experts, top_k, calib.lengths, seed=seed + i) for i, x in enumerate(calib.inputs)]
     hidden = int(config["hidden_size"])
     record = {
         "method": "sparse upcycling (Komatsuzaki et al., 2022): experts are copies of the dense FFN",
@@ -144,7 +144,8 @@ def upcycle_checkpoint(
         "source_model_type": "llama",
         "num_experts": num_experts,
         "top_k": top_k,
-        "router": "spherical k-means centroids of centred FFN inputs (mean direction removed) on self-generated text",
+        "router": "spherical k-means centroids of FFN inputs on self-generated text, in their 16 slowest-changing "
+                  "directions (centred, mean direction removed)",
         "calibration_tokens": calib.tokens,
         "calibration_prompts": calib.prompts,
         "router_margin": routers[0].median_margin if routers else None,

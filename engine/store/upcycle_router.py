@@ -3,10 +3,12 @@
 ``collect_ffn_inputs`` runs the dense model (the engine's ``llama`` family) on a few varied seed
 prompts, lets it continue each one (sampled, seeded) and records, through a forward hook on
 ``model.layers[i].mlp``, every FFN input (the post-attention-norm hidden state) of every token.
-``router_weights`` clusters one layer's inputs with spherical k-means after centring them and
-removing the mean direction, and returns the scaled centroids as the router matrix [E, H]:
-``logits = W x = s * C (x - mean)_perp``, so a token goes to the experts whose centroids point
-the way its hidden state deviates from the average one.
+``router_weights`` centres one layer's inputs, removes the mean direction, projects them onto their
+slowest-changing directions (linear slow feature analysis over consecutive tokens) and clusters
+them with spherical k-means; the centroids, mapped back to the hidden space and scaled, are the
+router matrix [E, H]: ``logits = W x = s * C P^T (x - mean)_perp``. A token goes to the experts
+whose centroids point the way its context pushes the hidden state, so routing is input-dependent
+and consecutive tokens tend to share experts.
 """
 
 from __future__ import annotations
@@ -18,24 +20,24 @@ from pathlib import Path
 import torch
 
 SEED_PROMPTS = (
-    "What is the capital of France, and what is it famous for?",
+    "What is the tallest mountain in the world, and how was it first climbed?",
     "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
     "Write a short poem about the sea at night.",
     "List ten fruits and their colours.",
     "Explain how photosynthesis works, step by step.",
     "Tell me a story about a robot who learns to paint.",
-    "What is 17 times 23? Show the working.",
-    "Translate 'good morning, how are you?' into French, Spanish and German.",
 )
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """Per-layer FFN inputs [N, H] (float32) and how many tokens they cover."""
+    """Per-layer FFN inputs [N, H] (float32), token count, and the length of each sequence (the rows
+    of ``inputs`` are the sequences back to back, tokens in order)."""
 
     inputs: list[torch.Tensor]
     tokens: int
     prompts: int
+    lengths: list[int]
 
 
 def _store_copy(src_dir: Path, work: Path) -> Path:
@@ -56,7 +58,7 @@ def _store_copy(src_dir: Path, work: Path) -> Path:
 def collect_ffn_inputs(
     src_dir: Path,
     prompts: tuple[str, ...] = SEED_PROMPTS,
-    max_new_tokens: int = 64,
+    max_new_tokens: int = 48,
     temperature: float = 0.7,
     seed: int = 0,
 ) -> Calibration:
@@ -88,8 +90,10 @@ def collect_ffn_inputs(
         gen = torch.Generator().manual_seed(seed)
         eos = set(tokenizer.eos_ids)
         tokens = 0
+        lengths: list[int] = []
         try:
             for ids in encoded:
+                before = tokens
                 logits = model(torch.tensor(ids, dtype=torch.long), 0, last_only=True)[-1]
                 tokens += len(ids)
                 pos = len(ids)
@@ -101,10 +105,11 @@ def collect_ffn_inputs(
                     logits = model(torch.tensor([nxt], dtype=torch.long), pos)[-1]
                     pos += 1
                     tokens += 1
+                lengths.append(tokens - before)
         finally:
             for h in handles:
                 h.remove()
-    return Calibration([torch.cat(c) for c in captured], tokens, len(prompts))
+    return Calibration([torch.cat(c) for c in captured], tokens, len(prompts), lengths)
 
 
 def spherical_kmeans(x: torch.Tensor, k: int, iters: int = 30, seed: int = 0) -> torch.Tensor:
@@ -144,16 +149,45 @@ class Router:
     median_margin: float  # median gap between the top_k-th and the next logit, calibration tokens
 
 
-def router_weights(x: torch.Tensor, num_experts: int, top_k: int, margin: float = 4.0, seed: int = 0) -> Router:
-    """The router of one layer from its FFN inputs ``x`` [N, H]: centroids of the centred inputs with
-    the mean direction removed, scaled so that the median gap between the top_k-th and the next
-    logit on ``x`` is ``margin`` (decisive routing; identical experts make any choice exact)."""
+def slow_features(z: torch.Tensor, lengths: list[int], dims: int, reg: float = 0.05) -> torch.Tensor:
+    """Projection [H, dims] onto the directions of ``z`` [N, H] that change slowest from one token to
+    the next (linear slow feature analysis: whiten, then the top eigenvectors of the symmetrised lag-1
+    covariance within each sequence). ``reg`` adds that fraction of the mean variance to the
+    covariance's diagonal, so few tokens in many dimensions stay well-posed."""
+    n, h = z.shape
+    cov = z.T @ z / n
+    cov = cov + reg * cov.trace() / h * torch.eye(h)
+    starts = torch.tensor([0] + list(lengths[:-1])).cumsum(0)
+    idx = torch.cat([torch.arange(s, s + length - 1) for s, length in zip(starts.tolist(), lengths, strict=True)])
+    a, b = z[idx], z[idx + 1]
+    lag = (a.T @ b + b.T @ a) / (2 * len(idx))
+    evals, evecs = torch.linalg.eigh(cov)
+    whiten = evecs @ torch.diag(evals.clamp_min(1e-12).rsqrt()) @ evecs.T
+    _, u = torch.linalg.eigh(whiten @ lag @ whiten)
+    return whiten @ u[:, -dims:]
+
+
+def router_weights(x: torch.Tensor, num_experts: int, top_k: int, lengths: list[int] | None = None,
+                   slow_dims: int = 16, margin: float = 4.0, seed: int = 0) -> Router:
+    """The router of one layer from its FFN inputs ``x`` [N, H] (sequences of ``lengths`` back to back).
+
+    The inputs are centred and their mean direction removed (the router has no bias, so its rows
+    must be orthogonal to the mean for ``W x`` to see only the deviation). When ``lengths`` are given,
+    they are projected onto their ``slow_dims`` slowest-changing directions (``slow_features``), so the
+    router follows the context and consecutive tokens tend to share experts; spherical k-means then
+    clusters them into ``num_experts`` centroids, mapped back to rows of W. The rows are scaled so the
+    median gap between the top_k-th and the next logit on ``x`` is ``margin`` (decisive routing;
+    identical experts make any choice exact)."""
     x = x.float()
     mean = x.mean(dim=0)
     mean_dir = torch.nn.functional.normalize(mean, dim=0)
     z = x - mean
     z = z - (z @ mean_dir)[:, None] * mean_dir[None, :]
-    c = spherical_kmeans(z, num_experts, seed=seed)
+    if lengths and sum(n - 1 for n in lengths) > 2 * slow_dims and slow_dims < z.shape[1]:
+        proj = slow_features(z, lengths, slow_dims)
+        c = spherical_kmeans(z @ proj, num_experts, seed=seed) @ proj.T
+    else:
+        c = spherical_kmeans(z, num_experts, seed=seed)
     c = c - (c @ mean_dir)[:, None] * mean_dir[None, :]  # rows orthogonal to the mean: W x == W z
     c = torch.nn.functional.normalize(c, dim=-1)
     logits = x @ c.T
