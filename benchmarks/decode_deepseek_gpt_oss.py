@@ -1,10 +1,11 @@
 """Decode tokens/s of moeinf vs transformers' ``generate`` on DeepSeek-V3- and gpt-oss-shaped models
-(CPU, bf16, all experts resident), the same way as ``decode_vs_transformers.py`` does for Mixtral.
+(CPU, bf16 by default, all experts resident), the same way as ``decode_vs_transformers.py`` does for Mixtral.
 
 Random models made with transformers (``save_pretrained``), pulled into a temporary store with
 moeinf's pull, then both engines decode greedily from the same prompt in this process, same dtype
 and thread count; decode time runs from the first generated token to the last (prefill excluded).
-Medians over ``--runs`` runs after a warm-up run, and their ratio.
+Medians over ``--runs`` runs after a warm-up run, and their ratio. The checkpoint is saved in float32
+and both engines load it in ``--dtype``.
 
 Shapes (default ``--hidden 1024 --layers 8``): DeepSeek-V3: MLA with q_lora 384, kv_lora 256, nope 64,
 rope 32, v 64, 16 heads; first layer dense; 16 routed experts of 512 in 4 groups (top-2 groups), top-4,
@@ -62,12 +63,13 @@ def run_family(family: str, a: argparse.Namespace, work: Path) -> None:
     ckpt = work / f"ckpt-{family}"
     if not (ckpt / "config.json").exists():
         torch.manual_seed(0)
-        model = tf.AutoModelForCausalLM.from_config(config_for(family, a), dtype=torch.float32).to(torch.bfloat16)
+        model = tf.AutoModelForCausalLM.from_config(config_for(family, a), dtype=torch.float32)
         model.save_pretrained(str(ckpt))
         del model
     store = pull_model(str(ckpt), name=f"bench-{family.replace('_', '-')}").path
-    ref = tf.AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.bfloat16).eval()
-    ours = load_model(store, dtype=torch.bfloat16, max_seq_len=a.prompt_len + a.tokens + 8)
+    dtype = getattr(torch, a.dtype)
+    ref = tf.AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=dtype).eval()
+    ours = load_model(store, dtype=dtype, max_seq_len=a.prompt_len + a.tokens + 8)
     n_params = sum(p.numel() for p in ref.parameters())
     prompt = torch.randint(3, a.vocab, (a.prompt_len,), generator=torch.Generator().manual_seed(0))
     tf_rates, our_rates = [], []
@@ -81,7 +83,7 @@ def run_family(family: str, a: argparse.Namespace, work: Path) -> None:
             our_rates.append(r)
     same = sum(x == y for x, y in zip(tf_tokens, our_tokens, strict=True))
     tf_med, our_med = statistics.median(tf_rates), statistics.median(our_rates)
-    print(f"{family}: {n_params / 1e6:.0f} M parameters, bf16, {a.threads} threads, prompt {a.prompt_len}, "
+    print(f"{family}: {n_params / 1e6:.0f} M parameters, {a.dtype}, {a.threads} threads, prompt {a.prompt_len}, "
           f"{a.tokens} tokens, median of {a.runs} runs")
     print(f"  transformers generate: {tf_med:6.2f} tok/s  (runs: {', '.join(f'{x:.2f}' for x in tf_rates)})")
     print(f"  moeinf               : {our_med:6.2f} tok/s  (runs: {', '.join(f'{x:.2f}' for x in our_rates)})")
@@ -99,6 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"],
+                   help="bf16: random-weight logits are near-tied, so greedy continuations drift apart within a few "
+                        "tokens in either engine; float32: the tokens are identical")
     p.add_argument("--workdir", type=Path, default=None, help="keep checkpoints and store here (default: a temp dir)")
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
