@@ -61,6 +61,8 @@ class ExpertSource(Protocol):
         """Yield ``(expert_id, weights)`` for every id in ``expert_ids``, in any order (loaded ones first).
 
         Weights stay valid until the next ``fetch`` call; the caller must not keep them longer.
+        A budgeted source streaming a prefill step (more than one token, or more ids than top-k) may
+        reuse an expert's memory once the caller asks for the next one: use each inside the loop.
         """
 
 
