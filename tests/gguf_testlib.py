@@ -14,6 +14,18 @@ import gguf
 import numpy as np
 import torch
 
+# Varied text for tokenizer parity: punctuation, digits, whitespace runs, code, non-Latin scripts,
+# emoji, contractions and special tokens.
+TEXTS = [
+    "Hello world!",
+    "The capital of France is Paris. Why is the sky blue?",
+    "Numbers 1234567 and 3.14159, dates 2024-11-23.",
+    "  leading spaces,\ttabs\n\nand newlines   ",
+    "def f(x):\n    return x ** 2  # square\n",
+    "Ünïcödé ñ, 日本語, emoji 🎉 and I'm sure they'll've",
+    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
+]
+
 _ARCH = {"llama": gguf.MODEL_ARCH.LLAMA, "mixtral": gguf.MODEL_ARCH.LLAMA,
          "qwen2_moe": gguf.MODEL_ARCH.QWEN2MOE, "qwen3_moe": gguf.MODEL_ARCH.QWEN3MOE}
 

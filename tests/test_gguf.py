@@ -9,22 +9,12 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from gguf_testlib import write_gguf
+from gguf_testlib import TEXTS, write_gguf
 from safetensors.torch import load_file
 from tiny_models import make_tiny_model, make_tokenizer
 
 from engine.errors import MoeinfError
 from engine.store.gguf import gguf_to_checkpoint
-
-TEXTS = [
-    "Hello world!",
-    "The capital of France is Paris. Why is the sky blue?",
-    "Numbers 1234567 and 3.14159, dates 2024-11-23.",
-    "  leading spaces,\ttabs\n\nand newlines   ",
-    "def f(x):\n    return x ** 2  # square\n",
-    "Ünïcödé ñ, 日本語, emoji 🎉 and I'm sure they'll've",
-    "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
-]
 
 
 def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:

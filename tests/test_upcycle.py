@@ -71,7 +71,7 @@ def test_engine_answers_of_upcycled_model_equal_dense_for_any_budget(tiny):
     want = {p: "".join(x for x in base.generate(p, raw=True, temperature=0, num_predict=10) if isinstance(x, str))
             for p in PROMPTS}
     for budget in (None, "25%", "50%"):
-        s = engine.load("tiny-moe", ctx=128, expert_budget=budget, policy="lru")
+        s = engine.load("tiny-moe", ctx=128, expert_budget=budget)
         for p in PROMPTS:
             s.reset()
             got = "".join(x for x in s.generate(p, raw=True, temperature=0, num_predict=10) if isinstance(x, str))

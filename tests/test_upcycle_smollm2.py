@@ -65,7 +65,7 @@ def test_upcycled_answers_equal_dense_for_any_budget(smollm2, monkeypatch):
     cfg = json.loads((smollm2 / "models" / "smollm2-moe" / "config.json").read_text())
     assert cfg["moeinf_upcycled"]["trained"] is False
     for budget in ("25%",):  # the tiny-model test covers more budgets
-        moe = engine.load("smollm2-moe", ctx=256, expert_budget=budget, policy="lru")
+        moe = engine.load("smollm2-moe", ctx=256, expert_budget=budget)
         for p in PROMPTS:
             assert _answer(moe, p) == want[p], (budget, p)
 
