@@ -62,10 +62,11 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_json: dict, tokenizer
 
 
 def write_gguf(model: torch.nn.Module, family: str, tokenizer_dir: Path, path: Path,
-               quantize: tuple[str, ...] = (), pre: str = "gpt2") -> Path:
+               quantize: tuple[str, ...] = (), pre: str = "gpt2", per_expert: bool = False) -> Path:
     """Write ``model`` (a tiny transformers model of ``family``) and the tokenizer saved in
     ``tokenizer_dir`` as a GGUF file at ``path``. GGUF names matching a substring in ``quantize``
-    are stored as Q8_0."""
+    are stored as Q8_0. ``per_expert``: routed experts as one 2-D tensor each (``blk.N.ffn_gate.E``,
+    what older Mixtral GGUFs hold) instead of 3-D ``ffn_*_exps``."""
     import json
 
     cfg = model.config
@@ -123,12 +124,17 @@ def write_gguf(model: torch.nn.Module, family: str, tokenizer_dir: Path, path: P
             bid = hf_name.split(".")[2]
             if hf_name.endswith("gate_up_proj"):
                 inter = w.shape[1] // 2
-                add(f"blk.{bid}.ffn_gate_exps.weight", w[:, :inter])
-                add(f"blk.{bid}.ffn_up_exps.weight", w[:, inter:])
+                parts = {"gate": w[:, :inter], "up": w[:, inter:]}
             elif hf_name.endswith("down_proj"):
-                add(f"blk.{bid}.ffn_down_exps.weight", w)
+                parts = {"down": w}
             else:
                 raise ValueError(f"unexpected expert tensor {hf_name}")
+            for proj, stacked in parts.items():
+                if per_expert:
+                    for e in range(stacked.shape[0]):
+                        add(f"blk.{bid}.ffn_{proj}.{e}.weight", stacked[e])
+                else:
+                    add(f"blk.{bid}.ffn_{proj}_exps.weight", stacked)
             continue
         base, suffix = hf_name.rsplit(".", 1)
         if base.endswith("mlp.gate") and family == "mixtral":

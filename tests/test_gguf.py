@@ -24,12 +24,14 @@ def _tensors(ckpt: Path) -> dict[str, torch.Tensor]:
     return out
 
 
-def _make(tmp_path: Path, family: str, quantize: tuple[str, ...] = ()) -> tuple[torch.nn.Module, Path]:
+def _make(tmp_path: Path, family: str, quantize: tuple[str, ...] = (),
+          per_expert: bool = False) -> tuple[torch.nn.Module, Path]:
     model = make_tiny_model(family)
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir(exist_ok=True)
     make_tokenizer(tok_dir)
-    return model, write_gguf(model, family, tok_dir, tmp_path / f"{family}.gguf", quantize=quantize)
+    return model, write_gguf(model, family, tok_dir, tmp_path / f"{family}.gguf", quantize=quantize,
+                             per_expert=per_expert)
 
 
 def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -55,9 +57,11 @@ def test_tiny_gguf_round_trip_matches_transformers(tmp_path, family):
     torch.testing.assert_close(_logits(converted, ids), _logits(model, ids), rtol=1e-5, atol=1e-5)
 
 
-def test_mixtral_gguf_writes_per_expert_hub_names(tmp_path):
-    """Routed experts come out one tensor per expert (w1=gate, w3=up, w2=down) as hub Mixtral has them."""
-    model, path = _make(tmp_path, "mixtral")
+@pytest.mark.parametrize("per_expert", [False, True])
+def test_mixtral_gguf_writes_per_expert_hub_names(tmp_path, per_expert):
+    """Routed experts (3-D ffn_*_exps, or the older one tensor per expert) come out one tensor per
+    expert (w1=gate, w3=up, w2=down) as hub Mixtral has them."""
+    model, path = _make(tmp_path, "mixtral", per_expert=per_expert)
     tensors = _tensors(gguf_to_checkpoint(path, tmp_path / "ckpt", "float32"))
     gate_up = model.state_dict()["model.layers.1.mlp.experts.gate_up_proj"]
     inter = gate_up.shape[1] // 2
@@ -66,6 +70,19 @@ def test_mixtral_gguf_writes_per_expert_hub_names(tmp_path):
     torch.testing.assert_close(tensors["model.layers.1.block_sparse_moe.experts.5.w2.weight"],
                                model.state_dict()["model.layers.1.mlp.experts.down_proj"][5])
     assert "model.layers.0.block_sparse_moe.gate.weight" in tensors
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_pulled_gguf_runs_in_the_engine_like_transformers(tmp_path, family):
+    """`moeinf pull model.gguf` (pull_model) then the engine: logits equal transformers' on the original."""
+    import engine
+    from engine.store.pull import pull_model
+
+    model, path = _make(tmp_path, family)
+    pull_model(str(path), name=f"tiny-{family}-gguf", dtype="fp32")
+    session = engine.load(f"tiny-{family}-gguf", ctx=64)
+    ids = torch.randint(5, model.config.vocab_size, (16,), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(session.logits(ids.tolist()), _logits(model, ids), rtol=1e-4, atol=1e-4)
 
 
 def test_qwen2_moe_dense_layer_is_listed(tmp_path):
