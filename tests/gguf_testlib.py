@@ -61,11 +61,37 @@ def _tokenizer_metadata(writer: gguf.GGUFWriter, tokenizer_json: dict, tokenizer
         writer.add_chat_template(chat_template)
 
 
-def write_gguf(model: torch.nn.Module, family: str, tokenizer_dir: Path, path: Path,
+def _spm_metadata(writer: gguf.GGUFWriter, vocab_size: int) -> None:
+    """A small SentencePiece-BPE vocabulary as llama.cpp stores Llama 2 / Mixtral's: <unk> <s> </s>,
+    the 256 byte tokens <0x00>..<0xFF>, then "▁"-spelled pieces scored best-merge-first, no merges."""
+    from tiny_models import _TRAINING_TEXT
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first", split=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 259, show_progress=False)
+    tok.train_from_iterator([_TRAINING_TEXT] * 4, trainer=trainer)
+    pieces = [t for t, _ in sorted(tok.get_vocab().items(), key=lambda kv: kv[1])]
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + pieces
+    types = [2, 3, 3] + [6] * 256 + [1] * len(pieces)
+    scores = [0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(pieces))]
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_scores(scores)
+    writer.add_unk_token_id(0)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_add_bos_token(True)
+    writer.add_add_eos_token(False)
+
+
+def write_gguf(model: torch.nn.Module, family: str, tokenizer_dir: Path | None, path: Path,
                quantize: tuple[str, ...] = (), pre: str = "gpt2", per_expert: bool = False) -> Path:
     """Write ``model`` (a tiny transformers model of ``family``) and the tokenizer saved in
     ``tokenizer_dir`` as a GGUF file at ``path``. GGUF names matching a substring in ``quantize``
-    are stored as Q8_0. ``per_expert``: routed experts as one 2-D tensor each (``blk.N.ffn_gate.E``,
+    are stored as Q8_0. ``tokenizer_dir`` None: a SentencePiece vocabulary instead. ``per_expert``: routed experts as one 2-D tensor each (``blk.N.ffn_gate.E``,
     what older Mixtral GGUFs hold) instead of 3-D ``ffn_*_exps``."""
     import json
 
@@ -102,11 +128,14 @@ def write_gguf(model: torch.nn.Module, family: str, tokenizer_dir: Path, path: P
             writer.add_key_length(head_dim)
             writer.add_value_length(head_dim)
 
-    tok_json = json.loads((tokenizer_dir / "tokenizer.json").read_text())
-    tok_cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
-    template_file = tokenizer_dir / "chat_template.jinja"
-    template = template_file.read_text() if template_file.exists() else tok_cfg.get("chat_template")
-    _tokenizer_metadata(writer, tok_json, tok_cfg, template, pre)
+    if tokenizer_dir is None:
+        _spm_metadata(writer, cfg.vocab_size)
+    else:
+        tok_json = json.loads((tokenizer_dir / "tokenizer.json").read_text())
+        tok_cfg = json.loads((tokenizer_dir / "tokenizer_config.json").read_text())
+        template_file = tokenizer_dir / "chat_template.jinja"
+        template = template_file.read_text() if template_file.exists() else tok_cfg.get("chat_template")
+        _tokenizer_metadata(writer, tok_json, tok_cfg, template, pre)
 
     def add(name: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array, dtype=np.float32)

@@ -146,6 +146,25 @@ def test_tokenizer_matches_transformers_gguf_tokenizer(tmp_path):
     assert gen["eos_token_id"] == [1] and gen["bos_token_id"] == 0
 
 
+def test_sentencepiece_tokenizer_matches_transformers_gguf_tokenizer(tmp_path):
+    """A Llama-2/Mixtral-style SentencePiece vocabulary (scores, byte fallback, no merges) encodes and
+    decodes like transformers' GGUF tokenizer."""
+    from transformers import AutoTokenizer
+
+    model = make_tiny_model("mixtral")
+    path = write_gguf(model, "mixtral", None, tmp_path / "spm.gguf")
+    ckpt = gguf_to_checkpoint(path, tmp_path / "ckpt", "float32")
+    ours = AutoTokenizer.from_pretrained(str(ckpt))
+    theirs = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    texts = [t for t in TEXTS if "<|im_start|>" not in t] + ["<s>hello</s> world", "über naïve café — ok?"]
+    for text in texts:
+        ids = ours(text)["input_ids"]
+        assert ids == theirs(text)["input_ids"], text
+        assert ids[0] == 1  # BOS
+        assert ours.decode(ids, skip_special_tokens=True) == theirs.decode(ids, skip_special_tokens=True), text
+    assert any(tok.startswith("<0x") for tok in ours.convert_ids_to_tokens(ours("日本 🎉")["input_ids"]))
+
+
 def test_unsupported_architecture_is_a_one_line_error(tmp_path):
     path = tmp_path / "gpt2.gguf"
     writer = gguf.GGUFWriter(str(path), "gpt2")

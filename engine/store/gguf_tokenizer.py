@@ -1,10 +1,14 @@
 """The tokenizer a GGUF file describes in its metadata, rebuilt as Hugging Face ``tokenizer.json``.
 
 A GGUF carries no ``tokenizer.json``: llama.cpp stores the vocabulary (``tokenizer.ggml.tokens``),
-the merges, each token's type (1 normal, 3 control, 4 user-defined) and the special token ids, plus
-a name for the pre-tokenizer (``tokenizer.ggml.pre``). Only byte-level BPE vocabularies
-(``tokenizer.ggml.model == "gpt2"``: SmolLM, Llama 3, Qwen, ...) are rebuilt here; their tokens are
-already spelled in GPT-2's byte alphabet, as in the original ``tokenizer.json``.
+the merges or the token scores, each token's type (1 normal, 2 unknown, 3 control, 4 user-defined,
+6 byte) and the special token ids, plus a name for the pre-tokenizer (``tokenizer.ggml.pre``).
+Two kinds are rebuilt, as transformers' GGUF loader builds them:
+
+* byte-level BPE (``tokenizer.ggml.model == "gpt2"``: SmolLM, Llama 3, Qwen, ...): tokens already
+  spelled in GPT-2's byte alphabet, merges stored, a split regex picked by the pre-tokenizer name;
+* SentencePiece BPE (``"llama"``: Llama 2, Mistral, Mixtral): "▁" for spaces, byte fallback
+  (``<0x0A>``), merges stored or derived from the scores, BOS added by default.
 """
 
 from __future__ import annotations
@@ -72,12 +76,90 @@ def _pre_tokenizer(pre: str | None) -> pre_tokenizers.PreTokenizer:
     return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
 
 
+def add_bos_token(meta: dict[str, Any]) -> bool:
+    """Whether BOS is prepended: the file's flag, else llama.cpp's default (yes for SentencePiece)."""
+    flag = meta.get("tokenizer.ggml.add_bos_token")
+    return bool(flag) if flag is not None else meta.get("tokenizer.ggml.model") == "llama"
+
+
+def _bos_post_processor(tok: Tokenizer, meta: dict[str, Any], tokens: list[str]) -> None:
+    bos_id = meta.get("tokenizer.ggml.bos_token_id")
+    if add_bos_token(meta) and bos_id is not None:
+        bos = tokens[int(bos_id)]
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(bos_id))]
+        )
+
+
+def _added_tokens(tok: Tokenizer, tokens: list[str], types: list[int], vocab: dict[str, int],
+                  alphabet: set[str] | None) -> None:
+    """Control tokens stay whole and are special; a "control" token outside the byte alphabet is a
+    llama.cpp mislabel and is left alone. User-defined tokens are matched whole but not special."""
+    special = [
+        AddedToken(t, normalized=False, special=True)
+        for t, ty in zip(tokens, types, strict=False)
+        if ty == TOKEN_TYPE_CONTROL and (alphabet is None or set(t) <= alphabet)
+    ]
+    if special:
+        tok.add_special_tokens(special)
+    user = [
+        AddedToken(t, normalized=False, special=False)
+        for t, ty in zip(tokens, types, strict=False)
+        if ty == TOKEN_TYPE_USER_DEFINED and t in vocab
+    ]
+    if user:
+        tok.add_tokens(user)
+
+
+def merges_from_scores(vocab: dict[str, int], scores: dict[str, float]) -> list[tuple[str, str]]:
+    """SentencePiece BPE merges implied by a vocabulary: every split of a token into two tokens,
+    best-scored merged token first (transformers' ``generate_merges``)."""
+    merges: list[tuple[str, str, float]] = []
+    for merged, score in scores.items():
+        local = [(merged[:i], merged[i:], score) for i in range(1, len(merged))
+                 if merged[:i] in vocab and merged[i:] in vocab]
+        local.sort(key=lambda m: (vocab[m[0]], vocab[m[1]]))
+        merges.extend(local)
+    merges.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
+    return [(a, b) for a, b, _ in merges]
+
+
+def _sentencepiece_tokenizer(meta: dict[str, Any]) -> Tokenizer:
+    tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
+    types: list[int] = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    vocab: dict[str, int] = {}
+    for index, token in enumerate(tokens):
+        vocab.setdefault(token, index)
+    if meta.get("tokenizer.ggml.merges"):
+        merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    else:
+        scores = meta.get("tokenizer.ggml.scores")
+        if not scores:
+            raise MoeinfError("this GGUF's SentencePiece tokenizer has neither merges nor scores; the file is incomplete")
+        merges = merges_from_scores(vocab, dict(zip(tokens, scores, strict=False)))
+    unk_id = meta.get("tokenizer.ggml.unknown_token_id")
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None,
+                               unk_token=tokens[int(unk_id)] if unk_id is not None else None))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first" if prefix else "never",
+                                                 split=False)
+    steps = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    if prefix:
+        steps.append(decoders.Strip(content=" ", left=1))
+    tok.decoder = decoders.Sequence(steps)
+    _added_tokens(tok, tokens, types, vocab, None)
+    _bos_post_processor(tok, meta, tokens)
+    return tok
+
+
 def build_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     """A ``tokenizers.Tokenizer`` equal to the one the GGUF metadata ``meta`` describes."""
     kind = meta.get("tokenizer.ggml.model")
+    if kind == "llama":
+        return _sentencepiece_tokenizer(meta)
     if kind != "gpt2":
         raise MoeinfError(
-            f"GGUF tokenizer {kind!r} is not supported (only byte-level BPE, 'gpt2'); "
+            f"GGUF tokenizer {kind!r} is not supported (byte-level BPE 'gpt2' and SentencePiece 'llama' are); "
             "pull the model's Hugging Face repository instead"
         )
     tokens: list[str] = list(meta["tokenizer.ggml.tokens"])
@@ -96,28 +178,8 @@ def build_tokenizer(meta: dict[str, Any]) -> Tokenizer:
     )
     tok.pre_tokenizer = _pre_tokenizer(meta.get("tokenizer.ggml.pre"))
     tok.decoder = decoders.ByteLevel()
-    # Control tokens stay whole and are special; a "control" token outside the byte alphabet is a
-    # llama.cpp mislabel and is left alone. User-defined tokens are matched whole but not special.
-    special = [
-        AddedToken(t, normalized=False, special=True)
-        for t, ty in zip(tokens, types, strict=False)
-        if ty == TOKEN_TYPE_CONTROL and set(t) <= alphabet
-    ]
-    if special:
-        tok.add_special_tokens(special)
-    user = [
-        AddedToken(t, normalized=False, special=False)
-        for t, ty in zip(tokens, types, strict=False)
-        if ty == TOKEN_TYPE_USER_DEFINED and t in vocab
-    ]
-    if user:
-        tok.add_tokens(user)
-    bos_id = meta.get("tokenizer.ggml.bos_token_id")
-    if meta.get("tokenizer.ggml.add_bos_token") and bos_id is not None:
-        bos = tokens[int(bos_id)]
-        tok.post_processor = processors.TemplateProcessing(
-            single=f"{bos} $A", pair=f"{bos} $A {bos} $B", special_tokens=[(bos, int(bos_id))]
-        )
+    _added_tokens(tok, tokens, types, vocab, alphabet)
+    _bos_post_processor(tok, meta, tokens)
     return tok
 
 
@@ -135,7 +197,7 @@ def tokenizer_config(meta: dict[str, Any], context_length: int | None) -> dict[s
         "eos_token": _token(meta, "eos_token_id"),
         "unk_token": _token(meta, "unknown_token_id"),
         "pad_token": _token(meta, "padding_token_id"),
-        "add_bos_token": bool(meta.get("tokenizer.ggml.add_bos_token", False)),
+        "add_bos_token": add_bos_token(meta),
         "add_eos_token": bool(meta.get("tokenizer.ggml.add_eos_token", False)),
         "clean_up_tokenization_spaces": False,
     }
