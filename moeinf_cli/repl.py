@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
@@ -71,6 +72,29 @@ class StopRequest:
             yield self
         finally:
             signal.signal(signal.SIGINT, previous)
+
+
+@contextmanager
+def typed_ahead_hidden(stream: TextIO) -> Iterator[None]:
+    """While an answer streams, keys typed on the terminal are not echoed into it; they stay queued
+    and appear at the next prompt. Ctrl+C still interrupts. No-op when ``stream`` is not a terminal."""
+    try:
+        import termios
+
+        fd = stream.fileno()
+        if not os.isatty(fd):
+            raise OSError
+        saved = termios.tcgetattr(fd)
+    except (ImportError, OSError, ValueError, AttributeError):
+        yield
+        return
+    quiet = list(saved)
+    quiet[3] = quiet[3] & ~termios.ECHO  # lflags
+    termios.tcsetattr(fd, termios.TCSANOW, quiet)
+    try:
+        yield
+    finally:
+        termios.tcsetattr(fd, termios.TCSANOW, saved)
 
 
 class ChatRepl:
@@ -221,7 +245,7 @@ class ChatRepl:
         stats = None
         stopped = False
         status = self.console.status("", spinner="dots") if self.console.is_terminal else None
-        with self._stop.active() as stop:
+        with self._stop.active() as stop, typed_ahead_hidden(sys.stdin):
             try:
                 if status is not None:
                     status.start()

@@ -93,9 +93,11 @@ def info_lines(session: Any, load_kwargs: Mapping[str, Any]) -> list[str]:
     if layout is None or layout.is_moe:
         cache_rows: list[tuple[str, Any]] = [
             ("budget", info.get("budget") or load_kwargs.get("expert_budget") or "auto"),
-            ("policy", info.get("policy") or load_kwargs.get("policy") or "default"),
         ]
         cache = cache_stats(session)
+        default_policy = getattr(cache, "policy", "")
+        cache_rows.append(("policy", info.get("policy") or load_kwargs.get("policy")
+                           or (f"{default_policy} (default)" if default_policy else "default")))
         if cache is not None and hasattr(cache, "summary_line"):
             cache_rows.append(("so far", cache.summary_line()))
         figures = info.get("expert_cache")
