@@ -74,7 +74,7 @@ class EAMPolicy(Policy):
         slow_decay: float = 0.95,
         learning_rate: float = 0.05,
         hint_weight: float = 6.0,
-        prefetch_floor: float = 0.5,
+        prefetch_floor: float = 0.7,
         prefetch_layers: int = 1,
         transition_trust: float = 32.0,
         horizon: int = 1,
