@@ -125,6 +125,19 @@ def test_quantised_tensors_are_dequantised(tmp_path):
     assert json.loads((ckpt / "config.json").read_text())["dtype"] == "bfloat16"
 
 
+def test_quantised_3d_expert_tensors_are_dequantised_per_expert(tmp_path):
+    model, path = _make(tmp_path, "mixtral", quantize=("ffn_",))
+    kinds = {t.name: t.tensor_type for t in gguf.GGUFReader(str(path)).tensors}
+    assert kinds["blk.0.ffn_gate_exps.weight"] == gguf.GGMLQuantizationType.Q8_0
+    tensors = _tensors(gguf_to_checkpoint(path, tmp_path / "ckpt", "float32"))
+    q8 = gguf.GGMLQuantizationType.Q8_0
+    for e in (0, 3, 7):
+        ref = model.state_dict()["model.layers.0.mlp.experts.gate_up_proj"][e, :96].numpy()
+        expect = torch.from_numpy(np.asarray(gguf.quants.dequantize(gguf.quants.quantize(ref, q8), q8)))
+        torch.testing.assert_close(tensors[f"model.layers.0.block_sparse_moe.experts.{e}.w1.weight"], expect,
+                                   rtol=0, atol=0)
+
+
 def test_tokenizer_matches_transformers_gguf_tokenizer(tmp_path):
     """tokenizer.json built from GGUF metadata encodes like transformers' GGUF tokenizer loading."""
     from transformers import AutoTokenizer
