@@ -160,13 +160,14 @@ class TraceStore:
             return cur
 
     def remove(self) -> bool:
-        """Delete this model's traces; True if there were any."""
+        """Delete this model's traces (corrupt ones set aside included); True if there were any."""
         if not self.dir.exists():
             return False
         with self.locked():
-            found = self.path.exists()
+            found = False
             for p in self.dir.iterdir():
                 if p.name != ".lock":
+                    found = True
                     if p.is_dir():
                         shutil.rmtree(p)
                     else:
