@@ -5,7 +5,9 @@ decodes ``--tokens`` tokens three ways on the same session, same prompt: a bare 
 ``CausalLM.forward`` + argmax; ``Session.generate`` greedy (temperature 0, no penalty); and
 ``Session.generate`` with Ollama's default sampling (temperature 0.8, top-k 40, top-p 0.9, repeat
 penalty 1.1). Decode tokens/s are medians over ``--runs`` runs after one warm-up; the ratios to the bare
-loop are printed. A large vocabulary (default 32000) makes the sampler's share visible.
+loop are printed. Then the same Session loops run against a stand-in model that returns fixed logits,
+which gives the runtime's own cost per token in microseconds. A large vocabulary (default 32000) makes
+the sampler's share visible.
 
     flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/runtime_overhead.py
 """
@@ -73,11 +75,27 @@ def main() -> None:
         for name, fn in ways.items():
             fn()  # warm-up
             results[name] = statistics.median(fn() for _ in range(args.runs))
+        # the runtime's own cost per token: the same loops against a model that returns fixed logits
+        fixed = torch.randn(1, s.model.vocab_size, generator=torch.Generator().manual_seed(0))
+
+        class FixedLogits:
+            vocab_size = s.model.vocab_size
+
+            def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
+                return fixed.clone() if last_only else fixed.expand(len(tokens), -1).clone()
+
+        s.model = FixedLogits()
+        per_token = {}
+        for name, options in (("greedy", dict(temperature=0, repeat_penalty=1.0)), ("Ollama defaults", dict(seed=0))):
+            session(**options)
+            per_token[name] = statistics.median(1e6 / session(**options) for _ in range(args.runs))
         base = results["bare forward + argmax"]
         print(f"model: mixtral-shaped, hidden {args.hidden}, {args.layers} layers, vocab {args.vocab}, "
               f"{args.dtype}, {args.threads} threads, {n} tokens, median of {args.runs}")
         for name, tps in results.items():
             print(f"{name:26s} {tps:8.1f} tok/s   {tps / base:5.2f}x bare")
+        for name, us in per_token.items():
+            print(f"runtime cost per token, {name}: {us:.0f} µs (model excluded)")
 
 
 if __name__ == "__main__":
