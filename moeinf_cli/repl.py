@@ -337,7 +337,7 @@ class ChatRepl:
         lines = list(self.last_stats.summary_lines())
         total = cache_stats(self.session)
         if total is not None and hasattr(total, "summary_line"):
-            lines.append(f"so far:               {total.summary_line()}")
+            lines.append(f"so far:               {str(total.summary_line()).removeprefix('experts: ')}")
         self.say("\n".join(lines))
 
     def _load_command(self, target: str) -> None:

@@ -99,7 +99,7 @@ def info_lines(session: Any, load_kwargs: Mapping[str, Any]) -> list[str]:
         cache_rows.append(("policy", info.get("policy") or load_kwargs.get("policy")
                            or (f"{default_policy} (default)" if default_policy else "default")))
         if cache is not None and hasattr(cache, "summary_line"):
-            cache_rows.append(("so far", cache.summary_line()))
+            cache_rows.append(("so far", str(cache.summary_line()).removeprefix("experts: ")))
         figures = info.get("expert_cache")
         if isinstance(figures, Mapping):
             cache_rows += [(label, _bytes(figures[key]) if key.endswith("bytes") else _fmt(figures[key]))
