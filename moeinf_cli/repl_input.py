@@ -33,7 +33,6 @@ class TerminalReader:
 
     def __init__(self, history_path: Path) -> None:
         from prompt_toolkit import PromptSession
-        from prompt_toolkit.formatted_text import FormattedText
         from prompt_toolkit.history import FileHistory
         from prompt_toolkit.key_binding import KeyBindings
 
@@ -60,13 +59,21 @@ class TerminalReader:
             multiline=True,
             key_bindings=bindings,
             prompt_continuation=continuation,
-            placeholder=FormattedText([("class:placeholder", PLACEHOLDER)]),
+            placeholder=_placeholder,
             style=_style(),
             enable_open_in_editor=False,
         )
 
     def read(self) -> str:
         return self._session.prompt(PROMPT)
+
+
+def _placeholder():
+    """The grey hint in an empty prompt; gone from the final screen once the prompt is done (Ctrl+D)."""
+    from prompt_toolkit.application import get_app
+    from prompt_toolkit.formatted_text import FormattedText
+
+    return FormattedText([] if get_app().is_done else [("class:placeholder", PLACEHOLDER)])
 
 
 def _style():
