@@ -39,6 +39,16 @@ def _read_stdin_prompt() -> str:
     return data.decode("utf-8", errors="replace")
 
 
+def _load_with_spinner(engine: Any, model: str, verbose: bool, load_kwargs: dict) -> Any:
+    """``engine.load`` with a spinner on stderr while it runs (only when stderr is a terminal)."""
+    if not sys.stderr.isatty():
+        return engine.load(model, verbose=verbose, **load_kwargs)
+    from rich.console import Console
+
+    with Console(stderr=True).status(f"loading {model}", spinner="dots"):
+        return engine.load(model, verbose=verbose, **load_kwargs)
+
+
 def _stream(session: Any, prompt: str, raw: bool, system: str | None, sampling: dict, verbose: bool) -> int:
     """Print the answer as it comes; the exit status (130 on Ctrl+C)."""
     gen = session.generate(prompt, raw=raw, system=system, **sampling)
@@ -122,7 +132,7 @@ def register(app: typer.Typer) -> None:
         if hasattr(sys.stdout, "reconfigure"):
             sys.stdout.reconfigure(errors="replace")
         try:
-            session = engine.load(model, verbose=verbose, **load_kwargs)
+            session = _load_with_spinner(engine, model, verbose, load_kwargs)
         except KeyboardInterrupt:
             raise typer.Exit(130) from None
         try:
