@@ -6,8 +6,9 @@ For mixtral, qwen2_moe, qwen3_moe, olmoe and llama (dense):
 * 32 greedy tokens identical to transformers' greedy ``generate`` (EOS not stopping either side);
 * chunked prefill + token-by-token decode over the static KV cache equals one full pass;
 * rewinding (running from an earlier ``start_pos``) overwrites the cache correctly;
-* bf16: moeinf bf16 logits vs transformers bf16 logits (same weights) within 0.1 (prefill is
-  bit-identical; decode takes another attention kernel path), the error of
+* bf16: moeinf bf16 prefill logits vs transformers bf16 logits (same weights) within 0.02 (they
+  are bit-identical today), prefill + decode within 0.15 (decode goes through the native bf16 GEMV
+  of engine.model.cpu_gemv and another attention path, so roundings differ), the error of
   moeinf bf16 against the fp32 reference at most 1.25x transformers' own bf16 error + 0.03, and the
   argmax agreeing with the fp32 reference on >= 85% of positions and no less than
   transformers' bf16 agreement - 5 points.
@@ -26,7 +27,8 @@ from engine.model.loader import load_model
 
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "llama")
 ATOL_FP32 = 1e-4
-BF16_ATOL_VS_TRANSFORMERS = 0.1
+BF16_ATOL_VS_TRANSFORMERS = 0.15
+BF16_PREFILL_ATOL_VS_TRANSFORMERS = 0.02
 BF16_SLACK = 0.03
 
 
@@ -129,6 +131,8 @@ def test_bf16_within_stated_tolerance(family_setup):
     tf_bf16 = ref_logits(ref_bf16, tokens)
     # prefill of all but the last 6 tokens, then token-by-token decode (both attention paths)
     n = len(tokens) - 6
+    prefill_only = model_bf16(tokens, 0)
+    assert (prefill_only - tf_bf16).abs().max().item() < BF16_PREFILL_ATOL_VS_TRANSFORMERS
     ours = torch.cat([model_bf16(tokens[:n], 0)] + [model_bf16(tokens[p : p + 1], p) for p in range(n, len(tokens))])
     assert ours.dtype == torch.float32
     assert (ours - tf_bf16).abs().max().item() < BF16_ATOL_VS_TRANSFORMERS

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.context import StepContext
+from engine.model.cpu_gemv import Linear
 from engine.model.kv_cache import KVCache
 from engine.model.norm import RMSNorm
 from engine.model.rope import apply_rotary
@@ -46,10 +47,10 @@ class Attention(nn.Module):
         self.sliding_window = sliding_window or None
         self.clip_qkv = clip_qkv
         self.qk_norm = qk_norm
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=o_bias)
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=o_bias)
         if qk_norm == "head":
             self.q_norm = RMSNorm(head_dim, norm_eps)
             self.k_norm = RMSNorm(head_dim, norm_eps)

@@ -14,10 +14,10 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from engine.model.activations import activation
+from engine.model.cpu_gemv import linear
 from engine.model.experts import ExpertSource, ExpertWeights
 
 ExpertFn = Callable[[torch.Tensor, ExpertWeights], torch.Tensor]
@@ -28,8 +28,8 @@ def swiglu_expert(act: str = "silu") -> ExpertFn:
     fn = activation(act)
 
     def run(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
-        h = fn(F.linear(x, w.gate, w.gate_bias)) * F.linear(x, w.up, w.up_bias)
-        return F.linear(h, w.down, w.down_bias)
+        h = fn(linear(x, w.gate, w.gate_bias)) * linear(x, w.up, w.up_bias)
+        return linear(h, w.down, w.down_bias)
 
     return run
 

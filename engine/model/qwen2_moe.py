@@ -10,6 +10,7 @@ from torch import nn
 
 from engine.model.args import ModelArgs
 from engine.model.attention import Attention
+from engine.model.cpu_gemv import Linear
 from engine.model.experts import ExpertSource
 from engine.model.mlp import MLP
 from engine.model.moe import MoEBlock, swiglu_expert
@@ -58,7 +59,7 @@ def build(args: ModelArgs, experts: ExpertSource) -> CausalLM:
                 args.hidden_size, layout.num_experts, layout.top_k, renormalize=bool(args.get("norm_topk_prob", False))
             )
             shared = MLP(args.hidden_size, int(args.get("shared_expert_intermediate_size")), args.hidden_act)
-            shared_gate = nn.Linear(args.hidden_size, 1, bias=False)
+            shared_gate = Linear(args.hidden_size, 1, bias=False)
             mlp = MoEBlock(i, gate, experts, swiglu_expert(args.hidden_act), shared, shared_gate)
         else:
             mlp = MLP(args.hidden_size, args.intermediate_size, args.hidden_act)

@@ -7,8 +7,9 @@ gpt-oss's biased router); its parameters load under ``mlp.gate.*``.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from engine.model.cpu_gemv import linear
 
 
 class SoftmaxTopKRouter(nn.Module):
@@ -35,7 +36,7 @@ class SoftmaxTopKRouter(nn.Module):
         self.weights_dtype = weights_dtype
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = F.linear(x, self.weight, self.bias)
+        logits = linear(x, self.weight, self.bias)
         probs = torch.softmax(logits.float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         if self.renormalize:

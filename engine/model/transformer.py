@@ -13,6 +13,7 @@ from torch import nn
 from engine.errors import MoeinfError
 from engine.model.args import ModelArgs
 from engine.model.context import StepContext
+from engine.model.cpu_gemv import Linear
 from engine.model.norm import RMSNorm
 from engine.model.rope import RotaryEmbedding
 
@@ -46,7 +47,7 @@ class CausalLM(nn.Module):
         )
         self.layers = nn.ModuleList(layers)
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
+        self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = rotary
 
     def setup_caches(self, max_seq_len: int, dtype: torch.dtype, device: torch.device | str) -> None:
