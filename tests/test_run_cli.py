@@ -63,7 +63,7 @@ def test_run_streams_answer_and_verbose_lines(store):
 
 def test_prompt_from_stdin(store):
     home, root = store
-    r = cli(home, "tiny", *OPTS, "--system", "Be brief.", input="Tell me a story")
+    r = cli(home, "tiny", *OPTS, "--system", "Be brief.", input="Tell me a story\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout.rstrip("\n") == expected(root, "Tell me a story", system="Be brief.").rstrip("\n")
     assert r.stderr == ""

@@ -35,8 +35,9 @@ def _stdin_is_terminal() -> bool:
 
 
 def _read_stdin_prompt() -> str:
+    """All of stdin as text, without the final newline(s) that `echo` and editors add."""
     data = sys.stdin.buffer.read()
-    return data.decode("utf-8", errors="replace")
+    return data.decode("utf-8", errors="replace").rstrip("\r\n")
 
 
 def _load_with_spinner(engine: Any, model: str, verbose: bool, load_kwargs: dict) -> Any:
