@@ -16,7 +16,7 @@ def test_kernel_builds_where_a_compiler_exists():
     assert (native_gemv() is not None) == (shutil.which("cc") is not None or shutil.which("gcc") is not None)
 
 
-@pytest.mark.parametrize("n,k", [(1, 1), (3, 5), (7, 33), (64, 1024), (256, 96), (1027, 3584)])
+@pytest.mark.parametrize("n,k", [(1, 1), (3, 5), (7, 33), (13, 64), (64, 1024), (256, 96), (1027, 3584)])
 def test_native_matches_exact_product_as_well_as_f_linear(n, k):
     g = torch.Generator().manual_seed(n * 7 + k)
     x = torch.randn(1, k, generator=g).bfloat16()
