@@ -80,6 +80,40 @@ def _stream(session: Any, prompt: str, raw: bool, system: str | None, sampling: 
     return 0
 
 
+def _run(model: str, prompt: str | None, sampling: dict, load_kwargs: dict, system: str | None, raw: bool,
+         verbose: bool) -> int:
+    """The command's work; its exit status."""
+    from engine.errors import MoeinfError
+
+    if prompt is None and _stdin_is_terminal():
+        from moeinf_cli.repl import run_repl
+
+        run_repl(model, load_kwargs, sampling, system=system, verbose=verbose)
+        return 0
+
+    from engine.store.manifest import resolve_model
+
+    resolve_model(model)  # an unknown model fails fast, before torch is imported
+    from engine.runtime.sampling import SamplingParams
+
+    SamplingParams.from_options(sampling)  # bad values: one error line before loading anything
+    if prompt is None:
+        prompt = _read_stdin_prompt()
+        if not prompt.strip():
+            raise MoeinfError("no prompt: stdin was empty; pass the prompt as an argument or pipe some text")
+
+    import engine
+
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(errors="replace")
+    session = _load_with_spinner(engine, model, verbose, load_kwargs)
+    try:
+        return _stream(session, prompt, raw, system, sampling, verbose)
+    except BrokenPipeError:
+        sys.stdout = None  # the reader went away (e.g. `| head`): not an error, nothing more to flush
+        return 0
+
+
 def register(app: typer.Typer) -> None:
     @app.command("run", help=HELP, no_args_is_help=True)
     def run(
@@ -99,47 +133,19 @@ def register(app: typer.Typer) -> None:
         raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
         device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto (cuda when available)."),
         dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16 or float16. (default the stored dtype)"),
-        expert_budget: str | None = typer.Option(None, "--expert-budget", help="Fast memory for routed experts, e.g. 25% or 2GB. (default all)"),
+        expert_budget: str | None = typer.Option(None, "--expert-budget", help="Fast memory for routed experts: 25%, 2GB, 100% (all) or auto. (default auto: what fits in free memory)"),
         policy: str | None = typer.Option(None, "--policy", help="Expert cache policy: lru, lfu or eam. (default eam)"),
         verbose: bool = typer.Option(False, "--verbose", help="Print timing and expert-cache statistics to stderr."),
     ) -> None:
-        from engine.errors import MoeinfError
-
         sampling = _sampling(
             temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
             repeat_last_n=repeat_last_n, seed=seed, num_predict=num_predict, stop=stop,
         )
         load_kwargs = dict(device=device, dtype=dtype, ctx=ctx, expert_budget=expert_budget, policy=policy)
-
-        if prompt is None and _stdin_is_terminal():
-            from moeinf_cli.repl import run_repl
-
-            run_repl(model, load_kwargs, sampling, system=system, verbose=verbose)
-            return
-
-        from engine.store.manifest import resolve_model
-
-        resolve_model(model)  # an unknown model fails fast, before torch is imported
-        from engine.runtime.sampling import SamplingParams
-
-        SamplingParams.from_options(sampling)  # bad values: one error line before loading anything
-        if prompt is None:
-            prompt = _read_stdin_prompt()
-            if not prompt.strip():
-                raise MoeinfError("no prompt: stdin was empty; pass the prompt as an argument or pipe some text")
-
-        import engine
-
-        if hasattr(sys.stdout, "reconfigure"):
-            sys.stdout.reconfigure(errors="replace")
         try:
-            session = _load_with_spinner(engine, model, verbose, load_kwargs)
-        except KeyboardInterrupt:
-            raise typer.Exit(130) from None
-        try:
-            code = _stream(session, prompt, raw, system, sampling, verbose)
-        except BrokenPipeError:
-            code = 0  # the reader went away (e.g. `| head`): not an error
-            sys.stdout = None  # nothing more to flush at exit
+            code = _run(model, prompt, sampling, load_kwargs, system, raw, verbose)
+        except KeyboardInterrupt:  # Ctrl+C outside generation (loading, tokenising): click would say "Aborted!"
+            print(file=sys.stderr)
+            code = 130
         if code:
             raise typer.Exit(code)
