@@ -5,8 +5,11 @@ top-2, vocab 32000: ~791 M parameters, ~1.6 GB in bf16) is made with transformer
 ``save_pretrained``), pulled into a temporary store with moeinf's converter, then both engines run
 greedy decoding of the same prompt in this process, same dtype, same thread count. Each run decodes
 ``--tokens`` tokens; decode time is measured from the first generated token to the last (prefill
-excluded: a streamer timestamps transformers' tokens, moeinf's loop is timed the same way). The
-medians over ``--runs`` runs (after one warm-up run each) and their ratio are printed.
+excluded: a streamer timestamps transformers' tokens, moeinf's loop is timed the same way). Runs
+alternate (transformers, moeinf, transformers, ...) after one warm-up run each; printed are the
+median tokens/s of each, the ratio of the medians, and the median of the per-pair ratios (each
+moeinf run against the transformers run just before it), which is the steadier figure when other
+processes share the CPU. The load average is printed too.
 
     flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/decode_vs_transformers.py
 
@@ -138,13 +141,20 @@ def main(argv: list[str] | None = None) -> int:
             r, our_tokens = moeinf_decode(ours, prompt, args.tokens)
             if run:
                 our_rates.append(r)
-        same = sum(a == b for a, b in zip(tf_tokens, our_tokens, strict=True))
+        same = 0
+        for a, b in zip(tf_tokens, our_tokens, strict=True):
+            if a != b:
+                break
+            same += 1
         tf_med, our_med = statistics.median(tf_rates), statistics.median(our_rates)
+        paired = statistics.median(o / t for o, t in zip(our_rates, tf_rates, strict=True))
         print(f"model: Mixtral-shaped, {n_params / 1e6:.0f} M parameters, bf16, {args.threads} threads, "
               f"prompt {args.prompt_len}, {args.tokens} tokens decoded, median of {args.runs} runs")
         print(f"transformers generate: {tf_med:6.2f} tok/s  (runs: {', '.join(f'{x:.2f}' for x in tf_rates)})")
         print(f"moeinf               : {our_med:6.2f} tok/s  (runs: {', '.join(f'{x:.2f}' for x in our_rates)})")
-        print(f"ratio moeinf/transformers: {our_med / tf_med:.2f}x   (greedy tokens identical: {same}/{args.tokens})")
+        print(f"ratio moeinf/transformers: {our_med / tf_med:.2f}x (medians), {paired:.2f}x (median of paired runs)")
+        print(f"greedy tokens: first {same} of {args.tokens} identical (bf16 roundings differ, random weights)")
+        print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 
 

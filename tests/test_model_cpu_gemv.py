@@ -50,3 +50,20 @@ def test_linear_module_keeps_nn_linear_parameters():
     assert isinstance(m, torch.nn.Linear) and set(dict(m.named_parameters())) == {"weight", "bias"}
     x = torch.randn(2, 8)
     torch.testing.assert_close(m(x), F.linear(x, m.weight, m.bias))
+
+
+def test_two_thread_split_equals_one_thread():
+    g = torch.Generator().manual_seed(11)
+    x = torch.randn(1, 1024, generator=g).bfloat16()
+    w = torch.randn(1030, 1024, generator=g).bfloat16()  # over a million elements: split when 2 threads
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        two = [linear(x, w) for _ in range(3)]
+        torch.set_num_threads(1)
+        one = linear(x, w)
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(t, one) for t in two)
+    exact = x.double() @ w.double().T
+    assert ((one.double() - exact).abs() <= (F.linear(x, w).double() - exact).abs() + exact.abs() * 2.0**-7 + 1e-3).all()
