@@ -108,6 +108,10 @@ def test_loader_errors(qwen2, tmp_path):
     dense = sorted((broken / "dense").glob("*.safetensors"))
     tensors = load_file(str(dense[0]))
     name = next(k for k in tensors if k.endswith("shared_expert_gate.weight"))
+    tensors[name] = torch.zeros(1, 3)
+    save_file(tensors, str(dense[0]))
+    with pytest.raises(MoeinfError, match=r"has shape \(1, 3\), its config implies \(1, 64\)"):
+        load_model(broken)
     del tensors[name]
     save_file(tensors, str(dense[0]))
     with pytest.raises(MoeinfError, match="missing"):

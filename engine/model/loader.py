@@ -89,6 +89,14 @@ def load_model(
         raise MoeinfError(
             f"dense weights of {model_root.name} do not match its {model_type} config ({what}); pull the model again"
         )
+    shapes = model.state_dict()
+    bad = [n for n, t in state.items() if tuple(t.shape) != tuple(shapes[n].shape)]
+    if bad:
+        n = bad[0]
+        raise MoeinfError(
+            f"dense tensor {n} of {model_root.name} has shape {tuple(state[n].shape)}, its config implies "
+            f"{tuple(shapes[n].shape)}; pull the model again"
+        )
     model.load_state_dict(state, strict=False, assign=True)
     if tie:
         model.lm_head.weight = model.embed_tokens.weight
