@@ -11,5 +11,13 @@ A ``CausalLM`` (batch size one) has ``vocab_size``, ``max_seq_len`` and
 ``forward(tokens: LongTensor[T], start_pos: int) -> FloatTensor[T, vocab]``: it runs tokens at
 positions ``start_pos .. start_pos+T-1`` against its static KV cache (positions below ``start_pos``
 must have been run before; running from an earlier ``start_pos`` overwrites, which is how a
-conversation is rewound). Logits are float32.
+conversation is rewound). Logits are float32. ``forward(tokens, start_pos, last_only=True)`` returns
+only the last position's row ([1, vocab]), which spares the LM head on long prompts.
+
+Layout: ``args.py`` (ModelArgs from config.json), ``rope.py``, ``norm.py``, ``attention.py`` +
+``kv_cache.py`` + ``context.py`` (GQA over the static cache), ``mlp.py``, ``router.py``, ``moe.py``
+(the MoE block over an ExpertSource), ``cpu_gemv.py`` (native bf16 GEMV for CPU decode),
+``transformer.py`` (decoder layer, CausalLM), ``registry.py`` + ``loader.py``, and one file per family
+named after its ``model_type`` (mixtral, qwen2_moe, qwen3_moe, olmoe, llama, deepseek_v2, deepseek_v3,
+gpt_oss).
 """
