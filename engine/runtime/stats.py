@@ -49,8 +49,8 @@ class GenerationStats:
     ``prompt_tokens``: tokens of the rendered prompt; ``prompt_eval_count``: those actually run (the
     rest was reused from the KV cache); ``generated_tokens``: tokens sampled (EOS not counted);
     durations in seconds; ``load_s`` is the session's load time on its first generation, 0 after;
-    ``done_reason``: "stop" (EOS or stop string), "length" (num_predict or context full) or
-    "interrupted"; ``cache``: the expert source's stats object (``summary_line()``, ``as_dict()``)
+    ``done_reason``: "stop" (EOS or stop string) or "length" (num_predict or context full); a generation
+    closed early yields no stats; ``cache``: the expert source's stats object (``summary_line()``, ``as_dict()``)
     when it has one.
     """
 
