@@ -2,7 +2,7 @@
 
 The slow tier's bandwidth is measured, not assumed: a sample of the model's own expert shards is
 read the way the loader reads them (O_DIRECT on the CPU, so the page cache does not flatter the
-figure). Compute time per token comes from the all-resident run of the same bench (or, without one,
+figure; as many reads in flight as the loader has workers). Compute time per token comes from the all-resident run of the same bench (or, without one,
 from each run's time minus its stalls), so both sides of the model are measured in the same run.
 
 The model (MoE-Lens style): a token costs its compute ``c`` plus what loading adds. Demand loads
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,23 +39,38 @@ class Probe:
 
 
 def probe_disk(model_root: Path, moe_layers: list[int], num_experts: int, sample_bytes: int = 512 << 20,
-               seed: int = 0) -> Probe:
-    """Read a random sample of expert shards (about ``sample_bytes``) with the loader's reader."""
+               seed: int = 0, workers: int = 2) -> Probe:
+    """Read a random sample of expert shards (about ``sample_bytes``) with the loader's reader,
+    ``workers`` reads at a time (the loader's default)."""
     keys = [(layer, e) for layer in moe_layers for e in range(num_experts)]
     random.Random(seed).shuffle(keys)
     size = expert_shard_path(model_root, *keys[0]).stat().st_size
     count = max(4, min(len(keys), sample_bytes // max(size, 1)))
-    buf = aligned_buffer(size + (1 << 20))
-    view = memoryview(buf)
-    reader = ShardReader(direct=True)
+    bufs = [aligned_buffer(size + (1 << 20)) for _ in range(workers)]
+    readers = [ShardReader(direct=True) for _ in range(workers)]
+
+    def read_share(w: int) -> int:
+        view = memoryview(bufs[w])
+        try:
+            return sum(readers[w].read_into(expert_shard_path(model_root, *k), view) for k in keys[w:count:workers])
+        finally:
+            view.release()
+
     t0 = time.perf_counter()
-    total = 0
-    for key in keys[:count]:
-        total += reader.read_into(expert_shard_path(model_root, *key), view)
+    with ThreadPoolExecutor(workers) as pool:
+        total = sum(pool.map(read_share, range(workers)))
     elapsed = time.perf_counter() - t0
-    view.release()
-    buf.close()
-    return Probe(disk_bytes=total, disk_s=elapsed, io=reader.mode)
+    for b in bufs:
+        b.close()
+    return Probe(disk_bytes=total, disk_s=elapsed, io=readers[0].mode)
+
+
+def probe_disk_median(model_root: Path, moe_layers: list[int], num_experts: int, passes: int = 3,
+                      sample_bytes: int = 256 << 20, workers: int = 2) -> Probe:
+    """The median of ``passes`` probes over different samples: disk speed here varies from run to run."""
+    probes = [probe_disk(model_root, moe_layers, num_experts, sample_bytes, seed=i, workers=workers)
+              for i in range(passes)]
+    return sorted(probes, key=lambda p: p.bandwidth)[len(probes) // 2]
 
 
 def predicted_s(compute_s: float, demand_bytes: float, prefetch_bytes: float, bandwidth: float) -> float:

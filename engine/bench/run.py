@@ -91,10 +91,10 @@ def bench_main(
                                dtype=torch_dtype, device=dev, trace=trace, seed=seed))
     probe = compute_s = None
     if profile:
-        from engine.bench.probe import probe_disk
+        from engine.bench.probe import probe_disk_median
 
         say("probing disk bandwidth ...")
-        probe = probe_disk(root, layout.moe_layers, layout.num_experts)
+        probe = probe_disk_median(root, layout.moe_layers, layout.num_experts)
         resident = [r for r in rows if r.budget_bytes is None]
         compute_s = resident[0].compute_s if resident else min(r.compute_s for r in rows)
     return {

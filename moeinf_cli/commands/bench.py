@@ -41,7 +41,7 @@ def register(app: typer.Typer) -> None:
         profile: bool = typer.Option(False, "--profile", help="Probe disk bandwidth and predict time per token from the counts (hardware model)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
         dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: bf16, fp16 or fp32 (default: stored)."),
-        device: str = typer.Option("cpu", "--device", help="cpu or cuda."),
+        device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto (cuda when available)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the random prompt."),
     ) -> None:
         from engine.bench.run import bench_main
