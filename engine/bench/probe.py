@@ -2,7 +2,9 @@
 
 The slow tier's bandwidth is measured, not assumed: a sample of the model's own expert shards is
 read the way the loader reads them (O_DIRECT on the CPU, so the page cache does not flatter the
-figure; as many reads in flight as the loader has workers). Compute time per token comes from the all-resident run of the same bench (or, without one,
+figure; as many reads in flight as the loader has workers). Disk speed here varies a lot from
+moment to moment, so the bandwidth used is the larger of the probe's and the best the loader itself
+sustained during the bench's runs (bytes loaded over the run's time, a lower bound of what the disk did). Compute time per token comes from the all-resident run of the same bench (or, without one,
 from each run's time minus its stalls), so both sides of the model are measured in the same run.
 
 The model (MoE-Lens style): a token costs its compute ``c`` plus what loading adds. Demand loads
@@ -28,14 +30,19 @@ class Probe:
     disk_bytes: int
     disk_s: float
     io: str
+    observed_bps: float = 0.0  # the best bytes/s the loader sustained in the bench's own runs
+
+    @property
+    def probe_bps(self) -> float:
+        return self.disk_bytes / self.disk_s if self.disk_s > 0 else float("inf")
 
     @property
     def bandwidth(self) -> float:
-        """Bytes per second."""
-        return self.disk_bytes / self.disk_s if self.disk_s > 0 else float("inf")
+        """Bytes per second the hardware model uses: the larger of the probe and the observed rate."""
+        return max(self.probe_bps, self.observed_bps)
 
     def as_dict(self) -> dict:
-        return {**asdict(self), "bandwidth_gbps": self.bandwidth / 1e9}
+        return {**asdict(self), "probe_gbps": self.probe_bps / 1e9, "bandwidth_gbps": self.bandwidth / 1e9}
 
 
 def probe_disk(model_root: Path, moe_layers: list[int], num_experts: int, sample_bytes: int = 512 << 20,

@@ -7,7 +7,8 @@ JSON schema (``moeinf bench --json``), version ``moeinf-bench/1``::
       "model": str, "family": str, "dtype": str, "device": str, "threads": int,
       "prompt_tokens": int, "gen_tokens": int, "repetitions": int,
       "replay": str | null,                  # trace file when routing was forced
-      "probe": {"disk_bytes", "disk_s", "io", "bandwidth_gbps"} | null,   # --profile
+      "probe": {"disk_bytes", "disk_s", "io", "observed_bps", "probe_gbps", "bandwidth_gbps"} | null,
+                                             # --profile: probe, rate seen in the runs, the larger (used)
       "compute_ms_per_token": float | null,  # the hardware model's compute time (--profile)
       "rows": [{
         "budget": str, "policy": str, "slots": int, "budget_bytes": int | null,

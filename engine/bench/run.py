@@ -95,6 +95,7 @@ def bench_main(
 
         say("probing disk bandwidth ...")
         probe = probe_disk_median(root, layout.moe_layers, layout.num_experts)
+        probe.observed_bps = max((r.observed_bps for r in rows), default=0.0)
         resident = [r for r in rows if r.budget_bytes is None]
         compute_s = resident[0].compute_s if resident else min(r.compute_s for r in rows)
     return {

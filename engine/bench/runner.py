@@ -102,6 +102,12 @@ class BenchRow:
         return self._med([r.decode_stats.get("stall_s", 0.0) / max(1e-9, sum(r.decode_s)) for r in self.reps])
 
     @property
+    def observed_bps(self) -> float:
+        """The best rate at which the loader brought bytes in over a whole repetition (0 if none loaded)."""
+        rates = [r.total_stats.get("bytes_loaded", 0) / (r.ttft_s + sum(r.decode_s)) for r in self.reps]
+        return max(rates, default=0.0)
+
+    @property
     def compute_s(self) -> float:
         """Per token decode time with the stalls taken out."""
         return self._med(

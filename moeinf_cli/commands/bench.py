@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 import typer
@@ -62,5 +61,6 @@ def register(app: typer.Typer) -> None:
             print(markdown(result, result["rows"]))
             if result.get("probe"):
                 p = result["probe"]
-                print(f"\ndisk: {p['bandwidth_gbps']:.2f} GB/s ({p['io']}); compute "
-                      f"{result['compute_ms_per_token']:.1f} ms/token; threads {os.environ.get('OMP_NUM_THREADS', '-')}")
+                print(f"\ndisk: {p['bandwidth_gbps']:.2f} GB/s ({p['io']}; probe {p['probe_gbps']:.2f}, seen in the runs "
+                      f"{p['observed_bps'] / 1e9:.2f}); compute {result['compute_ms_per_token']:.1f} ms/token; "
+                      f"{result['threads']} threads")
