@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import threading
+from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -92,7 +93,7 @@ def _flat_views(flat: torch.Tensor, layout: ExpertLayout) -> dict[str, torch.Ten
     return views
 
 
-class Transfer:
+class Transfer(ABC):
     """Base: allocates slots and fills one from a shard file. ``load`` runs on a worker thread."""
 
     io = ""
@@ -107,12 +108,13 @@ class Transfer:
     def slot_bytes(self) -> int:
         return self.layout.compute_bytes()
 
+    @abstractmethod
     def make_slots(self, n: int, n_stream: int) -> list[Slot]:
-        raise NotImplementedError
+        """Allocate ``n`` slots once (``n_stream`` of them for prefill streaming)."""
 
+    @abstractmethod
     def load(self, slot: Slot, path: Path) -> int:
         """Fill ``slot`` with the shard at ``path``; returns the bytes moved (read or copied)."""
-        raise NotImplementedError
 
     def before_use(self, slot: Slot) -> None:
         """Called on the compute thread before the slot's weights are handed out."""
