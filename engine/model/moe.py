@@ -76,3 +76,16 @@ class MoEBlock(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         return out
+
+
+def softmax_moe(layer_idx: int, args, layout, experts: ExpertSource, shared_expert: nn.Module | None = None,
+                shared_expert_gate: nn.Module | None = None) -> MoEBlock:
+    """The MoE block of the Qwen2-MoE / Qwen3-MoE / OLMoE kind: a softmax top-k router over the layout's
+    experts (renormalised when the config's ``norm_topk_prob`` says so) and SwiGLU experts.
+    ``args``: the family's ModelArgs; ``layout``: its ``engine.store.families.moe_layout``."""
+    from engine.model.router import SoftmaxTopKRouter
+
+    gate = SoftmaxTopKRouter(
+        args.hidden_size, layout.num_experts, layout.top_k, renormalize=bool(args.get("norm_topk_prob", False))
+    )
+    return MoEBlock(layer_idx, gate, experts, swiglu_expert(args.hidden_act), shared_expert, shared_expert_gate)

@@ -8,10 +8,9 @@ from typing import Any
 from engine.model.args import ModelArgs
 from engine.model.attention import Attention
 from engine.model.experts import ExpertSource
-from engine.model.moe import MoEBlock, swiglu_expert
+from engine.model.moe import softmax_moe
 from engine.model.registry import Family, register
 from engine.model.rope import RotaryEmbedding
-from engine.model.router import SoftmaxTopKRouter
 from engine.model.transformer import CausalLM, DecoderLayer
 from engine.store.families import moe_layout
 
@@ -36,10 +35,7 @@ def build(args: ModelArgs, experts: ExpertSource) -> CausalLM:
             norm_eps=args.rms_norm_eps,
             clip_qkv=args.get("clip_qkv"),
         )
-        gate = SoftmaxTopKRouter(
-            args.hidden_size, layout.num_experts, layout.top_k, renormalize=bool(args.get("norm_topk_prob", False))
-        )
-        mlp = MoEBlock(i, gate, experts, swiglu_expert(args.hidden_act))
+        mlp = softmax_moe(i, args, layout, experts)
         layers.append(DecoderLayer(attn, mlp, args.hidden_size, args.rms_norm_eps))
     rotary = RotaryEmbedding(args.rope, args.head_dim, args.max_position_embeddings)
     return CausalLM(args, layers, rotary)

@@ -13,10 +13,9 @@ from engine.model.attention import Attention
 from engine.model.cpu_gemv import Linear
 from engine.model.experts import ExpertSource
 from engine.model.mlp import MLP
-from engine.model.moe import MoEBlock, swiglu_expert
+from engine.model.moe import softmax_moe
 from engine.model.registry import Family, register
 from engine.model.rope import RotaryEmbedding
-from engine.model.router import SoftmaxTopKRouter
 from engine.model.transformer import CausalLM, DecoderLayer
 from engine.store.families import moe_layout
 
@@ -55,12 +54,8 @@ def build(args: ModelArgs, experts: ExpertSource) -> CausalLM:
         )
         mlp: nn.Module
         if layout.is_moe_layer(i):
-            gate = SoftmaxTopKRouter(
-                args.hidden_size, layout.num_experts, layout.top_k, renormalize=bool(args.get("norm_topk_prob", False))
-            )
             shared = MLP(args.hidden_size, int(args.get("shared_expert_intermediate_size")), args.hidden_act)
-            shared_gate = Linear(args.hidden_size, 1, bias=False)
-            mlp = MoEBlock(i, gate, experts, swiglu_expert(args.hidden_act), shared, shared_gate)
+            mlp = softmax_moe(i, args, layout, experts, shared, Linear(args.hidden_size, 1, bias=False))
         else:
             mlp = MLP(args.hidden_size, args.intermediate_size, args.hidden_act)
         layers.append(DecoderLayer(attn, mlp, args.hidden_size, args.rms_norm_eps))
