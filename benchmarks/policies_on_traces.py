@@ -6,7 +6,9 @@
 Default traces: ../shared/traces/*.npz. For each trace and cache size (fraction of all L x E
 experts) it replays lru, lfu and eam (demand only), eam with a prefetch allowance per layer (default:
 the trace's top-k), eam with an eager prefetch (twice that allowance, probability floor 0.1: fewer
-stalls, many more loads), and, with --hint-recall, eam with simulated speculative-gating hints of that
+stalls, many more loads), the token oracle of engine/trace/oracle.py (the rest of the current token
+known exactly, plus exact per-expert rates: more than any causal predictor knows, so the closest to
+Belady an online policy can hope to get), and, with --hint-recall, eam with simulated speculative-gating hints of that
 recall (labelled "sim"). Columns: total loads, demand misses, prefetch loads, wasted prefetches,
 hit rate, loads / Belady loads, demand misses / Belady loads.
 
@@ -31,6 +33,7 @@ from engine.memory.policies import make_policy  # noqa: E402
 from engine.trace.eam import DECODE, EAM, PREFILL, EAMCollection, transition_counts  # noqa: E402
 from engine.trace.format import RoutingTrace, load_trace  # noqa: E402
 from engine.trace.hints import simulated_hints  # noqa: E402
+from engine.trace.oracle import TokenOraclePolicy  # noqa: E402
 from engine.trace.replay import belady_loads, capacity_for, count_accesses, replay  # noqa: E402
 
 HEADER = (
@@ -81,6 +84,8 @@ def main() -> None:
             cap = capacity_for(frac, tr.num_layers, tr.num_experts)
             bel = belady_loads(tr, cap)
             print(f"| {name} | {frac:.0%} | belady | {bel} | {bel} | 0 | 0 | {1 - bel / max(1, count_accesses(tr)):.3f} | 1.00 | 1.00 |")
+            ro = replay(tr, TokenOraclePolicy(tr), cap, with_belady=False)
+            print(row(name, frac, "token oracle (reference: rest of token known, exact rates)", ro, bel), flush=True)
             runs = [("lru", "lru", 0, None, {}), ("lfu", "lfu", 0, None, {}), ("eam", "eam", 0, None, {}),
                     (f"eam + prefetch {allowance}/layer", "eam", allowance, None, {}),
                     (f"eam + eager prefetch {2 * allowance}/layer (floor 0.1)", "eam", 2 * allowance, None,
@@ -104,7 +109,9 @@ def heldout_rows(tr: RoutingTrace, name: str, frac: float, allowance: int) -> li
     cap = capacity_for(frac, tr.num_layers, tr.num_experts)
     tests = [tr.select([i]) for i in range(n)]
     bel = sum(belady_loads(t, cap) for t in tests)
-    out = []
+    oracle = sum(replay(t, TokenOraclePolicy(t), cap, with_belady=False).loads for t in tests)
+    out = [f"| {name} (held out) | {frac:.0%} | token oracle (loads only) | {oracle} | {oracle} | 0 | 0 | - | "
+           f"{oracle / bel:.2f} | {oracle / bel:.2f} |"]
     for label, pol, pf, with_coll in [("lru", "lru", 0, False), ("lfu", "lfu", 0, False), ("eam (fresh)", "eam", 0, False),
                                       ("eam (others' traces)", "eam", 0, True),
                                       (f"eam (others' traces) + prefetch {allowance}", "eam", allowance, True)]:

@@ -11,6 +11,7 @@ import torch
 from engine.bench.forced import force_routing
 from engine.bench.synthetic import make_synthetic_model
 from engine.trace.format import RoutingTrace
+from engine.trace.oracle import token_oracle_loads
 from engine.trace.replay import belady_loads
 
 LAYERS, EXPERTS = 3, 8
@@ -72,6 +73,8 @@ def test_bench_json_on_a_tiny_model(synth, tmp_path):
         # Belady is the optimum for the same tokens and capacity: no policy loads less
         assert row["belady_loads"] == belady_loads(trace, slots)
         assert row["loads"] >= row["belady_loads"] > 0
+        assert row["oracle_loads"] == token_oracle_loads(trace, slots) >= row["belady_loads"]
+        assert row["reachable_ms_per_token"] >= row["limit_ms_per_token"]
         assert row["bytes_loaded"] > 0 and row["limit_ms_per_token"] > 0
         assert row["predicted_ms_per_token"] >= doc["compute_ms_per_token"]
 

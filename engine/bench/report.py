@@ -19,8 +19,10 @@ JSON schema (``moeinf bench --json``), version ``moeinf-bench/1``::
         "bytes_loaded": int,                    # bytes the loader read in that run (its own count)
         "os_read_bytes": int,                   # bytes the OS says this process read meanwhile (/proc/self/io)
         "belady_loads": int | null,             # --replay: Belady's optimum for the same tokens
+        "oracle_loads": int | null,             # --replay: the token oracle's loads (engine/trace/oracle.py)
         "predicted_ms_per_token": float | null, # --profile: the hardware model's figure
-        "limit_ms_per_token": float | null      # --profile --replay: max(compute, Belady bytes / bandwidth)
+        "limit_ms_per_token": float | null,     # --profile --replay: max(compute, Belady bytes / bandwidth)
+        "reachable_ms_per_token": float | null  # --profile --replay: max(compute, oracle bytes / bandwidth)
       }]
     }
 
@@ -54,8 +56,10 @@ def row_dict(row: BenchRow, probe: Probe | None, compute_s: float | None) -> dic
         "bytes_loaded": int(row.total_counter("bytes_loaded")),
         "os_read_bytes": int(row.total_counter("os_read_bytes")),
         "belady_loads": row.belady_loads,
+        "oracle_loads": row.oracle_loads,
         "predicted_ms_per_token": None,
         "limit_ms_per_token": None,
+        "reachable_ms_per_token": None,
     }
     if probe is not None and compute_s is not None:
         demand = row.decode_counter("demand_loads") * per_load
@@ -64,6 +68,9 @@ def row_dict(row: BenchRow, probe: Probe | None, compute_s: float | None) -> dic
         if row.belady_loads is not None:
             tokens = row.prompt_tokens + row.gen_tokens
             d["limit_ms_per_token"] = 1e3 * limit_s(compute_s, row.belady_loads * per_load / tokens, probe.bandwidth)
+        if row.oracle_loads is not None:
+            tokens = row.prompt_tokens + row.gen_tokens
+            d["reachable_ms_per_token"] = 1e3 * limit_s(compute_s, row.oracle_loads * per_load / tokens, probe.bandwidth)
     return d
 
 
@@ -79,11 +86,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
     replay = any(r["belady_loads"] is not None for r in rows)
     profile = any(r["predicted_ms_per_token"] is not None for r in rows)
     if replay:
-        head += ["Belady loads", "loads/Belady"]
+        head += ["Belady loads", "loads/Belady", "oracle/Belady"]
     if profile:
         head += ["pred ms/tok"]
         if replay:
-            head += ["limit ms/tok", "ms/limit"]
+            head += ["limit ms/tok", "ms/limit", "ms/reachable"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i > 2 else "---" for i in range(len(head))) + "|"]
     for r in rows:
         cells = [
@@ -94,11 +101,15 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         ]
         if replay:
             b = r["belady_loads"]
-            cells += [str(b) if b is not None else "-", _f(r["loads"] / b if b else None, ".2f")]
+            o = r["oracle_loads"]
+            cells += [str(b) if b is not None else "-", _f(r["loads"] / b if b else None, ".2f"),
+                      _f(o / b if b and o is not None else None, ".2f")]
         if profile:
             cells += [_f(r["predicted_ms_per_token"], ".1f")]
             if replay:
                 lim = r["limit_ms_per_token"]
-                cells += [_f(lim, ".1f"), _f(r["ms_per_token"] / lim if lim else None, ".2f")]
+                reach = r["reachable_ms_per_token"]
+                cells += [_f(lim, ".1f"), _f(r["ms_per_token"] / lim if lim else None, ".2f"),
+                          _f(r["ms_per_token"] / reach if reach else None, ".2f")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

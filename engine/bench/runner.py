@@ -49,6 +49,7 @@ class BenchRow:
     slots: int = 0
     budget_bytes: int | None = None
     belady_loads: int | None = None
+    oracle_loads: int | None = None
     expert_bytes: int = 0
 
     # medians over repetitions
@@ -214,8 +215,10 @@ def run_config(
         row.budget_bytes = end.get("budget_bytes")
         row.expert_bytes = int(end.get("slot_bytes") or 0)
     if trace is not None and row.budget_bytes is not None and row.slots > 0:
+        from engine.trace.oracle import token_oracle_loads
         from engine.trace.replay import belady_loads
 
         used = RoutingTrace(trace.expert_ids[: prompt_tokens + gen_tokens], trace.num_experts)
         row.belady_loads = belady_loads(used, row.slots)
+        row.oracle_loads = token_oracle_loads(used, row.slots)
     return row
