@@ -66,4 +66,140 @@ def test_two_thread_split_equals_one_thread():
         torch.set_num_threads(before)
     assert all(torch.equal(t, one) for t in two)
     exact = x.double() @ w.double().T
-    assert ((one.double() - exact).abs() <= (F.linear(x, w).double() - exact).abs() + exact.abs() * 2.0**-7 + 1e-3).all()
+    assert (
+        (one.double() - exact).abs() <= (F.linear(x, w).double() - exact).abs() + exact.abs() * 2.0**-7 + 1e-3
+    ).all()
+
+
+# odd shapes: K not a multiple of 32, N not a multiple of 16 (or 4), tiny and split-sized products
+ODD = [(1, 1), (5, 3), (17, 33), (31, 100), (100, 1000), (1030, 1031)]
+
+
+@pytest.fixture(params=["native", "portable"])
+def kernels(request, monkeypatch, tmp_path):
+    """The kernels as this CPU compiles them, and the auto-vectorised C path (no -march=native)."""
+    if native_gemv() is None:
+        pytest.skip("no C compiler")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cpu_gemv, "_state", {})
+    if request.param == "portable":
+        monkeypatch.setattr(cpu_gemv, "_FLAG_SETS", (["-O3", "-pthread"],))
+    assert native_gemv() is not None
+    return request.param
+
+
+def _within_bf16(ours: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> bool:
+    exact = x.double() @ w.double().T
+    if b is not None:
+        exact = exact + b.double()
+    ref_err = (F.linear(x, w, b).double() - exact).abs()
+    return bool(((ours.double() - exact).abs() <= ref_err + exact.abs() * 2.0**-7 + 1e-5 * x.shape[1]).all())
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_linear_many_on_odd_shapes(kernels, threads):
+    g = torch.Generator().manual_seed(3)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for n, k in ODD:
+            x = torch.randn(1, k, generator=g).bfloat16()
+            ws = [torch.randn(n + d, k, generator=g).bfloat16() for d in (0, 3, 16)]
+            bs = [None, torch.randn(n + 3, generator=g).bfloat16(), None]
+            outs = cpu_gemv.linear_many(x, ws, bs)
+            for o, w, b in zip(outs, ws, bs, strict=True):
+                assert o.dtype == torch.bfloat16 and o.shape == (1, w.shape[0])
+                assert _within_bf16(o, x, w, b), (kernels, n, k)
+                assert torch.equal(o, linear(x, w, b))  # one matrix at a time: the same bits
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("h,i", [(1, 1), (33, 17), (100, 37), (64, 200), (1000, 1030)])
+def test_swiglu_accumulate_matches_the_torch_expert(kernels, h, i):
+    from engine.model.experts import ExpertWeights
+
+    g = torch.Generator().manual_seed(h + i)
+    w = ExpertWeights(
+        gate=(torch.randn(i, h, generator=g) * 0.2).bfloat16(),
+        up=(torch.randn(i, h, generator=g) * 0.2).bfloat16(),
+        down=(torch.randn(h, i, generator=g) * 0.2).bfloat16(),
+    )
+    x = torch.randn(1, h, generator=g).bfloat16()
+    for coef in (torch.tensor(0.37), torch.tensor(0.625, dtype=torch.bfloat16)):
+        # the torch expert on the same (already checked) GEMV, then the MoE block's weighting
+        y = linear(F.silu(linear(x, w.gate)) * linear(x, w.up), w.down) * coef
+        ref = torch.ones(1, h) + y
+        acc = torch.ones(1, h)
+        assert cpu_gemv.swiglu_accumulate(x, w, float(coef), acc)
+        # SiLU's exp is libm's here, Sleef's in torch: a rare one-ulp bf16 difference inside is allowed
+        torch.testing.assert_close(acc, ref, rtol=2**-7, atol=1e-3 * h**0.5)
+        # and against float64 throughout, as loosely as bf16 roundings of every intermediate need
+        hh = F.silu(x.double() @ w.gate.double().T) * (x.double() @ w.up.double().T)
+        exact = 1 + (hh @ w.down.double().T) * float(coef)
+        assert ((acc.double() - exact).abs() <= 0.05 * (hh.abs() @ w.down.double().abs().T) + 1e-2).all()
+
+
+def test_swiglu_accumulate_declines_what_it_cannot_do():
+    from engine.model.experts import ExpertWeights
+
+    w = ExpertWeights(gate=torch.randn(8, 4), up=torch.randn(8, 4), down=torch.randn(4, 8))  # float32
+    acc = torch.zeros(1, 4)
+    assert not cpu_gemv.swiglu_accumulate(torch.randn(1, 4), w, 1.0, acc)
+    wb = ExpertWeights(gate=w.gate.bfloat16(), up=w.up.bfloat16(), down=w.down.bfloat16())
+    assert not cpu_gemv.swiglu_accumulate(torch.randn(2, 4).bfloat16(), wb, 1.0, acc)  # two tokens
+    assert not cpu_gemv.swiglu_accumulate(torch.randn(1, 4).bfloat16(), wb, 1.0, acc.bfloat16())
+    assert torch.equal(acc, torch.zeros(1, 4))
+
+
+def test_many_python_threads_at_once_get_right_answers():
+    """The pool serves one caller at a time; a second caller meanwhile runs alone, never waits or mixes."""
+    import threading
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 1024, generator=g).bfloat16()
+    ws = [torch.randn(512 + 16 * j, 1024, generator=g).bfloat16() for j in range(4)]
+    expected = [linear(x, w) for w in ws]
+    bad: list[int] = []
+
+    def work(j: int) -> None:
+        for _ in range(50):
+            if not torch.equal(linear(x, ws[j]), expected[j]):
+                bad.append(j)
+
+    threads = [threading.Thread(target=work, args=(j,)) for j in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not bad
+
+
+def test_decode_threads_hands_torch_threads_to_the_pool_and_back():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with cpu_gemv.decode_threads(True):
+            if native_gemv() is not None:
+                assert torch.get_num_threads() == 1 and cpu_gemv._threads(1 << 20) == 2
+        assert torch.get_num_threads() == 2 and cpu_gemv._threads(1 << 20) == 2
+        with cpu_gemv.decode_threads(False):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError), cpu_gemv.decode_threads(True):
+            raise RuntimeError
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_forked_child_computes_with_a_fresh_pool():
+    import multiprocessing as mp
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(1, 1024, generator=g).bfloat16()
+    w = torch.randn(1040, 1024, generator=g).bfloat16()
+    expected = linear(x, w)  # starts the pool here
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply(linear, (x, w))
+    assert torch.equal(got, expected)

@@ -1,0 +1,372 @@
+/* Native bf16 kernels for CPU decode (one token at a time), compiled by engine/model/cpu_gemv.py.
+
+   Every product accumulates in float32 and rounds to bf16 the way PyTorch does (round to nearest
+   even), so results match the F.linear / torch path within bf16 rounding.
+
+   moeinf_gemv_bf16    y = W x for rows n0..n1 of one matrix, on the calling thread.
+   moeinf_gemv_many    several matrices sharing one input x (q/k/v, an LM head), optional biases,
+                       rows split over a small persistent thread pool.
+   moeinf_swiglu_acc   one routed SwiGLU expert, whole: h = bf16(silu(gate x)) * (up x),
+                       d = down h, acc += bf16(d * coef) (float32 acc), on the pool.
+
+   The pool: nthreads - 1 persistent workers that spin briefly between jobs (decode calls come
+   every few tens of microseconds) and then sleep on a condition variable; the caller takes part
+   in every job. A caller that finds the pool busy (another Python thread) runs alone. */
+
+#include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdint.h>
+#include <string.h>
+#include <time.h>
+#if defined(__AVX512BF16__) && defined(__AVX512F__)
+#include <immintrin.h>
+#define MOEINF_DPBF16 1
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+static inline float bf16_to_f32(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                               /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+/* ---------------------------------------------------------------- dot products of rows with x */
+
+#ifdef MOEINF_DPBF16
+/* v[r] = sum of the lanes of a[r], r < 16 */
+static inline __m512 hsum16(const __m512 *a) {
+    __m512 t[8], u[4], v[2];
+    for (int i = 0; i < 8; i++)
+        t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+    for (int i = 0; i < 4; i++) {
+        __m512d p = _mm512_castps_pd(t[2 * i]), q = _mm512_castps_pd(t[2 * i + 1]);
+        u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(p, q)), _mm512_castpd_ps(_mm512_unpackhi_pd(p, q)));
+    }
+    for (int i = 0; i < 2; i++)
+        v[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xdd));
+    return _mm512_add_ps(_mm512_shuffle_f32x4(v[0], v[1], 0x88), _mm512_shuffle_f32x4(v[0], v[1], 0xdd));
+}
+#endif
+
+/* y[n - n0] = sum_k x[k] * W[n, k] (float32) for n0 <= n < n1 of a row-major [N, K] bf16 matrix;
+   rows up to pf_end may be prefetched */
+static void dot_rows(const uint16_t *restrict x, const uint16_t *restrict W, float *restrict y,
+                     int64_t n0, int64_t n1, int64_t K, int64_t pf_end) {
+    int64_t n = n0;
+#ifdef MOEINF_DPBF16
+    const int64_t K32 = K & ~(int64_t)31;
+    const __mmask32 tail = (__mmask32)((1ull << (K - K32)) - 1);
+    const __m512bh xt = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + K32);
+    for (; n + 16 <= n1; n += 16) {  /* sixteen rows share each load of x; the next block goes to L2 meanwhile */
+        const uint16_t *w0 = W + n * K;
+        const char *pf = (const char *)(w0 + 16 * K);
+        const int64_t pf_step = n + 32 <= pf_end && K32 ? 1024 : 0;  /* 16 rows x 64 B per step of 32 columns */
+        __m512 a[16];
+        for (int r = 0; r < 16; r++) a[r] = _mm512_setzero_ps();
+        for (int64_t k = 0, i = 0; k < K32; k += 32, i++) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+            for (int64_t p = i * pf_step; p < (i + 1) * pf_step; p += 64) _mm_prefetch(pf + p, _MM_HINT_T1);
+            for (int r = 0; r < 16; r++)
+                a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(w0 + r * K + k), xv);
+        }
+        if (tail)
+            for (int r = 0; r < 16; r++)
+                a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_maskz_loadu_epi16(tail, w0 + r * K + K32), xt);
+        _mm512_storeu_ps(y + (n - n0), hsum16(a));
+    }
+    for (; n + 4 <= n1; n += 4) {
+        const uint16_t *w0 = W + n * K;
+        __m512 a[4];
+        for (int r = 0; r < 4; r++) a[r] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K32; k += 32) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
+            for (int r = 0; r < 4; r++)
+                a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(w0 + r * K + k), xv);
+        }
+        for (int r = 0; r < 4; r++) {
+            if (tail) a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_maskz_loadu_epi16(tail, w0 + r * K + K32), xt);
+            y[n - n0 + r] = _mm512_reduce_add_ps(a[r]);
+        }
+    }
+    for (; n < n1; n++) {
+        const uint16_t *w0 = W + n * K;
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t k = 0; k < K32; k += 32)
+            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(w0 + k), (__m512bh)_mm512_loadu_si512(x + k));
+        if (tail) a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_maskz_loadu_epi16(tail, w0 + K32), xt);
+        y[n - n0] = _mm512_reduce_add_ps(a);
+    }
+#else
+    (void)pf_end;
+    for (; n + 4 <= n1; n += 4) {  /* auto-vectorised: 16 float lanes per row, four rows per load of x */
+        const uint16_t *w0 = W + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        float a0[16] = {0}, a1[16] = {0}, a2[16] = {0}, a3[16] = {0};
+        int64_t k = 0;
+        for (; k + 16 <= K; k += 16) {
+            for (int j = 0; j < 16; j++) {
+                float xv = bf16_to_f32(x[k + j]);
+                a0[j] += xv * bf16_to_f32(w0[k + j]); a1[j] += xv * bf16_to_f32(w1[k + j]);
+                a2[j] += xv * bf16_to_f32(w2[k + j]); a3[j] += xv * bf16_to_f32(w3[k + j]);
+            }
+        }
+        float s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+        for (int j = 0; j < 16; j++) { s0 += a0[j]; s1 += a1[j]; s2 += a2[j]; s3 += a3[j]; }
+        for (; k < K; k++) {
+            float xv = bf16_to_f32(x[k]);
+            s0 += xv * bf16_to_f32(w0[k]); s1 += xv * bf16_to_f32(w1[k]);
+            s2 += xv * bf16_to_f32(w2[k]); s3 += xv * bf16_to_f32(w3[k]);
+        }
+        y[n - n0] = s0; y[n - n0 + 1] = s1; y[n - n0 + 2] = s2; y[n - n0 + 3] = s3;
+    }
+    for (; n < n1; n++) {
+        const uint16_t *w0 = W + n * K;
+        float s = 0;
+        for (int64_t k = 0; k < K; k++) s += bf16_to_f32(x[k]) * bf16_to_f32(w0[k]);
+        y[n - n0] = s;
+    }
+#endif
+}
+
+#define CHUNK 256  /* rows per stack buffer of float32 sums */
+
+/* y[n] = bf16(W x)[n] (then bf16(y[n] + bias[n]) when bias) for n0 <= n < n1 */
+static void gemv_rows(const uint16_t *x, const uint16_t *W, const uint16_t *bias, uint16_t *y,
+                      int64_t n0, int64_t n1, int64_t K) {
+    float buf[CHUNK];
+    for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
+        int64_t c1 = c0 + CHUNK < n1 ? c0 + CHUNK : n1;
+        dot_rows(x, W, buf, c0, c1, K, n1);
+        for (int64_t n = c0; n < c1; n++) {
+            uint16_t v = f32_to_bf16(buf[n - c0]);
+            y[n] = bias ? f32_to_bf16(bf16_to_f32(v) + bf16_to_f32(bias[n])) : v;
+        }
+    }
+}
+
+/* The single-threaded product, as before: y[n] for rows n0 <= n < n1, no bias. */
+void moeinf_gemv_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int64_t n0, int64_t n1, int64_t K) {
+    gemv_rows(x, W, 0, y, n0, n1, K);
+}
+
+/* ---------------------------------------------------------------- the thread pool */
+
+#define MAX_THREADS 16
+#define SPIN_NS 300000  /* a worker spins this long for the next job before it sleeps */
+
+typedef void (*task_fn)(void *arg, int tid, int nt);
+
+static pthread_mutex_t pool_call = PTHREAD_MUTEX_INITIALIZER;   /* one job at a time */
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;     /* sleeping workers */
+static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
+static int pool_sleepers, pool_workers, pool_atfork;
+static task_fn job_fn;
+static void *job_arg;
+static int job_nt;
+static uint64_t job_seq;    /* atomics: __atomic builtins */
+static int job_done;
+static int bar_count;
+static uint64_t bar_gen;
+static uint64_t spawn_seq;  /* job_seq when the newest worker was made: the first job it waits for is the next */
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+/* all nt participants of the running job meet here */
+static void pool_barrier(int nt) {
+    if (nt <= 1) return;
+    uint64_t gen = __atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE);
+    if (__atomic_add_fetch(&bar_count, 1, __ATOMIC_ACQ_REL) == nt) {
+        __atomic_store_n(&bar_count, 0, __ATOMIC_RELAXED);
+        __atomic_store_n(&bar_gen, gen + 1, __ATOMIC_RELEASE);
+        return;
+    }
+    for (unsigned i = 0; __atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE) == gen; i++) {
+        if (i < 20000) CPU_RELAX(); else sched_yield();
+    }
+}
+
+static void *pool_worker(void *arg) {
+    int tid = (int)(intptr_t)arg;
+    uint64_t seen = __atomic_load_n(&spawn_seq, __ATOMIC_ACQUIRE);
+    for (;;) {
+        uint64_t s = __atomic_load_n(&job_seq, __ATOMIC_ACQUIRE);
+        if (s == seen) {
+            uint64_t t0 = now_ns();
+            for (unsigned i = 1; (s = __atomic_load_n(&job_seq, __ATOMIC_ACQUIRE)) == seen; i++) {
+                CPU_RELAX();
+                if ((i & 255) == 0 && now_ns() - t0 > SPIN_NS) {
+                    pthread_mutex_lock(&pool_mu);
+                    pool_sleepers++;
+                    while ((s = __atomic_load_n(&job_seq, __ATOMIC_ACQUIRE)) == seen) pthread_cond_wait(&pool_cv, &pool_mu);
+                    pool_sleepers--;
+                    pthread_mutex_unlock(&pool_mu);
+                    break;
+                }
+            }
+        }
+        seen = s;
+        if (tid < job_nt) job_fn(job_arg, tid, job_nt);
+        __atomic_add_fetch(&job_done, 1, __ATOMIC_ACQ_REL);
+    }
+    return 0;
+}
+
+static void pool_after_fork(void) {  /* the workers are not forked */
+    pool_workers = 0;
+    pool_sleepers = 0;
+    pthread_mutex_init(&pool_call, 0);
+    pthread_mutex_init(&pool_mu, 0);
+    pthread_cond_init(&pool_cv, 0);
+}
+
+/* run fn(arg, tid, nt) for tid < nt on the caller (tid 0) and nt - 1 workers */
+static void pool_run(task_fn fn, void *arg, int nt) {
+    if (nt > MAX_THREADS) nt = MAX_THREADS;
+    if (nt <= 1 || pthread_mutex_trylock(&pool_call) != 0) {
+        fn(arg, 0, 1);
+        return;
+    }
+    while (pool_workers < nt - 1) {
+        pthread_t t;
+        if (!pool_atfork) { pthread_atfork(0, 0, pool_after_fork); pool_atfork = 1; }
+        __atomic_store_n(&spawn_seq, __atomic_load_n(&job_seq, __ATOMIC_ACQUIRE), __ATOMIC_RELEASE);
+        if (pthread_create(&t, 0, pool_worker, (void *)(intptr_t)(pool_workers + 1)) != 0) break;
+        pthread_detach(t);
+        pool_workers++;
+    }
+    if (nt > pool_workers + 1) nt = pool_workers + 1;
+    int workers = pool_workers;
+    job_fn = fn; job_arg = arg; job_nt = nt;
+    __atomic_store_n(&job_done, 0, __ATOMIC_RELAXED);
+    __atomic_add_fetch(&job_seq, 1, __ATOMIC_ACQ_REL);
+    pthread_mutex_lock(&pool_mu);
+    if (pool_sleepers) pthread_cond_broadcast(&pool_cv);
+    pthread_mutex_unlock(&pool_mu);
+    fn(arg, 0, nt);
+    for (unsigned i = 0; __atomic_load_n(&job_done, __ATOMIC_ACQUIRE) != workers; i++) {
+        if (i < 20000) CPU_RELAX(); else sched_yield();
+    }
+    pthread_mutex_unlock(&pool_call);
+}
+
+/* [lo, hi) of n rows for participant tid of nt, in multiples of 16 rows */
+static void split_rows(int64_t n, int tid, int nt, int64_t *lo, int64_t *hi) {
+    int64_t blocks = (n + 15) / 16;
+    *lo = blocks * tid / nt * 16;
+    *hi = blocks * (tid + 1) / nt * 16;
+    if (*lo > n) *lo = n;
+    if (*hi > n) *hi = n;
+}
+
+/* ---------------------------------------------------------------- several matrices, one x */
+
+#define MAX_MATS 8
+typedef struct {
+    const uint16_t *x;
+    int64_t K;
+    int count;
+    const uint16_t *W[MAX_MATS];
+    const uint16_t *bias[MAX_MATS];
+    uint16_t *y[MAX_MATS];
+    int64_t N[MAX_MATS];
+} many_job;
+
+static void many_task(void *arg, int tid, int nt) {
+    many_job *j = arg;
+    int64_t total = 0;
+    for (int m = 0; m < j->count; m++) total += j->N[m];
+    int64_t lo, hi;
+    split_rows(total, tid, nt, &lo, &hi);
+    int64_t base = 0;
+    for (int m = 0; m < j->count; m++) {
+        int64_t a = lo > base ? lo - base : 0, b = hi - base < j->N[m] ? hi - base : j->N[m];
+        if (a < b) gemv_rows(j->x, j->W[m], j->bias[m], j->y[m], a, b, j->K);
+        base += j->N[m];
+    }
+}
+
+/* y_m = bf16(W_m x) (+ bias_m, rounded again) for m < count, every W_m [N_m, K]; bias_m may be NULL */
+void moeinf_gemv_many(const uint16_t *x, int64_t K, int count, const uint16_t *const *W,
+                      const uint16_t *const *bias, uint16_t *const *y, const int64_t *N, int nthreads) {
+    many_job j;
+    j.x = x; j.K = K;
+    int64_t total = 0;
+    for (int m0 = 0; m0 < count; m0 += MAX_MATS) {
+        j.count = count - m0 < MAX_MATS ? count - m0 : MAX_MATS;
+        total = 0;
+        for (int m = 0; m < j.count; m++) {
+            j.W[m] = W[m0 + m]; j.bias[m] = bias ? bias[m0 + m] : 0; j.y[m] = y[m0 + m]; j.N[m] = N[m0 + m];
+            total += j.N[m];
+        }
+        int nt = nthreads;
+        if ((int64_t)nt * 16 > total) nt = (int)((total + 15) / 16);
+        pool_run(many_task, &j, nt);
+    }
+}
+
+/* ---------------------------------------------------------------- one SwiGLU expert */
+
+typedef struct {
+    const uint16_t *x, *gate, *up, *down, *gate_bias, *up_bias, *down_bias;
+    uint16_t *h;  /* [I] scratch */
+    float *acc;   /* [H] */
+    float coef;
+    int64_t H, I;
+} expert_job;
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+static void expert_task(void *arg, int tid, int nt) {
+    expert_job *j = arg;
+    float g[CHUNK], u[CHUNK];
+    int64_t lo, hi;
+    split_rows(j->I, tid, nt, &lo, &hi);
+    for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
+        int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
+        dot_rows(j->x, j->gate, g, c0, c1, j->H, hi);
+        dot_rows(j->x, j->up, u, c0, c1, j->H, hi);
+        for (int64_t n = c0; n < c1; n++) {  /* the roundings of act(gate(x)) * up(x) in bf16 torch */
+            float gv = round_bf16(g[n - c0]), uv = round_bf16(u[n - c0]);
+            if (j->gate_bias) gv = round_bf16(gv + bf16_to_f32(j->gate_bias[n]));
+            if (j->up_bias) uv = round_bf16(uv + bf16_to_f32(j->up_bias[n]));
+            j->h[n] = f32_to_bf16(round_bf16(silu(gv)) * uv);
+        }
+    }
+    pool_barrier(nt);
+    split_rows(j->H, tid, nt, &lo, &hi);
+    for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
+        int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
+        dot_rows(j->h, j->down, g, c0, c1, j->I, hi);
+        for (int64_t n = c0; n < c1; n++) {
+            float d = round_bf16(g[n - c0]);
+            if (j->down_bias) d = round_bf16(d + bf16_to_f32(j->down_bias[n]));
+            j->acc[n] += round_bf16(d * j->coef);
+        }
+    }
+}
+
+/* acc += bf16(coef * down(bf16(silu(gate x)) * up x)) for one expert: gate, up [I, H], down [H, I];
+   biases may be NULL; h: [I] bf16 scratch; acc: [H] float32 */
+void moeinf_swiglu_acc(const uint16_t *x, const uint16_t *gate, const uint16_t *up, const uint16_t *down,
+                       const uint16_t *gate_bias, const uint16_t *up_bias, const uint16_t *down_bias,
+                       uint16_t *h, float *acc, float coef, int64_t H, int64_t I, int nthreads) {
+    expert_job j = {x, gate, up, down, gate_bias, up_bias, down_bias, h, acc, coef, H, I};
+    int nt = nthreads;
+    int64_t small = H < I ? H : I;
+    if ((int64_t)nt * 16 > small) nt = (int)((small + 15) / 16);
+    pool_run(expert_task, &j, nt);
+}
