@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.context import StepContext
-from engine.model.cpu_gemv import Linear
+from engine.model.cpu_gemv import Linear, linear_many
 from engine.model.kv_cache import KVCache
 from engine.model.norm import RMSNorm
 from engine.model.rope import apply_rotary
@@ -66,9 +66,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         T = x.shape[0]
-        q = self.q_proj(x)
-        k = self.k_proj(x)
-        v = self.v_proj(x)
+        q, k, v = linear_many(  # one native call for one token on the CPU
+            x,
+            [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight],
+            [self.q_proj.bias, self.k_proj.bias, self.v_proj.bias],
+        )
         if self.qk_norm == "proj":
             q = self.q_norm(q)
             k = self.k_norm(k)
@@ -114,7 +116,11 @@ def attend(
         return out.reshape(1, H * Dv)
     qh = q.transpose(0, 1).unsqueeze(0)  # [1, H, T, D]
     if ctx.is_plain_causal_prefill(sliding_window):
-        out = F.scaled_dot_product_attention(qh, keys, values, is_causal=True, scale=scaling, enable_gqa=H != Hkv)
+        out = F.scaled_dot_product_attention(
+            qh, keys, values, is_causal=True, scale=scaling, enable_gqa=H != Hkv
+        )
     else:
-        out = F.scaled_dot_product_attention(qh, keys, values, attn_mask=mask, scale=scaling, enable_gqa=H != Hkv)
+        out = F.scaled_dot_product_attention(
+            qh, keys, values, attn_mask=mask, scale=scaling, enable_gqa=H != Hkv
+        )
     return out[0].transpose(0, 1).reshape(T, H * Dv)

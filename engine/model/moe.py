@@ -17,20 +17,25 @@ import torch
 from torch import nn
 
 from engine.model.activations import activation
-from engine.model.cpu_gemv import linear
+from engine.model.cpu_gemv import linear, swiglu_accumulate
 from engine.model.experts import ExpertSource, ExpertWeights
 
 ExpertFn = Callable[[torch.Tensor, ExpertWeights], torch.Tensor]
 
 
 def swiglu_expert(act: str = "silu") -> ExpertFn:
-    """``down(act(gate(x)) * up(x))`` with the expert's own matrices (biases when it has them)."""
+    """``down(act(gate(x)) * up(x))`` with the expert's own matrices (biases when it has them).
+
+    With SiLU the function also has ``accumulate(x, w, coef, acc) -> bool``: ``acc += run(x, w) * coef``
+    for one token in one native call (``cpu_gemv.swiglu_accumulate``), False where that does not apply."""
     fn = activation(act)
 
     def run(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
         h = fn(linear(x, w.gate, w.gate_bias)) * linear(x, w.up, w.up_bias)
         return linear(h, w.down, w.down_bias)
 
+    if act in ("silu", "swish"):
+        run.accumulate = swiglu_accumulate  # type: ignore[attr-defined]
     return run
 
 
@@ -61,8 +66,12 @@ class MoEBlock(nn.Module):
         if x.shape[0] == 1:
             id_list = ids[0].tolist()
             w = weights[0]
+            coefs = w.tolist()
+            accumulate = getattr(self.expert_fn, "accumulate", None)
             for e, ew in self.experts.fetch(self.layer_idx, id_list):
-                acc.add_(self.expert_fn(x, ew) * w[id_list.index(e)])
+                slot = id_list.index(e)
+                if accumulate is None or not accumulate(x, ew, coefs[slot], acc):
+                    acc.add_(self.expert_fn(x, ew) * w[slot])
         else:
             unique = torch.unique(ids).tolist()
             for e, ew in self.experts.fetch(self.layer_idx, unique):
@@ -78,14 +87,25 @@ class MoEBlock(nn.Module):
         return out
 
 
-def softmax_moe(layer_idx: int, args, layout, experts: ExpertSource, shared_expert: nn.Module | None = None,
-                shared_expert_gate: nn.Module | None = None) -> MoEBlock:
+def softmax_moe(
+    layer_idx: int,
+    args,
+    layout,
+    experts: ExpertSource,
+    shared_expert: nn.Module | None = None,
+    shared_expert_gate: nn.Module | None = None,
+) -> MoEBlock:
     """The MoE block of the Qwen2-MoE / Qwen3-MoE / OLMoE kind: a softmax top-k router over the layout's
     experts (renormalised when the config's ``norm_topk_prob`` says so) and SwiGLU experts.
     ``args``: the family's ModelArgs; ``layout``: its ``engine.store.families.moe_layout``."""
     from engine.model.router import SoftmaxTopKRouter
 
     gate = SoftmaxTopKRouter(
-        args.hidden_size, layout.num_experts, layout.top_k, renormalize=bool(args.get("norm_topk_prob", False))
+        args.hidden_size,
+        layout.num_experts,
+        layout.top_k,
+        renormalize=bool(args.get("norm_topk_prob", False)),
     )
-    return MoEBlock(layer_idx, gate, experts, swiglu_expert(args.hidden_act), shared_expert, shared_expert_gate)
+    return MoEBlock(
+        layer_idx, gate, experts, swiglu_expert(args.hidden_act), shared_expert, shared_expert_gate
+    )

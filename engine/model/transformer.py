@@ -13,7 +13,7 @@ from torch import nn
 from engine.errors import MoeinfError
 from engine.model.args import ModelArgs
 from engine.model.context import StepContext
-from engine.model.cpu_gemv import Linear
+from engine.model.cpu_gemv import Linear, decode_threads
 from engine.model.norm import RMSNorm
 from engine.model.rope import RotaryEmbedding
 
@@ -74,9 +74,10 @@ class CausalLM(nn.Module):
         ctx = StepContext(start_pos=start_pos, seqlen=T, device=device)
         if self.rotary is not None:
             ctx.cos, ctx.sin = self.rotary(start_pos, T)
-        x = self.embed_tokens(tokens.to(device))
-        for layer in self.layers:
-            x = layer(x, ctx)
-        if last_only:
-            x = x[-1:]
-        return self.lm_head(self.norm(x)).float()
+        with decode_threads(T == 1 and device.type == "cpu"):
+            x = self.embed_tokens(tokens.to(device))
+            for layer in self.layers:
+                x = layer(x, ctx)
+            if last_only:
+                x = x[-1:]
+            return self.lm_head(self.norm(x)).float()
