@@ -202,19 +202,26 @@ class ChatRepl:
         """Send ``message`` with the conversation so far and stream the answer."""
         ctx = int(self.session.ctx)
         trial = Conversation(self.conversation.system, list(self.conversation.turns))
-        fit = fit_to_context(trial, message, self._count_tokens, ctx,
-                             answer_reserve(ctx, self.sampling.get("num_predict")))
+        fit = fit_to_context(
+            trial, message, self._count_tokens, ctx, answer_reserve(ctx, self.sampling.get("num_predict"))
+        )
         if fit.prompt_tokens >= ctx:  # refused: the conversation stays as it was
-            self.warn(f"This message needs {fit.prompt_tokens} tokens but the context holds {ctx}; "
-                      f"shorten it, /clear, or /set parameter num_ctx {2 * ctx}.")
+            self.warn(
+                f"This message needs {fit.prompt_tokens} tokens but the context holds {ctx}; "
+                f"shorten it, /clear, or /set parameter num_ctx {2 * ctx}."
+            )
             return
         self.conversation = trial
         if fit.dropped:
-            self.warn(f"The conversation outgrew the context of {ctx} tokens: dropped the {fit.dropped} "
-                      f"oldest exchange(s). Use /clear to start afresh.")
+            self.warn(
+                f"The conversation outgrew the context of {ctx} tokens: dropped the {fit.dropped} "
+                f"oldest exchange(s). Use /clear to start afresh."
+            )
         if not fit.fits:
-            self.warn(f"Little room is left for the answer ({ctx - fit.prompt_tokens} tokens of {ctx}); "
-                      f"use /clear or /set parameter num_ctx {2 * ctx} for more.")
+            self.warn(
+                f"Little room is left for the answer ({ctx - fit.prompt_tokens} tokens of {ctx}); "
+                f"use /clear or /set parameter num_ctx {2 * ctx} for more."
+            )
         messages = self.conversation.messages([{"role": "user", "content": message}])
         cache_before = cache_snapshot(self.session)
         try:
@@ -231,8 +238,10 @@ class ChatRepl:
                 stats.cache = cache_delta(stats.cache, cache_before)  # this answer's figures, not the total
             self.last_stats = stats
             if stats.done_reason == "length" and stats.prompt_tokens + stats.generated_tokens >= ctx - 1:
-                self.warn(f"(the answer filled the context of {ctx} tokens; the oldest exchanges will be "
-                          f"dropped next time, or use /clear)")
+                self.warn(
+                    f"(the answer filled the context of {ctx} tokens; the oldest exchanges will be "
+                    f"dropped next time, or use /clear)"
+                )
             if self.verbose:
                 for line in stats.summary_lines():
                     self.err_console.print(line, markup=False, highlight=False, soft_wrap=True)

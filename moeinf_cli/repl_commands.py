@@ -41,19 +41,25 @@ class Parameter:
     def parse(self, words: list[str]) -> Any:
         """The value of ``words`` (the text after the name), or CommandError naming the expected form."""
         if not words:
-            raise CommandError(f"Missing value for '{self.name}': use /set parameter {self.name} <{self.kind}>")
+            raise CommandError(
+                f"Missing value for '{self.name}': use /set parameter {self.name} <{self.kind}>"
+            )
         if self.kind == "strings":
             return list(words)
         if len(words) > 1:
-            raise CommandError(f"Too many values for '{self.name}': use /set parameter {self.name} <{self.kind}>")
+            raise CommandError(
+                f"Too many values for '{self.name}': use /set parameter {self.name} <{self.kind}>"
+            )
         text = words[0]
         try:
             value: Any = int(text) if self.kind == "int" else float(text)
             if self.kind == "float" and not math.isfinite(value):
                 raise ValueError(text)
         except ValueError:
-            raise CommandError(f"Invalid value for '{self.name}': '{text}' is not a{'n' if self.kind == 'int' else ''} "
-                               f"{'integer' if self.kind == 'int' else 'number'}") from None
+            raise CommandError(
+                f"Invalid value for '{self.name}': '{text}' is not a{'n' if self.kind == 'int' else ''} "
+                f"{'integer' if self.kind == 'int' else 'number'}"
+            ) from None
         if self.check is not None and not self.check(value):
             raise CommandError(f"Invalid value for '{self.name}': {text} ({self.requirement})")
         return value
@@ -63,20 +69,52 @@ PARAMETERS: dict[str, Parameter] = {
     p.name: p
     for p in (
         Parameter("seed", "int", "Random number seed"),
-        Parameter("num_predict", "int", "Max number of tokens to predict (-1: until the model stops)",
-                  lambda v: v >= -1 and v != 0, "-1 or a positive number"),
+        Parameter(
+            "num_predict",
+            "int",
+            "Max number of tokens to predict (-1: until the model stops)",
+            lambda v: v >= -1 and v != 0,
+            "-1 or a positive number",
+        ),
         Parameter("top_k", "int", "Pick from top k num of tokens (0: all)", lambda v: v >= 0, "0 or more"),
-        Parameter("top_p", "float", "Pick token based on sum of probabilities", lambda v: 0.0 <= v <= 1.0,
-                  "between 0 and 1"),
-        Parameter("min_p", "float", "Pick token based on top token probability * min_p",
-                  lambda v: 0.0 <= v <= 1.0, "between 0 and 1"),
-        Parameter("num_ctx", "int", "Set the context size (reloads the model)", lambda v: v >= 16, "16 or more"),
-        Parameter("temperature", "float", "Set creativity level (0: always the likeliest token)",
-                  lambda v: v >= 0.0, "0 or more"),
-        Parameter("repeat_penalty", "float", "How strongly to penalize repetitions (1: not at all)",
-                  lambda v: v > 0.0, "more than 0"),
-        Parameter("repeat_last_n", "int", "Set how far back to look for repetitions (-1: the whole context)",
-                  lambda v: v >= -1, "-1 or more"),
+        Parameter(
+            "top_p",
+            "float",
+            "Pick token based on sum of probabilities",
+            lambda v: 0.0 <= v <= 1.0,
+            "between 0 and 1",
+        ),
+        Parameter(
+            "min_p",
+            "float",
+            "Pick token based on top token probability * min_p",
+            lambda v: 0.0 <= v <= 1.0,
+            "between 0 and 1",
+        ),
+        Parameter(
+            "num_ctx", "int", "Set the context size (reloads the model)", lambda v: v >= 16, "16 or more"
+        ),
+        Parameter(
+            "temperature",
+            "float",
+            "Set creativity level (0: always the likeliest token)",
+            lambda v: v >= 0.0,
+            "0 or more",
+        ),
+        Parameter(
+            "repeat_penalty",
+            "float",
+            "How strongly to penalize repetitions (1: not at all)",
+            lambda v: v > 0.0,
+            "more than 0",
+        ),
+        Parameter(
+            "repeat_last_n",
+            "int",
+            "Set how far back to look for repetitions (-1: the whole context)",
+            lambda v: v >= -1,
+            "-1 or more",
+        ),
         Parameter("stop", "strings", "Set the stop parameters"),
     )
 }
@@ -139,7 +177,7 @@ def strip_block(text: str) -> str:
     """A message typed as ``\"\"\"...\"\"\"``, without its quotes; other text unchanged (but stripped)."""
     stripped = text.strip()
     if stripped.startswith(TRIPLE_QUOTE):
-        stripped = stripped[len(TRIPLE_QUOTE):]
+        stripped = stripped[len(TRIPLE_QUOTE) :]
         if stripped.endswith(TRIPLE_QUOTE):
             stripped = stripped[: -len(TRIPLE_QUOTE)]
         return stripped.strip("\n")
@@ -151,7 +189,7 @@ def _unquote(text: str) -> str:
     text = text.strip()
     for quote in (TRIPLE_QUOTE, '"'):
         if len(text) >= 2 * len(quote) and text.startswith(quote) and text.endswith(quote):
-            return text[len(quote): -len(quote)].strip()
+            return text[len(quote) : -len(quote)].strip()
     return text
 
 
@@ -224,8 +262,12 @@ def _parse_set(rest: str) -> Command:
         if not system:
             raise CommandError('Usage: /set system "<message>"  (or /set system """ for several lines)')
         return Command("set_system", system)
-    simple = {"verbose": "set_verbose", "quiet": "set_quiet", "wordwrap": "set_wordwrap",
-              "nowordwrap": "set_nowordwrap"}
+    simple = {
+        "verbose": "set_verbose",
+        "quiet": "set_quiet",
+        "wordwrap": "set_wordwrap",
+        "nowordwrap": "set_nowordwrap",
+    }
     if sub in simple and not value.strip():
         return Command(simple[sub])
     raise CommandError(f"Unknown command '/set {sub}'. Type /? set for help")

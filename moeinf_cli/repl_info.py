@@ -12,8 +12,20 @@ from collections.abc import Mapping
 from typing import Any
 
 # Counters of engine.memory's CacheStats that grow during an answer (the rest describe the cache).
-CACHE_COUNTERS = ("accesses", "hits", "demand_loads", "prefetch_loads", "prefetch_useful", "prefetch_wasted",
-                  "prefetch_cancelled", "prefetch_dropped", "streamed", "evictions", "bytes_loaded", "stall_s")
+CACHE_COUNTERS = (
+    "accesses",
+    "hits",
+    "demand_loads",
+    "prefetch_loads",
+    "prefetch_useful",
+    "prefetch_wasted",
+    "prefetch_cancelled",
+    "prefetch_dropped",
+    "streamed",
+    "evictions",
+    "bytes_loaded",
+    "stall_s",
+)
 CACHE_LAYER_COUNTERS = ("layer_hits", "layer_accesses")
 
 
@@ -80,8 +92,13 @@ def info_lines(session: Any, load_kwargs: Mapping[str, Any]) -> list[str]:
         ("parameters", human_count(params) if isinstance(params, int | float) else params),
     ]
     if layout is not None and layout.is_moe:
-        model_rows.append(("experts", f"{layout.num_experts} per layer, top-{layout.top_k}, "
-                                      f"{len(layout.moe_layers)} of {layout.num_layers} layers"))
+        model_rows.append(
+            (
+                "experts",
+                f"{layout.num_experts} per layer, top-{layout.top_k}, "
+                f"{len(layout.moe_layers)} of {layout.num_layers} layers",
+            )
+        )
     model_rows += [
         ("context length", info.get("ctx", getattr(session, "ctx", None))),
         ("tokens in KV cache", info.get("tokens_in_cache")),
@@ -96,14 +113,23 @@ def info_lines(session: Any, load_kwargs: Mapping[str, Any]) -> list[str]:
         ]
         cache = cache_stats(session)
         default_policy = getattr(cache, "policy", "")
-        cache_rows.append(("policy", info.get("policy") or load_kwargs.get("policy")
-                           or (f"{default_policy} (default)" if default_policy else "default")))
+        cache_rows.append(
+            (
+                "policy",
+                info.get("policy")
+                or load_kwargs.get("policy")
+                or (f"{default_policy} (default)" if default_policy else "default"),
+            )
+        )
         if cache is not None and hasattr(cache, "summary_line"):
             cache_rows.append(("so far", str(cache.summary_line()).removeprefix("experts: ")))
         figures = info.get("expert_cache")
         if isinstance(figures, Mapping):
-            cache_rows += [(label, _bytes(figures[key]) if key.endswith("bytes") else _fmt(figures[key]))
-                           for key, label in CACHE_FIGURES if key in figures]
+            cache_rows += [
+                (label, _bytes(figures[key]) if key.endswith("bytes") else _fmt(figures[key]))
+                for key, label in CACHE_FIGURES
+                if key in figures
+            ]
         lines += [""] + _rows("Expert cache", cache_rows)
     return lines
 
@@ -135,10 +161,17 @@ def cache_delta(after: Any, before: Any) -> Any:
     """The cache figures of one answer: ``after`` minus ``before`` for every counter (hit rate, loads,
     bytes, stall time), the descriptive fields (budget, policy, residency) of ``after``. When the two
     cannot be subtracted (not the same dataclass), ``after`` as it is."""
-    if before is None or after is None or type(before) is not type(after) or not dataclasses.is_dataclass(after):
+    if (
+        before is None
+        or after is None
+        or type(before) is not type(after)
+        or not dataclasses.is_dataclass(after)
+    ):
         return after
     names = {f.name for f in dataclasses.fields(after)}
-    changes: dict[str, Any] = {n: getattr(after, n) - getattr(before, n) for n in CACHE_COUNTERS if n in names}
+    changes: dict[str, Any] = {
+        n: getattr(after, n) - getattr(before, n) for n in CACHE_COUNTERS if n in names
+    }
     for n in CACHE_LAYER_COUNTERS:
         if n in names:
             a, b = getattr(after, n), getattr(before, n)

@@ -37,7 +37,10 @@ from moeinf_cli.repl_output import AnswerWriter
         ("/set parameter seed 42", Command("set_parameter", ("seed", 42))),
         ("/set parameter num_predict 16", Command("set_parameter", ("num_predict", 16))),
         ("/set parameter num_ctx 2048", Command("set_parameter", ("num_ctx", 2048))),
-        ('/set parameter stop "<|im_end|>" "two words"', Command("set_parameter", ("stop", ["<|im_end|>", "two words"]))),
+        (
+            '/set parameter stop "<|im_end|>" "two words"',
+            Command("set_parameter", ("stop", ["<|im_end|>", "two words"])),
+        ),
         ('/set system "You are terse."', Command("set_system", "You are terse.")),
         ("/set system You are terse.", Command("set_system", "You are terse.")),
         ('/set system """Line one\nline two"""', Command("set_system", "Line one\nline two")),
@@ -57,8 +60,18 @@ def test_parse_command(line, expected):
 
 
 def test_every_sampling_parameter_is_settable():
-    assert set(PARAMETERS) == {"temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
-                               "seed", "num_predict", "stop", "num_ctx"}
+    assert set(PARAMETERS) == {
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repeat_penalty",
+        "repeat_last_n",
+        "seed",
+        "num_predict",
+        "stop",
+        "num_ctx",
+    }
     usage = parse_command("/set parameter").arg
     for name in PARAMETERS:
         assert f"/set parameter {name} " in usage
@@ -162,8 +175,18 @@ def test_shell_completion_offers_store_names(tmp_path):
     for name in ("tiny-a", "tiny-b", "other"):
         (tmp_path / "models" / name).mkdir(parents=True)
         (tmp_path / "models" / name / "manifest.json").write_text("{}")
-    env = dict(os.environ, MOEINF_HOME=str(tmp_path), _MOEINF_COMPLETE="complete_bash",
-               COMP_WORDS="moeinf chat ti", COMP_CWORD="2")
-    out = subprocess.run([sys.executable, "-c", "from moeinf_cli.app import app; app(prog_name='moeinf')"],
-                         env=env, capture_output=True, text=True, timeout=60)
+    env = dict(
+        os.environ,
+        MOEINF_HOME=str(tmp_path),
+        _MOEINF_COMPLETE="complete_bash",
+        COMP_WORDS="moeinf chat ti",
+        COMP_CWORD="2",
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", "from moeinf_cli.app import app; app(prog_name='moeinf')"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.stdout.split() == ["tiny-a", "tiny-b"], out.stderr

@@ -53,8 +53,14 @@ class WordSession:
                         self.interrupt_after = None  # only the first answer is interrupted
                         os.kill(os.getpid(), signal.SIGINT)
                     yield (" " if i else "") + w
-                yield GenerationStats(prompt_tokens=prompt, prompt_eval_count=prompt, prompt_eval_s=0.5,
-                                      generated_tokens=len(words), eval_s=0.25, total_s=1.0)
+                yield GenerationStats(
+                    prompt_tokens=prompt,
+                    prompt_eval_count=prompt,
+                    prompt_eval_s=0.5,
+                    generated_tokens=len(words),
+                    eval_s=0.25,
+                    total_s=1.0,
+                )
                 done = True
             finally:
                 if not done:
@@ -86,9 +92,18 @@ class ScriptReader:
 
 def make_repl(session, **kw):
     out, err, answers = io.StringIO(), io.StringIO(), io.StringIO()
-    repl = ChatRepl("fake", {"ctx": session.ctx}, kw.pop("sampling", {}), kw.pop("system", None),
-                    kw.pop("verbose", False), console=Console(file=out, width=100),
-                    err_console=Console(file=err, width=100), answer_stream=answers, session=session, **kw)
+    repl = ChatRepl(
+        "fake",
+        {"ctx": session.ctx},
+        kw.pop("sampling", {}),
+        kw.pop("system", None),
+        kw.pop("verbose", False),
+        console=Console(file=out, width=100),
+        err_console=Console(file=err, width=100),
+        answer_stream=answers,
+        session=session,
+        **kw,
+    )
     return repl, out, err, answers
 
 
@@ -99,16 +114,26 @@ def test_multi_turn_conversation_goes_through_messages():
     assert len(s.calls) == 2
     first, second = s.calls[0][0], s.calls[1][0]
     assert first == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
-    assert second == first + [{"role": "assistant", "content": "answer1 w1 w2 w3"},
-                              {"role": "user", "content": "Second\nquestion"}]
+    assert second == first + [
+        {"role": "assistant", "content": "answer1 w1 w2 w3"},
+        {"role": "user", "content": "Second\nquestion"},
+    ]
     assert answers.getvalue() == "answer1 w1 w2 w3\n\nanswer2 w1 w2 w3\n\n"
 
 
 def test_set_parameters_reach_generate_and_bad_values_stay_in_repl():
     s = WordSession()
     repl, out, _, _ = make_repl(s, sampling={"top_k": 5})
-    repl.run(ScriptReader("/set parameter temperature 0", "/set parameter stop END done",
-                          "/set parameter temperature warm", "/frobnicate", "Hi", "/show parameters"))
+    repl.run(
+        ScriptReader(
+            "/set parameter temperature 0",
+            "/set parameter stop END done",
+            "/set parameter temperature warm",
+            "/frobnicate",
+            "Hi",
+            "/show parameters",
+        )
+    )
     assert s.calls[0][1] == {"top_k": 5, "temperature": 0.0, "stop": ["END", "done"]}
     text = out.getvalue()
     assert "Set parameter 'temperature' to '0.0'" in text
@@ -167,7 +192,10 @@ def test_clear_forgets_the_conversation_but_keeps_the_system_prompt():
     s = WordSession()
     repl, out, _, _ = make_repl(s)
     repl.run(ScriptReader('/set system "Speak like a pirate."', "one", "/clear", "two", "/show system"))
-    assert s.calls[1][0] == [{"role": "system", "content": "Speak like a pirate."}, {"role": "user", "content": "two"}]
+    assert s.calls[1][0] == [
+        {"role": "system", "content": "Speak like a pirate."},
+        {"role": "user", "content": "two"},
+    ]
     assert s.resets == 1
     assert "Cleared session context" in out.getvalue()
     assert out.getvalue().rstrip().endswith("Speak like a pirate.")
@@ -189,7 +217,9 @@ def test_message_longer_than_the_context_is_refused():
     s = WordSession(ctx=32)
     repl, out, _, _ = make_repl(s)
     repl.run(ScriptReader("short", " ".join(["word"] * 40), "again"))
-    assert len(s.calls) == 2 and s.calls[1][0][:2] == s.calls[0][0][:1] + [{"role": "assistant", "content": "answer1 w1 w2 w3"}]
+    assert len(s.calls) == 2 and s.calls[1][0][:2] == s.calls[0][0][:1] + [
+        {"role": "assistant", "content": "answer1 w1 w2 w3"}
+    ]
     assert "context holds 32; shorten it, /clear, or /set parameter num_ctx 64." in out.getvalue()
 
 
@@ -240,7 +270,9 @@ def test_load_switches_model_and_keeps_old_one_on_failure():
 
     s = WordSession()
     repl, out, _, _ = make_repl(s, loader=loader)
-    repl.run(ScriptReader("hello", "/load missing", "/load other", "/set parameter num_ctx 128", "/show info"))
+    repl.run(
+        ScriptReader("hello", "/load missing", "/load other", "/set parameter num_ctx 128", "/show info")
+    )
     assert [n for n, _ in loaded] == ["other", "other"]
     assert loaded[1][1]["ctx"] == 128
     text = out.getvalue()
@@ -304,10 +336,24 @@ def test_verbose_cache_line_is_per_answer_and_show_stats_adds_the_total():
 
 
 def test_cache_delta_subtracts_counters_and_keeps_descriptions():
-    before = CacheStats(mode="offload", accesses=10, hits=5, stall_s=0.5, resident_experts=3,
-                        layer_hits={0: 5}, layer_accesses={0: 10})
-    after = CacheStats(mode="offload", accesses=30, hits=20, stall_s=0.75, resident_experts=4,
-                       layer_hits={0: 12, 1: 8}, layer_accesses={0: 20, 1: 10})
+    before = CacheStats(
+        mode="offload",
+        accesses=10,
+        hits=5,
+        stall_s=0.5,
+        resident_experts=3,
+        layer_hits={0: 5},
+        layer_accesses={0: 10},
+    )
+    after = CacheStats(
+        mode="offload",
+        accesses=30,
+        hits=20,
+        stall_s=0.75,
+        resident_experts=4,
+        layer_hits={0: 12, 1: 8},
+        layer_accesses={0: 20, 1: 10},
+    )
     d = cache_delta(after, before)
     assert (d.accesses, d.hits, d.stall_s, d.resident_experts) == (20, 15, 0.25, 4)
     assert d.layer_hits == {0: 7, 1: 8} and d.layer_accesses == {0: 10, 1: 10}

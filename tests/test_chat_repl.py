@@ -50,8 +50,16 @@ def chat_home(tmp_path_factory):
 
 def spawn(home: Path, *args: str) -> pexpect.spawn:
     env = dict(os.environ, MOEINF_HOME=str(home), TERM="xterm", PROMPT_TOOLKIT_NO_CPR="1")
-    child = pexpect.spawn(sys.executable, ["-m", "moeinf_cli", *args], cwd=str(ROOT), env=env,
-                          encoding="utf-8", codec_errors="replace", timeout=ANSWER_TIMEOUT, dimensions=(40, 100))
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "moeinf_cli", *args],
+        cwd=str(ROOT),
+        env=env,
+        encoding="utf-8",
+        codec_errors="replace",
+        timeout=ANSWER_TIMEOUT,
+        dimensions=(40, 100),
+    )
     child.expect_exact(">>> ", timeout=LOAD_TIMEOUT)
     return child
 
@@ -61,8 +69,17 @@ def enter(child: pexpect.spawn, text: str) -> None:
 
 
 def test_chat_session_in_a_terminal(chat_home, tmp_path):
-    child = spawn(chat_home, "chat", "tiny", "--num-predict", "24", "--ctx", "65536",
-                  "--system", "You are a tiny test model.")
+    child = spawn(
+        chat_home,
+        "chat",
+        "tiny",
+        "--num-predict",
+        "24",
+        "--ctx",
+        "65536",
+        "--system",
+        "You are a tiny test model.",
+    )
     try:
         enter(child, "Hello")
         child.expect_exact(">>> ")
@@ -120,7 +137,11 @@ def test_chat_session_in_a_terminal(chat_home, tmp_path):
     assert roles == ["system"] + ["user", "assistant"] * 4
     contents = [m["content"] for m in data["messages"]]
     assert contents[0] == "You are a tiny test model."
-    assert contents[3] == "What is\n2+2?" and contents[5] == "Tell me a long story" and contents[7] == "And then?"
+    assert (
+        contents[3] == "What is\n2+2?"
+        and contents[5] == "Tell me a long story"
+        and contents[7] == "And then?"
+    )
     assert data["parameters"] == {"num_predict": 8, "temperature": 0.0}
     tok = Tokenizer.from_file(str(chat_home / "models" / "tiny" / "tokenizer.json"))
     partial = len(tok.encode(contents[6], add_special_tokens=False).ids)
