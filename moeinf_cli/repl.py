@@ -35,7 +35,18 @@ from moeinf_cli.repl_conversation import (
     load_conversation,
     save_conversation,
 )
-from moeinf_cli.repl_info import cache_delta, cache_snapshot, cache_stats, info_lines, parameters_lines
+from moeinf_cli.repl_info import (
+    NO_LICENSE,
+    NO_TEMPLATE,
+    cache_delta,
+    cache_snapshot,
+    cache_stats,
+    chat_template,
+    info_lines,
+    license_text,
+    modelfile_lines,
+    parameters_lines,
+)
 from moeinf_cli.repl_input import Interrupted, LineReader, Reader, TerminalReader
 from moeinf_cli.repl_output import AnswerWriter
 
@@ -123,6 +134,8 @@ class ChatRepl:
         self.err_console = err_console or Console(stderr=True, highlight=False)
         self.answer_stream = answer_stream or sys.stdout
         self.wordwrap = self.console.is_terminal
+        self.history = True  # inputs saved to the history file (/set history, /set nohistory)
+        self._reader: Reader | None = None
         self._loader = loader
         self.session = session
         self.last_stats: Any = None
@@ -131,7 +144,7 @@ class ChatRepl:
     # ---- output --------------------------------------------------------------------------
 
     def say(self, text: str, style: str | None = None) -> None:
-        self.console.print(text, style=style, markup=False, highlight=False, soft_wrap=True)
+        self.console.print(text, style=style, markup=False, highlight=False, emoji=False, soft_wrap=True)
 
     def warn(self, text: str) -> None:
         self.say(text, style="yellow")
@@ -164,6 +177,8 @@ class ChatRepl:
         """Read and handle inputs until /bye, Ctrl+D or the end of the input."""
         if self.session is None:
             self.load()
+        self._reader = reader
+        self._apply_history()
         while True:
             try:
                 text = reader.read()
@@ -313,6 +328,10 @@ class ChatRepl:
         elif action in ("set_wordwrap", "set_nowordwrap"):
             self.wordwrap = action == "set_wordwrap"
             self.say(f"Set '{action.removeprefix('set_')}' mode.")
+        elif action in ("set_history", "set_nohistory"):
+            self.history = action == "set_history"
+            self._apply_history()
+            self.say(f"Set '{action.removeprefix('set_')}' mode.")
         elif action == "show_info":
             self.say("\n".join(info_lines(self.session, self.load_kwargs)))
         elif action == "show_stats":
@@ -321,6 +340,23 @@ class ChatRepl:
             self.say("\n".join(parameters_lines(self.sampling)))
         elif action == "show_system":
             self.say(self.conversation.system or "No system message was specified for this session.")
+        elif action == "show_template":
+            self.say(chat_template(self.session) or NO_TEMPLATE)
+        elif action == "show_license":
+            self.say(license_text(self.session) or NO_LICENSE)
+        elif action == "show_modelfile":
+            ctx = getattr(self.session, "ctx", None) or self.load_kwargs.get("ctx")
+            self.say(
+                "\n".join(
+                    modelfile_lines(
+                        self.model_name,
+                        chat_template(self.session),
+                        self.conversation.system,
+                        self.sampling,
+                        ctx,
+                    )
+                )
+            )
         elif action == "load":
             self._load_command(arg)
         elif action == "save":
@@ -328,6 +364,12 @@ class ChatRepl:
         else:  # parse_command only makes the actions above
             raise AssertionError(f"unhandled command {action}")
         return True
+
+    def _apply_history(self) -> None:
+        """Tell the reader whether to save inputs to the history file (a plain line reader keeps none)."""
+        set_history = getattr(self._reader, "set_history", None)
+        if set_history is not None:
+            set_history(self.history)
 
     def _set_parameter(self, name: str, value: Any) -> None:
         if name == "num_ctx":

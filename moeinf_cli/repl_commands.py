@@ -122,6 +122,8 @@ PARAMETERS: dict[str, Parameter] = {
 SET_USAGE = """Available Commands:
   /set parameter ...     Set a parameter
   /set system <string>   Set system message
+  /set history           Enable history
+  /set nohistory         Disable history
   /set wordwrap          Enable wordwrap
   /set nowordwrap        Disable wordwrap
   /set verbose           Show LLM stats
@@ -129,9 +131,14 @@ SET_USAGE = """Available Commands:
 
 SHOW_USAGE = """Available Commands:
   /show info         Show details for this model and its expert cache
-  /show stats        Show the timings and cache figures of the last answer
+  /show license      Show model license
+  /show modelfile    Show Modelfile for this session
   /show parameters   Show the parameters set in this session
-  /show system       Show system message"""
+  /show stats        Show the timings and cache figures of the last answer
+  /show system       Show system message
+  /show template     Show prompt template"""
+
+SHOW_TOPICS = ("info", "license", "modelfile", "parameters", "stats", "system", "template")
 
 SHORTCUTS_USAGE = """Available keyboard shortcuts:
   Ctrl + a            Move to the beginning of the line (Home)
@@ -267,6 +274,8 @@ def _parse_set(rest: str) -> Command:
         "quiet": "set_quiet",
         "wordwrap": "set_wordwrap",
         "nowordwrap": "set_nowordwrap",
+        "history": "set_history",
+        "nohistory": "set_nohistory",
     }
     if sub in simple and not value.strip():
         return Command(simple[sub])
@@ -277,6 +286,6 @@ def _parse_show(rest: str) -> Command:
     sub = rest.strip().lower()
     if sub == "":
         return Command("help", SHOW_USAGE)
-    if sub in ("info", "stats", "parameters", "system"):
+    if sub in SHOW_TOPICS:
         return Command(f"show_{sub}")
     raise CommandError(f"Unknown command '/show {rest.strip()}'. Type /? show for help")

@@ -1,13 +1,14 @@
 """Reading the user's input: a prompt_toolkit prompt on a terminal, plain lines otherwise.
 
 Both readers return one complete input per ``read()`` (a ``\"\"\"`` block spans several lines), raise
-``EOFError`` when the user leaves (Ctrl+D, end of input) and ``Interrupted`` on Ctrl+C.
+``EOFError`` when the user leaves (Ctrl+D, end of input) and ``Interrupted`` on Ctrl+C. The terminal
+reader's ``set_history(False)`` (``/set nohistory``) stops saving inputs to the history file.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 from moeinf_cli.repl_commands import is_open_block
 
@@ -28,12 +29,26 @@ class Reader(Protocol):
     def read(self) -> str: ...
 
 
+def file_history(path: Path) -> Any:
+    """prompt_toolkit's FileHistory of ``path`` with a switch: while ``.enabled`` is False, inputs are
+    still recalled with Up in this session but no longer appended to the file (Ollama's nohistory)."""
+    from prompt_toolkit.history import FileHistory
+
+    class SwitchableFileHistory(FileHistory):
+        enabled = True
+
+        def store_string(self, string: str) -> None:
+            if self.enabled:
+                super().store_string(string)
+
+    return SwitchableFileHistory(str(path))
+
+
 class TerminalReader:
     """``>>> `` prompt with editing, history in ``history_path``, ``... `` on the lines of a ``\"\"\"`` block."""
 
     def __init__(self, history_path: Path) -> None:
         from prompt_toolkit import PromptSession
-        from prompt_toolkit.history import FileHistory
         from prompt_toolkit.key_binding import KeyBindings
 
         history_path.parent.mkdir(parents=True, exist_ok=True)
@@ -54,8 +69,9 @@ class TerminalReader:
         def continuation(width: int, line_number: int, wrap_count: int) -> str:
             return CONTINUATION if wrap_count == 0 else ""
 
+        self._history = file_history(history_path)
         self._session = PromptSession(
-            history=FileHistory(str(history_path)),
+            history=self._history,
             multiline=True,
             key_bindings=bindings,
             prompt_continuation=continuation,
@@ -66,6 +82,10 @@ class TerminalReader:
 
     def read(self) -> str:
         return self._session.prompt(PROMPT)
+
+    def set_history(self, enabled: bool) -> None:
+        """Whether the inputs from now on are appended to the history file."""
+        self._history.enabled = enabled
 
 
 def _placeholder():

@@ -9,6 +9,7 @@ from moeinf_cli.repl_commands import (
     PARAMETERS,
     SET_USAGE,
     SHORTCUTS_USAGE,
+    SHOW_USAGE,
     Command,
     CommandError,
     is_open_block,
@@ -47,10 +48,20 @@ from moeinf_cli.repl_output import AnswerWriter
         ("/set verbose", Command("set_verbose")),
         ("/set quiet", Command("set_quiet")),
         ("/set nowordwrap", Command("set_nowordwrap")),
+        ("/set history", Command("set_history")),
+        ("/set nohistory", Command("set_nohistory")),
+        ("/set NOHISTORY", Command("set_nohistory")),
         ("/show info", Command("show_info")),
         ("/show stats", Command("show_stats")),
         ("/show parameters", Command("show_parameters")),
         ("/show system", Command("show_system")),
+        ("/show template", Command("show_template")),
+        ("/show license", Command("show_license")),
+        ("/show modelfile", Command("show_modelfile")),
+        ("/show Modelfile", Command("show_modelfile")),
+        ("/show", Command("help", SHOW_USAGE)),
+        ("/? show", Command("help", SHOW_USAGE)),
+        ("/? set", Command("help", SET_USAGE)),
         ("/load qwen3:30b-a3b", Command("load", "qwen3:30b-a3b")),
         ("/save chat.json", Command("save", "chat.json")),
     ],
@@ -92,7 +103,8 @@ def test_every_sampling_parameter_is_settable():
         ("/set parameter seed 1 2", "Too many values"),
         ("/set system", "Usage: /set system"),
         ("/set colour blue", "Unknown command '/set colour'"),
-        ("/show license", "Unknown command '/show license'"),
+        ("/show licence", "Unknown command '/show licence'"),
+        ("/set nohistory now", "Unknown command '/set nohistory'"),
         ("/load", "Usage: /load"),
         ("/save a b", "Usage: /save"),
         ("/? everything", "Unknown help topic"),
@@ -103,6 +115,16 @@ def test_bad_commands_give_one_line(line, fragment):
         parse_command(line)
     assert fragment in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_help_lists_every_set_and_show_command():
+    for sub in ("parameter", "system", "history", "nohistory", "wordwrap", "nowordwrap", "verbose", "quiet"):
+        assert f"/set {sub} " in SET_USAGE
+        if sub not in ("parameter", "system"):  # these two take a value
+            assert parse_command(f"/set {sub}").action.startswith("set_")
+    for sub in ("info", "license", "modelfile", "parameters", "stats", "system", "template"):
+        assert f"/show {sub} " in SHOW_USAGE
+        assert parse_command(f"/show {sub}") == Command(f"show_{sub}")
 
 
 def test_multiline_blocks():

@@ -49,6 +49,9 @@ META_FILES = (
     "special_tokens_map.json",
     "tokenizer.model",
     "model.safetensors.index.json",
+    "LICENSE",
+    "LICENSE.md",
+    "LICENSE.txt",
 )
 SINGLE_SHARD = "model.safetensors"
 
