@@ -203,3 +203,40 @@ def test_forked_child_computes_with_a_fresh_pool():
     with ctx.Pool(1) as pool:
         got = pool.apply(linear, (x, w))
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("h,i", [(33, 17), (100, 37), (1000, 1030)])
+def test_clamped_swiglu_accumulate_matches_gpt_oss_expert(kernels, h, i):
+    from engine.model.experts import ExpertWeights
+    from engine.model.gpt_oss_moe import clamped_swiglu_expert
+
+    g = torch.Generator().manual_seed(h * i)
+
+    def r(*shape, scale=0.3):
+        return (torch.randn(*shape, generator=g) * scale).bfloat16()
+
+    w = ExpertWeights(
+        gate=r(i, h), up=r(i, h), down=r(h, i), gate_bias=r(i, scale=3), up_bias=r(i, scale=3), down_bias=r(h)
+    )
+    x = r(1, h, scale=1)
+    fn = clamped_swiglu_expert()
+    coef = torch.tensor(0.3)
+    ref = torch.zeros(1, h) + fn(x, w) * coef  # the torch expert (F.linear), then the MoE block's weighting
+    acc = torch.zeros(1, h)
+    assert fn.accumulate(x, w, float(coef), acc)
+    torch.testing.assert_close(acc, ref, rtol=2**-7, atol=2e-3 * h**0.5)
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_dense_mlp_one_token_is_the_torch_mlp(bias):
+    from engine.model.mlp import MLP
+
+    torch.manual_seed(4)
+    m = MLP(100, 37, bias=bias)
+    for p in m.parameters():
+        p.data = torch.randn_like(p) * 0.3
+    m = m.bfloat16()
+    x = torch.randn(1, 100).bfloat16()
+    fused = m(x)
+    m.native_swiglu = False
+    assert torch.equal(fused, m(x))

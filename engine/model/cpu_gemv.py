@@ -45,7 +45,8 @@ _i64 = ctypes.c_int64
 _SIGNATURES = {
     "moeinf_gemv_bf16": [_p, _p, _p, _i64, _i64, _i64],
     "moeinf_gemv_many": [_p, _i64, ctypes.c_int, _p, _p, _p, _p, ctypes.c_int],
-    "moeinf_swiglu_acc": [_p, _p, _p, _p, _p, _p, _p, _p, _p, ctypes.c_float, _i64, _i64, ctypes.c_int],
+    "moeinf_swiglu_acc": [_p] * 9
+    + [ctypes.c_float, _i64, _i64, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float],
 }
 
 
@@ -213,10 +214,13 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def swiglu_accumulate(x: torch.Tensor, w, coef: float, acc: torch.Tensor) -> bool:
+def swiglu_accumulate(
+    x: torch.Tensor, w, coef: float, acc: torch.Tensor, clamped: tuple[float, float] | None = None
+) -> bool:
     """``acc += (down(silu(gate(x)) * up(x)) * coef)`` for one token and one expert ``w`` (an
     ``ExpertWeights``), rounded to bf16 where the torch path rounds, in one native call. x [1, H] bf16,
-    acc [1, H] float32 contiguous. False (and acc untouched) when the native path does not apply."""
+    acc [1, H] float32 contiguous. False (and acc untouched) when the native path does not apply.
+    ``clamped=(alpha, limit)``: gpt-oss's clamped SwiGLU instead (``gpt_oss_moe.clamped_swiglu``)."""
     lib = _native()
     if (
         lib is None
@@ -255,6 +259,9 @@ def swiglu_accumulate(x: torch.Tensor, w, coef: float, acc: torch.Tensor) -> boo
         h,
         i,
         _threads(3 * i * h),
+        0 if clamped is None else 1,
+        0.0 if clamped is None else clamped[0],
+        0.0 if clamped is None else clamped[1],
     )
     return True
 

@@ -7,7 +7,8 @@
    moeinf_gemv_many    several matrices sharing one input x (q/k/v, an LM head), optional biases,
                        rows split over a small persistent thread pool.
    moeinf_swiglu_acc   one routed SwiGLU expert, whole: h = bf16(silu(gate x)) * (up x),
-                       d = down h, acc += bf16(d * coef) (float32 acc), on the pool.
+                       d = down h, acc += bf16(d * coef) (float32 acc), on the pool; or gpt-oss's
+                       clamped variant (act 1).
 
    The pool: nthreads - 1 persistent workers that spin briefly between jobs (decode calls come
    every few tens of microseconds) and then sleep on a condition variable; the caller takes part
@@ -324,8 +325,9 @@ typedef struct {
     const uint16_t *x, *gate, *up, *down, *gate_bias, *up_bias, *down_bias;
     uint16_t *h;  /* [I] scratch */
     float *acc;   /* [H] */
-    float coef;
+    float coef, alpha, limit;
     int64_t H, I;
+    int act;
 } expert_job;
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -339,12 +341,22 @@ static void expert_task(void *arg, int tid, int nt) {
         int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
         dot_rows(j->x, j->gate, g, c0, c1, j->H, hi);
         dot_rows(j->x, j->up, u, c0, c1, j->H, hi);
-        for (int64_t n = c0; n < c1; n++) {  /* the roundings of act(gate(x)) * up(x) in bf16 torch */
-            float gv = round_bf16(g[n - c0]), uv = round_bf16(u[n - c0]);
-            if (j->gate_bias) gv = round_bf16(gv + bf16_to_f32(j->gate_bias[n]));
-            if (j->up_bias) uv = round_bf16(uv + bf16_to_f32(j->up_bias[n]));
-            j->h[n] = f32_to_bf16(round_bf16(silu(gv)) * uv);
-        }
+        if (j->act == 0)
+            for (int64_t n = c0; n < c1; n++) {  /* the roundings of silu(linear(x, gate)) * linear(x, up) */
+                float gv = round_bf16(g[n - c0]), uv = round_bf16(u[n - c0]);
+                if (j->gate_bias) gv = round_bf16(gv + bf16_to_f32(j->gate_bias[n]));
+                if (j->up_bias) uv = round_bf16(uv + bf16_to_f32(j->up_bias[n]));
+                j->h[n] = f32_to_bf16(round_bf16(silu(gv)) * uv);
+            }
+        else
+            for (int64_t n = c0; n < c1; n++) {  /* gpt-oss: F.linear (one rounding with the bias), clamps */
+                float gv = round_bf16(g[n - c0] + (j->gate_bias ? bf16_to_f32(j->gate_bias[n]) : 0.0f));
+                float uv = round_bf16(u[n - c0] + (j->up_bias ? bf16_to_f32(j->up_bias[n]) : 0.0f));
+                gv = gv > j->limit ? j->limit : gv;  /* NaN stays NaN, as in torch.clamp */
+                uv = uv > j->limit ? j->limit : (uv < -j->limit ? -j->limit : uv);
+                float sig = round_bf16(1.0f / (1.0f + expf(-round_bf16(gv * j->alpha))));
+                j->h[n] = f32_to_bf16(round_bf16(uv + 1.0f) * round_bf16(gv * sig));
+            }
     }
     pool_barrier(nt);
     split_rows(j->H, tid, nt, &lo, &hi);
@@ -352,19 +364,26 @@ static void expert_task(void *arg, int tid, int nt) {
         int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
         dot_rows(j->h, j->down, g, c0, c1, j->I, hi);
         for (int64_t n = c0; n < c1; n++) {
-            float d = round_bf16(g[n - c0]);
-            if (j->down_bias) d = round_bf16(d + bf16_to_f32(j->down_bias[n]));
+            float d;
+            if (j->act == 0) {
+                d = round_bf16(g[n - c0]);
+                if (j->down_bias) d = round_bf16(d + bf16_to_f32(j->down_bias[n]));
+            } else {
+                d = round_bf16(g[n - c0] + (j->down_bias ? bf16_to_f32(j->down_bias[n]) : 0.0f));
+            }
             j->acc[n] += round_bf16(d * j->coef);
         }
     }
 }
 
 /* acc += bf16(coef * down(bf16(silu(gate x)) * up x)) for one expert: gate, up [I, H], down [H, I];
-   biases may be NULL; h: [I] bf16 scratch; acc: [H] float32 */
+   biases may be NULL; h: [I] bf16 scratch; acc: [H] float32. act 1: gpt-oss's clamped SwiGLU,
+   (clamp(up, +-limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit). */
 void moeinf_swiglu_acc(const uint16_t *x, const uint16_t *gate, const uint16_t *up, const uint16_t *down,
                        const uint16_t *gate_bias, const uint16_t *up_bias, const uint16_t *down_bias,
-                       uint16_t *h, float *acc, float coef, int64_t H, int64_t I, int nthreads) {
-    expert_job j = {x, gate, up, down, gate_bias, up_bias, down_bias, h, acc, coef, H, I};
+                       uint16_t *h, float *acc, float coef, int64_t H, int64_t I, int nthreads,
+                       int act, float alpha, float limit) {
+    expert_job j = {x, gate, up, down, gate_bias, up_bias, down_bias, h, acc, coef, alpha, limit, H, I, act};
     int nt = nthreads;
     int64_t small = H < I ? H : I;
     if ((int64_t)nt * 16 > small) nt = (int)((small + 15) / 16);

@@ -8,7 +8,6 @@ compute ``(w * x_normed)`` in float32 before casting back, as transformers does.
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any
 
 import torch
@@ -17,7 +16,7 @@ from torch import nn
 from engine.model.args import ModelArgs
 from engine.model.experts import ExpertSource
 from engine.model.gpt_oss_attention import SinkAttention
-from engine.model.gpt_oss_moe import SWIGLU_ALPHA, SWIGLU_LIMIT, GptOssRouter, clamped_swiglu
+from engine.model.gpt_oss_moe import SWIGLU_ALPHA, SWIGLU_LIMIT, GptOssRouter, clamped_swiglu_expert
 from engine.model.moe import MoEBlock
 from engine.model.registry import Family, register, strip_model_prefix
 from engine.model.rope import RotaryEmbedding
@@ -67,8 +66,8 @@ def layer_windows(args: ModelArgs) -> list[int | None]:
 def build(args: ModelArgs, experts: ExpertSource) -> CausalLM:
     num_experts = int(args.get("num_local_experts") or args.get("num_experts"))
     top_k = int(args.get("num_experts_per_tok", 4))
-    expert_fn = partial(
-        clamped_swiglu, alpha=float(args.get("swiglu_alpha", SWIGLU_ALPHA)), limit=float(args.get("swiglu_limit", SWIGLU_LIMIT))
+    expert_fn = clamped_swiglu_expert(
+        float(args.get("swiglu_alpha", SWIGLU_ALPHA)), float(args.get("swiglu_limit", SWIGLU_LIMIT))
     )
     layers = []
     for i, window in enumerate(layer_windows(args)):

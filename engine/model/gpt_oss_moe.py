@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.model.cpu_gemv import swiglu_accumulate
 from engine.model.experts import ExpertWeights
 
 SWIGLU_ALPHA = 1.702
@@ -43,3 +44,17 @@ def clamped_swiglu(
     gate = F.linear(x, w.gate, w.gate_bias).clamp(max=limit)
     up = F.linear(x, w.up, w.up_bias).clamp(min=-limit, max=limit)
     return F.linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), w.down, w.down_bias)
+
+
+def clamped_swiglu_expert(alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT):
+    """``clamped_swiglu`` with these constants, as an ``MoEBlock`` expert function; its ``accumulate``
+    runs one token through one expert in one native call on the CPU (``cpu_gemv.swiglu_accumulate``)."""
+
+    def run(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
+        return clamped_swiglu(x, w, alpha, limit)
+
+    def accumulate(x: torch.Tensor, w: ExpertWeights, coef: float, acc: torch.Tensor) -> bool:
+        return swiglu_accumulate(x, w, coef, acc, clamped=(alpha, limit))
+
+    run.accumulate = accumulate  # type: ignore[attr-defined]
+    return run

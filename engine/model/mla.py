@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.context import StepContext
+from engine.model.cpu_gemv import Linear
 from engine.model.norm import RMSNorm
 
 
@@ -81,17 +82,17 @@ class MultiHeadLatentAttention(nn.Module):
         self.qk_head_dim = a.qk_nope_head_dim + a.qk_rope_head_dim
         self.max_seq_len = 0
         if a.q_lora_rank is None:
-            self.q_proj = nn.Linear(a.hidden_size, a.num_heads * self.qk_head_dim, bias=False)
+            self.q_proj = Linear(a.hidden_size, a.num_heads * self.qk_head_dim, bias=False)
         else:
-            self.q_a_proj = nn.Linear(a.hidden_size, a.q_lora_rank, bias=a.attention_bias)
+            self.q_a_proj = Linear(a.hidden_size, a.q_lora_rank, bias=a.attention_bias)
             self.q_a_layernorm = RMSNorm(a.q_lora_rank, a.latent_norm_eps)
-            self.q_b_proj = nn.Linear(a.q_lora_rank, a.num_heads * self.qk_head_dim, bias=False)
-        self.kv_a_proj_with_mqa = nn.Linear(
+            self.q_b_proj = Linear(a.q_lora_rank, a.num_heads * self.qk_head_dim, bias=False)
+        self.kv_a_proj_with_mqa = Linear(
             a.hidden_size, a.kv_lora_rank + a.qk_rope_head_dim, bias=a.attention_bias
         )
         self.kv_a_layernorm = RMSNorm(a.kv_lora_rank, a.latent_norm_eps)
-        self.kv_b_proj = nn.Linear(a.kv_lora_rank, a.num_heads * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
-        self.o_proj = nn.Linear(a.num_heads * a.v_head_dim, a.hidden_size, bias=a.attention_bias)
+        self.kv_b_proj = Linear(a.kv_lora_rank, a.num_heads * (a.qk_nope_head_dim + a.v_head_dim), bias=False)
+        self.o_proj = Linear(a.num_heads * a.v_head_dim, a.hidden_size, bias=a.attention_bias)
         for p in self.parameters():
             p.requires_grad_(False)
         self.cache_latent: torch.Tensor | None = None  # [max_seq_len, kv_lora_rank]

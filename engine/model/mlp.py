@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from engine.model.activations import activation
-from engine.model.cpu_gemv import Linear
+from engine.model.cpu_gemv import Linear, swiglu_accumulate
+from engine.model.experts import ExpertWeights
 
 
 class MLP(nn.Module):
@@ -16,6 +17,20 @@ class MLP(nn.Module):
         self.up_proj = Linear(hidden_size, intermediate_size, bias=bias)
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
         self.act = activation(act)
+        self.native_swiglu = act in ("silu", "swish")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.native_swiglu and x.shape[0] == 1:
+            # one token: the whole MLP in one native call (same roundings; acc + y is exact from 0)
+            w = ExpertWeights(
+                self.gate_proj.weight,
+                self.up_proj.weight,
+                self.down_proj.weight,
+                self.gate_proj.bias,
+                self.up_proj.bias,
+                self.down_proj.bias,
+            )
+            acc = torch.zeros(x.shape, dtype=torch.float32)
+            if swiglu_accumulate(x, w, 1.0, acc):
+                return acc.to(x.dtype)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
