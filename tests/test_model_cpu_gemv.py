@@ -29,7 +29,10 @@ def test_native_matches_exact_product_as_well_as_f_linear(n, k):
     ref_err = (F.linear(x, w).double() - exact).abs()
     assert ((ours.double() - exact).abs() <= ref_err + ulp + 1e-6 * k).all()
     with_bias = linear(x, w, b)
-    torch.testing.assert_close(with_bias.float(), (ours + b).float(), rtol=0, atol=0)
+    if native_gemv() is not None:  # the kernel rounds the product, then the sum with the bias
+        torch.testing.assert_close(with_bias.float(), (ours + b).float(), rtol=0, atol=0)
+    else:  # F.linear rounds once
+        assert torch.equal(with_bias, F.linear(x, w, b))
 
 
 def test_fallbacks_are_f_linear(monkeypatch):
@@ -79,7 +82,7 @@ ODD = [(1, 1), (5, 3), (17, 33), (31, 100), (100, 1000), (1030, 1031)]
 def kernels(request, monkeypatch, tmp_path):
     """The kernels as this CPU compiles them, and the auto-vectorised C path (no -march=native)."""
     if native_gemv() is None:
-        pytest.skip("no C compiler")
+        pytest.skip("no native kernels (no C compiler, or MOEINF_NATIVE_KERNELS=0)")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(cpu_gemv, "_state", {})
     if request.param == "portable":
@@ -195,13 +198,15 @@ def test_decode_threads_hands_torch_threads_to_the_pool_and_back():
 def test_forked_child_computes_with_a_fresh_pool():
     import multiprocessing as mp
 
+    if native_gemv() is None:  # F.linear's OpenMP threads do not survive a fork: nothing to test here
+        pytest.skip("no native kernels")
     g = torch.Generator().manual_seed(9)
     x = torch.randn(1, 1024, generator=g).bfloat16()
     w = torch.randn(1040, 1024, generator=g).bfloat16()
     expected = linear(x, w)  # starts the pool here
     ctx = mp.get_context("fork")
     with ctx.Pool(1) as pool:
-        got = pool.apply(linear, (x, w))
+        got = pool.apply_async(linear, (x, w)).get(timeout=120)
     assert torch.equal(got, expected)
 
 
