@@ -200,6 +200,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             )
             base = ctypes.addressof(ptrs)
             step = ctypes.sizeof(ctypes.c_void_p)
+            rows = _i64(n)  # kept alive across the call (a temporary's address would dangle)
             lib.moeinf_gemv_many(
                 x.data_ptr(),
                 k,
@@ -207,7 +208,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                 base,
                 base + step,
                 base + 2 * step,
-                ctypes.addressof(_i64(n)),
+                ctypes.addressof(rows),
                 _threads(n * k),
             )
             return out
