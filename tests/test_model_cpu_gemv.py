@@ -245,3 +245,30 @@ def test_dense_mlp_one_token_is_the_torch_mlp(bias):
     fused = m(x)
     m.native_swiglu = False
     assert torch.equal(fused, m(x))
+
+
+@pytest.mark.parametrize(
+    "heads,nope,v,lat", [(1, 1, 1, 1), (3, 5, 7, 33), (5, 17, 3, 300), (16, 64, 64, 256)]
+)
+def test_heads_product_is_bmm_on_strided_head_blocks(kernels, heads, nope, v, lat):
+    g = torch.Generator().manual_seed(heads * lat)
+    weight = torch.randn(heads * (nope + v), lat, generator=g).bfloat16()
+    w = weight.view(heads, nope + v, lat)
+    q = torch.randn(heads, nope, generator=g).bfloat16()
+    mixed = torch.randn(heads, lat, generator=g).bfloat16()
+    cases = [
+        (cpu_gemv.heads_product(q, weight, nope + v, 0, nope, True), q[:, None], w[:, :nope]),
+        (
+            cpu_gemv.heads_product(mixed, weight, nope + v, nope, v, False),
+            mixed[:, None],
+            w[:, nope:].transpose(1, 2),
+        ),
+    ]
+    for ours, a, b in cases:
+        ref = torch.bmm(a, b)[:, 0]
+        exact = (a.double() @ b.double())[:, 0]
+        assert ours.shape == ref.shape and ours.dtype == torch.bfloat16
+        assert (
+            (ours.double() - exact).abs() <= (ref.double() - exact).abs() + exact.abs() * 2.0**-7 + 1e-5 * lat
+        ).all()
+    assert cpu_gemv.heads_product(q.float(), weight, nope + v, 0, nope, True) is None  # float32: torch's job

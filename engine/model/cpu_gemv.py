@@ -45,6 +45,8 @@ _i64 = ctypes.c_int64
 _SIGNATURES = {
     "moeinf_gemv_bf16": [_p, _p, _p, _i64, _i64, _i64],
     "moeinf_gemv_many": [_p, _i64, ctypes.c_int, _p, _p, _p, _p, ctypes.c_int],
+    "moeinf_heads_xtw": [_p, _p, _p, _i64, _i64, _i64, _i64, _i64, ctypes.c_int],
+    "moeinf_heads_wx": [_p, _p, _p, _i64, _i64, _i64, _i64, _i64, ctypes.c_int],
     "moeinf_swiglu_acc": [_p] * 9
     + [ctypes.c_float, _i64, _i64, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float],
 }
@@ -265,6 +267,50 @@ def swiglu_accumulate(
         0.0 if clamped is None else clamped[1],
     )
     return True
+
+
+def heads_product(
+    x: torch.Tensor, weight: torch.Tensor, head_rows: int, row0: int, n_rows: int, transposed: bool
+):
+    """Per-head products with row blocks of one bf16 matrix ``weight`` [heads * head_rows, K], for one token.
+
+    Head h's block is ``B_h = weight[h * head_rows + row0 : h * head_rows + row0 + n_rows]`` ([n_rows, K]).
+    ``transposed``: x [heads, n_rows] -> ``x[h] @ B_h`` [heads, K]; else x [heads, K] -> ``B_h @ x[h]``
+    [heads, n_rows]. That is ``torch.bmm`` over strided views of ``weight`` (MLA's absorbed decode)
+    without copying them. None when the native path does not apply (the caller uses torch)."""
+    lib = _native()
+    heads = x.shape[0]
+    k = weight.shape[1] if weight.dim() == 2 else -1
+    if (
+        lib is None
+        or x.dim() != 2
+        or x.dtype != torch.bfloat16
+        or weight.dtype != torch.bfloat16
+        or x.device.type != "cpu"
+        or weight.device.type != "cpu"
+        or not weight.is_contiguous()
+        or weight.dim() != 2
+        or weight.shape[0] != heads * head_rows
+        or row0 < 0
+        or row0 + n_rows > head_rows
+        or x.shape[1] != (n_rows if transposed else k)
+    ):
+        return None
+    x = x.contiguous()
+    out = torch.empty(heads, k if transposed else n_rows, dtype=torch.bfloat16)
+    fn = lib.moeinf_heads_xtw if transposed else lib.moeinf_heads_wx
+    fn(
+        x.data_ptr(),
+        weight.data_ptr(),
+        out.data_ptr(),
+        heads,
+        head_rows,
+        row0,
+        n_rows,
+        k,
+        _threads(heads * n_rows * k),
+    )
+    return out
 
 
 class Linear(nn.Linear):

@@ -389,3 +389,61 @@ void moeinf_swiglu_acc(const uint16_t *x, const uint16_t *gate, const uint16_t *
     if ((int64_t)nt * 16 > small) nt = (int)((small + 15) / 16);
     pool_run(expert_task, &j, nt);
 }
+
+/* ---------------------------------------------------------------- per-head products (MLA decode) */
+
+/* Heads h < nh each own a block of rows of one [*, K] bf16 matrix W, starting at row h * head_rows.
+   moeinf_heads_xtw: y[h, l] = sum_n x[h, n] * W[h * head_rows + row0 + n, l] for n < n_rows, l < K
+                     (x^T W: a head's rows weighted by its x, summed; q_nope absorbed into the latent)
+   moeinf_heads_wx:  y[h, j] = sum_l W[h * head_rows + row0 + j, l] * x[h, l] for j < n_rows
+                     (W x per head: the latent mix expanded to the head's value dims)
+   x, y bf16, float32 accumulation, one rounding; heads split over the pool. */
+typedef struct {
+    const uint16_t *x, *W;
+    uint16_t *y;
+    int64_t nh, head_rows, row0, n_rows, K;
+} heads_job;
+
+static void heads_xtw_task(void *arg, int tid, int nt) {
+    heads_job *j = arg;
+    float acc[CHUNK];
+    for (int64_t h = j->nh * tid / nt; h < j->nh * (tid + 1) / nt; h++) {
+        const uint16_t *xh = j->x + h * j->n_rows;
+        const uint16_t *Wh = j->W + (h * j->head_rows + j->row0) * j->K;
+        for (int64_t c0 = 0; c0 < j->K; c0 += CHUNK) {
+            int64_t c1 = c0 + CHUNK < j->K ? c0 + CHUNK : j->K;
+            for (int64_t l = c0; l < c1; l++) acc[l - c0] = 0.0f;
+            for (int64_t n = 0; n < j->n_rows; n++) {
+                float xv = bf16_to_f32(xh[n]);
+                const uint16_t *row = Wh + n * j->K;
+                for (int64_t l = c0; l < c1; l++) acc[l - c0] += xv * bf16_to_f32(row[l]);
+            }
+            for (int64_t l = c0; l < c1; l++) j->y[h * j->K + l] = f32_to_bf16(acc[l - c0]);
+        }
+    }
+}
+
+static void heads_wx_task(void *arg, int tid, int nt) {
+    heads_job *j = arg;
+    float buf[CHUNK];
+    for (int64_t h = j->nh * tid / nt; h < j->nh * (tid + 1) / nt; h++) {
+        const uint16_t *Wh = j->W + (h * j->head_rows + j->row0) * j->K;
+        for (int64_t c0 = 0; c0 < j->n_rows; c0 += CHUNK) {
+            int64_t c1 = c0 + CHUNK < j->n_rows ? c0 + CHUNK : j->n_rows;
+            dot_rows(j->x + h * j->K, Wh, buf, c0, c1, j->K, c1);
+            for (int64_t r = c0; r < c1; r++) j->y[h * j->n_rows + r] = f32_to_bf16(buf[r - c0]);
+        }
+    }
+}
+
+void moeinf_heads_xtw(const uint16_t *x, const uint16_t *W, uint16_t *y, int64_t nh, int64_t head_rows,
+                      int64_t row0, int64_t n_rows, int64_t K, int nthreads) {
+    heads_job j = {x, W, y, nh, head_rows, row0, n_rows, K};
+    pool_run(heads_xtw_task, &j, nthreads < nh ? nthreads : (int)nh);
+}
+
+void moeinf_heads_wx(const uint16_t *x, const uint16_t *W, uint16_t *y, int64_t nh, int64_t head_rows,
+                     int64_t row0, int64_t n_rows, int64_t K, int nthreads) {
+    heads_job j = {x, W, y, nh, head_rows, row0, n_rows, K};
+    pool_run(heads_wx_task, &j, nthreads < nh ? nthreads : (int)nh);
+}

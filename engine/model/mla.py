@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.context import StepContext
-from engine.model.cpu_gemv import Linear
+from engine.model.cpu_gemv import Linear, heads_product
 from engine.model.norm import RMSNorm
 
 
@@ -159,14 +159,28 @@ class MultiHeadLatentAttention(nn.Module):
         w_uk, w_uv = w[:, : a.qk_nope_head_dim], w[:, a.qk_nope_head_dim :]  # [nH, nope, lat], [nH, v, lat]
         if absorb:
             nHT = a.num_heads * T
-            q_lat = torch.bmm(q_nope, w_uk).reshape(nHT, -1)  # [nH*T, lat]: heads share the latent keys
+            head_rows = a.qk_nope_head_dim + a.v_head_dim
+            q_lat = None
+            if T == 1:  # the same products on the strided weight views, without bmm's copies of them
+                q_lat = heads_product(
+                    q_nope[:, 0], self.kv_b_proj.weight, head_rows, 0, a.qk_nope_head_dim, True
+                )
+            if q_lat is None:
+                q_lat = torch.bmm(q_nope, w_uk).reshape(nHT, -1)  # [nH*T, lat]: heads share the latent keys
             scores = torch.addmm(q_lat @ c.T, q_rope.reshape(nHT, -1), k_r.T)  # [nH*T, S]
             scores = scores.float().view(a.num_heads, T, end) * a.softmax_scale
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
             probs = scores.softmax(dim=-1).to(x.dtype).view(nHT, end)
             mixed = (probs @ c).view(a.num_heads, T, -1)  # [nH, T, lat]
-            out = torch.bmm(mixed, w_uv.transpose(1, 2))  # [nH, T, v]
+            out = None
+            if T == 1:
+                out = heads_product(
+                    mixed[:, 0], self.kv_b_proj.weight, head_rows, a.qk_nope_head_dim, a.v_head_dim, False
+                )
+                out = None if out is None else out[:, None]
+            if out is None:
+                out = torch.bmm(mixed, w_uv.transpose(1, 2))  # [nH, T, v]
         else:
             kv = F.linear(c, self.kv_b_proj.weight).view(end, a.num_heads, -1).transpose(0, 1)
             k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)  # [nH, S, *]
