@@ -1,7 +1,7 @@
 """Each cache policy on recorded routing traces, against Belady's optimum: a markdown table.
 
     .venv/bin/python benchmarks/policies_on_traces.py [TRACE_DIR_OR_FILES...] [--prefetch N]
-        [--fractions 0.25,0.5] [--hint-recall R] [--no-holdout]
+        [--fractions 0.25,0.5] [--hint-recall R] [--no-holdout] [--oracle-lookahead W]
 
 Default traces: ../shared/traces/*.npz. For each trace and cache size (fraction of all L x E
 experts) it replays lru, lfu and eam (demand only), eam with a prefetch allowance per layer (default:
@@ -66,6 +66,8 @@ def main() -> None:
     ap.add_argument("--fractions", default="0.25,0.5")
     ap.add_argument("--hint-recall", type=float, default=None)
     ap.add_argument("--no-holdout", action="store_true")
+    ap.add_argument("--oracle-lookahead", type=int, default=None,
+                    help="also the oracle told every use within this many layer steps (beyond the token)")
     args = ap.parse_args()
     files: list[Path] = []
     for t in args.traces:
@@ -86,6 +88,10 @@ def main() -> None:
             print(f"| {name} | {frac:.0%} | belady | {bel} | {bel} | 0 | 0 | {1 - bel / max(1, count_accesses(tr)):.3f} | 1.00 | 1.00 |")
             ro = replay(tr, TokenOraclePolicy(tr), cap, with_belady=False)
             print(row(name, frac, "token oracle (reference: rest of token known, exact rates)", ro, bel), flush=True)
+            if args.oracle_lookahead is not None:
+                ro = replay(tr, TokenOraclePolicy(tr, args.oracle_lookahead), cap, with_belady=False)
+                label = f"oracle told the next {args.oracle_lookahead} layer steps (impossible in decode)"
+                print(row(name, frac, label, ro, bel), flush=True)
             runs = [("lru", "lru", 0, None, {}), ("lfu", "lfu", 0, None, {}), ("eam", "eam", 0, None, {}),
                     (f"eam + prefetch {allowance}/layer", "eam", allowance, None, {}),
                     (f"eam + eager prefetch {2 * allowance}/layer (floor 0.1)", "eam", 2 * allowance, None,

@@ -44,3 +44,11 @@ def test_oracle_keeps_what_the_rest_of_the_token_needs():
         pol.on_load(key)
     assert pol.victim({(0, 0), (1, 0)}, {(0, 1)}) == (0, 0)
 
+
+
+def test_oracle_told_the_whole_future_is_belady():
+    for seed in range(4):
+        tr = random_trace(seed)
+        for frac in (0.25, 0.5):
+            cap = capacity_for(frac, tr.num_layers, tr.num_experts)
+            assert token_oracle_loads(tr, cap, lookahead=10**9) == belady_loads(tr, cap)

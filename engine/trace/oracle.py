@@ -18,6 +18,9 @@ distance to that use; every other one by its expected next-use distance (the dis
 layer's run in the next token, plus ``L * (1 - p1) / p`` layer steps: if the next token does not use
 it, a geometric number of further tokens at its long-run rate ``p``).
 
+With ``lookahead=W`` the oracle is told every use within the next W layer steps instead, across token
+boundaries (impossible in decode; it shows how much clairvoyance beyond the token would buy).
+
 ``token_oracle_loads(trace, capacity)`` is its demand-paging loads through the ordinary replay.
 It is not a proof of a lower bound (a policy could be luckier on some trace), but a reference with
 strictly more knowledge than any causal predictor: when it stays far above Belady, a goal stated
@@ -51,9 +54,14 @@ class TokenOraclePolicy(Policy):
 
     name = "token-oracle"
 
-    def __init__(self, trace: RoutingTrace):
+    def __init__(self, trace: RoutingTrace, lookahead: int | None = None):
         self.used = used_matrix(trace)
+        self.lookahead = lookahead
         T = self.used.shape[0]
+        # next_tok[t, l, e]: the first token >= t that uses (l, e) (T: none)
+        self.next_tok = np.full((T + 1, *self.used.shape[1:]), T, dtype=np.int64)
+        for t in range(T - 1, -1, -1):
+            self.next_tok[t] = np.where(self.used[t], t, self.next_tok[t + 1])
         rate = np.zeros(self.used.shape, dtype=np.float64)  # [T, L, E]: the token's sequence rate
         for s, e in trace.sequences():
             rate[s:e] = self.used[s:e].mean(axis=0)
@@ -84,14 +92,17 @@ class TokenOraclePolicy(Policy):
         self.resident[key] = False
 
     def next_use_distance(self) -> np.ndarray:
-        """Distance [L, E] in layer steps to each expert's next use: exact within the token, else expected."""
-        L = self.num_layers
-        t, cur = min(self.t, self.used.shape[0] - 1), self.layer
-        now = self.used[t]
+        """Distance [L, E] in layer steps to each expert's next use: exact within the window (the rest
+        of the token, or ``lookahead`` steps), else expected and at least the window."""
+        L, T = self.num_layers, self.used.shape[0]
+        t, cur = min(self.t, T - 1), self.layer
         ahead = np.arange(L)[:, None] - cur  # > 0 for the layers still to run in this token
-        p1 = np.maximum(np.where(now, self.p11, self.p01), 1e-6)
-        expected = L + ahead + L * (1.0 - p1) / self.rate[t]
-        return np.where(now & (ahead > 0), ahead, expected)
+        tok = np.where(ahead > 0, self.next_tok[t], self.next_tok[t + 1])
+        exact = (tok - t) * L + ahead
+        window = L - cur if self.lookahead is None else self.lookahead
+        p1 = np.maximum(np.where(self.used[t], self.p11, self.p01), 1e-6)
+        expected = np.maximum(L + ahead + L * (1.0 - p1) / self.rate[t], window)
+        return np.where(exact < window, exact, expected)
 
     def victim(self, resident: Collection[Key], pinned: Collection[Key]) -> Key:
         mask = np.zeros_like(self.resident)
@@ -103,8 +114,8 @@ class TokenOraclePolicy(Policy):
         return (flat // self.num_experts, flat % self.num_experts)
 
 
-def token_oracle_loads(trace: RoutingTrace, capacity: int) -> int:
+def token_oracle_loads(trace: RoutingTrace, capacity: int, lookahead: int | None = None) -> int:
     """Loads of ``TokenOraclePolicy`` (demand paging) on ``trace`` with a cache of ``capacity``."""
     from engine.trace.replay import replay
 
-    return replay(trace, TokenOraclePolicy(trace), capacity, with_belady=False).loads
+    return replay(trace, TokenOraclePolicy(trace, lookahead), capacity, with_belady=False).loads
