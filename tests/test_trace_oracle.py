@@ -12,7 +12,12 @@ from engine.trace.replay import belady_loads, capacity_for, replay
 def random_trace(seed: int, T: int = 60, L: int = 6, E: int = 8, k: int = 2) -> RoutingTrace:
     rng = np.random.default_rng(seed)
     skew = rng.dirichlet(np.full(E, 0.5), size=L)  # per-layer popularity, like a real router's
-    ids = np.stack([np.stack([rng.choice(E, size=k, replace=False, p=skew[layer]) for layer in range(L)]) for _ in range(T)])
+    ids = np.stack(
+        [
+            np.stack([rng.choice(E, size=k, replace=False, p=skew[layer]) for layer in range(L)])
+            for _ in range(T)
+        ]
+    )
     return RoutingTrace(ids, E, np.array([0, T // 2]))
 
 
@@ -43,7 +48,6 @@ def test_oracle_keeps_what_the_rest_of_the_token_needs():
     for key in [(0, 0), (1, 0)]:
         pol.on_load(key)
     assert pol.victim({(0, 0), (1, 0)}, {(0, 1)}) == (0, 0)
-
 
 
 def test_oracle_told_the_whole_future_is_belady():
