@@ -134,7 +134,8 @@ class ChatRepl:
         self.err_console = err_console or Console(stderr=True, highlight=False)
         self.answer_stream = answer_stream or sys.stdout
         self.wordwrap = self.console.is_terminal
-        self.history = True  # inputs saved to the history file (/set history, /set nohistory)
+        # inputs saved to the history file (/set history, /set nohistory; MOEINF_NOHISTORY=1 starts with none)
+        self.history = os.environ.get("MOEINF_NOHISTORY", "").strip().lower() in ("", "0", "false", "no")
         self._reader: Reader | None = None
         self._loader = loader
         self.session = session

@@ -456,3 +456,13 @@ def test_set_nohistory_stops_appending_to_the_history_file(tmp_path):
     repl.run(reader)
     saved = [line[1:] for line in path.read_text().splitlines() if line.startswith("+")]
     assert saved == ["kept question", "/set nohistory", "kept again", "/set nohistory"]
+
+
+def test_moeinf_nohistory_starts_a_session_without_saving(tmp_path, monkeypatch):
+    path = tmp_path / "history"
+    monkeypatch.setenv("MOEINF_NOHISTORY", "1")
+    reader = HistoryReader(path, "not saved", "/set history", "saved")
+    repl, _, _, _ = make_repl(WordSession())
+    repl.run(reader)
+    saved = [line[1:] for line in path.read_text().splitlines() if line.startswith("+")]
+    assert saved == ["saved"]
