@@ -321,13 +321,17 @@ def test_speculative_hints_reach_the_policy(model):
         src.observe(LAYERS - 1, torch.tensor([[1, 2]]), h)  # the last layer: nothing after it
         list(src.fetch(LAYERS - 1, [1, 2]))
         src.observe(0, torch.tensor([[1, 2], [3, 4]]), torch.randn(2, 64))  # prefill: no hints
-        assert [layer for layer, _ in src.policy.hints] == [1]
+        assert [layer for layer, _ in src.policy.hints] == [1]  # the next MoE layer by default
         from safetensors import safe_open
 
         dense = next((model / "dense").glob("*.safetensors"))
         with safe_open(str(dense), "pt") as f:
             w = f.get_tensor("model.layers.1.mlp.gate.weight")
         assert torch.allclose(torch.tensor(src.policy.hints[0][1]), w @ h[0], atol=1e-5)
+        src.policy.hints.clear()
+        src.hint_depth = 3  # as many coming layers as there are (two here)
+        src.observe(0, torch.tensor([[1, 2]]), h)
+        assert [layer for layer, _ in src.policy.hints] == [1, 2]
     finally:
         src.close()
 

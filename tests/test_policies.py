@@ -106,6 +106,22 @@ def test_hints_drive_prefetch():
     assert hinted.prefetch_hits > 0.8 * hinted.prefetch_loads
 
 
+def test_hints_two_layers_ahead_are_prefetched():
+    """A confident hint for layer l+2 (speculative gating two layers ahead) is prefetched after layer l."""
+    p = EAMPolicy()
+    p.setup(6, 8, 12)
+    p.begin_sequence()
+    p.begin_token()
+    p.on_route(0, [0, 1])
+    scores = np.full(8, -10.0)
+    scores[[5, 6]] = 10.0
+    p.on_hint(2, scores)
+    assert {(2, 5), (2, 6)} <= set(p.prefetch(0, 8))
+    p.on_route(1, [0, 1])
+    p.on_route(2, [5, 6])  # the hint is spent once its layer has run
+    assert not any(k[0] == 2 for k in p.prefetch(2, 8))
+
+
 def test_collection_prior_helps_a_repeating_workload():
     """Routing that repeats across requests: a policy starting from past EAMs misses less than a fresh one."""
     rng = np.random.default_rng(5)

@@ -1,7 +1,10 @@
-"""Speculative gating (ProMoE): the next MoE layer's router applied to this layer's router input.
+"""Speculative gating (ProMoE): the coming MoE layers' routers applied to this layer's router input.
 
 The hidden state changes little from one layer to the next, so ``W_router[l'] @ h_l`` ranks the
-experts layer ``l'`` will pick well enough to start loading them one layer early. The router
+experts layer ``l'`` will pick well enough to start loading them a layer or more early (on the demo
+model, top-2 recall 0.75 one layer ahead, 0.68 two, 0.63 three; 0.25 by chance). How far ahead is
+``OffloadedExperts(hint_depth=...)``, default 1: on this project's disk, two or three layers raised
+the hit rate by 1.5 points but their wasted prefetches ate the gain (``benchmarks/hint_depth.py``). The router
 matrices ([E, H], small) are read from the dense shards through a copy-on-write memory map, so they
 cost page cache, not a second resident copy. The scores go to ``Policy.on_hint``.
 """
@@ -50,6 +53,15 @@ class RouterHints:
         """The MoE layer after ``layer`` (None at the last one)."""
         nxt = self._next.get(layer)
         return nxt if nxt in self._weights else None
+
+    def ahead(self, layer: int, depth: int) -> list[int]:
+        """Up to ``depth`` MoE layers after ``layer`` in this token, nearest first."""
+        out: list[int] = []
+        nxt = self.next_layer(layer)
+        while nxt is not None and len(out) < depth:
+            out.append(nxt)
+            nxt = self.next_layer(nxt)
+        return out
 
     def scores(self, layer: int, hidden: torch.Tensor) -> list[float]:
         """Router logits [E] of ``layer`` for one hidden vector [H]."""

@@ -53,6 +53,7 @@ class OffloadedExperts:
         prefetch: bool = True,
         stats: CacheStats | None = None,
         hints=None,
+        hint_depth: int = 1,
     ):
         if capacity < top_k:
             raise ValueError(f"capacity {capacity} below top_k {top_k}")
@@ -77,6 +78,7 @@ class OffloadedExperts:
         self.prefetch_limit = max(0, min(4 * top_k, self.main_capacity - 2 * top_k)) if prefetch else 0
         # speculative gating only for policies that listen to hints
         self.hints = hints if hints and type(policy).on_hint is not Policy.on_hint else None
+        self.hint_depth = max(1, int(hint_depth))  # how many coming MoE layers get early router scores
         self._stats = stats or CacheStats()
         self._stats.mode = "offload"
         self._stats.io = transfer.io
@@ -104,11 +106,9 @@ class OffloadedExperts:
         tokens = int(topk_ids.shape[0]) if topk_ids.dim() > 1 else 1
         if self.recorder is not None:
             self.recorder.on_route(layer, topk_ids)
-        hint = None
+        hints = []
         if self.hints is not None and tokens == 1 and self.prefetch_limit:
-            nxt = self.hints.next_layer(layer)
-            if nxt is not None:
-                hint = (nxt, self.hints.scores(nxt, hidden[-1]))
+            hints = [(nl, self.hints.scores(nl, hidden[-1])) for nl in self.hints.ahead(layer, self.hint_depth)]
         with self.lock:
             if self._last_layer is None or layer <= self._last_layer:
                 self.policy.begin_token()
@@ -120,8 +120,8 @@ class OffloadedExperts:
             self.loader.cancel(lambda k: k[0] == layer and k[1] not in routed)
             if tokens > 1 or self.prefetch_limit == 0:
                 return
-            if hint is not None:
-                self.policy.on_hint(*hint)
+            for nl, scores in hints:
+                self.policy.on_hint(nl, scores)
             wanted = [k for k in self.policy.prefetch(layer, self.prefetch_limit) if k not in self._resident]
             wanted_set = set(wanted)
             # a newer prediction replaces the queued older ones

@@ -343,6 +343,7 @@ class EAMPolicy(Policy):
             return []
         L = self.num_layers
         layers = [(layer + i) % L for i in range(1, self.prefetch_layers + 1)]
+        layers += [nl for nl in range(layer + 1, L) if self._has_hint[nl]]  # hinted further ahead
         p = self.probabilities()
         dist = self.next_use_distance()
         cands: list[tuple[float, Key]] = []
