@@ -59,13 +59,18 @@ class TokenOraclePolicy(Policy):
         self.lookahead = lookahead
         T = self.used.shape[0]
         # next_tok[t, l, e]: the first token >= t that uses (l, e) (T: none)
-        self.next_tok = np.full((T + 1, *self.used.shape[1:]), T, dtype=np.int64)
+        self.next_tok = np.full((T + 1, *self.used.shape[1:]), T, dtype=np.int32)
         for t in range(T - 1, -1, -1):
             self.next_tok[t] = np.where(self.used[t], t, self.next_tok[t + 1])
-        rate = np.zeros(self.used.shape, dtype=np.float64)  # [T, L, E]: the token's sequence rate
-        for s, e in trace.sequences():
-            rate[s:e] = self.used[s:e].mean(axis=0)
-        self.rate = np.maximum(rate, 1.0 / max(T, 1))
+        spans = trace.sequences()
+        self.seq_of = np.zeros(max(T, 1), dtype=np.int64)  # token -> its sequence
+        rates = []  # [S][L, E]: each sequence's use rate
+        for i, (s, e) in enumerate(spans):
+            self.seq_of[s:e] = i
+            rates.append(self.used[s:e].mean(axis=0) if e > s else np.zeros(self.used.shape[1:]))
+        self.rate = np.maximum(
+            np.stack(rates) if rates else np.zeros((1, *self.used.shape[1:])), 1.0 / max(T, 1)
+        )
         before, after = self.used[:-1], self.used[1:]
         n1 = before.sum(axis=0)
         n0 = (~before).sum(axis=0)
@@ -101,7 +106,7 @@ class TokenOraclePolicy(Policy):
         exact = (tok - t) * L + ahead
         window = L - cur if self.lookahead is None else self.lookahead
         p1 = np.maximum(np.where(self.used[t], self.p11, self.p01), 1e-6)
-        expected = np.maximum(L + ahead + L * (1.0 - p1) / self.rate[t], window)
+        expected = np.maximum(L + ahead + L * (1.0 - p1) / self.rate[self.seq_of[t]], window)
         return np.where(exact < window, exact, expected)
 
     def victim(self, resident: Collection[Key], pinned: Collection[Key]) -> Key:
