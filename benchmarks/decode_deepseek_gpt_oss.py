@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_vs_transformers import moeinf_decode, transformers_decode  # noqa: E402
+from decode_vs_transformers import alternate  # noqa: E402
 
 
 def config_for(family: str, a: argparse.Namespace):
@@ -72,15 +72,7 @@ def run_family(family: str, a: argparse.Namespace, work: Path) -> None:
     ours = load_model(store, dtype=dtype, max_seq_len=a.prompt_len + a.tokens + 8)
     n_params = sum(p.numel() for p in ref.parameters())
     prompt = torch.randint(3, a.vocab, (a.prompt_len,), generator=torch.Generator().manual_seed(0))
-    tf_rates, our_rates = [], []
-    tf_tokens = our_tokens = None
-    for run in range(a.runs + 1):  # run 0 warms up both
-        r, tf_tokens = transformers_decode(ref, prompt, a.tokens)
-        if run:
-            tf_rates.append(r)
-        r, our_tokens = moeinf_decode(ours, prompt, a.tokens)
-        if run:
-            our_rates.append(r)
+    tf_rates, our_rates, tf_tokens, our_tokens = alternate(ref, ours, prompt, a.tokens, a.runs)
     same = sum(x == y for x, y in zip(tf_tokens, our_tokens, strict=True))
     tf_med, our_med = statistics.median(tf_rates), statistics.median(our_rates)
     print(f"{family}: {n_params / 1e6:.0f} M parameters, {a.dtype}, {a.threads} threads, prompt {a.prompt_len}, "

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_vs_transformers import make_checkpoint  # noqa: E402
+from decode_vs_transformers import add_model_args, make_checkpoint  # noqa: E402
 
 
 def _timed(parts: dict[str, float], name: str, module: torch.nn.Module) -> None:
@@ -38,21 +38,8 @@ def _timed(parts: dict[str, float], name: str, module: torch.nn.Module) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--intermediate", type=int, default=3584)
-    p.add_argument("--layers", type=int, default=8)
-    p.add_argument("--experts", type=int, default=8)
-    p.add_argument("--top-k", type=int, default=2)
-    p.add_argument("--heads", type=int, default=16)
-    p.add_argument("--kv-heads", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--prompt-len", type=int, default=32)
+    add_model_args(p)
     p.add_argument("--tokens", type=int, default=64, help="steps per run")
-    p.add_argument("--runs", type=int, default=5)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument(
-        "--workdir", type=Path, default=None, help="keep the checkpoint and store here (default: a temp dir)"
-    )
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)

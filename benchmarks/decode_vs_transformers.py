@@ -94,8 +94,23 @@ def moeinf_decode(model, prompt: torch.Tensor, n: int) -> tuple[float, list[int]
     return (n - 1) / (time.perf_counter() - t0), tokens
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def alternate(ref, ours, prompt: torch.Tensor, tokens: int, runs: int) -> tuple[list, list, list, list]:
+    """``runs`` decode runs of each engine, alternating, after one warm-up run each: (transformers'
+    tokens/s, moeinf's tokens/s, the last run's tokens of each)."""
+    tf_rates, our_rates = [], []
+    tf_tokens = our_tokens = None
+    for run in range(runs + 1):  # run 0 warms up both
+        r, tf_tokens = transformers_decode(ref, prompt, tokens)
+        if run:
+            tf_rates.append(r)
+        r, our_tokens = moeinf_decode(ours, prompt, tokens)
+        if run:
+            our_rates.append(r)
+    return tf_rates, our_rates, tf_tokens, our_tokens
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The Mixtral-shaped model's options (what ``make_checkpoint`` reads) and the run's setup options."""
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--intermediate", type=int, default=3584)
     p.add_argument("--layers", type=int, default=8)
@@ -105,10 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--prompt-len", type=int, default=32)
-    p.add_argument("--tokens", type=int, default=64, help="tokens decoded per run")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--workdir", type=Path, default=None, help="keep the checkpoint and store here (default: a temp dir)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_model_args(p)
+    p.add_argument("--tokens", type=int, default=64, help="tokens decoded per run")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -132,15 +152,7 @@ def main(argv: list[str] | None = None) -> int:
         n_params = sum(p.numel() for p in ref.parameters())
         prompt = torch.randint(3, args.vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
 
-        tf_rates, our_rates = [], []
-        tf_tokens = our_tokens = None
-        for run in range(args.runs + 1):  # run 0 warms up both
-            r, tf_tokens = transformers_decode(ref, prompt, args.tokens)
-            if run:
-                tf_rates.append(r)
-            r, our_tokens = moeinf_decode(ours, prompt, args.tokens)
-            if run:
-                our_rates.append(r)
+        tf_rates, our_rates, tf_tokens, our_tokens = alternate(ref, ours, prompt, args.tokens, args.runs)
         same = 0
         for a, b in zip(tf_tokens, our_tokens, strict=True):
             if a != b:
