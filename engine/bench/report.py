@@ -65,12 +65,10 @@ def row_dict(row: BenchRow, probe: Probe | None, compute_s: float | None) -> dic
         demand = row.decode_counter("demand_loads") * per_load
         prefetch = row.decode_counter("prefetch_loads") * per_load
         d["predicted_ms_per_token"] = 1e3 * predicted_s(compute_s, demand, prefetch, probe.bandwidth)
-        if row.belady_loads is not None:
-            tokens = row.prompt_tokens + row.gen_tokens
-            d["limit_ms_per_token"] = 1e3 * limit_s(compute_s, row.belady_loads * per_load / tokens, probe.bandwidth)
-        if row.oracle_loads is not None:
-            tokens = row.prompt_tokens + row.gen_tokens
-            d["reachable_ms_per_token"] = 1e3 * limit_s(compute_s, row.oracle_loads * per_load / tokens, probe.bandwidth)
+        tokens = row.prompt_tokens + row.gen_tokens
+        for key, ref_loads in (("limit_ms_per_token", row.belady_loads), ("reachable_ms_per_token", row.oracle_loads)):
+            if ref_loads is not None:
+                d[key] = 1e3 * limit_s(compute_s, ref_loads * per_load / tokens, probe.bandwidth)
     return d
 
 
