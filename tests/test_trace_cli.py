@@ -102,3 +102,32 @@ def test_import_rejects_a_non_trace(tmp_path):
     bad.write_bytes(b"nope")
     r = cli(tmp_path / "home", "import", str(bad), "--model", "m")
     assert r.returncode == 1 and r.stderr.startswith("Error:") and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_import_of_another_shape_is_refused_and_keeps_the_models_traces(store, tmp_path):
+    home, _ = store
+    r = cli(home, "record", "tiny", "--prompts", str(_prompts(tmp_path)), "-n", "2")
+    assert r.returncode == 0, r.stderr
+    before = (home / "traces" / "tiny" / "traces.npz").read_bytes()
+    wrong = tmp_path / "wrong.npz"
+    save_trace(RoutingTrace(np.zeros((5, 30, 2), dtype=np.int64), 8, meta={"phase": "decode"}), wrong)
+    r = cli(home, "import", str(wrong), "--model", "tiny")  # 30 layers into the stored tiny model
+    assert r.returncode == 1 and r.stderr.startswith("Error:") and "Traceback" not in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and "30 MoE layers" in r.stderr
+    assert (home / "traces" / "tiny" / "traces.npz").read_bytes() == before
+
+    other = tmp_path / "other-home"  # a model not in the store: its existing traces are never replaced
+    ids = np.zeros((6, 4, 2), dtype=np.int64)
+    save_trace(RoutingTrace(ids, 16, meta={"phase": "decode"}), tmp_path / "a.npz")
+    save_trace(RoutingTrace(ids[:, :3], 16, meta={"phase": "decode"}), tmp_path / "b.npz")
+    assert cli(other, "import", str(tmp_path / "a.npz"), "--model", "m").returncode == 0
+    kept = (other / "traces" / "m" / "traces.npz").read_bytes()
+    r = cli(other, "import", str(tmp_path / "b.npz"), "--model", "m")
+    assert r.returncode == 1 and r.stderr.startswith("Error:") and "4 MoE layers" in r.stderr
+    assert (other / "traces" / "m" / "traces.npz").read_bytes() == kept
+
+
+def _prompts(tmp_path):
+    p = tmp_path / "one.txt"
+    p.write_text("Hello there\n")
+    return p

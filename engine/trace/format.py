@@ -1,4 +1,4 @@
-"""Routing traces in the interchange format (one ``.npz`` per trace; see ../shared/traces/FORMAT.md).
+"""Routing traces in the interchange format (one ``.npz`` per trace; docs/trace-format.md describes it).
 
 | key | dtype, shape | meaning |
 |---|---|---|
@@ -95,7 +95,7 @@ def load_trace(path: str | Path) -> RoutingTrace:
             scores = d["gate_scores"] if "gate_scores" in d.files else None
             tokens = d["token_ids"] if "token_ids" in d.files else None
     except (KeyError, ValueError, OSError, zipfile.BadZipFile, json.JSONDecodeError) as err:
-        raise MoeinfError(f"{path} is not a routing trace in the interchange format ({err}); see FORMAT.md") from None
+        raise MoeinfError(f"{path} is not a routing trace in the interchange format ({err}); see docs/trace-format.md") from None
     return RoutingTrace(ids, num_experts, starts, meta if isinstance(meta, dict) else {}, scores, tokens)
 
 

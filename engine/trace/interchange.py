@@ -16,9 +16,20 @@ def _phase_of(meta: dict) -> int:
     return PREFILL if str(meta.get("phase", "")).lower().startswith("prefill") else DECODE
 
 
-def import_trace(path: str | Path, model_name: str) -> StoredTraces:
-    """Merge an interchange ``.npz`` into the stored traces of ``model_name`` (one EAM per sequence)."""
+def import_trace(
+    path: str | Path, model_name: str, model_shape: tuple[int, int, int] | None = None
+) -> StoredTraces:
+    """Merge an interchange ``.npz`` into the stored traces of ``model_name`` (one EAM per sequence).
+
+    ``model_shape`` (MoE layers, experts, top-k) is the stored model's, when it is in the store: a trace
+    of another shape is refused, as are traces of another shape than those already stored (never replaced)."""
     trace = load_trace(path)
+    shape = (trace.num_layers, trace.num_experts, trace.top_k)
+    if model_shape is not None and tuple(model_shape) != shape:
+        raise MoeinfError(
+            f"{path} holds {shape[0]} MoE layers x {shape[1]} experts, top-{shape[2]}, but {model_name!r} has "
+            f"{model_shape[0]} x {model_shape[1]}, top-{model_shape[2]}; import a trace of this model"
+        )
     phase = _phase_of(trace.meta)
     new = StoredTraces.empty(trace.num_layers, trace.num_experts, trace.top_k)
     for s, e in trace.sequences():
@@ -27,7 +38,7 @@ def import_trace(path: str | Path, model_name: str) -> StoredTraces:
     src = trace.meta.get("model") or trace.meta.get("source")
     if src:
         new.meta["imported_from"] = str(src)
-    return TraceStore(model_name).update(new)
+    return TraceStore(model_name).update(new, replace_other_shape=False)
 
 
 def require(model_name: str) -> StoredTraces:

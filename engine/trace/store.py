@@ -104,6 +104,10 @@ def _fit_k(ids: np.ndarray, k: int) -> np.ndarray:
     return np.concatenate([ids, pad], axis=-1)
 
 
+def _shape(t: StoredTraces) -> str:
+    return f"{t.num_layers} MoE layers x {t.num_experts} experts, top-{t.top_k}"
+
+
 class TraceStore:
     """Read, merge-write and remove the persisted traces of model ``model_name``."""
 
@@ -144,11 +148,19 @@ class TraceStore:
             return None
         return stored.collection
 
-    def update(self, new: StoredTraces) -> StoredTraces:
-        """Merge ``new`` into the stored traces under the lock and write them atomically."""
+    def update(self, new: StoredTraces, replace_other_shape: bool = True) -> StoredTraces:
+        """Merge ``new`` into the stored traces under the lock and write them atomically.
+
+        Stored traces of another shape (layers, experts, top-k) are replaced, as after a re-pull of a
+        changed model, unless ``replace_other_shape`` is False: then a one-line MoeinfError, nothing written."""
         with self.locked():
             cur = self._read_unlocked()
             if cur is None or (cur.num_layers, cur.num_experts, cur.top_k) != (new.num_layers, new.num_experts, new.top_k):
+                if cur is not None and not replace_other_shape:
+                    raise MoeinfError(
+                        f"the traces of {self.model_name!r} are {_shape(cur)}, these are {_shape(new)}; "
+                        f"import traces of the same model shape (or `moeinf trace rm {self.model_name}` first)"
+                    )
                 if cur is not None:
                     log.warning(
                         "Warning: replacing traces of %s recorded for another model shape", self.model_name

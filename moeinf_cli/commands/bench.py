@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         policy: str = typer.Option("lru,lfu,eam", "--policy", help="Comma-separated cache policies."),
         synthetic: str | None = typer.Option(None, "--synthetic", help="Benchmark a random-weight model of a real family's shape (created once in the store), e.g. mixtral-8x7b."),
         scale: float = typer.Option(0.25, "--scale", help="With --synthetic: width scale (hidden and intermediate sizes)."),
-        replay: str | None = typer.Option(None, "--replay", help="Force routing from a routing trace (.npz, ../shared/traces/FORMAT.md); adds Belady's optimum."),
+        replay: str | None = typer.Option(None, "--replay", help="Force routing from a routing trace (.npz, docs/trace-format.md); adds Belady's optimum."),
         profile: bool = typer.Option(False, "--profile", help="Probe disk bandwidth and predict time per token from the counts (hardware model)."),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
         dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: bf16, fp16 or fp32 (default: stored)."),

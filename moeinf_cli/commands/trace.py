@@ -170,23 +170,24 @@ def register(app: typer.Typer) -> None:
 
     @trace_app.command(
         "import",
-        help="Merge a routing trace in the interchange format (.npz) into a model's traces.\n\n\b\n"
+        help="Merge a routing trace in the interchange format (.npz, docs/trace-format.md) into a model's traces;"
+        " a trace of another model shape is refused.\n\n\b\n"
         "Example:\n  moeinf trace import mixtral-humaneval.npz --model mixtral",
     )
     def import_(
-        file: Path = typer.Argument(..., help="Interchange .npz (expert_ids, num_experts, seq_starts, meta)."),
+        file: Path = typer.Argument(..., help="Interchange .npz (docs/trace-format.md: expert_ids, num_experts, seq_starts, meta)."),
         model: str = typer.Option(..., "--model", "-m", help="Store name the traces belong to."),
     ) -> None:
         from engine.trace.interchange import import_trace
 
-        stored = import_trace(file, model)
+        stored = import_trace(file, model, _stored_model_shape(model))
         typer.echo(
             f"imported {file} into {model}: {stored.collection.requests} requests in {len(stored.collection)} EAMs"
         )
 
     @trace_app.command(
         "export",
-        help="Write a model's recorded routing in the interchange format (.npz).\n\n\b\n"
+        help="Write a model's recorded routing in the interchange format (.npz, docs/trace-format.md).\n\n\b\n"
         "Example:\n  moeinf trace export mixtral mixtral.npz",
     )
     def export(
@@ -197,3 +198,17 @@ def register(app: typer.Typer) -> None:
 
         trace = export_traces(model, file)
         typer.echo(f"wrote {file}: {trace.num_tokens} tokens in {len(trace.sequences())} sequences")
+
+
+def _stored_model_shape(model: str) -> tuple[int, int, int] | None:
+    """(MoE layers, experts, top-k) of ``model`` when it is in the store, else None."""
+    import json
+
+    from engine.store.families import moe_layout
+    from engine.store.paths import model_dir
+
+    config = model_dir(model) / "config.json"
+    if not config.is_file():
+        return None
+    layout = moe_layout(json.loads(config.read_text()))
+    return len(layout.moe_layers), layout.num_experts, layout.top_k
