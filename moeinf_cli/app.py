@@ -14,13 +14,14 @@ import typer
 
 from engine import __version__
 from engine.errors import MoeinfError
+from moeinf_cli.plain_help import App
 
 COMMAND_MODULES = ("pull", "models", "run", "chat", "trace", "bench")
 
-app = typer.Typer(
+app = App(
     name="moeinf",
     help="Run Mixture-of-Experts language models larger than your GPU or RAM.\n\n"
-    "Example: moeinf pull mixtral && moeinf run mixtral \"Why is the sky blue?\"",
+    'Example: moeinf pull mixtral && moeinf run mixtral "Why is the sky blue?"',
     no_args_is_help=True,
     add_completion=True,
     pretty_exceptions_enable=False,
@@ -36,7 +37,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Show the version and exit."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+    ),
 ) -> None:
     """Run Mixture-of-Experts language models larger than your GPU or RAM."""
 

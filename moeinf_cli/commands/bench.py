@@ -7,6 +7,8 @@ import sys
 
 import typer
 
+from moeinf_cli.options import BUDGET_FORMS, DEVICE, DTYPE, POLICY_NAMES, with_options
+
 HELP = """Benchmark a model: load time, time to first token, decode speed, expert-cache behaviour.
 
 One row per configuration (each budget x each policy; a 100% budget is the all-resident run), medians
@@ -27,30 +29,72 @@ def _split(text: str) -> list[str]:
 
 def register(app: typer.Typer) -> None:
     @app.command("bench", help=HELP)
+    @with_options(DEVICE, DTYPE)
     def bench(
-        model: str | None = typer.Argument(None, help="Model name in the store (omit with --synthetic)."),
-        prompt_tokens: int = typer.Option(512, "-p", "--n-prompt", help="Prompt length in tokens (time to first token)."),
+        model: str | None = typer.Argument(
+            None, metavar="MODEL", help="Model name in the store (omit with --synthetic)."
+        ),
+        prompt_tokens: int = typer.Option(
+            512, "-p", "--n-prompt", help="Prompt length in tokens (time to first token)."
+        ),
         gen_tokens: int = typer.Option(128, "-n", "--n-gen", help="Tokens to decode (time per token)."),
-        repetitions: int = typer.Option(3, "-r", "--repetitions", help="Runs per configuration; medians are reported."),
-        expert_budget: str = typer.Option("100%,50%,25%", "--expert-budget", help="Comma-separated budgets: shares (25%) or sizes (2GiB); 100% = all resident."),
-        policy: str = typer.Option("lru,lfu,eam", "--policy", help="Comma-separated cache policies."),
-        synthetic: str | None = typer.Option(None, "--synthetic", help="Benchmark a random-weight model of a real family's shape (created once in the store), e.g. mixtral-8x7b."),
-        scale: float = typer.Option(0.25, "--scale", help="With --synthetic: width scale (hidden and intermediate sizes)."),
-        replay: str | None = typer.Option(None, "--replay", help="Force routing from a routing trace (.npz, docs/trace-format.md); adds Belady's optimum."),
-        profile: bool = typer.Option(False, "--profile", help="Probe disk bandwidth and predict time per token from the counts (hardware model)."),
+        repetitions: int = typer.Option(
+            3, "-r", "--repetitions", help="Runs per configuration; medians are reported."
+        ),
+        expert_budget: str = typer.Option(
+            "100%,50%,25%",
+            "--expert-budget",
+            metavar="BUDGET,...",
+            help=f"Comma-separated expert budgets, each {BUDGET_FORMS}.",
+        ),
+        policy: str = typer.Option(
+            "lru,lfu,eam",
+            "--policy",
+            metavar="POLICY,...",
+            help=f"Comma-separated cache policies: {POLICY_NAMES}.",
+        ),
+        synthetic: str | None = typer.Option(
+            None,
+            "--synthetic",
+            help="Benchmark a random-weight model of a real family's shape (created once in the store), e.g. mixtral-8x7b.",
+        ),
+        scale: float = typer.Option(
+            0.25, "--scale", help="With --synthetic: width scale (hidden and intermediate sizes)."
+        ),
+        replay: str | None = typer.Option(
+            None,
+            "--replay",
+            help="Force routing from a routing trace (.npz, docs/trace-format.md); adds Belady's optimum.",
+        ),
+        profile: bool = typer.Option(
+            False,
+            "--profile",
+            help="Probe disk bandwidth and predict time per token from the counts (hardware model).",
+        ),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
-        dtype: str | None = typer.Option(None, "--dtype", help="Compute dtype: bf16, fp16 or fp32 (default: stored)."),
-        device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto (cuda when available)."),
         seed: int = typer.Option(0, "--seed", help="Seed of the random prompt."),
+        *,
+        device: str,
+        dtype: str | None,
     ) -> None:
         from engine.bench.run import bench_main
 
         if (model is None) == (synthetic is None):
             raise typer.BadParameter("give a MODEL or --synthetic NAME (one of them)")
         result = bench_main(
-            model=model, synthetic=synthetic, scale=scale, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens,
-            repetitions=repetitions, budgets=_split(expert_budget), policies=_split(policy), replay=replay,
-            profile=profile, dtype=dtype, device=device, seed=seed,
+            model=model,
+            synthetic=synthetic,
+            scale=scale,
+            prompt_tokens=prompt_tokens,
+            gen_tokens=gen_tokens,
+            repetitions=repetitions,
+            budgets=_split(expert_budget),
+            policies=_split(policy),
+            replay=replay,
+            profile=profile,
+            dtype=dtype,
+            device=device,
+            seed=seed,
             progress=None if as_json else lambda msg: print(msg, file=sys.stderr),
         )
         if as_json:
@@ -61,6 +105,8 @@ def register(app: typer.Typer) -> None:
             print(markdown(result, result["rows"]))
             if result.get("probe"):
                 p = result["probe"]
-                print(f"\ndisk: {p['bandwidth_gbps']:.2f} GB/s ({p['io']}; probe {p['probe_gbps']:.2f}, seen in the runs "
-                      f"{p['observed_bps'] / 1e9:.2f}); compute {result['compute_ms_per_token']:.1f} ms/token; "
-                      f"{result['threads']} threads")
+                print(
+                    f"\ndisk: {p['bandwidth_gbps']:.2f} GB/s ({p['io']}; probe {p['probe_gbps']:.2f}, seen in the runs "
+                    f"{p['observed_bps'] / 1e9:.2f}); compute {result['compute_ms_per_token']:.1f} ms/token; "
+                    f"{result['threads']} threads"
+                )

@@ -7,6 +7,7 @@ import time
 import typer
 
 from moeinf_cli.commands.pull import _human
+from moeinf_cli.options import Model
 
 
 def _ago(seconds: float) -> str:
@@ -44,9 +45,12 @@ def register(app: typer.Typer) -> None:
         for r in rows:
             typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
 
-    @app.command("show", help="Show a model's manifest summary.\n\n\b\nExamples:\n  moeinf show mixtral\n  moeinf show mixtral --json")
+    @app.command(
+        "show",
+        help="Show a model's manifest summary.\n\n\b\nExamples:\n  moeinf show mixtral\n  moeinf show mixtral --json",
+    )
     def show(
-        name: str = typer.Argument(..., help="Store name or model directory."),
+        name: Model,
         as_json: bool = typer.Option(False, "--json", help="Print the whole manifest.json."),
     ) -> None:
         import json
@@ -67,20 +71,34 @@ def register(app: typer.Typer) -> None:
         ]
         if m["num_experts"]:
             lines += [
-                ("experts", f"{m['num_experts']} per MoE layer, top-{m['top_k']}, in layers "
-                            f"{_ranges(m['moe_layers'])} ({m['num_experts'] * len(m['moe_layers'])} shards)"),
-                ("expert size", f"{_human(m['expert_bytes'])} each (intermediate {m['expert_intermediate_size']})"),
+                (
+                    "experts",
+                    f"{m['num_experts']} per MoE layer, top-{m['top_k']}, in layers "
+                    f"{_ranges(m['moe_layers'])} ({m['num_experts'] * len(m['moe_layers'])} shards)",
+                ),
+                (
+                    "expert size",
+                    f"{_human(m['expert_bytes'])} each (intermediate {m['expert_intermediate_size']})",
+                ),
             ]
         lines += [
             ("hidden size", str(m["hidden_size"])),
-            ("dtype", m["dtype"] + (f" (dequantised from {m['dequantized']})" if m.get("dequantized") else "")),
+            (
+                "dtype",
+                m["dtype"] + (f" (dequantised from {m['dequantized']})" if m.get("dequantized") else ""),
+            ),
             ("dense size", _human(m["dense_bytes"])),
             ("total size", f"{_human(m['total_bytes'])} in {len(m['files'])} files"),
             ("created", m["created"]),
         ]
         up = m["source"].get("upcycled")
         if up:
-            lines.append(("note", f"upcycled, not trained: {up['num_experts']} copies of the dense FFN, top-{up['top_k']}"))
+            lines.append(
+                (
+                    "note",
+                    f"upcycled, not trained: {up['num_experts']} copies of the dense FFN, top-{up['top_k']}",
+                )
+            )
         width = max(len(k) for k, _ in lines)
         for k, v in lines:
             typer.echo(f"  {k.ljust(width)}  {v}")
@@ -93,8 +111,11 @@ def register(app: typer.Typer) -> None:
             remove_model(n)
             typer.echo(f"deleted '{n}'")
 
-    @app.command("verify", help="Re-hash every file of a model and name the ones that changed.\n\n\b\nExample:\n  moeinf verify mixtral")
-    def verify(name: str = typer.Argument(..., help="Store name or model directory.")) -> None:
+    @app.command(
+        "verify",
+        help="Re-hash every file of a model and name the ones that changed.\n\n\b\nExample:\n  moeinf verify mixtral",
+    )
+    def verify(name: Model) -> None:
         from engine.errors import MoeinfError
         from engine.store.manifest import resolve_model
         from engine.store.verify import verify_model

@@ -11,6 +11,8 @@ import sys
 
 import typer
 
+from moeinf_cli.options import DTYPE_FORMS
+
 HELP = """Download a model and convert it into the store (one shard per expert).
 
 SOURCE is an alias (see --list-aliases), a Hugging Face repo org/name, a local checkpoint directory, or a .gguf file. An interrupted pull resumes where it stopped. HF_TOKEN, HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE are honoured.
@@ -61,8 +63,14 @@ def _make_progress():
     class RichPullProgress(PullProgress):
         def __init__(self) -> None:
             self.bars = Progress(
-                TextColumn("{task.description}"), BarColumn(bar_width=30), DownloadColumn(), TransferSpeedColumn(),
-                TimeRemainingColumn(), console=console, transient=False, disable=not console.is_terminal,
+                TextColumn("{task.description}"),
+                BarColumn(bar_width=30),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+                disable=not console.is_terminal,
             )
             self.downloads: dict[str, int] = {}
             self.convert_task = None
@@ -77,7 +85,9 @@ def _make_progress():
             self.bars.advance(self.downloads[key], n)
 
         def convert_start(self, total_bytes: int, done_bytes: int) -> None:
-            self.convert_task = self.bars.add_task("converting", total=total_bytes or None, completed=done_bytes)
+            self.convert_task = self.bars.add_task(
+                "converting", total=total_bytes or None, completed=done_bytes
+            )
 
         def convert_advance(self, n: int) -> None:
             if self.convert_task is not None:
@@ -89,14 +99,24 @@ def _make_progress():
 def register(app: typer.Typer) -> None:
     @app.command("pull", help=HELP, no_args_is_help=True)
     def pull(
-        source: str = typer.Argument(None, help="Alias, org/repo, checkpoint directory or .gguf file.", show_default=False),
-        revision: str = typer.Option(None, "--revision", "-r", help="Hub branch, tag or commit (default: main)."),
-        dtype: str = typer.Option(None, "--dtype", help="Store weights as bf16, fp16 or fp32 (default: as the source)."),
+        source: str = typer.Argument(
+            None, help="Alias, org/repo, checkpoint directory or .gguf file.", show_default=False
+        ),
+        revision: str = typer.Option(
+            None, "--revision", "-r", help="Hub branch, tag or commit (default: main)."
+        ),
+        dtype: str = typer.Option(
+            None, "--dtype", metavar="DTYPE", help=f"Store weights as {DTYPE_FORMS} (default: as the source)."
+        ),
         name: str = typer.Option(None, "--name", "-n", help="Store name (default: the alias or repo name)."),
-        upcycle: int = typer.Option(None, "--upcycle", help="Turn a dense llama model into a MoE of E copies of its FFN."),
+        upcycle: int = typer.Option(
+            None, "--upcycle", help="Turn a dense llama model into a MoE of E copies of its FFN."
+        ),
         top_k: int = typer.Option(None, "--top-k", help="Experts per token for --upcycle (default 2)."),
         keep_download: bool = typer.Option(
-            False, "--keep-download", help="Keep downloaded shards in the Hugging Face cache after converting."
+            False,
+            "--keep-download",
+            help="Keep downloaded shards in the Hugging Face cache after converting.",
         ),
         list_aliases: bool = typer.Option(False, "--list-aliases", help="List the model aliases and exit."),
     ) -> None:
@@ -106,17 +126,31 @@ def register(app: typer.Typer) -> None:
         if not source:
             from engine.errors import MoeinfError
 
-            raise MoeinfError("give a SOURCE to pull, e.g. `moeinf pull mixtral` (see `moeinf pull --list-aliases`)")
+            raise MoeinfError(
+                "give a SOURCE to pull, e.g. `moeinf pull mixtral` (see `moeinf pull --list-aliases`)"
+            )
         from engine.store.pull import pull_model
 
         progress = _make_progress()
         with progress.bars:
             result = pull_model(
-                source, revision=revision, dtype=dtype, name=name, upcycle=upcycle, top_k=top_k,
-                keep_downloads=keep_download, progress=progress,
+                source,
+                revision=revision,
+                dtype=dtype,
+                name=name,
+                upcycle=upcycle,
+                top_k=top_k,
+                keep_downloads=keep_download,
+                progress=progress,
             )
         m = result.manifest
-        experts = f"{m['num_experts']} experts x {len(m['moe_layers'])} layers, top-{m['top_k']}" if m["num_experts"] else "dense"
+        experts = (
+            f"{m['num_experts']} experts x {len(m['moe_layers'])} layers, top-{m['top_k']}"
+            if m["num_experts"]
+            else "dense"
+        )
         verb = "up to date" if result.up_to_date else "pulled"
-        print(f"{verb}: {result.name} ({m['family']}, {experts}, {m['dtype']}, {_human(m['total_bytes'])}) at {result.path}")
+        print(
+            f"{verb}: {result.name} ({m['family']}, {experts}, {m['dtype']}, {_human(m['total_bytes'])}) at {result.path}"
+        )
         sys.stdout.flush()

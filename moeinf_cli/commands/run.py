@@ -12,6 +12,8 @@ from typing import Any
 
 import typer
 
+from moeinf_cli.options import LOAD, SAMPLING, SYSTEM, VERBOSE, Model, with_options
+
 HELP = """Run a model on a prompt and stream the answer (Ollama-style).
 
 Without PROMPT, reads the prompt from stdin when it is piped, otherwise starts an interactive chat.
@@ -20,14 +22,9 @@ Without PROMPT, reads the prompt from stdin when it is piped, otherwise starts a
 Examples:
   moeinf run mixtral "Why is the sky blue?"
   moeinf run mixtral --temperature 0 -n 64 --verbose "Write a haiku about experts"
-  echo "Summarise: ..." | moeinf run qwen3-moe --system "Answer in one sentence."
+  echo "Summarise: ..." | moeinf run qwen3-30b-a3b --system "Answer in one sentence."
   moeinf run mixtral --expert-budget 25% --policy lru      # interactive chat
 """
-
-
-def _sampling(**given: Any) -> dict[str, Any]:
-    """The sampling options the user set (None = not given, the Session keeps Ollama's default)."""
-    return {k: v for k, v in given.items() if v is not None and v != []}
 
 
 def _stdin_is_terminal() -> bool:
@@ -80,8 +77,15 @@ def _stream(session: Any, prompt: str, raw: bool, system: str | None, sampling: 
     return 0
 
 
-def _run(model: str, prompt: str | None, sampling: dict, load_kwargs: dict, system: str | None, raw: bool,
-         verbose: bool) -> int:
+def _run(
+    model: str,
+    prompt: str | None,
+    sampling: dict,
+    load_kwargs: dict,
+    system: str | None,
+    raw: bool,
+    verbose: bool,
+) -> int:
     """The command's work; its exit status."""
     from engine.errors import MoeinfError
 
@@ -116,35 +120,24 @@ def _run(model: str, prompt: str | None, sampling: dict, load_kwargs: dict, syst
 
 def register(app: typer.Typer) -> None:
     @app.command("run", help=HELP, no_args_is_help=True)
+    @with_options(SYSTEM, VERBOSE, load=LOAD, sampling=SAMPLING)
     def run(
-        model: str = typer.Argument(..., help="Model name in the store (see `moeinf list`) or a store directory."),
-        prompt: str | None = typer.Argument(None, help="The prompt. Omit it to read stdin or to chat."),
-        temperature: float | None = typer.Option(None, "--temperature", help="Sampling temperature; 0 = greedy. (default 0.8)"),
-        top_k: int | None = typer.Option(None, "--top-k", help="Keep the K most likely tokens; 0 = off. (default 40)"),
-        top_p: float | None = typer.Option(None, "--top-p", help="Nucleus sampling mass; 1 = off. (default 0.9)"),
-        min_p: float | None = typer.Option(None, "--min-p", help="Drop tokens below this fraction of the best one. (default 0.0)"),
-        repeat_penalty: float | None = typer.Option(None, "--repeat-penalty", help="Penalty for recent tokens; 1 = off. (default 1.1)"),
-        repeat_last_n: int | None = typer.Option(None, "--repeat-last-n", help="How many recent tokens the penalty sees; 0 = off, -1 = all. (default 64)"),
-        seed: int | None = typer.Option(None, "--seed", help="Random seed for reproducible sampling. (default random)"),
-        num_predict: int | None = typer.Option(None, "-n", "--num-predict", help="Most tokens to generate; -1 = until EOS or context full. (default -1)"),
-        stop: list[str] | None = typer.Option(None, "--stop", help="Stop when this text appears (not printed); repeatable."),
-        ctx: int = typer.Option(4096, "--ctx", help="Context length in tokens (prompt + answer)."),
-        system: str | None = typer.Option(None, "--system", help="System prompt (with the chat template)."),
+        model: Model,
+        prompt: str | None = typer.Argument(
+            None, metavar="PROMPT", help="The prompt. Omit it to read stdin or to chat."
+        ),
         raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
-        device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto (cuda when available)."),
-        dtype: str | None = typer.Option(None, "--dtype", help="float32, bfloat16 or float16. (default the stored dtype)"),
-        expert_budget: str | None = typer.Option(None, "--expert-budget", help="Fast memory for routed experts: 25%, 2GB, 100% (all) or auto. (default auto: what fits in free memory)"),
-        policy: str | None = typer.Option(None, "--policy", help="Expert cache policy: lru, lfu or eam. (default eam)"),
-        verbose: bool = typer.Option(False, "--verbose", help="Print timing and expert-cache statistics to stderr."),
+        *,
+        system: str | None,
+        verbose: bool,
+        load: dict,
+        sampling: dict,
     ) -> None:
-        sampling = _sampling(
-            temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-            repeat_last_n=repeat_last_n, seed=seed, num_predict=num_predict, stop=stop,
-        )
-        load_kwargs = dict(device=device, dtype=dtype, ctx=ctx, expert_budget=expert_budget, policy=policy)
         try:
-            code = _run(model, prompt, sampling, load_kwargs, system, raw, verbose)
-        except KeyboardInterrupt:  # Ctrl+C outside generation (loading, tokenising): click would say "Aborted!"
+            code = _run(model, prompt, sampling, load, system, raw, verbose)
+        except (
+            KeyboardInterrupt
+        ):  # Ctrl+C outside generation (loading, tokenising): click would say "Aborted!"
             print(file=sys.stderr)
             code = 130
         if code:

@@ -11,12 +11,14 @@ import json
 from pathlib import Path
 
 import typer
-from typer.core import TyperGroup
+
+from moeinf_cli.options import BUDGET_FORMS, DEVICE, Model, with_options
+from moeinf_cli.plain_help import App, PlainGroup
 
 SUBCOMMANDS = ("record", "show", "rm", "import", "export")
 
 
-class _DefaultRecord(TyperGroup):
+class _DefaultRecord(PlainGroup):
     """A group whose first argument, when it is not a subcommand, means ``record``."""
 
     def parse_args(self, ctx, args):  # type: ignore[no-untyped-def]
@@ -36,7 +38,9 @@ def read_prompts(path: Path) -> list:
     except (OSError, UnicodeDecodeError) as e:
         raise MoeinfError(f"cannot read prompts file {path} ({e})") from None
     lines = [ln for ln in lines if ln]
-    is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or (lines and all(ln.startswith("{") for ln in lines))
+    is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or (
+        lines and all(ln.startswith("{") for ln in lines)
+    )
     if not is_jsonl:
         prompts: list = lines
     else:
@@ -58,7 +62,7 @@ def read_prompts(path: Path) -> list:
 
 
 def register(app: typer.Typer) -> None:
-    trace_app = typer.Typer(
+    trace_app = App(
         cls=_DefaultRecord,
         help="Record and inspect expert-routing traces (they drive the default cache policy).\n\n\b\n"
         "Examples:\n  moeinf trace record mixtral --prompts prompts.txt\n  moeinf trace show mixtral --png heat.png\n"
@@ -73,13 +77,22 @@ def register(app: typer.Typer) -> None:
         help="Run prompts through a model and record their routing (also: moeinf trace MODEL --prompts FILE).\n\n"
         "\b\nExample:\n  moeinf trace record mixtral --prompts prompts.txt --num-predict 32",
     )
+    @with_options(DEVICE)
     def record(
-        model: str = typer.Argument(..., help="Store name or model directory."),
-        prompts: Path = typer.Option(..., "--prompts", "-p", help="Text (one prompt per line) or JSONL (prompt/messages)."),
+        model: Model,
+        prompts: Path = typer.Option(
+            ..., "--prompts", "-p", help="Text (one prompt per line) or JSONL (prompt/messages)."
+        ),
         num_predict: int = typer.Option(32, "--num-predict", "-n", help="Tokens to generate per prompt."),
-        expert_budget: str = typer.Option("100%", "--expert-budget", help="Expert cache budget while recording."),
-        device: str = typer.Option("cpu", "--device", help="cpu or cuda[:N]."),
+        expert_budget: str = typer.Option(
+            "100%",
+            "--expert-budget",
+            metavar="BUDGET",
+            help=f"Expert cache budget while recording: {BUDGET_FORMS}.",
+        ),
         seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+        *,
+        device: str,
     ) -> None:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -94,15 +107,20 @@ def register(app: typer.Typer) -> None:
             raise MoeinfError(f"{model} has no routed experts (a dense model); there is nothing to trace")
         tokens = 0
         with Progress(
-            TextColumn("[bold]tracing[/bold] {task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), transient=False,
+            TextColumn("[bold]tracing[/bold] {task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            transient=False,
         ) as bar:
             task = bar.add_task(model, total=len(items))
             for prompt in items:
                 session.reset()
                 for piece in session.generate(prompt, num_predict=num_predict, seed=seed, temperature=0.0):
                     if not isinstance(piece, str):
-                        tokens += int(getattr(piece, "prompt_tokens", 0)) + int(getattr(piece, "generated_tokens", 0))
+                        tokens += int(getattr(piece, "prompt_tokens", 0)) + int(
+                            getattr(piece, "generated_tokens", 0)
+                        )
                 bar.advance(task)
         stored = TraceStore(getattr(recorder, "model_name", model)).read()
         total = stored.collection.requests if stored else 0
@@ -114,7 +132,7 @@ def register(app: typer.Typer) -> None:
         "  moeinf trace show mixtral\n  moeinf trace show mixtral --phase decode --png heat.png",
     )
     def show(
-        model: str = typer.Argument(..., help="Store name of the model."),
+        model: Model,
         png: Path | None = typer.Option(None, "--png", help="Also write the heat map as a PNG picture."),
         phase: str = typer.Option("all", "--phase", help="prefill, decode or all."),
     ) -> None:
@@ -153,14 +171,22 @@ def register(app: typer.Typer) -> None:
             console.print(line)
         table = Table("layer", "effective experts", "top expert share", "experts for 50%", "unused")
         for s in layer_stats(h):
-            table.add_row(str(s.layer), f"{s.effective_experts:.1f}", f"{s.top_share:.1%}", str(s.half_cover), str(s.unused))
+            table.add_row(
+                str(s.layer),
+                f"{s.effective_experts:.1f}",
+                f"{s.top_share:.1%}",
+                str(s.half_cover),
+                str(s.unused),
+            )
         console.print(table)
         if png is not None:
             write_png(png, heat_image(h))
             console.print(f"wrote {png}")
 
-    @trace_app.command("rm", help="Delete a model's recorded traces.\n\n\b\nExample:\n  moeinf trace rm mixtral")
-    def rm(model: str = typer.Argument(..., help="Store name of the model.")) -> None:
+    @trace_app.command(
+        "rm", help="Delete a model's recorded traces.\n\n\b\nExample:\n  moeinf trace rm mixtral"
+    )
+    def rm(model: Model) -> None:
         from engine.errors import MoeinfError
         from engine.trace.store import TraceStore
 
@@ -175,7 +201,9 @@ def register(app: typer.Typer) -> None:
         "Example:\n  moeinf trace import mixtral-humaneval.npz --model mixtral",
     )
     def import_(
-        file: Path = typer.Argument(..., help="Interchange .npz (docs/trace-format.md: expert_ids, num_experts, seq_starts, meta)."),
+        file: Path = typer.Argument(
+            ..., help="Interchange .npz (docs/trace-format.md: expert_ids, num_experts, seq_starts, meta)."
+        ),
         model: str = typer.Option(..., "--model", "-m", help="Store name the traces belong to."),
     ) -> None:
         from engine.trace.interchange import import_trace
@@ -191,7 +219,7 @@ def register(app: typer.Typer) -> None:
         "Example:\n  moeinf trace export mixtral mixtral.npz",
     )
     def export(
-        model: str = typer.Argument(..., help="Store name of the model."),
+        model: Model,
         file: Path = typer.Argument(..., help="Output .npz path."),
     ) -> None:
         from engine.trace.interchange import export_traces
