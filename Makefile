@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	# torch first, pinned: a CPU build; the project itself only asks torch>=2.4
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# the native kernels, built now where a C compiler exists (else on first use, or the PyTorch path)
+	$(BIN)/python -m cuda_ext
 	touch $(STAMP)
 
 test: $(STAMP)
@@ -23,7 +25,7 @@ demo: $(STAMP)
 	bash scripts/demo.sh
 
 lint: $(STAMP)
-	$(BIN)/ruff check engine moeinf_cli tests benchmarks
+	$(BIN)/ruff check engine moeinf_cli cuda_ext tests benchmarks
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -2,13 +2,12 @@
 
 One token at a time, every weight matrix is read once per step and ``F.linear`` on bf16 is the
 bottleneck: on the machines measured here (AMD EPYC, AVX-512 BF16) oneDNN's M=1 path reads expert
-and LM-head matrices at 1-8 GB/s. ``cpu_kernels.c`` (next to this file) holds row-blocked dot-product
-loops (AVX-512 BF16 dot products over sixteen rows at a time with the next block prefetched, where
-the CPU has them; auto-vectorised C elsewhere), float32 accumulation, round-to-nearest-even to bf16
-exactly where torch rounds. It is compiled with the system C compiler on first use, cached under
-``~/.cache/moeinf/kernels`` (``$XDG_CACHE_HOME`` honoured), and called through ctypes (which
-releases the GIL). Rows are split over ``torch.get_num_threads()`` threads: the caller and a small
-pool of persistent workers that spin briefly between calls and then sleep.
+and LM-head matrices at 1-8 GB/s. ``csrc/cpu/bf16.c`` holds row-blocked dot-product loops (AVX-512
+BF16 dot products over sixteen rows at a time with the next block prefetched, where the CPU has them;
+auto-vectorised C elsewhere), float32 accumulation, round-to-nearest-even to bf16 exactly where torch
+rounds. ``cuda_ext.loader`` builds and loads it; calls go through ctypes (which releases the GIL).
+Rows are split over ``torch.get_num_threads()`` threads: the caller and a small pool of persistent
+workers (``csrc/cpu/pool.c``) that spin briefly between calls and then sleep.
 
 * ``linear(x, weight, bias)``: the kernel for x [1, K] bf16 on the CPU with a contiguous bf16 weight,
   ``F.linear`` for everything else (prefill, float32, CUDA) and whenever no compiler is available or
@@ -22,88 +21,21 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
-import os
-import subprocess
-import tempfile
-import threading
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-_SOURCE_PATH = Path(__file__).with_name("cpu_kernels.c")
+from cuda_ext import loader
 
-_FLAG_SETS = (["-O3", "-march=native", "-pthread"], ["-O3", "-pthread"])
 # products of fewer elements than this run on the calling thread alone (waking a worker costs more)
 _SPLIT_MIN = 1 << 16
-_lock = threading.Lock()
 _state: dict[str, object] = {}
-_p = ctypes.c_void_p
-_i64 = ctypes.c_int64
-_SIGNATURES = {
-    "moeinf_gemv_bf16": [_p, _p, _p, _i64, _i64, _i64],
-    "moeinf_gemv_many": [_p, _i64, ctypes.c_int, _p, _p, _p, _p, ctypes.c_int],
-    "moeinf_heads_xtw": [_p, _p, _p, _i64, _i64, _i64, _i64, _i64, ctypes.c_int],
-    "moeinf_heads_wx": [_p, _p, _p, _i64, _i64, _i64, _i64, _i64, ctypes.c_int],
-    "moeinf_swiglu_acc": [_p] * 9
-    + [ctypes.c_float, _i64, _i64, ctypes.c_int, ctypes.c_int, ctypes.c_float, ctypes.c_float],
-}
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "moeinf" / "kernels"
-
-
-def _build() -> ctypes.CDLL | None:
-    """Compile (or reuse) the shared library; None when that is impossible here."""
-    cc = os.environ.get("CC") or "cc"
-    try:
-        source = _SOURCE_PATH.read_text()
-    except OSError:
-        return None
-    for flags in _FLAG_SETS:
-        key = hashlib.sha256((source + cc + " ".join(flags) + os.uname().machine).encode()).hexdigest()[:16]
-        lib_path = _cache_dir() / f"kernels-{key}.so"
-        try:
-            if not lib_path.exists():
-                lib_path.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.TemporaryDirectory(dir=lib_path.parent) as tmp:
-                    src = Path(tmp) / "kernels.c"
-                    src.write_text(source)
-                    out = Path(tmp) / "kernels.so"
-                    subprocess.run(
-                        [cc, *flags, "-shared", "-fPIC", "-o", str(out), str(src), "-lm"],
-                        check=True,
-                        capture_output=True,
-                        timeout=120,
-                    )
-                    os.replace(out, lib_path)
-            lib = ctypes.CDLL(str(lib_path))
-            for name, argtypes in _SIGNATURES.items():
-                fn = getattr(lib, name)
-                fn.argtypes = argtypes
-                fn.restype = None
-            return lib
-        except (OSError, subprocess.SubprocessError, AttributeError):
-            continue
-    return None
 
 
 def _native() -> ctypes.CDLL | None:
-    if "lib" not in _state:
-        with _lock:
-            if "lib" not in _state:
-                _state["lib"] = None if os.environ.get("MOEINF_NATIVE_KERNELS", "1") == "0" else _build()
-    return _state["lib"]  # type: ignore[return-value]
-
-
-def native_gemv():
-    """The compiled single-threaded ``moeinf_gemv_bf16(x, W, y, n0, n1, K)``, or None (disabled, or no compiler)."""
-    lib = _native()
-    return None if lib is None else lib.moeinf_gemv_bf16
+    found = loader.cpu()
+    return None if found is None else found.lib
 
 
 def _native_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -202,7 +134,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
             )
             base = ctypes.addressof(ptrs)
             step = ctypes.sizeof(ctypes.c_void_p)
-            rows = _i64(n)  # kept alive across the call (a temporary's address would dangle)
+            rows = ctypes.c_int64(n)  # kept alive across the call (a temporary's address would dangle)
             lib.moeinf_gemv_many(
                 x.data_ptr(),
                 k,

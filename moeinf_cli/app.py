@@ -31,14 +31,21 @@ app = App(
 
 def _version(value: bool) -> None:
     if value:
+        from cuda_ext import loader
+
         typer.echo(f"moeinf {__version__}")
+        typer.echo(loader.describe())
         raise typer.Exit()
 
 
 @app.callback()
 def _root(
     version: bool = typer.Option(
-        False, "--version", callback=_version, is_eager=True, help="Show the version and exit."
+        False,
+        "--version",
+        callback=_version,
+        is_eager=True,
+        help="Show the version and the kernels in use, and exit.",
     ),
 ) -> None:
     """Run Mixture-of-Experts language models larger than your GPU or RAM."""

@@ -1,4 +1,5 @@
-"""The native bf16 GEMV used for CPU decode: as accurate as F.linear, every shape, and the fallbacks."""
+"""The native bf16 GEMV used for CPU decode (cuda_ext.cpu): as accurate as F.linear, every shape, every
+build (native, AVX2, portable), and the fallbacks."""
 
 from __future__ import annotations
 
@@ -9,15 +10,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.model import cpu_gemv
-from engine.model.cpu_gemv import Linear, linear, native_gemv
+from cuda_ext import cpu as cpu_gemv
+from cuda_ext import loader
+from cuda_ext.cpu import Linear, linear
+
+
+def native_on() -> bool:
+    return loader.cpu() is not None
 
 
 def test_kernel_builds_where_a_compiler_exists():
     """Built when a C compiler exists, unless MOEINF_NATIVE_KERNELS=0 turns the kernels off."""
     off = os.environ.get("MOEINF_NATIVE_KERNELS", "1") == "0"
-    compiler = shutil.which("cc") is not None or shutil.which("gcc") is not None
-    assert (native_gemv() is not None) == (compiler and not off)
+    compiler = shutil.which(os.environ.get("CC") or "cc") is not None
+    assert native_on() == (compiler and not off)
 
 
 @pytest.mark.parametrize("n,k", [(1, 1), (3, 5), (7, 33), (13, 64), (64, 1024), (256, 96), (1027, 3584)])
@@ -33,7 +39,7 @@ def test_native_matches_exact_product_as_well_as_f_linear(n, k):
     ref_err = (F.linear(x, w).double() - exact).abs()
     assert ((ours.double() - exact).abs() <= ref_err + ulp + 1e-6 * k).all()
     with_bias = linear(x, w, b)
-    if native_gemv() is not None:  # the kernel rounds the product, then the sum with the bias
+    if native_on():  # the kernel rounds the product, then the sum with the bias
         torch.testing.assert_close(with_bias.float(), (ours + b).float(), rtol=0, atol=0)
     else:  # F.linear rounds once
         assert torch.equal(with_bias, F.linear(x, w, b))
@@ -47,9 +53,13 @@ def test_fallbacks_are_f_linear(monkeypatch):
     assert torch.equal(linear(xb.expand(3, 32), wb), F.linear(xb.expand(3, 32), wb))  # several rows
     assert torch.equal(linear(xb, wb.T.contiguous().T), F.linear(xb, wb))  # non-contiguous weight
     monkeypatch.setenv("MOEINF_NATIVE_KERNELS", "0")
-    monkeypatch.setattr(cpu_gemv, "_state", {})
-    assert native_gemv() is None
-    assert torch.equal(linear(xb, wb), F.linear(xb, wb))
+    loader.reset()
+    try:
+        assert not native_on()
+        assert torch.equal(linear(xb, wb), F.linear(xb, wb))
+    finally:
+        monkeypatch.undo()
+        loader.reset()
 
 
 def test_linear_module_keeps_nn_linear_parameters():
@@ -82,17 +92,21 @@ def test_two_thread_split_equals_one_thread():
 ODD = [(1, 1), (5, 3), (17, 33), (31, 100), (100, 1000), (1030, 1031)]
 
 
-@pytest.fixture(params=["native", "portable"])
-def kernels(request, monkeypatch, tmp_path):
-    """The kernels as this CPU compiles them, and the auto-vectorised C path (no -march=native)."""
-    if native_gemv() is None:
+@pytest.fixture(params=["native", "avx2", "portable"])
+def kernels(request, monkeypatch):
+    """The kernels as this CPU compiles them, the AVX2 build (where the CPU has AVX2) and the
+    auto-vectorised C path (no -march=native)."""
+    if not native_on():
         pytest.skip("no native kernels (no C compiler, or MOEINF_NATIVE_KERNELS=0)")
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(cpu_gemv, "_state", {})
-    if request.param == "portable":
-        monkeypatch.setattr(cpu_gemv, "_FLAG_SETS", (["-O3", "-pthread"],))
-    assert native_gemv() is not None
-    return request.param
+    features = loader.cpu_features() or frozenset()
+    if request.param == "avx2" and not {"avx2", "fma", "f16c"} <= features:
+        pytest.skip("this CPU has no AVX2 + FMA + F16C")
+    monkeypatch.setenv("MOEINF_NATIVE_KERNELS", request.param)
+    loader.reset()
+    assert loader.cpu() is not None and loader.cpu().build == request.param
+    yield request.param
+    monkeypatch.undo()
+    loader.reset()
 
 
 def _within_bf16(ours: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> bool:
@@ -187,7 +201,7 @@ def test_decode_threads_hands_torch_threads_to_the_pool_and_back():
     torch.set_num_threads(2)
     try:
         with cpu_gemv.decode_threads(True):
-            if native_gemv() is not None:
+            if native_on():
                 assert torch.get_num_threads() == 1 and cpu_gemv._threads(1 << 20) == 2
         assert torch.get_num_threads() == 2 and cpu_gemv._threads(1 << 20) == 2
         with cpu_gemv.decode_threads(False):
@@ -202,7 +216,7 @@ def test_decode_threads_hands_torch_threads_to_the_pool_and_back():
 def test_forked_child_computes_with_a_fresh_pool():
     import multiprocessing as mp
 
-    if native_gemv() is None:  # F.linear's OpenMP threads do not survive a fork: nothing to test here
+    if not native_on():  # F.linear's OpenMP threads do not survive a fork: nothing to test here
         pytest.skip("no native kernels")
     g = torch.Generator().manual_seed(9)
     x = torch.randn(1, 1024, generator=g).bfloat16()

@@ -8,7 +8,7 @@ For mixtral, qwen2_moe, qwen3_moe, olmoe and llama (dense):
 * rewinding (running from an earlier ``start_pos``) overwrites the cache correctly;
 * bf16: moeinf bf16 prefill logits vs transformers bf16 logits (same weights) within 0.02 (they
   are bit-identical today), prefill + decode within 0.15 (decode goes through the native bf16 GEMV
-  of engine.model.cpu_gemv and another attention path, so roundings differ), the error of
+  of cuda_ext.cpu and another attention path, so roundings differ), the error of
   moeinf bf16 against the fp32 reference at most 1.25x transformers' own bf16 error + 0.03, and the
   argmax agreeing with the fp32 reference on >= 85% of positions and no less than
   transformers' bf16 agreement - 5 points.

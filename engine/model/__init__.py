@@ -16,7 +16,7 @@ only the last position's row ([1, vocab]), which spares the LM head on long prom
 
 Layout: ``args.py`` (ModelArgs from config.json), ``rope.py``, ``norm.py``, ``attention.py`` +
 ``kv_cache.py`` + ``context.py`` (GQA over the static cache), ``mlp.py``, ``router.py``, ``moe.py``
-(the MoE block over an ExpertSource), ``cpu_gemv.py`` (native bf16 GEMV for CPU decode),
+(the MoE block over an ExpertSource; one token's products go through ``cuda_ext.cpu``),
 ``transformer.py`` (decoder layer, CausalLM), ``registry.py`` + ``loader.py``, and one file per family
 named after its ``model_type`` (mixtral, qwen2_moe, qwen3_moe, olmoe, llama, deepseek_v2, deepseek_v3,
 gpt_oss).

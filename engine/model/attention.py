@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cuda_ext.cpu import Linear, linear_many
 from engine.model.context import StepContext
-from engine.model.cpu_gemv import Linear, linear_many
 from engine.model.kv_cache import KVCache
 from engine.model.norm import RMSNorm
 from engine.model.rope import apply_rotary

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.cpu_gemv import swiglu_accumulate
+from cuda_ext.cpu import swiglu_accumulate
 from engine.model.experts import ExpertWeights
 
 SWIGLU_ALPHA = 1.702
@@ -48,7 +48,7 @@ def clamped_swiglu(
 
 def clamped_swiglu_expert(alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT):
     """``clamped_swiglu`` with these constants, as an ``MoEBlock`` expert function; its ``accumulate``
-    runs one token through one expert in one native call on the CPU (``cpu_gemv.swiglu_accumulate``)."""
+    runs one token through one expert in one native call on the CPU (``cuda_ext.cpu.swiglu_accumulate``)."""
 
     def run(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
         return clamped_swiglu(x, w, alpha, limit)

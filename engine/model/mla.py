@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cuda_ext.cpu import Linear, heads_product
 from engine.model.context import StepContext
-from engine.model.cpu_gemv import Linear, heads_product
 from engine.model.norm import RMSNorm
 
 

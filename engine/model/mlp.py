@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cuda_ext.cpu import Linear, swiglu_accumulate
 from engine.model.activations import activation
-from engine.model.cpu_gemv import Linear, swiglu_accumulate
 from engine.model.experts import ExpertWeights
 
 

@@ -16,8 +16,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from cuda_ext.cpu import linear, swiglu_accumulate
 from engine.model.activations import activation
-from engine.model.cpu_gemv import linear, swiglu_accumulate
 from engine.model.experts import ExpertSource, ExpertWeights
 
 ExpertFn = Callable[[torch.Tensor, ExpertWeights], torch.Tensor]
@@ -27,7 +27,7 @@ def swiglu_expert(act: str = "silu") -> ExpertFn:
     """``down(act(gate(x)) * up(x))`` with the expert's own matrices (biases when it has them).
 
     With SiLU the function also has ``accumulate(x, w, coef, acc) -> bool``: ``acc += run(x, w) * coef``
-    for one token in one native call (``cpu_gemv.swiglu_accumulate``), False where that does not apply."""
+    for one token in one native call (``cuda_ext.cpu.swiglu_accumulate``), False where that does not apply."""
     fn = activation(act)
 
     def run(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:

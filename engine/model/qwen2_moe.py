@@ -8,9 +8,9 @@ from typing import Any
 
 from torch import nn
 
+from cuda_ext.cpu import Linear
 from engine.model.args import ModelArgs
 from engine.model.attention import Attention
-from engine.model.cpu_gemv import Linear
 from engine.model.experts import ExpertSource
 from engine.model.mlp import MLP
 from engine.model.moe import softmax_moe

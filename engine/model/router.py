@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from engine.model.cpu_gemv import linear
+from cuda_ext.cpu import linear
 
 
 class SoftmaxTopKRouter(nn.Module):

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cuda_ext.cpu import Linear, decode_threads
 from engine.errors import MoeinfError
 from engine.model.args import ModelArgs
 from engine.model.context import StepContext
-from engine.model.cpu_gemv import Linear, decode_threads
 from engine.model.norm import RMSNorm
 from engine.model.rope import RotaryEmbedding
 

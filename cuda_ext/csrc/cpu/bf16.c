@@ -1,45 +1,20 @@
-/* Native bf16 kernels for CPU decode (one token at a time), compiled by engine/model/cpu_gemv.py.
+/* Native bf16 kernels for CPU decode (one token at a time).
 
    Every product accumulates in float32 and rounds to bf16 the way PyTorch does (round to nearest
    even), so results match the F.linear / torch path within bf16 rounding.
 
-   moeinf_gemv_bf16    y = W x for rows n0..n1 of one matrix, on the calling thread.
    moeinf_gemv_many    several matrices sharing one input x (q/k/v, an LM head), optional biases,
-                       rows split over a small persistent thread pool.
+                       rows split over the thread pool (pool.c).
    moeinf_swiglu_acc   one routed SwiGLU expert, whole: h = bf16(silu(gate x)) * (up x),
                        d = down h, acc += bf16(d * coef) (float32 acc), on the pool; or gpt-oss's
                        clamped variant (act 1).
+   moeinf_heads_xtw / moeinf_heads_wx   per-head products for MLA's absorbed decode. */
 
-   The pool: nthreads - 1 persistent workers that spin briefly between jobs (decode calls come
-   every few tens of microseconds) and then sleep on a condition variable; the caller takes part
-   in every job. A caller that finds the pool busy (another Python thread) runs alone. */
+#include "common.h"
 
-#include <math.h>
-#include <pthread.h>
-#include <sched.h>
-#include <stdint.h>
-#include <string.h>
-#include <time.h>
 #if defined(__AVX512BF16__) && defined(__AVX512F__)
-#include <immintrin.h>
 #define MOEINF_DPBF16 1
 #endif
-#if defined(__x86_64__) || defined(__i386__)
-#define CPU_RELAX() __builtin_ia32_pause()
-#elif defined(__aarch64__)
-#define CPU_RELAX() __asm__ __volatile__("yield")
-#else
-#define CPU_RELAX() ((void)0)
-#endif
-
-static inline float bf16_to_f32(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
-static inline uint16_t f32_to_bf16(float f) {
-    uint32_t u; memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
-    u += 0x7fffu + ((u >> 16) & 1u);                                               /* round to nearest even */
-    return (uint16_t)(u >> 16);
-}
-static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
 
 /* ---------------------------------------------------------------- dot products of rows with x */
 
@@ -139,8 +114,6 @@ static void dot_rows(const uint16_t *restrict x, const uint16_t *restrict W, flo
 #endif
 }
 
-#define CHUNK 256  /* rows per stack buffer of float32 sums */
-
 /* y[n] = bf16(W x)[n] (then bf16(y[n] + bias[n]) when bias) for n0 <= n < n1 */
 static void gemv_rows(const uint16_t *x, const uint16_t *W, const uint16_t *bias, uint16_t *y,
                       int64_t n0, int64_t n1, int64_t K) {
@@ -153,124 +126,6 @@ static void gemv_rows(const uint16_t *x, const uint16_t *W, const uint16_t *bias
             y[n] = bias ? f32_to_bf16(bf16_to_f32(v) + bf16_to_f32(bias[n])) : v;
         }
     }
-}
-
-/* The single-threaded product, as before: y[n] for rows n0 <= n < n1, no bias. */
-void moeinf_gemv_bf16(const uint16_t *x, const uint16_t *W, uint16_t *y, int64_t n0, int64_t n1, int64_t K) {
-    gemv_rows(x, W, 0, y, n0, n1, K);
-}
-
-/* ---------------------------------------------------------------- the thread pool */
-
-#define MAX_THREADS 16
-#define SPIN_NS 300000  /* a worker spins this long for the next job before it sleeps */
-
-typedef void (*task_fn)(void *arg, int tid, int nt);
-
-static pthread_mutex_t pool_call = PTHREAD_MUTEX_INITIALIZER;   /* one job at a time */
-static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;     /* sleeping workers */
-static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
-static int pool_sleepers, pool_workers, pool_atfork;
-static task_fn job_fn;
-static void *job_arg;
-static int job_nt;
-static uint64_t job_seq;    /* atomics: __atomic builtins */
-static int job_done;
-static int bar_count;
-static uint64_t bar_gen;
-static uint64_t spawn_seq;  /* job_seq when the newest worker was made: the first job it waits for is the next */
-
-static uint64_t now_ns(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
-}
-
-/* all nt participants of the running job meet here */
-static void pool_barrier(int nt) {
-    if (nt <= 1) return;
-    uint64_t gen = __atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE);
-    if (__atomic_add_fetch(&bar_count, 1, __ATOMIC_ACQ_REL) == nt) {
-        __atomic_store_n(&bar_count, 0, __ATOMIC_RELAXED);
-        __atomic_store_n(&bar_gen, gen + 1, __ATOMIC_RELEASE);
-        return;
-    }
-    for (unsigned i = 0; __atomic_load_n(&bar_gen, __ATOMIC_ACQUIRE) == gen; i++) {
-        if (i < 20000) CPU_RELAX(); else sched_yield();
-    }
-}
-
-static void *pool_worker(void *arg) {
-    int tid = (int)(intptr_t)arg;
-    uint64_t seen = __atomic_load_n(&spawn_seq, __ATOMIC_ACQUIRE);
-    for (;;) {
-        uint64_t s = __atomic_load_n(&job_seq, __ATOMIC_ACQUIRE);
-        if (s == seen) {
-            uint64_t t0 = now_ns();
-            for (unsigned i = 1; (s = __atomic_load_n(&job_seq, __ATOMIC_ACQUIRE)) == seen; i++) {
-                CPU_RELAX();
-                if ((i & 255) == 0 && now_ns() - t0 > SPIN_NS) {
-                    pthread_mutex_lock(&pool_mu);
-                    pool_sleepers++;
-                    while ((s = __atomic_load_n(&job_seq, __ATOMIC_ACQUIRE)) == seen) pthread_cond_wait(&pool_cv, &pool_mu);
-                    pool_sleepers--;
-                    pthread_mutex_unlock(&pool_mu);
-                    break;
-                }
-            }
-        }
-        seen = s;
-        if (tid < job_nt) job_fn(job_arg, tid, job_nt);
-        __atomic_add_fetch(&job_done, 1, __ATOMIC_ACQ_REL);
-    }
-    return 0;
-}
-
-static void pool_after_fork(void) {  /* the workers are not forked */
-    pool_workers = 0;
-    pool_sleepers = 0;
-    pthread_mutex_init(&pool_call, 0);
-    pthread_mutex_init(&pool_mu, 0);
-    pthread_cond_init(&pool_cv, 0);
-}
-
-/* run fn(arg, tid, nt) for tid < nt on the caller (tid 0) and nt - 1 workers */
-static void pool_run(task_fn fn, void *arg, int nt) {
-    if (nt > MAX_THREADS) nt = MAX_THREADS;
-    if (nt <= 1 || pthread_mutex_trylock(&pool_call) != 0) {
-        fn(arg, 0, 1);
-        return;
-    }
-    while (pool_workers < nt - 1) {
-        pthread_t t;
-        if (!pool_atfork) { pthread_atfork(0, 0, pool_after_fork); pool_atfork = 1; }
-        __atomic_store_n(&spawn_seq, __atomic_load_n(&job_seq, __ATOMIC_ACQUIRE), __ATOMIC_RELEASE);
-        if (pthread_create(&t, 0, pool_worker, (void *)(intptr_t)(pool_workers + 1)) != 0) break;
-        pthread_detach(t);
-        pool_workers++;
-    }
-    if (nt > pool_workers + 1) nt = pool_workers + 1;
-    int workers = pool_workers;
-    job_fn = fn; job_arg = arg; job_nt = nt;
-    __atomic_store_n(&job_done, 0, __ATOMIC_RELAXED);
-    __atomic_add_fetch(&job_seq, 1, __ATOMIC_ACQ_REL);
-    pthread_mutex_lock(&pool_mu);
-    if (pool_sleepers) pthread_cond_broadcast(&pool_cv);
-    pthread_mutex_unlock(&pool_mu);
-    fn(arg, 0, nt);
-    for (unsigned i = 0; __atomic_load_n(&job_done, __ATOMIC_ACQUIRE) != workers; i++) {
-        if (i < 20000) CPU_RELAX(); else sched_yield();
-    }
-    pthread_mutex_unlock(&pool_call);
-}
-
-/* [lo, hi) of n rows for participant tid of nt, in multiples of 16 rows */
-static void split_rows(int64_t n, int tid, int nt, int64_t *lo, int64_t *hi) {
-    int64_t blocks = (n + 15) / 16;
-    *lo = blocks * tid / nt * 16;
-    *hi = blocks * (tid + 1) / nt * 16;
-    if (*lo > n) *lo = n;
-    if (*hi > n) *hi = n;
 }
 
 /* ---------------------------------------------------------------- several matrices, one x */
@@ -315,7 +170,7 @@ void moeinf_gemv_many(const uint16_t *x, int64_t K, int count, const uint16_t *c
         }
         int nt = nthreads;
         if ((int64_t)nt * 16 > total) nt = (int)((total + 15) / 16);
-        pool_run(many_task, &j, nt);
+        moeinf_pool_run(many_task, &j, nt);
     }
 }
 
@@ -358,7 +213,7 @@ static void expert_task(void *arg, int tid, int nt) {
                 j->h[n] = f32_to_bf16(round_bf16(uv + 1.0f) * round_bf16(gv * sig));
             }
     }
-    pool_barrier(nt);
+    moeinf_pool_barrier(nt);
     split_rows(j->H, tid, nt, &lo, &hi);
     for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
         int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
@@ -387,7 +242,7 @@ void moeinf_swiglu_acc(const uint16_t *x, const uint16_t *gate, const uint16_t *
     int nt = nthreads;
     int64_t small = H < I ? H : I;
     if ((int64_t)nt * 16 > small) nt = (int)((small + 15) / 16);
-    pool_run(expert_task, &j, nt);
+    moeinf_pool_run(expert_task, &j, nt);
 }
 
 /* ---------------------------------------------------------------- per-head products (MLA decode) */
@@ -439,11 +294,11 @@ static void heads_wx_task(void *arg, int tid, int nt) {
 void moeinf_heads_xtw(const uint16_t *x, const uint16_t *W, uint16_t *y, int64_t nh, int64_t head_rows,
                       int64_t row0, int64_t n_rows, int64_t K, int nthreads) {
     heads_job j = {x, W, y, nh, head_rows, row0, n_rows, K};
-    pool_run(heads_xtw_task, &j, nthreads < nh ? nthreads : (int)nh);
+    moeinf_pool_run(heads_xtw_task, &j, nthreads < nh ? nthreads : (int)nh);
 }
 
 void moeinf_heads_wx(const uint16_t *x, const uint16_t *W, uint16_t *y, int64_t nh, int64_t head_rows,
                      int64_t row0, int64_t n_rows, int64_t K, int nthreads) {
     heads_job j = {x, W, y, nh, head_rows, row0, n_rows, K};
-    pool_run(heads_wx_task, &j, nthreads < nh ? nthreads : (int)nh);
+    moeinf_pool_run(heads_wx_task, &j, nthreads < nh ? nthreads : (int)nh);
 }

@@ -1,0 +1,69 @@
+/* Shared by the CPU kernels in this folder: bf16 conversions, the thread pool, row splits.
+
+   Every file here is compiled together into one shared library by cuda_ext/loader.py, with
+   -march=native where the compiler takes it (the library is cached under a key naming the CPU
+   features it was built for), so each kernel picks its instruction set at build time from the
+   compiler's macros: AVX-512 (BF16, VNNI) where defined, AVX2 + FMA next, portable C last. */
+#ifndef MOEINF_COMMON_H
+#define MOEINF_COMMON_H
+
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#if defined(__x86_64__) || defined(__i386__)
+#define CPU_RELAX() __builtin_ia32_pause()
+#elif defined(__aarch64__)
+#define CPU_RELAX() __asm__ __volatile__("yield")
+#else
+#define CPU_RELAX() ((void)0)
+#endif
+
+static inline float bf16_to_f32(uint16_t v) { uint32_t u = (uint32_t)v << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);  /* NaN stays NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                               /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+static inline float round_bf16(float f) { return bf16_to_f32(f32_to_bf16(f)); }
+
+/* IEEE half to float (GGUF block scales), exact for every value including subnormals */
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, u;
+    if (exp == 0x1f) u = sign | 0x7f800000u | (man << 13);
+    else if (exp) u = sign | ((exp + 112u) << 23) | (man << 13);
+    else if (!man) u = sign;
+    else {  /* subnormal: value man * 2^-24 */
+        float f = (float)man * 5.9604644775390625e-8f;
+        memcpy(&u, &f, 4);
+        u |= sign;
+    }
+    float f; memcpy(&f, &u, 4); return f;
+}
+
+/* ---- the thread pool (pool.c) */
+typedef void (*task_fn)(void *arg, int tid, int nt);
+#define MAX_THREADS 16
+/* run fn(arg, tid, nt) for tid < nt on the caller (tid 0) and nt - 1 persistent workers; a caller that
+   finds the pool busy (another Python thread) runs fn(arg, 0, 1) alone */
+void moeinf_pool_run(task_fn fn, void *arg, int nt);
+/* all nt participants of the running job meet here */
+void moeinf_pool_barrier(int nt);
+
+/* [lo, hi) of n rows for participant tid of nt, in multiples of `align` rows */
+static inline void split_rows_by(int64_t n, int64_t align, int tid, int nt, int64_t *lo, int64_t *hi) {
+    int64_t blocks = (n + align - 1) / align;
+    *lo = blocks * tid / nt * align;
+    *hi = blocks * (tid + 1) / nt * align;
+    if (*lo > n) *lo = n;
+    if (*hi > n) *hi = n;
+}
+static inline void split_rows(int64_t n, int tid, int nt, int64_t *lo, int64_t *hi) { split_rows_by(n, 16, tid, nt, lo, hi); }
+
+#define CHUNK 256  /* rows per stack buffer of float32 sums */
+
+#endif
