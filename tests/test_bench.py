@@ -10,9 +10,9 @@ import torch
 
 from engine.bench.forced import force_routing
 from engine.bench.synthetic import make_synthetic_model
+from engine.policy.oracle import token_oracle_loads
+from engine.policy.replay import belady_loads
 from engine.trace.format import RoutingTrace
-from engine.trace.oracle import token_oracle_loads
-from engine.trace.replay import belady_loads
 
 LAYERS, EXPERTS = 3, 8
 

@@ -12,8 +12,8 @@ import torch
 from engine.bench.synthetic import make_synthetic_model
 from engine.memory import open_experts
 from engine.memory.offload import OffloadedExperts
-from engine.memory.policy import Policy
 from engine.model.experts import MappedExperts
+from engine.policy.base import Policy
 
 LAYERS, EXPERTS, TOP_K = 3, 8, 2
 

@@ -10,9 +10,9 @@ from memory_models import greedy, tiny_store
 from engine.bench.synthetic import make_synthetic_model
 from engine.memory import open_experts
 from engine.memory.offload import OffloadedExperts
-from engine.memory.policies import POLICY_NAMES
 from engine.memory.resident import ResidentExperts
 from engine.model.loader import load_model
+from engine.policy.registry import POLICY_NAMES
 
 PROMPT = [5, 17, 42, 99, 7, 250, 31, 64, 12, 200]
 STEPS = 8

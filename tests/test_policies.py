@@ -6,12 +6,14 @@ import numpy as np
 import pytest
 
 from engine.errors import MoeinfError
-from engine.memory.policies import DEFAULT_POLICY, POLICY_NAMES, LFUPolicy, LRUPolicy, make_policy
+from engine.policy.eam import EAMPolicy
+from engine.policy.lfu import LFUPolicy
+from engine.policy.lru import LRUPolicy
+from engine.policy.registry import DEFAULT_POLICY, POLICY_NAMES, make_policy, policy_choices
+from engine.policy.replay import replay
 from engine.trace.eam import EAM, EAMCollection, transition_counts
 from engine.trace.format import RoutingTrace
 from engine.trace.hints import simulated_hints
-from engine.trace.policy import EAMPolicy
-from engine.trace.replay import replay
 
 
 def test_registry_names_default_and_unknown():
@@ -24,6 +26,8 @@ def test_registry_names_default_and_unknown():
         make_policy("fifo")
     msg = str(err.value)
     assert "\n" not in msg and "fifo" in msg and "lru, lfu, eam" in msg
+    assert policy_choices() == "lru, lfu or eam"
+    assert LRUPolicy.name == "lru" and LFUPolicy.name == "lfu" and EAMPolicy.name == "eam"
 
 
 def test_lru_evicts_least_recent_never_pinned():

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.memory.policies import make_policy
+from engine.policy.oracle import token_oracle_loads
+from engine.policy.registry import make_policy
+from engine.policy.replay import belady_loads, capacity_for, replay
 from engine.trace.format import load_trace
-from engine.trace.oracle import token_oracle_loads
-from engine.trace.replay import belady_loads, capacity_for, replay
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "traces"
 CASES = [("mixtral-8x7b-instruct-humaneval0.npz", None), ("flame-moe-290m.npz", [0, 1])]

@@ -104,7 +104,7 @@ def test_other_version_is_set_aside(caplog):
 
 
 def test_eam_policy_survives_a_corrupt_store(caplog):
-    from engine.memory.policies import make_policy
+    from engine.policy.registry import make_policy
 
     ts = TraceStore("m")
     ts.dir.mkdir(parents=True)

@@ -11,7 +11,7 @@ The model (MoE-Lens style): a token costs its compute ``c`` plus what loading ad
 stall the compute; prefetches overlap it. Predicted time per token:
 ``c + demand_bytes / bw + max(0, prefetch_bytes / bw - c)``. The limit of the machine for a routing
 trace and a budget is ``max(c, belady_bytes / bw)``: no policy moves fewer bytes than Belady's. The *reachable* time is
-the same with the token oracle's bytes (``engine/trace/oracle.py``: the rest of each token known
+the same with the token oracle's bytes (``engine/policy/oracle.py``: the rest of each token known
 exactly, plus exact per-expert rates), the closest to Belady a causal policy can hope to get.
 """
 

@@ -19,7 +19,7 @@ JSON schema (``moeinf bench --json``), version ``moeinf-bench/1``::
         "bytes_loaded": int,                    # bytes the loader read in that run (its own count)
         "os_read_bytes": int,                   # bytes the OS says this process read meanwhile (/proc/self/io)
         "belady_loads": int | null,             # --replay: Belady's optimum for the same tokens
-        "oracle_loads": int | null,             # --replay: the token oracle's loads (engine/trace/oracle.py)
+        "oracle_loads": int | null,             # --replay: the token oracle's loads (engine/policy/oracle.py)
         "predicted_ms_per_token": float | null, # --profile: the hardware model's figure
         "limit_ms_per_token": float | null,     # --profile --replay: max(compute, Belady bytes / bandwidth)
         "reachable_ms_per_token": float | null  # --profile --replay: max(compute, oracle bytes / bandwidth)

@@ -16,12 +16,12 @@ from engine.errors import MoeinfError
 def configurations(budgets: list[str], policies: list[str]) -> list[BenchConfig]:
     """Each budget x each policy; a 100% budget is one all-resident row."""
     from engine.memory.budget import parse_budget
-    from engine.memory.policies import make_policy
+    from engine.policy.registry import policy_class
 
     if not budgets:
         raise MoeinfError("--expert-budget needs at least one value, e.g. 100%,25%")
     for p in policies:
-        make_policy(p)  # a one-line error for an unknown name, before any work
+        policy_class(p)  # a one-line error for an unknown name, before any work
     out: list[BenchConfig] = []
     for b in budgets:
         parse_budget(b)

@@ -215,8 +215,8 @@ def run_config(
         row.budget_bytes = end.get("budget_bytes")
         row.expert_bytes = int(end.get("slot_bytes") or 0)
     if trace is not None and row.budget_bytes is not None and row.slots > 0:
-        from engine.trace.oracle import token_oracle_loads
-        from engine.trace.replay import belady_loads
+        from engine.policy.oracle import token_oracle_loads
+        from engine.policy.replay import belady_loads
 
         used = RoutingTrace(trace.expert_ids[: prompt_tokens + gen_tokens], trace.num_experts)
         row.belady_loads = belady_loads(used, row.slots)

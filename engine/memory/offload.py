@@ -29,10 +29,10 @@ from threading import Condition, RLock
 import torch
 
 from engine.memory.loader import DEMAND, PREFETCH, Job, Loader
-from engine.memory.policy import Key, Policy
 from engine.memory.stats import CacheStats
 from engine.memory.transfer import FREE, LOADING, RESIDENT, STREAM, Slot, Transfer
 from engine.model.experts import ExpertWeights
+from engine.policy.base import Key, Policy
 
 
 class OffloadedExperts:

@@ -12,11 +12,11 @@ import torch
 from engine.errors import MoeinfError
 from engine.memory.budget import fmt_bytes, parse_budget, resolve_budget
 from engine.memory.offload import OffloadedExperts
-from engine.memory.policy import Policy
 from engine.memory.resident import ResidentExperts
 from engine.memory.shard import read_header
 from engine.memory.stats import CacheStats
 from engine.memory.transfer import ExpertLayout, make_transfer
+from engine.policy.base import Policy
 from engine.store.paths import expert_shard_path
 
 
@@ -80,17 +80,16 @@ def open_experts(
     ``budget``: None or "100%" keeps every expert resident; a size ("12GiB", "500MB") or share ("25%")
     of all experts (in the compute dtype) bounds the expert cache; "auto" fits free memory after the
     dense weights, the KV cache for ``ctx`` tokens and a margin. ``policy``: a name of
-    ``engine.memory.policies`` (None: its default). ``direct``: O_DIRECT reads on the CPU (buffered
+    ``engine.policy.registry`` (None: its default). ``direct``: O_DIRECT reads on the CPU (buffered
     when False or unsupported). ``available``: free bytes to assume instead of asking the OS (tests).
     The choice of budget is in ``stats().budget_note`` (and on stderr with ``verbose``).
     """
-    from engine.memory.policies import POLICY_NAMES, make_policy
+    from engine.policy.registry import make_policy, policy_class
 
     model_root = Path(model_root)
     device = torch.device(device)
     spec = parse_budget(budget)
-    if policy is not None and policy.strip().lower() not in POLICY_NAMES:
-        make_policy(policy)  # raises the one-line error naming the policies
+    policy_class(policy)  # an unknown name: the one-line error naming the policies, before any work
     config = _config(model_root)
     from engine.store.families import moe_layout
 

@@ -364,7 +364,7 @@ def load(
     device: "cpu" or "cuda[:N]"; dtype: float32/bfloat16/float16 (default: the stored dtype);
     ctx: KV-cache length in tokens (prompt plus reply); expert_budget: how much of the routed experts
     stays in fast memory ("25%", "2GB", "100%" = all; None = "auto": what fits the free memory);
-    policy: expert cache policy ("lru", "lfu", "eam"; None = the memory package's default).
+    policy: expert cache policy (a name of ``engine.policy.registry``; None = its default).
     Routing traces are recorded per generation under ``$MOEINF_HOME/traces/<model>``.
     """
     import sys

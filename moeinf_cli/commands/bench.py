@@ -7,7 +7,7 @@ import sys
 
 import typer
 
-from moeinf_cli.options import BUDGET_FORMS, DEVICE, DTYPE, POLICY_NAMES, with_options
+from moeinf_cli.options import ALL_POLICIES, BUDGET_FORMS, DEVICE, DTYPE, POLICY_NAMES, with_options
 
 HELP = """Benchmark a model: load time, time to first token, decode speed, expert-cache behaviour.
 
@@ -48,7 +48,7 @@ def register(app: typer.Typer) -> None:
             help=f"Comma-separated expert budgets, each {BUDGET_FORMS}.",
         ),
         policy: str = typer.Option(
-            "lru,lfu,eam",
+            ALL_POLICIES,
             "--policy",
             metavar="POLICY,...",
             help=f"Comma-separated cache policies: {POLICY_NAMES}.",

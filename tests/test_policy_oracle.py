@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 
+from engine.policy.oracle import TokenOraclePolicy, token_oracle_loads, used_matrix
+from engine.policy.replay import belady_loads, capacity_for, replay
 from engine.trace.format import RoutingTrace
-from engine.trace.oracle import TokenOraclePolicy, token_oracle_loads, used_matrix
-from engine.trace.replay import belady_loads, capacity_for, replay
 
 
 def random_trace(seed: int, T: int = 60, L: int = 6, E: int = 8, k: int = 2) -> RoutingTrace:

@@ -1,6 +1,6 @@
 """Offline evaluator: replay a routing trace through a policy and a global expert cache.
 
-The model (the same one the live cache follows, see ``engine/memory/policy.py``):
+The model (the same one the live cache follows, see ``engine/policy/base.py``):
 
 * One global cache of ``capacity`` experts, keyed ``(layer, expert)`` over all L x E experts. It starts
   empty and persists across the trace's sequences (one session serving several requests). The cache
@@ -34,7 +34,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from engine.errors import MoeinfError
-from engine.memory.policy import Key, Policy
+from engine.policy.base import Key, Policy
 from engine.trace.format import RoutingTrace
 
 
@@ -98,9 +98,18 @@ def _steps(trace: RoutingTrace):
 
 def _check_capacity(trace: RoutingTrace, capacity: int) -> None:
     ids = trace.expert_ids
-    widest = max((len({int(e) for e in ids[t, layer] if e >= 0}) for t in range(ids.shape[0]) for layer in range(ids.shape[1])), default=0)
+    widest = max(
+        (
+            len({int(e) for e in ids[t, layer] if e >= 0})
+            for t in range(ids.shape[0])
+            for layer in range(ids.shape[1])
+        ),
+        default=0,
+    )
     if capacity < widest:
-        raise MoeinfError(f"cache capacity {capacity} is below one layer's {widest} experts; raise the capacity")
+        raise MoeinfError(
+            f"cache capacity {capacity} is below one layer's {widest} experts; raise the capacity"
+        )
 
 
 def replay(
@@ -118,7 +127,7 @@ def replay(
     to ``on_hint`` one step ahead (see the module docstring).
     """
     if isinstance(policy, str):
-        from engine.memory.policies import make_policy
+        from engine.policy.registry import make_policy
 
         policy = make_policy(policy, **policy_kw)
     _check_capacity(trace, capacity)

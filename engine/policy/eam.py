@@ -36,7 +36,7 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from engine.memory.policy import Key, Policy
+from engine.policy.base import Key, Policy
 from engine.trace.eam import DECODE, EAM, PREFILL, EAMCollection
 
 # feature order of the reuse model

@@ -3,7 +3,7 @@
 A policy sees every access as (token, layer, expert) through ``on_route`` and decides two things:
 which resident expert to evict (``victim``) and which experts to load ahead of use (``prefetch``).
 The same policy object drives the live cache (``engine/memory``) and the offline replay evaluator
-(``engine/trace``/``engine/bench``), so a figure measured offline is the figure of the real run.
+(``engine/policy/replay.py``), so a figure measured offline is the figure of the real run.
 
 Keys are ``(layer, expert)`` pairs over the whole model (one global cache).
 
@@ -18,7 +18,9 @@ A prefill chunk of T tokens is one step with ``on_route`` given all its tokens' 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
+
+from engine.errors import MoeinfError
 
 Key = tuple[int, int]
 
@@ -57,3 +59,20 @@ class Policy(ABC):
     def prefetch(self, layer: int, limit: int) -> list[Key]:
         """After ``layer`` was routed: up to ``limit`` keys to load ahead, most urgent first."""
         return []
+
+
+def pick_min(resident: Collection[Key], pinned: Collection[Key], score: Callable[[Key], object]) -> Key:
+    """The unpinned resident key with the smallest score; MoeinfError if every key is pinned."""
+    best: Key | None = None
+    best_score: object = None
+    for key in resident:
+        if key in pinned:
+            continue
+        s = score(key)
+        if best is None or s < best_score:  # type: ignore[operator]
+            best, best_score = key, s
+    if best is None:
+        raise MoeinfError(
+            "the expert cache is too small for one layer's experts; raise the expert budget (--expert-budget)"
+        )
+    return best

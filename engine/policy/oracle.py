@@ -33,7 +33,7 @@ from collections.abc import Collection, Sequence
 
 import numpy as np
 
-from engine.memory.policy import Key, Policy
+from engine.policy.base import Key, Policy
 from engine.trace.format import RoutingTrace
 
 
@@ -121,6 +121,6 @@ class TokenOraclePolicy(Policy):
 
 def token_oracle_loads(trace: RoutingTrace, capacity: int, lookahead: int | None = None) -> int:
     """Loads of ``TokenOraclePolicy`` (demand paging) on ``trace`` with a cache of ``capacity``."""
-    from engine.trace.replay import replay
+    from engine.policy.replay import replay
 
     return replay(trace, TokenOraclePolicy(trace, lookahead), capacity, with_belady=False).loads

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from engine.errors import MoeinfError
-from engine.memory.policies import LRUPolicy
-from engine.memory.policy import Policy
+from engine.policy.base import Policy
+from engine.policy.lru import LRUPolicy
+from engine.policy.replay import belady_loads, capacity_for, count_accesses, replay
 from engine.trace.format import RoutingTrace
-from engine.trace.replay import belady_loads, capacity_for, count_accesses, replay
 
 
 def trace_of(steps: list[list[list[int]]], num_experts: int, seq_starts=(0,)) -> RoutingTrace:
