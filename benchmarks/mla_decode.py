@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from engine.model.mla import MLAArgs, MultiHeadLatentAttention
+from engine.model.families.deepseek.mla import MLAArgs, MultiHeadLatentAttention
 
 HIDDEN, HEADS, LORA, NOPE, ROPE, V = 2048, 16, 512, 128, 64, 128
 

@@ -231,7 +231,7 @@ def test_forked_child_computes_with_a_fresh_pool():
 @pytest.mark.parametrize("h,i", [(33, 17), (100, 37), (1000, 1030)])
 def test_clamped_swiglu_accumulate_matches_gpt_oss_expert(kernels, h, i):
     from engine.model.experts import ExpertWeights
-    from engine.model.gpt_oss_moe import clamped_swiglu_expert
+    from engine.model.families.gpt_oss.experts import clamped_swiglu_expert
 
     g = torch.Generator().manual_seed(h * i)
 
@@ -252,7 +252,7 @@ def test_clamped_swiglu_accumulate_matches_gpt_oss_expert(kernels, h, i):
 
 @pytest.mark.parametrize("bias", [False, True])
 def test_dense_mlp_one_token_is_the_torch_mlp(bias):
-    from engine.model.mlp import MLP
+    from engine.model.layers.mlp import MLP
 
     torch.manual_seed(4)
     m = MLP(100, 37, bias=bias)

@@ -11,9 +11,9 @@ import pytest
 import torch
 from deepseek_gpt_oss_fidelity import build_store, check_bf16, check_greedy, check_prefill_and_decode
 
+from engine.model.families.deepseek.mla import MultiHeadLatentAttention
+from engine.model.layers.moe import MoEBlock
 from engine.model.loader import load_model
-from engine.model.mla import MultiHeadLatentAttention
-from engine.model.moe import MoEBlock
 
 FAMILIES = ("deepseek_v2", "deepseek_v3")
 

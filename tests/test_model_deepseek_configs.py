@@ -12,12 +12,12 @@ from transformers.models.deepseek_v2 import modeling_deepseek_v2 as tv2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as tv3
 from transformers.models.gpt_oss import modeling_gpt_oss as tgo
 
-from engine.model.deepseek_router import DeepseekV2Router, DeepseekV3Router
-from engine.model.gpt_oss_attention import SinkAttention
-from engine.model.mla import MultiHeadLatentAttention
-from engine.model.moe import MoEBlock
+from engine.model.families.deepseek.mla import MultiHeadLatentAttention
+from engine.model.families.deepseek.router import DeepseekV2Router, DeepseekV3Router
+from engine.model.families.gpt_oss.attention import SinkAttention
+from engine.model.layers.moe import MoEBlock
+from engine.model.layers.rope import inv_freq_for
 from engine.model.registry import get_family
-from engine.model.rope import inv_freq_for
 
 DEEPSEEK_V3 = {
     "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "first_k_dense_replace": 3,

@@ -14,9 +14,9 @@ from transformers.models.deepseek_v2.configuration_deepseek_v2 import DeepseekV2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as tv3
 from transformers.models.deepseek_v3.configuration_deepseek_v3 import DeepseekV3Config
 
-from engine.model.context import StepContext
-from engine.model.deepseek_router import DeepseekV2Router, DeepseekV3Router
-from engine.model.mla import MLAArgs, MultiHeadLatentAttention
+from engine.model.families.deepseek.mla import MLAArgs, MultiHeadLatentAttention
+from engine.model.families.deepseek.router import DeepseekV2Router, DeepseekV3Router
+from engine.model.layers.context import StepContext
 
 
 @pytest.fixture(autouse=True, scope="module")

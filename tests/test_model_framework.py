@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from engine.errors import MoeinfError
 from engine.model.args import ModelArgs
 from engine.model.experts import ExpertWeights, MappedExperts
+from engine.model.layers.moe import MoEBlock
 from engine.model.loader import load_model
-from engine.model.moe import MoEBlock
 from engine.model.registry import get_family, supported_model_types
 
 TOKENS = torch.tensor([0, 9, 33, 120, 7, 250, 3, 18, 64, 301, 2, 77])

@@ -9,10 +9,10 @@ import pytest
 import torch
 from deepseek_gpt_oss_fidelity import build_store, check_bf16, check_greedy, check_prefill_and_decode
 
-from engine.model.context import StepContext
 from engine.model.experts import ExpertWeights
-from engine.model.gpt_oss_attention import SinkAttention, SinkKVCache, attend_with_sinks
-from engine.model.gpt_oss_moe import GptOssRouter, clamped_swiglu
+from engine.model.families.gpt_oss.attention import SinkAttention, SinkKVCache, attend_with_sinks
+from engine.model.families.gpt_oss.experts import GptOssRouter, clamped_swiglu
+from engine.model.layers.context import StepContext
 from engine.model.loader import load_model
 
 

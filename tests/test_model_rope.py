@@ -14,8 +14,8 @@ from tiny_models import tiny_config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
 from engine.errors import MoeinfError
+from engine.model.layers.rope import inv_freq_for, rope_parameters
 from engine.model.loader import load_model
-from engine.model.rope import inv_freq_for, rope_parameters
 
 VARIANTS = {
     "default": {"rope_type": "default", "rope_theta": 5000.0},

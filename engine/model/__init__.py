@@ -14,10 +14,10 @@ must have been run before; running from an earlier ``start_pos`` overwrites, whi
 conversation is rewound). Logits are float32. ``forward(tokens, start_pos, last_only=True)`` returns
 only the last position's row ([1, vocab]), which spares the LM head on long prompts.
 
-Layout: ``args.py`` (ModelArgs from config.json), ``rope.py``, ``norm.py``, ``attention.py`` +
-``kv_cache.py`` + ``context.py`` (GQA over the static cache), ``mlp.py``, ``router.py``, ``moe.py``
-(the MoE block over an ExpertSource; one token's products go through ``cuda_ext.cpu``),
-``transformer.py`` (decoder layer, CausalLM), ``registry.py`` + ``loader.py``, and one file per family
-named after its ``model_type`` (mixtral, qwen2_moe, qwen3_moe, olmoe, llama, deepseek_v2, deepseek_v3,
-gpt_oss).
+Layout: ``args.py`` (ModelArgs from config.json), ``layers/`` (the layers families share: rope, norm,
+attention + kv_cache + context (GQA over the static cache), mlp, activations, router, moe (the MoE
+block over an ExpertSource; one token's products go through ``cuda_ext.cpu``)), ``transformer.py``
+(decoder layer, CausalLM), ``registry.py`` + ``loader.py``, and ``families/``: one module per family
+named after its ``model_type`` (mixtral, qwen2_moe, qwen3_moe, olmoe, llama), a folder for the big
+ones (``deepseek/`` for deepseek_v2 and deepseek_v3, ``gpt_oss/``).
 """

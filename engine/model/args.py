@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from engine.errors import MoeinfError
-from engine.model.rope import rope_parameters
+from engine.model.layers.rope import rope_parameters
 
 _DTYPES = {
     "float32": torch.float32,

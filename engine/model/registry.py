@@ -1,8 +1,8 @@
 """Model families by config.json ``model_type``.
 
-A family is one module ``engine/model/<model_type>.py`` that calls ``register(Family(...))`` at import
-time; ``get_family(model_type)`` imports that module on first use, so adding a family touches no
-other file. ``Family.build(args, experts)`` returns an (unloaded) ``CausalLM``; the loader creates it
+A family is one module (or package) under ``engine/model/families/`` that calls
+``register(Family(...))`` at import time; ``get_family(model_type)`` imports the family modules on
+first use, so adding a family touches no other file. ``Family.build(args, experts)`` returns an (unloaded) ``CausalLM``; the loader creates it
 on the meta device and assigns the dense tensors by name.
 """
 
@@ -49,26 +49,22 @@ def register(family: Family) -> Family:
     return family
 
 
-def _family_modules() -> list[str]:
-    import engine.model as pkg
+def _import_families() -> None:
+    import engine.model.families as pkg
 
-    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__))
+    for m in pkgutil.iter_modules(pkg.__path__):
+        importlib.import_module(f"{pkg.__name__}.{m.name}")
 
 
 def supported_model_types() -> list[str]:
-    """Every model_type some module of this package registers (imports them all)."""
-    for name in _family_modules():
-        if name not in _FAMILIES:
-            try:
-                importlib.import_module(f"engine.model.{name}")
-            except ImportError:
-                continue
+    """Every model_type some module of ``engine/model/families`` registers (imports them all)."""
+    _import_families()
     return sorted(_FAMILIES)
 
 
 def get_family(model_type: str) -> Family:
-    if model_type not in _FAMILIES and model_type.isidentifier() and model_type in _family_modules():
-        importlib.import_module(f"engine.model.{model_type}")
+    if model_type not in _FAMILIES:
+        _import_families()
     family = _FAMILIES.get(model_type)
     if family is None:
         raise MoeinfError(

@@ -13,9 +13,9 @@ from torch import nn
 from cuda_ext.cpu import Linear, decode_threads
 from engine.errors import MoeinfError
 from engine.model.args import ModelArgs
-from engine.model.context import StepContext
-from engine.model.norm import RMSNorm
-from engine.model.rope import RotaryEmbedding
+from engine.model.layers.context import StepContext
+from engine.model.layers.norm import RMSNorm
+from engine.model.layers.rope import RotaryEmbedding
 
 
 class DecoderLayer(nn.Module):

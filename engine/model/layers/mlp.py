@@ -6,8 +6,8 @@ import torch
 from torch import nn
 
 from cuda_ext.cpu import Linear, swiglu_accumulate
-from engine.model.activations import activation
 from engine.model.experts import ExpertWeights
+from engine.model.layers.activations import activation
 
 
 class MLP(nn.Module):

@@ -9,12 +9,12 @@ from typing import Any
 from torch import nn
 
 from engine.model.args import ModelArgs
-from engine.model.attention import Attention
 from engine.model.experts import ExpertSource
-from engine.model.mlp import MLP
-from engine.model.moe import softmax_moe
+from engine.model.layers.attention import Attention
+from engine.model.layers.mlp import MLP
+from engine.model.layers.moe import softmax_moe
+from engine.model.layers.rope import RotaryEmbedding
 from engine.model.registry import Family, register
-from engine.model.rope import RotaryEmbedding
 from engine.model.transformer import CausalLM, DecoderLayer
 from engine.store.families import moe_layout
 

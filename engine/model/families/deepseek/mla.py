@@ -30,8 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cuda_ext.cpu import Linear, heads_product
-from engine.model.context import StepContext
-from engine.model.norm import RMSNorm
+from engine.model.layers.context import StepContext
+from engine.model.layers.norm import RMSNorm
 
 
 @dataclass(frozen=True)

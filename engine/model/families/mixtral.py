@@ -6,12 +6,12 @@ from __future__ import annotations
 from typing import Any
 
 from engine.model.args import ModelArgs
-from engine.model.attention import Attention
 from engine.model.experts import ExpertSource
-from engine.model.moe import MoEBlock, swiglu_expert
+from engine.model.layers.attention import Attention
+from engine.model.layers.moe import MoEBlock, swiglu_expert
+from engine.model.layers.rope import RotaryEmbedding
+from engine.model.layers.router import SoftmaxTopKRouter
 from engine.model.registry import Family, register
-from engine.model.rope import RotaryEmbedding
-from engine.model.router import SoftmaxTopKRouter
 from engine.model.transformer import CausalLM, DecoderLayer
 
 

@@ -1,4 +1,4 @@
-"""DeepSeek-V2 (and the builder DeepSeek-V3 shares): multi-head latent attention, dense first layers,
+"""The DeepSeek-V2 / V3 builder: multi-head latent attention, dense first layers,
 MoE layers with shared experts.
 
 * Attention: ``MultiHeadLatentAttention``; rotary over ``qk_rope_head_dim`` only, adjacent-pair
@@ -24,13 +24,13 @@ import torch
 from torch import nn
 
 from engine.model.args import ModelArgs
-from engine.model.deepseek_router import DeepseekV2Router, DeepseekV3Router
 from engine.model.experts import ExpertSource
-from engine.model.mla import MLAArgs, MultiHeadLatentAttention
-from engine.model.mlp import MLP
-from engine.model.moe import MoEBlock, swiglu_expert
-from engine.model.registry import Family, register, strip_model_prefix
-from engine.model.rope import RotaryEmbedding
+from engine.model.families.deepseek.mla import MLAArgs, MultiHeadLatentAttention
+from engine.model.families.deepseek.router import DeepseekV2Router, DeepseekV3Router
+from engine.model.layers.mlp import MLP
+from engine.model.layers.moe import MoEBlock, swiglu_expert
+from engine.model.layers.rope import RotaryEmbedding
+from engine.model.registry import strip_model_prefix
 from engine.model.transformer import CausalLM, DecoderLayer
 from engine.store.families import moe_layout
 
@@ -123,8 +123,3 @@ def rename(name: str) -> str | None:
     return name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
 
 
-def build(args: ModelArgs, experts: ExpertSource) -> CausalLM:
-    return build_deepseek(args, experts, version=2)
-
-
-FAMILY = register(Family("deepseek_v2", build, ModelArgs.from_config, rename))

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.model.attention import Attention
-from engine.model.context import StepContext
-from engine.model.rope import apply_rotary
+from engine.model.layers.attention import Attention
+from engine.model.layers.context import StepContext
+from engine.model.layers.rope import apply_rotary
 
 
 def padded_dim(head_dim: int) -> int:

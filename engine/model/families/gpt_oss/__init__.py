@@ -15,11 +15,16 @@ from torch import nn
 
 from engine.model.args import ModelArgs
 from engine.model.experts import ExpertSource
-from engine.model.gpt_oss_attention import SinkAttention
-from engine.model.gpt_oss_moe import SWIGLU_ALPHA, SWIGLU_LIMIT, GptOssRouter, clamped_swiglu_expert
-from engine.model.moe import MoEBlock
+from engine.model.families.gpt_oss.attention import SinkAttention
+from engine.model.families.gpt_oss.experts import (
+    SWIGLU_ALPHA,
+    SWIGLU_LIMIT,
+    GptOssRouter,
+    clamped_swiglu_expert,
+)
+from engine.model.layers.moe import MoEBlock
+from engine.model.layers.rope import RotaryEmbedding
 from engine.model.registry import Family, register, strip_model_prefix
-from engine.model.rope import RotaryEmbedding
 from engine.model.transformer import CausalLM, DecoderLayer
 
 DEFAULT_ROPE_THETA = 150000.0

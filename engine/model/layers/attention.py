@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cuda_ext.cpu import Linear, linear_many
-from engine.model.context import StepContext
-from engine.model.kv_cache import KVCache
-from engine.model.norm import RMSNorm
-from engine.model.rope import apply_rotary
+from engine.model.layers.context import StepContext
+from engine.model.layers.kv_cache import KVCache
+from engine.model.layers.norm import RMSNorm
+from engine.model.layers.rope import apply_rotary
 
 
 class Attention(nn.Module):

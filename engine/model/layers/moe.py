@@ -17,8 +17,8 @@ import torch
 from torch import nn
 
 from cuda_ext.cpu import linear, swiglu_accumulate
-from engine.model.activations import activation
 from engine.model.experts import ExpertSource, ExpertWeights
+from engine.model.layers.activations import activation
 
 ExpertFn = Callable[[torch.Tensor, ExpertWeights], torch.Tensor]
 
@@ -98,7 +98,7 @@ def softmax_moe(
     """The MoE block of the Qwen2-MoE / Qwen3-MoE / OLMoE kind: a softmax top-k router over the layout's
     experts (renormalised when the config's ``norm_topk_prob`` says so) and SwiGLU experts.
     ``args``: the family's ModelArgs; ``layout``: its ``engine.store.families.moe_layout``."""
-    from engine.model.router import SoftmaxTopKRouter
+    from engine.model.layers.router import SoftmaxTopKRouter
 
     gate = SoftmaxTopKRouter(
         args.hidden_size,
