@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import engine  # noqa: E402
 from engine.memory.hints import RouterHints  # noqa: E402
 from engine.memory.offload import OffloadedExperts  # noqa: E402
+from engine.store.families import get_family  # noqa: E402
 
 PROMPTS = [
     "Write a short poem about the sea.",
@@ -50,7 +51,9 @@ def recall_by_depth(model: str, depths: list[int], tokens: int) -> dict[int, flo
         s.experts.close()
     finally:
         OffloadedExperts.observe = observe
-    hints = s.experts.hints or RouterHints(Path(s.info()["path"]), sorted({layer for layer, _, _ in seen}))
+    hints = s.experts.hints or RouterHints(
+        Path(s.info()["path"]), sorted({layer for layer, _, _ in seen}), get_family(s.info()["family"])
+    )
     steps: list[dict[int, tuple[list[int], torch.Tensor]]] = [{}]
     for layer, ids, h in seen:
         if layer in steps[-1]:

@@ -302,6 +302,7 @@ def test_interpreter_exit_without_close_is_clean(model):
 
 def test_speculative_hints_reach_the_policy(model):
     from engine.memory.hints import RouterHints
+    from engine.store.families import get_family
 
     class Hinted(ScriptedPolicy):
         def __init__(self):
@@ -313,7 +314,7 @@ def test_speculative_hints_reach_the_policy(model):
 
     src = _open(model, slots=20)
     src.policy = Hinted()
-    src.hints = RouterHints(model, list(range(LAYERS)))
+    src.hints = RouterHints(model, list(range(LAYERS)), get_family("mixtral"))
     try:
         h = torch.randn(1, 64)
         src.observe(0, torch.tensor([[1, 2]]), h)

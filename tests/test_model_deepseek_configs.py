@@ -12,12 +12,13 @@ from transformers.models.deepseek_v2 import modeling_deepseek_v2 as tv2
 from transformers.models.deepseek_v3 import modeling_deepseek_v3 as tv3
 from transformers.models.gpt_oss import modeling_gpt_oss as tgo
 
+from engine.model.args import ModelArgs
 from engine.model.families.deepseek.mla import MultiHeadLatentAttention
 from engine.model.families.deepseek.router import DeepseekV2Router, DeepseekV3Router
 from engine.model.families.gpt_oss.attention import SinkAttention
 from engine.model.layers.moe import MoEBlock
 from engine.model.layers.rope import inv_freq_for
-from engine.model.registry import get_family
+from engine.store.families import get_family
 
 DEEPSEEK_V3 = {
     "architectures": ["DeepseekV3ForCausalLM"], "attention_bias": False, "first_k_dense_replace": 3,
@@ -60,7 +61,7 @@ GPT_OSS_20B = {
 
 def _build(config: dict):
     family = get_family(config["model_type"])
-    args = family.parse(dict(config))
+    args = ModelArgs.from_family(family, dict(config))
     with torch.device("meta"):
         model = family.build(args, experts=None)
     return args, model

@@ -17,7 +17,7 @@ from engine.model.args import ModelArgs
 from engine.model.experts import ExpertWeights, MappedExperts
 from engine.model.layers.moe import MoEBlock
 from engine.model.loader import load_model
-from engine.model.registry import get_family, supported_model_types
+from engine.store.families import get_family, supported_model_types
 
 TOKENS = torch.tensor([0, 9, 33, 120, 7, 250, 3, 18, 64, 301, 2, 77])
 
@@ -102,7 +102,7 @@ def test_loader_errors(qwen2, tmp_path):
     shutil.copytree(qwen2, broken)
     config = json.loads((broken / "config.json").read_text())
     (broken / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
-    with pytest.raises(MoeinfError, match="model type 'bert' is not supported"):
+    with pytest.raises(MoeinfError, match="unsupported model family 'bert'; moeinf supports .*mixtral"):
         load_model(broken)
     (broken / "config.json").write_text(json.dumps(config))
     dense = sorted((broken / "dense").glob("*.safetensors"))

@@ -7,8 +7,10 @@ building a model in memory: a multi-GB model is written one tensor at a time. Th
 aside (``models/.partial-<name>``) and renamed into place. Used by ``moeinf bench --synthetic`` and the
 offload benchmarks.
 
-``SYNTHETIC_SHAPES`` holds the shapes of real checkpoints; ``synthetic_shape(name, scale)`` shrinks
-the widths (hidden, intermediate, heads) by ``scale`` while keeping depth, expert count and top-k.
+A family makes synthetic models when it declares a ``SyntheticRecipe`` (``engine.store.families``):
+its config.json keys, its extra per-layer tensors and the shapes of its real checkpoints, which
+``SYNTHETIC_SHAPES`` collects; ``synthetic_shape(name, scale)`` shrinks the widths (hidden,
+intermediate, heads) by ``scale`` while keeping depth, expert count and top-k.
 """
 
 from __future__ import annotations
@@ -23,10 +25,9 @@ from pathlib import Path
 import torch
 
 from engine.errors import MoeinfError
+from engine.store.families import Family, expert_tensor_shapes, families, get_family
 from engine.store.paths import expert_shard_path, models_dir
 from engine.store.shards import StreamingShardWriter, TensorSpec
-
-FAMILIES = ("mixtral", "qwen3_moe", "olmoe")
 
 
 @dataclass(frozen=True)
@@ -43,12 +44,20 @@ class SyntheticShape:
     head_dim: int = 128
 
 
+def synthetic_family(name: str) -> Family:
+    """The family of ``name`` if it can make synthetic models, else a MoeinfError listing those that can."""
+    family = get_family(name)
+    if family.synthetic is None:
+        able = ", ".join(f.model_type for f in families() if f.synthetic)
+        raise MoeinfError(f"synthetic models support the families {able}, not {name!r}")
+    return family
+
+
 SYNTHETIC_SHAPES: dict[str, SyntheticShape] = {
-    "mixtral-8x7b": SyntheticShape("mixtral", 32, 8, 2, 4096, 14336, 32000, 32, 8),
-    "mixtral-8x22b": SyntheticShape("mixtral", 56, 8, 2, 6144, 16384, 32768, 48, 8),
-    "qwen3-30b-a3b": SyntheticShape("qwen3_moe", 48, 128, 8, 2048, 768, 151936, 32, 4),
-    "qwen3-235b-a22b": SyntheticShape("qwen3_moe", 94, 128, 8, 4096, 1536, 151936, 64, 4),
-    "olmoe-1b-7b": SyntheticShape("olmoe", 16, 64, 8, 2048, 1024, 50304, 16, 16),
+    name: SyntheticShape(f.model_type, *dims)
+    for f in families()
+    if f.synthetic
+    for name, dims in f.synthetic.presets.items()
 }
 
 
@@ -77,7 +86,7 @@ def synthetic_shape(name: str, scale: float = 1.0) -> SyntheticShape:
     )
 
 
-def _config(s: SyntheticShape, dtype: torch.dtype) -> dict:
+def _config(s: SyntheticShape, family: Family, dtype: torch.dtype) -> dict:
     common = {
         "model_type": s.family,
         "hidden_size": s.hidden,
@@ -98,20 +107,10 @@ def _config(s: SyntheticShape, dtype: torch.dtype) -> dict:
         "attention_bias": False,
         "synthetic": True,
     }
-    if s.family == "mixtral":
-        return common | {"num_local_experts": s.num_experts, "intermediate_size": s.intermediate,
-                         "sliding_window": None}
-    if s.family == "qwen3_moe":
-        return common | {"num_experts": s.num_experts, "moe_intermediate_size": s.intermediate,
-                         "intermediate_size": s.intermediate * 4, "decoder_sparse_step": 1,
-                         "mlp_only_layers": [], "norm_topk_prob": True, "use_sliding_window": False}
-    if s.family == "olmoe":
-        return common | {"num_experts": s.num_experts, "intermediate_size": s.intermediate,
-                         "norm_topk_prob": False, "clip_qkv": None}
-    raise MoeinfError(f"synthetic models support the families {', '.join(FAMILIES)}, not {s.family!r}")
+    return common | family.synthetic.config(s)
 
 
-def _dense_specs(s: SyntheticShape, dtype: torch.dtype) -> list[TensorSpec]:
+def _dense_specs(s: SyntheticShape, family: Family, dtype: torch.dtype) -> list[TensorSpec]:
     H, D = s.hidden, s.head_dim
     specs = [TensorSpec("model.embed_tokens.weight", dtype, (s.vocab, H))]
     for i in range(s.num_layers):
@@ -123,24 +122,19 @@ def _dense_specs(s: SyntheticShape, dtype: torch.dtype) -> list[TensorSpec]:
             TensorSpec(p + "self_attn.k_proj.weight", dtype, (s.kv_heads * D, H)),
             TensorSpec(p + "self_attn.v_proj.weight", dtype, (s.kv_heads * D, H)),
             TensorSpec(p + "self_attn.o_proj.weight", dtype, (H, s.heads * D)),
-            TensorSpec(p + "mlp.gate.weight", dtype, (s.num_experts, H)),
+            TensorSpec(family.router_weight(i), dtype, (s.num_experts, H)),
         ]
-        if s.family == "qwen3_moe":
-            specs += [TensorSpec(p + "self_attn.q_norm.weight", dtype, (D,)),
-                      TensorSpec(p + "self_attn.k_norm.weight", dtype, (D,))]
-        elif s.family == "olmoe":
-            specs += [TensorSpec(p + "self_attn.q_norm.weight", dtype, (s.heads * D,)),
-                      TensorSpec(p + "self_attn.k_norm.weight", dtype, (s.kv_heads * D,))]
+        specs += [TensorSpec(p + name, dtype, shape) for name, shape in family.synthetic.layer_tensors(s)]
     specs += [TensorSpec("model.norm.weight", dtype, (H,)), TensorSpec("lm_head.weight", dtype, (s.vocab, H))]
     return specs
 
 
-def _random(spec: TensorSpec, gen: torch.Generator) -> torch.Tensor:
+def _random(spec: TensorSpec, gen: torch.Generator, routers: frozenset[str] = frozenset()) -> torch.Tensor:
     if spec.name.endswith("norm.weight"):
         return (1.0 + 0.1 * torch.randn(spec.shape, generator=gen)).to(spec.dtype)
     fan_in = spec.shape[-1]
     # routers a little sharper than the projections, so tokens spread over the experts
-    std = (2.0 if spec.name.endswith("mlp.gate.weight") else 0.5) / fan_in**0.5
+    std = (2.0 if spec.name in routers else 0.5) / fan_in**0.5
     return torch.randn(spec.shape, generator=gen, dtype=torch.float32).mul_(std).to(spec.dtype)
 
 
@@ -210,8 +204,7 @@ def make_synthetic_model(
 ) -> Path:
     """Write a random-weight model of the given shape into the store (``root`` or ``$MOEINF_HOME/models``
     under ``name``); returns its directory. An existing model of that name is kept unless ``overwrite``."""
-    if family not in FAMILIES:
-        raise MoeinfError(f"synthetic models support the families {', '.join(FAMILIES)}, not {family!r}")
+    fam = synthetic_family(family)
     head_dim = head_dim or (64 if hidden >= 64 else hidden)
     heads = heads or max(1, hidden // head_dim)
     kv_heads = kv_heads or heads
@@ -227,21 +220,21 @@ def make_synthetic_model(
     gen = torch.Generator().manual_seed(seed)
     files: dict[str, dict] = {}
 
-    config = _config(shape, dtype)
+    config = _config(shape, fam, dtype)
     (partial / "config.json").write_text(json.dumps(config, indent=2))
     for p in [partial / "config.json", *_write_tokenizer(partial)]:
         files[p.relative_to(partial).as_posix()] = _sha_file(p)
 
-    specs = _dense_specs(shape, dtype)
+    specs = _dense_specs(shape, fam, dtype)
+    routers = frozenset(fam.router_weight(i) for i in range(num_layers))
     dense_path = partial / "dense" / "part-00001.safetensors"
     with StreamingShardWriter(dense_path, specs, align=8) as w:
         for spec in specs:
-            w.write(spec.name, _random(spec, gen))
+            w.write(spec.name, _random(spec, gen, routers))
     files["dense/part-00001.safetensors"] = {"size": w.size, "sha256": w.sha256}
 
-    inter, H = intermediate, hidden
-    espec = [TensorSpec("gate_proj.weight", dtype, (inter, H)), TensorSpec("up_proj.weight", dtype, (inter, H)),
-             TensorSpec("down_proj.weight", dtype, (H, inter))]
+    shapes = expert_tensor_shapes(hidden, intermediate)
+    espec = [TensorSpec(name, dtype, shapes[name]) for name in fam.expert_tensors]
     expert_size = 0
     for layer in range(num_layers):
         for e in range(num_experts):

@@ -6,7 +6,8 @@ model, top-2 recall 0.75 one layer ahead, 0.68 two, 0.63 three; 0.25 by chance).
 ``OffloadedExperts(hint_depth=...)``, default 1: on this project's disk, two or three layers raised
 the hit rate by 1.5 points but their wasted prefetches ate the gain (``benchmarks/hint_depth.py``). The router
 matrices ([E, H], small) are read from the dense shards through a copy-on-write memory map, so they
-cost page cache, not a second resident copy. The scores go to ``Policy.on_hint``.
+cost page cache, not a second resident copy; their names are the family's
+(``Family.router_weight``). The scores go to ``Policy.on_hint``.
 """
 
 from __future__ import annotations
@@ -18,19 +19,18 @@ from pathlib import Path
 import torch
 
 from engine.memory.shard import read_header
-
-ROUTER_SUFFIXES = (".mlp.gate.weight", ".mlp.router.weight")  # gpt-oss calls its router "router"
+from engine.store.families import Family
 
 
 class RouterHints:
     """Router logits of a later MoE layer for a hidden state of an earlier one."""
 
-    def __init__(self, model_root: Path, moe_layers: list[int]):
+    def __init__(self, model_root: Path, moe_layers: list[int], family: Family):
         self.moe_layers = list(moe_layers)
         self._next = {a: b for a, b in zip(self.moe_layers, self.moe_layers[1:], strict=False)}
         self._weights: dict[int, torch.Tensor] = {}
         self._maps: list[mmap.mmap] = []
-        wanted = {f"model.layers.{layer}{suffix}": layer for layer in self.moe_layers for suffix in ROUTER_SUFFIXES}
+        wanted = {family.router_weight(layer): layer for layer in self.moe_layers}
         for f in sorted((Path(model_root) / "dense").glob("*.safetensors")):
             header = read_header(f)
             hits = {name: t for name, t in header.tensors.items() if name in wanted}

@@ -137,8 +137,9 @@ def open_experts(
     hints = None
     if prefetch and type(pol).on_hint is not Policy.on_hint:
         from engine.memory.hints import RouterHints
+        from engine.store.families import get_family
 
-        hints = RouterHints(model_root, layout.moe_layers)
+        hints = RouterHints(model_root, layout.moe_layers, get_family(layout.family))
     return OffloadedExperts(
         paths,
         transfer,

@@ -17,7 +17,7 @@ only the last position's row ([1, vocab]), which spares the LM head on long prom
 Layout: ``args.py`` (ModelArgs from config.json), ``layers/`` (the layers families share: rope, norm,
 attention + kv_cache + context (GQA over the static cache), mlp, activations, router, moe (the MoE
 block over an ExpertSource; one token's products go through ``cuda_ext.cpu``)), ``transformer.py``
-(decoder layer, CausalLM), ``registry.py`` + ``loader.py``, and ``families/``: one module per family
+(decoder layer, CausalLM), ``loader.py``, and ``families/``: one module per family
 named after its ``model_type`` (mixtral, qwen2_moe, qwen3_moe, olmoe, llama), a folder for the big
 ones (``deepseek/`` for deepseek_v2 and deepseek_v3, ``gpt_oss/``).
 """

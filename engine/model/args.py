@@ -9,6 +9,7 @@ import torch
 
 from engine.errors import MoeinfError
 from engine.model.layers.rope import rope_parameters
+from engine.store.families import Family
 
 _DTYPES = {
     "float32": torch.float32,
@@ -43,6 +44,13 @@ class ModelArgs:
     def get(self, key: str, default: Any = None) -> Any:
         value = self.config.get(key)
         return default if value is None else value
+
+    @classmethod
+    def from_family(cls, family: Family, config: dict[str, Any]) -> ModelArgs:
+        """The arguments of a config.json of ``family``, with the family's defaults."""
+        if family.default_rope and not config.get("rope_parameters") and not config.get("rope_scaling"):
+            config = {**config, "rope_parameters": {**family.default_rope, "rope_theta": config.get("rope_theta")}}
+        return cls.from_config(config, family.rope_theta, dict(family.config_defaults))
 
     @classmethod
     def from_config(

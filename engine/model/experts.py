@@ -8,7 +8,8 @@ below is the simple all-resident implementation that maps every shard.
 
 Store format of one expert shard (``experts/L<layer>/E<expert>.safetensors``), as nn.Linear weights:
 ``gate_proj.weight`` [I, H], ``up_proj.weight`` [I, H], ``down_proj.weight`` [H, I], and for
-families with expert biases (gpt-oss) ``gate_proj.bias`` [I], ``up_proj.bias`` [I], ``down_proj.bias`` [H].
+families with expert biases (gpt-oss) ``gate_proj.bias`` [I], ``up_proj.bias`` [I], ``down_proj.bias`` [H]
+(``engine.store.families.EXPERT_TENSORS``, ``EXPERT_BIASES``).
 """
 
 from __future__ import annotations
@@ -19,9 +20,6 @@ from pathlib import Path
 from typing import Protocol
 
 import torch
-
-EXPERT_TENSORS = ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
-EXPERT_BIASES = ("gate_proj.bias", "up_proj.bias", "down_proj.bias")
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """``load_model``: build a store model's ``CausalLM`` and load its dense weights.
 
-Reads ``config.json``, picks the family by ``model_type`` (``engine.model.registry``), builds the
+Reads ``config.json``, picks the family by ``model_type`` (``engine.store.families``), builds the
 module tree on the meta device, assigns every tensor of ``dense/*.safetensors`` by name (converted
 to ``dtype`` on ``device``), ties the LM head to the embedding when the config says so, and
 allocates the KV caches. Routed experts come from ``experts`` (``MappedExperts`` by default).
@@ -15,9 +15,10 @@ import torch
 from safetensors import safe_open
 
 from engine.errors import MoeinfError
+from engine.model.args import ModelArgs
 from engine.model.experts import ExpertSource, MappedExperts
-from engine.model.registry import Family, get_family
 from engine.model.transformer import CausalLM
+from engine.store.families import Family, get_family
 
 
 def read_config(model_root: Path) -> dict:
@@ -66,7 +67,7 @@ def load_model(
     if not model_type:
         raise MoeinfError(f"{model_root}/config.json has no model_type; pull the model again")
     family = get_family(str(model_type))
-    args = family.parse(config)
+    args = ModelArgs.from_family(family, config)
     if experts is None:
         experts = MappedExperts(model_root, dtype, device)
     with torch.device("meta"):

@@ -19,7 +19,7 @@ models/.partial-<name>/                     a pull in progress (never listed; re
 
 Dense tensors (``dense/``) keep the names transformers 5 gives them in memory, e.g.
 ``model.embed_tokens.weight``, ``model.layers.3.self_attn.q_proj.weight``, ``model.layers.3.mlp.gate.weight``
-(Mixtral's ``block_sparse_moe.`` prefix becomes ``mlp.``; no other supported family renames anything),
+(a family's MoE block module, e.g. Mixtral's ``block_sparse_moe.``, becomes ``mlp.``; nothing else is renamed),
 ``lm_head.weight``. Shared experts, routers, DeepSeek-V3's ``e_score_correction_bias`` and the dense
 MLPs of non-MoE layers are dense tensors. DeepSeek-V3's multi-token-prediction layers (decoder layer
 index >= num_hidden_layers) are not used for decoding and are dropped. ``dense/part-<k>`` holds the
@@ -55,7 +55,7 @@ was made by ``--upcycle`` (random-free copies of a dense FFN: "upcycled, not tra
 ``total_bytes`` (all files), ``files``: ``{relative path: {"size": int, "sha256": hex}}`` for every
 file of the model except manifest.json itself.
 
-Modules: ``paths`` (where things live), ``families`` (supported families, ``moe_layout``), ``manifest``
+Modules: ``paths`` (where things live), ``families`` (the family descriptors and their registry, ``moe_layout``), ``manifest``
 (``read_manifest``, ``resolve_model``, ``list_models``), ``shards`` (aligned streaming safetensors
 writer), ``convert`` (checkpoint dir or shard source -> store model), ``hub`` (aliases, downloads),
 ``pull`` (the whole pull), ``verify`` (re-hash a model).

@@ -6,14 +6,16 @@ shards). What it cannot finish within a shard (an expert whose ``down_proj`` is 
 FP8 weight whose scale is elsewhere) it keeps as *pending* and can save to / restore from a file, which
 is what lets an interrupted pull resume after the last finished shard.
 
-Source tensor names handled (after Mixtral's ``block_sparse_moe.`` -> ``mlp.`` rename):
-* per expert: ``model.layers.L.mlp.experts.E.{w1,w2,w3,gate_proj,up_proj,down_proj}.{weight,bias}``
-* fused: ``model.layers.L.mlp.experts.gate_up_proj`` [E, 2I, H] and ``down_proj`` [E, H, I];
-  gpt-oss: ``gate_up_proj`` [E, H, 2I] (gate = ``[..., 0::2]``, up = ``[..., 1::2]``),
-  ``gate_up_proj_bias`` [E, 2I], ``down_proj`` [E, I, H], ``down_proj_bias`` [E, H]
+Source tensor names handled, as the family (``engine.store.families.Family``) names them (its MoE
+block's module is renamed ``mlp``, e.g. Mixtral's ``block_sparse_moe``):
+* per expert: ``model.layers.L.mlp.experts.E.<projection>.{weight,bias}``, the projection one of the
+  family's ``projections`` (``gate_proj``/``up_proj``/``down_proj``, Mixtral's ``w1``/``w3``/``w2``)
+* fused: ``model.layers.L.mlp.experts.gate_up_proj`` and ``down_proj`` (and ``_bias``), split by the
+  family's ``split_fused`` (transformers' [E, 2I, H] halves by default; gpt-oss interleaves)
 * quantised: ``<x>_blocks`` + ``<x>_scales`` (MXFP4), FP8 ``<x>.weight`` + ``<x>.weight_scale_inv``
 * anything else under ``model.layers.L`` with L >= num_hidden_layers (DeepSeek-V3's MTP layer) is dropped
-* everything else is dense and goes to ``dense/part-<k>.safetensors`` for source shard k.
+* everything else is dense and goes to ``dense/part-<k>.safetensors`` for source shard k; the
+  family's ``keep_fp32`` tensors keep their source dtype.
 """
 
 from __future__ import annotations
@@ -29,18 +31,15 @@ from pathlib import Path
 import torch
 
 from engine.errors import MoeinfError
-from engine.model.experts import EXPERT_BIASES, EXPERT_TENSORS
-from engine.store.families import MoELayout, moe_layout
+from engine.store.families import MoELayout, expert_tensor_shapes, family_of
 from engine.store.files import DTYPE_ALIASES, WrittenFile, canonical_dtype, sha256_file
 from engine.store.paths import expert_shard_path
 from engine.store.quant import dequant_fp8_blocks, dequant_mxfp4
 from engine.store.shards import ALIGN, DTYPE_TO_ST, TensorSpec, build_header, read_header, write_tensors
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
-_PER_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(w1|w2|w3|gate_proj|up_proj|down_proj)\.(weight|bias)$")
+_PER_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.(weight|bias)$")
 _FUSED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$")
-_PROJ = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
-KEEP_DTYPE = ("e_score_correction_bias",)  # kept in its source dtype (float32), as transformers does
 DTYPE_NAMES = {k: getattr(torch, v) for k, v in DTYPE_ALIASES.items()}
 
 
@@ -120,9 +119,10 @@ class Converter:
     dropped: int = 0
 
     def __post_init__(self) -> None:
-        self.layout = moe_layout(self.config)
+        self.spec = family_of(self.config)
+        self.layout = self.spec.moe_layout(self.config)
         self.family = self.layout.family
-        self.required = EXPERT_TENSORS + (EXPERT_BIASES if self.family == "gpt_oss" else ())
+        self.required = self.spec.expert_tensors
         self.moe_layers = set(self.layout.moe_layers)
         qc = self.config.get("quantization_config") or {}
         self.fp8_block = tuple(qc.get("weight_block_size") or (128, 128))
@@ -160,15 +160,16 @@ class Converter:
         return written
 
     def _cast(self, name: str, t: torch.Tensor, quantised: bool = False) -> torch.Tensor:
-        if not t.is_floating_point() or name.endswith(KEEP_DTYPE):
+        keep = self.spec.keep_fp32
+        if not t.is_floating_point() or (keep and name.endswith(keep)):
             return t
         target = self.dtype or (self.compute_dtype if quantised else t.dtype)
         return t.to(target)
 
     def _decode(self, name: str, t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """Source tensor -> zero or more (normalised name, full-precision tensor) once its unit is complete."""
-        if self.family == "mixtral":
-            name = name.replace(".block_sparse_moe.", ".mlp.")
+        if self.spec.moe_module != "mlp":
+            name = name.replace(f".{self.spec.moe_module}.", ".mlp.")
         m = _LAYER_RE.match(name)
         if m and int(m.group(1)) >= self.layout.num_layers:
             self.dropped += 1
@@ -209,7 +210,7 @@ class Converter:
         m = _PER_EXPERT_RE.match(name)
         if m:
             layer, expert, proj, kind = int(m.group(1)), int(m.group(2)), m.group(3), m.group(4)
-            self._add_piece(layer, expert, f"{_PROJ.get(proj, proj)}.{kind}", t, written)
+            self._add_piece(layer, expert, f"{self.spec.projections.get(proj, proj)}.{kind}", t, written)
             return
         m = _FUSED_RE.match(name)
         if m:
@@ -220,27 +221,9 @@ class Converter:
         dense.add(name, t)
 
     def _split_fused(self, which: str, bias: bool, t: torch.Tensor):
-        n_exp, inter = t.shape[0], self.layout.expert_intermediate_size
-        for e in range(n_exp):
-            x = t[e]
-            if self.family == "gpt_oss":
-                if which == "gate_up_proj" and bias:
-                    yield e, "gate_proj.bias", x[0::2].clone()
-                    yield e, "up_proj.bias", x[1::2].clone()
-                elif which == "gate_up_proj":  # [H, 2I] interleaved
-                    yield e, "gate_proj.weight", x[:, 0::2].t().contiguous()
-                    yield e, "up_proj.weight", x[:, 1::2].t().contiguous()
-                elif bias:
-                    yield e, "down_proj.bias", x.clone()
-                else:  # [I, H]
-                    yield e, "down_proj.weight", x.t().contiguous()
-            elif bias:
-                raise MoeinfError(f"unexpected fused expert bias {which}_bias in a {self.family} checkpoint")
-            elif which == "gate_up_proj":  # [2I, H]
-                yield e, "gate_proj.weight", x[:inter].clone()
-                yield e, "up_proj.weight", x[inter:].clone()
-            else:  # [H, I]
-                yield e, "down_proj.weight", x.clone()
+        if bias and not any(p.endswith(".bias") for p in self.required):
+            raise MoeinfError(f"unexpected fused expert bias {which}_bias in a {self.family} checkpoint")
+        return self.spec.split_fused(which, bias, t, self.layout.expert_intermediate_size)
 
     def _add_piece(self, layer: int, expert: int, piece: str, t: torch.Tensor, written: list[WrittenFile]) -> None:
         if layer not in self.moe_layers or not 0 <= expert < self.layout.num_experts:
@@ -257,8 +240,7 @@ class Converter:
 
     def _write_expert(self, layer: int, expert: int, got: dict[str, torch.Tensor], written: list[WrittenFile]) -> None:
         inter, hidden = self.layout.expert_intermediate_size, self.layout.hidden_size
-        expect = {"gate_proj.weight": (inter, hidden), "up_proj.weight": (inter, hidden), "down_proj.weight": (hidden, inter),
-                  "gate_proj.bias": (inter,), "up_proj.bias": (inter,), "down_proj.bias": (hidden,)}
+        expect = expert_tensor_shapes(hidden, inter)
         for p in self.required:
             if tuple(got[p].shape) != expect[p]:
                 raise MoeinfError(

@@ -6,9 +6,11 @@ permutation for the llama architecture (so the Hugging Face rotary convention ho
 tensors to transformers' names and writes ``config.json``, ``model*.safetensors``, ``tokenizer.json``,
 ``tokenizer_config.json`` (with the chat template) and ``generation_config.json``.
 
-Architectures: ``llama`` dense (-> model_type ``llama``), ``llama`` with routed experts
-(Mixtral-style ``ffn_*_exps`` 3-D tensors or per-expert ``ffn_*.E`` tensors -> ``mixtral``),
-``qwen2moe`` (-> ``qwen2_moe``) and ``qwen3moe`` (-> ``qwen3_moe``). Anything else is refused.
+Architectures: those a family declares (``Family.gguf``: its GGUF architecture, its config.json
+keys, its extra block tensors), with or without routed experts (``ffn_*_exps`` 3-D tensors or
+per-expert ``ffn_*.E`` tensors): today ``llama`` dense (-> ``llama``), ``llama`` with experts
+(-> ``mixtral``), ``qwen2moe`` (-> ``qwen2_moe``) and ``qwen3moe`` (-> ``qwen3_moe``). Anything else
+is refused. The common parts (global and attention tensors, norms, dense MLP, rope, tokenizer) are here.
 """
 
 from __future__ import annotations
@@ -27,8 +29,8 @@ from safetensors.torch import save_file
 
 from engine.errors import MoeinfError
 from engine.store import gguf_tokenizer
+from engine.store.families import Family, gguf_family
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2moe", "qwen3moe")
 SHARD_BYTES = 2 << 30  # one safetensors shard per ~2 GiB
 
 _DTYPES = {
@@ -54,14 +56,8 @@ _BLOCK_NAMES = {
     "ffn_gate": "mlp.gate_proj",
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
-    # Qwen2-MoE's shared expert and its sigmoid gate
-    "ffn_gate_shexp": "mlp.shared_expert.gate_proj",
-    "ffn_up_shexp": "mlp.shared_expert.up_proj",
-    "ffn_down_shexp": "mlp.shared_expert.down_proj",
-    "ffn_gate_inp_shexp": "mlp.shared_expert_gate",
 }
-# Routed experts: GGUF projection -> (Mixtral name, Qwen name)
-_EXPERT_NAMES = {"gate": ("w1", "gate_proj"), "up": ("w3", "up_proj"), "down": ("w2", "down_proj")}
+_EXPERT_PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}  # routed experts' projections
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+?)(?:\.(\d+))?\.(weight|bias)$")
 _EXPS_RE = re.compile(r"^ffn_(gate|up|down)_exps$")
 
@@ -99,14 +95,13 @@ def _open(gguf_path: Path) -> Any:
         raise MoeinfError(f"{gguf_path} is not a readable GGUF file ({exc}); download it again") from None
 
 
-def _arch_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
+def _has_experts(tensor_names: set[str]) -> bool:
+    return any(".ffn_gate_exps." in n or ".ffn_gate_inp." in n for n in tensor_names)
+
+
+def _arch_config(meta: dict[str, Any], tensor_names: set[str], family: Family) -> dict[str, Any]:
     """``config.json`` for the file's architecture (transformers' names and both RoPE forms)."""
     arch = meta.get("general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise MoeinfError(
-            f"GGUF architecture {arch!r} is not supported (supported: {', '.join(SUPPORTED_ARCHITECTURES)}); "
-            "pull the model's Hugging Face repository instead"
-        )
     if "rope_freqs.weight" in tensor_names:
         raise MoeinfError(
             "this GGUF uses Llama-3 style rope frequency factors (rope_freqs), which moeinf cannot map back; "
@@ -147,62 +142,10 @@ def _arch_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]
         if value is not None:
             cfg[name.replace("padding", "pad")] = int(value)
 
-    experts = int(get("expert_count", 0) or 0)
-    if arch == "llama":
-        key_length = get("attention.key_length")
-        head_dim = int(key_length) if key_length else hidden // heads
-        cfg["head_dim"] = head_dim
-        cfg["intermediate_size"] = int(get("feed_forward_length"))
-        has_experts = experts > 0 or any(".ffn_gate_exps." in n or ".ffn_gate_inp." in n for n in tensor_names)
-        if has_experts:
-            if experts <= 0:
-                raise MoeinfError("GGUF has expert tensors but no llama.expert_count; the file is incomplete")
-            cfg.update(
-                model_type="mixtral",
-                architectures=["MixtralForCausalLM"],
-                num_local_experts=experts,
-                num_experts_per_tok=int(get("expert_used_count", 2)),
-                router_aux_loss_coef=0.02,
-                output_router_logits=False,
-                sliding_window=None,
-            )
-        else:
-            cfg.update(model_type="llama", architectures=["LlamaForCausalLM"], attention_bias=False,
-                       mlp_bias=False, pretraining_tp=1)
-        return cfg
-
-    # qwen2moe / qwen3moe: a layer with a plain FFN instead of experts is listed in mlp_only_layers
-    expert_ff = int(get("expert_feed_forward_length"))
-    dense_layers = sorted(int(n.split(".")[1]) for n in tensor_names if re.fullmatch(r"blk\.\d+\.ffn_gate\.weight", n))
-    cfg.update(
-        mlp_only_layers=dense_layers,
-        num_experts=experts,
-        num_experts_per_tok=int(get("expert_used_count")),
-        moe_intermediate_size=expert_ff,
-        intermediate_size=int(get("feed_forward_length", expert_ff) or expert_ff),
-        decoder_sparse_step=1,
-        output_router_logits=False,
-        router_aux_loss_coef=0.001,
-        use_sliding_window=False,
-        sliding_window=None,
-    )
-    if arch == "qwen2moe":
-        cfg.update(
-            model_type="qwen2_moe",
-            architectures=["Qwen2MoeForCausalLM"],
-            shared_expert_intermediate_size=int(get("expert_shared_feed_forward_length", 0) or 0),
-            norm_topk_prob=False,  # llama.cpp's qwen2moe graph does not renormalise the top-k weights
-            qkv_bias=True,
-        )
-    else:
-        key_length = get("attention.key_length")
-        cfg.update(
-            model_type="qwen3_moe",
-            architectures=["Qwen3MoeForCausalLM"],
-            head_dim=int(key_length) if key_length else hidden // heads,
-            norm_topk_prob=True,  # llama.cpp's qwen3moe graph renormalises the top-k weights
-            attention_bias=False,
-        )
+    if family.is_moe and int(get("expert_count", 0) or 0) <= 0:
+        raise MoeinfError(f"GGUF has expert tensors but no {arch}.expert_count; the file is incomplete")
+    assert family.gguf is not None
+    cfg.update(family.gguf.config(get, tensor_names))
     return cfg
 
 
@@ -219,10 +162,12 @@ def _dequantize(data: np.ndarray, tensor_type: Any) -> np.ndarray:
     return out if out.flags.writeable else out.copy()  # F32 tensors come back as read-only map views
 
 
-def _tensors(reader: Any, cfg: dict[str, Any], arch: str) -> Iterator[tuple[str, np.ndarray]]:
-    """(transformers name, float32 array) for every tensor of the file, experts split one by one."""
-    moe_prefix = "block_sparse_moe" if cfg["model_type"] == "mixtral" else "mlp"
-    expert_slot = 0 if cfg["model_type"] == "mixtral" else 1
+def _tensors(reader: Any, cfg: dict[str, Any], family: Family) -> Iterator[tuple[str, np.ndarray]]:
+    """(checkpoint name, float32 array) for every tensor of the file, experts split one by one."""
+    assert family.gguf is not None
+    arch, moe_prefix = family.gguf.architecture, family.moe_module
+    hub_proj = {store: hub for hub, store in family.projections.items()}  # gate_proj -> the family's name
+    block_names = {**_BLOCK_NAMES, **family.gguf.block_names}
     heads, kv_heads = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     for t in reader.tensors:
         name = t.name
@@ -236,30 +181,30 @@ def _tensors(reader: Any, cfg: dict[str, Any], arch: str) -> Iterator[tuple[str,
         prefix = f"model.layers.{layer}."
         exps = _EXPS_RE.match(part)
         if exps is not None:  # 3-D [E, out, in]: dequantise one expert at a time
-            hf = _EXPERT_NAMES[exps[1]][expert_slot]
+            hf = hub_proj[_EXPERT_PROJ[exps[1]]]
             for e in range(t.data.shape[0]):
                 yield f"{prefix}{moe_prefix}.experts.{e}.{hf}.{kind}", _dequantize(t.data[e], t.tensor_type)
             continue
         if expert is not None:  # old per-expert Mixtral tensors: blk.N.ffn_gate.E.weight
             proj = part.removeprefix("ffn_")
-            if proj not in _EXPERT_NAMES:
+            if proj not in _EXPERT_PROJ:
                 raise MoeinfError(f"GGUF tensor {name!r} is not understood; pull the Hugging Face repository")
-            hf = _EXPERT_NAMES[proj][expert_slot]
+            hf = hub_proj[_EXPERT_PROJ[proj]]
             yield f"{prefix}{moe_prefix}.experts.{expert}.{hf}.{kind}", _dequantize(t.data, t.tensor_type)
             continue
         w = _dequantize(t.data, t.tensor_type)
         if part == "ffn_gate_inp":
-            yield f"{prefix}{moe_prefix}.gate.{kind}", w
+            yield f"{prefix}{moe_prefix}.{family.router}.{kind}", w
             continue
-        if part not in _BLOCK_NAMES:
+        if part not in block_names:
             raise MoeinfError(f"GGUF tensor {name!r} is not understood for {arch}; pull the Hugging Face repository")
-        if arch == "llama" and part == "attn_q":
+        if family.gguf.unpermute_qk and part == "attn_q":
             w = _unpermute(w, heads)
-        elif arch == "llama" and part == "attn_k":
+        elif family.gguf.unpermute_qk and part == "attn_k":
             w = _unpermute(w, kv_heads)
-        if part == "ffn_gate_inp_shexp":
+        if part in family.gguf.row_vectors:
             w = w.reshape(1, -1)
-        yield f"{prefix}{_BLOCK_NAMES[part]}.{kind}", w
+        yield f"{prefix}{block_names[part]}.{kind}", w
 
 
 class _ShardWriter:
@@ -318,8 +263,9 @@ def gguf_to_checkpoint(gguf_path: str | Path, out_dir: str | Path, dtype: str | 
     reader = _open(gguf_path)
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}
-    cfg = _arch_config(meta, names)
-    arch = meta["general.architecture"]
+    arch = meta.get("general.architecture")
+    family = gguf_family(arch, int(meta.get(f"{arch}.expert_count", 0) or 0) > 0 or _has_experts(names))
+    cfg = _arch_config(meta, names, family)
     cfg["dtype"] = str(torch_dtype).removeprefix("torch.")
     cfg["torch_dtype"] = cfg["dtype"]
     cfg["moeinf_source"] = {"format": "gguf", "file": gguf_path.name,
@@ -330,7 +276,7 @@ def gguf_to_checkpoint(gguf_path: str | Path, out_dir: str | Path, dtype: str | 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     writer = _ShardWriter(work)
-    for hf_name, array in _tensors(reader, cfg, arch):
+    for hf_name, array in _tensors(reader, cfg, family):
         writer.add(hf_name, torch.from_numpy(array).to(torch_dtype))
     writer.close()
 

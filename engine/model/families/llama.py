@@ -1,32 +1,57 @@
 """Llama (dense, no experts): the GGUF demo path (SmolLM2) and upcycling sources. Optional
-attention / MLP biases, tied embeddings, llama3 / linear / dynamic rope scaling."""
+attention / MLP biases, tied embeddings, llama3 / linear / dynamic rope scaling. GGUF: llama.cpp's
+``llama`` architecture without expert tensors (Q/K rows un-permuted)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from engine.model.args import ModelArgs
-from engine.model.experts import ExpertSource
-from engine.model.layers.attention import Attention
-from engine.model.layers.mlp import MLP
-from engine.model.layers.rope import RotaryEmbedding
-from engine.model.registry import Family, register
-from engine.model.transformer import CausalLM, DecoderLayer
+from engine.store.families import Family, GGUFArch
 
 
-def parse(config: dict[str, Any]) -> ModelArgs:
-    return ModelArgs.from_config(config, defaults={"rms_norm_eps": 1e-6})
+def build(args, experts):
+    from engine.model.layers.attention import Attention
+    from engine.model.layers.mlp import MLP
+    from engine.model.layers.rope import RotaryEmbedding
+    from engine.model.transformer import CausalLM, DecoderLayer
 
-
-def build(args: ModelArgs, experts: ExpertSource) -> CausalLM:
     bias = bool(args.get("attention_bias", False))
     layers = []
     for _ in range(args.num_layers):
-        attn = Attention(args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim, qkv_bias=bias, o_bias=bias)
-        mlp = MLP(args.hidden_size, args.intermediate_size, args.hidden_act, bias=bool(args.get("mlp_bias", False)))
+        attn = Attention(
+            args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim, qkv_bias=bias, o_bias=bias
+        )
+        mlp = MLP(
+            args.hidden_size, args.intermediate_size, args.hidden_act, bias=bool(args.get("mlp_bias", False))
+        )
         layers.append(DecoderLayer(attn, mlp, args.hidden_size, args.rms_norm_eps))
     rotary = RotaryEmbedding(args.rope, args.head_dim, args.max_position_embeddings)
     return CausalLM(args, layers, rotary)
 
 
-FAMILY = register(Family("llama", build, parse))
+def gguf_llama_config(get, tensor_names: set[str]) -> dict[str, Any]:
+    """The keys llama.cpp's ``llama`` architecture sets for llama and Mixtral alike."""
+    key_length = get("attention.key_length")
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    return {
+        "head_dim": int(key_length) if key_length else hidden // heads,
+        "intermediate_size": int(get("feed_forward_length")),
+    }
+
+
+def gguf_config(get, tensor_names: set[str]) -> dict[str, Any]:
+    return gguf_llama_config(get, tensor_names) | {
+        "model_type": "llama",
+        "architectures": ["LlamaForCausalLM"],
+        "attention_bias": False,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+    }
+
+
+FAMILY = Family(
+    "llama",
+    build,
+    config_defaults={"rms_norm_eps": 1e-6},
+    gguf=GGUFArch("llama", gguf_config, unpermute_qk=True),
+)

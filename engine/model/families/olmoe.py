@@ -5,22 +5,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.model.args import ModelArgs
-from engine.model.experts import ExpertSource
-from engine.model.layers.attention import Attention
-from engine.model.layers.moe import softmax_moe
-from engine.model.layers.rope import RotaryEmbedding
-from engine.model.registry import Family, register
-from engine.model.transformer import CausalLM, DecoderLayer
-from engine.store.families import moe_layout
+from engine.store.families import Family, SyntheticRecipe
 
 
-def parse(config: dict[str, Any]) -> ModelArgs:
-    return ModelArgs.from_config(config, defaults={"rms_norm_eps": 1e-5})
+def build(args, experts):
+    from engine.model.layers.attention import Attention
+    from engine.model.layers.moe import softmax_moe
+    from engine.model.layers.rope import RotaryEmbedding
+    from engine.model.transformer import CausalLM, DecoderLayer
 
-
-def build(args: ModelArgs, experts: ExpertSource) -> CausalLM:
-    layout = moe_layout(args.config)
+    layout = FAMILY.moe_layout(args.config)
     bias = bool(args.get("attention_bias", False))
     layers = []
     for i in range(args.num_layers):
@@ -41,4 +35,29 @@ def build(args: ModelArgs, experts: ExpertSource) -> CausalLM:
     return CausalLM(args, layers, rotary)
 
 
-FAMILY = register(Family("olmoe", build, parse))
+def synthetic_config(s) -> dict[str, Any]:
+    return {
+        "num_experts": s.num_experts,
+        "intermediate_size": s.intermediate,
+        "norm_topk_prob": False,
+        "clip_qkv": None,
+    }
+
+
+def synthetic_tensors(s) -> list[tuple[str, tuple[int, ...]]]:
+    return [
+        ("self_attn.q_norm.weight", (s.heads * s.head_dim,)),
+        ("self_attn.k_norm.weight", (s.kv_heads * s.head_dim,)),
+    ]
+
+
+FAMILY = Family(
+    "olmoe",
+    build,
+    config_defaults={"rms_norm_eps": 1e-5},
+    expert_count=("num_experts", "num_local_experts"),
+    expert_size=("intermediate_size",),
+    synthetic=SyntheticRecipe(
+        synthetic_config, synthetic_tensors, presets={"olmoe-1b-7b": (16, 64, 8, 2048, 1024, 50304, 16, 16)}
+    ),
+)

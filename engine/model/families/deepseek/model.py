@@ -5,14 +5,11 @@ MoE layers with shared experts.
   convention (V2 always, in float32 as transformers' complex rope; V3 unless ``rope_interleave`` is
   false, in the model dtype); softmax scale
   ``qk_head_dim**-0.5``, times ``mscale(factor, mscale_all_dim)**2`` for scaled (yarn) ropes.
-* Which layers are sparse: ``engine.store.families.moe_layout`` (``i >= first_k_dense_replace`` and
-  ``i % moe_layer_freq == 0``; transformers 5.23 ignores ``moe_layer_freq``, which is 1 in every
-  released checkpoint). Other layers are a dense SwiGLU MLP of ``intermediate_size``.
+* Which layers are sparse: the family's layout (``engine/model/families/deepseek/__init__.py``).
+  Other layers are a dense SwiGLU MLP of ``intermediate_size``.
 * MoE layers: the family's router (V2 softmax greedy / group-limited, V3 below), SwiGLU routed
   experts of ``moe_intermediate_size`` through the ``ExpertSource``, plus ``n_shared_experts`` shared
   experts as one MLP of ``moe_intermediate_size * n_shared_experts`` added to every token.
-
-Tensor names: transformers' ``mlp.shared_experts.*`` is the MoE block's ``shared_expert``.
 """
 
 from __future__ import annotations
@@ -30,7 +27,6 @@ from engine.model.families.deepseek.router import DeepseekV2Router, DeepseekV3Ro
 from engine.model.layers.mlp import MLP
 from engine.model.layers.moe import MoEBlock, swiglu_expert
 from engine.model.layers.rope import RotaryEmbedding
-from engine.model.registry import strip_model_prefix
 from engine.model.transformer import CausalLM, DecoderLayer
 from engine.store.families import moe_layout
 
@@ -108,18 +104,17 @@ def build_deepseek(args: ModelArgs, experts: ExpertSource, version: int) -> Caus
                     norm_topk_prob=bool(args.get("norm_topk_prob", True)),
                     routed_scaling_factor=float(args.get("routed_scaling_factor", 1.0)),
                 )
-            shared = MLP(args.hidden_size, moe_inter * n_shared, args.hidden_act, bias=mlp_bias) if n_shared else None
+            shared = (
+                MLP(args.hidden_size, moe_inter * n_shared, args.hidden_act, bias=mlp_bias)
+                if n_shared
+                else None
+            )
             mlp = MoEBlock(i, gate, experts, swiglu_expert(args.hidden_act), shared_expert=shared)
         else:
             mlp = MLP(args.hidden_size, args.intermediate_size, args.hidden_act, bias=mlp_bias)
-        layers.append(DecoderLayer(MultiHeadLatentAttention(attn_args), mlp, args.hidden_size, args.rms_norm_eps))
+        layers.append(
+            DecoderLayer(MultiHeadLatentAttention(attn_args), mlp, args.hidden_size, args.rms_norm_eps)
+        )
     rotary_cls = Float32RotaryEmbedding if version == 2 else RotaryEmbedding
     rotary = rotary_cls(args.rope, attn_args.qk_rope_head_dim, args.max_position_embeddings)
     return CausalLM(args, layers, rotary)
-
-
-def rename(name: str) -> str | None:
-    name = strip_model_prefix(name) or name
-    return name.replace(".mlp.shared_experts.", ".mlp.shared_expert.")
-
-

@@ -87,7 +87,9 @@ class DeepseekV3Router(nn.Module):
         self.n_group = n_group or 1
         self.topk_group = topk_group or self.n_group
         if num_experts % self.n_group or num_experts // self.n_group < 2:
-            raise ValueError("DeepSeek-V3 routing needs n_group dividing n_routed_experts, >= 2 experts a group")
+            raise ValueError(
+                "DeepSeek-V3 routing needs n_group dividing n_routed_experts, >= 2 experts a group"
+            )
         self.norm_topk_prob = norm_topk_prob
         self.routed_scaling_factor = routed_scaling_factor
         self.weight = nn.Parameter(torch.zeros(num_experts, hidden_size), requires_grad=False)

@@ -1,33 +1,18 @@
-"""gpt-oss: sink attention (sliding or full per ``layer_types``, with biases), yarn rope, a biased
-top-k-then-softmax router and clamped SwiGLU experts with biases; every layer sparse.
+"""gpt-oss: sink attention (``attention``: sliding or full per ``layer_types``, with biases), yarn
+rope, a biased top-k-then-softmax router and clamped SwiGLU experts with biases (``experts``); every
+layer sparse; ``model`` builds it.
 
-Tensor names: transformers' ``mlp.router.*`` is the MoE block's ``gate``; routed experts come from
-the ``ExpertSource`` (the store untangles gpt-oss's fused interleaved ``gate_up_proj``). The norms
-compute ``(w * x_normed)`` in float32 before casting back, as transformers does.
+Checkpoints: the router is ``mlp.router`` (the MoE block's ``gate``); the experts are always fused,
+``gate_up_proj`` [E, H, 2I] with gate and up interleaved (gate = ``[..., 0::2]``, up = ``[..., 1::2]``),
+``gate_up_proj_bias`` [E, 2I], ``down_proj`` [E, I, H], ``down_proj_bias`` [E, H] (MXFP4
+``_blocks``/``_scales`` are dequantised by the converter first); one expert shard holds the three
+weights and their biases.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from engine.store.families import EXPERT_BIASES, EXPERT_TENSORS, Family, FusedPieces, strip_model_prefix
 
-import torch
-from torch import nn
-
-from engine.model.args import ModelArgs
-from engine.model.experts import ExpertSource
-from engine.model.families.gpt_oss.attention import SinkAttention
-from engine.model.families.gpt_oss.experts import (
-    SWIGLU_ALPHA,
-    SWIGLU_LIMIT,
-    GptOssRouter,
-    clamped_swiglu_expert,
-)
-from engine.model.layers.moe import MoEBlock
-from engine.model.layers.rope import RotaryEmbedding
-from engine.model.registry import Family, register, strip_model_prefix
-from engine.model.transformer import CausalLM, DecoderLayer
-
-DEFAULT_ROPE_THETA = 150000.0
 # transformers' GptOssConfig default when config.json gives no rope parameters
 DEFAULT_ROPE = {
     "rope_type": "yarn",
@@ -39,60 +24,19 @@ DEFAULT_ROPE = {
 }
 
 
-class GptOssRMSNorm(nn.Module):
-    """RMSNorm with the weight applied in float32 before casting back (gpt-oss's variant)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (self.weight.float() * h).to(x.dtype)
-
-
-def parse(config: dict[str, Any]) -> ModelArgs:
-    if not config.get("rope_parameters") and not config.get("rope_scaling"):
-        config = {**config, "rope_parameters": {**DEFAULT_ROPE, "rope_theta": config.get("rope_theta")}}
-    return ModelArgs.from_config(config, default_rope_theta=DEFAULT_ROPE_THETA)
-
-
-def layer_windows(args: ModelArgs) -> list[int | None]:
-    """Sliding window of each decoder layer (None = full attention), from ``layer_types``."""
-    window = args.get("sliding_window")
-    types = args.get("layer_types") or [
-        "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(args.num_layers)
-    ]
-    return [window if t == "sliding_attention" else None for t in types[: args.num_layers]]
-
-
-def build(args: ModelArgs, experts: ExpertSource) -> CausalLM:
-    num_experts = int(args.get("num_local_experts") or args.get("num_experts"))
-    top_k = int(args.get("num_experts_per_tok", 4))
-    expert_fn = clamped_swiglu_expert(
-        float(args.get("swiglu_alpha", SWIGLU_ALPHA)), float(args.get("swiglu_limit", SWIGLU_LIMIT))
-    )
-    layers = []
-    for i, window in enumerate(layer_windows(args)):
-        attn = SinkAttention(
-            args.hidden_size,
-            args.num_heads,
-            args.num_kv_heads,
-            args.head_dim,
-            bias=bool(args.get("attention_bias", True)),
-            sliding_window=window,
-        )
-        gate = GptOssRouter(args.hidden_size, num_experts, top_k)
-        layer = DecoderLayer(attn, MoEBlock(i, gate, experts, expert_fn), args.hidden_size, args.rms_norm_eps)
-        layer.input_layernorm = GptOssRMSNorm(args.hidden_size, args.rms_norm_eps)
-        layer.post_attention_layernorm = GptOssRMSNorm(args.hidden_size, args.rms_norm_eps)
-        layers.append(layer)
-    rotary = RotaryEmbedding(args.rope, args.head_dim, args.max_position_embeddings)
-    model = CausalLM(args, layers, rotary)
-    model.norm = GptOssRMSNorm(args.hidden_size, args.rms_norm_eps)
-    return model
+def split_fused(which: str, bias: bool, t, inter: int) -> FusedPieces:
+    for e in range(t.shape[0]):
+        x = t[e]
+        if which == "gate_up_proj" and bias:
+            yield e, "gate_proj.bias", x[0::2].clone()
+            yield e, "up_proj.bias", x[1::2].clone()
+        elif which == "gate_up_proj":  # [H, 2I] interleaved
+            yield e, "gate_proj.weight", x[:, 0::2].t().contiguous()
+            yield e, "up_proj.weight", x[:, 1::2].t().contiguous()
+        elif bias:
+            yield e, "down_proj.bias", x.clone()
+        else:  # [I, H]
+            yield e, "down_proj.weight", x.t().contiguous()
 
 
 def rename(name: str) -> str | None:
@@ -100,4 +44,21 @@ def rename(name: str) -> str | None:
     return name.replace(".mlp.router.", ".mlp.gate.")
 
 
-FAMILY = register(Family("gpt_oss", build, parse, rename))
+def build(args, experts):
+    from engine.model.families.gpt_oss.model import build_gpt_oss
+
+    return build_gpt_oss(args, experts)
+
+
+FAMILY = Family(
+    "gpt_oss",
+    build,
+    rope_theta=150000.0,
+    default_rope=DEFAULT_ROPE,
+    expert_count=("num_local_experts", "num_experts"),
+    expert_size=("intermediate_size",),
+    expert_tensors=EXPERT_TENSORS + EXPERT_BIASES,
+    split_fused=split_fused,
+    router="router",
+    rename=rename,
+)

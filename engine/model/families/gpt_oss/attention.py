@@ -36,7 +36,13 @@ class SinkKVCache(nn.Module):
     key (``1/scaling`` at component D) and a zero value, position p lives in slot p + 1."""
 
     def __init__(
-        self, max_seq_len: int, kv_heads: int, head_dim: int, scaling: float, dtype: torch.dtype, device: torch.device
+        self,
+        max_seq_len: int,
+        kv_heads: int,
+        head_dim: int,
+        scaling: float,
+        dtype: torch.dtype,
+        device: torch.device,
     ):
         super().__init__()
         self.max_seq_len = max_seq_len
@@ -45,7 +51,9 @@ class SinkKVCache(nn.Module):
         k[0, :, 0, head_dim] = 1.0 / scaling
         self.register_buffer("k", k, persistent=False)
         self.register_buffer(
-            "v", torch.zeros(1, kv_heads, max_seq_len + 1, head_dim, dtype=dtype, device=device), persistent=False
+            "v",
+            torch.zeros(1, kv_heads, max_seq_len + 1, head_dim, dtype=dtype, device=device),
+            persistent=False,
         )
 
     def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -79,13 +87,21 @@ class SinkAttention(Attention):
         sliding_window: int | None = None,
     ):
         super().__init__(
-            hidden_size, num_heads, num_kv_heads, head_dim, qkv_bias=bias, o_bias=bias, sliding_window=sliding_window
+            hidden_size,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            qkv_bias=bias,
+            o_bias=bias,
+            sliding_window=sliding_window,
         )
         self.sinks = nn.Parameter(torch.zeros(num_heads))
         self.sink_cache: SinkKVCache | None = None
 
     def setup_cache(self, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.sink_cache = SinkKVCache(max_seq_len, self.num_kv_heads, self.head_dim, self.scaling, dtype, device)
+        self.sink_cache = SinkKVCache(
+            max_seq_len, self.num_kv_heads, self.head_dim, self.scaling, dtype, device
+        )
 
     def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
         T = x.shape[0]
