@@ -99,9 +99,17 @@ def _has_experts(tensor_names: set[str]) -> bool:
     return any(".ffn_gate_exps." in n or ".ffn_gate_inp." in n for n in tensor_names)
 
 
-def _arch_config(meta: dict[str, Any], tensor_names: set[str], family: Family) -> dict[str, Any]:
+def _family(meta: dict[str, Any], tensor_names: set[str]) -> Family:
+    """The family the file converts to: its architecture's, with or without routed experts."""
+    arch = meta.get("general.architecture")
+    experts = int(meta.get(f"{arch}.expert_count", 0) or 0)
+    return gguf_family(arch, experts > 0 or _has_experts(tensor_names))
+
+
+def _arch_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]:
     """``config.json`` for the file's architecture (transformers' names and both RoPE forms)."""
     arch = meta.get("general.architecture")
+    family = _family(meta, tensor_names)
     if "rope_freqs.weight" in tensor_names:
         raise MoeinfError(
             "this GGUF uses Llama-3 style rope frequency factors (rope_freqs), which moeinf cannot map back; "
@@ -263,9 +271,8 @@ def gguf_to_checkpoint(gguf_path: str | Path, out_dir: str | Path, dtype: str | 
     reader = _open(gguf_path)
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}
-    arch = meta.get("general.architecture")
-    family = gguf_family(arch, int(meta.get(f"{arch}.expert_count", 0) or 0) > 0 or _has_experts(names))
-    cfg = _arch_config(meta, names, family)
+    cfg = _arch_config(meta, names)
+    family = _family(meta, names)
     cfg["dtype"] = str(torch_dtype).removeprefix("torch.")
     cfg["torch_dtype"] = cfg["dtype"]
     cfg["moeinf_source"] = {"format": "gguf", "file": gguf_path.name,
