@@ -1,5 +1,6 @@
-"""`moeinf pull` of a GGUF file and with --upcycle: the pull calls engine.store.gguf / engine.store.upcycle
-and stores the result like any checkpoint, recording where it came from."""
+"""`moeinf pull` of a GGUF file and with --upcycle: the pull calls engine.store.gguf / engine.upcycle (a
+transform passed in from above the store) and stores the result like any checkpoint, recording where it
+came from."""
 
 from __future__ import annotations
 
@@ -36,13 +37,11 @@ def test_pull_gguf_file(tmp_path):
     assert not (moeinf_home() / "tmp" / "tiny-mix").exists()
 
 
-def test_pull_with_upcycle(tmp_path, monkeypatch):
-    import engine.store.upcycle as upcycle
+def test_pull_with_upcycle(tmp_path):
+    from engine.upcycle import Upcycle
 
-    real = upcycle.upcycle_checkpoint  # the real upcycler, with a short router calibration to keep the test fast
-    monkeypatch.setattr(upcycle, "upcycle_checkpoint", lambda *a, **kw: real(*a, **kw, max_new_tokens=8))
     src = make_tiny_checkpoint("llama", tmp_path / "dense")
-    r = pull_model(str(src), upcycle=4, top_k=2)
+    r = pull_model(str(src), transform=Upcycle(4, 2, max_new_tokens=8))  # a short router calibration: fast
     assert r.name == "dense-moe4"
     m = read_manifest(r.path)
     assert m["family"] == "mixtral" and m["num_experts"] == 4 and m["top_k"] == 2
@@ -52,4 +51,4 @@ def test_pull_with_upcycle(tmp_path, monkeypatch):
         shard = load_file(str(expert_shard_path(r.path, 0, e)))
         assert torch.equal(shard["gate_proj.weight"], dense["model.layers.0.mlp.gate_proj.weight"])
         assert torch.equal(shard["down_proj.weight"], dense["model.layers.0.mlp.down_proj.weight"])
-    assert pull_model(str(src), upcycle=4, top_k=2).up_to_date
+    assert pull_model(str(src), transform=Upcycle(4, 2, max_new_tokens=8)).up_to_date

@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 from tiny_models import make_tiny_checkpoint
 
 from engine.errors import MoeinfError
-from engine.store.upcycle import UPCYCLED_KEY, upcycle_checkpoint
-from engine.store.upcycle_router import router_weights, spherical_kmeans
+from engine.upcycle.checkpoint import UPCYCLED_KEY, upcycle_checkpoint
+from engine.upcycle.router import router_weights, spherical_kmeans
 
 PROMPTS = ["The capital of France is", "def square(x):", "Once upon a time there was"]
 

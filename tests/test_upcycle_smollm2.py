@@ -16,7 +16,7 @@ from gguf_testlib import smollm2_gguf
 import engine
 from engine.store.gguf import gguf_to_checkpoint
 from engine.store.pull import pull_model
-from engine.store.upcycle import upcycle_checkpoint
+from engine.upcycle.checkpoint import upcycle_checkpoint
 
 PROMPTS = ["What is the capital of France?", "Name three primary colours."]
 TEXTS = {

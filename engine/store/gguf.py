@@ -261,10 +261,12 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def gguf_to_checkpoint(gguf_path: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None) -> Path:
+def gguf_to_checkpoint(gguf_path: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
+                       progress: Any = None) -> Path:
     """Convert ``gguf_path`` into a Hugging Face checkpoint directory at ``out_dir`` and return it.
 
-    The directory is built beside ``out_dir`` and renamed into place when complete.
+    The directory is built beside ``out_dir`` and renamed into place when complete. ``progress`` (an
+    ``engine.store.pull.PullProgress``) sees one task advanced by the weights of each tensor converted.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     torch_dtype = resolve_dtype(dtype)
@@ -283,8 +285,11 @@ def gguf_to_checkpoint(gguf_path: str | Path, out_dir: str | Path, dtype: str | 
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     writer = _ShardWriter(work)
+    total = sum(int(t.n_elements) for t in reader.tensors)
+    advance = progress.task(f"reading {gguf_path.name}", total, unit="weights") if progress else (lambda _n: None)
     for hf_name, array in _tensors(reader, cfg, family):
         writer.add(hf_name, torch.from_numpy(array).to(torch_dtype))
+        advance(int(array.size))
     writer.close()
 
     _write_json(work / "config.json", cfg)

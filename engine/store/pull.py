@@ -6,6 +6,11 @@ records what it wrote (with sha256) in ``.partial-<name>/pull-state.json`` plus 
 waiting for a partner in ``pending-<k>.safetensors``; a later pull of the same source and options
 re-hashes those files and, when they all verify, continues with the next shard.
 
+Steps before the conversion (a GGUF file turned into a checkpoint, a ``SourceTransform`` such as
+upcycling) build their output in ``$MOEINF_HOME/tmp/<name>/`` and rename it into place when done; an
+interrupted pull keeps what they finished, so running it again resumes after the last finished step.
+A pull that fails because of its source (a user error) removes its work.
+
 ``MOEINF_PULL_THROTTLE_S`` (seconds) makes the pull wait after each source shard: a way to watch or
 interrupt a pull of a tiny model (the tests kill one midway with it).
 """
@@ -20,9 +25,11 @@ import os
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Protocol
 
 from engine.errors import MoeinfError
 from engine.store.families import moe_layout
@@ -42,6 +49,10 @@ STATE = "pull-state.json"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
 
 
+def _nothing(_n: int) -> None:
+    pass
+
+
 class PullProgress:
     """What a pull reports while it works; the CLI draws it with rich. Every method may be a no-op."""
 
@@ -49,9 +60,24 @@ class PullProgress:
 
     def download(self, desc: str, n: int, total: int | None) -> None: ...
 
-    def convert_start(self, total_bytes: int, done_bytes: int) -> None: ...
+    def task(self, description: str, total: int | None, *, done: int = 0, unit: str = "B") -> Callable[[int], None]:
+        """A step of the pull with a known amount of work (``unit``: "B" for bytes, or a word such as
+        "tokens"); returns the function to call with each amount done."""
+        return _nothing
 
-    def convert_advance(self, n: int) -> None: ...
+
+class SourceTransform(Protocol):
+    """A step between reading the source checkpoint and converting it, done by a layer above the store:
+    upcycling (``engine.upcycle``) runs the dense model, which the store may not import. The pull
+    records ``record`` in its key and in the manifest (``source.upcycled``)."""
+
+    record: dict  # e.g. {"num_experts": 8, "top_k": 2}
+    name_suffix: str  # added to the default store name, e.g. "-moe8"
+    description: str  # what it does, for messages: "upcycling into 8 experts, top-2"
+
+    def apply(self, checkpoint_dir: Path, out_dir: Path, dtype: str | None, progress: PullProgress) -> Path:
+        """Build the transformed checkpoint in ``out_dir`` (aside, renamed into place when done)."""
+        ...
 
 
 @dataclass
@@ -139,33 +165,25 @@ def pull_model(
     revision: str | None = None,
     dtype: str | None = None,
     name: str | None = None,
-    upcycle: int | None = None,
-    top_k: int | None = None,
     keep_downloads: bool = False,
     progress: PullProgress | None = None,
+    transform: SourceTransform | None = None,
 ) -> PullResult:
-    """Pull ``source`` into the store as ``name`` (see the module docstring); returns where it is."""
+    """Pull ``source`` into the store as ``name`` (see the module docstring); returns where it is.
+    ``transform`` (e.g. ``engine.upcycle.Upcycle``) turns the source checkpoint into the one stored."""
     progress = progress or PullProgress()
     target_dtype = canonical_dtype(dtype)
     kind, value = classify_source(source)
-    if upcycle is not None and upcycle < 2:
-        raise MoeinfError("--upcycle needs at least 2 experts")
-    if top_k is not None and upcycle is None:
-        raise MoeinfError("--top-k only applies with --upcycle E")
-    name = check_name(name or default_name(source if kind == "alias" else value, kind) + (f"-moe{upcycle}" if upcycle else ""))
+    suffix = transform.name_suffix if transform else ""
+    name = check_name(name or default_name(source if kind == "alias" else value, kind) + suffix)
     with _lock(name):
-        return _pull_locked(kind, value, source, name, revision, target_dtype, upcycle, top_k, keep_downloads, progress)
+        return _pull_locked(kind, value, source, name, revision, target_dtype, transform, keep_downloads, progress)
 
 
-def _pull_locked(kind, value, source, name, revision, target_dtype, upcycle, top_k, keep_downloads, progress) -> PullResult:
+def _pull_locked(kind, value, source, name, revision, target_dtype, transform, keep_downloads, progress) -> PullResult:
     if revision and kind not in ("alias", "hub"):
         raise MoeinfError("--revision only applies to hub repositories")
-    upcycled = None
-    if upcycle is not None:
-        k = top_k or 2
-        if k > upcycle:
-            raise MoeinfError(f"--top-k {k} is larger than the number of experts {upcycle}")
-        upcycled = {"num_experts": upcycle, "top_k": k}
+    upcycled = dict(transform.record) if transform else None
     src = None
     if kind in ("alias", "hub"):
         progress.message(f"resolving {value} on the hub")
@@ -186,38 +204,55 @@ def _pull_locked(kind, value, source, name, revision, target_dtype, upcycle, top
             if existing.get("pull_key") == key:
                 return PullResult(name, final, existing, up_to_date=True)
 
-    tmp_root = moeinf_home() / "tmp" / name
+    tmp_root = _work_dir(name, key)
     try:
         if kind == "gguf":
-            src = _from_gguf(value, target_dtype, tmp_root, described, progress)
-        if upcycled:
+            src = _step(tmp_root / "gguf", "the GGUF conversion", described, progress,
+                        lambda out: _from_gguf(value, out, target_dtype, progress))
+        if transform:
             upcycled = {"from": described, **upcycled}
-            src = _upcycle(src, upcycled["num_experts"], upcycled["top_k"], target_dtype, tmp_root, described, progress)
-        return _convert_into_store(src, name, key, target_dtype, upcycled, progress)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
+            for shard in src.shards:  # the transform reads the whole source checkpoint
+                src.fetch(shard)
+            meta_dir = src.meta_dir
+            src = _step(tmp_root / "transform", transform.description, described, progress,
+                        lambda out: transform.apply(meta_dir, out, target_dtype, progress))
+        result = _convert_into_store(src, name, key, target_dtype, upcycled, progress)
+    except MoeinfError:
+        shutil.rmtree(tmp_root, ignore_errors=True)  # a bad source or option: nothing worth resuming
+        raise
+    shutil.rmtree(tmp_root, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        tmp_root.parent.rmdir()
+    return result
 
 
-def _from_gguf(path: str, target_dtype, tmp_root: Path, described: dict, progress) -> LocalSource:
+def _work_dir(name: str, key: dict) -> Path:
+    """``$MOEINF_HOME/tmp/<name>``, emptied unless an earlier pull with the same key left it."""
+    root = moeinf_home() / "tmp" / name
+    try:
+        same = json.loads((root / "pull-key.json").read_text()) == key
+    except (OSError, ValueError):
+        same = False
+    if not same:
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir(parents=True)
+        write_json(root / "pull-key.json", key)
+    return root
+
+
+def _step(out: Path, what: str, described: dict, progress: PullProgress, build: Callable[[Path], Path]) -> LocalSource:
+    """The output of one step before the conversion: reused when an interrupted pull finished it."""
+    if out.is_dir():
+        progress.message(f"resuming: {what}: done by an earlier pull")
+    else:
+        build(out)
+    return LocalSource(out, description=described)
+
+
+def _from_gguf(path: str, out: Path, target_dtype, progress: PullProgress) -> Path:
     from engine.store.gguf import gguf_to_checkpoint
 
-    progress.message(f"converting {path} from GGUF")
-    shutil.rmtree(tmp_root / "gguf", ignore_errors=True)
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    out = gguf_to_checkpoint(path, tmp_root / "gguf", target_dtype)
-    return LocalSource(Path(out), description=described)
-
-
-def _upcycle(src, num_experts: int, top_k: int, target_dtype, tmp_root: Path, described: dict, progress) -> LocalSource:
-    from engine.store.upcycle import upcycle_checkpoint
-
-    for shard in src.shards:  # the upcycler reads the whole dense checkpoint
-        src.fetch(shard)
-    progress.message(f"upcycling into {num_experts} experts, top-{top_k}")
-    shutil.rmtree(tmp_root / "upcycle", ignore_errors=True)
-    tmp_root.mkdir(parents=True, exist_ok=True)
-    out = upcycle_checkpoint(src.meta_dir, tmp_root / "upcycle", num_experts, top_k, target_dtype)
-    return LocalSource(Path(out), description=described)
+    return gguf_to_checkpoint(path, out, target_dtype, progress=progress)
 
 
 def _convert_into_store(src, name: str, key: dict, target_dtype, upcycled, progress: PullProgress) -> PullResult:
@@ -230,7 +265,7 @@ def _convert_into_store(src, name: str, key: dict, target_dtype, upcycled, progr
     done_bytes = sum(sizes.get(s, 0) for s in state["done_shards"])
     _check_space(partial, config, total - done_bytes, target_dtype)
     try:
-        return _build(src, name, config, layout, key, partial, state, total, done_bytes, target_dtype, upcycled, progress)
+        return _build(src, name, config, layout, key, partial, state, sizes, target_dtype, upcycled, progress)
     except OSError as err:
         if err.errno in _NO_SPACE:
             from engine.store.convert import disk_full_error
@@ -270,7 +305,7 @@ def _check_space(partial: Path, config: dict, remaining_src: int, target_dtype) 
         )
 
 
-def _build(src, name, config, layout, key, partial: Path, state, total, done_bytes, target_dtype, upcycled, progress):
+def _build(src, name, config, layout, key, partial: Path, state, sizes, target_dtype, upcycled, progress):
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
@@ -286,7 +321,15 @@ def _build(src, name, config, layout, key, partial: Path, state, total, done_byt
         shutil.copyfile(p, partial / fname)
         meta[fname] = {"size": (partial / fname).stat().st_size, "sha256": sha256_file(partial / fname)}
 
-    conv = Converter(config, partial, parse_dtype(target_dtype), on_bytes=progress.convert_advance)
+    done = sum(sizes.get(s, 0) for s in state["done_shards"])
+    advance = progress.task("converting", sum(sizes.values()) or None, done=done)
+    seen = [0]  # bytes of tensors converted from the current shard
+
+    def on_bytes(n: int) -> None:
+        seen[0] += n
+        advance(n)
+
+    conv = Converter(config, partial, parse_dtype(target_dtype), on_bytes=on_bytes)
     c = state["converter"]
     conv.experts_done = {tuple(x) for x in c.get("experts_done", [])}
     conv.stored_dtype = getattr(torch, c["stored_dtype"]) if c.get("stored_dtype") else None
@@ -297,11 +340,11 @@ def _build(src, name, config, layout, key, partial: Path, state, total, done_byt
         conv.restore_pending(load_file(str(partial / state["pending"])))
     throttle = float(os.environ.get("MOEINF_PULL_THROTTLE_S") or 0)
 
-    progress.convert_start(total, done_bytes)
     for k, shard in enumerate(src.shards, 1):
         if shard in state["done_shards"]:
             continue
         path = src.fetch(shard)
+        seen[0] = 0
         try:
             written = conv.convert_shard(path, k)
         except (SafetensorError, ValueError, EOFError, json.JSONDecodeError) as err:
@@ -313,6 +356,7 @@ def _build(src, name, config, layout, key, partial: Path, state, total, done_byt
             if err.errno in _NO_SPACE:
                 raise
             raise MoeinfError(f"cannot read source file {shard} ({err.strerror or err}); {src.corrupt_hint(shard)}") from None
+        advance(max(0, sizes.get(shard, 0) - seen[0]))  # the shard's header and padding: the bar ends full
         for w in written:
             state["files"][w.rel] = {"size": w.size, "sha256": w.sha256}
         pending = conv.pending_tensors()

@@ -44,36 +44,58 @@ def _print_aliases() -> None:
         typer.echo(f"{alias.ljust(width)}  {repo}")
 
 
+def _count(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return f"{n:.0f}"
+
+
 def _make_progress():
-    """A PullProgress drawing rich bars on stderr (plain lines when stderr is not a terminal)."""
+    """A PullProgress drawing one rich bar per step on stderr (one line per step when stderr is not a
+    terminal). A step counts bytes (shown as sizes and a transfer rate) or items ("tokens", "layers")."""
     from rich.console import Console
     from rich.progress import (
         BarColumn,
         DownloadColumn,
         Progress,
+        ProgressColumn,
         TextColumn,
         TimeRemainingColumn,
         TransferSpeedColumn,
     )
+    from rich.text import Text
 
     from engine.store.pull import PullProgress
 
     console = Console(stderr=True)
+
+    class Amount(ProgressColumn):
+        """Bytes as DownloadColumn and TransferSpeedColumn show them; other units as counts."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.size, self.speed = DownloadColumn(), TransferSpeedColumn()
+
+        def render(self, task):  # type: ignore[no-untyped-def]
+            unit = task.fields.get("unit", "B")
+            if unit == "B":
+                return Text.assemble(self.size.render(task), " ", self.speed.render(task))
+            total = f"/{_count(task.total)}" if task.total else ""
+            return Text(f"{_count(task.completed)}{total} {unit}", style="progress.download")
 
     class RichPullProgress(PullProgress):
         def __init__(self) -> None:
             self.bars = Progress(
                 TextColumn("{task.description}"),
                 BarColumn(bar_width=30),
-                DownloadColumn(),
-                TransferSpeedColumn(),
+                Amount(),
                 TimeRemainingColumn(),
                 console=console,
                 transient=False,
                 disable=not console.is_terminal,
             )
             self.downloads: dict[str, int] = {}
-            self.convert_task = None
 
         def message(self, text: str) -> None:
             console.print(f"[dim]{text}[/dim]" if console.is_terminal else text, highlight=False)
@@ -81,17 +103,14 @@ def _make_progress():
         def download(self, desc: str, n: int, total: int | None) -> None:
             key = (desc or "download").rsplit("/", 1)[-1]  # huggingface_hub passes "(…)<commit>/<file>"
             if key not in self.downloads:
-                self.downloads[key] = self.bars.add_task(f"pulling {key}", total=total)
+                self.downloads[key] = self.bars.add_task(f"pulling {key}", total=total, unit="B")
             self.bars.advance(self.downloads[key], n)
 
-        def convert_start(self, total_bytes: int, done_bytes: int) -> None:
-            self.convert_task = self.bars.add_task(
-                "converting", total=total_bytes or None, completed=done_bytes
-            )
-
-        def convert_advance(self, n: int) -> None:
-            if self.convert_task is not None:
-                self.bars.advance(self.convert_task, n)
+        def task(self, description: str, total: int | None, *, done: int = 0, unit: str = "B"):  # type: ignore[no-untyped-def]
+            if not console.is_terminal:
+                self.message(description)
+            task_id = self.bars.add_task(description, total=total, completed=done, unit=unit)
+            return lambda n: self.bars.advance(task_id, n)
 
     return RichPullProgress()
 
@@ -120,29 +139,42 @@ def register(app: typer.Typer) -> None:
         ),
         list_aliases: bool = typer.Option(False, "--list-aliases", help="List the model aliases and exit."),
     ) -> None:
+        from engine.errors import MoeinfError
+
         if list_aliases:
             _print_aliases()
             return
         if not source:
-            from engine.errors import MoeinfError
-
             raise MoeinfError(
                 "give a SOURCE to pull, e.g. `moeinf pull mixtral` (see `moeinf pull --list-aliases`)"
             )
         from engine.store.pull import pull_model
 
+        if top_k is not None and upcycle is None:
+            raise MoeinfError("--top-k only applies with --upcycle E")
+        transform = None
+        if upcycle is not None:
+            from engine.upcycle import Upcycle
+
+            transform = Upcycle(upcycle, top_k)
         progress = _make_progress()
-        with progress.bars:
-            result = pull_model(
-                source,
-                revision=revision,
-                dtype=dtype,
-                name=name,
-                upcycle=upcycle,
-                top_k=top_k,
-                keep_downloads=keep_download,
-                progress=progress,
+        try:
+            with progress.bars:
+                result = pull_model(
+                    source,
+                    revision=revision,
+                    dtype=dtype,
+                    name=name,
+                    keep_downloads=keep_download,
+                    progress=progress,
+                    transform=transform,
+                )
+        except KeyboardInterrupt:
+            print(
+                "interrupted: run the same `moeinf pull` again to resume after the last finished step",
+                file=sys.stderr,
             )
+            raise typer.Exit(130) from None
         m = result.manifest
         experts = (
             f"{m['num_experts']} experts x {len(m['moe_layers'])} layers, top-{m['top_k']}"

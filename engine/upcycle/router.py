@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from engine.store.pull import PullProgress
+
 SEED_PROMPTS = (
     "What is the tallest mountain in the world, and how was it first climbed?",
     "Write a Python function that returns the n-th Fibonacci number, with a docstring.",
@@ -61,9 +63,11 @@ def collect_ffn_inputs(
     max_new_tokens: int = 48,
     temperature: float = 0.7,
     seed: int = 0,
+    progress: PullProgress | None = None,
 ) -> Calibration:
     """Run the dense model of ``src_dir`` on ``prompts`` and its own sampled continuations; return
-    every FFN input it saw, per layer."""
+    every FFN input it saw, per layer. ``progress`` sees one task: the tokens run (at most the prompts'
+    tokens plus ``max_new_tokens`` per prompt; a continuation that ends early counts as finished)."""
     from engine.model.loader import load_model
     from engine.runtime.tokenizer import Tokenizer
 
@@ -78,6 +82,8 @@ def collect_ffn_inputs(
             else:
                 encoded.append(tokenizer.encode(prompt, add_special_tokens=True))
         max_len = max(len(e) for e in encoded) + max_new_tokens
+        most = sum(len(e) for e in encoded) + len(encoded) * max_new_tokens
+        advance = (progress or PullProgress()).task("calibration text from the dense model", most, unit="tokens")
         model = load_model(root, dtype=torch.float32, device="cpu", max_seq_len=max_len)
         captured: list[list[torch.Tensor]] = [[] for _ in model.layers]
 
@@ -96,6 +102,7 @@ def collect_ffn_inputs(
                 before = tokens
                 logits = model(torch.tensor(ids, dtype=torch.long), 0, last_only=True)[-1]
                 tokens += len(ids)
+                advance(len(ids))
                 pos = len(ids)
                 for _ in range(max_new_tokens):
                     probs = torch.softmax(logits / temperature, dim=-1)
@@ -105,7 +112,9 @@ def collect_ffn_inputs(
                     logits = model(torch.tensor([nxt], dtype=torch.long), pos)[-1]
                     pos += 1
                     tokens += 1
+                    advance(1)
                 lengths.append(tokens - before)
+                advance(max_new_tokens - (tokens - before - len(ids)))  # an early end: this prompt is done
         finally:
             for h in handles:
                 h.remove()

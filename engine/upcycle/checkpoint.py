@@ -3,7 +3,7 @@
 ``upcycle_checkpoint(src_dir, out_dir, num_experts, top_k, dtype)``: every expert of a layer is an
 exact copy of that layer's FFN (w1 = gate_proj, w3 = up_proj, w2 = down_proj); attention, norms and
 embeddings are copied; each layer gets a router whose rows are k-means centroids of the layer's FFN
-inputs on text the dense model generated itself (``engine.store.upcycle_router``). Mixtral
+inputs on text the dense model generated itself (``engine.upcycle.router``). Mixtral
 renormalises the top-k routing weights to sum to one, so with identical experts the output is the
 dense model's up to rounding, whichever experts the router picks -- the model is upcycled, not
 trained. ``config.json`` records that under ``"moeinf_upcycled"``.
@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,9 @@ from safetensors import safe_open
 
 from engine.errors import MoeinfError
 from engine.store.gguf import resolve_dtype
+from engine.store.pull import PullProgress
 from engine.store.shards import StreamingShardWriter, TensorSpec
-from engine.store.upcycle_router import collect_ffn_inputs, router_weights
+from engine.upcycle.router import collect_ffn_inputs, router_weights
 
 UPCYCLED_KEY = "moeinf_upcycled"
 _FFN_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
@@ -41,7 +41,16 @@ def _read_config(src_dir: Path) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
+def check_options(num_experts: int, top_k: int) -> None:
+    """A one-line error for an expert count or top-k that cannot be upcycled."""
+    if num_experts < 2:
+        raise MoeinfError(f"--upcycle needs at least 2 experts, got {num_experts}")
+    if not 1 <= top_k <= num_experts:
+        raise MoeinfError(f"--top-k must be between 1 and the number of experts ({num_experts}), got {top_k}")
+
+
 def _check(config: dict[str, Any], num_experts: int, top_k: int) -> None:
+    check_options(num_experts, top_k)
     if config.get("model_type") != "llama":
         raise MoeinfError(
             f"--upcycle needs a dense llama-family model, not {config.get('model_type')!r}; "
@@ -49,10 +58,6 @@ def _check(config: dict[str, Any], num_experts: int, top_k: int) -> None:
         )
     if config.get("mlp_bias") or config.get("attention_bias"):
         raise MoeinfError("--upcycle does not support llama models with attention or MLP biases (Mixtral has none)")
-    if num_experts < 2:
-        raise MoeinfError(f"--upcycle needs at least 2 experts, got {num_experts}")
-    if not 1 <= top_k <= num_experts:
-        raise MoeinfError(f"--top-k must be between 1 and the number of experts ({num_experts}), got {top_k}")
 
 
 def mixtral_config(config: dict[str, Any], num_experts: int, top_k: int, dtype: torch.dtype,
@@ -118,24 +123,28 @@ def upcycle_checkpoint(
     *,
     max_new_tokens: int = 48,
     seed: int = 0,
-    progress: Callable[[str], None] | None = None,
+    progress: PullProgress | None = None,
 ) -> Path:
     """Write the Mixtral checkpoint upcycled from the dense llama checkpoint ``src_dir`` to ``out_dir``.
 
     ``dtype`` None keeps the source's dtype. The directory is built aside and renamed into place.
+    ``progress`` sees three tasks: the calibration text generated, the routers clustered, the bytes
+    written.
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     config = _read_config(src_dir)
     _check(config, num_experts, top_k)
     src_dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
     torch_dtype = resolve_dtype(dtype if dtype is not None else src_dtype)
-    say = progress or (lambda _msg: None)
+    progress = progress or PullProgress()
 
     t0 = time.perf_counter()
-    say("generating calibration text with the dense model")
-    calib = collect_ffn_inputs(src_dir, max_new_tokens=max_new_tokens, seed=seed)
-    say(f"clustering FFN inputs of {calib.tokens} tokens into {num_experts} experts per layer")
-    routers = [router_weights(x, num_experts, top_k, calib.lengths, seed=seed + i) for i, x in enumerate(calib.inputs)]
+    calib = collect_ffn_inputs(src_dir, max_new_tokens=max_new_tokens, seed=seed, progress=progress)
+    advance = progress.task(f"routers from {calib.tokens} tokens (k-means)", len(calib.inputs), unit="layers")
+    routers = []
+    for i, x in enumerate(calib.inputs):
+        routers.append(router_weights(x, num_experts, top_k, calib.lengths, seed=seed + i))
+        advance(1)
     hidden = int(config["hidden_size"])
     record = {
         "method": "sparse upcycling (Komatsuzaki et al., 2022): experts are copies of the dense FFN",
@@ -155,8 +164,8 @@ def upcycle_checkpoint(
     work = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    say("writing experts")
     plan = _plan(_source_tensors(src_dir), num_experts, hidden, torch_dtype)
+    advance = progress.task(f"writing {num_experts} experts per layer", sum(p[0].nbytes for p in plan))
     handles: dict[Path, Any] = {}
     try:
         with StreamingShardWriter(work / "model.safetensors", [p[0] for p in plan], metadata={"format": "pt"}) as w:
@@ -164,11 +173,12 @@ def upcycle_checkpoint(
             for spec, path, name in plan:
                 if name.startswith("router:"):
                     w.write(spec.name, routers[int(name.split(":")[1])].weight.to(torch_dtype))
-                    continue
-                if cached is None or cached[0] != f"{path}:{name}":
-                    fh = handles.get(path) or handles.setdefault(path, safe_open(str(path), framework="pt"))
-                    cached = (f"{path}:{name}", fh.get_tensor(name).to(torch_dtype))
-                w.write(spec.name, cached[1])
+                else:
+                    if cached is None or cached[0] != f"{path}:{name}":
+                        fh = handles.get(path) or handles.setdefault(path, safe_open(str(path), framework="pt"))
+                        cached = (f"{path}:{name}", fh.get_tensor(name).to(torch_dtype))
+                    w.write(spec.name, cached[1])
+                advance(spec.nbytes)
     finally:
         handles.clear()
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja",
