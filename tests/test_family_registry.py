@@ -200,3 +200,22 @@ def test_every_shipped_family_is_registered_and_a_name_once():
     }
     with pytest.raises(ValueError):
         register(Family("mixtral", build))
+
+
+def test_asking_a_family_for_its_names_loads_no_model_code():
+    """The store's questions (layout, checkpoint names) import the family modules, not their layers."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from engine.store.families import families, moe_layout\n"
+        "assert moe_layout({'model_type': 'mixtral', 'num_hidden_layers': 2, 'hidden_size': 8,"
+        " 'num_local_experts': 4, 'num_experts_per_tok': 2, 'intermediate_size': 16}).num_experts == 4\n"
+        "assert len(families()) >= 8\n"
+        "heavy = sorted(m for m in sys.modules if m.startswith(('engine.model.layers', 'engine.model.transformer',"
+        " 'engine.model.loader', 'cuda_ext')))\n"
+        "print(heavy or 'ok')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stdout + r.stderr[-2000:]
