@@ -61,7 +61,8 @@ def _bias_ok(bias: torch.Tensor | None, n: int) -> bool:
     )
 
 
-def _threads(elements: int) -> int:
+def threads(elements: int) -> int:
+    """Threads for a product of ``elements`` weights: the pool's share while decoding, else torch's count."""
     if elements < _SPLIT_MIN:
         return 1
     pool = _state.get("pool_threads")
@@ -73,16 +74,16 @@ def decode_threads(active: bool = True):
     """While one token is decoded on the CPU: torch's own (small) ops on one thread, and torch's thread
     count given to the kernels' pool instead. Both at once oversubscribe the cores (OpenMP's workers
     and the pool's spin between calls): a decode step ran ~2x slower that way on 2 cores."""
-    threads = torch.get_num_threads()
-    if not active or threads <= 1 or _native() is None or "pool_threads" in _state:
+    count = torch.get_num_threads()
+    if not active or count <= 1 or _native() is None or "pool_threads" in _state:
         yield
         return
-    _state["pool_threads"] = threads
+    _state["pool_threads"] = count
     torch.set_num_threads(1)
     try:
         yield
     finally:
-        torch.set_num_threads(threads)
+        torch.set_num_threads(count)
         del _state["pool_threads"]
 
 
@@ -116,7 +117,7 @@ def linear_many(
         base + size,
         base + 2 * size,
         ctypes.addressof(ns),
-        _threads(elements),
+        threads(elements),
     )
     return outs
 
@@ -143,7 +144,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
                 base + step,
                 base + 2 * step,
                 ctypes.addressof(rows),
-                _threads(n * k),
+                threads(n * k),
             )
             return out
     return F.linear(x, weight, bias)
@@ -193,7 +194,7 @@ def swiglu_accumulate(
         coef,
         h,
         i,
-        _threads(3 * i * h),
+        threads(3 * i * h),
         0 if clamped is None else 1,
         0.0 if clamped is None else clamped[0],
         0.0 if clamped is None else clamped[1],
@@ -240,9 +241,28 @@ def heads_product(
         row0,
         n_rows,
         k,
-        _threads(heads * n_rows * k),
+        threads(heads * n_rows * k),
     )
     return out
+
+
+def read_bandwidth(buffer: torch.Tensor, threads: int, repeats: int = 3) -> float:
+    """Bytes per second the kernels' pool reads from ``buffer`` (a CPU tensor larger than the caches)
+    on ``threads`` threads, the best of ``repeats`` passes; the bound decode benchmarks compare with.
+    Falls back to ``torch.sum`` on torch's threads without the native kernels."""
+    import time
+
+    lib = _native()
+    data = buffer.contiguous().view(torch.uint8).view(-1)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        if lib is not None:
+            lib.moeinf_read_bytes(data.data_ptr(), data.numel(), threads)
+        else:
+            data.view(torch.int64)[: data.numel() // 8].sum()
+        best = min(best, time.perf_counter() - t0)
+    return data.numel() / best
 
 
 class Linear(nn.Linear):

@@ -11,9 +11,8 @@ from __future__ import annotations
 import torch
 
 from cuda_ext import loader
+from cuda_ext.blocks import BY_TYPE
 
-# GGUF type number -> (values, bytes) per block, for the types the kernel takes
-BLOCKS = {2: (32, 18), 3: (32, 20), 8: (32, 34), 12: (256, 144), 14: (256, 210), 39: (32, 17)}
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
@@ -21,18 +20,18 @@ def dequantize(
     ggml_type: int, blocks: torch.Tensor, dtype: torch.dtype = torch.bfloat16
 ) -> torch.Tensor | None:
     if (
-        ggml_type not in BLOCKS
+        ggml_type not in BY_TYPE
         or dtype not in _DTYPES
         or blocks.dtype != torch.uint8
         or blocks.device.type != "cuda"
         or not blocks.is_contiguous()
-        or blocks.numel() % BLOCKS[ggml_type][1]
+        or blocks.numel() % BY_TYPE[ggml_type].bytes
     ):
         return None
     lib = loader.cuda()
     if lib is None:
         return None
-    values, size = BLOCKS[ggml_type]
+    _, values, size = BY_TYPE[ggml_type]
     n_blocks = blocks.numel() // size
     out = torch.empty(n_blocks * values, dtype=dtype, device=blocks.device)
     with torch.cuda.device(blocks.device):

@@ -92,23 +92,6 @@ def test_two_thread_split_equals_one_thread():
 ODD = [(1, 1), (5, 3), (17, 33), (31, 100), (100, 1000), (1030, 1031)]
 
 
-@pytest.fixture(params=["native", "avx2", "portable"])
-def kernels(request, monkeypatch):
-    """The kernels as this CPU compiles them, the AVX2 build (where the CPU has AVX2) and the
-    auto-vectorised C path (no -march=native)."""
-    if not native_on():
-        pytest.skip("no native kernels (no C compiler, or MOEINF_NATIVE_KERNELS=0)")
-    features = loader.cpu_features() or frozenset()
-    if request.param == "avx2" and not {"avx2", "fma", "f16c"} <= features:
-        pytest.skip("this CPU has no AVX2 + FMA + F16C")
-    monkeypatch.setenv("MOEINF_NATIVE_KERNELS", request.param)
-    loader.reset()
-    assert loader.cpu() is not None and loader.cpu().build == request.param
-    yield request.param
-    monkeypatch.undo()
-    loader.reset()
-
-
 def _within_bf16(ours: torch.Tensor, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> bool:
     exact = x.double() @ w.double().T
     if b is not None:
@@ -202,8 +185,8 @@ def test_decode_threads_hands_torch_threads_to_the_pool_and_back():
     try:
         with cpu_gemv.decode_threads(True):
             if native_on():
-                assert torch.get_num_threads() == 1 and cpu_gemv._threads(1 << 20) == 2
-        assert torch.get_num_threads() == 2 and cpu_gemv._threads(1 << 20) == 2
+                assert torch.get_num_threads() == 1 and cpu_gemv.threads(1 << 20) == 2
+        assert torch.get_num_threads() == 2 and cpu_gemv.threads(1 << 20) == 2
         with cpu_gemv.decode_threads(False):
             assert torch.get_num_threads() == 2
         with pytest.raises(RuntimeError), cpu_gemv.decode_threads(True):

@@ -10,8 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from quant_blocks import random_blocks, reference
 
-from cuda_ext import cuda, loader
+from cuda_ext import loader
+from cuda_ext.blocks import BY_TYPE
+from cuda_ext.cuda import dequantize
 
 NVCC = loader.nvcc()
 pytestmark = pytest.mark.skipif(
@@ -36,7 +39,7 @@ def test_the_cuda_sources_compile(tmp_path):
     lib = ctypes.CDLL(str(out))  # loads without a GPU: the CUDA runtime is linked in statically
     types = (ctypes.c_int * 16)()
     n = lib.moeinf_cuda_formats(types, 16)
-    assert sorted(types[:n]) == sorted(cuda.BLOCKS)
+    assert sorted(types[:n]) == sorted(BY_TYPE)
 
 
 @pytest.fixture(scope="module")
@@ -60,40 +63,26 @@ def host_dequant(tmp_path_factory):
     return lib.moeinf_host_dequant
 
 
-def _blocks(ggml_type: int, n_blocks: int, rng: np.random.Generator) -> np.ndarray:
-    """Random blocks of ``ggml_type`` with finite, modest f16 scales where the layout has them."""
-    _, size = cuda.BLOCKS[ggml_type]
-    raw = rng.integers(0, 256, size=(n_blocks, size), dtype=np.uint8)
-    scale_offsets = {2: [0], 3: [0, 2], 8: [0], 12: [0, 2], 14: [208], 39: []}[ggml_type]
-    for off in scale_offsets:
-        raw[:, off : off + 2] = rng.normal(0, 0.05, size=(n_blocks, 1)).astype(np.float16).view(np.uint8)
-    if ggml_type == 39:
-        raw[:, 0] = rng.integers(100, 140, size=n_blocks)  # E8M0 exponents around 1
-    return raw
-
-
 @pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "MXFP4"])
 def test_dequantisers_equal_the_gguf_reference(host_dequant, name):
     from gguf import GGMLQuantizationType
-    from gguf.quants import dequantize
 
     qtype = GGMLQuantizationType[name]
     rng = np.random.default_rng(int(qtype))
-    values, _ = cuda.BLOCKS[int(qtype)]
+    values = BY_TYPE[int(qtype)].values
     for n_blocks in (1, 3, 37):
-        blocks = _blocks(int(qtype), n_blocks, rng)
-        ref = dequantize(blocks.reshape(-1), qtype).reshape(-1).astype(np.float32)
+        blocks = random_blocks(int(qtype), n_blocks, rng)
+        ref = reference(blocks, int(qtype))
         ours = np.empty(n_blocks * values, dtype=np.float32)
         assert host_dequant(int(qtype), blocks.ctypes.data, ours.ctypes.data, n_blocks) == 0
         np.testing.assert_array_equal(ours, ref)
     # extreme exponents and scales too (subnormal halves, E8M0 0 and 255)
-    edge = _blocks(int(qtype), 4, rng)
+    edge = random_blocks(int(qtype), 4, rng)
     if int(qtype) == 39:
         edge[:, 0] = [0, 1, 254, 255]
     else:
         edge[:, :2] = np.array([1, 0x3FF, 0x7BFF, 0x8001], dtype=np.uint16).reshape(4, 1).view(np.uint8)
-    with np.errstate(over="ignore"):  # E8M0 255 times 12 is inf in float32, in both
-        ref = dequantize(edge.reshape(-1), qtype).reshape(-1).astype(np.float32)
+    ref = reference(edge, int(qtype))
     ours = np.empty(4 * values, dtype=np.float32)
     host_dequant(int(qtype), edge.ctypes.data, ours.ctypes.data, 4)
     np.testing.assert_array_equal(ours, ref)
@@ -101,5 +90,5 @@ def test_dequantisers_equal_the_gguf_reference(host_dequant, name):
 
 def test_dequantize_declines_what_it_cannot_do():
     blocks = torch.zeros(34, dtype=torch.uint8)
-    assert cuda.dequantize(8, blocks) is None  # on the CPU: the PyTorch path's job
-    assert cuda.dequantize(99, blocks) is None  # a type the kernel does not know
+    assert dequantize(8, blocks) is None  # on the CPU: the PyTorch path's job
+    assert dequantize(99, blocks) is None  # a type the kernel does not know

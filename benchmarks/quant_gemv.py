@@ -1,0 +1,104 @@
+"""One-token GEMV on weights in their stored formats (cuda_ext's native kernels) against the memory
+bound: for bf16 and every block format, a pass multiplies one activation row with matrices holding
+``--mib`` MiB of stored weights (more than the caches), as a decode step reads its weights once.
+
+Printed per format: the median pass time, the stored bytes read per second, and that as a share of
+the read bandwidth the kernels' pool reaches on a plain buffer in the same run with the same thread
+count (``cuda_ext.cpu.read_bandwidth``). Formats are interleaved within each run.
+
+    flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/quant_gemv.py [--threads 2] [--mib 512]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from quant_blocks import random_blocks  # noqa: E402
+
+from cuda_ext import cpu, loader  # noqa: E402
+from cuda_ext.blocks import BLOCKS, row_bytes  # noqa: E402
+from cuda_ext.quant import qlinear  # noqa: E402
+
+
+def _matrices(fmt: str, rows: int, k: int, total: int) -> list[torch.Tensor]:
+    """Distinct matrices (no two share memory) of ``rows`` x ``k`` weights, ``total`` bytes in all."""
+    if fmt == "bf16":
+        one = torch.randn(rows, k).bfloat16()
+    else:
+        block = BLOCKS[fmt]
+        raw = random_blocks(block.ggml_type, rows * k // block.values, np.random.default_rng(0))
+        one = torch.from_numpy(raw.reshape(rows, row_bytes(fmt, k)))
+    count = max(1, total // (one.numel() * one.element_size()))
+    return [one.clone() for _ in range(count)]
+
+
+def _pass(fmt: str, x: torch.Tensor, mats: list[torch.Tensor], k: int) -> float:
+    t = time.perf_counter()
+    if fmt == "bf16":
+        for w in mats:
+            cpu.linear(x, w)
+    else:
+        for w in mats:
+            qlinear(x, w, fmt, k)
+    return time.perf_counter() - t
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mib", type=int, default=512, help="stored MiB per format")
+    p.add_argument("--rows", type=int, default=2048)
+    p.add_argument("--k", type=int, default=2048)
+    p.add_argument("--runs", type=int, default=7)
+    p.add_argument("--formats", default="bf16," + ",".join(BLOCKS))
+    args = p.parse_args(argv)
+    lib = loader.cpu()
+    if lib is None:
+        print("Error: no native kernels (no C compiler, or MOEINF_NATIVE_KERNELS=0)")
+        return 1
+    torch.set_num_threads(args.threads)
+    formats = args.formats.split(",")
+    x = torch.randn(1, args.k).bfloat16()
+    mats = {f: _matrices(f, args.rows, args.k, args.mib << 20) for f in formats}
+    stored = {f: sum(w.numel() * w.element_size() for w in mats[f]) for f in formats}
+    buffer = torch.ones(max(stored.values()), dtype=torch.uint8)
+    times: dict[str, list[float]] = {f: [] for f in formats}
+    bandwidth: list[float] = []
+    with cpu.decode_threads(True):
+        for f in formats:
+            _pass(f, x, mats[f], args.k)  # warm-up
+        for _ in range(args.runs):
+            bandwidth.append(cpu.read_bandwidth(buffer, args.threads, repeats=1))
+            for f in formats:
+                times[f].append(_pass(f, x, mats[f], args.k))
+    bw = statistics.median(bandwidth)
+    print(
+        f"kernels: {lib.build} ({' '.join(lib.isa)}), {args.threads} threads, matrices {args.rows}x{args.k}"
+    )
+    print(
+        f"read bandwidth (pool, {args.threads} threads): median {bw / 1e9:.1f} GB/s "
+        f"(min {min(bandwidth) / 1e9:.1f}, max {max(bandwidth) / 1e9:.1f})"
+    )
+    print(
+        f"{'format':8} {'MiB':>6} {'ms/pass':>8} {'spread':>13} {'GB/s':>6} {'of bound':>8} {'Gweights/s':>10}"
+    )
+    for f in formats:
+        t = statistics.median(times[f])
+        weights = len(mats[f]) * args.rows * args.k
+        print(
+            f"{f:8} {stored[f] / 2**20:6.0f} {t * 1e3:8.2f} {min(times[f]) * 1e3:6.2f}-{max(times[f]) * 1e3:6.2f} "
+            f"{stored[f] / t / 1e9:6.1f} {stored[f] / t / bw:8.0%} {weights / t / 1e9:10.1f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Products with weights in their stored block formats on the CPU (``csrc/cpu/quant.c``), for decode
+and small batches, with the PyTorch fallback left to the caller (None where the kernel does not apply).
+
+* ``qlinear(x, blocks, fmt, k, bias)``: ``x @ W.T (+ bias)`` for x [M, K] (bf16 or float32, M <=
+  ``MAX_TOKENS``) and W [N, K] stored as ``blocks`` (uint8, N rows of ``row_bytes(fmt, K)`` bytes in
+  the GGUF layout of ``fmt``: q8_0, q4_0, q4_1, q4_k, q6_k, mxfp4). The activations are quantised to
+  int8 per block of 32 (as llama.cpp does); the result differs from dequantise-then-multiply by at
+  most ``sum_j |w_j| * d_x(j) / 2`` (d_x: the activation block's scale, max|x| / 127), plus float32
+  rounding. Rows are split over the thread pool (``torch.get_num_threads()`` threads, or the decode
+  step's pool while ``cuda_ext.cpu.decode_threads`` holds them).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cuda_ext import cpu, loader
+from cuda_ext.blocks import BLOCKS, row_bytes
+
+MAX_TOKENS = 16  # more tokens than this: a batched matmul on dequantised weights does better
+
+
+def qlinear(
+    x: torch.Tensor,
+    blocks: torch.Tensor,
+    fmt: str,
+    k: int,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor | None:
+    """``x @ W.T + bias`` ([M, N], ``out_dtype`` or x's dtype) with W stored as ``blocks``; None when
+    the native kernel does not apply (no kernels, not the CPU, a shape or dtype it does not take)."""
+    lib = loader.cpu()
+    out_dtype = out_dtype or x.dtype
+    if (
+        lib is None
+        or fmt not in BLOCKS
+        or x.dim() != 2
+        or not 1 <= x.shape[0] <= MAX_TOKENS
+        or x.shape[1] != k
+        or k % BLOCKS[fmt].values
+        or x.dtype not in (torch.bfloat16, torch.float32)
+        or out_dtype not in (torch.bfloat16, torch.float32)
+        or x.device.type != "cpu"
+        or blocks.device.type != "cpu"
+        or blocks.dtype != torch.uint8
+        or not blocks.is_contiguous()
+    ):
+        return None
+    rb = row_bytes(fmt, k)
+    if blocks.numel() % rb:
+        return None
+    n = blocks.numel() // rb
+    if bias is not None and (
+        bias.dtype != torch.bfloat16
+        or bias.device.type != "cpu"
+        or not bias.is_contiguous()
+        or bias.numel() != n
+    ):
+        return None
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], n, dtype=out_dtype)
+    err = lib.lib.moeinf_qgemv(
+        BLOCKS[fmt].ggml_type,
+        blocks.data_ptr(),
+        n,
+        k,
+        x.data_ptr(),
+        int(x.dtype == torch.bfloat16),
+        x.shape[0],
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        int(out_dtype == torch.bfloat16),
+        cpu.threads(blocks.numel() * 2),
+    )
+    return None if err else out
