@@ -229,19 +229,70 @@ static inline float hsum(__m256 v) {
 }
 #endif
 
+#ifdef Q_AVX512
+/* Sixteen 32-value blocks at a time: their scales gathered at once (one gather and one conversion
+   instead of sixteen scalar ones), each pair's lanes scaled by a permutation of them. Returns how
+   many blocks it did (a multiple of 16) and adds their sum to *acc. `type` is a constant at every
+   call, so each format gets its own straight-line loop. */
+static inline __attribute__((always_inline)) int64_t groups16(int type, const uint8_t *w, const xq_t *x, int64_t nb, float *acc) {
+    const int bytes = type == T_Q8_0 ? 34 : type == T_Q4_0 ? 18 : type == T_Q4_1 ? 20 : 17;
+    const int qs = type == T_Q8_0 || type == T_Q4_0 ? 2 : type == T_Q4_1 ? 4 : 1;
+    const __m512i offs = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), _mm512_set1_epi32(bytes));
+    const __m512i pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)MXFP4_DOUBLED));
+    __m512 v0 = _mm512_setzero_ps(), v1 = v0, off = v0;
+    int64_t b = 0;
+    for (; b + 16 <= nb; b += 16) {
+        const uint8_t *wb = w + bytes * b;
+        __m512i raw = _mm512_i32gather_epi32(offs, (const void *)wb, 1);
+        __m512 dw;
+        if (type == T_MXFP4) {  /* 2^(e-128): e < 2 subnormal */
+            __m512i e = _mm512_and_si512(raw, _mm512_set1_epi32(0xFF));
+            __mmask16 small = _mm512_cmplt_epu32_mask(e, _mm512_set1_epi32(2));
+            __m512i bits = _mm512_mask_sllv_epi32(_mm512_slli_epi32(_mm512_sub_epi32(e, _mm512_set1_epi32(1)), 23), small,
+                                                  _mm512_set1_epi32(0x00200000), e);
+            dw = _mm512_castsi512_ps(bits);
+        } else {
+            dw = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(raw));
+        }
+        if (type == T_Q4_0) off = _mm512_fmadd_ps(dw, _mm512_loadu_ps(x->s + b), off);
+        if (type == T_Q4_1) off = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_srli_epi32(raw, 16))), _mm512_loadu_ps(x->s + b), off);
+        const __m512 sc = _mm512_mul_ps(dw, _mm512_loadu_ps(x->d + b));
+        for (int i = 0; i < 8; i++) {
+            const uint8_t *w0 = wb + 2 * i * bytes, *w1 = w0 + bytes;
+            __m512i xv = _mm512_loadu_si512(x->q + 32 * (b + 2 * i)), dot;
+            if (type == T_Q8_0)
+                dot = sdot(two256(_mm256_loadu_si256((const __m256i *)(w0 + qs)), _mm256_loadu_si256((const __m256i *)(w1 + qs))), xv);
+            else if (type == T_MXFP4)
+                dot = sdot(_mm512_shuffle_epi8(lut, nibbles2(w0 + qs, w1 + qs)), xv);
+            else
+                dot = udot(nibbles2(w0 + qs, w1 + qs), xv);
+            __m512 s2 = _mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(2 * i)), sc);
+            if (i & 1) v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s2, v1);
+            else v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s2, v0);
+        }
+    }
+    float o = type == T_Q4_0 ? -8.0f * hsum(off) : type == T_Q4_1 ? hsum(off) : 0.0f;
+    *acc += hsum(_mm512_add_ps(v0, v1)) + o;
+    return b;
+}
+#endif
+
 /* sum over the row's nb blocks of 32 values (nb = K / 32) */
 static float row_q8_0(const uint8_t *w, const xq_t *x, int64_t nb) {
     int64_t b = 0;
     float acc = 0.0f;
 #ifdef Q_AVX512
     __m512 v = _mm512_setzero_ps();
+    float grouped = 0.0f;
+    b = groups16(T_Q8_0, w, x, nb, &grouped);
     for (; b + 2 <= nb; b += 2) {
         const uint8_t *w0 = w + 34 * b, *w1 = w0 + 34;
         __m512i wv = two256(_mm256_loadu_si256((const __m256i *)(w0 + 2)), _mm256_loadu_si256((const __m256i *)(w1 + 2)));
         __m512i dot = sdot(wv, _mm512_loadu_si512(x->q + 32 * b));
         v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), two(half(w0) * x->d[b], half(w1) * x->d[b + 1]), v);
     }
-    acc = hsum(v);
+    acc = hsum(v) + grouped;
 #elif defined(Q_AVX2)
     __m256 v = _mm256_setzero_ps();
     for (; b < nb; b++) {
@@ -260,6 +311,8 @@ static float row_q4_0(const uint8_t *w, const xq_t *x, int64_t nb) {
     float acc = 0.0f, off = 0.0f;  /* sum (n - 8) q = sum n q - 8 sum q */
 #ifdef Q_AVX512
     __m512 v = _mm512_setzero_ps();
+    float grouped = 0.0f;
+    b = groups16(T_Q4_0, w, x, nb, &grouped);
     for (; b + 2 <= nb; b += 2) {
         const uint8_t *w0 = w + 18 * b, *w1 = w0 + 18;
         float d0 = half(w0), d1 = half(w1);
@@ -267,7 +320,7 @@ static float row_q4_0(const uint8_t *w, const xq_t *x, int64_t nb) {
         v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), two(d0 * x->d[b], d1 * x->d[b + 1]), v);
         off += d0 * x->s[b] + d1 * x->s[b + 1];
     }
-    acc = hsum(v) - 8.0f * off;
+    acc = hsum(v) - 8.0f * off + grouped;
 #elif defined(Q_AVX2)
     __m256 v = _mm256_setzero_ps();
     for (; b < nb; b++) {
@@ -279,6 +332,7 @@ static float row_q4_0(const uint8_t *w, const xq_t *x, int64_t nb) {
     }
     acc = hsum(v) - 8.0f * off;
 #endif
+    (void)off;
     for (; b < nb; b++) acc += blk_q4_0(w + 18 * b, x->q + 32 * b, x->d[b], x->s[b]);
     return acc;
 }
@@ -288,13 +342,15 @@ static float row_q4_1(const uint8_t *w, const xq_t *x, int64_t nb) {
     float acc = 0.0f, off = 0.0f;
 #ifdef Q_AVX512
     __m512 v = _mm512_setzero_ps();
+    float grouped = 0.0f;
+    b = groups16(T_Q4_1, w, x, nb, &grouped);
     for (; b + 2 <= nb; b += 2) {
         const uint8_t *w0 = w + 20 * b, *w1 = w0 + 20;
         __m512i dot = udot(nibbles2(w0 + 4, w1 + 4), _mm512_loadu_si512(x->q + 32 * b));
         v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), two(half(w0) * x->d[b], half(w1) * x->d[b + 1]), v);
         off += half(w0 + 2) * x->s[b] + half(w1 + 2) * x->s[b + 1];
     }
-    acc = hsum(v) + off;
+    acc = hsum(v) + off + grouped;
 #elif defined(Q_AVX2)
     __m256 v = _mm256_setzero_ps();
     for (; b < nb; b++) {
@@ -305,6 +361,7 @@ static float row_q4_1(const uint8_t *w, const xq_t *x, int64_t nb) {
     }
     acc = hsum(v) + off;
 #endif
+    (void)off;
     for (; b < nb; b++) acc += blk_q4_1(w + 20 * b, x->q + 32 * b, x->d[b], x->s[b]);
     return acc;
 }
@@ -315,13 +372,15 @@ static float row_mxfp4(const uint8_t *w, const xq_t *x, int64_t nb) {
 #ifdef Q_AVX512
     const __m512i lut = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)MXFP4_DOUBLED));
     __m512 v = _mm512_setzero_ps();
+    float grouped = 0.0f;
+    b = groups16(T_MXFP4, w, x, nb, &grouped);
     for (; b + 2 <= nb; b += 2) {
         const uint8_t *w0 = w + 17 * b, *w1 = w0 + 17;
         __m512i vals = _mm512_shuffle_epi8(lut, nibbles2(w0 + 1, w1 + 1));
         __m512i dot = sdot(vals, _mm512_loadu_si512(x->q + 32 * b));
         v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), two(e8m0_half(w0[0]) * x->d[b], e8m0_half(w1[0]) * x->d[b + 1]), v);
     }
-    acc = hsum(v);
+    acc = hsum(v) + grouped;
 #elif defined(Q_AVX2)
     const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)MXFP4_DOUBLED));
     __m256 v = _mm256_setzero_ps();
@@ -336,29 +395,95 @@ static float row_mxfp4(const uint8_t *w, const xq_t *x, int64_t nb) {
     return acc;
 }
 
+#ifdef Q_AVX512
+/* q4_k's eight 6-bit scales (bytes 0-7) and mins (bytes 8-15) of one super-block, by 32-bit lanes */
+static inline __m128i q4k_scales_vec(const uint8_t *s) {
+    uint32_t a, b, c;
+    memcpy(&a, s, 4); memcpy(&b, s + 4, 4); memcpy(&c, s + 8, 4);
+    uint32_t sc_hi = (c & 0x0f0f0f0fu) | (((a >> 6) & 0x03030303u) << 4);
+    uint32_t mn_hi = ((c >> 4) & 0x0f0f0f0fu) | (((b >> 6) & 0x03030303u) << 4);
+    return _mm_setr_epi32((int)(a & 0x3f3f3f3fu), (int)sc_hi, (int)(b & 0x3f3f3f3fu), (int)mn_hi);
+}
+
+static float row_q4_k_avx512(const uint8_t *w, const xq_t *x, int64_t nb) {
+    const __m256i m = _mm256_set1_epi8(0x0F);
+    const __m512i pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512 v0 = _mm512_setzero_ps(), v1 = v0;
+    __m256 mins = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nb / 8; sb++) {
+        const uint8_t *blk = w + 144 * sb, *qs = blk + 16;
+        const int8_t *q = x->q + 256 * sb;
+        __m128i scm = q4k_scales_vec(blk + 4);
+        __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm));
+        __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(scm, scm)));
+        mins = _mm256_fmadd_ps(_mm256_mul_ps(mn, _mm256_set1_ps(half(blk + 2))), _mm256_loadu_ps(x->s + 8 * sb), mins);
+        __m512 s8 = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_mul_ps(sc, _mm256_set1_ps(half(blk))), _mm256_loadu_ps(x->d + 8 * sb)));
+        for (int c = 0; c < 4; c++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            __m512i wv = two256(_mm256_and_si256(raw, m), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m));
+            __m512i dot = udot(wv, _mm512_loadu_si512(q + 64 * c));
+            __m512 s2 = _mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(2 * c)), s8);
+            if (c & 1) v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s2, v1);
+            else v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s2, v0);
+        }
+    }
+    __m128 ms = _mm_add_ps(_mm256_castps256_ps128(mins), _mm256_extractf128_ps(mins, 1));
+    ms = _mm_add_ps(ms, _mm_movehl_ps(ms, ms));
+    ms = _mm_add_ss(ms, _mm_movehdup_ps(ms));
+    return hsum(_mm512_add_ps(v0, v1)) - _mm_cvtss_f32(ms);
+}
+
+static float row_q6_k_avx512(const uint8_t *w, const xq_t *x, int64_t nb) {
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
+    const __m512i quad = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    const __m512i pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512 v0 = _mm512_setzero_ps(), v1 = v0;
+    for (int64_t sb = 0; sb < nb / 8; sb++) {
+        const uint8_t *blk = w + 210 * sb, *ql = blk, *qh = blk + 128;
+        const int8_t *q = x->q + 256 * sb;
+        const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(half(blk + 208)),
+                                            _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192)))));
+        const __m512 dx = _mm512_castps256_ps512(_mm256_loadu_ps(x->d + 8 * sb));
+        for (int h = 0; h < 2; h++) {
+            __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
+            __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
+            __m256i hb = _mm256_loadu_si256((const __m256i *)(qh + 32 * h));
+            __m512i lo = two256(_mm256_and_si256(l0, m4), _mm256_and_si256(l1, m4));
+            __m512i hi = two256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_and_si256(_mm256_srli_epi16(l1, 4), m4));
+            __m512i h01 = two256(_mm256_slli_epi16(_mm256_and_si256(hb, m2), 4),
+                                 _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m2), 4));
+            __m512i h23 = two256(_mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m2), 4),
+                                 _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m2), 4));
+            __m512i wv[2] = {_mm512_sub_epi8(_mm512_or_si512(lo, h01), _mm512_set1_epi8(32)),
+                             _mm512_sub_epi8(_mm512_or_si512(hi, h23), _mm512_set1_epi8(32))};
+            for (int t = 0; t < 2; t++) {  /* 64 values: groups g0 .. g0 + 3 of 16, x blocks 4h + 2t, + 1 */
+                __m512i dot = sdot(wv[t], _mm512_loadu_si512(q + 128 * h + 64 * t));
+                __m512 sg = _mm512_permutexvar_ps(_mm512_add_epi32(quad, _mm512_set1_epi32(8 * h + 4 * t)), scales);
+                __m512 sx = _mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(4 * h + 2 * t)), dx);
+                if (t) v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sg, sx), v1);
+                else v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), _mm512_mul_ps(sg, sx), v0);
+            }
+        }
+    }
+    return hsum(_mm512_add_ps(v0, v1));
+}
+#endif
+
 static float row_q4_k(const uint8_t *w, const xq_t *x, int64_t nb) {
+#ifdef Q_AVX512
+    return row_q4_k_avx512(w, x, nb);
+#else
     float acc = 0.0f;
     for (int64_t sb = 0; sb < nb / 8; sb++) {
         const uint8_t *blk = w + 144 * sb;
         const int8_t *q = x->q + 256 * sb;
         const float *dx = x->d + 8 * sb, *sx = x->s + 8 * sb;
-#if defined(Q_AVX512) || defined(Q_AVX2)
+#if defined(Q_AVX2)
         uint8_t sc[8], mn[8];
         q4k_scales(blk + 4, sc, mn);
         const uint8_t *qs = blk + 16;
         float d = half(blk), dmin = half(blk + 2), mins = 0.0f;
         for (int s = 0; s < 8; s++) mins += (float)mn[s] * sx[s];
-#ifdef Q_AVX512
-        __m512 v = _mm512_setzero_ps();
-        const __m256i m = _mm256_set1_epi8(0x0F);
-        for (int c = 0; c < 4; c++) {
-            __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-            __m512i wv = two256(_mm256_and_si256(raw, m), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m));
-            __m512i dot = udot(wv, _mm512_loadu_si512(q + 64 * c));
-            v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot),
-                                two(d * (float)sc[2 * c] * dx[2 * c], d * (float)sc[2 * c + 1] * dx[2 * c + 1]), v);
-        }
-#else
         __m256 v = _mm256_setzero_ps();
         const __m256i m = _mm256_set1_epi8(0x0F);
         for (int c = 0; c < 4; c++) {
@@ -368,32 +493,30 @@ static float row_q4_k(const uint8_t *w, const xq_t *x, int64_t nb) {
             v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(d * (float)sc[2 * c] * dx[2 * c]), v);
             v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(d * (float)sc[2 * c + 1] * dx[2 * c + 1]), v);
         }
-#endif
         acc += hsum(v) - dmin * mins;
 #else
         acc += sblk_q4_k(blk, q, dx, sx);
 #endif
     }
     return acc;
+#endif
 }
 
 static float row_q6_k(const uint8_t *w, const xq_t *x, int64_t nb) {
+#ifdef Q_AVX512
+    return row_q6_k_avx512(w, x, nb);
+#else
     float acc = 0.0f;
     for (int64_t sb = 0; sb < nb / 8; sb++) {
         const uint8_t *blk = w + 210 * sb;
         const int8_t *q = x->q + 256 * sb;
         const float *dx = x->d + 8 * sb;
-#if defined(Q_AVX512) || defined(Q_AVX2)
+#if defined(Q_AVX2)
         const uint8_t *ql = blk, *qh = blk + 128;
         const int8_t *sc = (const int8_t *)(blk + 192);
         float d = half(blk + 208);
         const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3), off = _mm256_set1_epi8(32);
-#ifdef Q_AVX512
-        __m512 v = _mm512_setzero_ps();
-        const __m512 scales = _mm512_mul_ps(_mm512_set1_ps(d), _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)sc))));
-#else
         __m256 v = _mm256_setzero_ps();
-#endif
         for (int h = 0; h < 2; h++) {
             __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
             __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
@@ -404,17 +527,6 @@ static float row_q6_k(const uint8_t *w, const xq_t *x, int64_t nb) {
                 _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m2), 4)),
                 _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m2), 4)),
             };
-#ifdef Q_AVX512
-            for (int t = 0; t < 2; t++) {  /* 64 values: parts 2t, 2t + 1 = groups g0 .. g0 + 3 of 16 */
-                int g0 = 8 * h + 4 * t;
-                __m512i wv = _mm512_sub_epi8(two256(part[2 * t], part[2 * t + 1]), _mm512_set1_epi8(32));
-                __m512i dot = sdot(wv, _mm512_loadu_si512(q + 128 * h + 64 * t));
-                const __m512i idx = _mm512_set_epi32(g0 + 3, g0 + 3, g0 + 3, g0 + 3, g0 + 2, g0 + 2, g0 + 2, g0 + 2,
-                                                     g0 + 1, g0 + 1, g0 + 1, g0 + 1, g0, g0, g0, g0);
-                __m512 s = _mm512_mul_ps(_mm512_permutexvar_ps(idx, scales), two(dx[4 * h + 2 * t], dx[4 * h + 2 * t + 1]));
-                v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s, v);
-            }
-#else
             for (int p = 0; p < 4; p++) {
                 int g = 8 * h + 2 * p;
                 __m256i dot = sdot(_mm256_sub_epi8(part[p], off), _mm256_loadu_si256((const __m256i *)(q + 128 * h + 32 * p)));
@@ -422,7 +534,6 @@ static float row_q6_k(const uint8_t *w, const xq_t *x, int64_t nb) {
                 __m256 s = _mm256_set_m128(_mm_set1_ps(f * (float)sc[g + 1]), _mm_set1_ps(f * (float)sc[g]));
                 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot), s, v);
             }
-#endif
         }
         (void)off;
         acc += hsum(v);
@@ -431,6 +542,7 @@ static float row_q6_k(const uint8_t *w, const xq_t *x, int64_t nb) {
 #endif
     }
     return acc;
+#endif
 }
 
 typedef float (*row_fn)(const uint8_t *w, const xq_t *x, int64_t nb);
