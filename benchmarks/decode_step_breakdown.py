@@ -1,12 +1,16 @@
-"""Where one moeinf decode step goes: wall time per module kind on the Mixtral-shaped model of
-``decode_vs_transformers.py`` (same defaults, same checkpoint maker), all resident, CPU, bf16.
+"""Where one moeinf decode step goes: wall time per module kind, all resident, CPU, bf16, on the
+Mixtral-shaped model of ``decode_vs_transformers.py`` (same defaults, same checkpoint maker) or on
+any synthetic shape (``--synthetic qwen3-30b-a3b --scale 0.25``: the shapes of ``moeinf bench
+--synthetic``, random weights written straight into the store).
 
 Each module's ``forward`` is wrapped with a timer; a step is the model's forward for one token plus
 the argmax. Printed: the median step (of ``--runs`` runs of ``--tokens`` steps after a warm-up run)
-and its parts: norms, attention, MoE (with its router), LM head, and the rest (embedding, the layer
-loop, argmax).
+and its parts: norms, attention, MoE (and inside it: the router, the expert source's observe and
+fetch, the experts' own compute; the rest of the MoE time is the block's Python between them), LM
+head, and the rest (embedding, the layer loop, argmax), per step and per layer.
 
     flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/decode_step_breakdown.py [--workdir DIR]
+    flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/decode_step_breakdown.py --synthetic qwen3-30b-a3b --scale 0.25
 """
 
 from __future__ import annotations
@@ -36,10 +40,62 @@ def _timed(parts: dict[str, float], name: str, module: torch.nn.Module) -> None:
     module.forward = run
 
 
+def _timed_call(parts: dict[str, float], name: str, owner, attr: str) -> None:
+    """Time every call of ``owner.attr`` (a method or a function attribute) under ``name``."""
+    fn = getattr(owner, attr)
+
+    def run(*args, **kwargs):
+        t = time.perf_counter()
+        out = fn(*args, **kwargs)
+        parts[name] = parts.get(name, 0.0) + time.perf_counter() - t
+        return out
+
+    setattr(owner, attr, run)
+
+
+def _timed_fetch(parts: dict[str, float], experts) -> None:
+    """Time the expert source's ``fetch`` generator (the time to produce each expert, not the consumer's)."""
+    fetch = experts.fetch
+
+    def run(layer, ids):
+        it = iter(fetch(layer, ids))
+        while True:
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                parts["  of which fetch"] = parts.get("  of which fetch", 0.0) + time.perf_counter() - t
+                return
+            parts["  of which fetch"] = parts.get("  of which fetch", 0.0) + time.perf_counter() - t
+            yield item
+
+    experts.fetch = run
+
+
+def _store(args: argparse.Namespace, work: Path) -> Path:
+    """The model to time: a synthetic shape's random weights, or the Mixtral-shaped checkpoint pulled."""
+    if args.synthetic:
+        from engine.bench.synthetic import make_synthetic_from_shape, synthetic_shape
+
+        shape = synthetic_shape(args.synthetic, args.scale)
+        args.layers, args.vocab = shape.num_layers, shape.vocab
+        print(
+            f"synthetic {args.synthetic} at scale {args.scale}: {shape.num_layers} layers, {shape.num_experts} "
+            f"experts, top-{shape.top_k}, hidden {shape.hidden}, expert intermediate {shape.intermediate}, "
+            f"vocab {shape.vocab}"
+        )
+        return make_synthetic_from_shape(f"{args.synthetic}-{args.scale}", shape)
+    from engine.store.pull import pull_model
+
+    return pull_model(str(make_checkpoint(work / "ckpt", args)), name="bench-mixtral").path
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_model_args(p)
     p.add_argument("--tokens", type=int, default=64, help="steps per run")
+    p.add_argument("--synthetic", default=None, help="a synthetic shape (moeinf bench --synthetic's names)")
+    p.add_argument("--scale", type=float, default=0.25, help="width scale of --synthetic")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -49,17 +105,25 @@ def main(argv: list[str] | None = None) -> int:
         work.mkdir(parents=True, exist_ok=True)
         os.environ["MOEINF_HOME"] = str(work / "home")
         from engine.model.loader import load_model
-        from engine.store.pull import pull_model
 
-        store = pull_model(str(make_checkpoint(work / "ckpt", args)), name="bench-mixtral").path
+        store = _store(args, work)
         model = load_model(store, dtype=torch.bfloat16, max_seq_len=args.prompt_len + args.tokens + 8)
         parts: dict[str, float] = {}
+        sources = []  # each expert source wrapped once (layers share one)
         for layer in model.layers:
             _timed(parts, "norms", layer.input_layernorm)
             _timed(parts, "norms", layer.post_attention_layernorm)
             _timed(parts, "attention", layer.self_attn)
             _timed(parts, "moe", layer.mlp)
-            _timed(parts, "  of which router", layer.mlp.gate)
+            if hasattr(layer.mlp, "experts"):
+                _timed(parts, "  of which router", layer.mlp.gate)
+                if not any(src is layer.mlp.experts for src in sources):
+                    sources.append(layer.mlp.experts)
+                    _timed_call(parts, "  of which observe", layer.mlp.experts, "observe")
+                    _timed_fetch(parts, layer.mlp.experts)
+                fn = layer.mlp.expert_fn
+                if getattr(fn, "accumulate", None) is not None:
+                    _timed_call(parts, "  of which experts", fn, "accumulate")
         _timed(parts, "lm head", model.lm_head)
         prompt = torch.randint(3, args.vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
         runs = []
@@ -79,10 +143,19 @@ def main(argv: list[str] | None = None) -> int:
             f"decode step: {step * 1e3:.2f} ms ({1 / step:.1f} tok/s), median of {args.runs} runs of "
             f"{args.tokens} steps, {args.layers} layers, {args.threads} threads"
         )
-        for name in ("norms", "attention", "moe", "  of which router", "lm head"):
-            print(f"  {name:18s} {split.get(name, 0.0) * 1e3:6.2f} ms")
+        moe_inner = ("  of which router", "  of which observe", "  of which fetch", "  of which experts")
+        glue = split.get("moe", 0.0) - sum(split.get(name, 0.0) for name in moe_inner)
+        split["  of which glue"] = glue
+        layers = len(model.layers)
+        print(f"  {'':18s} {'ms/step':>8s} {'us/layer':>9s}")
+        for name in ("norms", "attention", "moe", *moe_inner, "  of which glue", "lm head"):
+            t = split.get(name, 0.0)
+            print(f"  {name:18s} {t * 1e3:8.2f} {t * 1e6 / layers:9.1f}")
         rest = step - sum(t for name, t in split.items() if not name.startswith(" "))
-        print(f"  {'rest':18s} {rest * 1e3:6.2f} ms  (embedding, layer loop, argmax)")
+        print(f"  {'rest':18s} {rest * 1e3:8.2f} {rest * 1e6 / layers:9.1f}  (embedding, layer loop, argmax)")
+        print(
+            "  (glue: the MoE block's own Python and torch ops between router, observe, fetch and the experts)"
+        )
         print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 

@@ -13,8 +13,9 @@ workers (``csrc/cpu/pool.c``) that spin briefly between calls and then sleep.
   ``F.linear`` for everything else (prefill, float32, CUDA) and whenever no compiler is available or
   ``MOEINF_NATIVE_KERNELS=0``. ``Linear`` is an ``nn.Linear`` whose forward does that.
 * ``linear_many(x, weights, biases)``: several products of one x (q/k/v) in one native call.
-* ``swiglu_accumulate(x, expert, coef, acc)``: a whole SwiGLU expert (gate, up, SiLU, product, down,
-  routing weight, float32 accumulation) in one native call, with the roundings of the torch path.
+* ``experts_accumulate(x, experts, coefs, acc)``: a token's routed SwiGLU experts (gate, up, SiLU,
+  product, down, routing weight, float32 accumulation), bf16 or in a block format, all in one native
+  call with the roundings of the torch path; ``swiglu_accumulate`` for one expert.
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from cuda_ext import loader
+from cuda_ext.blocks import BLOCKS
 
 # products of fewer elements than this run on the calling thread alone (waking a worker costs more)
 _SPLIT_MIN = 1 << 16
+_MAX_EXPERTS = 32  # moe.c's MAX_EXPERTS
 _state: dict[str, object] = {}
 
 
@@ -150,56 +153,111 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
-def swiglu_accumulate(
-    x: torch.Tensor, w, coef: float, acc: torch.Tensor, clamped: tuple[float, float] | None = None
+def _expert_matrix(t, rows: int, cols: int) -> tuple[int, int] | None:
+    """(GGUF type or 0 for bf16, data pointer) of one expert matrix [rows, cols] the native path takes."""
+    if isinstance(t, torch.Tensor):
+        ok = (
+            t.dtype == torch.bfloat16
+            and t.device.type == "cpu"
+            and t.is_contiguous()
+            and t.shape == (rows, cols)
+        )
+        return (0, t.data_ptr()) if ok else None
+    raw, fmt = getattr(t, "raw", None), getattr(getattr(t, "format", None), "name", None)  # a QuantTensor
+    block = BLOCKS.get(fmt)
+    if (
+        block is None
+        or not isinstance(raw, torch.Tensor)
+        or tuple(t.shape) != (rows, cols)
+        or cols % block.values
+        or raw.dtype != torch.uint8
+        or raw.device.type != "cpu"
+        or not raw.is_contiguous()
+        or raw.numel() != rows * (cols // block.values) * block.bytes
+    ):
+        return None
+    return block.ggml_type, raw.data_ptr()
+
+
+def experts_accumulate(
+    x: torch.Tensor,
+    experts: list,
+    coefs: list[float],
+    acc: torch.Tensor,
+    clamped: tuple[float, float] | None = None,
 ) -> bool:
-    """``acc += (down(silu(gate(x)) * up(x)) * coef)`` for one token and one expert ``w`` (an
-    ``ExpertWeights``), rounded to bf16 where the torch path rounds, in one native call. x [1, H] bf16,
-    acc [1, H] float32 contiguous. False (and acc untouched) when the native path does not apply.
+    """``acc += sum_e (down_e(silu(gate_e(x)) * up_e(x)) * coefs[e])`` for one token and its routed
+    experts (``ExpertWeights``: bf16 tensors, or block-format ``QuantTensor``s all of one format), in
+    one native call (``csrc/cpu/moe.c``: every expert back to back in the pool), rounded to bf16
+    where the torch path rounds, added in the order given. x [1, H] bf16, acc [1, H] float32
+    contiguous. False (and acc untouched) when the native path does not apply.
     ``clamped=(alpha, limit)``: gpt-oss's clamped SwiGLU instead (``gpt_oss_moe.clamped_swiglu``)."""
     lib = _native()
+    k = len(experts)
     if (
         lib is None
+        or not 1 <= k <= _MAX_EXPERTS
+        or x.dim() != 2
+        or x.shape[0] != 1
+        or x.dtype != torch.bfloat16
+        or x.device.type != "cpu"
         or acc.dtype != torch.float32
         or not acc.is_contiguous()
         or acc.device.type != "cpu"
-        or not (_native_ok(x, w.gate) and _native_ok(x, w.up))
-        or w.down.dtype != torch.bfloat16
-        or not w.down.is_contiguous()
-        or w.down.device.type != "cpu"
-        or w.gate.shape != w.up.shape
-        or w.down.shape != (x.shape[1], w.gate.shape[0])
         or acc.numel() != x.shape[1]
-        or not (_bias_ok(w.gate_bias, w.gate.shape[0]) and _bias_ok(w.up_bias, w.gate.shape[0]))
-        or not _bias_ok(w.down_bias, x.shape[1])
     ):
         return False
-    x = x.contiguous()
-    i, h = w.gate.shape
-    scratch = torch.empty(i, dtype=torch.bfloat16)
+    h = x.shape[1]
+    i = tuple(experts[0].gate.shape)[0]
+    ptrs: list[int | None] = []
+    types = set()
+    for w in experts:
+        mats = (_expert_matrix(w.gate, i, h), _expert_matrix(w.up, i, h), _expert_matrix(w.down, h, i))
+        if None in mats or not (
+            _bias_ok(w.gate_bias, i) and _bias_ok(w.up_bias, i) and _bias_ok(w.down_bias, h)
+        ):
+            return False
+        types.update(m[0] for m in mats)
+        ptrs += [m[1] for m in mats]
+    if len(types) != 1:
+        return False
+    gates, ups, downs = ptrs[0::3], ptrs[1::3], ptrs[2::3]
 
-    def ptr(t: torch.Tensor | None) -> int | None:
+    def bias(t: torch.Tensor | None) -> int | None:
         return None if t is None else t.data_ptr()
 
-    lib.moeinf_swiglu_acc(
-        x.data_ptr(),
-        w.gate.data_ptr(),
-        w.up.data_ptr(),
-        w.down.data_ptr(),
-        ptr(w.gate_bias),
-        ptr(w.up_bias),
-        ptr(w.down_bias),
-        scratch.data_ptr(),
-        acc.data_ptr(),
-        coef,
+    table = (ctypes.c_void_p * (6 * k))(
+        *gates,
+        *ups,
+        *downs,
+        *(bias(w.gate_bias) for w in experts),
+        *(bias(w.up_bias) for w in experts),
+        *(bias(w.down_bias) for w in experts),
+    )
+    c = (ctypes.c_float * k)(*coefs)
+    base, step = ctypes.addressof(table), ctypes.sizeof(ctypes.c_void_p) * k
+    err = lib.moeinf_experts_acc(
+        x.contiguous().data_ptr(),
+        k,
+        *(base + m * step for m in range(6)),
+        c,
+        types.pop(),
         h,
         i,
-        threads(3 * i * h),
         0 if clamped is None else 1,
         0.0 if clamped is None else clamped[0],
         0.0 if clamped is None else clamped[1],
+        acc.data_ptr(),
+        threads(3 * i * h * k),
     )
-    return True
+    return err == 0
+
+
+def swiglu_accumulate(
+    x: torch.Tensor, w, coef: float, acc: torch.Tensor, clamped: tuple[float, float] | None = None
+) -> bool:
+    """``experts_accumulate`` for one expert ``w``."""
+    return experts_accumulate(x, [w], [coef], acc, clamped)
 
 
 def heads_product(

@@ -49,11 +49,34 @@ SIGNATURES: dict[str, list] = {
     "moeinf_gemv_many": [_p, _i64, _int, _p, _p, _p, _p, _int],
     "moeinf_heads_xtw": [_p, _p, _p, _i64, _i64, _i64, _i64, _i64, _int],
     "moeinf_heads_wx": [_p, _p, _p, _i64, _i64, _i64, _i64, _i64, _int],
-    "moeinf_swiglu_acc": [_p] * 9 + [_f32, _i64, _i64, _int, _int, _f32, _f32],
+    "moeinf_experts_acc": [
+        _p,
+        _int,
+        _p,
+        _p,
+        _p,
+        _p,
+        _p,
+        _p,
+        _p,
+        _int,
+        _i64,
+        _i64,
+        _int,
+        _f32,
+        _f32,
+        _p,
+        _int,
+    ],
     "moeinf_qgemv": [_int, _p, _i64, _i64, _p, _int, _i64, _p, _p, _int, _int],
     "moeinf_read_bytes": [_p, _i64, _int],
 }
-_RESTYPES = {"moeinf_isa": ctypes.c_char_p, "moeinf_qgemv": _int, "moeinf_read_bytes": ctypes.c_uint64}
+_RESTYPES = {
+    "moeinf_isa": ctypes.c_char_p,
+    "moeinf_qgemv": _int,
+    "moeinf_experts_acc": _int,
+    "moeinf_read_bytes": ctypes.c_uint64,
+}
 
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}

@@ -5,9 +5,7 @@
 
    moeinf_gemv_many    several matrices sharing one input x (q/k/v, an LM head), optional biases,
                        rows split over the thread pool (pool.c).
-   moeinf_swiglu_acc   one routed SwiGLU expert, whole: h = bf16(silu(gate x)) * (up x),
-                       d = down h, acc += bf16(d * coef) (float32 acc), on the pool; or gpt-oss's
-                       clamped variant (act 1).
+   (the routed experts, bf16 or quantised, are in moe.c)
    moeinf_heads_xtw / moeinf_heads_wx   per-head products for MLA's absorbed decode. */
 
 #include "common.h"
@@ -37,7 +35,7 @@ static inline __m512 hsum16(const __m512 *a) {
 
 /* y[n - n0] = sum_k x[k] * W[n, k] (float32) for n0 <= n < n1 of a row-major [N, K] bf16 matrix;
    rows up to pf_end may be prefetched */
-static void dot_rows(const uint16_t *restrict x, const uint16_t *restrict W, float *restrict y,
+void moeinf_dot_rows(const uint16_t *restrict x, const uint16_t *restrict W, float *restrict y,
                      int64_t n0, int64_t n1, int64_t K, int64_t pf_end) {
     int64_t n = n0;
 #ifdef MOEINF_DPBF16
@@ -120,7 +118,7 @@ static void gemv_rows(const uint16_t *x, const uint16_t *W, const uint16_t *bias
     float buf[CHUNK];
     for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
         int64_t c1 = c0 + CHUNK < n1 ? c0 + CHUNK : n1;
-        dot_rows(x, W, buf, c0, c1, K, n1);
+        moeinf_dot_rows(x, W, buf, c0, c1, K, n1);
         for (int64_t n = c0; n < c1; n++) {
             uint16_t v = f32_to_bf16(buf[n - c0]);
             y[n] = bias ? f32_to_bf16(bf16_to_f32(v) + bf16_to_f32(bias[n])) : v;
@@ -174,77 +172,6 @@ void moeinf_gemv_many(const uint16_t *x, int64_t K, int count, const uint16_t *c
     }
 }
 
-/* ---------------------------------------------------------------- one SwiGLU expert */
-
-typedef struct {
-    const uint16_t *x, *gate, *up, *down, *gate_bias, *up_bias, *down_bias;
-    uint16_t *h;  /* [I] scratch */
-    float *acc;   /* [H] */
-    float coef, alpha, limit;
-    int64_t H, I;
-    int act;
-} expert_job;
-
-static inline float silu(float v) { return v / (1.0f + expf(-v)); }
-
-static void expert_task(void *arg, int tid, int nt) {
-    expert_job *j = arg;
-    float g[CHUNK], u[CHUNK];
-    int64_t lo, hi;
-    split_rows(j->I, tid, nt, &lo, &hi);
-    for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
-        int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
-        dot_rows(j->x, j->gate, g, c0, c1, j->H, hi);
-        dot_rows(j->x, j->up, u, c0, c1, j->H, hi);
-        if (j->act == 0)
-            for (int64_t n = c0; n < c1; n++) {  /* the roundings of silu(linear(x, gate)) * linear(x, up) */
-                float gv = round_bf16(g[n - c0]), uv = round_bf16(u[n - c0]);
-                if (j->gate_bias) gv = round_bf16(gv + bf16_to_f32(j->gate_bias[n]));
-                if (j->up_bias) uv = round_bf16(uv + bf16_to_f32(j->up_bias[n]));
-                j->h[n] = f32_to_bf16(round_bf16(silu(gv)) * uv);
-            }
-        else
-            for (int64_t n = c0; n < c1; n++) {  /* gpt-oss: F.linear (one rounding with the bias), clamps */
-                float gv = round_bf16(g[n - c0] + (j->gate_bias ? bf16_to_f32(j->gate_bias[n]) : 0.0f));
-                float uv = round_bf16(u[n - c0] + (j->up_bias ? bf16_to_f32(j->up_bias[n]) : 0.0f));
-                gv = gv > j->limit ? j->limit : gv;  /* NaN stays NaN, as in torch.clamp */
-                uv = uv > j->limit ? j->limit : (uv < -j->limit ? -j->limit : uv);
-                float sig = round_bf16(1.0f / (1.0f + expf(-round_bf16(gv * j->alpha))));
-                j->h[n] = f32_to_bf16(round_bf16(uv + 1.0f) * round_bf16(gv * sig));
-            }
-    }
-    moeinf_pool_barrier(nt);
-    split_rows(j->H, tid, nt, &lo, &hi);
-    for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
-        int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
-        dot_rows(j->h, j->down, g, c0, c1, j->I, hi);
-        for (int64_t n = c0; n < c1; n++) {
-            float d;
-            if (j->act == 0) {
-                d = round_bf16(g[n - c0]);
-                if (j->down_bias) d = round_bf16(d + bf16_to_f32(j->down_bias[n]));
-            } else {
-                d = round_bf16(g[n - c0] + (j->down_bias ? bf16_to_f32(j->down_bias[n]) : 0.0f));
-            }
-            j->acc[n] += round_bf16(d * j->coef);
-        }
-    }
-}
-
-/* acc += bf16(coef * down(bf16(silu(gate x)) * up x)) for one expert: gate, up [I, H], down [H, I];
-   biases may be NULL; h: [I] bf16 scratch; acc: [H] float32. act 1: gpt-oss's clamped SwiGLU,
-   (clamp(up, +-limit) + 1) * g * sigmoid(alpha * g) with g = min(gate, limit). */
-void moeinf_swiglu_acc(const uint16_t *x, const uint16_t *gate, const uint16_t *up, const uint16_t *down,
-                       const uint16_t *gate_bias, const uint16_t *up_bias, const uint16_t *down_bias,
-                       uint16_t *h, float *acc, float coef, int64_t H, int64_t I, int nthreads,
-                       int act, float alpha, float limit) {
-    expert_job j = {x, gate, up, down, gate_bias, up_bias, down_bias, h, acc, coef, alpha, limit, H, I, act};
-    int nt = nthreads;
-    int64_t small = H < I ? H : I;
-    if ((int64_t)nt * 16 > small) nt = (int)((small + 15) / 16);
-    moeinf_pool_run(expert_task, &j, nt);
-}
-
 /* ---------------------------------------------------------------- per-head products (MLA decode) */
 
 /* Heads h < nh each own a block of rows of one [*, K] bf16 matrix W, starting at row h * head_rows.
@@ -285,7 +212,7 @@ static void heads_wx_task(void *arg, int tid, int nt) {
         const uint16_t *Wh = j->W + (h * j->head_rows + j->row0) * j->K;
         for (int64_t c0 = 0; c0 < j->n_rows; c0 += CHUNK) {
             int64_t c1 = c0 + CHUNK < j->n_rows ? c0 + CHUNK : j->n_rows;
-            dot_rows(j->x + h * j->K, Wh, buf, c0, c1, j->K, c1);
+            moeinf_dot_rows(j->x + h * j->K, Wh, buf, c0, c1, j->K, c1);
             for (int64_t r = c0; r < c1; r++) j->y[h * j->n_rows + r] = f32_to_bf16(buf[r - c0]);
         }
     }

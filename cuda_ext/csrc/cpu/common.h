@@ -8,6 +8,7 @@
 #define MOEINF_COMMON_H
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 #include <string.h>
 #if defined(__AVX2__) || defined(__AVX512F__)
@@ -65,5 +66,22 @@ static inline void split_rows_by(int64_t n, int64_t align, int tid, int nt, int6
 static inline void split_rows(int64_t n, int tid, int nt, int64_t *lo, int64_t *hi) { split_rows_by(n, 16, tid, nt, lo, hi); }
 
 #define CHUNK 256  /* rows per stack buffer of float32 sums */
+
+/* ---- bf16 rows (bf16.c): y[n - n0] = sum_k x[k] W[n, k] in float32, rows up to pf_end prefetched */
+void moeinf_dot_rows(const uint16_t *x, const uint16_t *W, float *y, int64_t n0, int64_t n1, int64_t K, int64_t pf_end);
+
+/* ---- block-format rows (quant.c) */
+/* one token's activations quantised per block of 32: q[K] int8, d[K/32] scales, s[K/32] = d * sum(q) */
+typedef struct {
+    const int8_t *q;
+    const float *d;
+    const float *s;
+} xq_t;
+typedef float (*row_fn)(const uint8_t *w, const xq_t *x, int64_t nb);
+int moeinf_block_geometry(int type, int *values, int *bytes);  /* 0 for a type quant.c does not know */
+row_fn moeinf_row_function(int type);                           /* one row of `type` times x, nb = K / 32 */
+int moeinf_quantize_block(const float *xb, int8_t *q, float *d);  /* returns sum(q) */
+void moeinf_quantize_x(const void *x, int bf16, int64_t K, int8_t *q, float *d, float *s);
+void *moeinf_scratch(size_t bytes);                             /* the calling thread's scratch */
 
 #endif

@@ -32,12 +32,6 @@
 #define Q_AVX2 1
 #endif
 
-/* one token's activations, quantised: q[K] int8, d[K/32] scales, s[K/32] = d * sum(q) of each block */
-typedef struct {
-    const int8_t *q;
-    const float *d;
-    const float *s;
-} xq_t;
 
 static inline float half(const uint8_t *p) {
     uint16_t h;
@@ -71,7 +65,7 @@ static inline void q4k_scales(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
 /* ---------------------------------------------------------------- activations */
 
 /* one block of 32 activations: q = round(x / d) (ties to even), d = max|x| / 127; returns sum(q) */
-static inline int quantize_block(const float *xb, int8_t *q, float *d) {
+int moeinf_quantize_block(const float *xb, int8_t *q, float *d) {
 #ifdef __AVX512F__
     __m512 v0 = _mm512_loadu_ps(xb), v1 = _mm512_loadu_ps(xb + 16);
     float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(v0), _mm512_abs_ps(v1)));
@@ -100,7 +94,7 @@ static inline int quantize_block(const float *xb, int8_t *q, float *d) {
 }
 
 /* x [K] (float32, or bf16 when bf16) -> q [K], d [K/32], s [K/32] = d * sum(q) per block */
-static void quantize_x(const void *x, int bf16, int64_t K, int8_t *q, float *d, float *s) {
+void moeinf_quantize_x(const void *x, int bf16, int64_t K, int8_t *q, float *d, float *s) {
     float tmp[32];
     for (int64_t b = 0; b < K / 32; b++) {
         const float *xb = (const float *)x + 32 * b;
@@ -116,7 +110,7 @@ static void quantize_x(const void *x, int bf16, int64_t K, int8_t *q, float *d, 
 #endif
             xb = tmp;
         }
-        int sum = quantize_block(xb, q + 32 * b, d + b);
+        int sum = moeinf_quantize_block(xb, q + 32 * b, d + b);
         s[b] = d[b] * (float)sum;
     }
 }
@@ -545,10 +539,9 @@ static float row_q6_k(const uint8_t *w, const xq_t *x, int64_t nb) {
 #endif
 }
 
-typedef float (*row_fn)(const uint8_t *w, const xq_t *x, int64_t nb);
 
 /* values and bytes per block of each format; 0 for a type this file does not know */
-static int block_geometry(int type, int *values, int *bytes) {
+int moeinf_block_geometry(int type, int *values, int *bytes) {
     switch (type) {
         case T_Q8_0: *values = 32; *bytes = 34; return 1;
         case T_Q4_0: *values = 32; *bytes = 18; return 1;
@@ -560,7 +553,7 @@ static int block_geometry(int type, int *values, int *bytes) {
     }
 }
 
-static row_fn row_function(int type) {
+row_fn moeinf_row_function(int type) {
     switch (type) {
         case T_Q8_0: return row_q8_0;
         case T_Q4_0: return row_q4_0;
@@ -599,11 +592,11 @@ static void qgemv_task(void *arg, int tid, int nt) {
     }
 }
 
-/* the caller's scratch for quantised activations, grown as needed (one per Python thread) */
-static __thread int8_t *scratch;
+/* the caller's scratch, grown as needed (one per Python thread) */
+static __thread void *scratch;
 static __thread size_t scratch_size;
 
-static int8_t *scratch_for(size_t bytes) {
+void *moeinf_scratch(size_t bytes) {
     if (bytes > scratch_size) {
         free(scratch);
         scratch = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
@@ -618,20 +611,20 @@ static int8_t *scratch_for(size_t bytes) {
 int moeinf_qgemv(int type, const uint8_t *W, int64_t N, int64_t K, const void *x, int x_bf16, int64_t M,
                  const uint16_t *bias, void *y, int y_bf16, int nthreads) {
     int values, bytes;
-    if (!block_geometry(type, &values, &bytes) || K % values || M < 1) return -1;
+    if (!moeinf_block_geometry(type, &values, &bytes) || K % values || M < 1) return -1;
     int64_t nb = K / 32;
     size_t need = (size_t)M * (size_t)K + 2 * sizeof(float) * (size_t)(M * nb) + sizeof(xq_t) * (size_t)M + 16;
-    int8_t *mem = scratch_for(need);
+    int8_t *mem = moeinf_scratch(need);
     if (!mem) return -1;
     float *d = (float *)(mem + ((size_t)M * (size_t)K + 15) / 16 * 16);
     float *s = d + M * nb;
     xq_t *xs = (xq_t *)(s + M * nb);
     for (int64_t m = 0; m < M; m++) {
         const void *xm = x_bf16 ? (const void *)((const uint16_t *)x + m * K) : (const void *)((const float *)x + m * K);
-        quantize_x(xm, x_bf16, K, mem + m * K, d + m * nb, s + m * nb);
+        moeinf_quantize_x(xm, x_bf16, K, mem + m * K, d + m * nb, s + m * nb);
         xs[m] = (xq_t){mem + m * K, d + m * nb, s + m * nb};
     }
-    qgemv_job j = {row_function(type), W, N, K, (int64_t)(K / values) * bytes, M, xs, bias, y, y_bf16};
+    qgemv_job j = {moeinf_row_function(type), W, N, K, (int64_t)(K / values) * bytes, M, xs, bias, y, y_bf16};
     int nt = nthreads;
     if ((int64_t)nt * 4 > N) nt = (int)((N + 3) / 4);
     moeinf_pool_run(qgemv_task, &j, nt < 1 ? 1 : nt);

@@ -1,0 +1,166 @@
+/* A token's routed experts, all of them in one pool job: the grouped decode step of an MoE layer.
+
+   moeinf_experts_acc(...)   for the k experts e of one token (SwiGLU: gate, up [I, H], down [H, I]),
+       h_e = bf16(act(gate_e x, up_e x)),  d_e = down_e h_e,  acc += bf16(coef_e * bf16(d_e)), in order e = 0..k-1
+
+   Weights are bf16 (type 0) or one block format (a GGUF type that quant.c takes: the activations x and
+   h_e are then quantised per block of 32, as there). Phase 1 splits the k * I gate/up rows over the
+   threads; phase 2 (after the quantisation of h, for block formats) splits the H output rows, each
+   thread adding every expert's share of its rows in expert order, so the sum is the same as k
+   single-expert calls in that order, on any thread count. One job instead of k: no wake-ups or
+   barriers between experts, and no Python between them.
+
+   act 0: SiLU(gate + gate_bias) * (up + up_bias), each product and bias rounded to bf16 as torch
+   does (the SwiGLU of Mixtral, Qwen, OLMoE, DeepSeek's routed experts). act 1: gpt-oss's clamped
+   SwiGLU, (clamp(up, +-limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit), biases added with
+   one rounding as F.linear does. */
+
+#include "common.h"
+
+#define MAX_EXPERTS 32
+
+typedef struct {
+    int k, type, act, rb_gate, rb_down;  /* rb_*: bytes per row of a block-format matrix */
+    int64_t H, I;
+    const uint16_t *x;                   /* [H] bf16 */
+    const void *gate[MAX_EXPERTS], *up[MAX_EXPERTS], *down[MAX_EXPERTS];
+    const uint16_t *gate_bias[MAX_EXPERTS], *up_bias[MAX_EXPERTS], *down_bias[MAX_EXPERTS];
+    float coef[MAX_EXPERTS];
+    float alpha, limit;
+    uint16_t *h;                         /* [k, I] bf16 */
+    xq_t xq;                             /* x quantised (block formats) */
+    int8_t *hq;                          /* [k, I] h quantised */
+    float *hd, *hs;                      /* [k, I / 32] */
+    float *acc;                          /* [H] float32 */
+} experts_job;
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
+
+/* h from the float32 sums g, u of gate and up rows n (the torch path's roundings) */
+static inline uint16_t activate(const experts_job *j, int e, int64_t n, float g, float u) {
+    const uint16_t *gb = j->gate_bias[e], *ub = j->up_bias[e];
+    if (j->act == 0) {
+        float gv = round_bf16(g), uv = round_bf16(u);
+        if (gb) gv = round_bf16(gv + bf16_to_f32(gb[n]));
+        if (ub) uv = round_bf16(uv + bf16_to_f32(ub[n]));
+        return f32_to_bf16(round_bf16(silu(gv)) * uv);
+    }
+    float gv = round_bf16(g + (gb ? bf16_to_f32(gb[n]) : 0.0f));
+    float uv = round_bf16(u + (ub ? bf16_to_f32(ub[n]) : 0.0f));
+    gv = gv > j->limit ? j->limit : gv;  /* NaN stays NaN, as in torch.clamp */
+    uv = uv > j->limit ? j->limit : (uv < -j->limit ? -j->limit : uv);
+    float sig = round_bf16(1.0f / (1.0f + expf(-round_bf16(gv * j->alpha))));
+    return f32_to_bf16(round_bf16(uv + 1.0f) * round_bf16(gv * sig));
+}
+
+/* the down product's value for output row n of expert e, as the torch path rounds it */
+static inline float down_value(const experts_job *j, int e, int64_t n, float d) {
+    const uint16_t *db = j->down_bias[e];
+    if (j->act == 0) {
+        float v = round_bf16(d);
+        return db ? round_bf16(v + bf16_to_f32(db[n])) : v;
+    }
+    return round_bf16(d + (db ? bf16_to_f32(db[n]) : 0.0f));
+}
+
+static void experts_task(void *arg, int tid, int nt) {
+    experts_job *j = arg;
+    const int64_t H = j->H, I = j->I;
+    float g[CHUNK], u[CHUNK];
+    row_fn row = j->type ? moeinf_row_function(j->type) : 0;
+    int64_t lo, hi;
+    /* phase 1: the k * I rows of gate and up, in blocks of 16 rows, over the threads */
+    split_rows(j->k * I, tid, nt, &lo, &hi);
+    for (int64_t r = lo; r < hi;) {
+        int e = (int)(r / I);
+        int64_t n0 = r - e * I, n1 = n0 + (hi - r);
+        if (n1 > I) n1 = I;
+        for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
+            int64_t c1 = c0 + CHUNK < n1 ? c0 + CHUNK : n1;
+            if (row) {
+                const uint8_t *gw = (const uint8_t *)j->gate[e], *uw = (const uint8_t *)j->up[e];
+                for (int64_t n = c0; n < c1; n++) {
+                    g[n - c0] = row(gw + n * j->rb_gate, &j->xq, H / 32);
+                    u[n - c0] = row(uw + n * j->rb_gate, &j->xq, H / 32);
+                }
+            } else {
+                moeinf_dot_rows(j->x, (const uint16_t *)j->gate[e], g, c0, c1, H, n1);
+                moeinf_dot_rows(j->x, (const uint16_t *)j->up[e], u, c0, c1, H, n1);
+            }
+            for (int64_t n = c0; n < c1; n++) j->h[e * I + n] = activate(j, e, n, g[n - c0], u[n - c0]);
+        }
+        r += n1 - n0;
+    }
+    moeinf_pool_barrier(nt);
+    if (row) {  /* phase 1.5: h quantised per block of 32 for the down products */
+        int64_t blocks = j->k * I / 32;
+        float tmp[32];
+        for (int64_t b = blocks * tid / nt; b < blocks * (tid + 1) / nt; b++) {
+            for (int i = 0; i < 32; i++) tmp[i] = bf16_to_f32(j->h[32 * b + i]);
+            int sum = moeinf_quantize_block(tmp, j->hq + 32 * b, j->hd + b);
+            j->hs[b] = j->hd[b] * (float)sum;
+        }
+        moeinf_pool_barrier(nt);
+    }
+    /* phase 2: output rows over the threads, every expert's share of a row added in expert order */
+    split_rows(H, tid, nt, &lo, &hi);
+    for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
+        int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
+        for (int e = 0; e < j->k; e++) {
+            if (row) {
+                const uint8_t *dw = (const uint8_t *)j->down[e];
+                xq_t hq = {j->hq + e * I, j->hd + e * (I / 32), j->hs + e * (I / 32)};
+                for (int64_t n = c0; n < c1; n++) g[n - c0] = row(dw + n * j->rb_down, &hq, I / 32);
+            } else {
+                moeinf_dot_rows(j->h + e * I, (const uint16_t *)j->down[e], g, c0, c1, I, hi);
+            }
+            for (int64_t n = c0; n < c1; n++) j->acc[n] += round_bf16(down_value(j, e, n, g[n - c0]) * j->coef[e]);
+        }
+    }
+}
+
+/* acc [H] += the k experts' weighted outputs for one token x [H] (bf16). gate, up, down, *_bias:
+   k pointers each (biases may be NULL, or the arrays themselves NULL); coef [k]; type 0 for bf16
+   weights or a GGUF block type (then H and I multiples of the format's block). Returns 0, or -1 for
+   what it cannot do (too many experts, an unknown type or a size the format cannot hold, no memory). */
+int moeinf_experts_acc(const uint16_t *x, int k, const void *const *gate, const void *const *up,
+                       const void *const *down, const uint16_t *const *gate_bias, const uint16_t *const *up_bias,
+                       const uint16_t *const *down_bias, const float *coef, int type, int64_t H, int64_t I,
+                       int act, float alpha, float limit, float *acc, int nthreads) {
+    if (k < 1 || k > MAX_EXPERTS) return -1;
+    experts_job j;
+    memset(&j, 0, sizeof(j));
+    j.k = k; j.type = type; j.act = act; j.H = H; j.I = I; j.x = x; j.alpha = alpha; j.limit = limit; j.acc = acc;
+    for (int e = 0; e < k; e++) {
+        j.gate[e] = gate[e]; j.up[e] = up[e]; j.down[e] = down[e]; j.coef[e] = coef[e];
+        j.gate_bias[e] = gate_bias ? gate_bias[e] : 0;
+        j.up_bias[e] = up_bias ? up_bias[e] : 0;
+        j.down_bias[e] = down_bias ? down_bias[e] : 0;
+    }
+    size_t need = sizeof(uint16_t) * (size_t)(k * I) + 64;
+    int values = 1, bytes = 0;
+    if (type) {
+        if (!moeinf_block_geometry(type, &values, &bytes) || H % values || I % values) return -1;
+        j.rb_gate = (int)(H / values * bytes);
+        j.rb_down = (int)(I / values * bytes);
+        need += (size_t)H + 2 * sizeof(float) * (size_t)(H / 32) + (size_t)(k * I) + 2 * sizeof(float) * (size_t)(k * I / 32) + 256;
+    }
+    char *mem = moeinf_scratch(need);
+    if (!mem) return -1;
+    j.h = (uint16_t *)mem;
+    char *p = mem + ((sizeof(uint16_t) * (size_t)(k * I) + 63) & ~(size_t)63);
+    if (type) {
+        int8_t *xq = (int8_t *)p;
+        float *xd = (float *)(p + ((H + 63) & ~(int64_t)63)), *xs = xd + H / 32;
+        moeinf_quantize_x(x, 1, H, xq, xd, xs);
+        j.xq = (xq_t){xq, xd, xs};
+        j.hq = (int8_t *)(xs + H / 32);
+        j.hd = (float *)(j.hq + ((k * I + 63) & ~(int64_t)63));
+        j.hs = j.hd + k * I / 32;
+    }
+    int nt = nthreads;
+    int64_t small = H < k * I ? H : k * I;
+    if ((int64_t)nt * 16 > small) nt = (int)((small + 15) / 16);
+    moeinf_pool_run(experts_task, &j, nt < 1 ? 1 : nt);
+    return 0;
+}
