@@ -7,6 +7,8 @@ from engine.errors import MoeinfError
 from engine.runtime.sampling import (
     Sampler,
     SamplingParams,
+    apply_logit_bias,
+    apply_openai_penalties,
     apply_repeat_penalty,
     candidates,
     min_p_size,
@@ -139,3 +141,25 @@ def test_top_p_without_top_k_beyond_the_probe():
     s = Sampler(SamplingParams(temperature=1.0, top_k=0, top_p=0.5, repeat_penalty=1.0, seed=0))
     drawn = {s(logits, []) for _ in range(6000)}
     assert 1024 < len(drawn) <= 2048
+
+
+def test_openai_penalties_count_only_generated_tokens():
+    logits = torch.tensor([3.0, 2.9, 0.0])
+    s = Sampler(SamplingParams(temperature=0, repeat_penalty=1.0, frequency_penalty=0.2))
+    assert s(logits, [1, 1, 1]) == 0  # the prompt's tokens are not penalised
+    assert s(logits, [1, 1, 1, 0]) == 1  # 0 was generated once: 3.0 - 0.2 < 2.9
+    s = Sampler(SamplingParams(temperature=0, repeat_penalty=1.0, presence_penalty=0.15))
+    assert [s(logits, []) for _ in range(3)] == [0, 1, 0]  # presence: a flat 0.15 once a token appeared
+    out = apply_openai_penalties(logits, {0: 3, 2: 1}, frequency=0.5, presence=1.0)
+    assert out.tolist() == pytest.approx([3.0 - 1.5 - 1.0, 2.9, -1.5])
+
+
+def test_logit_bias_shifts_tokens_and_is_validated():
+    logits = torch.tensor([1.0, 0.0, -1.0])
+    assert apply_logit_bias(logits, ((2, 5.0), (7, 1.0))).tolist() == [1.0, 0.0, 4.0]  # id 7: past the vocabulary
+    s = Sampler(SamplingParams.from_options({"temperature": 0, "logit_bias": {"1": 100}}))
+    assert s(logits, []) == 1
+    with pytest.raises(MoeinfError, match="logit_bias"):
+        SamplingParams.from_options({"logit_bias": {"x": 1}})
+    with pytest.raises(MoeinfError, match="logit_bias"):
+        SamplingParams.from_options({"logit_bias": {"-3": 1}})

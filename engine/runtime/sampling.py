@@ -1,7 +1,10 @@
 """Choosing the next token: Ollama's options and defaults, llama.cpp's repetition penalty.
 
-Order for one step (as Ollama's sampler): repetition penalty over the last ``repeat_last_n`` tokens
-(prompt included, as llama.cpp); then ``temperature == 0`` picks the argmax (greedy); otherwise top-k
+Order for one step (as Ollama's sampler): ``logit_bias`` added (OpenAI's: token id -> bias); repetition
+penalty over the last ``repeat_last_n`` tokens (prompt included, as llama.cpp); OpenAI's
+``frequency_penalty``/``presence_penalty`` over the tokens this generation produced (logit minus
+count x frequency minus presence once a token appeared); then ``temperature == 0`` picks the argmax
+(greedy); otherwise top-k
 -> temperature -> softmax -> top-p -> min-p -> a draw from a ``torch.Generator`` seeded with ``seed``
 (a random seed when None). Disabled values: ``top_k <= 0``, ``top_p >= 1``, ``min_p <= 0``,
 ``repeat_penalty == 1`` or ``repeat_last_n == 0``; ``repeat_last_n == -1`` means the whole context.
@@ -35,6 +38,9 @@ class SamplingParams:
     seed: int | None = None
     num_predict: int = -1  # -1: until EOS, a stop string or a full context
     stop: tuple[str, ...] = ()
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias) pairs; a mapping is accepted
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any]) -> SamplingParams:
@@ -48,6 +54,13 @@ class SamplingParams:
             given["stop"] = (given["stop"],)
         if "stop" in given:
             given["stop"] = tuple(given["stop"])
+        if isinstance(given.get("logit_bias"), Mapping):
+            given["logit_bias"] = tuple(given["logit_bias"].items())
+        if "logit_bias" in given:
+            try:
+                given["logit_bias"] = tuple((int(t), float(b)) for t, b in given["logit_bias"])
+            except (TypeError, ValueError):
+                raise MoeinfError("logit_bias maps token ids to numbers, e.g. {\"42\": -100}") from None
         params = cls(**given)
         params.validate()
         return params
@@ -65,6 +78,11 @@ class SamplingParams:
             raise MoeinfError(f"repeat_last_n must be -1 (whole context), 0 (off) or more, got {self.repeat_last_n}")
         if self.num_predict < -2:
             raise MoeinfError(f"num_predict must be -1 (no limit) or >= 0, got {self.num_predict}")
+        for name in ("frequency_penalty", "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise MoeinfError(f"{name} must be a finite number, got {getattr(self, name)}")
+        if any(t < 0 or not math.isfinite(b) for t, b in self.logit_bias):
+            raise MoeinfError("logit_bias needs token ids >= 0 and finite biases")
 
 
 def apply_repeat_penalty(logits: torch.Tensor, recent: Sequence[int], penalty: float) -> torch.Tensor:
@@ -104,21 +122,54 @@ def min_p_size(sorted_probs: torch.Tensor, min_p: float) -> int:
     return max(1, int((sorted_probs >= min_p * sorted_probs[0]).sum()))
 
 
+def apply_logit_bias(logits: torch.Tensor, bias: Sequence[tuple[int, float]]) -> torch.Tensor:
+    """OpenAI's ``logit_bias``: each (token id, bias) added to that token's logit (ids past the
+    vocabulary are ignored). Returns a new tensor."""
+    if not bias:
+        return logits
+    out = logits.clone()
+    for token, value in bias:
+        if token < out.shape[-1]:
+            out[token] += value
+    return out
+
+
+def apply_openai_penalties(logits: torch.Tensor, counts: Mapping[int, int], frequency: float,
+                           presence: float) -> torch.Tensor:
+    """OpenAI's penalties: ``logit[j] -= counts[j] * frequency + (counts[j] > 0) * presence``, where
+    ``counts`` are the tokens generated so far. Returns a new tensor."""
+    if not counts or (frequency == 0.0 and presence == 0.0):
+        return logits
+    ids = torch.tensor([t for t in counts if t < logits.shape[-1]], dtype=torch.long, device=logits.device)
+    n = torch.tensor([counts[int(t)] for t in ids], dtype=logits.dtype, device=logits.device)
+    out = logits.clone()
+    out[ids] -= n * frequency + presence
+    return out
+
+
 class Sampler:
-    """Stateful sampler for one generation: holds the seeded generator."""
+    """Stateful sampler for one generation: holds the seeded generator and counts the tokens it picked."""
 
     def __init__(self, params: SamplingParams):
         self.params = params
         seed = params.seed if params.seed is not None and params.seed >= 0 else random.randrange(2**63)
         self.generator = torch.Generator(device="cpu").manual_seed(seed)
+        self.counts: dict[int, int] = {}  # token id -> times this sampler picked it
 
     def __call__(self, logits: torch.Tensor, history: Sequence[int]) -> int:
         """The next token id given ``logits`` [V] and the ids so far (prompt and generated)."""
+        token = self._pick(logits, history)
+        self.counts[token] = self.counts.get(token, 0) + 1
+        return token
+
+    def _pick(self, logits: torch.Tensor, history: Sequence[int]) -> int:
         p = self.params
         logits = logits.detach().to(device="cpu", dtype=torch.float32).reshape(-1)
+        logits = apply_logit_bias(logits, p.logit_bias)
         if p.repeat_penalty != 1.0 and p.repeat_last_n != 0:
             recent = history if p.repeat_last_n < 0 else history[-p.repeat_last_n :]
             logits = apply_repeat_penalty(logits, recent, p.repeat_penalty)
+        logits = apply_openai_penalties(logits, self.counts, p.frequency_penalty, p.presence_penalty)
         if p.temperature == 0.0:
             return int(torch.argmax(logits))
         if p.top_k <= 0 and p.top_p >= 1.0:  # no ranking needed: draw from the whole vocabulary

@@ -103,12 +103,14 @@ class Session:
             messages.insert(0, {"role": "system", "content": system})
         return messages
 
-    def prompt_ids(self, prompt: Prompt, raw: bool = False, system: str | None = None) -> list[int]:
+    def prompt_ids(self, prompt: Prompt, raw: bool = False, system: str | None = None,
+                   tools: Sequence[Mapping[str, Any]] | None = None) -> list[int]:
         """Token ids the model sees for ``prompt``.
 
         raw: the text as is, with the tokenizer's own special tokens (e.g. BOS); a ``system`` text is put
         before it, separated by a blank line. Otherwise the chat
-        template renders the conversation with the assistant's turn opened; a model without a template
+        template renders the conversation with the assistant's turn opened (``tools``: function
+        definitions, OpenAI's shape, passed to the template); a model without a template
         gets the messages' contents joined by blank lines, tokenised like raw text.
         """
         tok = self.tokenizer
@@ -119,7 +121,8 @@ class Session:
             return tok.encode(text, add_special_tokens=True)
         messages = self.messages_for(prompt, system)
         if tok.has_chat_template:
-            return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True))
+            extra = {"tools": [dict(t) for t in tools]} if tools else {}
+            return tok.encode(tok.apply_chat_template(messages, add_generation_prompt=True, **extra))
         return tok.encode("\n\n".join(str(m.get("content", "")) for m in messages), add_special_tokens=True)
 
     # ---- model passes --------------------------------------------------------------------
@@ -183,7 +186,13 @@ class Session:
         the first item.
         """
         params = SamplingParams.from_options(sampling)
-        ids = self.prompt_ids(prompt, raw=raw, system=system)
+        return self._start(self.prompt_ids(prompt, raw=raw, system=system), params)
+
+    def generate_ids(self, ids: Sequence[int], **sampling: Any) -> Iterator[str | GenerationStats]:
+        """``generate`` for a prompt already turned into token ids (``prompt_ids``): the same stream."""
+        return self._start([int(t) for t in ids], SamplingParams.from_options(sampling))
+
+    def _start(self, ids: list[int], params: SamplingParams) -> Iterator[str | GenerationStats]:
         if not ids:
             raise MoeinfError("the prompt is empty; give some text")
         self._check_fits(len(ids))

@@ -1,0 +1,178 @@
+"""The one model worker: a bounded first-come-first-served queue of generations and the thread that runs them.
+
+The session is not shared between threads: only the worker thread touches it. A request becomes a
+``Job`` (prompt token ids and sampling options), waits its turn in the queue (at most ``max_queue``
+wait; beyond that ``submit`` raises ``QueueFull``), then streams its pieces back to the event loop that
+submitted it. ``Job.cancel`` (a client that went away) takes a waiting job out of the queue, or stops a
+running one before its next token; the session's KV cache stays consistent either way. Requests run
+one after another, so no request ever sees another's tokens; the session reuses the KV cache of the
+longest common token prefix with the previous request (a conversation resent with one more turn
+prefills only the new turn). Batched decode would join jobs here, at the same ``submit`` interface.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from engine.errors import MoeinfError
+from engine.runtime.stats import GenerationStats
+
+log = logging.getLogger("moeinf.serve")
+
+_END = object()
+
+
+class QueueFull(Exception):
+    """Every queue slot is taken; the client should retry later."""
+
+
+class Job:
+    """One generation: its prompt ids and options, a cancel flag and the stream of what it produced."""
+
+    def __init__(self, ids: Sequence[int], sampling: dict[str, Any], loop: asyncio.AbstractEventLoop):
+        self.ids = [int(t) for t in ids]
+        self.sampling = dict(sampling)
+        self.cancelled = threading.Event()
+        self.submitted = time.perf_counter()
+        self.started: float | None = None  # when the worker took it
+        self.first_piece: float | None = None  # when its first text piece came
+        self.stats: GenerationStats | None = None
+        self._loop = loop
+        self._items: asyncio.Queue = asyncio.Queue()
+        self._scheduler: Scheduler | None = None
+
+    def cancel(self) -> None:
+        """Stop this job: out of the queue if it waits, before its next token if it runs."""
+        self.cancelled.set()
+        if self._scheduler is not None:
+            self._scheduler._discard(self)
+
+    def _emit(self, item: Any) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._items.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: nobody is listening any more
+            self.cancelled.set()
+
+    async def stream(self) -> AsyncIterator[str | GenerationStats]:
+        """Text pieces, then the GenerationStats (absent when cancelled); raises the generation's error."""
+        while True:
+            item = await self._items.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            if isinstance(item, GenerationStats):
+                self.stats = item
+            elif self.first_piece is None:
+                self.first_piece = time.perf_counter()
+            yield item
+
+
+class Scheduler:
+    """Runs jobs on ``session`` one at a time, in arrival order, in its own thread."""
+
+    def __init__(self, max_queue: int):
+        if max_queue < 0:
+            raise MoeinfError(f"--max-queue must be 0 or more, got {max_queue}")
+        self.max_queue = max_queue
+        self.session: Any = None
+        self.cancelled_count = 0  # jobs cancelled while waiting or running
+        self._queue: collections.deque[Job] = collections.deque()
+        self._cond = threading.Condition()
+        self._running: Job | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # ---- the event loop's side -------------------------------------------------------------
+
+    def start(self, session: Any) -> None:
+        self.session = session
+        self._thread = threading.Thread(target=self._work, name="moeinf-worker", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: Job) -> Job:
+        """Queue ``job``; ``QueueFull`` when ``max_queue`` jobs already wait."""
+        with self._cond:
+            if self._stopping:
+                raise QueueFull("the server is shutting down")
+            busy = self._running is not None or self._queue
+            if busy and len(self._queue) >= self.max_queue:
+                raise QueueFull(f"{len(self._queue)} requests are waiting (--max-queue {self.max_queue})")
+            job._scheduler = self
+            self._queue.append(job)
+            self._cond.notify()
+        return job
+
+    @property
+    def waiting(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> int:
+        return int(self._running is not None)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Cancel what waits, let the running job see its cancel flag, end the thread."""
+        with self._cond:
+            self._stopping = True
+            for job in self._queue:
+                job.cancelled.set()
+                job._emit(_END)
+            self._queue.clear()
+            if self._running is not None:
+                self._running.cancelled.set()
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _discard(self, job: Job) -> None:
+        with self._cond:
+            if job in self._queue:
+                self._queue.remove(job)
+                self.cancelled_count += 1
+                job._emit(_END)
+
+    # ---- the worker thread -----------------------------------------------------------------
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self._queue.popleft()
+                self._running = job
+            try:
+                self._run(job)
+            finally:
+                with self._cond:
+                    self._running = None
+
+    def _run(self, job: Job) -> None:
+        job.started = time.perf_counter()
+        try:
+            gen = self.session.generate_ids(job.ids, **job.sampling)
+            try:
+                for item in gen:
+                    if job.cancelled.is_set():
+                        break
+                    job._emit(item)
+            finally:
+                gen.close()  # a cancelled generation stops here, its KV cache consistent
+            if job.cancelled.is_set():
+                with self._cond:
+                    self.cancelled_count += 1
+        except MoeinfError as err:
+            job._emit(err)
+        except Exception as err:  # a bug or a device error: the request fails, the server goes on
+            log.exception("generation failed")
+            job._emit(err)
+        finally:
+            job._emit(_END)

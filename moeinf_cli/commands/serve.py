@@ -1,0 +1,112 @@
+"""`moeinf serve MODEL`: an OpenAI- and Ollama-compatible HTTP server over one loaded model (``engine.serve``)."""
+
+from __future__ import annotations
+
+import socket
+
+import typer
+
+HELP = """Serve a model over HTTP with the OpenAI and Ollama APIs.
+
+Listens on localhost unless --host says otherwise. The model loads in the background (GET /health answers 503 until it is ready). Requests run one after another in arrival order; at most --max-queue wait (more get 503 with Retry-After). With --api-key (or MOEINF_API_KEY) every route but /health needs `Authorization: Bearer KEY`. Ctrl+C or SIGTERM finishes the requests in flight, then exits.
+
+\b
+Routes:
+  POST /v1/chat/completions  POST /v1/completions  GET /v1/models        (OpenAI)
+  POST /api/chat  POST /api/generate  GET /api/tags  POST /api/show  GET /api/ps  GET /api/version  (Ollama)
+  GET /health  GET /metrics (Prometheus)
+
+\b
+Examples:
+  moeinf serve mixtral
+  moeinf serve mixtral --port 8000 --expert-budget 25% --api-key secret
+  curl http://127.0.0.1:8080/v1/chat/completions -H 'Content-Type: application/json' \\
+    -d '{"model": "mixtral", "messages": [{"role": "user", "content": "Hi"}]}'
+"""
+
+
+def _check_bindable(host: str, port: int) -> None:
+    """Fail with one line, before loading anything, when ``host:port`` cannot be listened on."""
+    from engine.errors import MoeinfError
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as err:
+        raise MoeinfError(
+            f"cannot resolve --host {host} ({err}); give an address such as 127.0.0.1"
+        ) from None
+    family, kind, proto, _, addr = infos[0]
+    with socket.socket(family, kind, proto) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(addr)
+        except OSError as err:
+            raise MoeinfError(
+                f"cannot listen on {host}:{port} ({err.strerror}); choose another --port"
+            ) from None
+
+
+def serve(
+    model: str = typer.Argument(..., help="A model in the store (see `moeinf list`) or a store directory."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8080, "--port", "-p", help="Port to listen on (0: any free port)."),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="MOEINF_API_KEY",
+        show_envvar=True,
+        help="Require `Authorization: Bearer KEY` on every route but /health.",
+    ),
+    max_queue: int = typer.Option(
+        64, "--max-queue", help="Requests that may wait for the model; more get 503."
+    ),
+    ctx: int = typer.Option(
+        4096, "--ctx", help="Context length in tokens (prompt plus answer) of every request."
+    ),
+    expert_budget: str | None = typer.Option(
+        None,
+        "--expert-budget",
+        help="Fast memory for routed experts: 25%, 2GB, 100% (all) or auto. (default auto: what fits in free memory)",
+    ),
+    policy: str | None = typer.Option(
+        None, "--policy", help="Expert cache policy: lru, lfu or eam. (default eam)"
+    ),
+    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto (cuda when available)."),
+    dtype: str | None = typer.Option(
+        None, "--dtype", help="float32, bfloat16 or float16. (default the stored dtype)"
+    ),
+    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+) -> None:
+    from engine.errors import MoeinfError
+    from engine.store.manifest import read_manifest, resolve_model
+
+    if not 0 <= port <= 65535:
+        raise MoeinfError(f"--port must be between 0 and 65535, got {port}")
+    if max_queue < 0:
+        raise MoeinfError(f"--max-queue must be 0 or more, got {max_queue}")
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise MoeinfError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
+    if api_key is not None and not api_key.strip():
+        raise MoeinfError("--api-key (or MOEINF_API_KEY) is empty; give a key or leave it unset")
+    root = resolve_model(model)  # an unknown model fails here, before binding or importing torch
+    name = str(read_manifest(root).get("name") or root.name)
+    _check_bindable(host, port)
+
+    from engine.serve.server import serve as run_server
+    from engine.serve.state import ServeSettings
+
+    def load():
+        import engine
+
+        return engine.load(
+            root, device=device, dtype=dtype, ctx=ctx, expert_budget=expert_budget, policy=policy
+        )
+
+    settings = ServeSettings(model=name, api_key=api_key.strip() if api_key else None, max_queue=max_queue)
+    code = run_server(settings, load, host=host, port=port, log_level=log_level.lower())
+    if code:
+        raise typer.Exit(code)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("serve", help=HELP, no_args_is_help=True)(serve)
