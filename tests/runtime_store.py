@@ -8,6 +8,19 @@ import pytest
 from tiny_models import make_tiny_checkpoint
 
 
+def make_endless(ckpt: Path) -> None:
+    """Zero the LM head's EOS rows of a tiny checkpoint, so a greedy answer does not end by itself."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(str(ckpt / "model.safetensors"))
+    eos_ids = json.loads((ckpt / "generation_config.json").read_text())["eos_token_id"]
+    weights["lm_head.weight"][torch.tensor(eos_ids)] = 0.0
+    save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+
+
 def pull_tiny(family: str, base: Path, name: str | None = None, endless: bool = False) -> tuple[Path, Path, Path]:
     """(store home, store model dir, checkpoint dir) of tiny ``family`` pulled with ``moeinf pull``'s code.
 
@@ -17,15 +30,7 @@ def pull_tiny(family: str, base: Path, name: str | None = None, endless: bool = 
     home = base / "home"
     ckpt = make_tiny_checkpoint(family, base / f"ckpt-{family}")
     if endless:
-        import json
-
-        import torch
-        from safetensors.torch import load_file, save_file
-
-        weights = load_file(str(ckpt / "model.safetensors"))
-        eos_ids = json.loads((ckpt / "generation_config.json").read_text())["eos_token_id"]
-        weights["lm_head.weight"][torch.tensor(eos_ids)] = 0.0
-        save_file(weights, str(ckpt / "model.safetensors"), metadata={"format": "pt"})
+        make_endless(ckpt)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MOEINF_HOME", str(home))
         pull_model(str(ckpt), name=name or f"tiny-{family}")

@@ -8,7 +8,6 @@ closes the session.
 from __future__ import annotations
 
 import contextlib
-import inspect
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -18,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from engine import __version__
 from engine.serve.errors import install_error_handlers
 from engine.serve.middleware import ServeMiddleware
+from engine.serve.ollama_api import build_router as ollama_router
 from engine.serve.openai_api import build_router as openai_router
 from engine.serve.state import ServeState
 
@@ -31,11 +31,6 @@ def create_app(state: ServeState) -> FastAPI:
         finally:
             state.close()
 
-    options: dict[str, Any] = {}
-    if "strict_content_type" in inspect.signature(FastAPI).parameters:
-        options["strict_content_type"] = (
-            False  # `curl -d '{...}'` (no JSON content type) works, as with Ollama
-        )
     app = FastAPI(
         title="moeinf",
         version=__version__,
@@ -43,11 +38,10 @@ def create_app(state: ServeState) -> FastAPI:
         docs_url=None,
         redoc_url=None,
         openapi_url=None,
-        **options,
     )
     app.state.serve = state
     install_error_handlers(app)
-    routers = [openai_router(state)]
+    routers = [openai_router(state), ollama_router(state)]
     for router in routers:
         app.include_router(router)
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any
 
@@ -20,6 +19,7 @@ from engine.runtime.stats import GenerationStats
 from engine.serve.errors import ApiError
 from engine.serve.scheduler import Job, QueueFull
 from engine.serve.state import ServeState
+from engine.serve.tools import ToolCall, ToolCallStream
 
 
 async def prompt_ids(
@@ -120,22 +120,44 @@ def _account(state: ServeState, request: Request, job: Job) -> None:
     }
 
 
-async def collect(state: ServeState, request: Request, job: Job) -> tuple[str, GenerationStats]:
-    """The whole answer of a non-streaming request (watching for the client to leave meanwhile)."""
+async def answer_events(
+    state: ServeState, request: Request, job: Job, tools: bool, watch: bool = False
+) -> AsyncIterator[tuple[str, Any]]:
+    """The answer as ``("text", str)``, ``("call", ToolCall)`` (when ``tools``: the model's tool calls,
+    taken out of the text) and last ``("stats", GenerationStats)`` (absent when cancelled)."""
+    scanner = ToolCallStream() if tools else None
+    async for item in pieces(state, request, job, watch):
+        if isinstance(item, str):
+            text, calls = scanner.push(item) if scanner is not None else (item, [])
+            if text:
+                yield "text", text
+            for call in calls:
+                yield "call", call
+        else:
+            if scanner is not None and (tail := scanner.flush()):
+                yield "text", tail
+            yield "stats", item
+
+
+async def collect_answer(
+    state: ServeState, request: Request, job: Job, tools: bool
+) -> tuple[str, list[ToolCall], GenerationStats]:
+    """The whole answer of a non-streaming request (watching for the client to leave meanwhile):
+    text, tool calls, stats."""
     parts: list[str] = []
+    calls: list[ToolCall] = []
     stats = None
     try:
-        async for item in pieces(state, request, job, watch=True):
-            if isinstance(item, str):
-                parts.append(item)
+        async for kind, value in answer_events(state, request, job, tools, watch=True):
+            if kind == "text":
+                parts.append(value)
+            elif kind == "call":
+                calls.append(value)
             else:
-                stats = item
+                stats = value
     except MoeinfError as err:
         raise ApiError(500, f"generation failed: {err}", "generation_failed") from None
     if stats is None:  # cancelled: the client is gone, this answer goes nowhere
         raise ApiError(499, "the client closed the request", "client_closed")
-    return "".join(parts), stats
-
-
-def now() -> int:
-    return int(time.time())
+    text = "".join(parts)
+    return (text.strip() if calls else text), calls, stats

@@ -25,6 +25,16 @@ access_log = logging.getLogger("moeinf.access")
 OPEN_PATHS = frozenset({"/health"})  # answered without the API key
 
 
+def _as_json(scope: Scope) -> Scope:
+    """Every body here is JSON: ``curl -d '{...}'`` (sent as a form) is read as JSON, as Ollama reads it."""
+    headers = scope.get("headers") or []
+    kinds = [v for k, v in headers if k == b"content-type"]
+    if scope.get("method") != "POST" or (kinds and kinds[0].split(b";")[0].strip() == b"application/json"):
+        return scope
+    rest = [(k, v) for k, v in headers if k != b"content-type"]
+    return {**scope, "headers": [*rest, (b"content-type", b"application/json")]}
+
+
 class ServeMiddleware:
     """Checks ``Authorization: Bearer KEY`` (when a key is set), counts and logs every request."""
 
@@ -50,6 +60,7 @@ class ServeMiddleware:
             await self.app(scope, receive, send)
             return
         t0 = time.perf_counter()
+        scope = _as_json(scope)
         headers = dict(scope.get("headers") or [])
         request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:128] or uuid.uuid4().hex
         status = {"code": 500}

@@ -12,6 +12,7 @@ choice) is refused with a 400 that says so. Streaming answers are server-sent ev
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -22,9 +23,9 @@ from sse_starlette import EventSourceResponse
 
 from engine.errors import MoeinfError
 from engine.serve.errors import ApiError
-from engine.serve.generation import check_fits, collect, now, pieces, prompt_ids, submit
+from engine.serve.generation import answer_events, check_fits, collect_answer, prompt_ids, submit
 from engine.serve.state import ServeState
-from engine.serve.tools import ToolCall, ToolCallStream, split_tool_calls, to_template_messages
+from engine.serve.tools import ToolCall, to_template_messages
 
 
 class StreamOptions(BaseModel):
@@ -226,7 +227,7 @@ def build_router(state: ServeState) -> APIRouter:
         tools = _chat_tools(req)
         ids = await prompt_ids(state, _chat_messages(req), tools=tools)
         job = submit(state, ids, sampling)
-        cid, created = f"chatcmpl-{uuid.uuid4().hex}", now()
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {
             "id": cid,
             "object": "chat.completion",
@@ -235,10 +236,7 @@ def build_router(state: ServeState) -> APIRouter:
             "system_fingerprint": "moeinf",
         }
         if not req.stream:
-            text, stats = await collect(state, request, job)
-            calls: list[ToolCall] = []
-            if tools:
-                text, calls = split_tool_calls(text)
+            text, calls, stats = await collect_answer(state, request, job, bool(tools))
             message: dict[str, Any] = {"role": "assistant", "content": text if (text or not calls) else None}
             if calls:
                 message["tool_calls"] = [c.openai() for c in calls]
@@ -282,12 +280,12 @@ def build_router(state: ServeState) -> APIRouter:
         base = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",
-            "created": now(),
+            "created": int(time.time()),
             "model": state.settings.model,
             "system_fingerprint": "moeinf",
         }
         if not req.stream:
-            text, stats = await collect(state, request, job)
+            text, _, stats = await collect_answer(state, request, job, False)
             return {
                 **base,
                 "choices": [
@@ -302,6 +300,9 @@ def build_router(state: ServeState) -> APIRouter:
     return router
 
 
+_STREAM_ERROR = {"type": "server_error", "param": None, "code": "generation_failed"}
+
+
 async def _chat_stream(
     state: ServeState, request: Request, job: Any, base: dict[str, Any], tools: bool, include_usage: bool
 ) -> AsyncIterator[dict[str, str]]:
@@ -309,89 +310,44 @@ async def _chat_stream(
     extra = {"usage": None} if include_usage else {}
 
     def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, str]:
-        return _sse(
-            {
-                **base,
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-                **extra,
-            }
-        )
+        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return _sse({**base, "choices": [choice], **extra})
 
     yield chunk({"role": "assistant", "content": ""})
-    scanner = ToolCallStream() if tools else None
     calls: list[ToolCall] = []
-    stats = None
     try:
-        async for item in pieces(state, request, job, watch=False):
-            if not isinstance(item, str):
-                stats = item
-                if scanner is not None and (tail := scanner.flush()):
-                    yield chunk({"content": tail})
-                continue
-            text, new = scanner.push(item) if scanner is not None else (item, [])
-            if text:
-                yield chunk({"content": text})
-            for call in new:
-                yield chunk({"tool_calls": [call.openai(index=len(calls))]})
-                calls.append(call)
+        async for kind, value in answer_events(state, request, job, tools):
+            if kind == "text":
+                yield chunk({"content": value})
+            elif kind == "call":
+                yield chunk({"tool_calls": [value.openai(index=len(calls))]})
+                calls.append(value)
+            else:
+                yield chunk({}, _finish(value, calls))
+                if include_usage:
+                    yield _sse({**base, "choices": [], "usage": _usage(value)})
+                yield {"data": "[DONE]"}
     except MoeinfError as err:
-        yield _sse(
-            {
-                "error": {
-                    "message": f"generation failed: {err}",
-                    "type": "server_error",
-                    "param": None,
-                    "code": "generation_failed",
-                }
-            }
-        )
-        return
-    if stats is None:
-        return
-    yield chunk({}, _finish(stats, calls))
-    if include_usage:
-        yield _sse({**base, "choices": [], "usage": _usage(stats)})
-    yield {"data": "[DONE]"}
+        yield _sse({"error": {"message": f"generation failed: {err}", **_STREAM_ERROR}})
 
 
 async def _completion_stream(
     state: ServeState, request: Request, job: Any, base: dict[str, Any], include_usage: bool
 ) -> AsyncIterator[dict[str, str]]:
     extra = {"usage": None} if include_usage else {}
-    stats = None
+
+    def chunk(text: str, finish: str | None = None) -> dict[str, str]:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return _sse({**base, "choices": [choice], **extra})
+
     try:
-        async for item in pieces(state, request, job, watch=False):
-            if isinstance(item, str):
-                yield _sse(
-                    {
-                        **base,
-                        "choices": [{"index": 0, "text": item, "logprobs": None, "finish_reason": None}],
-                        **extra,
-                    }
-                )
+        async for kind, value in answer_events(state, request, job, False):
+            if kind == "text":
+                yield chunk(value)
             else:
-                stats = item
+                yield chunk("", _finish(value, []))
+                if include_usage:
+                    yield _sse({**base, "choices": [], "usage": _usage(value)})
+                yield {"data": "[DONE]"}
     except MoeinfError as err:
-        yield _sse(
-            {
-                "error": {
-                    "message": f"generation failed: {err}",
-                    "type": "server_error",
-                    "param": None,
-                    "code": "generation_failed",
-                }
-            }
-        )
-        return
-    if stats is None:
-        return
-    yield _sse(
-        {
-            **base,
-            "choices": [{"index": 0, "text": "", "logprobs": None, "finish_reason": _finish(stats, [])}],
-            **extra,
-        }
-    )
-    if include_usage:
-        yield _sse({**base, "choices": [], "usage": _usage(stats)})
-    yield {"data": "[DONE]"}
+        yield _sse({"error": {"message": f"generation failed: {err}", **_STREAM_ERROR}})

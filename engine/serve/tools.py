@@ -1,9 +1,8 @@
 """Tool calls in the model's output: Hermes/Qwen ``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``.
 
 Chat templates that take ``tools`` (Qwen2.5/3, Hermes, many fine-tunes) ask the model to answer a call
-as JSON between ``<tool_call>`` tags. ``split_tool_calls`` finds the calls in a whole answer;
-``ToolCallStream`` does the same over streamed pieces, holding back text from where a tag may start
-until the call closes. A block whose JSON does not parse, or has no name, stays text.
+as JSON between ``<tool_call>`` tags. ``ToolCallStream`` takes the calls out of the streamed pieces,
+holding back text from where a tag may start until the call closes. A block whose JSON does not parse, or has no name, stays text.
 Conversations sent back (an assistant turn's ``tool_calls`` with JSON-string arguments) are given to
 the template with the arguments as objects, as Hugging Face templates expect (``to_template_messages``).
 """
@@ -11,14 +10,12 @@ the template with the arguments as objects, as Hugging Face templates expect (``
 from __future__ import annotations
 
 import json
-import re
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
-_BLOCK = re.compile(re.escape(OPEN) + r"(.*?)" + re.escape(CLOSE), re.DOTALL)
 
 
 @dataclass(frozen=True)
@@ -58,22 +55,6 @@ def parse_call(body: str) -> ToolCall | None:
     if not isinstance(args, Mapping):
         return None
     return ToolCall(data["name"], dict(args), f"call_{uuid.uuid4().hex[:24]}")
-
-
-def split_tool_calls(text: str) -> tuple[str, list[ToolCall]]:
-    """(the text without its tool-call blocks, the calls) of a whole answer."""
-    calls: list[ToolCall] = []
-    kept: list[str] = []
-    last = 0
-    for match in _BLOCK.finditer(text):
-        call = parse_call(match.group(1).strip())
-        if call is None:
-            continue
-        kept.append(text[last : match.start()])
-        calls.append(call)
-        last = match.end()
-    kept.append(text[last:])
-    return ("".join(kept).strip() if calls else text), calls
 
 
 class ToolCallStream:
