@@ -6,6 +6,8 @@ import socket
 
 import typer
 
+from moeinf_cli.options import LOAD, Model, with_options
+
 HELP = """Serve a model over HTTP with the OpenAI and Ollama APIs.
 
 Listens on localhost unless --host says otherwise. The model loads in the background (GET /health answers 503 until it is ready). Requests run one after another in arrival order; at most --max-queue wait (more get 503 with Retry-After). With --api-key (or MOEINF_API_KEY) every route but /health needs `Authorization: Bearer KEY`. Ctrl+C or SIGTERM finishes the requests in flight, then exits.
@@ -47,35 +49,46 @@ def _check_bindable(host: str, port: int) -> None:
 
 
 def serve(
-    model: str = typer.Argument(..., help="A model in the store (see `moeinf list`) or a store directory."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
-    port: int = typer.Option(8080, "--port", "-p", help="Port to listen on (0: any free port)."),
+    model: Model,
+    host: str = typer.Option(
+        "127.0.0.1",
+        "--host",
+        metavar="ADDRESS",
+        help="Address to listen on; 0.0.0.0 = every interface. (default 127.0.0.1)",
+        show_default=False,
+    ),
+    port: int = typer.Option(
+        8080,
+        "--port",
+        "-p",
+        metavar="N",
+        help="Port to listen on; 0 = any free port. (default 8080)",
+        show_default=False,
+    ),
     api_key: str | None = typer.Option(
         None,
         "--api-key",
+        metavar="KEY",
         envvar="MOEINF_API_KEY",
         show_envvar=True,
         help="Require `Authorization: Bearer KEY` on every route but /health.",
     ),
     max_queue: int = typer.Option(
-        64, "--max-queue", help="Requests that may wait for the model; more get 503."
+        64,
+        "--max-queue",
+        metavar="N",
+        help="Requests that may wait for the model; more get 503. (default 64)",
+        show_default=False,
     ),
-    ctx: int = typer.Option(
-        4096, "--ctx", help="Context length in tokens (prompt plus answer) of every request."
+    log_level: str = typer.Option(
+        "info",
+        "--log-level",
+        metavar="LEVEL",
+        help="debug, info, warning or error. (default info)",
+        show_default=False,
     ),
-    expert_budget: str | None = typer.Option(
-        None,
-        "--expert-budget",
-        help="Fast memory for routed experts: 25%, 2GB, 100% (all) or auto. (default auto: what fits in free memory)",
-    ),
-    policy: str | None = typer.Option(
-        None, "--policy", help="Expert cache policy: lru, lfu or eam. (default eam)"
-    ),
-    device: str = typer.Option("auto", "--device", help="cpu, cuda, cuda:N, or auto (cuda when available)."),
-    dtype: str | None = typer.Option(
-        None, "--dtype", help="float32, bfloat16 or float16. (default the stored dtype)"
-    ),
-    log_level: str = typer.Option("info", "--log-level", help="debug, info, warning or error."),
+    *,
+    load: dict,
 ) -> None:
     from engine.errors import MoeinfError
     from engine.store.manifest import read_manifest, resolve_model
@@ -95,18 +108,16 @@ def serve(
     from engine.serve.server import serve as run_server
     from engine.serve.state import ServeSettings
 
-    def load():
+    def load_model():
         import engine
 
-        return engine.load(
-            root, device=device, dtype=dtype, ctx=ctx, expert_budget=expert_budget, policy=policy
-        )
+        return engine.load(root, **load)
 
     settings = ServeSettings(model=name, api_key=api_key.strip() if api_key else None, max_queue=max_queue)
-    code = run_server(settings, load, host=host, port=port, log_level=log_level.lower())
+    code = run_server(settings, load_model, host=host, port=port, log_level=log_level.lower())
     if code:
         raise typer.Exit(code)
 
 
 def register(app: typer.Typer) -> None:
-    app.command("serve", help=HELP, no_args_is_help=True)(serve)
+    app.command("serve", help=HELP, no_args_is_help=True)(with_options(load=LOAD)(serve))
