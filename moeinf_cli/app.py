@@ -16,7 +16,7 @@ from engine import __version__
 from engine.errors import MoeinfError
 from moeinf_cli.plain_help import App
 
-COMMAND_MODULES = ("pull", "models", "run", "chat", "serve", "trace", "bench")
+COMMAND_MODULES = ("pull", "models", "run", "chat", "serve", "export", "trace", "bench")
 
 app = App(
     name="moeinf",

@@ -58,5 +58,6 @@ file of the model except manifest.json itself.
 Modules: ``paths`` (where things live), ``families`` (the family descriptors and their registry, ``moe_layout``), ``manifest``
 (``read_manifest``, ``resolve_model``, ``list_models``), ``shards`` (aligned streaming safetensors
 writer), ``convert`` (checkpoint dir or shard source -> store model), ``hub`` (aliases, downloads),
-``pull`` (the whole pull), ``verify`` (re-hash a model).
+``pull`` (the whole pull), ``verify`` (re-hash a model), ``export`` (a store model back to a Hugging Face
+checkpoint directory).
 """
