@@ -295,3 +295,12 @@ def test_access_log_is_one_json_line_per_request(srv, client, caplog):
     line = next(entry for entry in lines if entry["request_id"] == "req-42")
     assert line["path"] == "/v1/chat/completions" and line["status"] == 200 and line["method"] == "POST"
     assert line["completion_tokens"] == 3 and line["prompt_tokens"] > 0 and line["duration_s"] >= 0
+
+
+def test_cache_prompt_false_prefills_everything_with_the_same_answer(client):
+    first = chat(client, max_tokens=6)
+    again = chat(client, max_tokens=6)
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    cold = chat(client, max_tokens=6, extra_body={"cache_prompt": False})
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    assert cold.choices[0].message.content == first.choices[0].message.content

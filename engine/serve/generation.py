@@ -54,13 +54,14 @@ def check_fits(session: Any, ids: list[int], param: str) -> list[int]:
     return ids
 
 
-def submit(state: ServeState, ids: list[int], sampling: dict[str, Any]) -> Job:
-    """Queue a generation; 400 for bad sampling values, 503 with Retry-After when the queue is full."""
+def submit(state: ServeState, ids: list[int], sampling: dict[str, Any], reuse_prefix: bool = True) -> Job:
+    """Queue a generation; 400 for bad sampling values, 503 with Retry-After when the queue is full.
+    ``reuse_prefix`` False prefills the whole prompt even when the KV cache holds a prefix of it."""
     try:
         SamplingParams.from_options(sampling)
     except MoeinfError as err:
         raise ApiError(400, str(err), "invalid_sampling") from None
-    job = Job(ids, sampling, asyncio.get_running_loop())
+    job = Job(ids, sampling, asyncio.get_running_loop(), reuse_prefix)
     try:
         return state.scheduler.submit(job)
     except QueueFull as err:

@@ -3,9 +3,9 @@
 OpenAI's defaults apply (temperature 1, top_p 1, no top-k, no repetition penalty); ``max_tokens`` /
 ``max_completion_tokens``, ``stop`` (up to 4), ``seed``, ``frequency_penalty``/``presence_penalty``,
 ``logit_bias``, ``tools``/``tool_choice`` (``auto`` or ``none``) and ``stream`` with
-``stream_options.include_usage`` are honoured; llama-server's extras ``top_k``, ``min_p`` and
-``repeat_penalty`` too. What the engine cannot do (``n`` > 1, logprobs, JSON mode, a forced tool
-choice) is refused with a 400 that says so. Streaming answers are server-sent events ending in
+``stream_options.include_usage`` are honoured; llama-server's extras ``top_k``, ``min_p``,
+``repeat_penalty`` and ``cache_prompt`` (False: no KV prefix reuse) too. What the engine cannot do
+(``n`` > 1, logprobs, JSON mode, a forced tool choice) is refused with a 400 that says so. Streaming answers are server-sent events ending in
 ``data: [DONE]``.
 """
 
@@ -55,6 +55,7 @@ class _Sampling(BaseModel):
     top_k: int | None = None
     min_p: float | None = Field(None, ge=0, le=1)
     repeat_penalty: float | None = Field(None, gt=0)
+    cache_prompt: bool = True  # llama-server's: False prefills the whole prompt again
 
     def sampling(self, max_tokens: int | None) -> dict[str, Any]:
         if self.n != 1:
@@ -226,7 +227,7 @@ def build_router(state: ServeState) -> APIRouter:
         sampling = req.sampling(max_tokens)
         tools = _chat_tools(req)
         ids = await prompt_ids(state, _chat_messages(req), tools=tools)
-        job = submit(state, ids, sampling)
+        job = submit(state, ids, sampling, req.cache_prompt)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {
             "id": cid,
@@ -276,7 +277,7 @@ def build_router(state: ServeState) -> APIRouter:
                 prompt = prompt[0]
             ids = await prompt_ids(state, str(prompt), raw=True, param="prompt")
         sampling = req.sampling(16 if req.max_tokens is None else req.max_tokens)  # OpenAI's default: 16
-        job = submit(state, ids, sampling)
+        job = submit(state, ids, sampling, req.cache_prompt)
         base = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",

@@ -35,9 +35,11 @@ class QueueFull(Exception):
 class Job:
     """One generation: its prompt ids and options, a cancel flag and the stream of what it produced."""
 
-    def __init__(self, ids: Sequence[int], sampling: dict[str, Any], loop: asyncio.AbstractEventLoop):
+    def __init__(self, ids: Sequence[int], sampling: dict[str, Any], loop: asyncio.AbstractEventLoop,
+                 reuse_prefix: bool = True):
         self.ids = [int(t) for t in ids]
         self.sampling = dict(sampling)
+        self.reuse_prefix = reuse_prefix  # False: prefill the whole prompt (the KV cache is cleared first)
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
         self.started: float | None = None  # when the worker took it
@@ -158,6 +160,8 @@ class Scheduler:
     def _run(self, job: Job) -> None:
         job.started = time.perf_counter()
         try:
+            if not job.reuse_prefix:
+                self.session.reset()
             gen = self.session.generate_ids(job.ids, **job.sampling)
             try:
                 for item in gen:
