@@ -8,6 +8,7 @@ call a tool (``logit_bias`` on that token) and the server must hand the call bac
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import ollama
@@ -261,3 +262,17 @@ def test_ollama_tool_call(client):
     parts = list(client.chat(model="tools", messages=HI, tools=[WEATHER_TOOL], options=options, stream=True))
     streamed = [tc for p in parts for tc in (p.message.tool_calls or [])]
     assert [c.function.name for c in streamed] == ["get_weather"] and parts[-1].done
+
+
+def test_ndjson_disconnect_cancels(srv, client):
+    body = {"model": "tools", "messages": HI, "options": {"num_predict": 100000, "temperature": 0}}
+    with httpx.stream("POST", srv.url + "/api/chat", json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        assert json.loads(next(lines))["done"] is False
+        next(lines)
+    deadline = time.monotonic() + 60
+    while srv.state.scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert srv.state.scheduler.running == 0
+    assert len(srv.state.session.cached_tokens) < CTX // 2
+    assert client.chat(model="tools", messages=HI, options={"num_predict": 2}).eval_count == 2

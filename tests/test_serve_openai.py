@@ -304,3 +304,16 @@ def test_cache_prompt_false_prefills_everything_with_the_same_answer(client):
     cold = chat(client, max_tokens=6, extra_body={"cache_prompt": False})
     assert cold.usage.prompt_tokens_details.cached_tokens == 0
     assert cold.choices[0].message.content == first.choices[0].message.content
+
+
+def test_a_non_streaming_client_that_gives_up_cancels_too(srv, client):
+    cancelled = _metric(srv.url, 'moeinf_generations_total{reason="cancelled"}')
+    body = {"model": "tiny", "messages": HI, "max_tokens": 100000, "temperature": 0}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
+    deadline = time.monotonic() + 60
+    while srv.state.scheduler.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert srv.state.scheduler.running == 0
+    assert _metric(srv.url, 'moeinf_generations_total{reason="cancelled"}') == cancelled + 1
+    assert chat(client, max_tokens=2).usage.completion_tokens == 2
