@@ -106,8 +106,9 @@ def _account(state: ServeState, request: Request, job: Job) -> None:
     stats = job.stats
     if stats is None:
         job.cancel()
-        state.metrics.generations.labels("cancelled").inc()
-        request.state.usage = {"cancelled": True}
+        reason = "error" if job.failed else "cancelled"
+        state.metrics.generations.labels(reason).inc()
+        request.state.usage = {"done_reason": reason}
         return
     ttft = job.first_piece - job.submitted if job.first_piece is not None else None
     wait = job.started - job.submitted if job.started is not None else None

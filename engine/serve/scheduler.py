@@ -45,6 +45,7 @@ class Job:
         self.started: float | None = None  # when the worker took it
         self.first_piece: float | None = None  # when its first text piece came
         self.stats: GenerationStats | None = None
+        self.failed = False  # the generation raised
         self._loop = loop
         self._items: asyncio.Queue = asyncio.Queue()
         self._scheduler: Scheduler | None = None
@@ -68,6 +69,7 @@ class Job:
             if item is _END:
                 return
             if isinstance(item, BaseException):
+                self.failed = True
                 raise item
             if isinstance(item, GenerationStats):
                 self.stats = item
