@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -35,6 +36,13 @@ class ThreadServer:
         if self._wait_loaded and not self.state.wait_loaded(120):
             raise RuntimeError(f"the test server's model did not load: {self.state.load_error}")
         return self
+
+    def wait_idle(self, timeout: float = 60) -> None:
+        """Until no generation runs (a cancelled one has stopped)."""
+        deadline = time.monotonic() + timeout
+        while self.state.scheduler.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert self.state.scheduler.running == 0, "a generation is still running"
 
     def __exit__(self, *exc: Any) -> None:
         self.server.should_exit = True

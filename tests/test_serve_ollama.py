@@ -8,7 +8,6 @@ call a tool (``logit_bias`` on that token) and the server must hand the call bac
 from __future__ import annotations
 
 import json
-import time
 
 import httpx
 import ollama
@@ -270,9 +269,6 @@ def test_ndjson_disconnect_cancels(srv, client):
         lines = response.iter_lines()
         assert json.loads(next(lines))["done"] is False
         next(lines)
-    deadline = time.monotonic() + 60
-    while srv.state.scheduler.running and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert srv.state.scheduler.running == 0
+    srv.wait_idle()
     assert len(srv.state.session.cached_tokens) < CTX // 2
     assert client.chat(model="tools", messages=HI, options={"num_predict": 2}).eval_count == 2

@@ -44,6 +44,15 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
+def refuse_unsupported(fields: dict[str, Any], hint: str = "") -> None:
+    """A 400 naming the first of ``fields`` (name -> given and not supported) that was given."""
+    for name, given in fields.items():
+        if given:
+            raise ApiError(
+                400, f"{name} is not supported by this server{hint}", "unsupported_parameter", name
+            )
+
+
 def is_openai_path(path: str) -> bool:
     return path.startswith("/v1/") or path == "/v1"
 

@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from engine import __version__
 from engine.errors import MoeinfError
 from engine.runtime.sampling import SamplingParams
-from engine.serve.errors import ApiError
+from engine.serve.errors import ApiError, refuse_unsupported
 from engine.serve.generation import answer_events, collect_answer, prompt_ids, submit
 from engine.serve.state import ServeState
 from engine.serve.tools import ToolCall
@@ -284,16 +284,8 @@ def build_router(state: ServeState) -> APIRouter:
     @router.post("/api/generate")
     async def generate(req: GenerateRequest, request: Request) -> Any:
         state.check_model(req.model)
-        for name, bad in (
-            ("suffix", req.suffix),
-            ("template", req.template),
-            ("context", req.context),
-            ("images", req.images),
-        ):
-            if bad:
-                raise ApiError(
-                    400, f"{name} is not supported by this server; send the whole prompt (or use /api/chat)"
-                )
+        given = {"suffix": req.suffix, "template": req.template, "context": req.context, "images": req.images}
+        refuse_unsupported(given, "; send the whole prompt (or use /api/chat)")
         sampling = req.sampling()
         state.ready_session()
         if not req.prompt:

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 
 from engine.errors import MoeinfError
-from engine.serve.errors import ApiError
+from engine.serve.errors import ApiError, refuse_unsupported
 from engine.serve.generation import answer_events, check_fits, collect_answer, prompt_ids, submit
 from engine.serve.state import ServeState
 from engine.serve.tools import ToolCall, to_template_messages
@@ -255,13 +255,7 @@ def build_router(state: ServeState) -> APIRouter:
     @router.post("/v1/completions")
     async def completions(req: CompletionRequest, request: Request) -> Any:
         state.check_model(req.model)
-        for name, bad in (
-            ("echo", req.echo),
-            ("suffix", req.suffix),
-            ("best_of", req.best_of not in (None, 1)),
-        ):
-            if bad:
-                raise ApiError(400, f"{name} is not supported by this server", "unsupported_parameter", name)
+        refuse_unsupported({"echo": req.echo, "suffix": req.suffix, "best_of": req.best_of not in (None, 1)})
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
             ids = check_fits(state.ready_session(), [int(p) for p in prompt], "prompt")

@@ -35,8 +35,13 @@ class QueueFull(Exception):
 class Job:
     """One generation: its prompt ids and options, a cancel flag and the stream of what it produced."""
 
-    def __init__(self, ids: Sequence[int], sampling: dict[str, Any], loop: asyncio.AbstractEventLoop,
-                 reuse_prefix: bool = True):
+    def __init__(
+        self,
+        ids: Sequence[int],
+        sampling: dict[str, Any],
+        loop: asyncio.AbstractEventLoop,
+        reuse_prefix: bool = True,
+    ):
         self.ids = [int(t) for t in ids]
         self.sampling = dict(sampling)
         self.reuse_prefix = reuse_prefix  # False: prefill the whole prompt (the KV cache is cleared first)
