@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 import openai
@@ -201,6 +202,14 @@ def _metric(url: str, name: str) -> float:
     return total
 
 
+def _wait_metric(url: str, name: str, value: float, timeout: float = 30) -> bool:
+    """Whether the metric reaches ``value`` (the handler counts a cancel just after the worker stopped)."""
+    deadline = time.monotonic() + timeout
+    while _metric(url, name) != value and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return _metric(url, name) == value
+
+
 def test_disconnect_mid_stream_cancels_the_generation(srv, client):
     cancelled = _metric(srv.url, 'moeinf_generations_total{reason="cancelled"}')
     body = {"model": "tiny", "messages": HI, "max_tokens": 100000, "temperature": 0, "stream": True}
@@ -211,7 +220,7 @@ def test_disconnect_mid_stream_cancels_the_generation(srv, client):
     # the connection is closed: the generation stops long before its 100000 tokens or the full context
     srv.wait_idle()
     assert len(srv.state.session.cached_tokens) < CTX // 2
-    assert _metric(srv.url, 'moeinf_generations_total{reason="cancelled"}') == cancelled + 1
+    assert _wait_metric(srv.url, 'moeinf_generations_total{reason="cancelled"}', cancelled + 1)
     assert chat(client, max_tokens=3).usage.completion_tokens == 3  # the server serves the next one
 
 
@@ -220,8 +229,8 @@ def test_metrics_count_requests_and_tokens(srv, client):
     requests = _metric(srv.url, 'moeinf_requests_total{route="/v1/chat/completions",status="200"}')
     chat(client, max_tokens=5)
     assert _metric(srv.url, "moeinf_generated_tokens_total") == before + 5
-    assert (
-        _metric(srv.url, 'moeinf_requests_total{route="/v1/chat/completions",status="200"}') == requests + 1
+    assert _wait_metric(
+        srv.url, 'moeinf_requests_total{route="/v1/chat/completions",status="200"}', requests + 1
     )
     text = httpx.get(srv.url + "/metrics").text
     for name in (
@@ -285,10 +294,17 @@ def test_loading_answers_503_until_the_model_is_ready(store):
 
 
 def test_access_log_is_one_json_line_per_request(srv, client, caplog):
+    def logged() -> list[dict]:
+        lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "moeinf.access"]
+        return [entry for entry in lines if entry["request_id"] == "req-42"]
+
     with caplog.at_level("INFO", logger="moeinf.access"):
-        chat(client, max_tokens=3, extra_headers={"X-Request-ID": "req-42"})
-    lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "moeinf.access"]
-    line = next(entry for entry in lines if entry["request_id"] == "req-42")
+        r = chat(client, max_tokens=3, extra_headers={"X-Request-ID": "req-42"})
+        deadline = time.monotonic() + 30  # the line is written once the response is sent
+        while not logged() and time.monotonic() < deadline:
+            time.sleep(0.01)
+    assert r._request_id == "req-42"  # echoed back as X-Request-ID
+    (line,) = logged()
     assert line["path"] == "/v1/chat/completions" and line["status"] == 200 and line["method"] == "POST"
     assert line["completion_tokens"] == 3 and line["prompt_tokens"] > 0 and line["duration_s"] >= 0
 
@@ -308,5 +324,5 @@ def test_a_non_streaming_client_that_gives_up_cancels_too(srv, client):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(srv.url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(60, read=1.0))
     srv.wait_idle()
-    assert _metric(srv.url, 'moeinf_generations_total{reason="cancelled"}') == cancelled + 1
+    assert _wait_metric(srv.url, 'moeinf_generations_total{reason="cancelled"}', cancelled + 1)
     assert chat(client, max_tokens=2).usage.completion_tokens == 2
