@@ -4,13 +4,10 @@
 downloaded): ``config.json`` (as stored: a dequantised source no longer names a quantisation),
 ``generation_config.json``, the tokenizer files and chat template, and the weights under the hub's
 tensor names in ``model-0000k-of-0000n.safetensors`` shards with ``model.safetensors.index.json``.
-Names per family (the inverse of the pull's):
-
-* mixtral: ``model.layers.L.block_sparse_moe.gate.weight`` and
-  ``block_sparse_moe.experts.E.{w1,w3,w2}.weight`` (gate, up, down);
-* gpt_oss: the fused ``mlp.experts.gate_up_proj`` [E, H, 2I] (gate and up interleaved),
-  ``gate_up_proj_bias`` [E, 2I], ``down_proj`` [E, I, H], ``down_proj_bias`` [E, H];
-* the others: ``model.layers.L.mlp.experts.E.{gate_proj,up_proj,down_proj}.weight``.
+The names are the family's (``engine.store.families.Family``, the inverse of the pull's): the MoE
+block's module (``moe_module``, e.g. Mixtral's ``block_sparse_moe``), the experts one per expert with
+the hub's projection names (``projections``, e.g. Mixtral's ``w1``/``w3``/``w2``), or fused per layer
+where the family's hub checkpoints are (``fuse_experts``, gpt-oss).
 
 Tensors are read one at a time (a gpt-oss layer's experts together) and written in the stored dtype.
 The directory is built aside (``<out_dir>.partial``) and renamed into place when complete.
@@ -19,6 +16,7 @@ The directory is built aside (``<out_dir>.partial``) and renamed into place when
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +26,7 @@ from safetensors import safe_open
 
 from engine.errors import MoeinfError
 from engine.store.convert import SpillingShardWriter
-from engine.store.families import moe_layout
+from engine.store.families import Family, family_of
 from engine.store.manifest import read_manifest, resolve_model
 from engine.store.paths import expert_shard_path
 
@@ -43,13 +41,18 @@ COPIED = (
     "tokenizer.model",
 )
 _FLOAT = (torch.float32, torch.float16, torch.bfloat16)
+_LAYER_MLP = re.compile(r"^model\.layers\.(\d+)\.mlp\.")
 
 
-def _dense(root: Path, family: str) -> Iterator[tuple[str, torch.Tensor]]:
+def _dense(root: Path, family: Family, moe_layers: set[int]) -> Iterator[tuple[str, torch.Tensor]]:
+    """The dense tensors under the hub's names (the MoE block renamed back where the family's is not ``mlp``)."""
     for part in sorted((root / "dense").glob("*.safetensors")):
         with safe_open(str(part), framework="pt") as f:
             for name in f.keys():  # noqa: SIM118 - safe_open is not a dict
-                out = name.replace(".mlp.", ".block_sparse_moe.") if family == "mixtral" else name
+                m = _LAYER_MLP.match(name)
+                out = name
+                if m and int(m.group(1)) in moe_layers and family.moe_module != "mlp":
+                    out = f"model.layers.{m.group(1)}.{family.moe_module}.{name[m.end() :]}"
                 yield out, f.get_tensor(name)
 
 
@@ -70,44 +73,22 @@ def _expert(root: Path, layer: int, expert: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _experts(root: Path, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
-    layout = moe_layout(config)
+def _experts(root: Path, family: Family, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
+    """The routed experts under the hub's names: one tensor per expert and projection, or the family's
+    fused tensors per layer."""
+    layout = family.moe_layout(config)
+    hub_names = {store: hub for hub, store in family.projections.items()}  # gate_proj -> w1 (Mixtral)
     for layer in layout.moe_layers:
-        prefix = f"model.layers.{layer}"
-        if layout.family == "gpt_oss":
-            yield from _gpt_oss_layer(root, prefix, layer, layout.num_experts)
+        prefix = f"model.layers.{layer}.{family.moe_module}.experts"
+        if family.fuse_experts is not None:
+            shards = [_expert(root, layer, e) for e in range(layout.num_experts)]
+            for name, t in family.fuse_experts(shards).items():
+                yield f"{prefix}.{name}", t
             continue
         for e in range(layout.num_experts):
-            t = _expert(root, layer, e)
-            if layout.family == "mixtral":
-                base = f"{prefix}.block_sparse_moe.experts.{e}"
-                names = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
-            else:
-                base = f"{prefix}.mlp.experts.{e}"
-                names = {p: p for p in ("gate_proj", "up_proj", "down_proj")}
-            for proj, hub in names.items():
-                yield f"{base}.{hub}.weight", t[f"{proj}.weight"]
-
-
-def _gpt_oss_layer(root: Path, prefix: str, layer: int, n: int) -> Iterator[tuple[str, torch.Tensor]]:
-    experts = [_expert(root, layer, e) for e in range(n)]
-    gate = torch.stack([x["gate_proj.weight"].t() for x in experts])  # [E, H, I]
-    up = torch.stack([x["up_proj.weight"].t() for x in experts])
-    gate_up = torch.stack((gate, up), dim=-1).flatten(-2)  # [E, H, 2I]: gate at 0::2, up at 1::2
-    bias = torch.stack(
-        (
-            torch.stack([x["gate_proj.bias"] for x in experts]),
-            torch.stack([x["up_proj.bias"] for x in experts]),
-        ),
-        dim=-1,
-    ).flatten(-2)
-    yield f"{prefix}.mlp.experts.gate_up_proj", gate_up.contiguous()
-    yield f"{prefix}.mlp.experts.gate_up_proj_bias", bias.contiguous()
-    yield (
-        f"{prefix}.mlp.experts.down_proj",
-        torch.stack([x["down_proj.weight"].t() for x in experts]).contiguous(),
-    )
-    yield f"{prefix}.mlp.experts.down_proj_bias", torch.stack([x["down_proj.bias"] for x in experts])
+            for name, t in _expert(root, layer, e).items():
+                proj, _, kind = name.partition(".")
+                yield f"{prefix}.{e}.{hub_names.get(proj, proj)}.{kind}", t
 
 
 def _write_weights(
@@ -157,7 +138,8 @@ def export_model(
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MoeinfError(f"{out} exists and is not empty; give a new directory")
     config = json.loads((root / "config.json").read_text())
-    family = moe_layout(config).family
+    family = family_of(config)
+    moe_layers = set(family.moe_layout(config).moe_layers)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -167,8 +149,8 @@ def export_model(
                 shutil.copyfile(root / name, partial / name)
 
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
-            yield from _dense(root, family)
-            yield from _experts(root, config)
+            yield from _dense(root, family, moe_layers)
+            yield from _experts(root, family, config)
 
         weight_map = _write_weights(weights(), partial, shard_bytes, on_tensor)
         if len(set(weight_map.values())) > 1:

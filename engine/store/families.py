@@ -156,7 +156,10 @@ class Family:
     expert shard holds), ``split_fused(which, bias, tensor, intermediate)`` (a fused 3-D
     ``experts.gate_up_proj`` / ``experts.down_proj`` (``_bias``) tensor -> per-expert pieces),
     ``router`` (the router's module under ``mlp``), ``rename(store name) -> parameter name`` (None
-    drops it), ``keep_fp32`` (name suffixes kept in float32 by the converter and the loader).
+    drops it), ``keep_fp32`` (name suffixes kept in float32 by the converter and the loader),
+    ``fuse_experts(shards) -> {name under experts.: tensor}`` (for families whose hub checkpoints hold
+    the experts fused: one layer's fused tensors from its expert shards, the inverse of
+    ``split_fused``; None: hub checkpoints name each expert, as ``export`` then writes them).
     ``build(args, experts) -> CausalLM`` imports the family's layers when called.
     """
 
@@ -175,6 +178,7 @@ class Family:
     router: str = "gate"
     rename: Callable[[str], str | None] = strip_model_prefix
     keep_fp32: tuple[str, ...] = ()
+    fuse_experts: Callable[[list[dict[str, Any]]], dict[str, Any]] | None = None
     gguf: GGUFArch | None = None
     synthetic: SyntheticRecipe | None = None
 

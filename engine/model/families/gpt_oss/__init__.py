@@ -39,6 +39,24 @@ def split_fused(which: str, bias: bool, t, inter: int) -> FusedPieces:
             yield e, "down_proj.weight", x.t().contiguous()
 
 
+def fuse_experts(shards: list[dict]) -> dict:
+    """The hub's fused tensors of one layer from its expert shards (the inverse of ``split_fused``)."""
+    import torch
+
+    def interleave(gate, up):  # gate at [..., 0::2], up at [..., 1::2]
+        return torch.stack((gate, up), dim=-1).flatten(-2).contiguous()
+
+    gate = torch.stack([x["gate_proj.weight"].t() for x in shards])  # [E, H, I]
+    up = torch.stack([x["up_proj.weight"].t() for x in shards])
+    return {
+        "gate_up_proj": interleave(gate, up),
+        "gate_up_proj_bias": interleave(torch.stack([x["gate_proj.bias"] for x in shards]),
+                                        torch.stack([x["up_proj.bias"] for x in shards])),
+        "down_proj": torch.stack([x["down_proj.weight"].t() for x in shards]).contiguous(),  # [E, I, H]
+        "down_proj_bias": torch.stack([x["down_proj.bias"] for x in shards]),
+    }
+
+
 def rename(name: str) -> str | None:
     name = strip_model_prefix(name) or name
     return name.replace(".mlp.router.", ".mlp.gate.")
@@ -59,6 +77,7 @@ FAMILY = Family(
     expert_size=("intermediate_size",),
     expert_tensors=EXPERT_TENSORS + EXPERT_BIASES,
     split_fused=split_fused,
+    fuse_experts=fuse_experts,
     router="router",
     rename=rename,
 )
