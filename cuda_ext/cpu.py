@@ -43,7 +43,8 @@ def _native() -> ctypes.CDLL | None:
 
 def _native_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
-        x.dim() == 2
+        isinstance(weight, torch.Tensor)
+        and x.dim() == 2
         and x.shape[0] == 1
         and x.dtype == torch.bfloat16
         and weight.dtype == torch.bfloat16
@@ -99,7 +100,7 @@ def linear_many(
     if lib is None or not all(
         _native_ok(x, w) and _bias_ok(b, w.shape[0]) for w, b in zip(weights, biases, strict=True)
     ):
-        return [F.linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
+        return [linear(x, w, b) for w, b in zip(weights, biases, strict=True)]
     x = x.contiguous()
     count = len(weights)
     outs = [torch.empty(1, w.shape[0], dtype=torch.bfloat16) for w in weights]
@@ -125,8 +126,11 @@ def linear_many(
     return outs
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``F.linear``, with the native kernel for one bf16 row on the CPU."""
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear``, with the native kernel for one bf16 row on the CPU. A weight that is not a tensor
+    (a block-quantised ``engine.formats.QuantTensor``) computes itself: ``weight.linear(x, bias)``."""
+    if not isinstance(weight, torch.Tensor):
+        return weight.linear(x, bias)
     if _native_ok(x, weight) and _bias_ok(bias, weight.shape[0]):
         lib = _native()
         if lib is not None:

@@ -88,10 +88,12 @@ def _spm_metadata(writer: gguf.GGUFWriter, vocab_size: int) -> None:
 
 
 def write_gguf(model: torch.nn.Module, family: str, tokenizer_dir: Path | None, path: Path,
-               quantize: tuple[str, ...] = (), pre: str = "gpt2", per_expert: bool = False) -> Path:
+               quantize: tuple[str, ...] = (), pre: str = "gpt2", per_expert: bool = False,
+               qtype: str = "Q8_0") -> Path:
     """Write ``model`` (a tiny transformers model of ``family``) and the tokenizer saved in
     ``tokenizer_dir`` as a GGUF file at ``path``. GGUF names matching a substring in ``quantize``
-    are stored as Q8_0. ``tokenizer_dir`` None: a SentencePiece vocabulary instead. ``per_expert``: routed experts as one 2-D tensor each (``blk.N.ffn_gate.E``,
+    are stored as ``qtype`` (a GGML type name; quantised by the gguf package, which is llama.cpp's
+    quantiser, where it can, else by moeinf's: Q4_K, Q6_K). ``tokenizer_dir`` None: a SentencePiece vocabulary instead. ``per_expert``: routed experts as one 2-D tensor each (``blk.N.ffn_gate.E``,
     what older Mixtral GGUFs hold) instead of 3-D ``ffn_*_exps``."""
     import json
 
@@ -137,11 +139,19 @@ def write_gguf(model: torch.nn.Module, family: str, tokenizer_dir: Path | None, 
         template = template_file.read_text() if template_file.exists() else tok_cfg.get("chat_template")
         _tokenizer_metadata(writer, tok_json, tok_cfg, template, pre)
 
+    gtype = gguf.GGMLQuantizationType[qtype]
+    block = gguf.GGML_QUANT_SIZES[gtype][0]
+
     def add(name: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array, dtype=np.float32)
-        if any(q in name for q in quantize) and array.ndim >= 2 and array.shape[-1] % 32 == 0:
-            q = gguf.quants.quantize(array, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        if any(q in name for q in quantize) and array.ndim >= 2 and array.shape[-1] % block == 0:
+            try:
+                q = gguf.quants.quantize(array, gtype)
+            except NotImplementedError:
+                from engine import formats
+
+                q = formats.of_ggml_type(int(gtype)).pack(torch.from_numpy(array)).numpy()
+            writer.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gtype)
         else:
             writer.add_tensor(name, array)
 

@@ -6,11 +6,14 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tiny_models import checkpoint_tensors, make_tiny_checkpoint
 from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
+from engine import formats
+from engine.formats import storage
+from engine.formats.tensor import QuantTensor
 from engine.store.paths import expert_shard_path
 from engine.store.pull import pull_model
 from engine.store.quant import dequant_fp8_blocks, dequant_mxfp4
@@ -44,7 +47,18 @@ def test_fp8_block_dequant_matches_transformers(shape, block):
     assert torch.equal(ours, ref)
 
 
-def test_pull_gpt_oss_mxfp4_checkpoint(tmp_path):
+def _stored(path) -> dict:
+    """Every tensor of a store shard as stored (block-quantised ones as QuantTensor)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        kept = storage.read_formats(f.metadata())
+        return {k: storage.as_stored(k, f.get_tensor(k), kept) for k in f.keys()}
+
+
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_pull_gpt_oss_mxfp4_checkpoint(tmp_path, dtype):
+    """Kept as mxfp4 by default (the same values, regrouped); dequantised when --dtype asks."""
     src = make_tiny_checkpoint("gpt_oss", tmp_path / "src")
     tensors = checkpoint_tensors(src)
     gen = torch.Generator().manual_seed(2)
@@ -65,16 +79,23 @@ def test_pull_gpt_oss_mxfp4_checkpoint(tmp_path):
     cfg["dtype"] = "bfloat16"
     (src / "config.json").write_text(json.dumps(cfg))
 
-    r = pull_model(str(src), name="oss")
+    r = pull_model(str(src), name="oss", dtype=dtype)
     m = r.manifest
-    assert m["dequantized"] == "mxfp4" and m["dtype"] == "bfloat16"
+    assert m["dequantized"] == (None if dtype is None else "mxfp4") and m["dtype"] == "bfloat16"
+    want_format = "mxfp4" if dtype is None else "bf16"
+    assert m["formats"]["experts"] == {"gate_proj.weight": want_format, "up_proj.weight": want_format,
+                                       "down_proj.weight": want_format, "gate_proj.bias": "bf16",
+                                       "up_proj.bias": "bf16", "down_proj.bias": "bf16"}
     stored_cfg = json.loads((r.path / "config.json").read_text())
-    assert "quantization_config" not in stored_cfg and stored_cfg["dtype"] == "bfloat16"
+    assert ("quantization_config" in stored_cfg) == (dtype is None) and stored_cfg["dtype"] == "bfloat16"
     for layer in range(2):
         gu, down = refs[(layer, "gate_up_proj")], refs[(layer, "down_proj")]  # [E, H, 2I], [E, I, H]
         bias = tensors[f"model.layers.{layer}.mlp.experts.gate_up_proj_bias"]
         for e in range(8):
-            got = load_file(str(expert_shard_path(r.path, layer, e)))
+            got = _stored(expert_shard_path(r.path, layer, e))
+            if dtype is None:
+                assert all(isinstance(got[p], QuantTensor) for p in ("gate_proj.weight", "down_proj.weight"))
+                got.update({k: v.dequantize(torch.bfloat16) for k, v in got.items() if isinstance(v, QuantTensor)})
             assert torch.equal(got["gate_proj.weight"], gu[e][:, 0::2].T)
             assert torch.equal(got["up_proj.weight"], gu[e][:, 1::2].T)
             assert torch.equal(got["down_proj.weight"], down[e].T)
@@ -95,8 +116,10 @@ def _quantise_fp8(w: torch.Tensor, block: tuple[int, int]):
     return q, s
 
 
-def test_pull_deepseek_v3_fp8_checkpoint_with_scales_in_another_shard(tmp_path):
-    """Weights in shard 1, their scales in shard 2 (so they wait as pending); an MTP layer is dropped."""
+@pytest.mark.parametrize("dtype", [None, "bf16"])
+def test_pull_deepseek_v3_fp8_checkpoint_with_scales_in_another_shard(tmp_path, dtype):
+    """Weights in shard 1, their scales in shard 2 (so they wait as pending); an MTP layer is dropped.
+    FP8 weights are stored as q8_0 by default, as bf16 when --dtype asks."""
     src = make_tiny_checkpoint("deepseek_v3", tmp_path / "src")
     tensors = checkpoint_tensors(src)
     block = (32, 32)
@@ -125,17 +148,24 @@ def test_pull_deepseek_v3_fp8_checkpoint_with_scales_in_another_shard(tmp_path):
     cfg["dtype"] = "bfloat16"
     (src / "config.json").write_text(json.dumps(cfg))
 
-    r = pull_model(str(src), name="v3fp8")
+    r = pull_model(str(src), name="v3fp8", dtype=dtype)
     m = r.manifest
-    assert m["dequantized"] == "fp8" and m["dtype"] == "bfloat16" and m["dropped_tensors"] == 1
+    assert m["dequantized"] == ("fp8->q8_0" if dtype is None else "fp8") and m["dtype"] == "bfloat16"
+    assert m["dropped_tensors"] == 1
     got = {}
     for f in sorted((r.path / "dense").glob("*.safetensors")):
-        got.update(load_file(str(f)))
+        got.update(_stored(f))
     for layer in (1, 2):
         for e in range(8):
-            shard = load_file(str(expert_shard_path(r.path, layer, e)))
+            shard = _stored(expert_shard_path(r.path, layer, e))
             for proj in ("gate_proj", "up_proj", "down_proj"):
                 got[f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"] = shard[f"{proj}.weight"]
     assert sorted(got) == sorted(expected)
+    assert (dtype is None) == any(isinstance(t, QuantTensor) for t in got.values())
     for name, want in expected.items():
+        if isinstance(got[name], QuantTensor):  # FP8 rows of whole 32-blocks, with no --dtype
+            assert dtype is None and got[name].format.name == "q8_0", name
+            fp8 = _dequantize_fp8_weight(weights[name].clone(), scales[name + "_scale_inv"], list(block), torch.float32)
+            assert torch.equal(got[name].raw, formats.get("q8_0").pack(fp8)), name  # q8_0 of the exact values
+            continue
         assert got[name].dtype == want.dtype and torch.equal(got[name], want), name

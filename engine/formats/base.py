@@ -87,7 +87,7 @@ class Format:
         shape = self.stored_shape(tuple(x.shape))
         blocks = x.detach().to(torch.float32).reshape(-1, self.block)
         out = torch.empty(blocks.shape[0], self.block_bytes, dtype=torch.uint8, device=x.device)
-        step = 1 << 16  # blocks per chunk: bounds the candidate searches' memory
+        step = max(1, (1 << 18) // self.block)  # blocks per chunk (256 Ki values): bounds the searches' memory
         for i in range(0, blocks.shape[0], step):
             out[i : i + step] = self.pack_blocks(blocks[i : i + step])
         return out.reshape(shape)

@@ -30,29 +30,22 @@ def search_symmetric(
     """Best scale [n, 1] and codes [n, B] for ``x ~ d * q``, q in [lo, hi] (least squared error).
 
     Each candidate maps the value of largest magnitude to one of ``targets`` (the first is
-    llama.cpp's), then is refitted by least squares; ``rnd`` rounds a scale to what is stored.
+    llama.cpp's), with and without a least-squares refit of the scale for its codes; ``rnd`` rounds
+    a scale to what is stored. All candidates are tried at once (a leading candidate dimension);
+    ties go to the first, llama.cpp's.
     """
     imax = x.abs().argmax(dim=1, keepdim=True)
-    peak = torch.gather(x, 1, imax)
-    best_d = rnd(peak / targets[0])
-    best_q = codes(x, best_d, lo, hi)
-    best_e = sq_err(best_d * best_q, x)
-    for target in targets:
-        d = rnd(peak / target)
-        for refit in (False, True):
-            if refit:  # least-squares scale for these codes
-                q = codes(x, d, lo, hi)
-                qq = (q * q).sum(dim=1, keepdim=True)
-                d = rnd(torch.where(qq > 0, (x * q).sum(dim=1, keepdim=True) / qq.clamp_min(1), d))
-            q = codes(x, d, lo, hi)
-            e = sq_err(d * q, x)
-            better = (e < best_e).unsqueeze(1)
-            best_d, best_q, best_e = (
-                torch.where(better, d, best_d),
-                torch.where(better, q, best_q),
-                torch.minimum(e, best_e),
-            )
-    return best_d, best_q
+    peak = torch.gather(x, 1, imax)  # [n, 1]
+    t = torch.tensor(targets, dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    d = rnd(peak.unsqueeze(0) / t)  # [T, n, 1]
+    q = codes(x, d, lo, hi)  # [T, n, B]
+    qq = (q * q).sum(dim=2, keepdim=True)
+    refit = rnd(torch.where(qq > 0, (x * q).sum(dim=2, keepdim=True) / qq.clamp_min(1), d))
+    d = torch.cat((d, refit))
+    q = torch.cat((q, codes(x, refit, lo, hi)))
+    best = sq_err(d * q, x).argmin(dim=0)  # [n]
+    rows = torch.arange(x.shape[0], device=x.device)
+    return d[best, rows], q[best, rows]
 
 
 def pack_blocks(x: torch.Tensor) -> torch.Tensor:

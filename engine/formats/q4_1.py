@@ -23,13 +23,14 @@ def unpack_blocks(raw: torch.Tensor) -> torch.Tensor:
     return f16(raw, 0) * q + f16(raw, 2)
 
 
-def fit_affine(
-    x: torch.Tensor, nmax: int, rnd, nonpositive_min: bool = False
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fit_affine(x: torch.Tensor, nmax: int, rnd, nonpositive_min: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scale d [n, 1], offset m [n, 1] and squared error [n] of the best ``x ~ d * q + m``, q in [0, nmax].
 
-    ``rnd(d, m)`` rounds a candidate to what will be stored; ``nonpositive_min`` keeps m <= 0 (the
-    k-quants subtract a non-negative minimum).
+    Candidates: llama.cpp's range fit (d = span / nmax, m = min) and, for 21 scales
+    (nmax - 1 + 0.1 i) / span (as llama.cpp's make_qkx2_quants sweeps), the least-squares (d, m) for
+    the codes that scale gives; each is judged with the codes nearest for its stored values, all at
+    once (a leading candidate dimension), ties to llama.cpp's. ``rnd(d, m)`` rounds a candidate to
+    what will be stored; ``nonpositive_min`` keeps m <= 0 (the k-quants subtract a non-negative minimum).
     """
     lo = x.amin(dim=1, keepdim=True)
     hi = x.amax(dim=1, keepdim=True)
@@ -37,35 +38,27 @@ def fit_affine(
         lo = lo.clamp_max(0)
     span = hi - lo
     n = x.shape[1]
-
-    def score(d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        d, m = rnd(d, m)
-        q = codes(x, d, 0, nmax, offset=-m)
-        return d, m, sq_err(d * q + m, x)
-
-    best_d, best_m, best_e = score(span / nmax, lo)
-    for i in range(21):  # iscale sweep (nmax - 1 + 0.1 i) / span, as llama.cpp's make_qkx2_quants
-        iscale = torch.where(span > 0, (nmax - 1 + 0.1 * i) / span.clamp_min(1e-30), torch.zeros_like(span))
-        q = nearest(iscale * (x - lo)).clamp(0, nmax)
-        sq, sqq = q.sum(1, keepdim=True), (q * q).sum(1, keepdim=True)
-        sx, sxq = x.sum(1, keepdim=True), (x * q).sum(1, keepdim=True)
-        det = n * sqq - sq * sq
-        ok = det > 0
-        safe = torch.where(ok, det, torch.ones_like(det))
-        d = torch.where(ok, (n * sxq - sq * sx) / safe, span / nmax)
-        m = torch.where(ok, (sqq * sx - sq * sxq) / safe, lo)
-        if nonpositive_min:
-            pos = m > 0
-            d = torch.where(pos & (sqq > 0), sxq / sqq.clamp_min(1e-30), d)
-            m = torch.where(pos, torch.zeros_like(m), m)
-        d, m, e = score(d, m)
-        better = (e < best_e).unsqueeze(1)
-        best_d, best_m, best_e = (
-            torch.where(better, d, best_d),
-            torch.where(better, m, best_m),
-            torch.minimum(e, best_e),
-        )
-    return best_d, best_m, best_e
+    steps = torch.tensor([nmax - 1 + 0.1 * i for i in range(21)], dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    iscale = torch.where(span > 0, steps / span.clamp_min(1e-30), torch.zeros_like(span))  # [S, n, 1]
+    q = nearest(iscale * (x - lo)).clamp(0, nmax)  # [S, n, B]
+    sq, sqq = q.sum(2, keepdim=True), (q * q).sum(2, keepdim=True)
+    sx, sxq = x.sum(1, keepdim=True), (x * q).sum(2, keepdim=True)
+    det = n * sqq - sq * sq
+    ok = det > 0
+    safe = torch.where(ok, det, torch.ones_like(det))
+    d = torch.where(ok, (n * sxq - sq * sx) / safe, span / nmax)
+    m = torch.where(ok, (sqq * sx - sq * sxq) / safe, lo.expand_as(d))
+    if nonpositive_min:
+        pos = m > 0
+        d = torch.where(pos & (sqq > 0), sxq / sqq.clamp_min(1e-30), d)
+        m = torch.where(pos, torch.zeros_like(m), m)
+    d = torch.cat(((span / nmax).unsqueeze(0), d))
+    m = torch.cat((lo.unsqueeze(0), m))
+    d, m = rnd(d, m)
+    err = sq_err(d * codes(x, d, 0, nmax, offset=-m) + m, x)  # [S + 1, n]
+    best = err.argmin(dim=0)
+    rows = torch.arange(x.shape[0], device=x.device)
+    return d[best, rows], m[best, rows], err[best, rows]
 
 
 def _fp16_pair(d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

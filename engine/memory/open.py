@@ -78,7 +78,7 @@ def open_experts(
     """The ExpertSource of a store model.
 
     ``budget``: None or "100%" keeps every expert resident; a size ("12GiB", "500MB") or share ("25%")
-    of all experts (in the compute dtype) bounds the expert cache; "auto" fits free memory after the
+    of all experts' bytes as stored (a q4_k model's experts count at 4.5 bits) bounds the expert cache; "auto" fits free memory after the
     dense weights, the KV cache for ``ctx`` tokens and a margin. ``policy``: a name of
     ``engine.policy.registry`` (None: its default). ``direct``: O_DIRECT reads on the CPU (buffered
     when False or unsupported). ``available``: free bytes to assume instead of asking the OS (tests).
@@ -101,7 +101,7 @@ def open_experts(
     header = read_header(ref_path)
     ex_layout = ExpertLayout.from_header(header, ref_path.stat().st_size, dtype)
     n_experts = len(layout.moe_layers) * layout.num_experts
-    total = n_experts * ex_layout.compute_bytes()
+    total = n_experts * ex_layout.stored_bytes()  # a share ("25%") is of the expert bytes as stored
     stats = CacheStats(expert_bytes_total=total)
     resolved = resolve_budget(
         spec,

@@ -11,7 +11,7 @@ from threading import Lock
 import torch
 
 from engine.memory.stats import CacheStats
-from engine.model.experts import ExpertWeights
+from engine.model.experts import ExpertWeights, load_expert
 
 
 class ResidentExperts:
@@ -41,13 +41,7 @@ class ResidentExperts:
             self.recorder.on_route(layer, topk_ids)
 
     def _load(self, layer: int, expert: int) -> tuple[ExpertWeights, int]:
-        from safetensors.torch import load_file
-
-        path = self._path(layer, expert)
-        tensors = load_file(str(path), device="cpu")
-        size = sum(t.numel() * t.element_size() for t in tensors.values())
-        tensors = {k: v.to(device=self.device, dtype=self.dtype) for k, v in tensors.items()}
-        return ExpertWeights.from_tensors(tensors), size
+        return load_expert(self._path(layer, expert), self.dtype, self.device)
 
     def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
         st = self._stats

@@ -14,12 +14,13 @@ import json
 import mmap
 import os
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from engine.errors import MoeinfError
+from engine.formats import storage
 
 ALIGN = 4096
 
@@ -57,6 +58,7 @@ class TensorEntry:
 class ShardHeader:
     data_start: int
     tensors: dict[str, TensorEntry]
+    formats: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict)  # block-quantised tensors
 
     @property
     def data_end(self) -> int:
@@ -64,7 +66,7 @@ class ShardHeader:
 
     def signature(self) -> tuple:
         """What must match between shards that share one slot layout."""
-        return tuple(sorted((k, str(v.dtype), v.shape) for k, v in self.tensors.items()))
+        return tuple(sorted((k, str(v.dtype), v.shape, self.formats.get(k)) for k, v in self.tensors.items()))
 
 
 def parse_header(buf: bytes | memoryview, path: Path | str = "<buffer>") -> ShardHeader:
@@ -76,6 +78,7 @@ def parse_header(buf: bytes | memoryview, path: Path | str = "<buffer>") -> Shar
         meta = json.loads(bytes(buf[8 : 8 + n]))
         data_start = 8 + n
         tensors = {}
+        kept = storage.read_formats(meta.get("__metadata__"))
         for name, info in meta.items():
             if name == "__metadata__":
                 continue
@@ -84,7 +87,7 @@ def parse_header(buf: bytes | memoryview, path: Path | str = "<buffer>") -> Shar
             tensors[name] = TensorEntry(dtype, tuple(info["shape"]), data_start + begin, data_start + end)
     except (ValueError, KeyError, TypeError, struct.error) as e:
         raise MoeinfError(f"corrupt expert shard {path}: {e}; remove the model and pull it again") from e
-    return ShardHeader(data_start, tensors)
+    return ShardHeader(data_start, tensors, kept)
 
 
 def read_header(path: Path | str) -> ShardHeader:

@@ -2,8 +2,11 @@
 
 * CPU, store dtype == compute dtype (``DirectTransfer``): a slot is a page-aligned image of a whole
   shard file; one O_DIRECT read lands the tensors in place and the weights are views into it.
-* CPU, other dtype (``ConvertTransfer``): a slot holds the compute-dtype tensors; a worker reads the
-  shard (O_DIRECT) into its own aligned staging buffer and converts into the slot.
+  Block-quantised tensors (``engine.formats``) are always kept as stored, so a quantised expert
+  whose float tensors (biases) are in the compute dtype is a direct read too.
+* CPU, other dtype (``ConvertTransfer``): a slot holds the compute-dtype tensors (quantised ones as
+  stored); a worker reads the shard (O_DIRECT) into its own aligned staging buffer and converts into
+  the slot.
 * CUDA (``CudaTransfer``): the host tier is the memory-mapped shards; a worker copies (and converts)
   into a pinned staging buffer, then copies to the device slot on its own stream and records an event.
   The compute stream waits on that event before using the slot, and a slot's next load waits on the
@@ -23,6 +26,7 @@ from pathlib import Path
 import torch
 
 from engine.errors import MoeinfError
+from engine.formats import storage
 from engine.memory.shard import ALIGN, ShardHeader, ShardReader, aligned_buffer, parse_header, round_up
 from engine.model.experts import ExpertWeights
 
@@ -33,27 +37,46 @@ FREE, LOADING, RESIDENT, STREAM = "free", "loading", "resident", "stream"
 class ExpertLayout:
     """The tensors of one expert shard (taken from a reference shard) and the compute dtype."""
 
-    tensors: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]  # name, shape, store dtype
+    tensors: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]  # name, stored shape, store dtype
     file_size: int
     compute_dtype: torch.dtype
+    formats: tuple[tuple[str, str, tuple[int, ...]], ...] = ()  # name, block format, logical shape
 
     @classmethod
     def from_header(cls, header: ShardHeader, file_size: int, compute_dtype: torch.dtype) -> ExpertLayout:
         items = tuple(sorted((k, v.shape, v.dtype) for k, v in header.tensors.items()))
-        return cls(items, file_size, compute_dtype)
+        kept = tuple(sorted((k, fmt, shape) for k, (fmt, shape) in header.formats.items()))
+        return cls(items, file_size, compute_dtype, kept)
+
+    def quantised(self, name: str) -> bool:
+        return any(n == name for n, _f, _s in self.formats)
+
+    def slot_dtype(self, name: str, dtype: torch.dtype) -> torch.dtype:
+        """The dtype ``name`` has in a slot: as stored when block-quantised, else the compute dtype."""
+        return dtype if self.quantised(name) else self.compute_dtype
 
     @property
     def same_dtype(self) -> bool:
-        return all(dt == self.compute_dtype for _n, _s, dt in self.tensors)
+        return all(self.slot_dtype(n, dt) == dt for n, _s, dt in self.tensors)
+
+    def stored_bytes(self) -> int:
+        """Bytes of one expert's tensor data as stored."""
+        return sum(math.prod(s) * _esize(dt) for _n, s, dt in self.tensors)
 
     def compute_bytes(self) -> int:
-        """Bytes of one expert in the compute dtype, each tensor starting on a 64-byte boundary."""
-        esize = torch.empty((), dtype=self.compute_dtype).element_size()
-        return sum(round_up(math.prod(s) * esize, 64) for _n, s, _d in self.tensors)
+        """Bytes of one expert in a slot (quantised tensors as stored, the others in the compute dtype),
+        each tensor starting on a 64-byte boundary."""
+        return sum(round_up(math.prod(s) * _esize(self.slot_dtype(n, dt)), 64) for n, s, dt in self.tensors)
+
+    def weights(self, views: dict[str, torch.Tensor]) -> ExpertWeights:
+        """The expert's weights from its tensors' views: block-quantised ones as ``QuantTensor``."""
+        entries = {n: (f, s) for n, f, s in self.formats}
+        return ExpertWeights.from_tensors({n: storage.as_stored(n, v, entries) for n, v in views.items()})
 
     def check(self, header: ShardHeader, path: Path | str) -> None:
         got = tuple(sorted((k, v.shape, v.dtype) for k, v in header.tensors.items()))
-        if got != self.tensors:
+        kept = tuple(sorted((k, fmt, shape) for k, (fmt, shape) in header.formats.items()))
+        if got != self.tensors or kept != self.formats:
             raise MoeinfError(
                 f"expert shard {path} does not match the model's other experts; pull the model again"
             )
@@ -78,18 +101,18 @@ class Slot:
     release_event: object | None = None  # CUDA: the compute stopped using this slot
 
 
-def _weights(views: dict[str, torch.Tensor]) -> ExpertWeights:
-    return ExpertWeights.from_tensors(views)
+def _esize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
 
 
 def _flat_views(flat: torch.Tensor, layout: ExpertLayout) -> dict[str, torch.Tensor]:
-    """Views of each tensor inside one flat compute-dtype buffer (64-byte aligned starts)."""
-    esize = flat.element_size()
+    """Views of each tensor inside one flat uint8 buffer of ``compute_bytes`` (64-byte aligned starts)."""
     views, off = {}, 0
-    for name, shape, _dt in layout.tensors:
-        n = math.prod(shape)
-        views[name] = flat[off : off + n].view(shape)
-        off += round_up(n * esize, 64) // esize
+    for name, shape, dt in layout.tensors:
+        dtype = layout.slot_dtype(name, dt)
+        n = math.prod(shape) * _esize(dtype)
+        views[name] = flat[off : off + n].view(dtype).view(shape)
+        off += round_up(n, 64)
     return views
 
 
@@ -166,7 +189,7 @@ class DirectTransfer(Transfer):
         views = {}
         for name, t in header.tensors.items():
             views[name] = slot.raw_t[t.start : t.end].view(t.dtype).view(t.shape)
-        slot.weights = _weights(views)
+        slot.weights = self.layout.weights(views)
         return size
 
 
@@ -183,14 +206,14 @@ class ConvertTransfer(Transfer):
         return self.reader.mode
 
     def make_slots(self, n: int, n_stream: int) -> list[Slot]:
-        per = self.slot_bytes // torch.empty((), dtype=self.layout.compute_dtype).element_size()
-        arena = torch.empty(n * per, dtype=self.layout.compute_dtype, device=self.device)
+        per = self.slot_bytes
+        arena = torch.empty(n * per, dtype=torch.uint8, device=self.device)
         arena.zero_()  # fault the pages in now, not in the decode loop
         slots = []
         for i in range(n):
             s = Slot(i, i >= n - n_stream, self.slot_bytes)
             s.tensors = _flat_views(arena[i * per : (i + 1) * per], self.layout)
-            s.weights = _weights(s.tensors)
+            s.weights = self.layout.weights(s.tensors)
             slots.append(s)
         return slots
 
@@ -221,13 +244,13 @@ class CudaTransfer(Transfer):
         self._maps_lock = threading.Lock()
 
     def make_slots(self, n: int, n_stream: int) -> list[Slot]:
-        per = self.slot_bytes // torch.empty((), dtype=self.layout.compute_dtype).element_size()
-        arena = torch.empty(n * per, dtype=self.layout.compute_dtype, device=self.device)
+        per = self.slot_bytes
+        arena = torch.empty(n * per, dtype=torch.uint8, device=self.device)
         slots = []
         for i in range(n):
             s = Slot(i, i >= n - n_stream, self.slot_bytes)
             s.tensors = _flat_views(arena[i * per : (i + 1) * per], self.layout)
-            s.weights = _weights(s.tensors)
+            s.weights = self.layout.weights(s.tensors)
             s.ready_event = torch.cuda.Event()
             s.release_event = None
             slots.append(s)
@@ -252,10 +275,9 @@ class CudaTransfer(Transfer):
     def _worker_state(self) -> dict:
         st = getattr(self._local, "state", None)
         if st is None:
-            per = self.slot_bytes // torch.empty((), dtype=self.layout.compute_dtype).element_size()
             staging = []
             for _ in range(2):  # double-buffered: fill one while the other is being copied
-                flat = torch.empty(per, dtype=self.layout.compute_dtype, pin_memory=True)
+                flat = torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True)
                 staging.append((_flat_views(flat, self.layout), torch.cuda.Event()))
             st = self._local.state = {
                 "stream": torch.cuda.Stream(device=self.device),

@@ -10,6 +10,8 @@ Store format of one expert shard (``experts/L<layer>/E<expert>.safetensors``), a
 ``gate_proj.weight`` [I, H], ``up_proj.weight`` [I, H], ``down_proj.weight`` [H, I], and for
 families with expert biases (gpt-oss) ``gate_proj.bias`` [I], ``up_proj.bias`` [I], ``down_proj.bias`` [H]
 (``engine.store.families.EXPERT_TENSORS``, ``EXPERT_BIASES``).
+A weight may be block-quantised (``engine.formats``): it is then loaded as stored, a ``QuantTensor``
+of the same logical shape, and the expert computes on it (``engine.formats.linear``).
 """
 
 from __future__ import annotations
@@ -21,20 +23,25 @@ from typing import Protocol
 
 import torch
 
+from engine.formats import storage
+from engine.formats.tensor import QuantTensor
+
+Weight = torch.Tensor | QuantTensor
+
 
 @dataclass
 class ExpertWeights:
     """One routed expert's matrices on the compute device (nn.Linear layout)."""
 
-    gate: torch.Tensor  # [I, H]
-    up: torch.Tensor  # [I, H]
-    down: torch.Tensor  # [H, I]
+    gate: Weight  # [I, H]
+    up: Weight  # [I, H]
+    down: Weight  # [H, I]
     gate_bias: torch.Tensor | None = None  # [I]
     up_bias: torch.Tensor | None = None  # [I]
     down_bias: torch.Tensor | None = None  # [H]
 
     @classmethod
-    def from_tensors(cls, t: dict[str, torch.Tensor]) -> ExpertWeights:
+    def from_tensors(cls, t: dict[str, Weight]) -> ExpertWeights:
         return cls(
             gate=t["gate_proj.weight"],
             up=t["up_proj.weight"],
@@ -43,6 +50,26 @@ class ExpertWeights:
             up_bias=t.get("up_proj.bias"),
             down_bias=t.get("down_proj.bias"),
         )
+
+
+def load_expert(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[ExpertWeights, int]:
+    """One expert shard as stored: float tensors in ``dtype``, block-quantised ones kept as they are
+    (no upcast) on ``device``; and the shard's tensor bytes as stored."""
+    from safetensors import safe_open
+
+    out: dict[str, Weight] = {}
+    size = 0
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        kept = storage.read_formats(f.metadata())
+        for name in f.keys():
+            t = storage.as_stored(name, f.get_tensor(name), kept)
+            if isinstance(t, QuantTensor):
+                size += t.nbytes
+                out[name] = t.to(device)
+            else:
+                size += t.numel() * t.element_size()
+                out[name] = t.to(device=device, dtype=dtype)
+    return ExpertWeights.from_tensors(out), size
 
 
 class ExpertSource(Protocol):
@@ -76,11 +103,7 @@ class MappedExperts:
         self._cache: dict[tuple[int, int], ExpertWeights] = {}
 
     def _load(self, layer: int, expert: int) -> ExpertWeights:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(self._path(layer, expert)), device="cpu")
-        tensors = {k: v.to(device=self.device, dtype=self.dtype) for k, v in tensors.items()}
-        return ExpertWeights.from_tensors(tensors)
+        return load_expert(self._path(layer, expert), self.dtype, self.device)[0]
 
     def observe(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor) -> None:
         return None

@@ -3,7 +3,9 @@
 Reads ``config.json``, picks the family by ``model_type`` (``engine.store.families``), builds the
 module tree on the meta device, assigns every tensor of ``dense/*.safetensors`` by name (converted
 to ``dtype`` on ``device``), ties the LM head to the embedding when the config says so, and
-allocates the KV caches. Routed experts come from ``experts`` (``MappedExperts`` by default).
+allocates the KV caches. A block-quantised dense weight (``engine.formats``) of a linear layer stays
+as stored and the layer computes on it; one of any other module (embeddings, MLA's ``kv_b_proj``,
+whose heads are read as views) is dequantised to ``dtype`` at load. Routed experts come from ``experts`` (``MappedExperts`` by default).
 """
 
 from __future__ import annotations
@@ -14,7 +16,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from cuda_ext.cpu import Linear
 from engine.errors import MoeinfError
+from engine.formats import storage
+from engine.formats.tensor import QuantTensor
 from engine.model.args import ModelArgs
 from engine.model.experts import ExpertSource, MappedExperts
 from engine.model.transformer import CausalLM
@@ -31,25 +36,53 @@ def read_config(model_root: Path) -> dict:
         raise MoeinfError(f"{path} is not valid JSON ({e}); pull the model again with `moeinf pull`") from None
 
 
+_FLOAT_ONLY = ("kv_b_proj.weight",)  # read as per-head views, not through a linear
+
+
 def _read_dense(
     model_root: Path, family: Family, dtype: torch.dtype, device: torch.device
-) -> dict[str, torch.Tensor]:
+) -> dict[str, torch.Tensor | QuantTensor]:
     files = sorted((Path(model_root) / "dense").glob("*.safetensors"))
     if not files:
         raise MoeinfError(f"no dense weights under {model_root}/dense; pull the model again with `moeinf pull`")
-    state: dict[str, torch.Tensor] = {}
+    state: dict[str, torch.Tensor | QuantTensor] = {}
     for f in files:
         with safe_open(str(f), framework="pt", device="cpu") as fh:
+            kept = storage.read_formats(fh.metadata())
             for key in fh.keys():
                 name = family.rename(key)
                 if name is None:
                     continue
-                t = fh.get_tensor(key)
+                t = storage.as_stored(key, fh.get_tensor(key), kept)
+                if isinstance(t, QuantTensor):
+                    state[name] = t.to(device)
+                    continue
                 target = torch.float32 if name.endswith(family.keep_fp32) and family.keep_fp32 else dtype
                 if t.is_floating_point():
                     t = t.to(dtype=target)
                 state[name] = t.to(device)
     return state
+
+
+def _place_quantised(
+    model: CausalLM, state: dict[str, torch.Tensor | QuantTensor], dtype: torch.dtype
+) -> dict[str, QuantTensor]:
+    """Take the quantised weights of linear layers out of ``state`` (returned, to stay quantised);
+    dequantise every other quantised tensor in ``state`` to ``dtype``."""
+    kept: dict[str, QuantTensor] = {}
+    for name, t in list(state.items()):
+        if not isinstance(t, QuantTensor):
+            continue
+        module_name, _, leaf = name.rpartition(".")
+        try:
+            module = model.get_submodule(module_name)
+        except AttributeError:
+            module = None
+        if isinstance(module, Linear) and leaf == "weight" and not name.endswith(_FLOAT_ONLY):
+            kept[name] = state.pop(name)
+        else:
+            state[name] = t.dequantize(dtype)
+    return kept
 
 
 def load_model(
@@ -73,7 +106,8 @@ def load_model(
     with torch.device("meta"):
         model = family.build(args, experts)
     state = _read_dense(model_root, family, dtype, device)
-    expected = set(model.state_dict().keys())
+    quantised = _place_quantised(model, state, dtype)
+    expected = set(model.state_dict().keys()) | set(quantised)
     if "lm_head.weight" in expected and "lm_head.weight" not in state:
         if not args.tie_word_embeddings and "embed_tokens.weight" in state:
             raise MoeinfError(
@@ -83,22 +117,28 @@ def load_model(
         tie = True
     else:
         tie = False
-    missing = sorted(expected - set(state) - ({"lm_head.weight"} if tie else set()))
+    missing = sorted(expected - set(state) - set(quantised) - ({"lm_head.weight"} if tie else set()))
     unexpected = sorted(set(state) - expected)
     if missing or unexpected:
         what = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
         raise MoeinfError(
             f"dense weights of {model_root.name} do not match its {model_type} config ({what}); pull the model again"
         )
-    shapes = model.state_dict()
-    bad = [n for n, t in state.items() if tuple(t.shape) != tuple(shapes[n].shape)]
+    shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
+    shapes.update({n: q.shape for n, q in quantised.items()})
+    got = {**{n: tuple(t.shape) for n, t in state.items()}, **{n: q.shape for n, q in quantised.items()}}
+    bad = [n for n, shape in got.items() if shape != shapes[n]]
     if bad:
         n = bad[0]
         raise MoeinfError(
-            f"dense tensor {n} of {model_root.name} has shape {tuple(state[n].shape)}, its config implies "
-            f"{tuple(shapes[n].shape)}; pull the model again"
+            f"dense tensor {n} of {model_root.name} has shape {got[n]}, its config implies "
+            f"{shapes[n]}; pull the model again"
         )
     model.load_state_dict(state, strict=False, assign=True)
+    for n, q in quantised.items():
+        module = model.get_submodule(n.rsplit(".", 1)[0])
+        del module.weight  # the parameter goes; the layer computes on the stored blocks
+        module.weight = q
     if tie:
         model.lm_head.weight = model.embed_tokens.weight
     model.requires_grad_(False)

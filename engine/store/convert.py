@@ -12,10 +12,18 @@ block's module is renamed ``mlp``, e.g. Mixtral's ``block_sparse_moe``):
   family's ``projections`` (``gate_proj``/``up_proj``/``down_proj``, Mixtral's ``w1``/``w3``/``w2``)
 * fused: ``model.layers.L.mlp.experts.gate_up_proj`` and ``down_proj`` (and ``_bias``), split by the
   family's ``split_fused`` (transformers' [E, 2I, H] halves by default; gpt-oss interleaves)
-* quantised: ``<x>_blocks`` + ``<x>_scales`` (MXFP4), FP8 ``<x>.weight`` + ``<x>.weight_scale_inv``
+* quantised: ``<x>_blocks`` + ``<x>_scales`` (MXFP4: kept as mxfp4, regrouped losslessly), FP8
+  ``<x>.weight`` + ``<x>.weight_scale_inv`` (stored as q8_0); both dequantised instead when ``dtype``
+  is asked for; block-format tensors of a GGUF-made checkpoint (U8 + ``moeinf.formats`` metadata,
+  ``engine.formats.storage``) pass through as they are
 * anything else under ``model.layers.L`` with L >= num_hidden_layers (DeepSeek-V3's MTP layer) is dropped
 * everything else is dense and goes to ``dense/part-<k>.safetensors`` for source shard k; the
   family's ``keep_fp32`` tensors keep their source dtype.
+
+``quantize`` (a format name) quantises the float weight matrices of every expert as they are
+written (one expert in memory at a time); ``quantize_dense`` does the same for the dense 2-D weights
+(routers excepted: they stay float, as llama.cpp keeps them). A matrix whose rows are not whole blocks
+of the format stays float. ``formats`` records the format of every tensor written.
 """
 
 from __future__ import annotations
@@ -30,7 +38,11 @@ from pathlib import Path
 
 import torch
 
+from engine import formats as tensor_formats
 from engine.errors import MoeinfError
+from engine.formats import storage
+from engine.formats.mxfp4 import from_gpt_oss
+from engine.formats.tensor import QuantTensor
 from engine.store.families import MoELayout, expert_tensor_shapes, family_of
 from engine.store.files import DTYPE_ALIASES, WrittenFile, canonical_dtype, sha256_file
 from engine.store.paths import expert_shard_path
@@ -61,12 +73,16 @@ class SpillingShardWriter:
         self.path = path
         self.align = align
         self.specs: list[TensorSpec] = []
+        self.formats: dict[str, tuple[str, tuple[int, ...]]] = {}
         self._data_path = path.with_name(path.name + ".data")
         path.parent.mkdir(parents=True, exist_ok=True)
         self._data = open(self._data_path, "wb")
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        t = tensor.detach().contiguous()
+    def add(self, name: str, tensor: torch.Tensor | QuantTensor) -> None:
+        t, entry = storage.stored_form(tensor)
+        if entry is not None:
+            self.formats[name] = entry
+        t = t.detach().contiguous()
         self.specs.append(TensorSpec(name, t.dtype, tuple(t.shape)))
         if t.numel():
             self._data.write(memoryview(t.view(torch.uint8).reshape(-1).numpy()))
@@ -78,7 +94,7 @@ class SpillingShardWriter:
                 return None
             h = hashlib.sha256()
             tmp = self.path.with_name(self.path.name + ".tmp")
-            header = build_header(self.specs, self.align)
+            header = build_header(self.specs, self.align, storage.metadata(self.formats))
             size = 0
             with open(tmp, "wb") as out, open(self._data_path, "rb") as data:
                 for block in _chunks(header, data):
@@ -109,6 +125,8 @@ class Converter:
     out_dir: Path
     dtype: torch.dtype | None = None  # None: keep the source dtype
     on_bytes: Callable[[int], None] | None = None  # progress: source bytes processed
+    quantize: str | None = None  # format of the expert matrices (None: as the source)
+    quantize_dense: str | None = None  # format of the dense 2-D weights (None: as the source)
     layout: MoELayout = field(init=False)
     raw: dict[str, torch.Tensor] = field(default_factory=dict)  # quantised parts waiting for their partner
     pieces: dict[tuple[int, int], dict[str, torch.Tensor]] = field(default_factory=dict)
@@ -117,8 +135,10 @@ class Converter:
     source_dtype: torch.dtype | None = None
     dequantized: str | None = None
     dropped: int = 0
+    formats: dict[str, dict[str, str]] = field(default_factory=lambda: {"experts": {}, "dense": {}})
 
     def __post_init__(self) -> None:
+        self.requested_dtype = self.dtype  # None: keep quantised sources quantised
         self.spec = family_of(self.config)
         self.layout = self.spec.moe_layout(self.config)
         self.family = self.layout.family
@@ -141,9 +161,10 @@ class Converter:
         try:
             start, header = read_header(path)
             names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+            kept = storage.read_formats(header.get("__metadata__"))
             with safe_open(str(path), framework="pt") as f:
                 for name in names:
-                    tensor = f.get_tensor(name)
+                    tensor = storage.as_stored(name, f.get_tensor(name), kept)
                     nbytes = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
                     for out_name, t in self._decode(name, tensor):
                         self._route(out_name, t, dense, written)
@@ -160,6 +181,8 @@ class Converter:
         return written
 
     def _cast(self, name: str, t: torch.Tensor, quantised: bool = False) -> torch.Tensor:
+        if isinstance(t, QuantTensor):
+            return t if self.requested_dtype is None else t.dequantize(self.requested_dtype)
         keep = self.spec.keep_fp32
         if not t.is_floating_point() or (keep and name.endswith(keep)):
             return t
@@ -174,6 +197,9 @@ class Converter:
         if m and int(m.group(1)) >= self.layout.num_layers:
             self.dropped += 1
             return []
+        if isinstance(t, QuantTensor):
+            self.source_dtype = self.source_dtype or torch.uint8
+            return [(name, self._cast(name, t))]
         if name.endswith("_scale_inv"):
             self.raw[name] = t
             return self._complete_fp8(name.removesuffix("_scale_inv"))
@@ -192,8 +218,13 @@ class Converter:
         if base not in self.raw or scale_name not in self.raw:
             return []
         w, s = self.raw.pop(base), self.raw.pop(scale_name)
-        self.dequantized = "fp8"
+        if self.dequantized != "fp8->q8_0":
+            self.dequantized = "fp8"
         self.source_dtype = self.source_dtype or w.dtype
+        if self.requested_dtype is None and w.shape[-1] % tensor_formats.get("q8_0").block == 0:
+            self.dequantized = "fp8->q8_0"
+            values = dequant_fp8_blocks(w, s, self.fp8_block, torch.float32)
+            return [(base, QuantTensor.quantise(values, tensor_formats.get("q8_0")))]
         out_dtype = self.dtype or self.compute_dtype
         return [(base, dequant_fp8_blocks(w, s, self.fp8_block, out_dtype))]
 
@@ -202,9 +233,13 @@ class Converter:
         if b not in self.raw or s not in self.raw:
             return []
         blocks, scales = self.raw.pop(b), self.raw.pop(s)
-        self.dequantized = "mxfp4"
         self.source_dtype = self.source_dtype or torch.uint8
-        return [(base, dequant_mxfp4(blocks, scales, self.dtype or self.compute_dtype))]
+        if self.requested_dtype is None:  # kept: [E, rows, cols] in nn.Linear layout, blocks along cols
+            raw = from_gpt_oss(blocks, scales)
+            fmt = tensor_formats.get("mxfp4")
+            return [(base, QuantTensor(raw, fmt, fmt.logical_shape(tuple(raw.shape))))]
+        self.dequantized = "mxfp4"
+        return [(base, dequant_mxfp4(blocks, scales, self.dtype))]
 
     def _route(self, name: str, t: torch.Tensor, dense: SpillingShardWriter, written: list[WrittenFile]) -> None:
         m = _PER_EXPERT_RE.match(name)
@@ -218,7 +253,14 @@ class Converter:
             for e, piece, sub in self._split_fused(which, bias, t):
                 self._add_piece(layer, e, piece, sub, written)
             return
+        if self.quantize_dense and not isinstance(t, QuantTensor) and _quantisable(name, t):
+            t = _quantised(t, tensor_formats.get(self.quantize_dense))
+        self._record("dense", name, t)
         dense.add(name, t)
+
+    def _record(self, kind: str, name: str, t: torch.Tensor | QuantTensor) -> None:
+        fmt = t.format if isinstance(t, QuantTensor) else tensor_formats.of_dtype(t.dtype) if t.is_floating_point() else None
+        self.formats[kind][name] = fmt.name if fmt is not None else str(t.dtype).removeprefix("torch.")
 
     def _split_fused(self, which: str, bias: bool, t: torch.Tensor):
         if bias and not any(p.endswith(".bias") for p in self.required):
@@ -241,6 +283,10 @@ class Converter:
     def _write_expert(self, layer: int, expert: int, got: dict[str, torch.Tensor], written: list[WrittenFile]) -> None:
         inter, hidden = self.layout.expert_intermediate_size, self.layout.hidden_size
         expect = expert_tensor_shapes(hidden, inter)
+        if self.quantize:
+            fmt = tensor_formats.get(self.quantize)
+            got = {p: _quantised(t, fmt) if p.endswith(".weight") and not isinstance(t, QuantTensor) else t
+                   for p, t in got.items()}
         for p in self.required:
             if tuple(got[p].shape) != expect[p]:
                 raise MoeinfError(
@@ -248,8 +294,10 @@ class Converter:
                     f"{expect[p]}; the checkpoint does not match its config"
                 )
         path = expert_shard_path(self.out_dir, layer, expert)
+        for p in self.required:
+            self._record("experts", p, got[p])
         w = write_tensors(path, [(p, got[p]) for p in self.required], align=ALIGN)
-        self.stored_dtype = self.stored_dtype or got["gate_proj.weight"].dtype
+        self.stored_dtype = self.stored_dtype or _float_dtype(got)
         self.experts_done.add((layer, expert))
         written.append(WrittenFile(path.relative_to(self.out_dir).as_posix(), w.size, w.sha256))
 
@@ -257,7 +305,12 @@ class Converter:
     def pending_tensors(self) -> dict[str, torch.Tensor]:
         out = {f"raw::{k}": v.clone() for k, v in self.raw.items()}
         for (layer, e), got in self.pieces.items():
-            out.update({f"piece::{layer}::{e}::{p}": v.clone() for p, v in got.items()})
+            for p, v in got.items():
+                if isinstance(v, QuantTensor):  # the format and logical shape ride in the key
+                    shape = ",".join(map(str, v.shape))
+                    out[f"qpiece::{layer}::{e}::{p}::{v.format.name}::{shape}"] = v.raw.clone()
+                else:
+                    out[f"piece::{layer}::{e}::{p}"] = v.clone()
         return out
 
     def restore_pending(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -265,6 +318,10 @@ class Converter:
             kind, _, rest = key.partition("::")
             if kind == "raw":
                 self.raw[rest] = v
+            elif kind == "qpiece":
+                layer, e, p, fmt, shape = rest.split("::")
+                qt = QuantTensor(v, tensor_formats.get(fmt), tuple(int(d) for d in shape.split(",")))
+                self.pieces.setdefault((int(layer), int(e)), {})[p] = qt
             else:
                 layer, e, p = rest.split("::")
                 self.pieces.setdefault((int(layer), int(e)), {})[p] = v
@@ -279,6 +336,26 @@ class Converter:
                 if (layer, e) not in self.experts_done and (layer, e) not in self.pieces:
                     out.append(f"layer {layer} expert {e}")
         return out
+
+
+def _quantisable(name: str, t: torch.Tensor) -> bool:
+    """A dense tensor ``--quantize-dense`` quantises: a float matrix that is not a router."""
+    return t.is_floating_point() and t.dim() == 2 and name.endswith(".weight") and not _ROUTER_RE.search(name)
+
+
+_ROUTER_RE = re.compile(r"\.mlp\.(gate|router)\.weight$|shared_expert_gate\.weight$")
+
+
+def _quantised(t: torch.Tensor, fmt) -> torch.Tensor | QuantTensor:
+    """``t`` packed into ``fmt`` when its rows are whole blocks of it; else ``t`` unchanged."""
+    if not t.is_floating_point() or t.dim() < 2 or t.shape[-1] % fmt.block:
+        return t
+    return QuantTensor.quantise(t.to(torch.float32), fmt)
+
+
+def _float_dtype(got: dict[str, torch.Tensor | QuantTensor]) -> torch.dtype | None:
+    """The dtype of an expert's float tensors (None when all are block-quantised)."""
+    return next((t.dtype for t in got.values() if not isinstance(t, QuantTensor)), None)
 
 
 def disk_full_error(out_dir: Path, err: OSError) -> MoeinfError:

@@ -1,10 +1,14 @@
 """GGUF file -> Hugging Face-format checkpoint directory (what ``moeinf pull model.gguf`` converts).
 
-``gguf_to_checkpoint(gguf_path, out_dir, dtype)`` reads the file with the ``gguf`` package,
-dequantises every tensor (Q4_1, Q8_0, K-quants, ...) to ``dtype``, undoes llama.cpp's Q/K row
-permutation for the llama architecture (so the Hugging Face rotary convention holds), renames the
-tensors to transformers' names and writes ``config.json``, ``model*.safetensors``, ``tokenizer.json``,
-``tokenizer_config.json`` (with the chat template) and ``generation_config.json``.
+``gguf_to_checkpoint(gguf_path, out_dir, dtype, keep_formats)`` reads the file with the ``gguf``
+package, undoes llama.cpp's Q/K row permutation for the llama architecture (so the Hugging Face
+rotary convention holds), renames the tensors to transformers' names and writes ``config.json``,
+``model*.safetensors``, ``tokenizer.json``, ``tokenizer_config.json`` (with the chat template) and
+``generation_config.json``. Float tensors become ``dtype``. With ``keep_formats`` a quantised tensor
+whose GGUF type moeinf stores (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, MXFP4: ``engine.formats``) is copied
+block for block (raw U8 blocks, see ``engine.formats.storage``); another GGUF type is converted to the
+nearest supported format with one notice per type. Without it every tensor is dequantised by the
+``gguf`` package's reference dequantiser to ``dtype``.
 
 Architectures: those a family declares (``Family.gguf``: its GGUF architecture, its config.json
 keys, its extra block tensors), with or without routed experts (``ffn_*_exps`` 3-D tensors or
@@ -16,10 +20,11 @@ is refused. The common parts (global and attention tensors, norms, dense MLP, ro
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +32,10 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from engine import formats
 from engine.errors import MoeinfError
+from engine.formats import storage
+from engine.formats.tensor import QuantTensor
 from engine.store import gguf_tokenizer
 from engine.store.families import Family, gguf_family
 
@@ -157,21 +165,68 @@ def _arch_config(meta: dict[str, Any], tensor_names: set[str]) -> dict[str, Any]
     return cfg
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+def _unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
     """Undo llama.cpp's ``permute`` of Q/K rows (interleaved rotary pairs -> HF's halves)."""
     dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()
 
 
-def _dequantize(data: np.ndarray, tensor_type: Any) -> np.ndarray:
+def _dequantize(data: np.ndarray, tensor_type: Any) -> torch.Tensor:
     from gguf.quants import dequantize
 
     out = np.ascontiguousarray(dequantize(data, tensor_type), dtype=np.float32)
-    return out if out.flags.writeable else out.copy()  # F32 tensors come back as read-only map views
+    return torch.from_numpy(out if out.flags.writeable else out.copy())  # F32 tensors come as read-only views
 
 
-def _tensors(reader: Any, cfg: dict[str, Any], family: Family) -> Iterator[tuple[str, np.ndarray]]:
-    """(checkpoint name, float32 array) for every tensor of the file, experts split one by one."""
+Loaded = torch.Tensor | QuantTensor  # a float tensor, or a tensor kept in its block format
+
+
+class _Reader:
+    """Turns GGUF tensor data into float tensors or kept-format ``QuantTensor`` objects.
+
+    Float tensors become ``dtype``; with ``keep_formats`` a float GGUF tensor (F32, F16, BF16) keeps
+    its own type instead, and a quantised one its blocks (or the nearest supported format)."""
+
+    def __init__(self, dtype: torch.dtype, keep_formats: bool, notice: Callable[[str], None]) -> None:
+        self.dtype = dtype
+        self.keep_formats = keep_formats
+        self.notice = notice
+        self.noticed: set[str] = set()
+
+    def load(self, data: np.ndarray, tensor_type: Any) -> Loaded:
+        fmt = formats.nearest_for_ggml_type(int(tensor_type))
+        if not self.keep_formats:
+            return _dequantize(data, tensor_type).to(self.dtype)
+        if not fmt.quantised:
+            return _dequantize(data, tensor_type).to(fmt.torch_dtype)
+        if data.ndim < 2:
+            return _dequantize(data, tensor_type)
+        if fmt.ggml_type == int(tensor_type):  # the same blocks: copied as they are
+            raw = torch.from_numpy(np.ascontiguousarray(data).view(np.uint8).copy())
+            return QuantTensor(raw, fmt, fmt.logical_shape(tuple(raw.shape)))
+        values = _dequantize(data, tensor_type)
+        if values.shape[-1] % fmt.block:
+            return values
+        name = getattr(tensor_type, "name", str(tensor_type))
+        if name not in self.noticed:
+            self.noticed.add(name)
+            self.notice(f"GGUF type {name} is not stored by moeinf; converting those tensors to {fmt.name}")
+        return QuantTensor.quantise(values, fmt)
+
+    def dequantized(self, w: Loaded) -> torch.Tensor:
+        """``w`` as a float tensor (routers and other tensors that stay float)."""
+        return w.dequantize(self.dtype if not self.keep_formats else torch.float32) if isinstance(w, QuantTensor) else w
+
+
+def _rows(w: Loaded, fn: Callable[[torch.Tensor], torch.Tensor]) -> Loaded:
+    """``fn`` applied to the rows of a float tensor or of a kept tensor's blocks (rows are whole)."""
+    if isinstance(w, QuantTensor):
+        return QuantTensor(fn(w.raw), w.format, w.shape)
+    return fn(w)
+
+
+def _tensors(reader: Any, cfg: dict[str, Any], family: Family, load: _Reader) -> Iterator[tuple[str, Loaded]]:
+    """(checkpoint name, float tensor or QuantTensor) for every tensor of the file, experts split one by one."""
     assert family.gguf is not None
     arch, moe_prefix = family.gguf.architecture, family.moe_module
     hub_proj = {store: hub for hub, store in family.projections.items()}  # gate_proj -> the family's name
@@ -180,7 +235,7 @@ def _tensors(reader: Any, cfg: dict[str, Any], family: Family) -> Iterator[tuple
     for t in reader.tensors:
         name = t.name
         if name in _GLOBAL_NAMES:
-            yield _GLOBAL_NAMES[name], _dequantize(t.data, t.tensor_type)
+            yield _GLOBAL_NAMES[name], load.load(t.data, t.tensor_type)
             continue
         m = _BLOCK_RE.match(name)
         if m is None:
@@ -191,27 +246,28 @@ def _tensors(reader: Any, cfg: dict[str, Any], family: Family) -> Iterator[tuple
         if exps is not None:  # 3-D [E, out, in]: dequantise one expert at a time
             hf = hub_proj[_EXPERT_PROJ[exps[1]]]
             for e in range(t.data.shape[0]):
-                yield f"{prefix}{moe_prefix}.experts.{e}.{hf}.{kind}", _dequantize(t.data[e], t.tensor_type)
+                yield f"{prefix}{moe_prefix}.experts.{e}.{hf}.{kind}", load.load(t.data[e], t.tensor_type)
             continue
         if expert is not None:  # old per-expert Mixtral tensors: blk.N.ffn_gate.E.weight
             proj = part.removeprefix("ffn_")
             if proj not in _EXPERT_PROJ:
                 raise MoeinfError(f"GGUF tensor {name!r} is not understood; pull the Hugging Face repository")
             hf = hub_proj[_EXPERT_PROJ[proj]]
-            yield f"{prefix}{moe_prefix}.experts.{expert}.{hf}.{kind}", _dequantize(t.data, t.tensor_type)
+            yield f"{prefix}{moe_prefix}.experts.{expert}.{hf}.{kind}", load.load(t.data, t.tensor_type)
             continue
-        w = _dequantize(t.data, t.tensor_type)
-        if part == "ffn_gate_inp":
+        w = load.load(t.data, t.tensor_type)
+        if part == "ffn_gate_inp":  # routers stay float (llama.cpp never quantises them either)
+            w = load.dequantized(w)
             yield f"{prefix}{moe_prefix}.{family.router}.{kind}", w
             continue
         if part not in block_names:
             raise MoeinfError(f"GGUF tensor {name!r} is not understood for {arch}; pull the Hugging Face repository")
         if family.gguf.unpermute_qk and part == "attn_q":
-            w = _unpermute(w, heads)
+            w = _rows(w, lambda a: _unpermute(a, heads))
         elif family.gguf.unpermute_qk and part == "attn_k":
-            w = _unpermute(w, kv_heads)
+            w = _rows(w, lambda a: _unpermute(a, kv_heads))
         if part in family.gguf.row_vectors:
-            w = w.reshape(1, -1)
+            w = load.dequantized(w).reshape(1, -1)
         yield f"{prefix}{block_names[part]}.{kind}", w
 
 
@@ -221,12 +277,16 @@ class _ShardWriter:
     def __init__(self, out_dir: Path) -> None:
         self.out_dir = out_dir
         self.pending: dict[str, torch.Tensor] = {}
+        self.pending_formats: dict[str, tuple[str, tuple[int, ...]]] = {}
         self.pending_bytes = 0
         self.written: list[tuple[Path, list[str]]] = []
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        self.pending[name] = tensor.contiguous()
-        self.pending_bytes += tensor.numel() * tensor.element_size()
+    def add(self, name: str, tensor: torch.Tensor | QuantTensor) -> None:
+        data, entry = storage.stored_form(tensor)
+        self.pending[name] = data.contiguous()
+        if entry is not None:
+            self.pending_formats[name] = entry
+        self.pending_bytes += data.numel() * data.element_size()
         if self.pending_bytes >= SHARD_BYTES:
             self._flush()
 
@@ -234,9 +294,9 @@ class _ShardWriter:
         if not self.pending:
             return
         path = self.out_dir / f"model-part{len(self.written) + 1:05d}.safetensors"
-        save_file(self.pending, str(path), metadata={"format": "pt"})
+        save_file(self.pending, str(path), metadata={"format": "pt", **storage.metadata(self.pending_formats)})
         self.written.append((path, list(self.pending)))
-        self.pending, self.pending_bytes = {}, 0
+        self.pending, self.pending_formats, self.pending_bytes = {}, {}, 0
 
     def close(self) -> None:
         self._flush()
@@ -261,12 +321,20 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def gguf_to_checkpoint(gguf_path: str | Path, out_dir: str | Path, dtype: str | torch.dtype | None = None,
-                       progress: Any = None) -> Path:
+def gguf_to_checkpoint(
+    gguf_path: str | Path,
+    out_dir: str | Path,
+    dtype: str | torch.dtype | None = None,
+    progress: Any = None,
+    keep_formats: bool = False,
+    notice: Callable[[str], None] | None = None,
+) -> Path:
     """Convert ``gguf_path`` into a Hugging Face checkpoint directory at ``out_dir`` and return it.
 
     The directory is built beside ``out_dir`` and renamed into place when complete. ``progress`` (an
     ``engine.store.pull.PullProgress``) sees one task advanced by the weights of each tensor converted.
+    ``keep_formats``: keep quantised tensors in their block formats (see the module docstring);
+    ``notice(text)`` hears about each GGUF type converted to another format.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     torch_dtype = resolve_dtype(dtype)
@@ -287,9 +355,10 @@ def gguf_to_checkpoint(gguf_path: str | Path, out_dir: str | Path, dtype: str | 
     writer = _ShardWriter(work)
     total = sum(int(t.n_elements) for t in reader.tensors)
     advance = progress.task(f"reading {gguf_path.name}", total, unit="weights") if progress else (lambda _n: None)
-    for hf_name, array in _tensors(reader, cfg, family):
-        writer.add(hf_name, torch.from_numpy(array).to(torch_dtype))
-        advance(int(array.size))
+    load = _Reader(torch_dtype, keep_formats, notice or (lambda _text: None))
+    for hf_name, loaded in _tensors(reader, cfg, family, load):
+        writer.add(hf_name, loaded)
+        advance(math.prod(loaded.shape))
     writer.close()
 
     _write_json(work / "config.json", cfg)

@@ -144,6 +144,8 @@ def _estimate_bytes(config: dict, src_bytes: int, dtype: str | None) -> int:
     cfg_name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").removeprefix("torch.")
     cfg_dtype = DTYPE_NAMES.get(cfg_name, torch.bfloat16)
     out = (getattr(torch, dtype) if dtype else cfg_dtype).itemsize
+    if quant in ("mxfp4", "fp8") and dtype is None:  # kept as mxfp4, or stored as q8_0 (8.5 bits)
+        return src_bytes * 17 // 16
     if quant == "mxfp4":  # one byte holds two values
         return src_bytes * out * 2
     if quant == "fp8":
@@ -168,19 +170,41 @@ def pull_model(
     keep_downloads: bool = False,
     progress: PullProgress | None = None,
     transform: SourceTransform | None = None,
+    quantize: str | None = None,
+    quantize_dense: str | None = None,
 ) -> PullResult:
     """Pull ``source`` into the store as ``name`` (see the module docstring); returns where it is.
-    ``transform`` (e.g. ``engine.upcycle.Upcycle``) turns the source checkpoint into the one stored."""
+    ``transform`` (e.g. ``engine.upcycle.Upcycle``) turns the source checkpoint into the one stored.
+
+    Quantised sources stay quantised (a GGUF's block formats, gpt-oss's MXFP4; DeepSeek-V3's FP8 as
+    q8_0) unless ``dtype`` asks for floats; ``quantize`` / ``quantize_dense`` (format names, e.g.
+    "q4_k") quantise the experts / the dense matrices of a float source as they are written."""
     progress = progress or PullProgress()
     target_dtype = canonical_dtype(dtype)
+    quant = {"experts": _format_option("--quantize", quantize), "dense": _format_option("--quantize-dense", quantize_dense)}
     kind, value = classify_source(source)
     suffix = transform.name_suffix if transform else ""
     name = check_name(name or default_name(source if kind == "alias" else value, kind) + suffix)
     with _lock(name):
-        return _pull_locked(kind, value, source, name, revision, target_dtype, transform, keep_downloads, progress)
+        return _pull_locked(kind, value, source, name, revision, target_dtype, transform, keep_downloads, progress, quant)
 
 
-def _pull_locked(kind, value, source, name, revision, target_dtype, transform, keep_downloads, progress) -> PullResult:
+def _format_option(flag: str, name: str | None) -> str | None:
+    """A ``--quantize``-style option as a quantised format name (None stays None); else a user error."""
+    if name is None:
+        return None
+    from engine import formats
+
+    try:
+        fmt = formats.get(name)
+    except ValueError:
+        fmt = None
+    if fmt is None or not fmt.quantised:
+        raise MoeinfError(f"{flag} {name!r} is not a quantised format; use one of {', '.join(formats.QUANTISED)}")
+    return fmt.name
+
+
+def _pull_locked(kind, value, source, name, revision, target_dtype, transform, keep_downloads, progress, quant) -> PullResult:
     if revision and kind not in ("alias", "hub"):
         raise MoeinfError("--revision only applies to hub repositories")
     upcycled = dict(transform.record) if transform else None
@@ -196,7 +220,7 @@ def _pull_locked(kind, value, source, name, revision, target_dtype, transform, k
         st = Path(value).stat()
         described, fingerprint = {"kind": "gguf", "path": str(Path(value).resolve())}, [st.st_size, int(st.st_mtime)]
     key = {"format_version": FORMAT_VERSION, "source": described, "fingerprint": fingerprint, "dtype": target_dtype,
-           "upcycled": upcycled}
+           "upcycled": upcycled, "quantize": quant}
     final = models_dir() / name
     if (final / MANIFEST).is_file():
         with contextlib.suppress(OSError, ValueError):
@@ -216,7 +240,7 @@ def _pull_locked(kind, value, source, name, revision, target_dtype, transform, k
             meta_dir = src.meta_dir
             src = _step(tmp_root / "transform", transform.description, described, progress,
                         lambda out: transform.apply(meta_dir, out, target_dtype, progress))
-        result = _convert_into_store(src, name, key, target_dtype, upcycled, progress)
+        result = _convert_into_store(src, name, key, target_dtype, upcycled, progress, quant)
     except MoeinfError:
         shutil.rmtree(tmp_root, ignore_errors=True)  # a bad source or option: nothing worth resuming
         raise
@@ -252,10 +276,11 @@ def _step(out: Path, what: str, described: dict, progress: PullProgress, build: 
 def _from_gguf(path: str, out: Path, target_dtype, progress: PullProgress) -> Path:
     from engine.store.gguf import gguf_to_checkpoint
 
-    return gguf_to_checkpoint(path, out, target_dtype, progress=progress)
+    return gguf_to_checkpoint(path, out, target_dtype, progress=progress, keep_formats=target_dtype is None,
+                              notice=progress.message)
 
 
-def _convert_into_store(src, name: str, key: dict, target_dtype, upcycled, progress: PullProgress) -> PullResult:
+def _convert_into_store(src, name: str, key: dict, target_dtype, upcycled, progress: PullProgress, quant: dict) -> PullResult:
     config = json.loads((src.meta_dir / "config.json").read_text())
     layout = moe_layout(config)  # refuses unsupported families
     partial = models_dir() / f"{PARTIAL_PREFIX}{name}"
@@ -265,7 +290,7 @@ def _convert_into_store(src, name: str, key: dict, target_dtype, upcycled, progr
     done_bytes = sum(sizes.get(s, 0) for s in state["done_shards"])
     _check_space(partial, config, total - done_bytes, target_dtype)
     try:
-        return _build(src, name, config, layout, key, partial, state, sizes, target_dtype, upcycled, progress)
+        return _build(src, name, config, layout, key, partial, state, sizes, target_dtype, upcycled, progress, quant)
     except OSError as err:
         if err.errno in _NO_SPACE:
             from engine.store.convert import disk_full_error
@@ -305,7 +330,7 @@ def _check_space(partial: Path, config: dict, remaining_src: int, target_dtype) 
         )
 
 
-def _build(src, name, config, layout, key, partial: Path, state, sizes, target_dtype, upcycled, progress):
+def _build(src, name, config, layout, key, partial: Path, state, sizes, target_dtype, upcycled, progress, quant):
     import torch
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
@@ -329,13 +354,15 @@ def _build(src, name, config, layout, key, partial: Path, state, sizes, target_d
         seen[0] += n
         advance(n)
 
-    conv = Converter(config, partial, parse_dtype(target_dtype), on_bytes=on_bytes)
+    conv = Converter(config, partial, parse_dtype(target_dtype), on_bytes=on_bytes,
+                     quantize=quant["experts"], quantize_dense=quant["dense"])
     c = state["converter"]
     conv.experts_done = {tuple(x) for x in c.get("experts_done", [])}
     conv.stored_dtype = getattr(torch, c["stored_dtype"]) if c.get("stored_dtype") else None
     conv.source_dtype = getattr(torch, c["source_dtype"]) if c.get("source_dtype") else None
     conv.dequantized = c.get("dequantized")
     conv.dropped = c.get("dropped", 0)
+    conv.formats = c.get("formats") or conv.formats
     if state["pending"]:
         conv.restore_pending(load_file(str(partial / state["pending"])))
     throttle = float(os.environ.get("MOEINF_PULL_THROTTLE_S") or 0)
@@ -370,6 +397,7 @@ def _build(src, name, config, layout, key, partial: Path, state, sizes, target_d
             "experts_done": sorted(conv.experts_done), "dropped": conv.dropped, "dequantized": conv.dequantized,
             "stored_dtype": conv.stored_dtype and dtype_name(conv.stored_dtype),
             "source_dtype": conv.source_dtype and dtype_name(conv.source_dtype),
+            "formats": conv.formats,
         }
         write_json(partial / STATE, state)
         if old_pending and old_pending != state["pending"]:
@@ -402,7 +430,8 @@ def _finish(src, name, config, layout, key, partial: Path, state, meta, conv, up
 
         first = sorted(r for r in state["files"] if r.startswith("dense/"))[0]
         hdr = read_header(partial / first)[1]
-        stored = next(ST_TO_DTYPE[v["dtype"]] for k, v in hdr.items() if k != "__metadata__")
+        floats = [ST_TO_DTYPE[v["dtype"]] for k, v in hdr.items() if k != "__metadata__"]
+        stored = next((d for d in floats if d.is_floating_point), conv.compute_dtype)
     cfg = dict(config)
     changed = conv.dequantized is not None or (conv.source_dtype is not None and stored != conv.source_dtype)
     if conv.dequantized:
@@ -435,6 +464,7 @@ def _finish(src, name, config, layout, key, partial: Path, state, meta, conv, up
         "dtype": dtype_name(stored),
         "source_dtype": dtype_name(conv.source_dtype or stored),
         "dequantized": conv.dequantized,
+        "formats": conv.formats,
         "expert_tensors": list(conv.required) if layout.is_moe else [],
         "dropped_tensors": conv.dropped,
         "dense_bytes": sum(v["size"] for k, v in files.items() if k.startswith("dense/")),

@@ -21,6 +21,9 @@ from pathlib import Path
 
 import torch
 
+from engine.formats import storage
+from engine.formats.tensor import QuantTensor
+
 ALIGN = 4096
 
 DTYPE_TO_ST: dict[torch.dtype, str] = {
@@ -131,11 +134,18 @@ class StreamingShardWriter:
             self._tmp.unlink(missing_ok=True)
 
 
-def write_tensors(path: str | Path, tensors: Iterable[tuple[str, torch.Tensor]], align: int = ALIGN) -> StreamingShardWriter:
-    """Write ``(name, tensor)`` pairs (in that order) to an aligned safetensors file; returns the writer."""
-    items = list(tensors)
+def write_tensors(
+    path: str | Path, tensors: Iterable[tuple[str, torch.Tensor | QuantTensor]], align: int = ALIGN
+) -> StreamingShardWriter:
+    """Write ``(name, tensor)`` pairs (in that order) to an aligned safetensors file; returns the writer.
+
+    A ``QuantTensor`` is written as its raw U8 blocks and listed in the header's ``moeinf.formats``
+    metadata (``engine.formats.storage``)."""
+    stored = [(n, *storage.stored_form(t)) for n, t in tensors]
+    items = [(n, t) for n, t, _ in stored]
     specs = [TensorSpec(n, t.dtype, tuple(t.shape)) for n, t in items]
-    with StreamingShardWriter(path, specs, align) as w:
+    meta = storage.metadata({n: entry for n, _, entry in stored if entry is not None})
+    with StreamingShardWriter(path, specs, align, metadata=meta) as w:
         for n, t in items:
             w.write(n, t)
     return w

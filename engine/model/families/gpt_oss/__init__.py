@@ -5,11 +5,13 @@ layer sparse; ``model`` builds it.
 Checkpoints: the router is ``mlp.router`` (the MoE block's ``gate``); the experts are always fused,
 ``gate_up_proj`` [E, H, 2I] with gate and up interleaved (gate = ``[..., 0::2]``, up = ``[..., 1::2]``),
 ``gate_up_proj_bias`` [E, 2I], ``down_proj`` [E, I, H], ``down_proj_bias`` [E, H] (MXFP4
-``_blocks``/``_scales`` are dequantised by the converter first); one expert shard holds the three
+``_blocks``/``_scales`` are kept as mxfp4 blocks, or dequantised with ``--dtype``); one expert shard holds the three
 weights and their biases.
 """
 
 from __future__ import annotations
+
+import torch
 
 from engine.store.families import EXPERT_BIASES, EXPERT_TENSORS, Family, FusedPieces, strip_model_prefix
 
@@ -25,6 +27,17 @@ DEFAULT_ROPE = {
 
 
 def split_fused(which: str, bias: bool, t, inter: int) -> FusedPieces:
+    """transformers' [E, H, 2I] (gate = columns 0::2, up = 1::2) / [E, I, H]; MXFP4 experts kept in their
+    blocks (a ``QuantTensor``, already per expert [out, in]: gate = rows 0::2, up = rows 1::2)."""
+    if not isinstance(t, torch.Tensor):
+        for e in range(t.shape[0]):
+            x = t[e]
+            if which == "gate_up_proj":
+                yield e, "gate_proj.weight", x[0::2]
+                yield e, "up_proj.weight", x[1::2]
+            else:
+                yield e, "down_proj.weight", x
+        return
     for e in range(t.shape[0]):
         x = t[e]
         if which == "gate_up_proj" and bias:

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cuda_ext.cpu import swiglu_accumulate
+from engine.formats.linear import linear
 from engine.model.experts import ExpertWeights
 
 SWIGLU_ALPHA = 1.702
@@ -41,9 +42,9 @@ def clamped_swiglu(
     x: torch.Tensor, w: ExpertWeights, alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT
 ) -> torch.Tensor:
     """One gpt-oss expert on tokens ``x [n, H]`` -> ``[n, H]``."""
-    gate = F.linear(x, w.gate, w.gate_bias).clamp(max=limit)
-    up = F.linear(x, w.up, w.up_bias).clamp(min=-limit, max=limit)
-    return F.linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), w.down, w.down_bias)
+    gate = linear(x, w.gate, w.gate_bias).clamp(max=limit)
+    up = linear(x, w.up, w.up_bias).clamp(min=-limit, max=limit)
+    return linear((up + 1) * (gate * torch.sigmoid(gate * alpha)), w.down, w.down_bias)
 
 
 def clamped_swiglu_expert(alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT):
