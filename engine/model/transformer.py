@@ -1,4 +1,9 @@
-"""Decoder layer and the causal LM (batch size one, static KV cache), gpt-fast style.
+"""Decoder layer and the causal LM (static KV cache, one slot per sequence), gpt-fast style.
+
+``forward(tokens, start_pos)`` runs one sequence (KV-cache slot 0); ``forward_batch(tokens, segments)``
+runs several sequences of different lengths and positions in one pass (prefill and decode mixed):
+their tokens end to end, every position-wise part (norms, projections, MLP, MoE) on all rows at once,
+attention sequence by sequence over each one's cache slot. Slots come from ``setup_caches(..., slots=N)``.
 
 ``CausalLM`` parameter names follow transformers 5's in-memory names with the leading ``model.``
 dropped (``layers.3.self_attn.q_proj.weight``, ``layers.3.mlp.gate.weight``, ``lm_head.weight``),
@@ -7,13 +12,15 @@ so dense tensors load by name. ``layers[i].mlp`` is the FFN or MoE module of dec
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
 from cuda_ext.cpu import Linear, decode_threads
 from engine.errors import MoeinfError
 from engine.model.args import ModelArgs
-from engine.model.layers.context import StepContext
+from engine.model.layers.context import BatchContext, StepContext
 from engine.model.layers.norm import RMSNorm
 from engine.model.layers.rope import RotaryEmbedding
 
@@ -28,7 +35,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(hidden_size, eps)
         self.post_attention_layernorm = RMSNorm(hidden_size, eps)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext | BatchContext) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), ctx)
         return h + self.mlp(self.post_attention_layernorm(h))
 
@@ -41,6 +48,8 @@ class CausalLM(nn.Module):
         self.args = args
         self.vocab_size = args.vocab_size
         self.max_seq_len = 0
+        self.cache_slots = 0
+        self.cache_dtype = torch.float32
         # _weight: no random init (on the meta device it would import torch._dynamo, ~4 s per process)
         self.embed_tokens = nn.Embedding(
             args.vocab_size, args.hidden_size, _weight=torch.empty(args.vocab_size, args.hidden_size)
@@ -50,14 +59,19 @@ class CausalLM(nn.Module):
         self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = rotary
 
-    def setup_caches(self, max_seq_len: int, dtype: torch.dtype, device: torch.device | str) -> None:
-        """Allocate every layer's KV cache and the rotary tables for ``max_seq_len`` positions."""
+    def setup_caches(
+        self, max_seq_len: int, dtype: torch.dtype, device: torch.device | str, slots: int = 1
+    ) -> None:
+        """Allocate every layer's KV cache (``slots`` sequences of ``max_seq_len`` positions each) and
+        the rotary tables; replaces the caches there were."""
         device = torch.device(device)
         self.max_seq_len = max_seq_len
+        self.cache_slots = int(slots)
+        self.cache_dtype = dtype
         if self.rotary is not None:
             self.rotary.setup(max_seq_len, dtype, device)
         for layer in self.layers:
-            layer.self_attn.setup_cache(max_seq_len, dtype, device)
+            layer.self_attn.setup_cache(max_seq_len, dtype, device, slots=int(slots))
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
@@ -80,4 +94,39 @@ class CausalLM(nn.Module):
                 x = layer(x, ctx)
             if last_only:
                 x = x[-1:]
+            return self.lm_head(self.norm(x)).float()
+
+    @torch.inference_mode()
+    def forward_batch(self, tokens: torch.Tensor, segments: Sequence[tuple[int, int, int]]) -> torch.Tensor:
+        """Several sequences in one pass: ``segments[i] = (slot, start_pos, length)`` takes the next
+        ``length`` tokens of ``tokens [N]`` to positions ``start_pos..`` of KV-cache slot ``slot`` (each
+        slot at most once). Float32 logits [len(segments), V] of each sequence's last token."""
+        steps = []
+        device = self.embed_tokens.weight.device
+        seen: set[int] = set()
+        for slot, start_pos, length in segments:
+            if length < 1:
+                raise ValueError("every sequence of a batch needs at least one token")
+            if not 0 <= slot < self.cache_slots or slot in seen:
+                raise ValueError(f"KV-cache slot {slot} is out of range or used twice in one batch")
+            seen.add(slot)
+            if start_pos < 0 or start_pos + length > self.max_seq_len:
+                raise MoeinfError(
+                    f"{start_pos + length} tokens do not fit the context of {self.max_seq_len}; use a larger --ctx"
+                )
+            step = StepContext(start_pos=start_pos, seqlen=length, device=device, slot=slot)
+            if self.rotary is not None:
+                step.cos, step.sin = self.rotary(start_pos, length)
+            steps.append(step)
+        if sum(s.seqlen for s in steps) != int(tokens.shape[0]):
+            raise ValueError("the segments' lengths do not add up to the number of tokens")
+        ctx = BatchContext(steps, device)
+        if self.rotary is not None:
+            ctx.cos = torch.cat([s.cos for s in steps])
+            ctx.sin = torch.cat([s.sin for s in steps])
+        with decode_threads(len(tokens) == 1 and device.type == "cpu"):
+            x = self.embed_tokens(tokens.to(device))
+            for layer in self.layers:
+                x = layer(x, ctx)
+            x = x[ctx.last_rows()]
             return self.lm_head(self.norm(x)).float()

@@ -4,8 +4,9 @@ Options cover the families here: q/k/v and output biases; q/k RMSNorm per head (
 whole projection (OLMoE); OLMoE's ``clip_qkv``; a sliding window. The module reads positions and
 rotary rows from the ``StepContext`` and keeps its own ``KVCache`` (made by ``setup_cache``).
 
-Any module with the same two methods (``setup_cache(max_seq_len, dtype, device)`` and
-``forward(x [T, hidden], ctx) -> [T, hidden]``) can stand in for it (MLA, attention with sinks).
+Any module with the same two methods (``setup_cache(max_seq_len, dtype, device, slots=1)`` and
+``forward(x [T, hidden], ctx) -> [T, hidden]``, ctx a ``StepContext`` or a ``BatchContext`` of several
+sequences) can stand in for it (MLA, attention with sinks).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cuda_ext.cpu import Linear, linear_many
-from engine.model.layers.context import StepContext
+from engine.model.layers.context import BatchContext, StepContext
 from engine.model.layers.kv_cache import KVCache
 from engine.model.layers.norm import RMSNorm
 from engine.model.layers.rope import apply_rotary
@@ -61,10 +62,10 @@ class Attention(nn.Module):
             raise ValueError(f"qk_norm must be None, 'head' or 'proj', not {qk_norm!r}")
         self.kv_cache: KVCache | None = None
 
-    def setup_cache(self, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
-        self.kv_cache = KVCache(max_seq_len, self.num_kv_heads, self.head_dim, dtype, device)
+    def setup_cache(self, max_seq_len: int, dtype: torch.dtype, device: torch.device, slots: int = 1) -> None:
+        self.kv_cache = KVCache(max_seq_len, self.num_kv_heads, self.head_dim, dtype, device, slots=slots)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext | BatchContext) -> torch.Tensor:
         T = x.shape[0]
         q, k, v = linear_many(  # one native call for one token on the CPU
             x,
@@ -88,9 +89,11 @@ class Attention(nn.Module):
             q = apply_rotary(q, ctx.cos, ctx.sin)
             k = apply_rotary(k, ctx.cos, ctx.sin)
         assert self.kv_cache is not None, "setup_cache() was not called"
-        keys, values = self.kv_cache.update(ctx.start_pos, k, v)
-        out = attend(q, keys, values, ctx, self.scaling, self.sliding_window)
-        return self.o_proj(out)
+        outs = []
+        for a, b, step in ctx.segments():  # one sequence (KV-cache slot) at a time
+            keys, values = self.kv_cache.update(step.start_pos, k[a:b], v[a:b], step.slot)
+            outs.append(attend(q[a:b], keys, values, step, self.scaling, self.sliding_window))
+        return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
 
 def attend(

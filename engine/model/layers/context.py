@@ -1,4 +1,11 @@
-"""What every layer of one forward step shares: positions, rotary rows and attention masks."""
+"""What every layer of one forward step shares: positions, rotary rows and attention masks.
+
+``StepContext`` is one sequence's run of positions; ``BatchContext`` is a batch of them (several
+sequences, each its own KV-cache slot, start position and length, prefill and decode mixed) whose
+tokens are laid end to end in one ``[N, hidden]`` tensor. Attention modules project every row at
+once and then attend sequence by sequence: ``ctx.segments()`` gives ``(row_start, row_end,
+StepContext)`` for each sequence (one segment covering every row for a ``StepContext``).
+"""
 
 from __future__ import annotations
 
@@ -9,7 +16,7 @@ import torch
 
 @dataclass
 class StepContext:
-    """One forward call over positions ``start_pos .. start_pos+seqlen-1`` (batch size one).
+    """One sequence's positions ``start_pos .. start_pos+seqlen-1`` in KV-cache slot ``slot``.
 
     ``cos``/``sin`` are the model's rotary rows for these positions ([seqlen, rope_dim]) or None when
     the model has no shared rotary embedding. ``mask(window)`` gives the boolean attention mask
@@ -22,11 +29,16 @@ class StepContext:
     device: torch.device
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
+    slot: int = 0
     _masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)
 
     @property
     def end_pos(self) -> int:
         return self.start_pos + self.seqlen
+
+    def segments(self) -> list[tuple[int, int, StepContext]]:
+        """This step as the one segment of a batch: ``[(0, seqlen, self)]``."""
+        return [(0, self.seqlen, self)]
 
     def is_plain_causal_prefill(self, window: int | None = None) -> bool:
         """True when ``is_causal=True`` over the new keys alone is exact (fresh prefill, no window cut)."""
@@ -53,3 +65,36 @@ class StepContext:
                 m = m & (q - k < window)
         self._masks[window] = m
         return m
+
+
+@dataclass
+class BatchContext:
+    """Several sequences in one forward: ``steps[i]`` covers rows ``bounds[i]..bounds[i+1]-1``.
+
+    ``cos``/``sin`` are every row's rotary rows ([N, rope_dim], the steps' rows end to end), so
+    position-wise work (rotary, projections) runs on all rows at once.
+    """
+
+    steps: list[StepContext]
+    device: torch.device
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+
+    @property
+    def bounds(self) -> list[int]:
+        out = [0]
+        for s in self.steps:
+            out.append(out[-1] + s.seqlen)
+        return out
+
+    @property
+    def seqlen(self) -> int:
+        return sum(s.seqlen for s in self.steps)
+
+    def segments(self) -> list[tuple[int, int, StepContext]]:
+        b = self.bounds
+        return [(b[i], b[i + 1], s) for i, s in enumerate(self.steps)]
+
+    def last_rows(self) -> list[int]:
+        """Row index of each sequence's last token (whose logits pick its next token)."""
+        return [end - 1 for _, end, _ in self.segments()]

@@ -1,5 +1,9 @@
 """The generic sparse MoE block: route, observe, fetch, run each expert on its tokens, combine.
 
+Two execution paths: one token (decode of one sequence: its k experts in turn) and expert-major for
+several tokens (a prefill chunk or a batch of sequences: one fetch and one matrix product per distinct
+expert over all the tokens routed to it).
+
 Routed expert weights are reached only through the ``ExpertSource`` (``engine.model.experts``):
 ``observe(layer, topk_ids, hidden)`` then ``fetch(layer, unique_ids)``; each fetched expert is used
 inside the loop and never kept. Pluggable parts:
@@ -58,26 +62,15 @@ class MoEBlock(nn.Module):
         self.shared_expert_gate = shared_expert_gate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [T, H] -> [T, H]."""
+        """x [T, H] -> [T, H]: T rows of one sequence (a prefill chunk) or of several (a batch)."""
         weights, ids = self.gate(x)  # [T, k], [T, k]
         self.experts.observe(self.layer_idx, ids, x)
         # weighted expert outputs are summed in float32 and rounded once (as transformers does)
         acc = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
         if x.shape[0] == 1:
-            id_list = ids[0].tolist()
-            w = weights[0]
-            coefs = w.tolist()
-            accumulate = getattr(self.expert_fn, "accumulate", None)
-            for e, ew in self.experts.fetch(self.layer_idx, id_list):
-                slot = id_list.index(e)
-                if accumulate is None or not accumulate(x, ew, coefs[slot], acc):
-                    acc.add_(self.expert_fn(x, ew) * w[slot])
+            self._one_token(x, weights, ids, acc)
         else:
-            unique = torch.unique(ids).tolist()
-            for e, ew in self.experts.fetch(self.layer_idx, unique):
-                tok, slot = torch.where(ids == e)
-                y = self.expert_fn(x[tok], ew) * weights[tok, slot, None]
-                acc.index_add_(0, tok, y.float())
+            self._expert_major(x, weights, ids, acc)
         out = acc.to(x.dtype)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)
@@ -85,6 +78,28 @@ class MoEBlock(nn.Module):
                 shared = torch.sigmoid(self.shared_expert_gate(x)) * shared
             out = out + shared
         return out
+
+    def _one_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, acc: torch.Tensor) -> None:
+        """Decode of one token: its k experts one after the other (one native call each on the CPU)."""
+        id_list = ids[0].tolist()
+        w = weights[0]
+        coefs = w.tolist()
+        accumulate = getattr(self.expert_fn, "accumulate", None)
+        for e, ew in self.experts.fetch(self.layer_idx, id_list):
+            slot = id_list.index(e)
+            if accumulate is None or not accumulate(x, ew, coefs[slot], acc):
+                acc.add_(self.expert_fn(x, ew) * w[slot])
+
+    def _expert_major(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, acc: torch.Tensor) -> None:
+        """Several tokens (a prefill chunk, or a batch of sequences): group the tokens by expert, fetch
+        each distinct expert once (one request per expert to the source, whatever the number of
+        tokens), run it on all its tokens as one matrix product and scatter the results back with
+        their routing weights."""
+        unique = torch.unique(ids).tolist()
+        for e, ew in self.experts.fetch(self.layer_idx, unique):
+            tok, slot = torch.where(ids == e)
+            y = self.expert_fn(x[tok], ew) * weights[tok, slot, None]
+            acc.index_add_(0, tok, y.float())
 
 
 def softmax_moe(

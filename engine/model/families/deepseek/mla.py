@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cuda_ext.cpu import Linear, heads_product
-from engine.model.layers.context import StepContext
+from engine.model.layers.context import BatchContext, StepContext
 from engine.model.layers.norm import RMSNorm
 
 
@@ -74,7 +74,7 @@ def apply_rope(
 
 
 class MultiHeadLatentAttention(nn.Module):
-    """MLA for one decoder layer, batch size one, with its own static latent cache."""
+    """MLA for one decoder layer with its own static latent cache (one slot per sequence of a batch)."""
 
     def __init__(self, args: MLAArgs):
         super().__init__()
@@ -95,25 +95,26 @@ class MultiHeadLatentAttention(nn.Module):
         self.o_proj = Linear(a.num_heads * a.v_head_dim, a.hidden_size, bias=a.attention_bias)
         for p in self.parameters():
             p.requires_grad_(False)
-        self.cache_latent: torch.Tensor | None = None  # [max_seq_len, kv_lora_rank]
-        self.cache_k_rope: torch.Tensor | None = None  # [max_seq_len, qk_rope_head_dim]
+        self.cache_latent: torch.Tensor | None = None  # [slots, max_seq_len, kv_lora_rank]
+        self.cache_k_rope: torch.Tensor | None = None  # [slots, max_seq_len, qk_rope_head_dim]
         # Chunks of at most this many tokens use the absorbed path (fewer flops than expanding).
         lat, nope, rope, v = a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
         self.absorb_max_tokens = max(1, (lat * (nope + v)) // max(1, (2 * lat + rope) - (nope + rope + v)))
 
-    def setup_cache(self, max_seq_len: int, dtype: torch.dtype, device: torch.device | str) -> None:
-        """Allocate the latent cache for ``max_seq_len`` positions (replacing any earlier one)."""
+    def setup_cache(self, max_seq_len: int, dtype: torch.dtype, device: torch.device | str, slots: int = 1) -> None:
+        """Allocate the latent cache for ``max_seq_len`` positions of ``slots`` sequences (replacing any earlier one)."""
         a = self.args
         self.max_seq_len = max_seq_len
-        self.cache_latent = torch.zeros(max_seq_len, a.kv_lora_rank, dtype=dtype, device=device)
-        self.cache_k_rope = torch.zeros(max_seq_len, a.qk_rope_head_dim, dtype=dtype, device=device)
+        self.cache_latent = torch.zeros(slots, max_seq_len, a.kv_lora_rank, dtype=dtype, device=device)
+        self.cache_k_rope = torch.zeros(slots, max_seq_len, a.qk_rope_head_dim, dtype=dtype, device=device)
 
-    def forward(self, x: torch.Tensor, ctx: StepContext, absorb: bool | None = None) -> torch.Tensor:
-        """Framework entry point: ``ctx`` carries ``start_pos`` and the rotary rows ``[T, rope_dim]``
-        (``cat(freqs, freqs)`` layout, of which the first half is used)."""
+    def forward(self, x: torch.Tensor, ctx: StepContext | BatchContext, absorb: bool | None = None) -> torch.Tensor:
+        """Framework entry point: ``ctx`` carries each sequence's slot and ``start_pos`` and every row's
+        rotary rows ``[T, rope_dim]`` (``cat(freqs, freqs)`` layout, of which the first half is used)."""
         assert ctx.cos is not None and ctx.sin is not None, "MLA needs the model's rotary rows"
         half = self.args.qk_rope_head_dim // 2
-        return self.attend(x, ctx.start_pos, ctx.cos[:, :half], ctx.sin[:, :half], absorb)
+        segments = [(a, b, step.slot, step.start_pos) for a, b, step in ctx.segments()]
+        return self._attend(x, segments, ctx.cos[:, :half], ctx.sin[:, :half], absorb)
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         if self.args.q_lora_rank is None:
@@ -129,29 +130,67 @@ class MultiHeadLatentAttention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         absorb: bool | None = None,
+        slot: int = 0,
     ) -> torch.Tensor:
         """``x [T, H]`` at positions ``start_pos..start_pos+T-1`` -> ``[T, H]``; writes the cache."""
+        return self._attend(x, [(0, x.shape[0], slot, start_pos)], cos, sin, absorb)
+
+    def _attend(
+        self,
+        x: torch.Tensor,
+        segments: list[tuple[int, int, int, int]],
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        absorb: bool | None,
+    ) -> torch.Tensor:
+        """Rows ``a..b-1`` of ``x [N, H]`` are one sequence in cache ``slot`` from ``start_pos``
+        (``segments``: (a, b, slot, start_pos)); projections run on every row at once, attention per sequence."""
         a = self.args
-        T = x.shape[0]
-        end = start_pos + T
+        N = x.shape[0]
         assert self.cache_latent is not None and self.cache_k_rope is not None, "setup_cache() was not called"
-        if end > self.max_seq_len:
-            raise ValueError(f"positions up to {end} exceed the KV cache of {self.max_seq_len}")
+        for r0, r1, _, start_pos in segments:
+            if start_pos + r1 - r0 > self.max_seq_len:
+                raise ValueError(f"positions up to {start_pos + r1 - r0} exceed the KV cache of {self.max_seq_len}")
         q = self._queries(x)
         q_nope, q_rope = q.split([a.qk_nope_head_dim, a.qk_rope_head_dim], dim=-1)
         q_rope = apply_rope(q_rope, cos, sin, a.rope_interleave, a.rope_fp32)
-
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([a.kv_lora_rank, a.qk_rope_head_dim], dim=-1)
-        self.cache_latent[start_pos:end] = self.kv_a_layernorm(latent)
-        self.cache_k_rope[start_pos:end] = apply_rope(k_rope, cos, sin, a.rope_interleave, a.rope_fp32)
-        c = self.cache_latent[:end]  # [S, lat]
-        k_r = self.cache_k_rope[:end]  # [S, rope]
+        latent = self.kv_a_layernorm(latent)
+        k_rope = apply_rope(k_rope, cos, sin, a.rope_interleave, a.rope_fp32)
+        outs = []
+        for r0, r1, slot, start_pos in segments:
+            end = start_pos + r1 - r0
+            self.cache_latent[slot, start_pos:end] = latent[r0:r1]
+            self.cache_k_rope[slot, start_pos:end] = k_rope[r0:r1]
+            outs.append(
+                self._core(
+                    q_nope[:, r0:r1], q_rope[:, r0:r1], self.cache_latent[slot, :end], self.cache_k_rope[slot, :end],
+                    start_pos, absorb,
+                )
+            )
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=1)  # [nH, N, v]
+        return self.o_proj(out.transpose(0, 1).reshape(N, a.num_heads * a.v_head_dim))
 
+    def _core(
+        self,
+        q_nope: torch.Tensor,
+        q_rope: torch.Tensor,
+        c: torch.Tensor,
+        k_r: torch.Tensor,
+        start_pos: int,
+        absorb: bool | None,
+    ) -> torch.Tensor:
+        """One sequence's attention: queries [nH, T, nope] / [nH, T, rope] over its cached latents
+        c [S, lat] and roped keys k_r [S, rope] (S = start_pos + T) -> [nH, T, v]."""
+        a = self.args
+        T = q_nope.shape[1]
+        end = start_pos + T
+        dtype = c.dtype
         # causal mask: query i (position start_pos+i) sees keys 0..start_pos+i
         mask = None
         if T > 1:
-            pos_q = torch.arange(start_pos, end, device=x.device)[:, None]
-            mask = torch.arange(end, device=x.device)[None, :] <= pos_q  # [T, S]
+            pos_q = torch.arange(start_pos, end, device=c.device)[:, None]
+            mask = torch.arange(end, device=c.device)[None, :] <= pos_q  # [T, S]
 
         if absorb is None:
             absorb = T <= self.absorb_max_tokens
@@ -171,7 +210,7 @@ class MultiHeadLatentAttention(nn.Module):
             scores = scores.float().view(a.num_heads, T, end) * a.softmax_scale
             if mask is not None:
                 scores = scores.masked_fill(~mask, float("-inf"))
-            probs = scores.softmax(dim=-1).to(x.dtype).view(nHT, end)
+            probs = scores.softmax(dim=-1).to(dtype).view(nHT, end)
             mixed = (probs @ c).view(a.num_heads, T, -1)  # [nH, T, lat]
             out = None
             if T == 1:
@@ -181,10 +220,9 @@ class MultiHeadLatentAttention(nn.Module):
                 out = None if out is None else out[:, None]
             if out is None:
                 out = torch.bmm(mixed, w_uv.transpose(1, 2))  # [nH, T, v]
-        else:
-            kv = F.linear(c, self.kv_b_proj.weight).view(end, a.num_heads, -1).transpose(0, 1)
-            k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)  # [nH, S, *]
-            k = torch.cat((k_nope, k_r.unsqueeze(0).expand(a.num_heads, -1, -1)), dim=-1)
-            qf = torch.cat((q_nope, q_rope), dim=-1)
-            out = F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=a.softmax_scale)
-        return self.o_proj(out.transpose(0, 1).reshape(T, a.num_heads * a.v_head_dim))
+            return out
+        kv = F.linear(c, self.kv_b_proj.weight).view(end, a.num_heads, -1).transpose(0, 1)
+        k_nope, v = kv.split([a.qk_nope_head_dim, a.v_head_dim], dim=-1)  # [nH, S, *]
+        k = torch.cat((k_nope, k_r.unsqueeze(0).expand(a.num_heads, -1, -1)), dim=-1)
+        qf = torch.cat((q_nope, q_rope), dim=-1)
+        return F.scaled_dot_product_attention(qf, k, v, attn_mask=mask, scale=a.softmax_scale)

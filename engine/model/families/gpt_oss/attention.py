@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.model.layers.attention import Attention
-from engine.model.layers.context import StepContext
+from engine.model.layers.context import BatchContext, StepContext
 from engine.model.layers.rope import apply_rotary
 
 
@@ -32,8 +32,9 @@ def padded_dim(head_dim: int) -> int:
 
 
 class SinkKVCache(nn.Module):
-    """Keys [1, Hkv, 1 + max_seq_len, Dx] and values [1, Hkv, 1 + max_seq_len, D]; slot 0 holds the sink
-    key (``1/scaling`` at component D) and a zero value, position p lives in slot p + 1."""
+    """Keys [slots, Hkv, 1 + max_seq_len, Dx] and values [slots, Hkv, 1 + max_seq_len, D], one slot per
+    sequence; in each, row 0 holds the sink key (``1/scaling`` at component D) and a zero value,
+    position p lives in row p + 1."""
 
     def __init__(
         self,
@@ -43,33 +44,33 @@ class SinkKVCache(nn.Module):
         scaling: float,
         dtype: torch.dtype,
         device: torch.device,
+        slots: int = 1,
     ):
         super().__init__()
         self.max_seq_len = max_seq_len
         self.head_dim = head_dim
-        k = torch.zeros(1, kv_heads, max_seq_len + 1, padded_dim(head_dim), dtype=dtype, device=device)
-        k[0, :, 0, head_dim] = 1.0 / scaling
+        k = torch.zeros(slots, kv_heads, max_seq_len + 1, padded_dim(head_dim), dtype=dtype, device=device)
+        k[:, :, 0, head_dim] = 1.0 / scaling
         self.register_buffer("k", k, persistent=False)
         self.register_buffer(
-            "v",
-            torch.zeros(1, kv_heads, max_seq_len + 1, head_dim, dtype=dtype, device=device),
-            persistent=False,
+            "v", torch.zeros(slots, kv_heads, max_seq_len + 1, head_dim, dtype=dtype, device=device), persistent=False
         )
 
-    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Store k/v [T, Hkv, D] at positions ``start_pos..start_pos+T-1``."""
+    def update(self, start_pos: int, k: torch.Tensor, v: torch.Tensor, slot: int = 0) -> None:
+        """Store k/v [T, Hkv, D] at positions ``start_pos..start_pos+T-1`` of ``slot``."""
         end = start_pos + k.shape[0]
         if end > self.max_seq_len:
             raise ValueError(f"positions up to {end} exceed the KV cache of {self.max_seq_len}")
-        self.k[0, :, start_pos + 1 : end + 1, : self.head_dim] = k.transpose(0, 1)
-        self.v[0, :, start_pos + 1 : end + 1] = v.transpose(0, 1)
+        self.k[slot, :, start_pos + 1 : end + 1, : self.head_dim] = k.transpose(0, 1)
+        self.v[slot, :, start_pos + 1 : end + 1] = v.transpose(0, 1)
 
-    def visible(self, lo: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The sink slot followed by positions ``lo..end-1``: keys [1, Hkv, 1+end-lo, Dx], values."""
+    def visible(self, lo: int, end: int, slot: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The sink row followed by positions ``lo..end-1`` of ``slot``: keys [1, Hkv, 1+end-lo, Dx], values."""
+        ks, vs = self.k[slot : slot + 1], self.v[slot : slot + 1]
         if lo == 0:
-            return self.k[:, :, : end + 1], self.v[:, :, : end + 1]
-        k = torch.cat((self.k[:, :, :1], self.k[:, :, lo + 1 : end + 1]), dim=2)
-        v = torch.cat((self.v[:, :, :1], self.v[:, :, lo + 1 : end + 1]), dim=2)
+            return ks[:, :, : end + 1], vs[:, :, : end + 1]
+        k = torch.cat((ks[:, :, :1], ks[:, :, lo + 1 : end + 1]), dim=2)
+        v = torch.cat((vs[:, :, :1], vs[:, :, lo + 1 : end + 1]), dim=2)
         return k, v
 
 
@@ -98,12 +99,12 @@ class SinkAttention(Attention):
         self.sinks = nn.Parameter(torch.zeros(num_heads))
         self.sink_cache: SinkKVCache | None = None
 
-    def setup_cache(self, max_seq_len: int, dtype: torch.dtype, device: torch.device) -> None:
+    def setup_cache(self, max_seq_len: int, dtype: torch.dtype, device: torch.device, slots: int = 1) -> None:
         self.sink_cache = SinkKVCache(
-            max_seq_len, self.num_kv_heads, self.head_dim, self.scaling, dtype, device
+            max_seq_len, self.num_kv_heads, self.head_dim, self.scaling, dtype, device, slots=slots
         )
 
-    def forward(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ctx: StepContext | BatchContext) -> torch.Tensor:
         T = x.shape[0]
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
@@ -112,9 +113,11 @@ class SinkAttention(Attention):
         q = apply_rotary(q, ctx.cos, ctx.sin)
         k = apply_rotary(k, ctx.cos, ctx.sin)
         assert self.sink_cache is not None, "setup_cache() was not called"
-        self.sink_cache.update(ctx.start_pos, k, v)
-        out = attend_with_sinks(q, self.sink_cache, ctx, self.scaling, self.sinks, self.sliding_window)
-        return self.o_proj(out)
+        outs = []
+        for a, b, step in ctx.segments():  # one sequence (KV-cache slot) at a time
+            self.sink_cache.update(step.start_pos, k[a:b], v[a:b], step.slot)
+            outs.append(attend_with_sinks(q[a:b], self.sink_cache, step, self.scaling, self.sinks, self.sliding_window))
+        return self.o_proj(outs[0] if len(outs) == 1 else torch.cat(outs))
 
 
 def attend_with_sinks(
@@ -130,7 +133,7 @@ def attend_with_sinks(
     lo = 0
     if sliding_window is not None:
         lo = max(0, ctx.start_pos - sliding_window + 1)  # no query of this step sees keys below lo
-    keys, values = cache.visible(lo, ctx.end_pos)
+    keys, values = cache.visible(lo, ctx.end_pos, ctx.slot)
     qx = q.new_zeros(1, H, T, keys.shape[-1])
     qx[0, :, :, :D] = q.transpose(0, 1)
     qx[0, :, :, D] = sinks.to(q.dtype)[:, None]
