@@ -59,12 +59,15 @@ def test_batch_logits_match_single_forward(store):
             ref[-1] = model.forward(torch.tensor(p[-1:]), len(p) - 1)[-1]
     model.setup_caches(64, torch.float32, "cpu", slots=3)
     # sequence 0 and 1 prefill their prefixes, sequence 2 prefills all but its last token in the same pass
-    model.forward_batch(torch.tensor([t for p in PROMPTS[:3] for t in p[:-1]]),
-                        [(i, 0, len(p) - 1) for i, p in enumerate(PROMPTS[:3])])
+    model.forward_batch(
+        torch.tensor([t for p in PROMPTS[:3] for t in p[:-1]]),
+        [(i, 0, len(p) - 1) for i, p in enumerate(PROMPTS[:3])],
+    )
     # one decode row per sequence, each at its own position, slots in another order
     order = [2, 0, 1]
-    logits = model.forward_batch(torch.tensor([PROMPTS[i][-1] for i in order]),
-                                 [(i, len(PROMPTS[i]) - 1, 1) for i in order])
+    logits = model.forward_batch(
+        torch.tensor([PROMPTS[i][-1] for i in order]), [(i, len(PROMPTS[i]) - 1, 1) for i in order]
+    )
     for row, i in enumerate(order):
         torch.testing.assert_close(logits[row], ref[i], rtol=1e-5, atol=1e-5)
 
