@@ -8,6 +8,7 @@ one expert-cache line) to stderr. Ctrl+C stops generation and exits with status 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -24,6 +25,7 @@ Examples:
   moeinf run mixtral --temperature 0 -n 64 --verbose "Write a haiku about experts"
   echo "Summarise: ..." | moeinf run qwen3-30b-a3b --system "Answer in one sentence."
   moeinf run mixtral --expert-budget 25% --policy lru      # interactive chat
+  moeinf run mixtral --batch prompts.jsonl --output out.jsonl --batch-size 16 --temperature 0
 """
 
 
@@ -127,14 +129,43 @@ def register(app: typer.Typer) -> None:
             None, metavar="PROMPT", help="The prompt. Omit it to read stdin or to chat."
         ),
         raw: bool = typer.Option(False, "--raw", help="Send the prompt as is, without the chat template."),
+        batch: Path | None = typer.Option(
+            None,
+            "--batch",
+            metavar="PROMPTS",
+            help="Run every prompt of this file, several at once (text: one a line; jsonl: prompt or messages, "
+            "optional id, system, raw, options).",
+        ),
+        output: Path | None = typer.Option(
+            None,
+            "--output",
+            "-o",
+            metavar="OUT.jsonl",
+            help="With --batch: the results, one JSON line per prompt in input order; a rerun resumes it. (default stdout)",
+        ),
+        batch_size: int = typer.Option(
+            8,
+            "--batch-size",
+            metavar="N",
+            help="With --batch: sequences decoded together (each a KV cache of --ctx tokens).",
+        ),
         *,
         system: str | None,
         verbose: bool,
         load: dict,
         sampling: dict,
     ) -> None:
+        if batch is None and output is not None:
+            raise typer.BadParameter("--output goes with --batch PROMPTS")
+        if batch is not None and prompt is not None:
+            raise typer.BadParameter("give a PROMPT or --batch PROMPTS, not both")
         try:
-            code = _run(model, prompt, sampling, load, system, raw, verbose)
+            if batch is not None:
+                from moeinf_cli.commands.run_batch import run_batch
+
+                code = run_batch(model, batch, output, batch_size, sampling, load, system, raw, verbose)
+            else:
+                code = _run(model, prompt, sampling, load, system, raw, verbose)
         except (
             KeyboardInterrupt
         ):  # Ctrl+C outside generation (loading, tokenising): click would say "Aborted!"

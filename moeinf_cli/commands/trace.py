@@ -7,7 +7,6 @@ like a subcommand needs the long form.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import typer
@@ -28,37 +27,11 @@ class _DefaultRecord(PlainGroup):
 
 
 def read_prompts(path: Path) -> list:
-    """Prompts of a file: text with one prompt per line, or JSON lines with "prompt" or "messages"."""
-    from engine.errors import MoeinfError
+    """Prompts of a file: text with one prompt per line, or JSON lines with "prompt" or "messages"
+    (``engine.runtime.prompt_file``)."""
+    from engine.runtime.prompt_file import read_prompt_file
 
-    try:
-        lines = [ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()]
-    except FileNotFoundError:
-        raise MoeinfError(f"prompts file {path} not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise MoeinfError(f"cannot read prompts file {path} ({e})") from None
-    lines = [ln for ln in lines if ln]
-    is_jsonl = path.suffix.lower() in (".jsonl", ".ndjson") or (
-        lines and all(ln.startswith("{") for ln in lines)
-    )
-    if not is_jsonl:
-        prompts: list = lines
-    else:
-        prompts = []
-        for n, ln in enumerate(lines, 1):
-            try:
-                obj = json.loads(ln)
-            except json.JSONDecodeError:
-                raise MoeinfError(f"{path}:{n} is not valid JSON; use one JSON object per line") from None
-            if isinstance(obj, dict) and isinstance(obj.get("prompt"), str):
-                prompts.append(obj["prompt"])
-            elif isinstance(obj, dict) and isinstance(obj.get("messages"), list):
-                prompts.append(obj["messages"])
-            else:
-                raise MoeinfError(f'{path}:{n} has neither "prompt" (text) nor "messages" (list)')
-    if not prompts:
-        raise MoeinfError(f"prompts file {path} holds no prompts")
-    return prompts
+    return [item.prompt for item in read_prompt_file(path)]
 
 
 def register(app: typer.Typer) -> None:
