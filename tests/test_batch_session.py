@@ -90,3 +90,44 @@ def test_submit_errors(session):
             batch.submit("word " * 200)
     with pytest.raises(MoeinfError, match="closed"):
         batch.submit("x")
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 6])
+def test_one_expert_request_per_layer_and_step_whatever_the_batch(tmp_path, batch_size):
+    """Under a budget, each MoE layer of each step asks the cache once for each distinct expert its
+    tokens routed to, and the loader loads each at most once in that layer-step, at any batch size."""
+    home, model_dir, _ = pull_tiny("mixtral", tmp_path, endless=True)
+    s = engine.load(model_dir, dtype="float32", ctx=64, expert_budget="50%", policy="lru")
+    src = s.experts
+    calls = []  # (layer, routed ids of the step's tokens, ids fetched, keys loaded)
+    observe, fetch, submit = src.observe, src.fetch, src.loader.submit
+
+    def spy_observe(layer, topk_ids, hidden):
+        calls.append([layer, sorted(set(topk_ids.reshape(-1).tolist())), None, []])
+        return observe(layer, topk_ids, hidden)
+
+    def spy_fetch(layer, ids):
+        calls[-1][2] = list(ids)
+        yield from fetch(layer, ids)
+
+    def spy_submit(key, priority, *a, **kw):
+        if calls and kw.get("kind") in ("demand", "stream"):
+            calls[-1][3].append(key)
+        return submit(key, priority, *a, **kw)
+
+    src.observe, src.fetch, src.loader.submit = spy_observe, spy_fetch, spy_submit
+    before = src.stats()
+    with BatchSession(s, max_batch=batch_size) as batch:
+        for p in PROMPTS[:batch_size]:
+            batch.submit(p, num_predict=6, **GREEDY)
+        list(batch.run())
+        steps = batch.steps
+    after = src.stats()
+    assert calls and len(calls) == 2 * steps  # two MoE layers, one observe + one fetch each a step
+    for layer, routed, fetched, loaded in calls:
+        assert fetched is not None and sorted(fetched) == routed and len(fetched) == len(set(fetched))
+        assert len(loaded) == len(set(loaded)) and {e for _, e in loaded} <= set(routed)
+        assert all(k[0] == layer for k in loaded)
+    assert after.accesses - before.accesses == sum(len(c[1]) for c in calls)
+    assert sum(len(c[3]) for c in calls) > 0  # the budget made it load
+    s.experts.close()

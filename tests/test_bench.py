@@ -89,3 +89,42 @@ def test_bench_markdown_and_errors(synth):
     bad = subprocess.run([sys.executable, "-m", "moeinf_cli", "bench", "synth-bench", "--policy", "nope",
                           "--expert-budget", "50%"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "unknown policy" in bad.stderr
+
+
+def test_bench_batch_axis(synth, tmp_path):
+    """-b: one row per batch size x configuration; aggregate tokens/s, per-sequence latency, loads per
+    step; Belady over the union of the batch's experts, each sequence at its own place in the trace."""
+    from engine.bench.runner import batch_trace
+
+    trace = _trace(12)
+    path = tmp_path / "trace.npz"
+    np.savez(path, expert_ids=trace.expert_ids.astype(np.int16), num_experts=np.int64(EXPERTS),
+             seq_starts=np.array([0]), meta=json.dumps({"model": "test"}))
+    r = subprocess.run(
+        [sys.executable, "-m", "moeinf_cli", "bench", "synth-bench", "-p", "1", "-n", "7", "-r", "1", "-b", "1,4",
+         "--expert-budget", "100%,50%", "--policy", "lru", "--replay", str(path), "--json"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["batches"] == [1, 4]
+    assert [(row["batch"], row["budget"]) for row in doc["rows"]] == [(1, "100%"), (1, "50%"), (4, "100%"), (4, "50%")]
+    for row in doc["rows"]:
+        assert abs(row["decode_tps"] - row["batch"] * 1e3 / row["ms_per_token"]) < 1e-6 * row["decode_tps"]
+        assert row["loads_per_step"] <= LAYERS * EXPERTS
+    one, four = doc["rows"][1], doc["rows"][3]
+    assert one["belady_loads"] == belady_loads(RoutingTrace(trace.expert_ids[:8], EXPERTS), one["slots"])
+    starts, merged = batch_trace(trace, 4, 8)
+    assert starts == [0, 3, 6, 9] and merged.expert_ids.shape == (8, LAYERS, 8)
+    assert (merged.expert_ids[5, :, 2:4] == trace.expert_ids[8]).all()  # sequence 1 at step 5: token 3 + 5
+    assert four["belady_loads"] == belady_loads(merged, four["slots"]) and four["oracle_loads"] is None
+    assert four["belady_loads"] > 0
+    md = subprocess.run(
+        [sys.executable, "-m", "moeinf_cli", "bench", "synth-bench", "-p", "1", "-n", "2", "-r", "1", "-b", "2",
+         "--expert-budget", "100%"], capture_output=True, text=True, timeout=300,
+    )
+    assert md.returncode == 0, md.stderr
+    assert md.stdout.startswith("| model | batch | budget |") and "loads/step" in md.stdout
+    bad = subprocess.run([sys.executable, "-m", "moeinf_cli", "bench", "synth-bench", "-b", "0"],
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode != 0 and "Traceback" not in bad.stderr and "-b" in bad.stderr

@@ -2,7 +2,9 @@
 
 ``force_routing(model, trace)`` wraps the router of every MoE block: for decode step ``t`` (one token
 per forward), layer ``l`` of the model's MoE layers uses the trace's ``expert_ids[t, l]`` instead of
-its own choice (the trace's -1 entries keep the model's own pick). The router still runs, so compute
+its own choice (the trace's -1 entries keep the model's own pick). A forward of several tokens takes
+the trace's tokens ``step, step+1, ...``, or, when ``rows`` is set (a batch of sequences, each at its
+own place in the trace), trace token ``rows[i]`` for row ``i``. The router still runs, so compute
 per token is that of the real model; only *which* experts are used changes. Weights are spread evenly
 over the forced experts (a synthetic model's output is meaningless anyway).
 """
@@ -22,11 +24,17 @@ class ForcedRouting:
     def __init__(self, trace: RoutingTrace):
         self.ids = torch.as_tensor(trace.expert_ids.astype("int64"))  # [T, L, k]
         self.step = 0
+        self.rows: list[int] | None = None  # trace token of each row of the next forward (a batch)
 
     def ids_for(self, moe_index: int, own: torch.Tensor) -> torch.Tensor:
         """The forced ids [T, k] for a forward of T tokens (each token its own trace step)."""
         T = own.shape[0]
-        rows = self.ids[self.step : self.step + T, moe_index]  # [T, k]
+        if self.rows is not None:
+            if len(self.rows) != T:
+                raise ValueError(f"forced routing was given {len(self.rows)} trace rows for a forward of {T} tokens")
+            rows = self.ids[self.rows, moe_index]  # [T, k]
+        else:
+            rows = self.ids[self.step : self.step + T, moe_index]  # [T, k]
         if rows.shape[0] < T:
             raise MoeinfError(f"the trace has {self.ids.shape[0]} tokens; run at most that many with --replay")
         k = own.shape[1]

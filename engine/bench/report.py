@@ -9,24 +9,29 @@ JSON schema (``moeinf bench --json``), version ``moeinf-bench/1``::
       "replay": str | null,                  # trace file when routing was forced
       "probe": {"disk_bytes", "disk_s", "io", "observed_bps", "probe_gbps", "bandwidth_gbps"} | null,
                                              # --profile: probe, rate seen in the runs, the larger (used)
-      "compute_ms_per_token": float | null,  # the hardware model's compute time (--profile)
+      "compute_ms_per_token": float | null,  # the hardware model's compute time (--profile; first batch size)
+      "batches": [int],                      # the batch sizes (-b), rows in this order, each budget x policy
       "rows": [{
+        "batch": int,                           # sequences decoded together (-b)
         "budget": str, "policy": str, "slots": int, "budget_bytes": int | null,
-        "load_s": float, "ttft_s": float, "prefill_tps": float,
-        "ms_per_token": float, "ms_per_token_std": float, "decode_tps": float,
+        "load_s": float, "ttft_s": float, "prefill_tps": float,   # prefill of every sequence of the batch
+        "ms_per_token": float, "ms_per_token_std": float,         # per sequence: ms per decode step
+        "decode_tps": float,                    # aggregate: tokens of all sequences per second
         "hit_rate": float, "bytes_per_token": float, "stall_share": float,
+        "loads_per_step": float,                # expert loads per decode step (all sequences together)
         "loads": int,                           # expert loads of the whole run (prompt + decode)
         "bytes_loaded": int,                    # bytes the loader read in that run (its own count)
         "os_read_bytes": int,                   # bytes the OS says this process read meanwhile (/proc/self/io)
         "belady_loads": int | null,             # --replay: Belady's optimum for the same tokens
         "oracle_loads": int | null,             # --replay: the token oracle's loads (engine/policy/oracle.py)
-        "predicted_ms_per_token": float | null, # --profile: the hardware model's figure
+        "predicted_ms_per_token": float | null, # --profile: the hardware model's figure (per step)
         "limit_ms_per_token": float | null,     # --profile --replay: max(compute, Belady bytes / bandwidth)
         "reachable_ms_per_token": float | null  # --profile --replay: max(compute, oracle bytes / bandwidth)
       }]
     }
 
-Times are medians over the repetitions; ``ms_per_token_std`` is their spread.
+Times are medians over the repetitions; ``ms_per_token_std`` is their spread. ``compute_ms_per_token``
+and the --profile figures are per decode step, from the all-resident row of the same batch size.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ def row_dict(row: BenchRow, probe: Probe | None, compute_s: float | None) -> dic
     loads = int(row.total_counter("demand_loads") + row.total_counter("prefetch_loads"))
     per_load = row.total_counter("bytes_loaded") / loads if loads else float(row.expert_bytes)
     d = {
+        "batch": row.batch,
         "budget": row.budget,
         "policy": row.policy,
         "slots": row.slots,
@@ -50,8 +56,9 @@ def row_dict(row: BenchRow, probe: Probe | None, compute_s: float | None) -> dic
         "ms_per_token_std": row.ms_per_token_spread,
         "decode_tps": row.decode_tps,
         "hit_rate": row.hit_rate,
-        "bytes_per_token": row.decode_counter("bytes_loaded"),
+        "bytes_per_token": row.decode_counter("bytes_loaded") / row.batch,
         "stall_share": row.stall_share,
+        "loads_per_step": row.decode_counter("demand_loads") + row.decode_counter("prefetch_loads"),
         "loads": loads,
         "bytes_loaded": int(row.total_counter("bytes_loaded")),
         "os_read_bytes": int(row.total_counter("os_read_bytes")),
@@ -79,7 +86,8 @@ def _f(x: float | None, fmt: str) -> str:
 def markdown(meta: dict, rows: list[dict]) -> str:
     """A llama-bench style table, one row per configuration."""
     p, n = meta["prompt_tokens"], meta["gen_tokens"]
-    head = ["model", "budget", "policy", "load s", f"pp{p} t/s", f"tg{n} t/s", "ms/tok", "hit %", "MB/tok",
+    batched = any(r.get("batch", 1) != 1 for r in rows)
+    head = ["model", *(["batch"] if batched else []), "budget", "policy", "load s", f"pp{p} t/s", f"tg{n} t/s", "ms/tok", "hit %", "MB/tok",
             "stall %", "loads"]
     replay = any(r["belady_loads"] is not None for r in rows)
     profile = any(r["predicted_ms_per_token"] is not None for r in rows)
@@ -89,14 +97,18 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         head += ["pred ms/tok"]
         if replay:
             head += ["limit ms/tok", "ms/limit", "ms/reachable"]
+    if batched:
+        head.insert(head.index("loads") + 1, "loads/step")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i > 2 else "---" for i in range(len(head))) + "|"]
     for r in rows:
         cells = [
-            meta["model"], r["budget"], r["policy"], _f(r["load_s"], ".2f"), _f(r["prefill_tps"], ".1f"),
+            meta["model"], *([str(r["batch"])] if batched else []), r["budget"], r["policy"], _f(r["load_s"], ".2f"), _f(r["prefill_tps"], ".1f"),
             _f(r["decode_tps"], ".2f") + " ± " + _f(1e3 / r["ms_per_token"] ** 2 * r["ms_per_token_std"], ".2f"),
             _f(r["ms_per_token"], ".1f"), _f(100 * r["hit_rate"], ".1f"), _f(r["bytes_per_token"] / 1e6, ".1f"),
             _f(100 * r["stall_share"], ".1f"), str(r["loads"]),
         ]
+        if batched:
+            cells.append(_f(r["loads_per_step"], ".1f"))
         if replay:
             b = r["belady_loads"]
             o = r["oracle_loads"]

@@ -49,6 +49,7 @@ def bench_main(
     dtype: str | None,
     device: str,
     seed: int = 0,
+    batches: list[int] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     from engine.runtime.devices import resolve_device, resolve_dtype
@@ -58,6 +59,9 @@ def bench_main(
     say = progress or (lambda _msg: None)
     if repetitions < 1 or gen_tokens < 1 or prompt_tokens < 1:
         raise MoeinfError("-p, -n and -r must be at least 1")
+    batches = list(batches or [1])
+    if any(b < 1 for b in batches):
+        raise MoeinfError(f"batch sizes must be at least 1, got {','.join(map(str, batches))}")
     configs = configurations(budgets, policies)
     if synthetic is not None:
         from engine.bench.synthetic import make_synthetic_from_shape, synthetic_shape
@@ -85,19 +89,24 @@ def bench_main(
             raise MoeinfError(f"the trace has {trace.num_tokens} tokens but -p {prompt_tokens} + -n {gen_tokens} "
                               f"= {need}; lower -p/-n (e.g. -p 1 -n {trace.num_tokens - 1})")
     rows = []
-    for cfg in configs:
-        say(f"budget {cfg.budget}, policy {cfg.policy or '-'}: {repetitions} runs ...")
-        rows.append(run_config(root, cfg, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=repetitions,
-                               dtype=torch_dtype, device=dev, trace=trace, seed=seed))
-    probe = compute_s = None
+    for b in batches:
+        for cfg in configs:
+            say(f"batch {b}, budget {cfg.budget}, policy {cfg.policy or '-'}: {repetitions} runs ...")
+            rows.append(run_config(root, cfg, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=repetitions,
+                                   dtype=torch_dtype, device=dev, trace=trace, seed=seed, batch=b))
+    probe = None
+    compute: dict[int, float] = {}  # per batch size: the all-resident row's step time without stalls
     if profile:
         from engine.bench.probe import probe_disk_median
 
         say("probing disk bandwidth ...")
         probe = probe_disk_median(root, layout.moe_layers, layout.num_experts)
         probe.observed_bps = max((r.observed_bps for r in rows), default=0.0)
-        resident = [r for r in rows if r.budget_bytes is None]
-        compute_s = resident[0].compute_s if resident else min(r.compute_s for r in rows)
+        for b in batches:
+            same = [r for r in rows if r.batch == b]
+            resident = [r for r in same if r.budget_bytes is None]
+            compute[b] = resident[0].compute_s if resident else min(r.compute_s for r in same)
+    compute_s = compute.get(batches[0])
     return {
         "schema": "moeinf-bench/1",
         "model": root.name,
@@ -111,5 +120,6 @@ def bench_main(
         "replay": replay,
         "probe": probe.as_dict() if probe else None,
         "compute_ms_per_token": 1e3 * compute_s if compute_s is not None else None,
-        "rows": [row_dict(r, probe, compute_s) for r in rows],
+        "batches": batches,
+        "rows": [row_dict(r, probe, compute.get(r.batch)) for r in rows],
     }

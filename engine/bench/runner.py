@@ -1,11 +1,15 @@
-"""``moeinf bench``'s measurements: one configuration (budget x policy) over several repetitions.
+"""``moeinf bench``'s measurements: one configuration (batch x budget x policy) over several repetitions.
 
 Each repetition opens the model afresh (so load time and a cold expert cache are measured every
-time), runs a prompt of ``prompt_tokens`` tokens (time to first token), then ``gen_tokens`` decode steps
-one token at a time (greedy; EOS ignored). Counters of the expert source are read between the phases,
-so hit rate, bytes per token and stall share are those of the decode phase. With a routing trace
-(``--replay``) every forward follows the trace (``engine.bench.forced``) and the whole run (prompt and
-decode) is compared with Belady's optimum for the same tokens and cache capacity.
+time), runs ``batch`` prompts of ``prompt_tokens`` random tokens each (time to first token: all of them
+prefilled), then ``gen_tokens`` decode steps, each one token of every sequence in one forward pass
+(greedy; EOS ignored). A step's time is the latency every sequence sees per token; ``batch`` tokens a
+step is the aggregate throughput. Counters of the expert source are read between the phases, so hit
+rate, bytes per token and stall share are those of the decode phase. With a routing trace
+(``--replay``) every forward follows the trace (``engine.bench.forced``): sequence ``i`` of a batch of
+``B`` replays it from token ``i * T // B`` on (wrapping round its ``T`` tokens), so the sequences of a
+batch route like different requests; the whole run (prompt and decode) is compared with Belady's
+optimum for the same accesses (each step the union of the batch's experts) and cache capacity.
 
 The bench never records activation traces: repetitions do not teach each other.
 """
@@ -33,7 +37,7 @@ class BenchConfig:
 class Rep:
     load_s: float
     ttft_s: float
-    decode_s: list[float]  # per token
+    decode_s: list[float]  # per decode step (one token of every sequence of the batch)
     prompt_stats: dict
     decode_stats: dict  # counter deltas of the decode phase
     total_stats: dict  # counters of the whole repetition
@@ -45,6 +49,7 @@ class BenchRow:
     policy: str
     prompt_tokens: int
     gen_tokens: int
+    batch: int = 1
     reps: list[Rep] = field(default_factory=list)
     slots: int = 0
     budget_bytes: int | None = None
@@ -69,6 +74,7 @@ class BenchRow:
 
     @property
     def ms_per_token(self) -> float:
+        """Per-sequence latency: ms per decode step (each sequence gets one token a step)."""
         return 1e3 * self._med([statistics.mean(r.decode_s) for r in self.reps if r.decode_s])
 
     @property
@@ -77,14 +83,15 @@ class BenchRow:
 
     @property
     def decode_tps(self) -> float:
-        return 1e3 / self.ms_per_token if self.ms_per_token else float("nan")
+        """Aggregate decode throughput: tokens of every sequence per second."""
+        return self.batch * 1e3 / self.ms_per_token if self.ms_per_token else float("nan")
 
     @property
     def prefill_tps(self) -> float:
-        return self.prompt_tokens / self.ttft_s if self.ttft_s else float("nan")
+        return self.batch * self.prompt_tokens / self.ttft_s if self.ttft_s else float("nan")
 
     def decode_counter(self, name: str) -> float:
-        """Median over reps of a decode-phase counter, per decoded token."""
+        """Median over reps of a decode-phase counter, per decode step."""
         return self._med([r.decode_stats.get(name, 0) / max(1, len(r.decode_s)) for r in self.reps])
 
     def total_counter(self, name: str) -> float:
@@ -110,7 +117,7 @@ class BenchRow:
 
     @property
     def compute_s(self) -> float:
-        """Per token decode time with the stalls taken out."""
+        """Per step decode time with the stalls taken out."""
         return self._med(
             [(sum(r.decode_s) - r.decode_stats.get("stall_s", 0.0)) / max(1, len(r.decode_s)) for r in self.reps]
         )
@@ -151,6 +158,24 @@ def _warm_all(experts, moe_layers: list[int], num_experts: int) -> None:
             pass
 
 
+def batch_trace(trace: RoutingTrace, batch: int, tokens: int) -> tuple[list[int], RoutingTrace]:
+    """Where each of ``batch`` sequences starts in ``trace`` (``i * T // batch``), and the accesses of
+    ``tokens`` steps of them together: step t holds every sequence's experts at its own trace token
+    ``(start + t) % T``, side by side ([tokens, L, batch * k]; for one sequence, the trace's first tokens)."""
+    T = trace.num_tokens
+    starts = [(i * T) // batch for i in range(batch)]
+    rows = [[(o + t) % T for o in starts] for t in range(tokens)]
+    ids = trace.expert_ids[rows]  # [tokens, batch, L, k]
+    ids = ids.transpose(0, 2, 1, 3).reshape(tokens, trace.num_layers, -1)
+    return starts, RoutingTrace(ids, trace.num_experts)
+
+
+def _prefill_groups(batch: int, prompt_tokens: int, chunk: int = 512) -> list[list[int]]:
+    """Sequences prefilled together: as many whole prompts a forward as fit ``chunk`` tokens (at least one)."""
+    per = max(1, chunk // max(1, prompt_tokens))
+    return [list(range(i, min(batch, i + per))) for i in range(0, batch, per)]
+
+
 def run_config(
     model_root: Path,
     cfg: BenchConfig,
@@ -162,6 +187,7 @@ def run_config(
     device: torch.device,
     trace: RoutingTrace | None = None,
     seed: int = 0,
+    batch: int = 1,
 ) -> BenchRow:
     from engine.memory import open_experts
     from engine.model.loader import load_model
@@ -174,14 +200,21 @@ def run_config(
     config = json.loads((model_root / "config.json").read_text())
     layout = moe_layout(config)
     ctx = prompt_tokens + gen_tokens + 1
-    row = BenchRow(cfg.budget, cfg.policy or "-", prompt_tokens, gen_tokens)
+    row = BenchRow(cfg.budget, cfg.policy or "-", prompt_tokens, gen_tokens, batch=batch)
     vocab = int(config.get("vocab_size") or manifest.get("vocab_size") or 1000)
-    prompt = torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed))
+    prompts = [
+        torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed + i))
+        for i in range(batch)
+    ]
+    starts, used = batch_trace(trace, batch, prompt_tokens + gen_tokens) if trace is not None else ([0] * batch, None)
+    T = trace.num_tokens if trace is not None else 1
     for _ in range(reps):
         t0 = time.perf_counter()
         experts = open_experts(model_root, dtype, device, cfg.budget, cfg.policy, None, ctx=ctx)
         try:
             model = load_model(model_root, dtype=dtype, device=device, experts=experts, max_seq_len=ctx)
+            if batch > 1:
+                model.setup_caches(ctx, dtype, device, slots=batch)
             before = _counters(experts)
             if before.get("budget_bytes") is None:
                 _warm_all(experts, layout.moe_layers, layout.num_experts)
@@ -191,20 +224,26 @@ def run_config(
             if hasattr(experts, "begin_sequence"):
                 experts.begin_sequence()
             t1 = time.perf_counter()
-            logits = model(prompt.to(device), 0, last_only=True)
+            last = [0] * batch
+            for group in _prefill_groups(batch, prompt_tokens):
+                if forced is not None:
+                    forced.rows = [(starts[i] + j) % T for i in group for j in range(prompt_tokens)]
+                tokens = torch.cat([prompts[i] for i in group]).to(device)
+                logits = model.forward_batch(tokens, [(i, 0, prompt_tokens) for i in group])
+                for r, i in enumerate(group):
+                    last[i] = int(logits[r].argmax())
             ttft = time.perf_counter() - t1
             after_prompt = _counters(experts)
-            if forced is not None:
-                forced.step = prompt_tokens
-            tok = logits[-1].argmax()
+            tok = torch.tensor(last, device=device)
             times = []
-            for i in range(gen_tokens):
-                t = time.perf_counter()
-                logits = model(tok.view(1), prompt_tokens + i)
-                tok = logits[-1].argmax()
-                times.append(time.perf_counter() - t)
+            for step in range(gen_tokens):
+                pos = prompt_tokens + step
                 if forced is not None:
-                    forced.step += 1
+                    forced.rows = [(o + pos) % T for o in starts]
+                t = time.perf_counter()
+                logits = model.forward_batch(tok, [(i, pos, 1) for i in range(batch)])
+                tok = logits.argmax(dim=-1)
+                times.append(time.perf_counter() - t)
             end = _counters(experts)
         finally:
             if hasattr(experts, "close"):
@@ -214,11 +253,11 @@ def run_config(
         row.slots = int(end.get("slots") or 0) - int(end.get("stream_slots") or 0)
         row.budget_bytes = end.get("budget_bytes")
         row.expert_bytes = int(end.get("slot_bytes") or 0)
-    if trace is not None and row.budget_bytes is not None and row.slots > 0:
+    if used is not None and row.budget_bytes is not None and row.slots > 0:
         from engine.policy.oracle import token_oracle_loads
         from engine.policy.replay import belady_loads
 
-        used = RoutingTrace(trace.expert_ids[: prompt_tokens + gen_tokens], trace.num_experts)
         row.belady_loads = belady_loads(used, row.slots)
-        row.oracle_loads = token_oracle_loads(used, row.slots)
+        # the token oracle knows one sequence's routing and rates: it has no meaning for a batch's union
+        row.oracle_loads = token_oracle_loads(used, row.slots) if batch == 1 else None
     return row

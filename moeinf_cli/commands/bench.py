@@ -20,11 +20,22 @@ Examples:
   moeinf bench mixtral -p 512 -n 128 --expert-budget 25%,50%,100% --policy lru,lfu,eam
   moeinf bench --synthetic mixtral-8x7b --scale 0.25 --expert-budget 100%,25% -p 16 -n 32
   moeinf bench --synthetic mixtral-8x7b --scale 0.25 --replay mixtral-trace.npz --expert-budget 100%,25% --profile
+  moeinf bench --synthetic mixtral-8x7b --replay mixtral-trace.npz -p 1 -n 8 -b 1,8,32,64 --expert-budget 100%,25% --policy eam
 """
 
 
 def _split(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _batch_sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(t) for t in _split(text)]
+    except ValueError:
+        raise typer.BadParameter(f"-b takes comma-separated whole numbers, e.g. 1,8,32 (got {text!r})") from None
+    if not sizes or min(sizes) < 1:
+        raise typer.BadParameter(f"-b takes batch sizes of at least 1, e.g. 1,8,32 (got {text!r})")
+    return sizes
 
 
 def register(app: typer.Typer) -> None:
@@ -73,6 +84,14 @@ def register(app: typer.Typer) -> None:
         ),
         as_json: bool = typer.Option(False, "--json", help="Print JSON instead of the table."),
         seed: int = typer.Option(0, "--seed", help="Seed of the random prompt."),
+        batch_sizes: str = typer.Option(
+            "1",
+            "-b",
+            "--batch-size",
+            metavar="N,...",
+            help="Comma-separated batch sizes: sequences decoded together; tg t/s is then their aggregate, "
+            "ms/tok each sequence's latency.",
+        ),
         *,
         device: str,
         dtype: str | None,
@@ -95,6 +114,7 @@ def register(app: typer.Typer) -> None:
             dtype=dtype,
             device=device,
             seed=seed,
+            batches=_batch_sizes(batch_sizes),
             progress=None if as_json else lambda msg: print(msg, file=sys.stderr),
         )
         if as_json:
@@ -107,6 +127,6 @@ def register(app: typer.Typer) -> None:
                 p = result["probe"]
                 print(
                     f"\ndisk: {p['bandwidth_gbps']:.2f} GB/s ({p['io']}; probe {p['probe_gbps']:.2f}, seen in the runs "
-                    f"{p['observed_bps'] / 1e9:.2f}); compute {result['compute_ms_per_token']:.1f} ms/token; "
+                    f"{p['observed_bps'] / 1e9:.2f}); compute {result['compute_ms_per_token']:.1f} ms/step (batch {result['batches'][0]}); "
                     f"{result['threads']} threads"
                 )
