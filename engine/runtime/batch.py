@@ -148,13 +148,7 @@ class BatchSession:
         """Queue a request given as token ids."""
         self._check_open()
         ids = [int(t) for t in ids]
-        if not ids:
-            raise MoeinfError("the prompt is empty; give some text")
-        if len(ids) >= self.ctx:
-            raise MoeinfError(
-                f"the prompt is {len(ids)} tokens but the context holds {self.ctx} (and needs room for the reply); "
-                f"shorten the prompt or raise --ctx"
-            )
+        self.check_prompt(ids)
         req = BatchRequest(id=next(self._ids) if id is None else id, ids=ids, params=params)
         req.submitted_at = time.perf_counter()
         req.stats.prompt_tokens = req.stats.prompt_eval_count = len(ids)
@@ -164,6 +158,16 @@ class BatchSession:
         req._stopper = StopScanner(params.stop)
         self._queue.append(req)
         return req
+
+    def check_prompt(self, ids: list[int]) -> None:
+        """MoeinfError unless ``ids`` is a prompt this batch can take (not empty, room left for a reply)."""
+        if not ids:
+            raise MoeinfError("the prompt is empty; give some text")
+        if len(ids) >= self.ctx:
+            raise MoeinfError(
+                f"the prompt is {len(ids)} tokens but the context holds {self.ctx} (and needs room for the reply); "
+                f"shorten the prompt or raise --ctx"
+            )
 
     def cancel(self, request: BatchRequest) -> BatchEvent | None:
         """Take a request out (queued or running) at once; its slot is free for the next step.
