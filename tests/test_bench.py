@@ -19,16 +19,8 @@ LAYERS, EXPERTS = 3, 8
 
 @pytest.fixture()
 def synth(_isolated_home):
-    return make_synthetic_model(
-        "synth-bench",
-        num_layers=LAYERS,
-        num_experts=EXPERTS,
-        top_k=2,
-        hidden=64,
-        intermediate=128,
-        vocab=256,
-        dtype=torch.float32,
-    )
+    return make_synthetic_model("synth-bench", num_layers=LAYERS, num_experts=EXPERTS, top_k=2, hidden=64,
+                                intermediate=128, vocab=256, dtype=torch.float32)
 
 
 def _trace(tokens: int, seed: int = 0) -> RoutingTrace:
@@ -61,47 +53,17 @@ def test_forced_routing_follows_the_trace(synth):
 def test_bench_json_on_a_tiny_model(synth, tmp_path):
     trace = _trace(12)
     path = tmp_path / "trace.npz"
-    np.savez(
-        path,
-        expert_ids=trace.expert_ids.astype(np.int16),
-        num_experts=np.int64(EXPERTS),
-        seq_starts=np.array([0]),
-        meta=json.dumps({"model": "test"}),
-    )
+    np.savez(path, expert_ids=trace.expert_ids.astype(np.int16), num_experts=np.int64(EXPERTS),
+             seq_starts=np.array([0]), meta=json.dumps({"model": "test"}))
     r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moeinf_cli",
-            "bench",
-            "synth-bench",
-            "-p",
-            "2",
-            "-n",
-            "10",
-            "-r",
-            "2",
-            "--expert-budget",
-            "100%,25%",
-            "--policy",
-            "lru,lfu",
-            "--replay",
-            str(path),
-            "--profile",
-            "--json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
+        [sys.executable, "-m", "moeinf_cli", "bench", "synth-bench", "-p", "2", "-n", "10", "-r", "2",
+         "--expert-budget", "100%,25%", "--policy", "lru,lfu", "--replay", str(path), "--profile", "--json"],
+        capture_output=True, text=True, timeout=300,
     )
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["schema"] == "moeinf-bench/1" and doc["repetitions"] == 2
-    assert [(row["budget"], row["policy"]) for row in doc["rows"]] == [
-        ("100%", "-"),
-        ("25%", "lru"),
-        ("25%", "lfu"),
-    ]
+    assert [(row["budget"], row["policy"]) for row in doc["rows"]] == [("100%", "-"), ("25%", "lru"), ("25%", "lfu")]
     resident, *offloaded = doc["rows"]
     assert resident["hit_rate"] == 1.0 and resident["loads"] == 0 and resident["belady_loads"] is None
     assert doc["probe"]["bandwidth_gbps"] > 0 and doc["compute_ms_per_token"] > 0
@@ -118,50 +80,14 @@ def test_bench_json_on_a_tiny_model(synth, tmp_path):
 
 
 def test_bench_markdown_and_errors(synth):
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moeinf_cli",
-            "bench",
-            "synth-bench",
-            "-p",
-            "3",
-            "-n",
-            "2",
-            "-r",
-            "1",
-            "--expert-budget",
-            "50%",
-            "--policy",
-            "lru",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    r = subprocess.run([sys.executable, "-m", "moeinf_cli", "bench", "synth-bench", "-p", "3", "-n", "2", "-r", "1",
+                        "--expert-budget", "50%", "--policy", "lru"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     lines = r.stdout.strip().splitlines()
-    assert (
-        lines[0].startswith("| model | budget | policy |") and "pp3 t/s" in lines[0] and "tg2 t/s" in lines[0]
-    )
+    assert lines[0].startswith("| model | budget | policy |") and "pp3 t/s" in lines[0] and "tg2 t/s" in lines[0]
     assert lines[2].startswith("| synth-bench | 50% | lru |")
-    bad = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "moeinf_cli",
-            "bench",
-            "synth-bench",
-            "--policy",
-            "nope",
-            "--expert-budget",
-            "50%",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    bad = subprocess.run([sys.executable, "-m", "moeinf_cli", "bench", "synth-bench", "--policy", "nope",
+                          "--expert-budget", "50%"], capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "unknown policy" in bad.stderr
 
 
