@@ -11,7 +11,7 @@ import torch
 from engine.bench.forced import force_routing
 from engine.bench.synthetic import make_synthetic_model
 from engine.policy.oracle import token_oracle_loads
-from engine.policy.replay import belady_loads
+from engine.policy.replay import belady_bypass_loads, belady_loads
 from engine.trace.format import RoutingTrace
 
 LAYERS, EXPERTS = 3, 8
@@ -149,8 +149,12 @@ def test_bench_batch_axis(synth, tmp_path):
     starts, merged = batch_trace(trace, 4, 8)
     assert starts == [0, 3, 6, 9] and merged.expert_ids.shape == (8, LAYERS, 8)
     assert (merged.expert_ids[5, :, 2:4] == trace.expert_ids[8]).all()  # sequence 1 at step 5: token 3 + 5
-    assert four["belady_loads"] == belady_loads(merged, four["slots"]) and four["oracle_loads"] is None
-    assert four["belady_loads"] > 0
+    assert four["belady_loads"] == belady_bypass_loads(merged, four["slots"]) and four["oracle_loads"] is None
+    assert four["loads"] >= four["belady_loads"] > 0
+    assert belady_bypass_loads(merged, four["slots"]) <= belady_loads(merged, four["slots"])
+    # a scan of every expert at every step: the optimum keeps what fits and streams the rest
+    scan = RoutingTrace(np.tile(np.arange(EXPERTS)[None, None, :], (10, LAYERS, 1)), EXPERTS)
+    assert belady_bypass_loads(scan, 9) == LAYERS * EXPERTS + 9 * (LAYERS * EXPERTS - 9)
     md = subprocess.run(
         [
             sys.executable,

@@ -22,7 +22,8 @@ JSON schema (``moeinf bench --json``), version ``moeinf-bench/1``::
         "loads": int,                           # expert loads of the whole run (prompt + decode)
         "bytes_loaded": int,                    # bytes the loader read in that run (its own count)
         "os_read_bytes": int,                   # bytes the OS says this process read meanwhile (/proc/self/io)
-        "belady_loads": int | null,             # --replay: Belady's optimum for the same tokens
+        "belady_loads": int | null,             # --replay: Belady's optimum for the same tokens (batch > 1:
+                                                #   with streaming allowed, engine.policy.replay.belady_bypass_loads)
         "oracle_loads": int | null,             # --replay: the token oracle's loads (engine/policy/oracle.py)
         "predicted_ms_per_token": float | null, # --profile: the hardware model's figure (per step)
         "limit_ms_per_token": float | null,     # --profile --replay: max(compute, Belady bytes / bandwidth)

@@ -9,7 +9,9 @@ rate, bytes per token and stall share are those of the decode phase. With a rout
 (``--replay``) every forward follows the trace (``engine.bench.forced``): sequence ``i`` of a batch of
 ``B`` replays it from token ``i * T // B`` on (wrapping round its ``T`` tokens), so the sequences of a
 batch route like different requests; the whole run (prompt and decode) is compared with Belady's
-optimum for the same accesses (each step the union of the batch's experts) and cache capacity.
+optimum for the same accesses (each step the union of the batch's experts) and cache capacity; for a
+batch, the optimum of a cache that may stream an expert through without keeping it, as the expert
+cache does in a step of many tokens (``belady_bypass_loads``).
 
 The bench never records activation traces: repetitions do not teach each other.
 """
@@ -255,9 +257,10 @@ def run_config(
         row.expert_bytes = int(end.get("slot_bytes") or 0)
     if used is not None and row.budget_bytes is not None and row.slots > 0:
         from engine.policy.oracle import token_oracle_loads
-        from engine.policy.replay import belady_loads
+        from engine.policy.replay import belady_bypass_loads, belady_loads
 
-        row.belady_loads = belady_loads(used, row.slots)
+        # a batch's steps stream the experts the cache cannot keep: its optimum may stream them too
+        row.belady_loads = belady_loads(used, row.slots) if batch == 1 else belady_bypass_loads(used, row.slots)
         # the token oracle knows one sequence's routing and rates: it has no meaning for a batch's union
         row.oracle_loads = token_oracle_loads(used, row.slots) if batch == 1 else None
     return row

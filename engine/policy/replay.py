@@ -244,3 +244,41 @@ def belady_loads(trace: RoutingTrace, capacity: int) -> int:
             resident[k] = nxt
             heapq.heappush(heap, (-nxt, k))
     return loads
+
+
+def belady_bypass_loads(trace: RoutingTrace, capacity: int) -> int:
+    """Loads of the offline optimum for a cache that may also serve a miss without keeping it (a
+    stream slot, as the expert cache does for a step of many tokens): a miss is kept, evicting the
+    resident expert needed farthest ahead, only when it is needed again sooner than that one;
+    otherwise it streams through. Never more than ``belady_loads``; the yardstick of a batch whose
+    every step needs more experts than the cache holds."""
+    steps = [[(layer, e) for e in needed] for _, layer, needed in _steps(trace)]
+    never = len(steps)
+    next_use: list[list[int]] = [[] for _ in steps]
+    upcoming: dict[Key, int] = {}
+    for i in range(len(steps) - 1, -1, -1):
+        next_use[i] = [upcoming.get(k, never) for k in steps[i]]
+        for k in steps[i]:
+            upcoming[k] = i
+    resident: dict[Key, int] = {}  # key -> its next use
+    heap: list[tuple[int, Key]] = []  # (-next use, key), lazily invalidated
+    loads = 0
+    for i, keys in enumerate(steps):
+        for k, nxt in zip(keys, next_use[i], strict=True):
+            if k in resident:
+                resident[k] = nxt
+                heapq.heappush(heap, (-nxt, k))
+                continue
+            loads += 1
+            if nxt >= never:
+                continue  # not needed again: stream it
+            if len(resident) >= capacity:
+                while heap and resident.get(heap[0][1]) != -heap[0][0]:
+                    heapq.heappop(heap)  # stale entries
+                if not heap or -heap[0][0] <= nxt:
+                    continue  # every resident expert is needed sooner: stream it
+                _, victim = heapq.heappop(heap)
+                del resident[victim]
+            resident[k] = nxt
+            heapq.heappush(heap, (-nxt, k))
+    return loads
