@@ -17,7 +17,7 @@ A decode step of a batch of sequences (``engine.runtime.batch``) is such a step 
 once for each distinct expert its tokens routed to, the policy hears the whole batch's routing (the
 experts and how many tokens each) in one ``on_route``, and the misses stream. At a batch size where a
 step needs more experts than the cache holds (at a 25% budget from batch 2 or so) that is what the
-offline optimum does as well (``engine.trace.replay.belady_bypass_loads``: keep what fits, stream the
+offline optimum does as well (``engine.policy.replay.belady_bypass_loads``: keep what fits, stream the
 rest); prefetching the next layer would only take slots from that.
 
 Locking: one reentrant lock (a Condition) guards slots, residency, pins, policy calls and the loader
