@@ -326,3 +326,21 @@ def test_a_non_streaming_client_that_gives_up_cancels_too(srv, client):
     srv.wait_idle()
     assert _wait_metric(srv.url, 'moeinf_generations_total{reason="cancelled"}', cancelled + 1)
     assert chat(client, max_tokens=2).usage.completion_tokens == 2
+
+
+def test_a_model_that_fails_to_load_stops_the_server(store):
+    from engine.errors import MoeinfError
+
+    def broken():
+        raise MoeinfError("the store model is damaged; pull it again")
+
+    server = ThreadServer(ServeSettings("tiny"), broken, wait_loaded=False)
+    with server:
+        server._thread.join(60)  # the server stops itself once the load failed
+        assert not server._thread.is_alive()
+    assert server.state.load_error == "the store model is damaged; pull it again"
+    from engine.serve.errors import ApiError
+
+    with pytest.raises(ApiError) as err:
+        server.state.ready_session()
+    assert err.value.status == 503 and "damaged" in err.value.message

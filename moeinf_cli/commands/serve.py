@@ -48,6 +48,24 @@ def _check_bindable(host: str, port: int) -> None:
             ) from None
 
 
+def _check_load_options(load: dict) -> None:
+    """The loading options that can be checked without loading: one error line before the server starts
+    (the model itself loads in the background, where a failure stops the server with exit status 1)."""
+    from engine.errors import MoeinfError
+    from engine.memory.budget import parse_budget
+    from engine.policy.registry import policy_class
+    from engine.runtime.devices import resolve_device
+    from engine.store.files import canonical_dtype
+
+    if int(load.get("ctx", 2)) < 2:
+        raise MoeinfError(f"--ctx must be at least 2 tokens, got {load['ctx']}")
+    parse_budget(load.get("expert_budget"))
+    if load.get("policy") is not None:
+        policy_class(load["policy"])
+    canonical_dtype(load.get("dtype"))
+    resolve_device(load.get("device", "auto"))
+
+
 def serve(
     model: Model,
     host: str = typer.Option(
@@ -103,6 +121,7 @@ def serve(
         raise MoeinfError("--api-key (or MOEINF_API_KEY) is empty; give a key or leave it unset")
     root = resolve_model(model)  # an unknown model fails here, before binding or importing torch
     name = str(read_manifest(root).get("name") or root.name)
+    _check_load_options(load)
     _check_bindable(host, port)
 
     from engine.serve.server import serve as run_server
