@@ -10,3 +10,27 @@ class MoeinfError(Exception):
     """A user-facing error: ``str(err)`` is one line naming the problem and the fix."""
 
     exit_code = 1
+
+
+_FIX = {
+    "EROFS": "the file system is read-only; set MOEINF_HOME to a writable directory",
+    "EACCES": "permission denied; check the permissions there or set MOEINF_HOME to a directory of yours",
+    "EPERM": "not permitted; check the permissions there or set MOEINF_HOME to a directory of yours",
+    "ENOSPC": "the disk is full; free some space or set MOEINF_HOME to a bigger disk",
+    "EDQUOT": "the disk quota is exhausted; free some space or set MOEINF_HOME to another disk",
+    "ENOTDIR": "a file stands where a directory belongs; move that file away",
+    "EEXIST": "a file stands where a directory belongs; move that file away",
+    "EISDIR": "a directory stands where a file belongs; give a file name",
+}
+
+
+def os_error(err: OSError, doing: str = "") -> MoeinfError:
+    """A MoeinfError for an OSError the environment caused (read-only or full disk, permissions, a file
+    where a directory belongs): what failed, on which path, and the fix. ``doing``: e.g. "saving traces"."""
+    import errno
+
+    name = errno.errorcode.get(err.errno or 0, "")
+    path = f" {err.filename}" if err.filename else ""
+    what = f"{doing}: " if doing else ""
+    fix = _FIX.get(name, "check that path and try again")
+    return MoeinfError(f"{what}cannot use{path} ({err.strerror or err}); {fix}")

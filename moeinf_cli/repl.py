@@ -224,7 +224,7 @@ class ChatRepl:
         if fit.prompt_tokens >= ctx:  # refused: the conversation stays as it was
             self.warn(
                 f"This message needs {fit.prompt_tokens} tokens but the context holds {ctx}; "
-                f"shorten it, /clear, or /set parameter num_ctx {2 * ctx}."
+                f"shorten it, /clear, or /set parameter num_ctx {_room_for(fit.prompt_tokens, ctx)}."
             )
             return
         self.conversation = trial
@@ -236,7 +236,7 @@ class ChatRepl:
         if not fit.fits:
             self.warn(
                 f"Little room is left for the answer ({ctx - fit.prompt_tokens} tokens of {ctx}); "
-                f"use /clear or /set parameter num_ctx {2 * ctx} for more."
+                f"use /clear or /set parameter num_ctx {_room_for(fit.prompt_tokens, ctx)} for more."
             )
         messages = self.conversation.messages([{"role": "user", "content": message}])
         cache_before = cache_snapshot(self.session)
@@ -394,7 +394,10 @@ class ChatRepl:
 
     def _load_command(self, target: str) -> None:
         path = Path(target).expanduser()
-        if target.endswith(".json") and path.is_file():
+        if target.endswith(".json") and not path.is_file():
+            self.warn(f"Error: no conversation file {target} (/load NAME.json reads one written by /save)")
+            return
+        if target.endswith(".json"):
             try:
                 model, conversation, params = load_conversation(path)
             except ValueError as err:
@@ -435,6 +438,13 @@ class ChatRepl:
             self.warn(f"Error: cannot write {target}: {err.strerror or err}")
             return
         self.say(f"Saved conversation to {path}")
+
+
+def _room_for(prompt_tokens: int, ctx: int) -> int:
+    """The num_ctx to suggest: room for ``prompt_tokens`` and an answer as long (at least 256 tokens),
+    rounded up to a multiple of 256, and more than ``ctx``."""
+    need = prompt_tokens + max(256, prompt_tokens)
+    return max(ctx + 256, -(-need // 256) * 256)
 
 
 def run_repl(

@@ -7,6 +7,7 @@ prompt plus room for the answer fits the context; ``save``/``load`` write and re
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 from collections.abc import Callable
@@ -89,6 +90,8 @@ def fit_to_context(conversation: Conversation, user_text: str, count_tokens: Cal
 def save_conversation(path: Path, conversation: Conversation, model: str, parameters: dict[str, Any]) -> Path:
     """Write the conversation as JSON to ``path`` (written aside, then renamed); returns the path."""
     path = Path(path).expanduser()
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "a directory; give a file name such as chat.json", str(path))
     if path.suffix == "":
         path = path.with_suffix(".json")
     data = {

@@ -7,6 +7,8 @@ reader's ``set_history(False)`` (``/set nohistory``) stops saving inputs to the 
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from pathlib import Path
 from typing import Any, Protocol, TextIO
 
@@ -31,15 +33,27 @@ class Reader(Protocol):
 
 def file_history(path: Path) -> Any:
     """prompt_toolkit's FileHistory of ``path`` with a switch: while ``.enabled`` is False, inputs are
-    still recalled with Up in this session but no longer appended to the file (Ollama's nohistory)."""
+    still recalled with Up in this session but no longer appended to the file (Ollama's nohistory).
+    A file that cannot be written (read-only or full disk) turns saving off, with one notice."""
     from prompt_toolkit.history import FileHistory
 
     class SwitchableFileHistory(FileHistory):
         enabled = True
 
         def store_string(self, string: str) -> None:
-            if self.enabled:
+            if not self.enabled:
+                return
+            try:
                 super().store_string(string)
+            except OSError as err:
+                self.enabled = False
+                print(f"note: input history is not saved ({path}: {err.strerror or err})", file=sys.stderr)
+
+        def load_history_strings(self):  # type: ignore[no-untyped-def]
+            try:
+                yield from super().load_history_strings()
+            except (OSError, UnicodeDecodeError):
+                return
 
     return SwitchableFileHistory(str(path))
 
@@ -51,7 +65,8 @@ class TerminalReader:
         from prompt_toolkit import PromptSession
         from prompt_toolkit.key_binding import KeyBindings
 
-        history_path.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(OSError):  # a read-only home: the history is just not saved
+            history_path.parent.mkdir(parents=True, exist_ok=True)
         bindings = KeyBindings()
 
         @bindings.add("enter")

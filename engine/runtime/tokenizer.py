@@ -59,6 +59,17 @@ def _as_id_list(value: Any) -> list[int]:
     return [int(v) for v in value if isinstance(v, int)]
 
 
+def valid_text(text: str) -> str:
+    """``text`` with every lone surrogate replaced by U+FFFD. Python turns bytes that are not UTF-8 in
+    argv and stdin into surrogates (``surrogateescape``); JSON can spell them too. The tokenizer, like
+    any UTF-8 encoder, refuses them."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return "".join("\ufffd" if "\ud800" <= ch <= "\udfff" else ch for ch in text)
+
+
 class Tokenizer:
     """Encode/decode text and render the chat template of one model."""
 
@@ -107,8 +118,9 @@ class Tokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
         """Token ids of ``text``; ``add_special_tokens`` runs tokenizer.json's post-processor (e.g. prepends
-        BOS), as transformers 5's generic tokenizer does (it ignores ``add_bos_token`` in tokenizer_config)."""
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        BOS), as transformers 5's generic tokenizer does (it ignores ``add_bos_token`` in tokenizer_config).
+        Bytes that were not UTF-8 (lone surrogates in ``text``) become U+FFFD."""
+        return self._tok.encode(valid_text(text), add_special_tokens=add_special_tokens).ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)

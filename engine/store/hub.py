@@ -63,7 +63,9 @@ def resolve_alias(name: str) -> str | None:
 
 
 def unknown_alias_error(name: str) -> MoeinfError:
-    close = difflib.get_close_matches(name.lower(), list(ALIASES), n=3, cutoff=0.5)
+    low = name.lower()
+    close = [a for a in ALIASES if a.startswith(low)][:3] or difflib.get_close_matches(low, list(ALIASES), n=3,
+                                                                                      cutoff=0.6)
     hint = f"did you mean {', '.join(close)}? " if close else ""
     return MoeinfError(
         f"unknown model {name!r}; {hint}give an alias (`moeinf pull --list-aliases`), a hub repo like "

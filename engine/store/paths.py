@@ -13,9 +13,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from engine.errors import MoeinfError
+
 
 def moeinf_home() -> Path:
-    return Path(os.environ.get("MOEINF_HOME") or Path.home() / ".moeinf").expanduser()
+    """``$MOEINF_HOME`` (default ``~/.moeinf``); MoeinfError when it names something that is not a directory."""
+    home = Path(os.environ.get("MOEINF_HOME") or Path.home() / ".moeinf").expanduser()
+    if home.exists() and not home.is_dir():
+        raise MoeinfError(f"MOEINF_HOME={home} is not a directory; set MOEINF_HOME to a directory (or remove that file)")
+    return home
 
 
 def models_dir() -> Path:

@@ -121,17 +121,31 @@ def classify_source(source: str) -> tuple[str, str]:
 
 @contextlib.contextmanager
 def _lock(name: str):
+    """Hold ``models/.lock-<name>`` while a pull of ``name`` runs; a second pull fails at once. The file
+    is removed when the pull ends (a lock won on a file that was removed meanwhile is taken again on
+    the new one, so two pulls never both hold it)."""
     models_dir().mkdir(parents=True, exist_ok=True)
     path = models_dir() / f".lock-{name}"
-    with open(path, "w") as f:
+    while True:
+        f = open(path, "w")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
+            f.close()
             raise MoeinfError(f"another `moeinf pull` of {name} is running; wait for it to finish") from None
         try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            same = os.stat(path).st_ino == os.fstat(f.fileno()).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        f.close()
+    try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)
+        fcntl.flock(f, fcntl.LOCK_UN)
+        f.close()
 
 
 def _estimate_bytes(config: dict, src_bytes: int, dtype: str | None) -> int:
@@ -242,7 +256,11 @@ def _pull_locked(kind, value, source, name, revision, target_dtype, transform, k
                         lambda out: transform.apply(meta_dir, out, target_dtype, progress))
         result = _convert_into_store(src, name, key, target_dtype, upcycled, progress, quant)
     except MoeinfError:
-        shutil.rmtree(tmp_root, ignore_errors=True)  # a bad source or option: nothing worth resuming
+        # a bad source or option: nothing worth resuming (a hub download keeps its converted shards, so
+        # a pull after the bad file is fetched again continues)
+        shutil.rmtree(tmp_root, ignore_errors=True)
+        if kind != "hub" and kind != "alias":
+            shutil.rmtree(models_dir() / f"{PARTIAL_PREFIX}{name}", ignore_errors=True)
         raise
     shutil.rmtree(tmp_root, ignore_errors=True)
     with contextlib.suppress(OSError):

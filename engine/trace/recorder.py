@@ -43,6 +43,7 @@ class TraceRecorder:
         self.store = TraceStore(model_name)
         self.top_k: int | None = None
         self.sequences_recorded = 0
+        self.save_error: OSError | None = None  # why the last sequence could not be saved, if it could not
         self._active = False
         self._phase: int | None = None
         self._reset()
@@ -117,7 +118,10 @@ class TraceRecorder:
         if not self.persist:
             return new
         try:
-            return self.store.update(new)
+            stored = self.store.update(new)
+            self.save_error = None
+            return stored
         except OSError as err:
+            self.save_error = err
             log.warning("Warning: could not save traces of %s (%s)", self.model_name, err)
             return None

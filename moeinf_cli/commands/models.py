@@ -33,17 +33,24 @@ def _source(m: dict) -> str:
 def register(app: typer.Typer) -> None:
     @app.command("list", help="List the models in the store.\n\n\b\nExample:\n  moeinf list")
     def list_models() -> None:
+        from engine.store.manifest import MANIFEST, broken_models
         from engine.store.manifest import list_models as store_models
         from engine.store.paths import models_dir
 
         rows = [("NAME", "FAMILY", "SIZE", "EXPERTS", "MODIFIED")]
         now = time.time()
         for name, m in store_models():
-            mtime = (models_dir() / name / "manifest.json").stat().st_mtime
+            mtime = (models_dir() / name / MANIFEST).stat().st_mtime
             rows.append((name, m["family"], _human(m["total_bytes"]), _experts(m), _ago(now - mtime)))
+        broken = broken_models()
+        for name, _problem in broken:
+            rows.append((name, "broken", "-", "-", "-"))
+        rows[1:] = sorted(rows[1:])
         widths = [max(len(r[i]) for r in rows) for i in range(5)]
         for r in rows:
             typer.echo("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())
+        for name, problem in broken:
+            typer.echo(f"{name}: {problem}", err=True)
 
     @app.command(
         "show",

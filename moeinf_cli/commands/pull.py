@@ -52,7 +52,7 @@ def _count(n: float) -> str:
 
 
 def _make_progress():
-    """A PullProgress drawing one rich bar per step on stderr (one line per step when stderr is not a
+    """A PullProgress drawing one rich bar per step on stderr (only the messages when stderr is not a
     terminal). A step counts bytes (shown as sizes and a transfer rate) or items ("tokens", "layers")."""
     from rich.console import Console
     from rich.progress import (
@@ -107,8 +107,6 @@ def _make_progress():
             self.bars.advance(self.downloads[key], n)
 
         def task(self, description: str, total: int | None, *, done: int = 0, unit: str = "B"):  # type: ignore[no-untyped-def]
-            if not console.is_terminal:
-                self.message(description)
             task_id = self.bars.add_task(description, total=total, completed=done, unit=unit)
             return lambda n: self.bars.advance(task_id, n)
 

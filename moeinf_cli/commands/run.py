@@ -91,6 +91,8 @@ def _run(
     """The command's work; its exit status."""
     from engine.errors import MoeinfError
 
+    if prompt is not None and not prompt.strip():
+        raise MoeinfError("the prompt is empty; give some text, or leave PROMPT out to chat")
     if prompt is None and _stdin_is_terminal():
         from moeinf_cli.repl import run_repl
 

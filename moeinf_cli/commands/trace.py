@@ -74,6 +74,9 @@ def register(app: typer.Typer) -> None:
         from engine.trace.store import TraceStore
 
         items = read_prompts(prompts)
+        import logging
+
+        logging.getLogger("moeinf.trace").setLevel(logging.ERROR)  # a failed save is this command's error
         session = engine.load(model, device=device, expert_budget=expert_budget)
         recorder = getattr(session, "recorder", None)
         if recorder is None:
@@ -95,6 +98,10 @@ def register(app: typer.Typer) -> None:
                             getattr(piece, "generated_tokens", 0)
                         )
                 bar.advance(task)
+                if recorder.save_error is not None:
+                    from engine.errors import os_error
+
+                    raise os_error(recorder.save_error, f"saving the traces of {model}")
         stored = TraceStore(getattr(recorder, "model_name", model)).read()
         total = stored.collection.requests if stored else 0
         typer.echo(f"recorded {len(items)} prompts ({tokens} tokens); {total} requests stored for {model}")
