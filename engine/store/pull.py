@@ -43,7 +43,7 @@ from engine.store.hub import (
     unknown_alias_error,
 )
 from engine.store.manifest import FORMAT_VERSION, MANIFEST, PARTIAL_PREFIX, check_name
-from engine.store.paths import expert_shard_path, models_dir, moeinf_home
+from engine.store.paths import expert_shard_path, models_dir, moeinf_home, traces_dir
 
 STATE = "pull-state.json"
 _NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
@@ -508,7 +508,7 @@ def _finish(src, name, config, layout, key, partial: Path, state, meta, conv, up
 
 
 def remove_model(name: str) -> Path:
-    """Delete a store model (and any half-built pull of it); returns the path removed."""
+    """Delete a store model, any half-built pull of it and its recorded traces; returns the path removed."""
     from engine.store.manifest import resolve_model
 
     path = resolve_model(name)
@@ -519,5 +519,8 @@ def remove_model(name: str) -> Path:
     os.replace(path, trash)
     shutil.rmtree(trash, ignore_errors=True)
     shutil.rmtree(models_dir() / f"{PARTIAL_PREFIX}{path.name}", ignore_errors=True)
+    traces = traces_dir(path.name)
+    if traces.is_dir():
+        shutil.rmtree(traces, ignore_errors=True)
     return path
 

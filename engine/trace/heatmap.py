@@ -1,11 +1,9 @@
-"""Per-layer expert heat maps: statistics, a colour scale, and a dependency-free PNG writer."""
+"""Per-layer expert heat maps: statistics, a colour scale, digits for a pipe, and a PNG with axes."""
 
 from __future__ import annotations
 
 import os
-import struct
 import tempfile
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,34 +60,47 @@ def layer_stats(heat: np.ndarray) -> list[LayerStats]:
     return out
 
 
-def heat_image(heat: np.ndarray, cell: int | None = None) -> np.ndarray:
-    """RGB image [H, W, 3] of a layer x expert heat map, each cell ``cell`` pixels square."""
-    L, E = heat.shape
-    if cell is None:
-        cell = int(max(2, min(24, 1200 // max(E, 1), 800 // max(L, 1))))
-    rgb = colours(normalise(heat))
-    return np.repeat(np.repeat(rgb, cell, axis=0), cell, axis=1)
+def digits(values: np.ndarray) -> list[str]:
+    """One character per cell of values in [0, 1], for a terminal without colour or a pipe: "." for an
+    expert never routed, else the tenth of the busiest expert's count it reached ("0".."9")."""
+    v = np.clip(np.nan_to_num(values, nan=0.0), 0.0, 1.0)
+    return ["".join("." if x <= 0 else str(min(9, int(x * 10))) for x in row) for row in v]
 
 
-def write_png(path: str | Path, rgb: np.ndarray) -> Path:
-    """Write an RGB uint8 image [H, W, 3] as a PNG (zlib, no dependencies), atomically."""
-    path = Path(path)
-    img = np.ascontiguousarray(rgb, dtype=np.uint8)
-    h, w = img.shape[:2]
-    raw = b"".join(b"\x00" + img[y].tobytes() for y in range(h))
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
-    png += chunk(b"IDAT", zlib.compress(raw, 9)) + chunk(b"IEND", b"")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+def plot_png(path: str | Path, heat: np.ndarray, title: str) -> Path:
+    """The layer x expert heat map as a PNG with axes, labels and a colour scale (matplotlib), written
+    aside and renamed into place. Each layer is scaled to its busiest expert, as in the terminal."""
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(png)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from engine.errors import MoeinfError
+
+        raise MoeinfError("--png needs matplotlib: pip install 'moeinf[plot]' (or matplotlib)") from None
+    path = Path(path)
+    layers, experts = heat.shape
+    width = min(16.0, max(5.0, 0.12 * experts + 2.5))
+    height = min(12.0, max(3.0, 0.22 * layers + 1.5))
+    fig, ax = plt.subplots(figsize=(width, height), dpi=120)
+    try:
+        image = ax.imshow(normalise(heat), aspect="auto", cmap="magma", vmin=0.0, vmax=1.0, interpolation="nearest")
+        ax.set_xlabel("expert")
+        ax.set_ylabel("layer")
+        ax.set_title(title)
+        bar = fig.colorbar(image, ax=ax)
+        bar.set_label("tokens routed, share of the layer's busiest expert")
+        fig.tight_layout()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".png", dir=path.parent)
+        os.close(fd)
+        try:
+            fig.savefig(tmp, format="png")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    finally:
+        plt.close(fig)
     return path

@@ -7,11 +7,12 @@ import sys
 
 import typer
 
-from moeinf_cli.options import ALL_POLICIES, BUDGET_FORMS, DEVICE, DTYPE, POLICY_NAMES, with_options
+from moeinf_cli.options import BUDGET_FORMS, DEFAULT_POLICY, DEVICE, DTYPE, POLICY_NAMES, with_options
 
 HELP = """Benchmark a model: load time, time to first token, decode speed, expert-cache behaviour.
 
-One row per configuration (each budget x each policy; a 100% budget is the all-resident run), medians
+One row per configuration (each budget x each policy; a 100% budget is the all-resident run); by default
+one configuration, the one `moeinf run` uses (budget auto, the default policy). Medians
 over repetitions, printed as a llama-bench style markdown table (--json for the JSON schema of
 engine/bench/report.py).
 
@@ -53,13 +54,13 @@ def register(app: typer.Typer) -> None:
             3, "-r", "--repetitions", help="Runs per configuration; medians are reported."
         ),
         expert_budget: str = typer.Option(
-            "100%,50%,25%",
+            "auto",
             "--expert-budget",
             metavar="BUDGET,...",
             help=f"Comma-separated expert budgets, each {BUDGET_FORMS}.",
         ),
         policy: str = typer.Option(
-            ALL_POLICIES,
+            DEFAULT_POLICY,
             "--policy",
             metavar="POLICY,...",
             help=f"Comma-separated cache policies: {POLICY_NAMES}.",

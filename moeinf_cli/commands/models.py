@@ -110,7 +110,7 @@ def register(app: typer.Typer) -> None:
         for k, v in lines:
             typer.echo(f"  {k.ljust(width)}  {v}")
 
-    @app.command("rm", help="Delete models from the store.\n\n\b\nExample:\n  moeinf rm mixtral")
+    @app.command("rm", help="Delete models (and their recorded traces) from the store.\n\n\b\nExample:\n  moeinf rm mixtral")
     def rm(names: list[str] = typer.Argument(..., help="Store names.")) -> None:
         from engine.store.pull import remove_model
 

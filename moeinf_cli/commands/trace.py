@@ -121,7 +121,7 @@ def register(app: typer.Typer) -> None:
         from rich.table import Table
         from rich.text import Text
 
-        from engine.trace.heatmap import colours, heat_image, layer_stats, normalise, write_png
+        from engine.trace.heatmap import colours, digits, layer_stats, normalise, plot_png
         from engine.trace.interchange import heat, require
 
         stored = require(model)
@@ -140,15 +140,20 @@ def register(app: typer.Typer) -> None:
         padded = np.zeros((h.shape[0], cols * group), dtype=np.float64)
         padded[:, : h.shape[1]] = h
         binned = padded.reshape(h.shape[0], cols, group).sum(axis=2)
-        rgb = colours(normalise(binned))
         label = f"experts 0..{stored.num_experts - 1}" + (f" ({group} per column)" if group > 1 else "")
-        console.print(f"layer  {label}; brighter = more tokens (each layer scaled to its busiest expert)")
-        for layer in range(h.shape[0]):
-            line = Text(f"{layer:>5}  ")
-            for c in range(cols):
-                r, g, b = (int(x) for x in rgb[layer, c])
-                line.append("█", style=f"rgb({r},{g},{b})")
-            console.print(line)
+        if console.is_terminal and console.color_system is not None:
+            rgb = colours(normalise(binned))
+            console.print(f"layer  {label}; brighter = more tokens (each layer scaled to its busiest expert)")
+            for layer in range(h.shape[0]):
+                line = Text(f"{layer:>5}  ")
+                for c in range(cols):
+                    r, g, b = (int(x) for x in rgb[layer, c])
+                    line.append("█", style=f"rgb({r},{g},{b})")
+                console.print(line)
+        else:  # a pipe or a terminal without colour: digits carry the numbers
+            console.print(f"layer  {label}; 0-9 = tenths of the layer's busiest expert's tokens, . = none")
+            for layer, row in enumerate(digits(normalise(binned))):
+                console.print(f"{layer:>5}  {row}", markup=False)
         table = Table("layer", "effective experts", "top expert share", "experts for 50%", "unused")
         for s in layer_stats(h):
             table.add_row(
@@ -160,7 +165,7 @@ def register(app: typer.Typer) -> None:
             )
         console.print(table)
         if png is not None:
-            write_png(png, heat_image(h))
+            plot_png(png, h, f"{model}: expert routing per layer ({phase}, {coll.requests} requests)")
             console.print(f"wrote {png}")
 
     @trace_app.command(
