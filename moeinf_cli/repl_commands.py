@@ -13,6 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from engine.runtime import MIN_CTX
+
 TRIPLE_QUOTE = '"""'
 
 
@@ -92,7 +94,11 @@ PARAMETERS: dict[str, Parameter] = {
             "between 0 and 1",
         ),
         Parameter(
-            "num_ctx", "int", "Set the context size (reloads the model)", lambda v: v >= 16, "16 or more"
+            "num_ctx",
+            "int",
+            "Set the context size (reloads the model)",
+            lambda v: v >= MIN_CTX,
+            f"{MIN_CTX} or more",
         ),
         Parameter(
             "temperature",

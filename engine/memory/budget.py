@@ -109,6 +109,20 @@ def mem_available(device: torch.device) -> int:
     return int(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
+def check_context(ctx: int, need: int, device: torch.device, available: int | None = None) -> None:
+    """MoeinfError naming the context when ``need`` bytes (its KV cache and rotary tables) exceed the free
+    memory of ``device``, before anything is allocated."""
+    free = mem_available(device) if available is None else int(available)
+    if need <= free:
+        return
+    where = "GPU memory" if device.type == "cuda" else "RAM"
+    most = max(16, int(ctx * (free / 2) / max(need, 1)) // 256 * 256)
+    raise MoeinfError(
+        f"--ctx {ctx} needs {fmt_bytes(need)} for its KV cache and rotary tables, more than the "
+        f"{fmt_bytes(free)} of free {where}; use a smaller context, e.g. --ctx {most}"
+    )
+
+
 @dataclass(frozen=True)
 class ResolvedBudget:
     """The budget in bytes (``None`` = everything resident) and a line saying how it was chosen."""

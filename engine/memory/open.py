@@ -60,6 +60,15 @@ def kv_bytes(config: dict, ctx: int, dtype: torch.dtype) -> int:
     return 2 * layers * ctx * kv_heads * head_dim * _elem(dtype)
 
 
+def context_bytes(config: dict, ctx: int, dtype: torch.dtype) -> int:
+    """What a context of ``ctx`` tokens takes before any expert: the KV cache and the rotary tables
+    (cos and sin in float32, and the position x frequency product they are made from)."""
+    heads = int(config.get("num_attention_heads") or 1)
+    hidden = int(config.get("hidden_size") or 0)
+    rotary = int(config.get("qk_rope_head_dim") or config.get("head_dim") or (hidden // heads if heads else 0))
+    return kv_bytes(config, ctx, dtype) + 3 * ctx * rotary * 4
+
+
 def open_experts(
     model_root: Path | str,
     dtype: torch.dtype,

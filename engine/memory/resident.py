@@ -41,7 +41,20 @@ class ResidentExperts:
             self.recorder.on_route(layer, topk_ids)
 
     def _load(self, layer: int, expert: int) -> tuple[ExpertWeights, int]:
-        return load_expert(self._path(layer, expert), self.dtype, self.device)
+        from safetensors import SafetensorError
+
+        from engine.errors import MoeinfError
+
+        path = self._path(layer, expert)
+        try:
+            return load_expert(path, self.dtype, self.device)
+        except (SafetensorError, OSError, ValueError) as err:
+            why = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            model = path.parent.parent.parent.name
+            raise MoeinfError(
+                f"expert shard {path} is damaged ({why}); `moeinf verify {model}` names every bad file, "
+                f"`moeinf rm {model}` and pull it again to repair"
+            ) from None
 
     def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
         st = self._stats

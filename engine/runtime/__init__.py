@@ -7,3 +7,5 @@ defaults), ``stats`` (GenerationStats, Ollama's --verbose lines), ``devices`` (d
 resolution), ``session`` (``load`` and ``Session``: prefill, decode, KV prefix reuse).
 The public entry point is ``engine.load`` (re-exported lazily by ``engine``).
 """
+
+MIN_CTX = 8  # the smallest context a session takes (``--ctx``, ``/set parameter num_ctx``)

@@ -381,8 +381,10 @@ def load(
     from engine.store.manifest import read_manifest, resolve_model
 
     t0 = time.perf_counter()
-    if int(ctx) < 2:
-        raise MoeinfError(f"ctx must be at least 2 tokens, got {ctx}")
+    from engine.runtime import MIN_CTX
+
+    if int(ctx) < MIN_CTX:
+        raise MoeinfError(f"--ctx must be at least {MIN_CTX} tokens (the context), got {ctx}")
     dev = resolve_device(device)
     root = resolve_model(name_or_path)
     manifest = read_manifest(root)
@@ -391,6 +393,10 @@ def load(
     name = str(manifest.get("name") or root.name)
     if verbose:
         print(f"loading {name} from {root} ({str(torch_dtype).removeprefix('torch.')}, {dev}, ctx {ctx})", file=sys.stderr)
+    from engine.memory.budget import check_context
+    from engine.memory.open import context_bytes
+
+    check_context(int(ctx), context_bytes(config, int(ctx), torch_dtype), dev)
     tokenizer = Tokenizer(root)
     recorder = _make_recorder(root, config)
     experts = _open_experts(root, config, torch_dtype, dev, expert_budget, policy, recorder, int(ctx), verbose)

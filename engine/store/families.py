@@ -72,6 +72,17 @@ class MoELayout:
         return self.num_experts > 0 and bool(self.moe_layers)
 
 
+def config_int(config: Mapping[str, Any], key: str) -> int:
+    """``config[key]`` as a whole number; a missing or malformed value is a one-line MoeinfError."""
+    value = config.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        what = "is missing" if value is None else f"is {value!r}, not a whole number"
+        raise MoeinfError(
+            f"config.json: {key} {what}; the checkpoint's config is damaged, re-download or fix it"
+        )
+    return int(value)
+
+
 def first_key(config: Mapping[str, Any], *names: str, default: Any = None) -> Any:
     """The value of the first of ``names`` that ``config`` sets (not None)."""
     for n in names:
@@ -192,8 +203,8 @@ class Family:
 
     def moe_layout(self, config: Mapping[str, Any]) -> MoELayout:
         """The MoE layout of a Hugging Face config dict of this family."""
-        n_layers = int(config["num_hidden_layers"])
-        hidden = int(config["hidden_size"])
+        n_layers = config_int(config, "num_hidden_layers")
+        hidden = config_int(config, "hidden_size")
         if not self.is_moe:
             return MoELayout(self.model_type, n_layers, 0, 0, [], hidden, 0)
         top_k = int(first_key(config, *TOP_K_KEYS, default=0))

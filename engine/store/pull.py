@@ -298,8 +298,25 @@ def _from_gguf(path: str, out: Path, target_dtype, progress: PullProgress) -> Pa
                               notice=progress.message)
 
 
+def _source_config(meta_dir: Path) -> dict:
+    """The source checkpoint's ``config.json`` as a dict; MoeinfError naming what is wrong with it."""
+    path = meta_dir / "config.json"
+    fix = "fix the file or re-download the checkpoint"
+    try:
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except FileNotFoundError:
+        raise MoeinfError(f"the checkpoint has no config.json ({path}); {fix}") from None
+    except UnicodeDecodeError:
+        raise MoeinfError(f"{path} is not UTF-8 text; {fix}") from None
+    except ValueError as err:
+        raise MoeinfError(f"{path} is not valid JSON ({err}); {fix}") from None
+    if not isinstance(config, dict):
+        raise MoeinfError(f"{path} holds a JSON {type(config).__name__}, not an object; {fix}")
+    return config
+
+
 def _convert_into_store(src, name: str, key: dict, target_dtype, upcycled, progress: PullProgress, quant: dict) -> PullResult:
-    config = json.loads((src.meta_dir / "config.json").read_text())
+    config = _source_config(src.meta_dir)
     layout = moe_layout(config)  # refuses unsupported families
     partial = models_dir() / f"{PARTIAL_PREFIX}{name}"
     state = _load_state(partial, key, progress)
