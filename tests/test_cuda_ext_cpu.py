@@ -229,7 +229,7 @@ def test_clamped_swiglu_accumulate_matches_gpt_oss_expert(kernels, h, i):
     coef = torch.tensor(0.3)
     ref = torch.zeros(1, h) + fn(x, w) * coef  # the torch expert (F.linear), then the MoE block's weighting
     acc = torch.zeros(1, h)
-    assert fn.accumulate(x, w, float(coef), acc)
+    assert fn.accumulate(x, [w], [float(coef)], acc)
     torch.testing.assert_close(acc, ref, rtol=2**-7, atol=2e-3 * h**0.5)
 
 

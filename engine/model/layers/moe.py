@@ -1,6 +1,6 @@
 """The generic sparse MoE block: route, observe, fetch, run each expert on its tokens, combine.
 
-Two execution paths: one token (decode of one sequence: its k experts in turn) and expert-major for
+Two execution paths: one token (decode of one sequence: its k experts in one native call) and expert-major for
 several tokens (a prefill chunk or a batch of sequences: one fetch and one matrix product per distinct
 expert over all the tokens routed to it).
 
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from cuda_ext.cpu import linear, swiglu_accumulate
+from cuda_ext.cpu import experts_accumulate, linear
 from engine.model.experts import ExpertSource, ExpertWeights
 from engine.model.layers.activations import activation
 
@@ -30,8 +30,9 @@ ExpertFn = Callable[[torch.Tensor, ExpertWeights], torch.Tensor]
 def swiglu_expert(act: str = "silu") -> ExpertFn:
     """``down(act(gate(x)) * up(x))`` with the expert's own matrices (biases when it has them).
 
-    With SiLU the function also has ``accumulate(x, w, coef, acc) -> bool``: ``acc += run(x, w) * coef``
-    for one token in one native call (``cuda_ext.cpu.swiglu_accumulate``), False where that does not apply."""
+    With SiLU the function also has ``accumulate(x, experts, coefs, acc) -> bool``: ``acc += sum of
+    run(x, w) * coef`` over one token's experts, all in one native call (``cuda_ext.cpu.experts_accumulate``),
+    False (acc untouched) where that does not apply."""
     fn = activation(act)
 
     def run(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
@@ -39,7 +40,7 @@ def swiglu_expert(act: str = "silu") -> ExpertFn:
         return linear(h, w.down, w.down_bias)
 
     if act in ("silu", "swish"):
-        run.accumulate = swiglu_accumulate  # type: ignore[attr-defined]
+        run.accumulate = experts_accumulate  # type: ignore[attr-defined]
     return run
 
 
@@ -80,15 +81,17 @@ class MoEBlock(nn.Module):
         return out
 
     def _one_token(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, acc: torch.Tensor) -> None:
-        """Decode of one token: its k experts one after the other (one native call each on the CPU)."""
+        """Decode of one token: every expert it routes to, fetched (valid until the next fetch), then
+        all of them in one native call where the expert function has one (``accumulate``), else one
+        after the other; added in fetch order either way."""
         id_list = ids[0].tolist()
-        w = weights[0]
-        coefs = w.tolist()
+        fetched = list(self.experts.fetch(self.layer_idx, id_list))
+        slots = [id_list.index(e) for e, _ in fetched]
+        coefs = weights[0].tolist()
         accumulate = getattr(self.expert_fn, "accumulate", None)
-        for e, ew in self.experts.fetch(self.layer_idx, id_list):
-            slot = id_list.index(e)
-            if accumulate is None or not accumulate(x, ew, coefs[slot], acc):
-                acc.add_(self.expert_fn(x, ew) * w[slot])
+        if accumulate is None or not accumulate(x, [ew for _, ew in fetched], [coefs[s] for s in slots], acc):
+            for (_, ew), s in zip(fetched, slots, strict=True):
+                acc.add_(self.expert_fn(x, ew) * weights[0, s])
 
     def _expert_major(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, acc: torch.Tensor) -> None:
         """Several tokens (a prefill chunk, or a batch of sequences): group the tokens by expert, fetch

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cuda_ext.cpu import swiglu_accumulate
+from cuda_ext.cpu import experts_accumulate
 from engine.formats.linear import linear
 from engine.model.experts import ExpertWeights
 
@@ -49,13 +49,15 @@ def clamped_swiglu(
 
 def clamped_swiglu_expert(alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIMIT):
     """``clamped_swiglu`` with these constants, as an ``MoEBlock`` expert function; its ``accumulate``
-    runs one token through one expert in one native call on the CPU (``cuda_ext.cpu.swiglu_accumulate``)."""
+    runs one token through all its experts in one native call on the CPU (``cuda_ext.cpu.experts_accumulate``)."""
 
     def run(x: torch.Tensor, w: ExpertWeights) -> torch.Tensor:
         return clamped_swiglu(x, w, alpha, limit)
 
-    def accumulate(x: torch.Tensor, w: ExpertWeights, coef: float, acc: torch.Tensor) -> bool:
-        return swiglu_accumulate(x, w, coef, acc, clamped=(alpha, limit))
+    def accumulate(
+        x: torch.Tensor, experts: list[ExpertWeights], coefs: list[float], acc: torch.Tensor
+    ) -> bool:
+        return experts_accumulate(x, experts, coefs, acc, clamped=(alpha, limit))
 
     run.accumulate = accumulate  # type: ignore[attr-defined]
     return run
