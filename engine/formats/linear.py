@@ -1,7 +1,7 @@
 """``linear(x, weight, bias)``: y = x @ weight.T + bias for a float or a block-quantised weight.
 
 A quantised weight is computed on as stored: a native kernel when one is registered for its format
-and device (``register_kernel``; ``cuda_ext`` registers its CPU kernels), otherwise the PyTorch
+and device (``register_kernel``; cuda_ext's CPU kernels are registered below), otherwise the PyTorch
 path, which dequantises the weight to ``x``'s dtype and multiplies (any device, CPU or CUDA).
 """
 
@@ -45,3 +45,29 @@ def linear(
                 return y
         return F.linear(x, weight.dequantize(x.dtype), bias)
     return F.linear(x, weight, bias)
+
+
+def _cpu_kernel(x: torch.Tensor, weight: QuantTensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """cuda_ext's native product on the stored blocks, for bf16 activations (it rounds them to int8 per
+    block of 32, as llama.cpp does: float32 asks for the exact PyTorch path), a 2-D weight and up to
+    ``MAX_TOKENS`` rows of x; None (the PyTorch path) otherwise, and wherever the native kernels are
+    off or missing."""
+    from cuda_ext.quant import MAX_TOKENS, qlinear
+
+    if x.dtype != torch.bfloat16 or len(weight.shape) != 2 or x.shape[-1] != weight.shape[1]:
+        return None
+    rows = x.reshape(-1, weight.shape[1])
+    if rows.shape[0] > MAX_TOKENS:
+        return None
+    y = qlinear(rows, weight.raw, weight.format.name, weight.shape[1], bias)
+    return None if y is None else y.view(*x.shape[:-1], weight.shape[0])
+
+
+def _register_native_kernels() -> None:
+    from cuda_ext.blocks import BLOCKS
+
+    for name in BLOCKS:
+        register_kernel(name, "cpu", _cpu_kernel)
+
+
+_register_native_kernels()

@@ -1,0 +1,63 @@
+"""engine.formats.linear on bf16 activations goes to cuda_ext's native product on the stored blocks
+(within its documented int8-activation bound of the PyTorch path); float32 activations, a batch
+over MAX_TOKENS rows and MOEINF_NATIVE_KERNELS=0 keep the exact PyTorch path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cuda_ext import loader
+from cuda_ext.blocks import BLOCKS
+from cuda_ext.quant import MAX_TOKENS, qlinear
+from engine import formats
+from engine.formats.linear import linear
+from engine.formats.tensor import QuantTensor
+
+needs_native = pytest.mark.skipif(
+    loader.cpu() is None, reason="no native kernels (no C compiler, or turned off)"
+)
+
+
+def _weight(fmt: str, n: int, k: int) -> QuantTensor:
+    return QuantTensor.quantise(
+        torch.randn(n, k, generator=torch.Generator().manual_seed(n + k)) * 0.1, formats.get(fmt)
+    )
+
+
+@needs_native
+@pytest.mark.parametrize("fmt", list(BLOCKS))
+def test_bf16_activations_take_the_native_kernel(fmt):
+    k = 512
+    w = _weight(fmt, 37, k)
+    bias = torch.randn(37).bfloat16()
+    for rows in (1, 3):
+        x = torch.randn(rows, k).bfloat16()
+        ours = linear(x, w, bias)
+        assert torch.equal(ours, qlinear(x, w.raw, fmt, k, bias))
+        dense = w.dequantize(torch.float32)
+        exact = x.double() @ dense.double().T + bias.double()
+        dx = x.double().abs().view(rows, -1, 32).amax(-1).repeat_interleave(32, dim=1) / 127
+        bound = (dx / 2) @ dense.double().abs().T + exact.abs() * 2.0**-8 + 1e-3
+        assert ((ours.double() - exact).abs() <= bound).all()
+    x3 = torch.randn(2, 5, k).bfloat16()  # leading dimensions are kept
+    assert linear(x3, w).shape == (2, 5, 37)
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_k"])
+def test_float32_batches_and_switch_keep_the_pytorch_path(monkeypatch, fmt):
+    k = 256
+    w = _weight(fmt, 16, k)
+    x = torch.randn(2, k)
+    assert torch.equal(linear(x, w), F.linear(x, w.dequantize(torch.float32)))
+    xb = torch.randn(MAX_TOKENS + 1, k).bfloat16()
+    assert torch.equal(linear(xb, w), F.linear(xb, w.dequantize(torch.bfloat16)))
+    monkeypatch.setenv("MOEINF_NATIVE_KERNELS", "0")
+    loader.reset()
+    try:
+        one = torch.randn(1, k).bfloat16()
+        assert torch.equal(linear(one, w), F.linear(one, w.dequantize(torch.bfloat16)))
+    finally:
+        monkeypatch.undo()
+        loader.reset()
