@@ -52,7 +52,7 @@ def recall_by_depth(model: str, depths: list[int], tokens: int) -> dict[int, flo
     finally:
         OffloadedExperts.observe = observe
     hints = s.experts.hints or RouterHints(
-        Path(s.info()["path"]), sorted({layer for layer, _, _ in seen}), get_family(s.info()["family"])
+        s.store.dense, sorted({layer for layer, _, _ in seen}), get_family(s.info()["family"])
     )
     steps: list[dict[int, tuple[list[int], torch.Tensor]]] = [{}]
     for layer, ids, h in seen:

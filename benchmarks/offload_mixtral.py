@@ -30,8 +30,8 @@ from engine.bench.synthetic import make_synthetic_model  # noqa: E402
 from engine.memory import open_experts  # noqa: E402
 from engine.memory.budget import fmt_bytes  # noqa: E402
 from engine.model.loader import load_model  # noqa: E402
+from engine.store.dtypes import parse_dtype  # noqa: E402
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 SHAPE = dict(family="mixtral", num_layers=32, num_experts=8, top_k=2, hidden=1024, intermediate=2816,
              vocab=32000, heads=8, kv_heads=2, head_dim=128)
 
@@ -53,7 +53,7 @@ def generate(model, prompt: list[int], n: int) -> tuple[list[int], float, float]
 
 
 def run_config(root: Path, budget: str | None, policy: str | None, args) -> dict:
-    dtype = DTYPES[args.dtype]
+    dtype = parse_dtype(args.dtype)
     src = open_experts(root, dtype, "cpu", budget, policy, ctx=args.prompt + args.tokens + 8)
     model = load_model(root, dtype=dtype, experts=src, max_seq_len=args.prompt + args.tokens + 8)
     g = torch.Generator().manual_seed(0)
@@ -96,7 +96,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=16)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+    ap.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32",
                     help="compute dtype (the store is bf16; fp32 converts while loading; bf16 matrix-vector "
                          "products are very slow in this CPU build of torch)")
     ap.add_argument("--layers", type=int, default=SHAPE["num_layers"], help="fewer layers for a quick try")

@@ -77,9 +77,9 @@ def test_open_experts_kinds(small_model):
 
 
 def test_auto_budget_is_reported(small_model):
-    from engine.memory.open import dense_bytes
+    from engine.store.opened import as_store_model
 
-    free = (1 << 30) + dense_bytes(small_model, torch.float32) + (400 << 10)  # 1 GiB margin + 400 KiB
+    free = (1 << 30) + as_store_model(small_model).dense_bytes(torch.float32) + (400 << 10)  # 1 GiB margin + 400 KiB
     src = open_experts(small_model, torch.float32, "cpu", "auto", "lru", ctx=0, available=free)
     try:
         st = src.stats()

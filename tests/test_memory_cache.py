@@ -303,6 +303,7 @@ def test_interpreter_exit_without_close_is_clean(model):
 def test_speculative_hints_reach_the_policy(model):
     from engine.memory.hints import RouterHints
     from engine.store.families import get_family
+    from engine.store.opened import as_store_model
 
     class Hinted(ScriptedPolicy):
         def __init__(self):
@@ -314,7 +315,7 @@ def test_speculative_hints_reach_the_policy(model):
 
     src = _open(model, slots=20)
     src.policy = Hinted()
-    src.hints = RouterHints(model, list(range(LAYERS)), get_family("mixtral"))
+    src.hints = RouterHints(as_store_model(model).dense, list(range(LAYERS)), get_family("mixtral"))
     try:
         h = torch.randn(1, 64)
         src.observe(0, torch.tensor([[1, 2]]), h)

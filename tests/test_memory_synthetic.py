@@ -12,8 +12,8 @@ from engine.bench.synthetic import (
     synthetic_shape,
 )
 from engine.errors import MoeinfError
-from engine.memory.shard import read_header
 from engine.model.loader import load_model
+from engine.store.header import read_header
 from engine.store.manifest import read_manifest, resolve_model
 from engine.store.paths import expert_shard_path
 

@@ -17,10 +17,10 @@ from safetensors.torch import load_file
 from tiny_models import MOE_FAMILIES, TINY_FAMILIES, load_reference, make_tiny_checkpoint
 
 from engine.store.families import moe_layout
+from engine.store.header import read_header
 from engine.store.manifest import read_manifest, resolve_model
 from engine.store.paths import expert_shard_path
 from engine.store.pull import pull_model
-from engine.store.shards import read_header
 from engine.store.verify import verify_model
 
 LAYOUTS = ("per_expert", "fused")
@@ -101,10 +101,10 @@ def test_pull_matches_transformers_tensor_by_tensor(ckpt_root, family, layout):
         assert sorted(got) == sorted(want), path
         for k, v in want.items():
             assert torch.equal(got[k], v), f"{path}:{k}"
-        start, header = read_header(path)
-        assert start % 4096 == 0, path
+        header = read_header(path)
+        assert header.data_start % 4096 == 0, path
         # the data section is gate, up, down (then biases), back to back
-        order = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
+        order = [t.name for t in header.in_data_order()]
         assert order[:3] == ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
 
     m = read_manifest(root)

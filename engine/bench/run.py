@@ -3,7 +3,6 @@ probe the machine, and return the JSON document of ``engine.bench.report``."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 
 import torch
@@ -53,8 +52,7 @@ def bench_main(
     progress: Callable[[str], None] | None = None,
 ) -> dict:
     from engine.runtime.devices import resolve_device, resolve_dtype
-    from engine.store.families import moe_layout
-    from engine.store.manifest import read_manifest, resolve_model
+    from engine.store.opened import open_model
 
     say = progress or (lambda _msg: None)
     if repetitions < 1 or gen_tokens < 1 or prompt_tokens < 1:
@@ -69,16 +67,14 @@ def bench_main(
         shape = synthetic_shape(synthetic, scale)
         name = f"synthetic-{synthetic}-x{scale:g}"
         say(f"synthetic model {name} (created once in the store) ...")
-        root = make_synthetic_from_shape(name, shape)
+        store = open_model(make_synthetic_from_shape(name, shape))
     else:
-        root = resolve_model(model)
-    manifest = read_manifest(root)
-    config = json.loads((root / "config.json").read_text())
-    layout = moe_layout(config)
+        store = open_model(model)
+    root, layout = store.root, store.layout
     if not layout.is_moe:
-        raise MoeinfError(f"{root.name} is a dense model: moeinf bench measures MoE models")
+        raise MoeinfError(f"{store.name} is a dense model: moeinf bench measures MoE models")
     dev = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, manifest.get("dtype") or config.get("dtype") or config.get("torch_dtype"), dev)
+    torch_dtype = resolve_dtype(dtype, store.stored_dtype, dev)
     trace = None
     if replay is not None:
         from engine.trace.format import load_trace
@@ -92,7 +88,7 @@ def bench_main(
     for b in batches:
         for cfg in configs:
             say(f"batch {b}, budget {cfg.budget}, policy {cfg.policy or '-'}: {repetitions} runs ...")
-            rows.append(run_config(root, cfg, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=repetitions,
+            rows.append(run_config(store, cfg, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=repetitions,
                                    dtype=torch_dtype, device=dev, trace=trace, seed=seed, batch=b))
     probe = None
     compute: dict[int, float] = {}  # per batch size: the all-resident row's step time without stalls

@@ -21,11 +21,11 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from engine.bench.forced import force_routing
+from engine.store.opened import StoreModel
 from engine.trace.format import RoutingTrace
 
 
@@ -179,7 +179,7 @@ def _prefill_groups(batch: int, prompt_tokens: int, chunk: int = 512) -> list[li
 
 
 def run_config(
-    model_root: Path,
+    store: StoreModel,
     cfg: BenchConfig,
     *,
     prompt_tokens: int,
@@ -193,17 +193,11 @@ def run_config(
 ) -> BenchRow:
     from engine.memory import open_experts
     from engine.model.loader import load_model
-    from engine.store.families import moe_layout
-    from engine.store.manifest import read_manifest
 
-    manifest = read_manifest(model_root)
-    import json
-
-    config = json.loads((model_root / "config.json").read_text())
-    layout = moe_layout(config)
+    layout = store.layout
     ctx = prompt_tokens + gen_tokens + 1
     row = BenchRow(cfg.budget, cfg.policy or "-", prompt_tokens, gen_tokens, batch=batch)
-    vocab = int(config.get("vocab_size") or manifest.get("vocab_size") or 1000)
+    vocab = int(store.config.get("vocab_size") or store.manifest.get("vocab_size") or 1000)
     prompts = [
         torch.randint(0, vocab, (prompt_tokens,), generator=torch.Generator().manual_seed(seed + i))
         for i in range(batch)
@@ -212,9 +206,9 @@ def run_config(
     T = trace.num_tokens if trace is not None else 1
     for _ in range(reps):
         t0 = time.perf_counter()
-        experts = open_experts(model_root, dtype, device, cfg.budget, cfg.policy, None, ctx=ctx)
+        experts = open_experts(store, dtype, device, cfg.budget, cfg.policy, None, ctx=ctx)
         try:
-            model = load_model(model_root, dtype=dtype, device=device, experts=experts, max_seq_len=ctx)
+            model = load_model(store, dtype=dtype, device=device, experts=experts, max_seq_len=ctx)
             if batch > 1:
                 model.setup_caches(ctx, dtype, device, slots=batch)
             before = _counters(experts)

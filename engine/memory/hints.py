@@ -14,28 +14,29 @@ from __future__ import annotations
 
 import mmap
 import os
-from pathlib import Path
+from collections.abc import Mapping
 
 import torch
 
-from engine.memory.shard import read_header
 from engine.store.families import Family
+from engine.store.header import TensorInfo
 
 
 class RouterHints:
     """Router logits of a later MoE layer for a hidden state of an earlier one."""
 
-    def __init__(self, model_root: Path, moe_layers: list[int], family: Family):
+    def __init__(self, dense: Mapping[str, TensorInfo], moe_layers: list[int], family: Family):
+        """``dense``: the opened model's dense tensors (``StoreModel.dense``); the routers are among them."""
         self.moe_layers = list(moe_layers)
         self._next = {a: b for a, b in zip(self.moe_layers, self.moe_layers[1:], strict=False)}
         self._weights: dict[int, torch.Tensor] = {}
         self._maps: list[mmap.mmap] = []
         wanted = {family.router_weight(layer): layer for layer in self.moe_layers}
-        for f in sorted((Path(model_root) / "dense").glob("*.safetensors")):
-            header = read_header(f)
-            hits = {name: t for name, t in header.tensors.items() if name in wanted}
-            if not hits:
-                continue
+        by_file: dict[object, dict[str, TensorInfo]] = {}
+        for name, t in dense.items():
+            if name in wanted and t.file is not None:
+                by_file.setdefault(t.file, {})[name] = t
+        for f, hits in sorted(by_file.items(), key=lambda kv: str(kv[0])):
             fd = os.open(f, os.O_RDONLY)
             try:
                 mm = mmap.mmap(fd, 0, access=mmap.ACCESS_COPY)
@@ -44,7 +45,7 @@ class RouterHints:
             self._maps.append(mm)
             whole = torch.frombuffer(mm, dtype=torch.uint8)
             for name, t in hits.items():
-                self._weights[wanted[name]] = whole[t.start : t.end].view(t.dtype).view(t.shape)
+                self._weights[wanted[name]] = whole[t.start : t.end].view(t.torch_dtype).view(t.shape)
 
     def __bool__(self) -> bool:
         return bool(self._weights)

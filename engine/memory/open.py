@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
@@ -13,38 +12,10 @@ from engine.errors import MoeinfError
 from engine.memory.budget import fmt_bytes, parse_budget, resolve_budget
 from engine.memory.offload import OffloadedExperts
 from engine.memory.resident import ResidentExperts
-from engine.memory.shard import read_header
 from engine.memory.stats import CacheStats
 from engine.memory.transfer import ExpertLayout, make_transfer
 from engine.policy.base import Policy
-from engine.store.paths import expert_shard_path
-
-
-def _config(model_root: Path) -> dict:
-    try:
-        return json.loads((model_root / "config.json").read_text())
-    except FileNotFoundError:
-        raise MoeinfError(f"{model_root} has no config.json; pull the model again") from None
-    except (OSError, ValueError) as e:
-        raise MoeinfError(f"{model_root / 'config.json'} is unreadable ({e}); pull the model again") from None
-
-
-def _elem(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
-
-
-def dense_bytes(model_root: Path, dtype: torch.dtype) -> int:
-    """Approximate bytes of the dense weights in ``dtype`` (from the dense shards' data sizes)."""
-    total = 0
-    for f in sorted((model_root / "dense").glob("*.safetensors")):
-        try:
-            h = read_header(f)
-        except MoeinfError:
-            continue
-        for t in h.tensors.values():
-            n = (t.end - t.start) // max(1, _elem(t.dtype))
-            total += n * (_elem(dtype) if t.dtype.is_floating_point else _elem(t.dtype))
-    return total
+from engine.store.opened import StoreModel, as_store_model
 
 
 def kv_bytes(config: dict, ctx: int, dtype: torch.dtype) -> int:
@@ -69,8 +40,12 @@ def context_bytes(config: dict, ctx: int, dtype: torch.dtype) -> int:
     return kv_bytes(config, ctx, dtype) + 3 * ctx * rotary * 4
 
 
+def _elem(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
 def open_experts(
-    model_root: Path | str,
+    model: StoreModel | Path | str,
     dtype: torch.dtype,
     device: torch.device | str = "cpu",
     budget: str | None = "auto",
@@ -84,7 +59,7 @@ def open_experts(
     verbose: bool = False,
     available: int | None = None,
 ):
-    """The ExpertSource of a store model.
+    """The ExpertSource of a store model (the opened ``StoreModel``, or its directory).
 
     ``budget``: None or "100%" keeps every expert resident; a size ("12GiB", "500MB") or share ("25%")
     of all experts' bytes as stored (a q4_k model's experts count at 4.5 bits) bounds the expert cache; "auto" fits free memory after the
@@ -95,20 +70,14 @@ def open_experts(
     """
     from engine.policy.registry import make_policy, policy_class
 
-    model_root = Path(model_root)
     device = torch.device(device)
     spec = parse_budget(budget)
     policy_class(policy)  # an unknown name: the one-line error naming the policies, before any work
-    config = _config(model_root)
-    from engine.store.families import moe_layout
-
-    layout = moe_layout(config)
+    model = as_store_model(model)
+    layout = model.layout
     if not layout.is_moe:
-        raise MoeinfError(f"{model_root.name} is a dense model: it has no routed experts to offload")
-    paths = lambda layer, expert: expert_shard_path(model_root, layer, expert)  # noqa: E731
-    ref_path = paths(layout.moe_layers[0], 0)
-    header = read_header(ref_path)
-    ex_layout = ExpertLayout.from_header(header, ref_path.stat().st_size, dtype)
+        raise MoeinfError(f"{model.name} is a dense model: it has no routed experts to offload")
+    ex_layout = ExpertLayout.from_tensors(model.expert_tensors, model.expert_file_bytes, dtype)
     n_experts = len(layout.moe_layers) * layout.num_experts
     total = n_experts * ex_layout.stored_bytes()  # a share ("25%") is of the expert bytes as stored
     stats = CacheStats(expert_bytes_total=total)
@@ -116,15 +85,15 @@ def open_experts(
         spec,
         total,
         device,
-        dense_bytes=dense_bytes(model_root, dtype) if spec.kind == "auto" else 0,
-        kv_bytes=kv_bytes(config, ctx, dtype) if spec.kind == "auto" else 0,
+        dense_bytes=model.dense_bytes(dtype) if spec.kind == "auto" else 0,
+        kv_bytes=kv_bytes(model.config, ctx, dtype) if spec.kind == "auto" else 0,
         available=available,
     )
     stats.budget_note = resolved.note
     if resolved.bytes is None:
         if verbose:
             print(f"expert budget: {resolved.note}", file=sys.stderr)
-        return ResidentExperts(paths, dtype, device, recorder=recorder, stats=stats)
+        return ResidentExperts(model.expert_path, dtype, device, recorder=recorder, stats=stats)
 
     transfer = make_transfer(ex_layout, device, direct=direct)
     capacity = resolved.bytes // transfer.slot_bytes
@@ -135,8 +104,7 @@ def open_experts(
             f"(the {layout.top_k} experts one layer uses at once); use --expert-budget {_size_arg(need)} or more"
         )
     stats.budget_bytes = resolved.bytes
-    manifest_name = model_root.name
-    pol = make_policy(policy, model_name=manifest_name, model_root=model_root, config=config)
+    pol = make_policy(policy, model_name=model.root.name, model_root=model.root, config=model.config)
     if verbose:
         print(
             f"expert budget: {resolved.note}; {capacity} of {n_experts} experts fit"
@@ -148,9 +116,9 @@ def open_experts(
         from engine.memory.hints import RouterHints
         from engine.store.families import get_family
 
-        hints = RouterHints(model_root, layout.moe_layers, get_family(layout.family))
+        hints = RouterHints(model.dense, layout.moe_layers, get_family(layout.family))
     return OffloadedExperts(
-        paths,
+        model.expert_path,
         transfer,
         pol,
         capacity,

@@ -27,26 +27,30 @@ import torch
 
 from engine.errors import MoeinfError
 from engine.formats import storage
-from engine.memory.shard import ALIGN, ShardHeader, ShardReader, aligned_buffer, parse_header, round_up
+from engine.memory.shard import ShardReader, aligned_buffer, round_up
 from engine.model.experts import ExpertWeights
+from engine.store.header import ALIGN, STORE_HINT, SafetensorsHeader, TensorInfo, parse_header
 
 FREE, LOADING, RESIDENT, STREAM = "free", "loading", "resident", "stream"
 
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    """The tensors of one expert shard (taken from a reference shard) and the compute dtype."""
+    """The tensors of one expert shard (the opened model's ``expert_tensors``) and the compute dtype."""
 
     tensors: tuple[tuple[str, tuple[int, ...], torch.dtype], ...]  # name, stored shape, store dtype
     file_size: int
     compute_dtype: torch.dtype
     formats: tuple[tuple[str, str, tuple[int, ...]], ...] = ()  # name, block format, logical shape
 
+    @staticmethod
+    def _items(tensors: dict[str, TensorInfo]) -> tuple[tuple[str, tuple[int, ...], torch.dtype], ...]:
+        return tuple(sorted((k, v.stored_shape, v.torch_dtype) for k, v in tensors.items()))
+
     @classmethod
-    def from_header(cls, header: ShardHeader, file_size: int, compute_dtype: torch.dtype) -> ExpertLayout:
-        items = tuple(sorted((k, v.shape, v.dtype) for k, v in header.tensors.items()))
-        kept = tuple(sorted((k, fmt, shape) for k, (fmt, shape) in header.formats.items()))
-        return cls(items, file_size, compute_dtype, kept)
+    def from_tensors(cls, tensors: dict[str, TensorInfo], file_size: int, compute_dtype: torch.dtype) -> ExpertLayout:
+        kept = tuple(sorted((k, t.format, t.shape) for k, t in tensors.items() if t.quantised))
+        return cls(cls._items(tensors), file_size, compute_dtype, kept)
 
     def quantised(self, name: str) -> bool:
         return any(n == name for n, _f, _s in self.formats)
@@ -73,10 +77,9 @@ class ExpertLayout:
         entries = {n: (f, s) for n, f, s in self.formats}
         return ExpertWeights.from_tensors({n: storage.as_stored(n, v, entries) for n, v in views.items()})
 
-    def check(self, header: ShardHeader, path: Path | str) -> None:
-        got = tuple(sorted((k, v.shape, v.dtype) for k, v in header.tensors.items()))
-        kept = tuple(sorted((k, fmt, shape) for k, (fmt, shape) in header.formats.items()))
-        if got != self.tensors or kept != self.formats:
+    def check(self, header: SafetensorsHeader, path: Path | str) -> None:
+        kept = tuple(sorted((k, t.format, t.shape) for k, t in header.tensors.items() if t.quantised))
+        if self._items(header.tensors) != self.tensors or kept != self.formats:
             raise MoeinfError(
                 f"expert shard {path} does not match the model's other experts; pull the model again"
             )
@@ -124,7 +127,7 @@ class Transfer(ABC):
     def __init__(self, layout: ExpertLayout, device: torch.device):
         self.layout = layout
         self.device = device
-        self._headers: dict[str, ShardHeader] = {}
+        self._headers: dict[str, SafetensorsHeader] = {}
         self._local = threading.local()
 
     @property
@@ -145,11 +148,11 @@ class Transfer(ABC):
     def after_use(self, slot: Slot) -> None:
         """Called on the compute thread when the compute released the slot (its pins went to zero)."""
 
-    def _header(self, path: Path, buf: memoryview | bytes) -> ShardHeader:
+    def _header(self, path: Path, buf: memoryview | bytes) -> SafetensorsHeader:
         key = str(path)
         h = self._headers.get(key)
         if h is None:
-            h = parse_header(buf, path)
+            h = parse_header(buf, path, hint=STORE_HINT)
             self.layout.check(h, path)
             self._headers[key] = h
         return h
@@ -188,7 +191,7 @@ class DirectTransfer(Transfer):
         header = self._header(path, slot.raw)
         views = {}
         for name, t in header.tensors.items():
-            views[name] = slot.raw_t[t.start : t.end].view(t.dtype).view(t.shape)
+            views[name] = slot.raw_t[t.start : t.end].view(t.torch_dtype).view(t.stored_shape)
         slot.weights = self.layout.weights(views)
         return size
 
@@ -229,7 +232,7 @@ class ConvertTransfer(Transfer):
         size = self.reader.read_into(path, mv)
         header = self._header(path, mv)
         for name, e in header.tensors.items():
-            slot.tensors[name].copy_(t[e.start : e.end].view(e.dtype).view(e.shape))
+            slot.tensors[name].copy_(t[e.start : e.end].view(e.torch_dtype).view(e.stored_shape))
         return size
 
 
@@ -294,7 +297,7 @@ class CudaTransfer(Transfer):
         mapped = self._mapped(path)
         header = self._header(path, memoryview(mapped.numpy()[: 8 + 100_000]))
         for name, e in header.tensors.items():
-            views[name].copy_(mapped[e.start : e.end].view(e.dtype).view(e.shape))
+            views[name].copy_(mapped[e.start : e.end].view(e.torch_dtype).view(e.stored_shape))
         stream = st["stream"]
         with torch.cuda.stream(stream):
             if slot.release_event is not None:

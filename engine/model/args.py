@@ -9,15 +9,8 @@ import torch
 
 from engine.errors import MoeinfError
 from engine.model.layers.rope import rope_parameters
+from engine.store.dtypes import config_dtype
 from engine.store.families import Family
-
-_DTYPES = {
-    "float32": torch.float32,
-    "float": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "half": torch.float16,
-}
 
 
 @dataclass
@@ -74,7 +67,6 @@ class ModelArgs:
         heads = int(need("num_attention_heads"))
         kv_heads = config.get("num_key_value_heads")
         head_dim = config.get("head_dim") or hidden // heads
-        dtype_name = config.get("dtype") or config.get("torch_dtype")
         return cls(
             model_type=str(need("model_type")),
             vocab_size=int(need("vocab_size")),
@@ -89,6 +81,6 @@ class ModelArgs:
             rope=rope_parameters(config, default_rope_theta),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             hidden_act=str(config.get("hidden_act") or config.get("hidden_activation") or "silu"),
-            dtype=_DTYPES.get(str(dtype_name)) if dtype_name else None,
+            dtype=config_dtype(config),
             config=dict(config),
         )

@@ -1,16 +1,16 @@
 """``load_model``: build a store model's ``CausalLM`` and load its dense weights.
 
-Reads ``config.json``, picks the family by ``model_type`` (``engine.store.families``), builds the
-module tree on the meta device, assigns every tensor of ``dense/*.safetensors`` by name (converted
-to ``dtype`` on ``device``), ties the LM head to the embedding when the config says so, and
-allocates the KV caches. A block-quantised dense weight (``engine.formats``) of a linear layer stays
-as stored and the layer computes on it; one of any other module (embeddings, MLA's ``kv_b_proj``,
-whose heads are read as views) is dequantised to ``dtype`` at load. Routed experts come from ``experts`` (``MappedExperts`` by default).
+Takes the opened model (``engine.store.opened.StoreModel``, or a store directory to open), picks the
+family by ``model_type`` (``engine.store.families``), builds the module tree on the meta device,
+assigns every dense tensor by name (converted to ``dtype`` on ``device``), ties the LM head to the
+embedding when the config says so, and allocates the KV caches. A block-quantised dense weight
+(``engine.formats``) of a linear layer stays as stored and the layer computes on it; one of any other
+module (embeddings, MLA's ``kv_b_proj``, whose heads are read as views) is dequantised to ``dtype`` at
+load. Routed experts come from ``experts`` (``MappedExperts`` by default).
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -24,29 +24,16 @@ from engine.model.args import ModelArgs
 from engine.model.experts import ExpertSource, MappedExperts
 from engine.model.transformer import CausalLM
 from engine.store.families import Family, get_family
-
-
-def read_config(model_root: Path) -> dict:
-    path = Path(model_root) / "config.json"
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
-        raise MoeinfError(f"{path} is missing; pull the model again with `moeinf pull`") from None
-    except json.JSONDecodeError as e:
-        raise MoeinfError(f"{path} is not valid JSON ({e}); pull the model again with `moeinf pull`") from None
-
+from engine.store.opened import StoreModel, as_store_model
 
 _FLOAT_ONLY = ("kv_b_proj.weight",)  # read as per-head views, not through a linear
 
 
 def _read_dense(
-    model_root: Path, family: Family, dtype: torch.dtype, device: torch.device
+    store: StoreModel, family: Family, dtype: torch.dtype, device: torch.device
 ) -> dict[str, torch.Tensor | QuantTensor]:
-    files = sorted((Path(model_root) / "dense").glob("*.safetensors"))
-    if not files:
-        raise MoeinfError(f"no dense weights under {model_root}/dense; pull the model again with `moeinf pull`")
     state: dict[str, torch.Tensor | QuantTensor] = {}
-    for f in files:
+    for f in store.dense_files:
         with safe_open(str(f), framework="pt", device="cpu") as fh:
             kept = storage.read_formats(fh.metadata())
             for key in fh.keys():
@@ -86,26 +73,26 @@ def _place_quantised(
 
 
 def load_model(
-    model_root: Path | str,
+    store: StoreModel | Path | str,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     experts: ExpertSource | None = None,
     max_seq_len: int = 4096,
 ) -> CausalLM:
-    """The model of a store directory, ready for ``forward(tokens, start_pos)``."""
-    model_root = Path(model_root)
+    """The model of an opened store model (or a store directory), ready for ``forward(tokens, start_pos)``."""
+    store = as_store_model(store)
+    model_root = store.root
     device = torch.device(device)
-    config = read_config(model_root)
-    model_type = config.get("model_type")
+    model_type = store.model_type
     if not model_type:
         raise MoeinfError(f"{model_root}/config.json has no model_type; pull the model again")
-    family = get_family(str(model_type))
-    args = ModelArgs.from_family(family, config)
+    family = get_family(model_type)
+    args = ModelArgs.from_family(family, store.config)
     if experts is None:
         experts = MappedExperts(model_root, dtype, device)
     with torch.device("meta"):
         model = family.build(args, experts)
-    state = _read_dense(model_root, family, dtype, device)
+    state = _read_dense(store, family, dtype, device)
     quantised = _place_quantised(model, state, dtype)
     expected = set(model.state_dict().keys()) | set(quantised)
     if "lm_head.weight" in expected and "lm_head.weight" not in state:

@@ -5,12 +5,7 @@ from __future__ import annotations
 import torch
 
 from engine.errors import MoeinfError
-
-DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
-}
+from engine.store.dtypes import lookup, parse_dtype
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -40,19 +35,13 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
     return dev
 
 
-def resolve_dtype(dtype: str | torch.dtype | None, stored: str | None, device: torch.device) -> torch.dtype:
-    """The compute dtype: the one asked for, else the stored weights' dtype (float16 becomes bfloat16
-    on the CPU, where float16 matmuls are slow), else float32."""
-    if isinstance(dtype, torch.dtype):
-        if dtype not in DTYPES.values():
-            raise MoeinfError(f"unsupported dtype {dtype}; use float32, bfloat16 or float16")
-        return dtype
-    if dtype is not None:
-        try:
-            return DTYPES[str(dtype).lower()]
-        except KeyError:
-            raise MoeinfError(f"unknown dtype {dtype!r}; use float32, bfloat16 or float16") from None
-    chosen = DTYPES.get(str(stored).lower().removeprefix("torch."), torch.float32) if stored else torch.float32
+def resolve_dtype(dtype: str | torch.dtype | None, stored: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """The compute dtype: the one asked for (MoeinfError for an unknown name), else the stored weights'
+    dtype (float16 becomes bfloat16 on the CPU, where float16 matmuls are slow), else float32."""
+    asked = parse_dtype(dtype)
+    if asked is not None:
+        return asked
+    chosen = lookup(stored) or torch.float32
     if chosen == torch.float16 and device.type == "cpu":
         chosen = torch.bfloat16
     return chosen

@@ -21,7 +21,6 @@ Example::
 from __future__ import annotations
 
 import inspect
-import json
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -36,6 +35,7 @@ from engine.runtime.sampling import Sampler, SamplingParams
 from engine.runtime.stats import GenerationStats
 from engine.runtime.stops import StopScanner
 from engine.runtime.tokenizer import Tokenizer
+from engine.store.opened import StoreModel, open_model
 
 PREFILL_CHUNK = 512  # prompt tokens per forward pass while prefilling (llama.cpp's default micro-batch)
 
@@ -70,6 +70,7 @@ class Session:
         prefill_chunk: int = PREFILL_CHUNK,
         expert_budget: str | None = None,
         policy: str | None = None,
+        store: StoreModel | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -85,6 +86,7 @@ class Session:
         self.prefill_chunk = max(1, int(prefill_chunk))
         self.expert_budget = expert_budget
         self.policy = policy
+        self.store = store  # the opened model (engine.store.opened), when loaded from the store
         self._tokens: list[int] = []  # ids whose keys/values are in the KV cache, positions 0..n-1
         self._load_reported = False
         self._generation = 0  # id of the newest generation; older generators stop when it changes
@@ -311,52 +313,26 @@ class Session:
         return info
 
 
-def _read_config(root: Path) -> dict[str, Any]:
-    try:
-        return json.loads((root / "config.json").read_text())
-    except FileNotFoundError:
-        raise MoeinfError(f"{root} has no config.json; pull the model again") from None
-    except (OSError, ValueError) as err:
-        raise MoeinfError(f"{root / 'config.json'} is unreadable ({err}); pull the model again") from None
-
-
-def _open_experts(root: Path, config: dict, dtype: torch.dtype, device: torch.device, budget: str | None,
+def _open_experts(store: StoreModel, dtype: torch.dtype, device: torch.device, budget: str | None,
                   policy: str | None, recorder: Any, ctx: int, verbose: bool) -> Any:
-    """The expert source: the memory hierarchy's (``engine.memory.open_experts``) when it is available,
-    else every shard mapped (``MappedExperts``); None for a dense model."""
-    from engine.store.families import moe_layout
-
-    if not moe_layout(config).is_moe:
+    """The expert source of the memory hierarchy (``engine.memory.open_experts``); None for a dense model."""
+    if not store.is_moe:
         return None
-    try:
-        from engine.memory import open_experts
-    except ImportError:
-        open_experts = None
-    if open_experts is not None:
-        accepted = inspect.signature(open_experts).parameters
-        extra = {k: v for k, v in (("ctx", ctx), ("verbose", verbose)) if k in accepted}
-        return open_experts(root, dtype, device, budget if budget is not None else "auto", policy, recorder, **extra)
-    if budget not in (None, "100%") or policy is not None:
-        raise MoeinfError("expert budgets and policies need the memory hierarchy (engine.memory), not installed")
-    from engine.model.experts import MappedExperts
+    from engine.memory import open_experts
 
-    return MappedExperts(root, dtype, device)
+    return open_experts(store, dtype, device, budget if budget is not None else "auto", policy, recorder,
+                        ctx=ctx, verbose=verbose)
 
 
-def _make_recorder(root: Path, config: dict) -> Any:
+def _make_recorder(store: StoreModel) -> Any:
     """The routing-trace recorder (``engine.trace``) that persists this model's expert activations,
-    or None for a dense model or when the trace package is not there."""
-    from engine.store.families import moe_layout
+    or None for a dense model."""
+    if not store.is_moe:
+        return None
+    from engine.trace.recorder import TraceRecorder
 
-    layout = moe_layout(config)
-    if not layout.is_moe:
-        return None
-    try:
-        from engine.trace.recorder import TraceRecorder
-    except ImportError:
-        return None
     # rows are decoder-layer indices, as the expert cache and its policies count them
-    return TraceRecorder(root.name, layout.num_layers, layout.num_experts)
+    return TraceRecorder(store.root.name, store.layout.num_layers, store.layout.num_experts)
 
 
 def load(
@@ -378,33 +354,29 @@ def load(
     """
     import sys
 
-    from engine.store.manifest import read_manifest, resolve_model
-
     t0 = time.perf_counter()
     from engine.runtime import MIN_CTX
 
     if int(ctx) < MIN_CTX:
         raise MoeinfError(f"--ctx must be at least {MIN_CTX} tokens (the context), got {ctx}")
     dev = resolve_device(device)
-    root = resolve_model(name_or_path)
-    manifest = read_manifest(root)
-    config = _read_config(root)
-    torch_dtype = resolve_dtype(dtype, manifest.get("dtype") or config.get("dtype") or config.get("torch_dtype"), dev)
-    name = str(manifest.get("name") or root.name)
+    store = open_model(name_or_path)
+    torch_dtype = resolve_dtype(dtype, store.stored_dtype, dev)
+    root, name = store.root, store.name
     if verbose:
         print(f"loading {name} from {root} ({str(torch_dtype).removeprefix('torch.')}, {dev}, ctx {ctx})", file=sys.stderr)
     from engine.memory.budget import check_context
     from engine.memory.open import context_bytes
 
-    check_context(int(ctx), context_bytes(config, int(ctx), torch_dtype), dev)
+    check_context(int(ctx), context_bytes(store.config, int(ctx), torch_dtype), dev)
     tokenizer = Tokenizer(root)
-    recorder = _make_recorder(root, config)
-    experts = _open_experts(root, config, torch_dtype, dev, expert_budget, policy, recorder, int(ctx), verbose)
+    recorder = _make_recorder(store)
+    experts = _open_experts(store, torch_dtype, dev, expert_budget, policy, recorder, int(ctx), verbose)
 
     from engine.model.loader import load_model
 
-    model = load_model(root, dtype=torch_dtype, device=dev, experts=experts, max_seq_len=int(ctx))
+    model = load_model(store, dtype=torch_dtype, device=dev, experts=experts, max_seq_len=int(ctx))
     load_s = time.perf_counter() - t0
     return Session(model, tokenizer, ctx=int(ctx), name=name, model_root=root, device=dev, dtype=torch_dtype,
-                   experts=experts, recorder=recorder, load_s=load_s, config=config,
-                   expert_budget=expert_budget, policy=policy)
+                   experts=experts, recorder=recorder, load_s=load_s, config=store.config,
+                   expert_budget=expert_budget, policy=policy, store=store)

@@ -32,7 +32,7 @@ also ``gate_proj.bias`` [I], ``up_proj.bias`` [I], ``down_proj.bias`` [H] (its i
 ``gate_up_proj`` [E, H, 2I] is untangled: gate = columns 0::2, up = columns 1::2). Its safetensors header
 is padded with spaces so the tensor data starts at byte 4096·n of the file; the tensors follow each
 other in the order gate, up, down (then the biases), so one read of ``[data_start, file_end)`` is the
-whole expert. ``engine.store.shards.data_offset(path)`` gives the data start.
+whole expert. ``engine.store.header.read_header(path).data_start`` gives the data start.
 
 Weights keep the source dtype unless ``moeinf pull --dtype`` asks otherwise (DeepSeek-V3's
 ``e_score_correction_bias`` is always kept in float32, as transformers keeps it). Quantised sources are
@@ -56,8 +56,10 @@ was made by ``--upcycle`` (random-free copies of a dense FFN: "upcycled, not tra
 file of the model except manifest.json itself.
 
 Modules: ``paths`` (where things live), ``families`` (the family descriptors and their registry, ``moe_layout``), ``manifest``
-(``read_manifest``, ``resolve_model``, ``list_models``), ``shards`` (aligned streaming safetensors
-writer), ``convert`` (checkpoint dir or shard source -> store model), ``hub`` (aliases, downloads),
+(``read_manifest``, ``resolve_model``, ``list_models``), ``opened`` (``open_model``: the ``StoreModel``
+a run is given: manifest, config, layout, every tensor's file, dtype/format, shape and byte range),
+``config`` (the one config.json reader), ``dtypes`` (the one dtype table), ``header`` (the one
+safetensors header reader), ``shards`` (aligned streaming safetensors writer), ``convert`` (checkpoint dir or shard source -> store model), ``hub`` (aliases, downloads),
 ``pull`` (the whole pull), ``verify`` (re-hash a model), ``export`` (a store model back to a Hugging Face
 checkpoint directory).
 """

@@ -43,28 +43,17 @@ from engine.errors import MoeinfError
 from engine.formats import storage
 from engine.formats.mxfp4 import from_gpt_oss
 from engine.formats.tensor import QuantTensor
+from engine.store.dtypes import config_dtype
 from engine.store.families import MoELayout, expert_tensor_shapes, family_of
-from engine.store.files import DTYPE_ALIASES, WrittenFile, canonical_dtype, sha256_file
+from engine.store.files import WrittenFile, sha256_file
+from engine.store.header import ALIGN, read_header
 from engine.store.paths import expert_shard_path
 from engine.store.quant import dequant_fp8_blocks, dequant_mxfp4
-from engine.store.shards import ALIGN, DTYPE_TO_ST, TensorSpec, build_header, read_header, write_tensors
+from engine.store.shards import TensorSpec, build_header, write_tensors
 
 _LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.")
 _PER_EXPERT_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(\w+)\.(weight|bias)$")
 _FUSED_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(gate_up_proj|down_proj)(_bias)?$")
-DTYPE_NAMES = {k: getattr(torch, v) for k, v in DTYPE_ALIASES.items()}
-
-
-def parse_dtype(name: str | None) -> torch.dtype | None:
-    """``bf16``/``fp16``/``fp32`` (or torch names) -> torch dtype; None stays None."""
-    canonical = canonical_dtype(name)
-    return getattr(torch, canonical) if canonical else None
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
-
-
 class SpillingShardWriter:
     """A safetensors file built from tensors whose list is not known up front, at about one tensor of memory:
     data is appended to a side file, then the header is written and the data copied behind it."""
@@ -146,8 +135,7 @@ class Converter:
         self.moe_layers = set(self.layout.moe_layers)
         qc = self.config.get("quantization_config") or {}
         self.fp8_block = tuple(qc.get("weight_block_size") or (128, 128))
-        cfg_dtype = self.config.get("dtype") or self.config.get("torch_dtype")
-        self.compute_dtype = DTYPE_NAMES.get(str(cfg_dtype).removeprefix("torch."), torch.bfloat16)
+        self.compute_dtype = config_dtype(self.config) or torch.bfloat16
         if qc and self.dtype is None:  # a quantised source: every float tensor becomes the compute dtype
             self.dtype = self.compute_dtype
 
@@ -159,14 +147,13 @@ class Converter:
         written: list[WrittenFile] = []
         dense = SpillingShardWriter(self.out_dir / "dense" / f"part-{index:05d}.safetensors", align=ALIGN)
         try:
-            start, header = read_header(path)
-            names = sorted((k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"][0])
-            kept = storage.read_formats(header.get("__metadata__"))
+            entries = read_header(path, hint=None).in_data_order()
+            kept = {t.name: (t.format, t.shape) for t in entries if t.quantised}
             with safe_open(str(path), framework="pt") as f:
-                for name in names:
-                    tensor = storage.as_stored(name, f.get_tensor(name), kept)
-                    nbytes = header[name]["data_offsets"][1] - header[name]["data_offsets"][0]
-                    for out_name, t in self._decode(name, tensor):
+                for entry in entries:
+                    tensor = storage.as_stored(entry.name, f.get_tensor(entry.name), kept)
+                    nbytes = entry.nbytes
+                    for out_name, t in self._decode(entry.name, tensor):
                         self._route(out_name, t, dense, written)
                     del tensor
                     if self.on_bytes:
@@ -367,4 +354,4 @@ def disk_full_error(out_dir: Path, err: OSError) -> MoeinfError:
     )
 
 
-__all__ = ["Converter", "WrittenFile", "parse_dtype", "dtype_name", "sha256_file", "disk_full_error", "DTYPE_TO_ST"]
+__all__ = ["Converter", "WrittenFile", "sha256_file", "disk_full_error"]

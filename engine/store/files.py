@@ -8,21 +8,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.errors import MoeinfError
-
-DTYPE_ALIASES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-                 "half": "float16", "fp32": "float32", "float32": "float32", "float": "float32"}
-
-
-def canonical_dtype(name: str | None) -> str | None:
-    """``bf16``/``fp16``/``fp32`` (or the torch names) -> "bfloat16"/"float16"/"float32"; None stays None."""
-    if name is None:
-        return None
-    try:
-        return DTYPE_ALIASES[name.lower().removeprefix("torch.")]
-    except KeyError:
-        raise MoeinfError(f"unknown dtype {name!r}; use bf16, fp16 or fp32") from None
-
 
 @dataclass
 class WrittenFile:

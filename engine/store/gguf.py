@@ -37,15 +37,11 @@ from engine.errors import MoeinfError
 from engine.formats import storage
 from engine.formats.tensor import QuantTensor
 from engine.store import gguf_tokenizer
+from engine.store.dtypes import parse_dtype
 from engine.store.families import Family, gguf_family
 
 SHARD_BYTES = 2 << 30  # one safetensors shard per ~2 GiB
 
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "f32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "f16": torch.float16, "half": torch.float16,
-}
 
 _GLOBAL_NAMES = {
     "token_embd.weight": "model.embed_tokens.weight",
@@ -68,18 +64,6 @@ _BLOCK_NAMES = {
 _EXPERT_PROJ = {"gate": "gate_proj", "up": "up_proj", "down": "down_proj"}  # routed experts' projections
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(\w+?)(?:\.(\d+))?\.(weight|bias)$")
 _EXPS_RE = re.compile(r"^ffn_(gate|up|down)_exps$")
-
-
-def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    """``dtype`` as a torch dtype (None: bfloat16); an unknown name is a user error."""
-    if dtype is None:
-        return torch.bfloat16
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    key = str(dtype).lower().removeprefix("torch.")
-    if key not in _DTYPES:
-        raise MoeinfError(f"unknown dtype {dtype!r}; use one of bfloat16, float16, float32")
-    return _DTYPES[key]
 
 
 def read_metadata(reader: Any) -> dict[str, Any]:
@@ -337,7 +321,7 @@ def gguf_to_checkpoint(
     ``notice(text)`` hears about each GGUF type converted to another format.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    torch_dtype = resolve_dtype(dtype)
+    torch_dtype = parse_dtype(dtype) or torch.bfloat16
     reader = _open(gguf_path)
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}

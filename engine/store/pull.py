@@ -32,8 +32,10 @@ from pathlib import Path
 from typing import Protocol
 
 from engine.errors import MoeinfError
+from engine.store.config import read_config
+from engine.store.dtypes import canonical_dtype, config_dtype
 from engine.store.families import moe_layout
-from engine.store.files import canonical_dtype, sha256_file, write_json
+from engine.store.files import sha256_file, write_json
 from engine.store.hub import (
     META_FILES,
     HubSource,
@@ -152,11 +154,8 @@ def _estimate_bytes(config: dict, src_bytes: int, dtype: str | None) -> int:
     """About how many bytes the store model of ``src_bytes`` of source shards takes."""
     import torch
 
-    from engine.store.convert import DTYPE_NAMES
-
     quant = (config.get("quantization_config") or {}).get("quant_method")
-    cfg_name = str(config.get("dtype") or config.get("torch_dtype") or "bfloat16").removeprefix("torch.")
-    cfg_dtype = DTYPE_NAMES.get(cfg_name, torch.bfloat16)
+    cfg_dtype = config_dtype(config) or torch.bfloat16
     out = (getattr(torch, dtype) if dtype else cfg_dtype).itemsize
     if quant in ("mxfp4", "fp8") and dtype is None:  # kept as mxfp4, or stored as q8_0 (8.5 bits)
         return src_bytes * 17 // 16
@@ -298,25 +297,8 @@ def _from_gguf(path: str, out: Path, target_dtype, progress: PullProgress) -> Pa
                               notice=progress.message)
 
 
-def _source_config(meta_dir: Path) -> dict:
-    """The source checkpoint's ``config.json`` as a dict; MoeinfError naming what is wrong with it."""
-    path = meta_dir / "config.json"
-    fix = "fix the file or re-download the checkpoint"
-    try:
-        config = json.loads(path.read_bytes().decode("utf-8"))
-    except FileNotFoundError:
-        raise MoeinfError(f"the checkpoint has no config.json ({path}); {fix}") from None
-    except UnicodeDecodeError:
-        raise MoeinfError(f"{path} is not UTF-8 text; {fix}") from None
-    except ValueError as err:
-        raise MoeinfError(f"{path} is not valid JSON ({err}); {fix}") from None
-    if not isinstance(config, dict):
-        raise MoeinfError(f"{path} holds a JSON {type(config).__name__}, not an object; {fix}")
-    return config
-
-
 def _convert_into_store(src, name: str, key: dict, target_dtype, upcycled, progress: PullProgress, quant: dict) -> PullResult:
-    config = _source_config(src.meta_dir)
+    config = read_config(src.meta_dir, hint="fix the file or re-download the checkpoint")
     layout = moe_layout(config)  # refuses unsupported families
     partial = models_dir() / f"{PARTIAL_PREFIX}{name}"
     state = _load_state(partial, key, progress)
@@ -370,7 +352,9 @@ def _build(src, name, config, layout, key, partial: Path, state, sizes, target_d
     from safetensors import SafetensorError
     from safetensors.torch import load_file, save_file
 
-    from engine.store.convert import Converter, dtype_name, parse_dtype
+    from engine.store.convert import Converter
+    from engine.store.dtypes import dtype_name, parse_dtype
+    from engine.store.header import HeaderError
 
     partial.mkdir(parents=True, exist_ok=True)
     meta = {}
@@ -410,7 +394,7 @@ def _build(src, name, config, layout, key, partial: Path, state, sizes, target_d
         try:
             written = conv.convert_shard(path, k)
         except (SafetensorError, ValueError, EOFError, json.JSONDecodeError) as err:
-            if isinstance(err, MoeinfError):
+            if isinstance(err, MoeinfError) and not isinstance(err, HeaderError):
                 raise
             hint = src.corrupt_hint(shard)
             raise MoeinfError(f"source file {shard} is corrupt or truncated ({_short(err)}); {hint}") from None
@@ -457,15 +441,14 @@ def _short(err: BaseException) -> str:
 
 def _finish(src, name, config, layout, key, partial: Path, state, meta, conv, upcycled) -> PullResult:
     from engine import __version__
-    from engine.store.convert import dtype_name
+    from engine.store.dtypes import dtype_name
 
     stored = conv.stored_dtype
     if stored is None:  # dense model: the dtype of the dense weights
-        from engine.store.shards import ST_TO_DTYPE, read_header
+        from engine.store.header import read_header
 
         first = sorted(r for r in state["files"] if r.startswith("dense/"))[0]
-        hdr = read_header(partial / first)[1]
-        floats = [ST_TO_DTYPE[v["dtype"]] for k, v in hdr.items() if k != "__metadata__"]
+        floats = [t.torch_dtype for t in read_header(partial / first).tensors.values()]
         stored = next((d for d in floats if d.is_floating_point), conv.compute_dtype)
     cfg = dict(config)
     changed = conv.dequantized is not None or (conv.source_dtype is not None and stored != conv.source_dtype)

@@ -3,7 +3,7 @@
 A safetensors file is an 8-byte little-endian header length N, N bytes of JSON header, then the tensor
 data back to back. The writer pads the JSON with spaces (which every safetensors reader accepts) so
 that ``8 + N`` is a multiple of ``align``: the data section then starts on an aligned offset and a
-direct (O_DIRECT) read of an expert needs no copy. Tensors are written in the order given, one at a
+direct (O_DIRECT) read of an expert needs no copy (``engine.store.header`` reads the header back). Tensors are written in the order given, one at a
 time, so memory stays at about one tensor; the sha256 of the file is computed while writing.
 Files are not fsync'ed one by one (thousands of experts would pay for it): a resumed pull re-hashes
 every file it keeps and ``moeinf verify`` re-hashes a model, so a file torn by a power cut is found.
@@ -23,27 +23,8 @@ import torch
 
 from engine.formats import storage
 from engine.formats.tensor import QuantTensor
-
-ALIGN = 4096
-
-DTYPE_TO_ST: dict[torch.dtype, str] = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int16: "I16",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-    torch.float8_e4m3fn: "F8_E4M3",
-    torch.float8_e5m2: "F8_E5M2",
-}
-for _name in ("uint16", "uint32", "uint64"):
-    if hasattr(torch, _name):
-        DTYPE_TO_ST[getattr(torch, _name)] = "U" + _name[4:]
-ST_TO_DTYPE = {v: k for k, v in DTYPE_TO_ST.items()}
+from engine.store.dtypes import code_of
+from engine.store.header import ALIGN
 
 
 @dataclass(frozen=True)
@@ -67,7 +48,7 @@ def build_header(specs: list[TensorSpec], align: int, metadata: dict[str, str] |
         header["__metadata__"] = metadata
     offset = 0
     for s in specs:
-        header[s.name] = {"dtype": DTYPE_TO_ST[s.dtype], "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
+        header[s.name] = {"dtype": code_of(s.dtype), "shape": list(s.shape), "data_offsets": [offset, offset + s.nbytes]}
         offset += s.nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     total = 8 + len(raw)
@@ -149,21 +130,3 @@ def write_tensors(
         for n, t in items:
             w.write(n, t)
     return w
-
-
-def read_header(path: str | Path) -> tuple[int, dict]:
-    """(data start offset, parsed JSON header) of a safetensors file."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise ValueError(f"{path} is too short to be a safetensors file")
-        (n,) = struct.unpack("<Q", head)
-        raw = f.read(n)
-    if len(raw) != n:
-        raise ValueError(f"{path}: header truncated")
-    return 8 + n, json.loads(raw)
-
-
-def data_offset(path: str | Path) -> int:
-    """Byte offset where the tensor data of a safetensors file starts."""
-    return read_header(path)[0]

@@ -23,7 +23,8 @@ import torch
 from safetensors import safe_open
 
 from engine.errors import MoeinfError
-from engine.store.gguf import resolve_dtype
+from engine.store.config import read_config
+from engine.store.dtypes import config_dtype, parse_dtype
 from engine.store.pull import PullProgress
 from engine.store.shards import StreamingShardWriter, TensorSpec
 from engine.upcycle.router import collect_ffn_inputs, router_weights
@@ -32,13 +33,6 @@ UPCYCLED_KEY = "moeinf_upcycled"
 _FFN_RE = re.compile(r"^model\.layers\.(\d+)\.mlp\.(gate_proj|up_proj|down_proj)\.weight$")
 _EXPERT_NAME = {"gate_proj": "w1", "up_proj": "w3", "down_proj": "w2"}
 _DROP_KEYS = ("mlp_bias", "pretraining_tp", "architectures", "model_type", "auto_map")
-
-
-def _read_config(src_dir: Path) -> dict[str, Any]:
-    path = src_dir / "config.json"
-    if not path.is_file():
-        raise MoeinfError(f"{src_dir} has no config.json; upcycling needs a Hugging Face checkpoint directory")
-    return json.loads(path.read_text())
 
 
 def check_options(num_experts: int, top_k: int) -> None:
@@ -132,10 +126,9 @@ def upcycle_checkpoint(
     written.
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    config = _read_config(src_dir)
+    config = read_config(src_dir, hint="upcycling needs a Hugging Face checkpoint directory")
     _check(config, num_experts, top_k)
-    src_dtype = config.get("dtype") or config.get("torch_dtype") or "float32"
-    torch_dtype = resolve_dtype(dtype if dtype is not None else src_dtype)
+    torch_dtype = parse_dtype(dtype) or config_dtype(config) or torch.float32
     progress = progress or PullProgress()
 
     t0 = time.perf_counter()
