@@ -172,6 +172,12 @@ class ChatRepl:
         if previous is not None and hasattr(previous, "close"):
             previous.close()
 
+    def close(self) -> None:
+        """Release the loaded session (its expert cache, loader threads and files)."""
+        session, self.session = self.session, None
+        if session is not None and hasattr(session, "close"):
+            session.close()
+
     # ---- the loop ------------------------------------------------------------------------
 
     def run(self, reader: Reader) -> None:
@@ -476,4 +482,7 @@ def run_repl(
         reader: Reader = TerminalReader(history_path())
     else:
         reader = LineReader(sys.stdin)
-    repl.run(reader)
+    try:
+        repl.run(reader)
+    finally:
+        repl.close()

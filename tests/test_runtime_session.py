@@ -275,5 +275,5 @@ def test_each_generation_is_one_traced_sequence(tok_dir):
     old = s.generate("Hi", num_predict=30, **GREEDY)
     next(old)
     run(s.generate("Hello", num_predict=2, **GREEDY))
-    old.close()  # superseded: its sequence was ended by the newer begin, not again now
-    assert rec.events[4:] == ["begin", "begin", "end"]
+    old.close()  # superseded: its sequence was ended when the newer one began, not again now
+    assert rec.events[4:] == ["begin", "end", "begin", "end"]

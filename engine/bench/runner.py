@@ -1,7 +1,8 @@
 """``moeinf bench``'s measurements: one configuration (batch x budget x policy) over several repetitions.
 
-Each repetition opens the model afresh (so load time and a cold expert cache are measured every
-time), runs ``batch`` prompts of ``prompt_tokens`` random tokens each (time to first token: all of them
+Each repetition opens the expert source and loads the model afresh (so load time and a cold expert
+cache are measured every time) and closes them before the next (so memory does not grow with the
+repetitions); it runs ``batch`` prompts of ``prompt_tokens`` random tokens each (time to first token: all of them
 prefilled), then ``gen_tokens`` decode steps, each one token of every sequence in one forward pass
 (greedy; EOS ignored). A step's time is the latency every sequence sees per token; ``batch`` tokens a
 step is the aggregate throughput. Counters of the expert source are read between the phases, so hit
@@ -178,6 +179,59 @@ def _prefill_groups(batch: int, prompt_tokens: int, chunk: int = 512) -> list[li
     return [list(range(i, min(batch, i + per))) for i in range(0, batch, per)]
 
 
+def _repetition(
+    store: StoreModel, cfg: BenchConfig, prompts: list[torch.Tensor], starts: list[int], T: int, gen_tokens: int,
+    ctx: int, dtype: torch.dtype, device: torch.device, trace: RoutingTrace | None,
+) -> tuple[Rep, dict]:
+    """One repetition from a fresh expert source and model, closed before it returns (so the next
+    repetition starts from the memory the first one did); the Rep and the final counters."""
+    from engine.memory import open_experts
+    from engine.model.loader import load_model
+
+    layout = store.layout
+    batch, prompt_tokens = len(prompts), int(prompts[0].shape[0])
+    t0 = time.perf_counter()
+    experts = open_experts(store, dtype, device, cfg.budget, cfg.policy, None, ctx=ctx)
+    try:
+        model = load_model(store, dtype=dtype, device=device, experts=experts, max_seq_len=ctx)
+        if batch > 1:
+            model.setup_caches(ctx, dtype, device, slots=batch)
+        before = _counters(experts)
+        if before.get("budget_bytes") is None:
+            _warm_all(experts, layout.moe_layers, layout.num_experts)
+        forced = force_routing(model, trace) if trace is not None else None
+        base = _counters(experts)
+        load_s = time.perf_counter() - t0
+        experts.begin_sequence()
+        t1 = time.perf_counter()
+        last = [0] * batch
+        for group in _prefill_groups(batch, prompt_tokens):
+            if forced is not None:
+                forced.rows = [(starts[i] + j) % T for i in group for j in range(prompt_tokens)]
+            tokens = torch.cat([prompts[i] for i in group]).to(device)
+            logits = model.forward_batch(tokens, [(i, 0, prompt_tokens) for i in group])
+            for r, i in enumerate(group):
+                last[i] = int(logits[r].argmax())
+        ttft = time.perf_counter() - t1
+        after_prompt = _counters(experts)
+        tok = torch.tensor(last, device=device)
+        times = []
+        for step in range(gen_tokens):
+            pos = prompt_tokens + step
+            if forced is not None:
+                forced.rows = [(o + pos) % T for o in starts]
+            t = time.perf_counter()
+            logits = model.forward_batch(tok, [(i, pos, 1) for i in range(batch)])
+            tok = logits.argmax(dim=-1)
+            times.append(time.perf_counter() - t)
+        experts.end_sequence()
+        end = _counters(experts)
+    finally:
+        experts.close()
+    rep = Rep(load_s, ttft, times, _delta(after_prompt, base), _delta(end, after_prompt), _delta(end, base))
+    return rep, end
+
+
 def run_config(
     store: StoreModel,
     cfg: BenchConfig,
@@ -191,10 +245,6 @@ def run_config(
     seed: int = 0,
     batch: int = 1,
 ) -> BenchRow:
-    from engine.memory import open_experts
-    from engine.model.loader import load_model
-
-    layout = store.layout
     ctx = prompt_tokens + gen_tokens + 1
     row = BenchRow(cfg.budget, cfg.policy or "-", prompt_tokens, gen_tokens, batch=batch)
     vocab = int(store.config.get("vocab_size") or store.manifest.get("vocab_size") or 1000)
@@ -205,47 +255,8 @@ def run_config(
     starts, used = batch_trace(trace, batch, prompt_tokens + gen_tokens) if trace is not None else ([0] * batch, None)
     T = trace.num_tokens if trace is not None else 1
     for _ in range(reps):
-        t0 = time.perf_counter()
-        experts = open_experts(store, dtype, device, cfg.budget, cfg.policy, None, ctx=ctx)
-        try:
-            model = load_model(store, dtype=dtype, device=device, experts=experts, max_seq_len=ctx)
-            if batch > 1:
-                model.setup_caches(ctx, dtype, device, slots=batch)
-            before = _counters(experts)
-            if before.get("budget_bytes") is None:
-                _warm_all(experts, layout.moe_layers, layout.num_experts)
-            forced = force_routing(model, trace) if trace is not None else None
-            base = _counters(experts)
-            load_s = time.perf_counter() - t0
-            if hasattr(experts, "begin_sequence"):
-                experts.begin_sequence()
-            t1 = time.perf_counter()
-            last = [0] * batch
-            for group in _prefill_groups(batch, prompt_tokens):
-                if forced is not None:
-                    forced.rows = [(starts[i] + j) % T for i in group for j in range(prompt_tokens)]
-                tokens = torch.cat([prompts[i] for i in group]).to(device)
-                logits = model.forward_batch(tokens, [(i, 0, prompt_tokens) for i in group])
-                for r, i in enumerate(group):
-                    last[i] = int(logits[r].argmax())
-            ttft = time.perf_counter() - t1
-            after_prompt = _counters(experts)
-            tok = torch.tensor(last, device=device)
-            times = []
-            for step in range(gen_tokens):
-                pos = prompt_tokens + step
-                if forced is not None:
-                    forced.rows = [(o + pos) % T for o in starts]
-                t = time.perf_counter()
-                logits = model.forward_batch(tok, [(i, pos, 1) for i in range(batch)])
-                tok = logits.argmax(dim=-1)
-                times.append(time.perf_counter() - t)
-            end = _counters(experts)
-        finally:
-            if hasattr(experts, "close"):
-                experts.close()
-        row.reps.append(Rep(load_s, ttft, times, _delta(after_prompt, base), _delta(end, after_prompt),
-                            _delta(end, base)))
+        rep, end = _repetition(store, cfg, prompts, starts, T, gen_tokens, ctx, dtype, device, trace)
+        row.reps.append(rep)
         row.slots = int(end.get("slots") or 0) - int(end.get("stream_slots") or 0)
         row.budget_bytes = end.get("budget_bytes")
         row.expert_bytes = int(end.get("slot_bytes") or 0)

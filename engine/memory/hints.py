@@ -47,6 +47,16 @@ class RouterHints:
             for name, t in hits.items():
                 self._weights[wanted[name]] = whole[t.start : t.end].view(t.torch_dtype).view(t.shape)
 
+    def close(self) -> None:
+        """Drop the router views and their maps (a map is unmapped when no view of it is left)."""
+        self._weights.clear()
+        maps, self._maps = self._maps, []
+        for mm in maps:
+            try:
+                mm.close()
+            except BufferError:  # a router view is still held somewhere: unmapped with it
+                pass
+
     def __bool__(self) -> bool:
         return bool(self._weights)
 

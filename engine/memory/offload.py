@@ -20,6 +20,12 @@ step needs more experts than the cache holds (at a 25% budget from batch 2 or so
 offline optimum does as well (``engine.policy.replay.belady_bypass_loads``: keep what fits, stream the
 rest); prefetching the next layer would only take slots from that.
 
+Lifecycle: ``begin_sequence`` / ``end_sequence`` bracket each request (the policy hears both; the end
+releases pins and drops queued prefetches, guesses for tokens that will not come); ``close`` stops the
+loader threads and releases the slot arena, the transfer's buffers and the router hints' maps.
+The loader reaches this object only through weak references, so one never closed is still freed
+(and its loader stopped) by the garbage collector.
+
 Locking: one reentrant lock (a Condition) guards slots, residency, pins, policy calls and the loader
 queue. Policy methods are only ever called with it held.
 """
@@ -94,18 +100,35 @@ class OffloadedExperts:
         self._stats.slots = capacity
         self._stats.stream_slots = stream_slots
         policy.setup(num_layers, num_experts, self.main_capacity)
+        self._closed = False
+        me = weakref.ref(self)
         self.loader = Loader(
-            self.lock, self._start, self._run, self._finish, workers=workers, max_prefetch=4 * top_k + 16
+            self.lock, _weak(me, "_start", False), _weak(me, "_run", None), _weak(me, "_finish", None),
+            workers=workers, max_prefetch=4 * top_k + 16,
         )
         self._finalizer = weakref.finalize(self, self.loader.close)
 
     # -- ExpertSource --
 
     def begin_sequence(self) -> None:
-        """A new request starts (the runtime may call this; the policy hears it)."""
+        """A new request starts (the policy hears it)."""
         with self.lock:
+            self._check_open()
             self._last_layer = None
+            self._step_tokens.clear()
+            self._stats.sequences += 1
             self.policy.begin_sequence()
+
+    def end_sequence(self) -> None:
+        """The request ended: pins released, queued prefetches dropped, the policy told. Idempotent."""
+        with self.lock:
+            if self._closed:
+                return
+            self._release_pins()
+            self.loader.cancel(lambda _key: True)
+            self._last_layer = None
+            self._step_tokens.clear()
+            self.policy.end_sequence()
 
     def observe(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor) -> None:
         ids, counts = torch.unique(topk_ids.reshape(-1), return_counts=True)
@@ -139,6 +162,7 @@ class OffloadedExperts:
                         self._stats.prefetch_dropped += 1
 
     def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        self._check_open()
         ids = list(dict.fromkeys(int(e) for e in expert_ids))
         # more than one token in this step (or more ids than one token routes): stream the misses
         streaming = self._step_tokens.pop(layer, 1) > 1 or len(ids) > self.top_k
@@ -183,8 +207,31 @@ class OffloadedExperts:
             return set(self._resident)
 
     def close(self) -> None:
-        """Stop the loader (queued loads are cancelled, running ones finish). Idempotent."""
+        """Stop the loader threads (queued loads are cancelled, running ones finish), then release the
+        slot arena, the transfer's buffers and the hints' maps. Idempotent; the source is unusable after."""
         self._finalizer()
+        with self.lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._resident.clear()
+            self._pinned.clear()
+            self._free_main, self._free_stream = [], []
+            slots, self.slots = self.slots, []
+        for slot in slots:
+            slot.weights, slot.tensors, slot.raw_t = None, {}, None
+            if slot.raw is not None:
+                slot.raw.release()
+                slot.raw = None
+        del slots
+        self.transfer.close()
+        if self.hints is not None:
+            self.hints.close()
+            self.hints = None
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this expert source is closed")
 
     def __enter__(self) -> OffloadedExperts:
         return self
@@ -376,3 +423,13 @@ class OffloadedExperts:
             self.policy.on_load(job.key)
             n = len(self._resident) * self.transfer.slot_bytes
             st.peak_resident_bytes = max(st.peak_resident_bytes, n)
+
+
+def _weak(ref: weakref.ref, name: str, gone: object) -> Callable:
+    """``ref().name(*args)``, or ``gone`` once the object was collected (keeps the loader from holding it)."""
+
+    def call(*args):
+        obj = ref()
+        return gone if obj is None else getattr(obj, name)(*args)
+
+    return call

@@ -32,9 +32,16 @@ class ResidentExperts:
         self._stats.mode = "resident"
         self._stats.io = "mmap"
         self._lock = Lock()
+        self._closed = False
 
     def begin_sequence(self) -> None:
-        return None
+        """A request starts (counted; nothing to decide when everything stays resident)."""
+        if self._closed:
+            raise RuntimeError("this expert source is closed")
+        self._stats.sequences += 1
+
+    def end_sequence(self) -> None:
+        """The request ended (nothing to release: every expert stays)."""
 
     def observe(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor) -> None:
         if self.recorder is not None:
@@ -57,6 +64,8 @@ class ResidentExperts:
             ) from None
 
     def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
+        if self._closed:
+            raise RuntimeError("this expert source is closed")
         st = self._stats
         for e in expert_ids:
             key = (layer, int(e))
@@ -89,7 +98,10 @@ class ResidentExperts:
         return CacheStats(**{k: (dict(v) if isinstance(v, dict) else v) for k, v in vars(st).items()})
 
     def close(self) -> None:
-        return None
+        """Drop every expert this source converted (their memory goes with the last reference). Idempotent."""
+        with self._lock:
+            self._closed = True
+            self._cache.clear()
 
     def __enter__(self) -> ResidentExperts:
         return self

@@ -20,6 +20,7 @@ class CacheStats:
     slots: int = 0  # cache slots (experts the budget holds)
     stream_slots: int = 0  # of those, kept for streaming prefill experts past the cache
     expert_bytes_total: int = 0  # all routed experts, compute dtype
+    sequences: int = 0  # requests begun (begin_sequence)
     accesses: int = 0  # (layer, expert) uses asked of fetch
     hits: int = 0  # resident when asked
     demand_loads: int = 0  # loads the compute waited for

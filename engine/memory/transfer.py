@@ -148,6 +148,12 @@ class Transfer(ABC):
     def after_use(self, slot: Slot) -> None:
         """Called on the compute thread when the compute released the slot (its pins went to zero)."""
 
+    def close(self) -> None:
+        """Release every buffer this transfer allocated (called once the loader threads stopped and the
+        slots were dropped); memory still viewed by a tensor someone keeps is freed with that tensor."""
+        self._headers.clear()
+        self._local = threading.local()
+
     def _header(self, path: Path, buf: memoryview | bytes) -> SafetensorsHeader:
         key = str(path)
         h = self._headers.get(key)
@@ -194,6 +200,15 @@ class DirectTransfer(Transfer):
             views[name] = slot.raw_t[t.start : t.end].view(t.torch_dtype).view(t.stored_shape)
         slot.weights = self.layout.weights(views)
         return size
+
+    def close(self) -> None:
+        super().close()
+        arena, self._arena = self._arena, None
+        if arena is not None:
+            try:
+                arena.close()  # unmapped now, not when the garbage collector gets to it
+            except BufferError:  # a tensor still views it: unmapped when the last view goes
+                pass
 
 
 class ConvertTransfer(Transfer):
@@ -310,6 +325,11 @@ class CudaTransfer(Transfer):
 
     def before_use(self, slot: Slot) -> None:
         torch.cuda.current_stream(self.device).wait_event(slot.ready_event)
+
+    def close(self) -> None:
+        super().close()
+        with self._maps_lock:
+            self._maps.clear()
 
     def after_use(self, slot: Slot) -> None:
         ev = torch.cuda.Event()

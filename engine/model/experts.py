@@ -91,6 +91,22 @@ class ExpertSource(Protocol):
         """
 
 
+class ExpertLifecycle(Protocol):
+    """What the runtime calls on the expert source besides the model's ``observe``/``fetch``.
+
+    ``begin_sequence()`` when a request starts and ``end_sequence()`` when it ended (the policy of a
+    budgeted cache learns where requests start); ``close()`` releases what the source holds (cache
+    memory, loader threads, open files); afterwards it is unusable. The memory hierarchy's sources
+    also have ``stats() -> CacheStats``.
+    """
+
+    def begin_sequence(self) -> None: ...
+
+    def end_sequence(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
 class MappedExperts:
     """All-resident expert source: every shard memory-mapped, converted to dtype/device on first use."""
 
@@ -104,6 +120,16 @@ class MappedExperts:
 
     def _load(self, layer: int, expert: int) -> ExpertWeights:
         return load_expert(self._path(layer, expert), self.dtype, self.device)[0]
+
+    def begin_sequence(self) -> None:
+        """A request starts (nothing to decide: every expert stays once loaded)."""
+
+    def end_sequence(self) -> None:
+        """The request ended."""
+
+    def close(self) -> None:
+        """Drop the converted experts."""
+        self._cache.clear()
 
     def observe(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor) -> None:
         return None

@@ -37,6 +37,9 @@ class Policy(ABC):
     def begin_sequence(self) -> None:
         """A new request (prompt) starts."""
 
+    def end_sequence(self) -> None:
+        """The request ended (its last token was decoded, or it was stopped)."""
+
     def begin_token(self) -> None:
         """A new decode step (or prefill chunk) starts."""
 

@@ -7,15 +7,20 @@ prefix with the cache and runs only the new suffix: prefill in chunks, then one 
 The cache bookkeeping is updated only after a forward pass completes, so stopping a generation at
 any point (closing the generator, Ctrl+C) leaves the session consistent for the next call.
 
+Every generation is one request: the expert source and the trace recorder hear ``begin_sequence``
+before its prompt and ``end_sequence`` after its last token (or when it is stopped or superseded).
+``close()`` (or leaving a ``with`` block) releases the expert cache's memory, its loader threads and
+files, and the model's weights; the session cannot generate afterwards.
+
 Example::
 
     import engine
-    s = engine.load("mixtral", device="cpu")
-    for piece in s.generate("Why is the sky blue?", temperature=0):
-        if isinstance(piece, str):
-            print(piece, end="", flush=True)
-        else:
-            stats = piece  # GenerationStats, always the last item
+    with engine.load("mixtral", device="cpu") as s:
+        for piece in s.generate("Why is the sky blue?", temperature=0):
+            if isinstance(piece, str):
+                print(piece, end="", flush=True)
+            else:
+                stats = piece  # GenerationStats, always the last item
 """
 
 from __future__ import annotations
@@ -90,6 +95,8 @@ class Session:
         self._tokens: list[int] = []  # ids whose keys/values are in the KV cache, positions 0..n-1
         self._load_reported = False
         self._generation = 0  # id of the newest generation; older generators stop when it changes
+        self._request: int | None = None  # the generation whose request is open (begun, not ended)
+        self._closed = False
         self._last_only = "last_only" in inspect.signature(model.forward).parameters
 
     # ---- prompt -> token ids -------------------------------------------------------------
@@ -130,6 +137,7 @@ class Session:
     # ---- model passes --------------------------------------------------------------------
 
     def _forward(self, ids: Sequence[int], start_pos: int, last_only: bool = False) -> torch.Tensor:
+        self._check_open()
         # inference mode only around the pass: a generator must not leave it switched on for its caller
         with torch.inference_mode():
             tokens = torch.tensor(list(ids), dtype=torch.long, device=self.device)
@@ -187,6 +195,7 @@ class Session:
         unknown message format or a prompt that does not fit ``ctx`` raise MoeinfError here, before
         the first item.
         """
+        self._check_open()
         params = SamplingParams.from_options(sampling)
         return self._start(self.prompt_ids(prompt, raw=raw, system=system), params)
 
@@ -212,9 +221,7 @@ class Session:
         sampler = Sampler(params)
         history = list(ids)
         limit = params.num_predict if params.num_predict >= 0 else None
-        recorder = self.recorder
-        if recorder is not None and hasattr(recorder, "begin_sequence"):
-            recorder.begin_sequence()
+        self._begin_request(generation)
         t_eval = None
         try:
             start = common_prefix_len(self._tokens, ids)
@@ -252,14 +259,59 @@ class Session:
             if stopped:
                 stats.done_reason = "stop"
         finally:
-            # a superseded generation's sequence was already ended by the newer one's begin_sequence
-            if recorder is not None and hasattr(recorder, "end_sequence") and self._generation == generation:
-                recorder.end_sequence()
+            self._end_request(generation)  # a superseded generation's request was ended by the newer one
         now = time.perf_counter()
         stats.eval_s = now - (t_eval if t_eval is not None else now)
         stats.total_s = stats.load_s + (now - t_start)
         stats.cache = self.experts.stats() if hasattr(self.experts, "stats") else None
         yield stats
+
+    # ---- requests and lifetime ------------------------------------------------------------
+
+    def _begin_request(self, generation: int) -> None:
+        """Generation ``generation`` starts a request: the expert source and the recorder hear it (an
+        open request of an older generation, abandoned without being closed, is ended first)."""
+        if self._request is not None:
+            self._end_request(self._request)
+        self._request = generation
+        for part in (self.experts, self.recorder):
+            if part is not None and hasattr(part, "begin_sequence"):
+                part.begin_sequence()
+
+    def _end_request(self, generation: int) -> None:
+        if self._request != generation:
+            return
+        self._request = None
+        for part in (self.recorder, self.experts):
+            if part is not None and hasattr(part, "end_sequence"):
+                part.end_sequence()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise MoeinfError("this session is closed; load the model again")
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        """End any open request, then release the expert source (cache memory, loader threads, files)
+        and the model (weights, KV cache). Idempotent."""
+        if self._closed:
+            return
+        self._generation += 1  # a generator still open stops at its next step
+        if self._request is not None:
+            self._end_request(self._request)
+        self._closed = True
+        if self.experts is not None and hasattr(self.experts, "close"):
+            self.experts.close()
+        self.model = None
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     # ---- housekeeping --------------------------------------------------------------------
 

@@ -114,12 +114,12 @@ def _run(
 
     if hasattr(sys.stdout, "reconfigure"):
         sys.stdout.reconfigure(errors="replace")
-    session = _load_with_spinner(engine, model, verbose, load_kwargs)
-    try:
-        return _stream(session, prompt, raw, system, sampling, verbose)
-    except BrokenPipeError:
-        sys.stdout = None  # the reader went away (e.g. `| head`): not an error, nothing more to flush
-        return 0
+    with _load_with_spinner(engine, model, verbose, load_kwargs) as session:
+        try:
+            return _stream(session, prompt, raw, system, sampling, verbose)
+        except BrokenPipeError:
+            sys.stdout = None  # the reader went away (e.g. `| head`): not an error, nothing more to flush
+            return 0
 
 
 def register(app: typer.Typer) -> None:

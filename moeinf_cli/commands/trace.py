@@ -80,9 +80,10 @@ def register(app: typer.Typer) -> None:
         session = engine.load(model, device=device, expert_budget=expert_budget)
         recorder = getattr(session, "recorder", None)
         if recorder is None:
+            session.close()
             raise MoeinfError(f"{model} has no routed experts (a dense model); there is nothing to trace")
         tokens = 0
-        with Progress(
+        with session, Progress(
             TextColumn("[bold]tracing[/bold] {task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
