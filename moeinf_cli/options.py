@@ -25,10 +25,11 @@ from typing import Annotated, Any
 import typer
 
 from engine.policy import registry as _policies
+from engine.store.dtypes import CHOICES as DTYPE_CHOICES
 
 # How a size or share of memory is written, for every command that takes a budget.
 BUDGET_FORMS = "a share of all experts (25%), a size (2GB, 1.5GiB), 100% (all resident) or auto"
-DTYPE_FORMS = "bf16, fp16 or fp32 (or bfloat16, float16, float32)"
+DTYPE_FORMS = DTYPE_CHOICES  # the spellings engine.store.dtypes accepts
 POLICY_NAMES = _policies.policy_choices()  # from the registry: "lru, lfu or eam"
 ALL_POLICIES = ",".join(_policies.POLICY_NAMES)
 DEFAULT_POLICY = _policies.DEFAULT_POLICY
