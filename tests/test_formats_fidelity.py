@@ -29,7 +29,7 @@ from engine.formats.tensor import QuantTensor
 from engine.model.experts import load_expert
 from engine.model.loader import load_model
 from engine.store.gguf import gguf_to_checkpoint
-from engine.store.paths import expert_shard_path
+from engine.store.opened import as_store_model
 from engine.store.pull import pull_model
 
 LOGIT_BOUND = 1e-4
@@ -101,7 +101,7 @@ def test_quantised_gguf_model_matches_transformers(tmp_path, monkeypatch, fmt, s
     m = pulled.manifest
     assert m["formats"]["experts"] == dict.fromkeys(("gate_proj.weight", "up_proj.weight", "down_proj.weight"), fmt)
     assert m["formats"]["dense"]["model.layers.0.self_attn.q_proj.weight"] == fmt
-    weights, stored = load_expert(expert_shard_path(pulled.path, 0, 0), torch.float32, torch.device("cpu"))
+    weights, stored = load_expert(as_store_model(pulled.path), 0, 0, torch.float32, torch.device("cpu"))
     assert isinstance(weights.gate, QuantTensor) and weights.gate.format.name == fmt
     per_weight = 8 * stored / (3 * hidden * inter)
     assert per_weight == weights.gate.format.bits_per_weight  # the expert is stored at the format's bits

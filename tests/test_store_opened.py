@@ -155,3 +155,31 @@ def test_one_dtype_table():
     assert dtypes.config_dtype({"torch_dtype": "float16"}) == torch.float16
     assert dtypes.config_dtype({"dtype": "bfloat16", "torch_dtype": "float32"}) == torch.bfloat16
     assert dtypes.config_dtype({}) is None
+
+
+@pytest.mark.parametrize("budget", [None, "100%", "50%"])
+@pytest.mark.parametrize("damage", ["flipped_header", "deleted", "truncated"])
+def test_damaged_expert_shard_is_one_error_in_every_budget_mode(synth, tmp_path, budget, damage):
+    import shutil
+
+    import engine
+
+    root = tmp_path / "copy"
+    shutil.copytree(synth, root)
+    shard = root / "experts" / "L1" / "E3.safetensors"
+    data = bytearray(shard.read_bytes())
+    if damage == "flipped_header":
+        data[9] ^= 0x40  # inside the JSON header
+        shard.write_bytes(bytes(data))
+    elif damage == "truncated":
+        shard.write_bytes(bytes(data[: len(data) - 100]))
+    else:
+        shard.unlink()
+    with pytest.raises(MoeinfError) as err:
+        with engine.load(str(root), expert_budget=budget, policy=None if budget in (None, "100%") else "lru",
+                         ctx=256) as s:
+            prompt = " ".join(f"w{i}" for i in range(40))  # a prefill this long routes to every expert
+            for _ in s.generate(prompt, raw=True, num_predict=1, temperature=0):
+                pass
+    msg = str(err.value)
+    assert "\n" not in msg and str(shard) in msg and "pull" in msg

@@ -93,7 +93,7 @@ def open_experts(
     if resolved.bytes is None:
         if verbose:
             print(f"expert budget: {resolved.note}", file=sys.stderr)
-        return ResidentExperts(model.expert_path, dtype, device, recorder=recorder, stats=stats)
+        return ResidentExperts(model, dtype, device, recorder=recorder, stats=stats)
 
     transfer = make_transfer(ex_layout, device, direct=direct)
     capacity = resolved.bytes // transfer.slot_bytes

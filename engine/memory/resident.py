@@ -1,29 +1,31 @@
 """The all-resident expert source (no budget): every expert converted to the compute dtype on first use
-and kept. Same behaviour as ``engine.model.experts.MappedExperts``, plus counters and the recorder."""
+and kept. Same behaviour as ``engine.model.experts.MappedExperts``, plus counters and the recorder.
+Shards are read through the opened model (``StoreModel.read_expert``): a damaged or missing shard is
+the same one-line error as with a budget."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Sequence
 from threading import Lock
 
 import torch
 
 from engine.memory.stats import CacheStats
 from engine.model.experts import ExpertWeights, load_expert
+from engine.store.opened import StoreModel
 
 
 class ResidentExperts:
     def __init__(
         self,
-        shard_path: Callable[[int, int], Path],
+        store: StoreModel,
         dtype: torch.dtype,
         device: torch.device,
         recorder=None,
         stats: CacheStats | None = None,
     ):
-        self._path = shard_path
+        self.store = store
         self.dtype = dtype
         self.device = device
         self.recorder = recorder
@@ -48,20 +50,7 @@ class ResidentExperts:
             self.recorder.on_route(layer, topk_ids)
 
     def _load(self, layer: int, expert: int) -> tuple[ExpertWeights, int]:
-        from safetensors import SafetensorError
-
-        from engine.errors import MoeinfError
-
-        path = self._path(layer, expert)
-        try:
-            return load_expert(path, self.dtype, self.device)
-        except (SafetensorError, OSError, ValueError) as err:
-            why = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-            model = path.parent.parent.parent.name
-            raise MoeinfError(
-                f"expert shard {path} is damaged ({why}); `moeinf verify {model}` names every bad file, "
-                f"`moeinf rm {model}` and pull it again to repair"
-            ) from None
+        return load_expert(self.store, layer, expert, self.dtype, self.device)
 
     def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
         if self._closed:

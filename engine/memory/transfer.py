@@ -154,13 +154,17 @@ class Transfer(ABC):
         self._headers.clear()
         self._local = threading.local()
 
-    def _header(self, path: Path, buf: memoryview | bytes) -> SafetensorsHeader:
+    def _header(self, path: Path, buf: memoryview | bytes, size: int) -> SafetensorsHeader:
+        """The parsed header of the shard just read (``size`` bytes into ``buf``), checked against the
+        layout and the file size (a truncated shard is an error, not garbage weights)."""
         key = str(path)
         h = self._headers.get(key)
         if h is None:
             h = parse_header(buf, path, hint=STORE_HINT)
             self.layout.check(h, path)
             self._headers[key] = h
+        if h.data_end > size:
+            raise MoeinfError(f"expert shard {path} is truncated; {STORE_HINT}")
         return h
 
 
@@ -194,7 +198,7 @@ class DirectTransfer(Transfer):
     def load(self, slot: Slot, path: Path) -> int:
         assert slot.raw is not None and slot.raw_t is not None
         size = self.reader.read_into(path, slot.raw)
-        header = self._header(path, slot.raw)
+        header = self._header(path, slot.raw, size)
         views = {}
         for name, t in header.tensors.items():
             views[name] = slot.raw_t[t.start : t.end].view(t.torch_dtype).view(t.stored_shape)
@@ -245,7 +249,7 @@ class ConvertTransfer(Transfer):
     def load(self, slot: Slot, path: Path) -> int:
         mv, t = self._staging()
         size = self.reader.read_into(path, mv)
-        header = self._header(path, mv)
+        header = self._header(path, mv, size)
         for name, e in header.tensors.items():
             slot.tensors[name].copy_(t[e.start : e.end].view(e.torch_dtype).view(e.stored_shape))
         return size
@@ -310,7 +314,7 @@ class CudaTransfer(Transfer):
         st["next"] ^= 1
         done.synchronize()  # the previous copy out of this staging buffer has finished
         mapped = self._mapped(path)
-        header = self._header(path, memoryview(mapped.numpy()[: 8 + 100_000]))
+        header = self._header(path, memoryview(mapped.numpy()[: 8 + 100_000]), mapped.numel())
         for name, e in header.tensors.items():
             views[name].copy_(mapped[e.start : e.end].view(e.torch_dtype).view(e.stored_shape))
         stream = st["stream"]

@@ -19,12 +19,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
 from engine.formats import storage
 from engine.formats.tensor import QuantTensor
+
+if TYPE_CHECKING:
+    from engine.store.opened import StoreModel
 
 Weight = torch.Tensor | QuantTensor
 
@@ -52,23 +55,24 @@ class ExpertWeights:
         )
 
 
-def load_expert(path: Path, dtype: torch.dtype, device: torch.device) -> tuple[ExpertWeights, int]:
-    """One expert shard as stored: float tensors in ``dtype``, block-quantised ones kept as they are
-    (no upcast) on ``device``; and the shard's tensor bytes as stored."""
-    from safetensors import safe_open
-
+def load_expert(
+    store: StoreModel, layer: int, expert: int, dtype: torch.dtype, device: torch.device
+) -> tuple[ExpertWeights, int]:
+    """One expert shard of the opened model as stored (read by ``StoreModel.read_expert``, so a damaged
+    shard is a one-line error): float tensors in ``dtype``, block-quantised ones kept as they are (no
+    upcast) on ``device``; and the shard's tensor bytes as stored."""
+    raw = store.read_expert(layer, expert)
+    kept = {n: (t.format, t.shape) for n, t in store.expert_tensors.items() if t.quantised}
     out: dict[str, Weight] = {}
     size = 0
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        kept = storage.read_formats(f.metadata())
-        for name in f.keys():
-            t = storage.as_stored(name, f.get_tensor(name), kept)
-            if isinstance(t, QuantTensor):
-                size += t.nbytes
-                out[name] = t.to(device)
-            else:
-                size += t.numel() * t.element_size()
-                out[name] = t.to(device=device, dtype=dtype)
+    for name, r in raw.items():
+        t = storage.as_stored(name, r, kept)
+        if isinstance(t, QuantTensor):
+            size += t.nbytes
+            out[name] = t.to(device)
+        else:
+            size += t.numel() * t.element_size()
+            out[name] = t.to(device=device, dtype=dtype)
     return ExpertWeights.from_tensors(out), size
 
 
@@ -110,16 +114,16 @@ class ExpertLifecycle(Protocol):
 class MappedExperts:
     """All-resident expert source: every shard memory-mapped, converted to dtype/device on first use."""
 
-    def __init__(self, model_root: Path, dtype: torch.dtype, device: torch.device | str = "cpu"):
-        from engine.store.paths import expert_shard_path
+    def __init__(self, store: StoreModel | Path | str, dtype: torch.dtype, device: torch.device | str = "cpu"):
+        from engine.store.opened import as_store_model
 
-        self._path = lambda layer, expert: expert_shard_path(model_root, layer, expert)
+        self.store = as_store_model(store)
         self.dtype = dtype
         self.device = torch.device(device)
         self._cache: dict[tuple[int, int], ExpertWeights] = {}
 
     def _load(self, layer: int, expert: int) -> ExpertWeights:
-        return load_expert(self._path(layer, expert), self.dtype, self.device)[0]
+        return load_expert(self.store, layer, expert, self.dtype, self.device)[0]
 
     def begin_sequence(self) -> None:
         """A request starts (nothing to decide: every expert stays once loaded)."""

@@ -89,7 +89,7 @@ def load_model(
     family = get_family(model_type)
     args = ModelArgs.from_family(family, store.config)
     if experts is None:
-        experts = MappedExperts(model_root, dtype, device)
+        experts = MappedExperts(store, dtype, device)
     with torch.device("meta"):
         model = family.build(args, experts)
     state = _read_dense(store, family, dtype, device)

@@ -26,6 +26,7 @@ Example::
 from __future__ import annotations
 
 import inspect
+import math
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -326,19 +327,13 @@ class Session:
         self._tokens = []
 
     def parameter_count(self) -> int:
-        """Parameters of the model: the resident ones plus every routed expert's three matrices."""
+        """Parameters of the model: the resident ones plus every routed expert's tensors."""
         dense = sum(p.numel() for p in self.model.parameters()) if hasattr(self.model, "parameters") else 0
-        routed = 0
-        if self.config.get("model_type"):
-            from engine.store.families import moe_layout
-
-            try:
-                layout = moe_layout(self.config)
-            except (MoeinfError, KeyError, TypeError, ValueError):
-                return dense
-            routed = (len(layout.moe_layers) * layout.num_experts * 3 * layout.hidden_size
-                      * layout.expert_intermediate_size)
-        return dense + routed
+        store = self.store
+        if store is None or not store.is_moe:
+            return dense
+        per_expert = sum(math.prod(t.shape) for t in store.expert_tensors.values())
+        return dense + len(store.layout.moe_layers) * store.layout.num_experts * per_expert
 
     def info(self) -> dict[str, Any]:
         """What is loaded: name, path, family, device, dtype, ctx, vocabulary, expert source, cache use."""

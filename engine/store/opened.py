@@ -14,6 +14,7 @@ nothing reads config.json or a safetensors header a second time.
 from __future__ import annotations
 
 import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from engine.errors import MoeinfError
 from engine.store.config import read_config
 from engine.store.dtypes import config_dtype, lookup
 from engine.store.families import MoELayout, moe_layout
-from engine.store.header import SafetensorsHeader, TensorInfo, read_header
+from engine.store.header import SafetensorsHeader, TensorInfo, parse_header, read_header
 from engine.store.manifest import MANIFEST, read_manifest, resolve_model
 from engine.store.paths import expert_shard_path
 
@@ -118,6 +119,30 @@ class StoreModel:
     def expert_file_bytes(self) -> int:
         """Size of one expert shard file."""
         return self.expert_path(self.layout.moe_layers[0], 0).stat().st_size
+
+    def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
+        """The tensors of one expert shard on the CPU, in their stored dtype (views of one buffer read
+        whole). A missing, truncated or damaged shard, or one whose tensors differ from the model's
+        other experts, is a MoeinfError."""
+        path = self.expert_path(layer, expert)
+        try:
+            with open(path, "rb", buffering=0) as f:
+                buf = bytearray(os.fstat(f.fileno()).st_size)
+                got = f.readinto(buf)
+        except FileNotFoundError:
+            raise MoeinfError(f"missing expert shard {path}: the model is incomplete; {HINT}") from None
+        except OSError as e:
+            raise MoeinfError(f"cannot read expert shard {path} ({e.strerror or e}); {HINT}") from None
+        header = parse_header(buf, path, hint=HINT)
+        if got < len(buf) or header.data_end > len(buf):
+            raise MoeinfError(f"expert shard {path} is truncated; {HINT}")
+        mine = {k: (t.dtype, t.stored_shape) for k, t in header.tensors.items()}
+        if mine != {k: (t.dtype, t.stored_shape) for k, t in self.expert_tensors.items()}:
+            raise MoeinfError(f"expert shard {path} does not match the model's other experts; {HINT}")
+        whole = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
+        return {
+            k: whole[t.start : t.end].view(t.torch_dtype).view(t.stored_shape) for k, t in header.tensors.items()
+        }
 
     def dense_bytes(self, dtype: torch.dtype) -> int:
         """Bytes of the dense weights once loaded with float tensors in ``dtype``."""
