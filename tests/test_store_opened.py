@@ -76,7 +76,7 @@ def test_format_and_logical_shape_from_metadata(tmp_path):
     save_file(
         {"w": torch.zeros(72, dtype=torch.uint8), "b": torch.ones(4)},
         str(path),
-        metadata={"format.w": "q4_0", "shape.w": "[4, 32]"},
+        metadata={"moeinf.formats": json.dumps({"w": {"format": "q4_0", "shape": [4, 32]}})},
     )
     h = read_header(path)
     assert h.tensors["w"].format == "q4_0" and h.tensors["w"].shape == (4, 32)
@@ -176,8 +176,9 @@ def test_damaged_expert_shard_is_one_error_in_every_budget_mode(synth, tmp_path,
     else:
         shard.unlink()
     with pytest.raises(MoeinfError) as err:
-        with engine.load(str(root), expert_budget=budget, policy=None if budget in (None, "100%") else "lru",
-                         ctx=256) as s:
+        with engine.load(
+            str(root), expert_budget=budget, policy=None if budget in (None, "100%") else "lru", ctx=256
+        ) as s:
             prompt = " ".join(f"w{i}" for i in range(40))  # a prefill this long routes to every expert
             for _ in s.generate(prompt, raw=True, num_predict=1, temperature=0):
                 pass
