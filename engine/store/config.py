@@ -21,7 +21,7 @@ def read_config(directory: str | Path, hint: str = "pull the model again") -> di
     try:
         text = path.read_bytes().decode("utf-8")
     except FileNotFoundError:
-        raise MoeinfError(f"{path} is missing; {hint}") from None
+        raise MoeinfError(f"no {CONFIG}: {path} is missing; {hint}") from None
     except UnicodeDecodeError:
         raise MoeinfError(f"{path} is not UTF-8 text; {hint}") from None
     except OSError as e:
