@@ -135,7 +135,7 @@ def test_bench_memory_stays_within_one_budget_of_the_first_configuration():
     samples: list[int] = []
 
     def progress(msg: str) -> None:
-        if msg.startswith("budget"):
+        if "policy" in msg:  # "batch 1, budget 50%, policy lru: 2 runs ..."
             samples.append(rss())
 
     doc = bench_main(
