@@ -133,7 +133,7 @@ def test_malformed_config_field_is_a_one_line_error(synth, tmp_path):
     shutil.copytree(synth, root)
     config = json.loads((root / "config.json").read_text())
     (root / "config.json").write_text(json.dumps({**config, "num_hidden_layers": "many"}))
-    with pytest.raises(MoeinfError, match="config.json is incomplete or malformed"):
+    with pytest.raises(MoeinfError, match="config.json.*num_hidden_layers"):
         _ = StoreModel.from_dir(root).layout
 
 
