@@ -17,7 +17,7 @@ from engine import __version__
 from engine.errors import MoeinfError
 from moeinf_cli.plain_help import App
 
-COMMAND_MODULES = ("pull", "models", "run", "chat", "serve", "export", "trace", "bench")
+COMMAND_MODULES = ("pull", "models", "run", "chat", "serve", "export", "trace", "bench", "predict")
 
 app = App(
     name="moeinf",

@@ -14,7 +14,7 @@ Point ``HF_ENDPOINT`` at ``server.url`` and the real client (``snapshot_download
 
 Errors carry ``X-Error-Code`` as the hub's do: unknown repo 404 ``RepoNotFound``, gated repo 401
 ``GatedRepo`` without a token and 403 with a wrong one, unknown revision 404 ``RevisionNotFound``,
-missing file 404 ``EntryNotFound``. Every request is logged in ``server.requests``.
+missing file 404 ``EntryNotFound``. Every request is logged in ``server.requests``, the bytes sent of each file in ``server.served``.
 
 Run it by hand: ``python tests/hub_server.py org/name=/path/to/checkpoint`` (prints the URL).
 """
@@ -66,6 +66,7 @@ class HubServer:
     def __init__(self, repos: dict[str, Repo]):
         self.repos = repos
         self.requests: list[tuple[str, str]] = []
+        self.served: list[tuple[str, int]] = []  # (file, bytes of it sent) for every GET of a file
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -200,7 +201,10 @@ class HubServer:
                 start = int(m.group(1))
                 end = int(m.group(2)) if m.group(2) else len(data) - 1
                 headers["Content-Range"] = f"bytes {start}-{end}/{len(data)}"
+                self.served.append((rel, len(data[start : end + 1])))
                 return self._send(h, 206, data[start : end + 1], headers, content_type="application/octet-stream")
+        if not head:
+            self.served.append((rel, len(data)))
         self._send(h, 200, data, headers, head=head, content_type="application/octet-stream")
 
     def downloaded(self) -> list[str]:

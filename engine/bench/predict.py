@@ -1,0 +1,224 @@
+"""``moeinf predict``: will a model fit on this machine with an expert budget, and how fast will it run.
+
+Inputs: the model's shape from its headers (``engine.bench.shape``), the machine profile
+(``engine.bench.machine``) and the routing model (``engine.bench.routing``). The time model is the
+one ``moeinf bench --profile`` checks (``engine.bench.probe``): a decode step costs its compute plus
+the demand loads it waits for.
+
+* compute: the weight bytes a step multiplies by (dense + the experts it routes to) over the
+  device's measured decode rate for their format, or its flops over the prefill rate, the larger;
+* loads: per MoE layer, the distinct experts the step routes to (``top_k`` for one token; for a
+  batch of N, ``E (1 - (1 - k/E)^N)``) times the miss rate, each costing the read latency plus its
+  bytes over the O_DIRECT bandwidth at that request size (on a GPU, the slower of that and the
+  host-to-device copy);
+* speeds are given even when the model does not fit (as if the memory were there), except with a
+  budget below one layer's experts;
+* band: the hit rate's band, the disk's spread over the probe's passes, and +-15% for the compute
+  estimate (measured on a probe-sized product, not the model's own).
+
+Fit: dense weights + the expert cache (the budget, or every expert when it holds them all) + the KV
+cache for ``ctx`` tokens of each of ``batch`` sequences + a margin (as ``--expert-budget auto``),
+against the memory available now (RAM, or with a GPU its memory).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from engine.bench.machine import MachineProfile
+from engine.bench.routing import HitEstimate, estimate, own_traces
+from engine.bench.shape import ModelShape, kv_bytes_per_token
+from engine.errors import MoeinfError
+
+SCHEMA = "moeinf-predict/1"
+PREFILL_TOKENS = 512
+COMPUTE_BAND = 0.15
+MARGIN_MIN = 512 << 20
+MARGIN_SHARE = 0.05
+
+
+@dataclass(frozen=True)
+class Request:
+    budget: str = "auto"
+    device: str = "cpu"
+    batch: int = 1
+    ctx: int = 4096
+    fmt: str | None = None  # the experts' tensor format (default: as the checkpoint stores them)
+    policy: str | None = None
+    available: int | None = None  # bytes free to assume (default: what the OS says now)
+
+
+def _format_of(shape: ModelShape, fmt: str | None) -> tuple[ModelShape, str]:
+    from engine.formats import FORMATS
+
+    if fmt is not None:
+        f = FORMATS.get(fmt.lower())
+        if f is None:
+            raise MoeinfError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+        return shape.with_expert_format(f.bits_per_weight), f.name
+    bits = 8 * shape.expert_bytes / max(1, shape.expert_params)
+    nearest = min(FORMATS.values(), key=lambda f: abs(f.bits_per_weight - bits))
+    return shape, nearest.name
+
+
+def _rate(table: dict[str, float], name: str) -> float:
+    if name in table:
+        return table[name]
+    return min(table.values())  # a format the probe did not measure: the slowest measured
+
+
+def _distinct(num_experts: int, top_k: int, tokens: int) -> float:
+    return num_experts * (1 - (1 - top_k / num_experts) ** tokens)
+
+
+def predict(shape: ModelShape, profile: MachineProfile, req: Request) -> dict:
+    import torch
+
+    from engine.memory.budget import fmt_bytes, mem_available, parse_budget, resolve_budget
+    from engine.policy.registry import DEFAULT_POLICY, policy_class
+
+    if req.batch < 1:
+        raise MoeinfError(f"--batch must be at least 1 (got {req.batch})")
+    if req.ctx < 1:
+        raise MoeinfError(f"--ctx must be at least 1 token (got {req.ctx})")
+    policy = req.policy or DEFAULT_POLICY
+    policy_class(policy)
+    dev = "cuda" if req.device.startswith("cuda") else "cpu" if req.device in ("cpu", "auto") else None
+    if req.device == "auto" and "cuda" in profile.devices:
+        dev = "cuda"
+    if dev is None:
+        raise MoeinfError(f"unknown device {req.device!r}; use cpu, cuda, cuda:N or auto")
+    if dev not in profile.devices:
+        raise MoeinfError("--device cuda, but this machine has no CUDA GPU; use --device cpu")
+    rates = profile.devices[dev]
+    shape, fmt = _format_of(shape, req.fmt)
+    dense_fmt = "bf16" if shape.dense_bytes <= 2.2 * max(1, shape.dense_params) else "f32"
+
+    spec = parse_budget(req.budget)
+    total = shape.expert_bytes_total
+    kv_tok = kv_bytes_per_token(shape.config) * req.batch
+    kv = kv_tok * req.ctx
+    available = req.available if req.available is not None else mem_available(torch.device(dev))
+    margin = max(MARGIN_MIN, int(MARGIN_SHARE * available))
+    resolved = resolve_budget(spec, total, torch.device(dev), shape.dense_bytes, kv, available)
+    budget = total if resolved.bytes is None else min(total, resolved.bytes)
+    slots = shape.experts_total if budget >= total else budget // max(1, shape.expert_bytes)
+    cache_bytes = slots * shape.expert_bytes
+    fraction = slots / shape.experts_total
+    need = shape.dense_bytes + cache_bytes + kv + margin
+    headroom = available - need
+    where = "GPU memory" if dev == "cuda" else "RAM"
+    reasons = []
+    if slots < shape.top_k:
+        reasons.append(
+            f"the budget holds {slots} experts ({fmt_bytes(budget)}), below the {shape.top_k} one layer "
+            f"uses at once ({fmt_bytes(shape.top_k * shape.expert_bytes)})"
+        )
+    if shape.dense_bytes + margin > available:
+        reasons.append(
+            f"the dense weights alone ({fmt_bytes(shape.dense_bytes)}) exceed the {fmt_bytes(available)} "
+            f"of {where} available"
+        )
+    elif shape.dense_bytes + cache_bytes + margin > available:
+        reasons.append(
+            f"dense weights + expert budget ({fmt_bytes(shape.dense_bytes + cache_bytes)}) exceed the "
+            f"{fmt_bytes(available)} of {where} available"
+        )
+    elif headroom < 0:
+        reasons.append(
+            f"the KV cache for {req.ctx} tokens ({fmt_bytes(kv)}) does not fit: {fmt_bytes(-headroom)} short"
+        )
+    max_ctx = max(0, (available - shape.dense_bytes - cache_bytes - margin) // max(1, kv_tok))
+
+    trace = own_traces(shape.store_name, shape.moe_layers, shape.num_experts) if shape.store_name else None
+    hit = (
+        estimate(fraction, policy, shape.num_experts, trace)
+        if slots >= shape.top_k
+        else HitEstimate(0.0, 0.0, 0.0, "no valid cache")
+    )
+
+    dec_dense = _rate(rates.decode_bps, dense_fmt)
+    dec_expert = _rate(rates.decode_bps, fmt)
+    flops = _rate(rates.prefill_flops, fmt)
+    latency = profile.read_latency_s
+    bw = profile.disk_bps(shape.expert_bytes)
+    if dev == "cuda" and rates.h2d_bps:
+        bw = min(bw, rates.h2d_bps)
+
+    def step_s(tokens: int, miss: float, bw_: float) -> tuple[float, float]:
+        per_layer = min(_distinct(shape.num_experts, shape.top_k, tokens), shape.num_experts)
+        weight_s = (
+            shape.dense_bytes / dec_dense + shape.moe_layers * per_layer * shape.expert_bytes / dec_expert
+        )
+        compute = max(weight_s, 2 * tokens * shape.active_params / flops)
+        loads = shape.moe_layers * per_layer * miss
+        return compute, loads * (latency + shape.expert_bytes / bw_)
+
+    def rate(tokens: int, h: float, bw_: float, compute_scale: float) -> float:
+        c, io = step_s(tokens, 1 - h, bw_)
+        return tokens / (c * compute_scale + io)
+
+    spread = profile.read_spread
+    decode = rate(1, hit.hit, bw, 1.0)
+    decode_low = rate(1, hit.low, bw * (1 - spread), 1 + COMPUTE_BAND)
+    decode_high = rate(1, hit.high, bw * (1 + spread), 1 - COMPUTE_BAND)
+    c_batch, io_batch = step_s(req.batch, 1 - hit.hit, bw)
+    # prefill: the prompt's tokens in one pass; each MoE layer loads the experts it routes to that are not resident
+    c_pre = 2 * PREFILL_TOKENS * shape.active_params / flops
+    c_pre = max(c_pre, shape.dense_bytes / dec_dense + shape.expert_bytes_total / dec_expert * fraction)
+    touched = shape.moe_layers * _distinct(shape.num_experts, shape.top_k, PREFILL_TOKENS)
+    io_pre = touched * (1 - fraction) * (latency + shape.expert_bytes / bw)
+    big_bw = profile.disk_bps(16 << 20)
+    cold = shape.dense_bytes / big_bw + cache_bytes / bw + slots * latency / 2
+
+    fits = not reasons
+    runs = slots >= shape.top_k  # speeds are forecast whenever the cache can hold one layer's experts
+    return {
+        "schema": SCHEMA,
+        "model": shape.name,
+        "source": shape.source,
+        "family": shape.family,
+        "device": dev,
+        "format": fmt,
+        "policy": policy,
+        "batch": req.batch,
+        "ctx": req.ctx,
+        "fits": fits,
+        "reasons": reasons,
+        "memory": {
+            "available_bytes": int(available),
+            "dense_bytes": int(shape.dense_bytes),
+            "expert_budget_bytes": int(cache_bytes),
+            "kv_bytes": int(kv),
+            "margin_bytes": int(margin),
+            "budget_note": resolved.note,
+            "headroom_bytes": int(headroom),
+            "where": where,
+            "ram_bytes": int(profile.ram_bytes),
+        },
+        "experts": {
+            "total": shape.experts_total,
+            "bytes_each": int(shape.expert_bytes),
+            "slots": int(slots),
+            "resident_fraction": fraction,
+        },
+        "hit_rate": {"expected": hit.hit, "low": hit.low, "high": hit.high, "source": hit.source},
+        "decode_tps": decode if runs else None,
+        "decode_tps_band": [decode_low, decode_high] if runs else None,
+        "decode_ms_per_token": {
+            "compute": 1e3 * step_s(1, 0, bw)[0],
+            "loads": 1e3 * step_s(1, 1 - hit.hit, bw)[1],
+        },
+        "prefill_tps": PREFILL_TOKENS / (c_pre + io_pre) if runs else None,
+        "prefill_tokens": PREFILL_TOKENS,
+        "batch_tps": req.batch / (c_batch + io_batch) if runs else None,
+        "cold_start_s": cold,
+        "max_ctx": int(max_ctx),
+        "machine": {
+            "io": profile.io,
+            "disk_gbps": bw / 1e9,
+            "read_latency_ms": 1e3 * latency,
+            "decode_gbps": dec_expert / 1e9,
+            "prefill_gflops": flops / 1e9,
+        },
+    }
