@@ -21,6 +21,7 @@ from pathlib import Path
 
 from engine.errors import MoeinfError
 from engine.store.families import moe_layout
+from engine.store.header import SafetensorsHeader, parse_header, read_header
 
 Tensors = dict[str, tuple[int, int]]  # name -> (bytes, elements)
 
@@ -136,16 +137,14 @@ def shape_from(
     )
 
 
-def _header_tensors(header: dict) -> Tensors:
+def _header_tensors(header: SafetensorsHeader) -> Tensors:
+    """name -> (bytes as stored, weights of the logical shape) of a parsed header."""
     out: Tensors = {}
-    for k, v in header.items():
-        if k == "__metadata__":
-            continue
-        start, end = v["data_offsets"]
+    for name, t in header.tensors.items():
         n = 1
-        for d in v["shape"]:
+        for d in t.shape:
             n *= int(d)
-        out[k] = (int(end) - int(start), n)
+        out[name] = (t.nbytes, n)
     return out
 
 
@@ -158,32 +157,30 @@ def _read_json(path: Path) -> dict:
 
 def _local(path: Path) -> ModelShape:
     from engine.store.hub import shard_names
-    from engine.store.shards import read_header
 
     config = _read_json(path / "config.json")
     tensors: Tensors = {}
     for shard in shard_names(path):
         try:
-            tensors.update(_header_tensors(read_header(path / shard)[1]))
-        except (OSError, ValueError) as e:
+            tensors.update(_header_tensors(read_header(path / shard, hint="the checkpoint is incomplete")))
+        except OSError as e:
             raise MoeinfError(f"{path / shard} is unreadable ({e}); the checkpoint is incomplete") from None
     return shape_from(path.name, "local", config, tensors)
 
 
 def _store(root: Path) -> ModelShape:
     from engine.store.paths import expert_shard_path
-    from engine.store.shards import read_header
 
     config = _read_json(root / "config.json")
     dense: Tensors = {}
     for f in sorted((root / "dense").glob("*.safetensors")):
-        dense.update(_header_tensors(read_header(f)[1]))
+        dense.update(_header_tensors(read_header(f)))
     layout = moe_layout(config)
     expert_bytes = None
     if layout.is_moe:
         ref = expert_shard_path(root, layout.moe_layers[0], 0)
         if ref.is_file():
-            expert_bytes = sum(b for b, _ in _header_tensors(read_header(ref)[1]).values())
+            expert_bytes = sum(b for b, _ in _header_tensors(read_header(ref)).values())
     shape = shape_from(
         root.name,
         "store",
@@ -215,7 +212,7 @@ def _ranged(url: str, start: int, end: int) -> bytes:
     return r.content[: end - start + 1] if r.status_code == 206 else r.content[start : end + 1]
 
 
-def remote_header(repo: str, filename: str, revision: str | None = None) -> dict:
+def remote_header(repo: str, filename: str, revision: str | None = None) -> SafetensorsHeader:
     """The safetensors header of ``filename`` in ``repo``: two ranged reads, no tensor data."""
     from huggingface_hub import hf_hub_url
 
@@ -223,7 +220,8 @@ def remote_header(repo: str, filename: str, revision: str | None = None) -> dict
     (n,) = struct.unpack("<Q", _ranged(url, 0, 7))
     if not 0 < n < 100 << 20:
         raise MoeinfError(f"{repo}/{filename} does not start with a safetensors header")
-    return json.loads(_ranged(url, 8, 8 + n - 1))
+    hint = "the repo's checkpoint is damaged; try another revision"
+    return parse_header(struct.pack("<Q", n) + _ranged(url, 8, 8 + n - 1), f"{repo}/{filename}", hint)
 
 
 def _hub(repo: str, revision: str | None = None) -> ModelShape:
