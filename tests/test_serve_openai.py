@@ -267,7 +267,8 @@ def test_api_key_and_a_full_queue(store):
         with httpx.stream(
             "POST", server.url + "/v1/chat/completions", json=body, headers=headers, timeout=60
         ) as response:
-            next(response.iter_lines())
+            lines = response.iter_lines()  # kept: a dropped iterator closes the connection
+            next(lines)
             with pytest.raises(openai.APIStatusError) as busy:
                 chat(good, max_tokens=2)
             assert busy.value.status_code == 503
@@ -344,3 +345,28 @@ def test_a_model_that_fails_to_load_stops_the_server(store):
     with pytest.raises(ApiError) as err:
         server.state.ready_session()
     assert err.value.status == 503 and "damaged" in err.value.message
+
+
+def test_the_queue_takes_turns_between_clients(srv, client):
+    long = {"model": "tiny", "messages": HI, "max_tokens": 100000, "temperature": 0, "stream": True}
+    done: list[str] = []
+
+    def ask(user: str, tag: str) -> None:
+        chat(client, max_tokens=2, user=user)
+        done.append(tag)
+
+    with httpx.stream("POST", srv.url + "/v1/chat/completions", json=long, timeout=60) as response:
+        lines = response.iter_lines()  # kept: a dropped iterator closes the connection
+        next(lines)  # the long one runs: the others wait
+        threads = []
+        for user, tag in (("alice", "a1"), ("alice", "a2"), ("alice", "a3"), ("bob", "b1")):
+            waiting = srv.state.scheduler.waiting
+            threads.append(threading.Thread(target=ask, args=(user, tag)))
+            threads[-1].start()
+            deadline = time.monotonic() + 30
+            while srv.state.scheduler.waiting == waiting and time.monotonic() < deadline:
+                time.sleep(0.01)
+            assert srv.state.scheduler.running == 1 and srv.state.scheduler.waiting == waiting + 1
+    for t in threads:
+        t.join(60)
+    assert done == ["a1", "b1", "a2", "a3"]  # bob's one request does not wait for all of alice's

@@ -54,14 +54,23 @@ def check_fits(session: Any, ids: list[int], param: str) -> list[int]:
     return ids
 
 
-def submit(state: ServeState, ids: list[int], sampling: dict[str, Any], reuse_prefix: bool = True) -> Job:
-    """Queue a generation; 400 for bad sampling values, 503 with Retry-After when the queue is full.
-    ``reuse_prefix`` False prefills the whole prompt even when the KV cache holds a prefix of it."""
+def client_of(request: Request, user: str | None = None) -> str:
+    """Who a request is from, for the queue's turns: OpenAI's ``user`` field when given, else the address."""
+    if user:
+        return f"user:{user}"
+    return f"host:{request.client.host}" if request.client else "host:?"
+
+
+def submit(
+    state: ServeState, ids: list[int], sampling: dict[str, Any], reuse_prefix: bool = True, client: str = ""
+) -> Job:
+    """Queue a generation for ``client``; 400 for bad sampling values, 503 with Retry-After when the queue
+    is full. ``reuse_prefix`` False prefills the whole prompt even when the KV cache holds a prefix of it."""
     try:
         SamplingParams.from_options(sampling)
     except MoeinfError as err:
         raise ApiError(400, str(err), "invalid_sampling") from None
-    job = Job(ids, sampling, asyncio.get_running_loop(), reuse_prefix)
+    job = Job(ids, sampling, asyncio.get_running_loop(), reuse_prefix, client)
     try:
         return state.scheduler.submit(job)
     except QueueFull as err:
@@ -90,7 +99,7 @@ async def pieces(
     metrics and to the access log (``request.state.usage``)."""
     watcher = asyncio.ensure_future(_disconnected(request)) if watch else None
     if watcher is not None:
-        watcher.add_done_callback(lambda _: job.cancel())
+        watcher.add_done_callback(lambda task: task.cancelled() or job.cancel())
     try:
         async for item in job.stream():
             yield item

@@ -29,7 +29,7 @@ from engine import __version__
 from engine.errors import MoeinfError
 from engine.runtime.sampling import SamplingParams
 from engine.serve.errors import ApiError, refuse_unsupported
-from engine.serve.generation import answer_events, collect_answer, prompt_ids, submit
+from engine.serve.generation import answer_events, client_of, collect_answer, prompt_ids, submit
 from engine.serve.state import ServeState
 from engine.serve.tools import ToolCall
 
@@ -265,7 +265,7 @@ def build_router(state: ServeState) -> APIRouter:
             }
         tools = req.tools or None
         ids = await prompt_ids(state, _messages(req), tools=tools)
-        job = submit(state, ids, sampling)
+        job = submit(state, ids, sampling, client=client_of(request))
         if not req.stream:
             text, calls, stats = await collect_answer(state, request, job, bool(tools))
             message: dict[str, Any] = {"role": "assistant", "content": text}
@@ -300,7 +300,7 @@ def build_router(state: ServeState) -> APIRouter:
         ids = await prompt_ids(
             state, prompt, raw=req.raw, system=None if req.raw else req.system, param="prompt"
         )
-        job = submit(state, ids, sampling)
+        job = submit(state, ids, sampling, client=client_of(request))
         if not req.stream:
             text, _, stats = await collect_answer(state, request, job, False)
             return {

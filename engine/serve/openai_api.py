@@ -23,7 +23,7 @@ from sse_starlette import EventSourceResponse
 
 from engine.errors import MoeinfError
 from engine.serve.errors import ApiError, refuse_unsupported
-from engine.serve.generation import answer_events, check_fits, collect_answer, prompt_ids, submit
+from engine.serve.generation import answer_events, check_fits, client_of, collect_answer, prompt_ids, submit
 from engine.serve.state import ServeState
 from engine.serve.tools import ToolCall, to_template_messages
 
@@ -227,7 +227,7 @@ def build_router(state: ServeState) -> APIRouter:
         sampling = req.sampling(max_tokens)
         tools = _chat_tools(req)
         ids = await prompt_ids(state, _chat_messages(req), tools=tools)
-        job = submit(state, ids, sampling, req.cache_prompt)
+        job = submit(state, ids, sampling, req.cache_prompt, client_of(request, req.user))
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         base = {
             "id": cid,
@@ -271,7 +271,7 @@ def build_router(state: ServeState) -> APIRouter:
                 prompt = prompt[0]
             ids = await prompt_ids(state, str(prompt), raw=True, param="prompt")
         sampling = req.sampling(16 if req.max_tokens is None else req.max_tokens)  # OpenAI's default: 16
-        job = submit(state, ids, sampling, req.cache_prompt)
+        job = submit(state, ids, sampling, req.cache_prompt, client_of(request, req.user))
         base = {
             "id": f"cmpl-{uuid.uuid4().hex}",
             "object": "text_completion",

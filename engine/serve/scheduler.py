@@ -1,9 +1,11 @@
-"""The one model worker: a bounded first-come-first-served queue of generations and the thread that runs them.
+"""The one model worker: a bounded, fair queue of generations and the thread that runs them.
 
 The session is not shared between threads: only the worker thread touches it. A request becomes a
-``Job`` (prompt token ids and sampling options), waits its turn in the queue (at most ``max_queue``
-wait; beyond that ``submit`` raises ``QueueFull``), then streams its pieces back to the event loop that
-submitted it. ``Job.cancel`` (a client that went away) takes a waiting job out of the queue, or stops a
+``Job`` (prompt token ids, sampling options and the client it came from), waits its turn in the queue
+(at most ``max_queue`` wait; beyond that ``submit`` raises ``QueueFull``). The queue is fair between
+clients: each client's requests run in the order they came, and the clients take turns (round
+robin), so one client sending many requests does not hold back another's single one. A running job
+streams its pieces back to the event loop that submitted it. ``Job.cancel`` (a client that went away) takes a waiting job out of the queue, or stops a
 running one before its next token; the session's KV cache stays consistent either way. Requests run
 one after another, so no request ever sees another's tokens; the session reuses the KV cache of the
 longest common token prefix with the previous request (a conversation resent with one more turn
@@ -17,7 +19,7 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from engine.errors import MoeinfError
@@ -41,10 +43,12 @@ class Job:
         sampling: dict[str, Any],
         loop: asyncio.AbstractEventLoop,
         reuse_prefix: bool = True,
+        client: str = "",
     ):
         self.ids = [int(t) for t in ids]
         self.sampling = dict(sampling)
         self.reuse_prefix = reuse_prefix  # False: prefill the whole prompt (the KV cache is cleared first)
+        self.client = client  # whose request: the queue takes turns between clients
         self.cancelled = threading.Event()
         self.submitted = time.perf_counter()
         self.started: float | None = None  # when the worker took it
@@ -83,6 +87,42 @@ class Job:
             yield item
 
 
+class FairQueue:
+    """Waiting jobs, one first-in-first-out line per client; ``popleft`` takes the clients in turn."""
+
+    def __init__(self) -> None:
+        self._lines: collections.OrderedDict[str, collections.deque[Job]] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return sum(len(line) for line in self._lines.values())
+
+    def __iter__(self) -> Iterator[Job]:
+        return (job for line in list(self._lines.values()) for job in list(line))
+
+    def append(self, job: Job) -> None:
+        self._lines.setdefault(job.client, collections.deque()).append(job)
+
+    def popleft(self) -> Job:
+        client, line = next(iter(self._lines.items()))
+        job = line.popleft()
+        del self._lines[client]
+        if line:  # the client's next job waits behind the other clients' first ones
+            self._lines[client] = line
+        return job
+
+    def remove(self, job: Job) -> bool:
+        line = self._lines.get(job.client)
+        if line is None or job not in line:
+            return False
+        line.remove(job)
+        if not line:
+            del self._lines[job.client]
+        return True
+
+    def clear(self) -> None:
+        self._lines.clear()
+
+
 class Scheduler:
     """Runs jobs on ``session`` one at a time, in arrival order, in its own thread."""
 
@@ -92,7 +132,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.session: Any = None
         self.cancelled_count = 0  # jobs cancelled while waiting or running
-        self._queue: collections.deque[Job] = collections.deque()
+        self._queue = FairQueue()
         self._cond = threading.Condition()
         self._running: Job | None = None
         self._stopping = False
@@ -110,7 +150,7 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            busy = self._running is not None or self._queue
+            busy = self._running is not None or len(self._queue) > 0
             if busy and len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{len(self._queue)} requests are waiting (--max-queue {self.max_queue})")
             job._scheduler = self
@@ -142,8 +182,7 @@ class Scheduler:
 
     def _discard(self, job: Job) -> None:
         with self._cond:
-            if job in self._queue:
-                self._queue.remove(job)
+            if self._queue.remove(job):
                 self.cancelled_count += 1
                 job._emit(_END)
 
@@ -152,7 +191,7 @@ class Scheduler:
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._stopping:
+                while not len(self._queue) and not self._stopping:
                     self._cond.wait()
                 if self._stopping:
                     return
