@@ -124,7 +124,7 @@ class FairQueue:
 
 
 class Scheduler:
-    """Runs jobs on ``session`` one at a time, in arrival order, in its own thread."""
+    """Runs jobs on ``session`` one at a time (clients in turn, each in order), in its own thread."""
 
     def __init__(self, max_queue: int):
         if max_queue < 0:

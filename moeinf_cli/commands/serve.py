@@ -10,7 +10,7 @@ from moeinf_cli.options import LOAD, Model, with_options
 
 HELP = """Serve a model over HTTP with the OpenAI and Ollama APIs.
 
-Listens on localhost unless --host says otherwise. The model loads in the background (GET /health answers 503 until it is ready). Requests run one after another in arrival order; at most --max-queue wait (more get 503 with Retry-After). With --api-key (or MOEINF_API_KEY) every route but /health needs `Authorization: Bearer KEY`. Ctrl+C or SIGTERM finishes the requests in flight, then exits.
+Listens on localhost unless --host says otherwise. The model loads in the background (GET /health answers 503 until it is ready). Requests run one after another, the clients taking turns; at most --max-queue wait (more get 503 with Retry-After). With --api-key (or MOEINF_API_KEY) every route but /health needs `Authorization: Bearer KEY`. Ctrl+C or SIGTERM finishes the requests in flight, then exits.
 
 \b
 Routes:
