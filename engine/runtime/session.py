@@ -202,6 +202,7 @@ class Session:
 
     def generate_ids(self, ids: Sequence[int], **sampling: Any) -> Iterator[str | GenerationStats]:
         """``generate`` for a prompt already turned into token ids (``prompt_ids``): the same stream."""
+        self._check_open()
         return self._start([int(t) for t in ids], SamplingParams.from_options(sampling))
 
     def _start(self, ids: list[int], params: SamplingParams) -> Iterator[str | GenerationStats]:

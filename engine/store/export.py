@@ -27,8 +27,7 @@ from safetensors import safe_open
 from engine.errors import MoeinfError
 from engine.store.convert import SpillingShardWriter
 from engine.store.families import Family, family_of
-from engine.store.manifest import read_manifest, resolve_model
-from engine.store.paths import expert_shard_path
+from engine.store.opened import StoreModel, open_model
 
 SHARD_BYTES = 4 << 30  # a new weights file after this many bytes (the hub's usual 4-5 GB)
 COPIED = (
@@ -56,15 +55,9 @@ def _dense(root: Path, family: Family, moe_layers: set[int]) -> Iterator[tuple[s
                 yield out, f.get_tensor(name)
 
 
-def _expert(root: Path, layer: int, expert: int) -> dict[str, torch.Tensor]:
-    path = expert_shard_path(root, layer, expert)
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            tensors = {name: f.get_tensor(name) for name in f.keys()}  # noqa: SIM118
-    except (OSError, ValueError) as err:
-        raise MoeinfError(
-            f"{path} is unreadable ({err}); run `moeinf verify` and pull the model again"
-        ) from None
+def _expert(store: StoreModel, layer: int, expert: int) -> dict[str, torch.Tensor]:
+    path = store.expert_path(layer, expert)
+    tensors = store.read_expert(layer, expert)  # a damaged shard: one line naming it
     odd = sorted(n for n, t in tensors.items() if t.dtype not in _FLOAT)
     if odd:
         raise MoeinfError(
@@ -73,20 +66,20 @@ def _expert(root: Path, layer: int, expert: int) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def _experts(root: Path, family: Family, config: dict) -> Iterator[tuple[str, torch.Tensor]]:
+def _experts(store: StoreModel, family: Family) -> Iterator[tuple[str, torch.Tensor]]:
     """The routed experts under the hub's names: one tensor per expert and projection, or the family's
     fused tensors per layer."""
-    layout = family.moe_layout(config)
+    layout = store.layout
     hub_names = {store: hub for hub, store in family.projections.items()}  # gate_proj -> w1 (Mixtral)
     for layer in layout.moe_layers:
         prefix = f"model.layers.{layer}.{family.moe_module}.experts"
         if family.fuse_experts is not None:
-            shards = [_expert(root, layer, e) for e in range(layout.num_experts)]
+            shards = [_expert(store, layer, e) for e in range(layout.num_experts)]
             for name, t in family.fuse_experts(shards).items():
                 yield f"{prefix}.{name}", t
             continue
         for e in range(layout.num_experts):
-            for name, t in _expert(root, layer, e).items():
+            for name, t in _expert(store, layer, e).items():
                 proj, _, kind = name.partition(".")
                 yield f"{prefix}.{e}.{hub_names.get(proj, proj)}.{kind}", t
 
@@ -132,14 +125,13 @@ def export_model(
     on_tensor: Callable[[str], None] | None = None,
 ) -> Path:
     """Write the store model as a Hugging Face checkpoint directory ``out_dir``; returns it."""
-    root = resolve_model(name_or_path)
-    read_manifest(root)
+    store = open_model(name_or_path)
+    root, config = store.root, store.config
+    moe_layers = set(store.layout.moe_layers)
     out = Path(out_dir).expanduser()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MoeinfError(f"{out} exists and is not empty; give a new directory")
-    config = json.loads((root / "config.json").read_text())
     family = family_of(config)
-    moe_layers = set(family.moe_layout(config).moe_layers)
     partial = out.with_name(out.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
@@ -150,7 +142,7 @@ def export_model(
 
         def weights() -> Iterator[tuple[str, torch.Tensor]]:
             yield from _dense(root, family, moe_layers)
-            yield from _experts(root, family, config)
+            yield from _experts(store, family)
 
         weight_map = _write_weights(weights(), partial, shard_bytes, on_tensor)
         if len(set(weight_map.values())) > 1:
