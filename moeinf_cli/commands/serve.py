@@ -55,7 +55,7 @@ def _check_load_options(load: dict) -> None:
     from engine.memory.budget import parse_budget
     from engine.policy.registry import policy_class
     from engine.runtime.devices import resolve_device
-    from engine.store.files import canonical_dtype
+    from engine.store.dtypes import canonical_dtype
 
     if int(load.get("ctx", 2)) < 2:
         raise MoeinfError(f"--ctx must be at least 2 tokens, got {load['ctx']}")
