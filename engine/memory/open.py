@@ -93,7 +93,9 @@ def open_experts(
     if resolved.bytes is None:
         if verbose:
             print(f"expert budget: {resolved.note}", file=sys.stderr)
-        return ResidentExperts(model, dtype, device, recorder=recorder, stats=stats)
+        resident = ResidentExperts(model, dtype, device, recorder=recorder, stats=stats)
+        resident.preload((layer, e) for layer in layout.moe_layers for e in range(layout.num_experts))
+        return resident
 
     transfer = make_transfer(ex_layout, device, direct=direct)
     capacity = resolved.bytes // transfer.slot_bytes

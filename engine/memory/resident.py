@@ -1,12 +1,15 @@
-"""The all-resident expert source (no budget): every expert converted to the compute dtype on first use
-and kept. Same behaviour as ``engine.model.experts.MappedExperts``, plus counters and the recorder.
+"""The all-resident expert source (no budget): every expert kept in memory, as stored or in the compute
+dtype. ``preload`` reads them all when the model loads (several shards at once), so the first prompt runs
+at full speed and the reading is counted in the load time; an expert not preloaded is read on first use.
+Same behaviour as ``engine.model.experts.MappedExperts``, plus counters and the recorder.
 Shards are read through the opened model (``StoreModel.read_expert``): a damaged or missing shard is
 the same one-line error as with a budget."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from threading import Lock
 
 import torch
@@ -35,6 +38,20 @@ class ResidentExperts:
         self._stats.io = "mmap"
         self._lock = Lock()
         self._closed = False
+
+    def preload(self, keys: Iterable[tuple[int, int]], workers: int = 4) -> None:
+        """Read every (layer, expert) of ``keys`` now, ``workers`` shards at a time."""
+        keys = [k for k in keys if k not in self._cache]
+        t0 = time.perf_counter()
+        with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="moeinf-preload") as pool:
+            loaded = list(pool.map(lambda k: self._load(*k), keys))
+        st = self._stats
+        for key, (weights, size) in zip(keys, loaded, strict=True):
+            self._cache[key] = weights
+            st.preload_bytes += size
+        st.preloaded += len(keys)
+        st.preload_s += time.perf_counter() - t0
+        st.resident_experts = len(self._cache)
 
     def begin_sequence(self) -> None:
         """A request starts (counted; nothing to decide when everything stays resident)."""

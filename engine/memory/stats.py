@@ -32,6 +32,9 @@ class CacheStats:
     streamed: int = 0  # prefill experts passed through the stream slots without caching
     evictions: int = 0
     bytes_loaded: int = 0  # bytes the loader read (disk) or copied (host to device)
+    preloaded: int = 0  # experts read when the model loaded (all-resident mode)
+    preload_bytes: int = 0
+    preload_s: float = 0.0
     stall_s: float = 0.0  # time the compute waited for demand loads
     resident_experts: int = 0
     resident_bytes: int = 0
@@ -49,7 +52,13 @@ class CacheStats:
         }
 
     def summary_line(self) -> str:
-        """One line: hit rate, loads, MB loaded, time stalled, budget."""
+        """One line: hit rate, loads, MB loaded, time stalled, budget. With every expert read at load
+        (all resident), it says so instead of counting loads that did not happen."""
+        if self.budget_bytes is None and self.preloaded and not self.demand_loads:
+            return (
+                f"experts: all {self.preloaded} resident, {fmt_bytes(self.preload_bytes)} read at load "
+                f"({self.preload_s:.2f} s), hit rate {100 * self.hit_rate:.1f}%"
+            )
         if self.budget_bytes is None:
             budget = f"all resident {fmt_bytes(self.expert_bytes_total)}"
         else:
