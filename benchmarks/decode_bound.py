@@ -1,0 +1,151 @@
+"""Decode speed against the memory-bandwidth bound on synthetic MoE shapes, all resident, CPU, bf16.
+
+For each ``--synthetic`` shape (random weights written straight into the store, as ``moeinf bench
+--synthetic`` does) the model is loaded, every expert touched once (all resident), and greedy decode
+timed over ``--tokens`` steps, ``--runs`` times. The bound: the bytes one decode step must read (every
+dense weight but the embedding table, which gives one row, plus top-k experts in each MoE layer) over
+the read bandwidth the kernels' thread pool reaches on a 1 GiB buffer in the same run, with the same
+thread count (``cuda_ext.cpu.read_bandwidth``), measured between the decode runs.
+
+Two ways of running a token's experts are interleaved: ``grouped`` (all of a token's experts in one
+native call, the default path) and ``per-expert`` (one native call per expert, as before).
+
+    flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/decode_bound.py --synthetic qwen3-30b-a3b --scale 0.25
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _weight_bytes(t) -> int:
+    return t.raw.numel() if hasattr(t, "raw") else t.numel() * t.element_size()
+
+
+def _step_bytes(model) -> tuple[int, int]:
+    """(bytes a decode step reads, of which experts): dense weights but the embedding, plus k experts per MoE layer."""
+    dense = sum(_weight_bytes(p) for name, p in model.state_dict().items() if "embed_tokens" not in name)
+    if model.lm_head.weight.data_ptr() == model.embed_tokens.weight.data_ptr():  # tied: the head reads it all
+        dense += _weight_bytes(model.lm_head.weight)
+    experts = 0
+    for layer in model.layers:
+        mlp = layer.mlp
+        if not hasattr(mlp, "experts"):
+            continue
+        _, w = next(iter(mlp.experts.fetch(mlp.layer_idx, [0])))
+        one = sum(_weight_bytes(t) for t in vars(w).values() if t is not None)
+        experts += mlp.gate.top_k * one
+    return dense + experts, experts
+
+
+def _touch_experts(model) -> None:
+    """Fetch and read every expert once, so the timed runs find them all resident."""
+    for layer in model.layers:
+        mlp = layer.mlp
+        if hasattr(mlp, "experts"):
+            n = mlp.gate.weight.shape[0]
+            for _, w in mlp.experts.fetch(mlp.layer_idx, list(range(n))):
+                for t in vars(w).values():
+                    if isinstance(t, torch.Tensor):
+                        t.float().sum()
+
+
+def _per_expert(model) -> dict:
+    """Swap each MoE block's grouped ``accumulate`` for one native call per expert; returns the originals."""
+    from cuda_ext.cpu import swiglu_accumulate
+
+    saved = {}
+    for layer in model.layers:
+        fn = getattr(layer.mlp, "expert_fn", None)
+        if getattr(fn, "accumulate", None) is not None:
+            saved[id(fn)] = (fn, fn.accumulate)
+            fn.accumulate = lambda x, ws, cs, acc: all(
+                swiglu_accumulate(x, w, c, acc) for w, c in zip(ws, cs, strict=True)
+            )
+    return saved
+
+
+def _decode(model, prompt: torch.Tensor, tokens: int) -> float:
+    nxt = model(prompt, 0, last_only=True)[-1].argmax().view(1)
+    t0 = time.perf_counter()
+    for pos in range(len(prompt), len(prompt) + tokens):
+        nxt = model(nxt, pos)[-1].argmax().view(1)
+    return (time.perf_counter() - t0) / tokens
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--synthetic", default="qwen3-30b-a3b", help="comma-separated synthetic shapes")
+    p.add_argument("--scale", type=float, default=0.25)
+    p.add_argument("--tokens", type=int, default=32)
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--workdir", type=Path, default=None, help="keep the synthetic models here (default: a temp dir)"
+    )
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="moeinf-bound-") as tmp:
+        work = args.workdir or Path(tmp)
+        os.environ["MOEINF_HOME"] = str(work / "home")
+        from cuda_ext import cpu, loader
+        from engine.bench.synthetic import make_synthetic_from_shape, synthetic_shape
+        from engine.model.loader import load_model
+
+        print(loader.describe())
+        buffer = torch.ones(1 << 30, dtype=torch.uint8)
+        for name in args.synthetic.split(","):
+            shape = synthetic_shape(name, args.scale)
+            store = make_synthetic_from_shape(f"{name}-{args.scale}", shape)
+            model = load_model(store, dtype=torch.bfloat16, max_seq_len=args.prompt_len + args.tokens + 8)
+            _touch_experts(model)
+            step_bytes, expert_bytes = _step_bytes(model)
+            prompt = torch.randint(
+                3, shape.vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)
+            )
+            times: dict[str, list[float]] = {"grouped": [], "per-expert": []}
+            bandwidth: list[float] = []
+            with torch.inference_mode():
+                for run in range(args.runs + 1):  # run 0 warms up
+                    with cpu.decode_threads(True):
+                        bw = cpu.read_bandwidth(buffer, args.threads, repeats=1)
+                    saved = _per_expert(model)
+                    t_per = _decode(model, prompt, args.tokens)
+                    for fn, acc in saved.values():
+                        fn.accumulate = acc
+                    t_grouped = _decode(model, prompt, args.tokens)
+                    if run:
+                        bandwidth.append(bw)
+                        times["per-expert"].append(t_per)
+                        times["grouped"].append(t_grouped)
+            bw = statistics.median(bandwidth)
+            bound = step_bytes / bw
+            print(
+                f"{name} at scale {args.scale}: {shape.num_layers} layers, {shape.num_experts} experts, top-{shape.top_k}, "
+                f"hidden {shape.hidden}, expert intermediate {shape.intermediate}, vocab {shape.vocab}; "
+                f"{step_bytes / 1e6:.0f} MB per step ({expert_bytes / 1e6:.0f} MB experts); read bandwidth "
+                f"{bw / 1e9:.1f} GB/s (min {min(bandwidth) / 1e9:.1f}, max {max(bandwidth) / 1e9:.1f}), "
+                f"{args.threads} threads: bound {bound * 1e3:.1f} ms/token ({1 / bound:.1f} tok/s)"
+            )
+            for mode, ts in times.items():
+                t = statistics.median(ts)
+                print(
+                    f"  {mode:10s} {t * 1e3:7.1f} ms/token (runs {min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f}), "
+                    f"{1 / t:5.1f} tok/s, {bound / t:4.0%} of the bound"
+                )
+            del model
+        print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
