@@ -7,11 +7,16 @@ the read bandwidth the kernels' pool reaches on a plain buffer in the same run w
 count (``cuda_ext.cpu.read_bandwidth``). Formats are interleaved within each run.
 
     flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/quant_gemv.py [--threads 2] [--mib 512]
+    flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/quant_gemv.py --threads 1 --mib 1 --rows 256 --repeat 200
+
+(the second: one matrix per format, in cache, the kernels' compute rate; "per CPU s" counts the
+process's CPU time, which a loaded machine does not inflate).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -40,15 +45,16 @@ def _matrices(fmt: str, rows: int, k: int, total: int) -> list[torch.Tensor]:
     return [one.clone() for _ in range(count)]
 
 
-def _pass(fmt: str, x: torch.Tensor, mats: list[torch.Tensor], k: int) -> float:
-    t = time.perf_counter()
-    if fmt == "bf16":
-        for w in mats:
-            cpu.linear(x, w)
-    else:
-        for w in mats:
-            qlinear(x, w, fmt, k)
-    return time.perf_counter() - t
+def _pass(fmt: str, x: torch.Tensor, mats: list[torch.Tensor], k: int, repeat: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds of one pass over ``mats`` (each multiplied ``repeat`` times)."""
+    t, c = time.perf_counter(), time.process_time()
+    for w in mats:
+        for _ in range(repeat):
+            if fmt == "bf16":
+                cpu.linear(x, w)
+            else:
+                qlinear(x, w, fmt, k)
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--k", type=int, default=2048)
     p.add_argument("--runs", type=int, default=7)
     p.add_argument("--formats", default="bf16," + ",".join(BLOCKS))
+    p.add_argument(
+        "--repeat", type=int, default=1, help="products per matrix per pass (>1 with a small --mib: in cache)"
+    )
     args = p.parse_args(argv)
     lib = loader.cpu()
     if lib is None:
@@ -71,14 +80,17 @@ def main(argv: list[str] | None = None) -> int:
     stored = {f: sum(w.numel() * w.element_size() for w in mats[f]) for f in formats}
     buffer = torch.ones(max(stored.values()), dtype=torch.uint8)
     times: dict[str, list[float]] = {f: [] for f in formats}
+    cpu_times: dict[str, list[float]] = {f: [] for f in formats}
     bandwidth: list[float] = []
     with cpu.decode_threads(True):
         for f in formats:
-            _pass(f, x, mats[f], args.k)  # warm-up
+            _pass(f, x, mats[f], args.k, args.repeat)  # warm-up
         for _ in range(args.runs):
             bandwidth.append(cpu.read_bandwidth(buffer, args.threads, repeats=1))
             for f in formats:
-                times[f].append(_pass(f, x, mats[f], args.k))
+                wall, used = _pass(f, x, mats[f], args.k, args.repeat)
+                times[f].append(wall)
+                cpu_times[f].append(used)
     bw = statistics.median(bandwidth)
     print(
         f"kernels: {lib.build} ({' '.join(lib.isa)}), {args.threads} threads, matrices {args.rows}x{args.k}"
@@ -88,15 +100,19 @@ def main(argv: list[str] | None = None) -> int:
         f"(min {min(bandwidth) / 1e9:.1f}, max {max(bandwidth) / 1e9:.1f})"
     )
     print(
-        f"{'format':8} {'MiB':>6} {'ms/pass':>8} {'spread':>13} {'GB/s':>6} {'of bound':>8} {'Gweights/s':>10}"
+        f"{'format':8} {'MiB':>6} {'ms/pass':>8} {'spread':>13} {'GB/s':>6} {'of bound':>8} {'Gweights/s':>10} "
+        f"{'per CPU s':>9}"
     )
     for f in formats:
         t = statistics.median(times[f])
-        weights = len(mats[f]) * args.rows * args.k
+        reads = stored[f] * args.repeat
+        weights = len(mats[f]) * args.rows * args.k * args.repeat
         print(
             f"{f:8} {stored[f] / 2**20:6.0f} {t * 1e3:8.2f} {min(times[f]) * 1e3:6.2f}-{max(times[f]) * 1e3:6.2f} "
-            f"{stored[f] / t / 1e9:6.1f} {stored[f] / t / bw:8.0%} {weights / t / 1e9:10.1f}"
+            f"{reads / t / 1e9:6.1f} {reads / t / bw:8.0%} {weights / t / 1e9:10.1f} "
+            f"{weights / statistics.median(cpu_times[f]) / 1e9:9.1f}"
         )
+    print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 
 
