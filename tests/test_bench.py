@@ -51,6 +51,13 @@ def test_forced_routing_follows_the_trace(synth):
 
 
 def test_bench_json_on_a_tiny_model(synth, tmp_path):
+    from test_predict import profile
+
+    from engine.bench.machine import PROFILE_FILE
+    from engine.store.paths import moeinf_home
+
+    moeinf_home().mkdir(parents=True, exist_ok=True)
+    (moeinf_home() / PROFILE_FILE).write_text(json.dumps(profile().as_dict()))  # the forecast's machine, fixed
     trace = _trace(12)
     path = tmp_path / "trace.npz"
     np.savez(path, expert_ids=trace.expert_ids.astype(np.int16), num_experts=np.int64(EXPERTS),
@@ -77,6 +84,11 @@ def test_bench_json_on_a_tiny_model(synth, tmp_path):
         assert row["reachable_ms_per_token"] >= row["limit_ms_per_token"]
         assert row["bytes_loaded"] > 0 and row["limit_ms_per_token"] > 0
         assert row["predicted_ms_per_token"] >= doc["compute_ms_per_token"]
+    # moeinf predict's forecast beside each row: from headers, the machine profile and the replayed routing
+    for row in doc["rows"]:
+        low, high = row["forecast_band"]
+        assert low <= row["forecast_tps"] <= high and row["forecast_prefill_tps"] > 0
+    assert resident["forecast_tps"] > offloaded[0]["forecast_tps"]
 
 
 def test_bench_markdown_and_errors(synth):

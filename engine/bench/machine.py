@@ -4,7 +4,8 @@
   ``$MOEINF_HOME``, two reads in flight as the loader does, at request sizes 64 KiB .. 16 MiB: bytes/s
   per size, the latency of the smallest request, and the spread over passes (it widens the band).
 * **memory**: bytes/s of a large copy (read + write) on the CPU.
-* **compute**: per device and tensor format (bf16, f32 and the quantised formats of ``engine.formats``),
+* **compute**: per device and tensor format, through the engine's own product (``cuda_ext.cpu.linear``
+  on the CPU) (bf16, f32 and the quantised formats of ``engine.formats``),
   a decode-shaped product (one token through a 1024 x 1024 weight: weight bytes/s, what bounds decode)
   and a prefill-shaped one (128 tokens: flop/s).
 * **cuda** (when present): host-to-device copy bytes/s from pinned memory, its memory and compute.
@@ -28,7 +29,7 @@ import torch
 from engine.store.paths import moeinf_home
 
 PROFILE_FILE = "machine-profile.json"
-VERSION = 1
+VERSION = 2
 READ_SIZES = (64 << 10, 1 << 20, 4 << 20, 16 << 20)
 SCRATCH_BYTES = 64 << 20
 PASSES = 3
@@ -168,6 +169,11 @@ def probe_device(device: torch.device) -> DeviceRates:
     from engine.formats import FORMATS
     from engine.formats.tensor import QuantTensor
 
+    if device.type == "cpu":
+        from cuda_ext.cpu import linear  # the engine's CPU path: the native bf16 kernel for one row
+    else:
+        from engine.formats.linear import linear
+
     sync = _sync(device)
     n = (64 << 20) // 4
     a = torch.empty(n, dtype=torch.float32, device=device)
@@ -194,7 +200,7 @@ def probe_device(device: torch.device) -> DeviceRates:
             weight = w32.to(device=device, dtype=fmt.torch_dtype)
             act = fmt.torch_dtype
             nbytes = weight.numel() * weight.element_size()
-            run = lambda x, w=weight: torch.nn.functional.linear(x, w)  # noqa: E731
+            run = lambda x, w=weight: linear(x, w)  # noqa: E731
         for tokens in (1, _PREFILL_TOKENS):
             x = torch.randn(tokens, _N, generator=g).to(device=device, dtype=act)
             s = _timed(lambda x=x, run=run: (run(x), sync()))

@@ -29,6 +29,7 @@ from engine.bench.machine import MachineProfile
 from engine.bench.routing import HitEstimate, estimate, own_traces
 from engine.bench.shape import ModelShape, kv_bytes_per_token
 from engine.errors import MoeinfError
+from engine.trace.format import RoutingTrace
 
 SCHEMA = "moeinf-predict/1"
 PREFILL_TOKENS = 512
@@ -71,7 +72,11 @@ def _distinct(num_experts: int, top_k: int, tokens: int) -> float:
     return num_experts * (1 - (1 - top_k / num_experts) ** tokens)
 
 
-def predict(shape: ModelShape, profile: MachineProfile, req: Request) -> dict:
+def predict(
+    shape: ModelShape, profile: MachineProfile, req: Request, routing: RoutingTrace | None = None
+) -> dict:
+    """The forecast (schema ``moeinf-predict/1``). ``routing``: a trace to replay for the hit rate
+    (``moeinf bench --replay``), else the model's own traces or the family default."""
     import torch
 
     from engine.memory.budget import fmt_bytes, mem_available, parse_budget, resolve_budget
@@ -130,9 +135,14 @@ def predict(shape: ModelShape, profile: MachineProfile, req: Request) -> dict:
         )
     max_ctx = max(0, (available - shape.dense_bytes - cache_bytes - margin) // max(1, kv_tok))
 
-    trace = own_traces(shape.store_name, shape.moe_layers, shape.num_experts) if shape.store_name else None
+    trace, label = routing, "the replayed trace"
+    if trace is None and shape.store_name:
+        trace, label = (
+            own_traces(shape.store_name, shape.moe_layers, shape.num_experts),
+            "the model's own traces",
+        )
     hit = (
-        estimate(fraction, policy, shape.num_experts, trace)
+        estimate(fraction, policy, shape.num_experts, trace, label)
         if slots >= shape.top_k
         else HitEstimate(0.0, 0.0, 0.0, "no valid cache")
     )
@@ -222,3 +232,23 @@ def predict(shape: ModelShape, profile: MachineProfile, req: Request) -> dict:
             "prefill_gflops": flops / 1e9,
         },
     }
+
+
+def bench_forecasts(model_root, rows: list[dict], ctx: int, routing: RoutingTrace | None = None) -> None:
+    """Add the forecast of ``moeinf predict`` to each ``moeinf bench`` row (in place): ``forecast_tps``
+    (aggregate decode tokens/s at the row's batch), ``forecast_band`` and ``forecast_prefill_tps``. The
+    memory is not checked (the bench ran, so it fitted)."""
+    from engine.bench.machine import machine_profile
+    from engine.bench.shape import read_shape
+    from engine.policy.registry import POLICY_NAMES
+
+    shape = read_shape(str(model_root))
+    profile, _ = machine_profile()
+    for row in rows:
+        policy = row["policy"] if row["policy"] in POLICY_NAMES else None
+        req = Request(budget=row["budget"], batch=row["batch"], ctx=ctx, policy=policy, available=1 << 50)
+        p = predict(shape, profile, req, routing)
+        scale = p["batch_tps"] / p["decode_tps"] if p["decode_tps"] else 1.0
+        row["forecast_tps"] = p["batch_tps"]
+        row["forecast_band"] = [scale * x for x in p["decode_tps_band"]] if p["decode_tps_band"] else None
+        row["forecast_prefill_tps"] = p["prefill_tps"]

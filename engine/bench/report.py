@@ -27,7 +27,10 @@ JSON schema (``moeinf bench --json``), version ``moeinf-bench/1``::
         "oracle_loads": int | null,             # --replay: the token oracle's loads (engine/policy/oracle.py)
         "predicted_ms_per_token": float | null, # --profile: the hardware model's figure (per step)
         "limit_ms_per_token": float | null,     # --profile --replay: max(compute, Belady bytes / bandwidth)
-        "reachable_ms_per_token": float | null  # --profile --replay: max(compute, oracle bytes / bandwidth)
+        "reachable_ms_per_token": float | null, # --profile --replay: max(compute, oracle bytes / bandwidth)
+        "forecast_tps": float | null,           # --profile: moeinf predict's decode t/s at this batch (aggregate),
+        "forecast_band": [float, float] | null, #   its band, and its prefill t/s (engine/bench/predict.py,
+        "forecast_prefill_tps": float | null    #   from headers + machine profile + routing model only)
       }]
     }
 
@@ -68,6 +71,9 @@ def row_dict(row: BenchRow, probe: Probe | None, compute_s: float | None) -> dic
         "predicted_ms_per_token": None,
         "limit_ms_per_token": None,
         "reachable_ms_per_token": None,
+        "forecast_tps": None,
+        "forecast_band": None,
+        "forecast_prefill_tps": None,
     }
     if probe is not None and compute_s is not None:
         demand = row.decode_counter("demand_loads") * per_load
@@ -98,6 +104,9 @@ def markdown(meta: dict, rows: list[dict]) -> str:
         head += ["pred ms/tok"]
         if replay:
             head += ["limit ms/tok", "ms/limit", "ms/reachable"]
+    forecast = any(r.get("forecast_tps") is not None for r in rows)
+    if forecast:
+        head += ["fc pp t/s", "fc tg t/s", "tg/fc", "in band"]
     if batched:
         head.insert(head.index("loads") + 1, "loads/step")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i > 2 else "---" for i in range(len(head))) + "|"]
@@ -122,5 +131,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                 reach = r["reachable_ms_per_token"]
                 cells += [_f(lim, ".1f"), _f(r["ms_per_token"] / lim if lim else None, ".2f"),
                           _f(r["ms_per_token"] / reach if reach else None, ".2f")]
+        if forecast:
+            fc, band = r.get("forecast_tps"), r.get("forecast_band")
+            inside = band is not None and band[0] <= r["decode_tps"] <= band[1]
+            cells += [_f(r.get("forecast_prefill_tps"), ".1f"),
+                      _f(fc, ".2f") + (f" ({band[0]:.2f}..{band[1]:.2f})" if band else ""),
+                      _f(r["decode_tps"] / fc if fc else None, ".2f"), "yes" if inside else "no"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -121,7 +121,11 @@ def own_traces(store_name: str, num_layers: int, num_experts: int) -> RoutingTra
 
 
 def estimate(
-    fraction: float, policy: str, num_experts: int, trace: RoutingTrace | None = None
+    fraction: float,
+    policy: str,
+    num_experts: int,
+    trace: RoutingTrace | None = None,
+    label: str = "the model's own traces",
 ) -> HitEstimate:
     """The hit rate at ``fraction`` of all experts resident under ``policy``."""
     if fraction >= 1.0:
@@ -135,6 +139,6 @@ def estimate(
             min(hit, 1.0),
             max(0.0, hit - spread),
             min(1.0, max(hit, min(belady, hit + spread))),
-            f"the model's own traces ({trace.num_tokens} tokens)",
+            f"{label} ({trace.num_tokens} tokens)",
         )
     return from_table(family_kind(num_experts), policy, fraction)

@@ -103,6 +103,12 @@ def bench_main(
             resident = [r for r in same if r.budget_bytes is None]
             compute[b] = resident[0].compute_s if resident else min(r.compute_s for r in same)
     compute_s = compute.get(batches[0])
+    row_dicts = [row_dict(r, probe, compute.get(r.batch)) for r in rows]
+    if profile:
+        from engine.bench.predict import bench_forecasts
+
+        say("forecasting each row (moeinf predict's model) ...")
+        bench_forecasts(root, row_dicts, prompt_tokens + gen_tokens, trace)
     return {
         "schema": "moeinf-bench/1",
         "model": root.name,
@@ -117,5 +123,5 @@ def bench_main(
         "probe": probe.as_dict() if probe else None,
         "compute_ms_per_token": 1e3 * compute_s if compute_s is not None else None,
         "batches": batches,
-        "rows": [row_dict(r, probe, compute.get(r.batch)) for r in rows],
+        "rows": row_dicts,
     }
