@@ -61,3 +61,10 @@ def test_float32_batches_and_switch_keep_the_pytorch_path(monkeypatch, fmt):
     finally:
         monkeypatch.undo()
         loader.reset()
+
+
+def test_the_cuda_kernel_declines_without_a_cuda_library():
+    from engine.formats.linear import _cuda_kernel
+
+    w = _weight("q4_k", 8, 256)
+    assert _cuda_kernel(torch.randn(1, 256), w, None) is None  # the weight is on the CPU: no CUDA launch

@@ -63,11 +63,25 @@ def _cpu_kernel(x: torch.Tensor, weight: QuantTensor, bias: torch.Tensor | None)
     return None if y is None else y.view(*x.shape[:-1], weight.shape[0])
 
 
+def _cuda_kernel(x: torch.Tensor, weight: QuantTensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+    """The weight dequantised by cuda_ext's CUDA kernel (the same float32 values as ``unpack``, in one
+    launch on torch's current stream), then ``F.linear``; None (the PyTorch path) where there is no
+    CUDA library (no nvcc, no device, or the native kernels turned off) or x's dtype is not a float."""
+    from cuda_ext.blocks import BLOCKS
+    from cuda_ext.cuda import dequantize
+
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return None
+    dense = dequantize(BLOCKS[weight.format.name].ggml_type, weight.raw.reshape(-1), x.dtype)
+    return None if dense is None else F.linear(x, dense.view(weight.shape), bias)
+
+
 def _register_native_kernels() -> None:
     from cuda_ext.blocks import BLOCKS
 
     for name in BLOCKS:
         register_kernel(name, "cpu", _cpu_kernel)
+        register_kernel(name, "cuda", _cuda_kernel)
 
 
 _register_native_kernels()
