@@ -47,6 +47,7 @@ class Request:
     fmt: str | None = None  # the experts' tensor format (default: as the checkpoint stores them)
     policy: str | None = None
     available: int | None = None  # bytes free to assume (default: what the OS says now)
+    prefill_tokens: int = PREFILL_TOKENS  # the prompt length of the prefill line
 
 
 def _format_of(shape: ModelShape, fmt: str | None) -> tuple[ModelShape, str]:
@@ -174,9 +175,9 @@ def predict(
     decode_high = rate(1, hit.high, bw * (1 + spread), 1 - COMPUTE_BAND)
     c_batch, io_batch = step_s(req.batch, 1 - hit.hit, bw)
     # prefill: the prompt's tokens in one pass; each MoE layer loads the experts it routes to that are not resident
-    c_pre = 2 * PREFILL_TOKENS * shape.active_params / flops
+    c_pre = 2 * req.prefill_tokens * shape.active_params / flops
     c_pre = max(c_pre, shape.dense_bytes / dec_dense + shape.expert_bytes_total / dec_expert * fraction)
-    touched = shape.moe_layers * _distinct(shape.num_experts, shape.top_k, PREFILL_TOKENS)
+    touched = shape.moe_layers * _distinct(shape.num_experts, shape.top_k, req.prefill_tokens)
     io_pre = touched * (1 - fraction) * (latency + shape.expert_bytes / bw)
     big_bw = profile.disk_bps(16 << 20)
     cold = shape.dense_bytes / big_bw + cache_bytes / bw + slots * latency / 2
@@ -219,8 +220,8 @@ def predict(
             "compute": 1e3 * step_s(1, 0, bw)[0],
             "loads": 1e3 * step_s(1, 1 - hit.hit, bw)[1],
         },
-        "prefill_tps": PREFILL_TOKENS / (c_pre + io_pre) if runs else None,
-        "prefill_tokens": PREFILL_TOKENS,
+        "prefill_tps": req.prefill_tokens / (c_pre + io_pre) if runs else None,
+        "prefill_tokens": req.prefill_tokens,
         "batch_tps": req.batch / (c_batch + io_batch) if runs else None,
         "cold_start_s": cold,
         "max_ctx": int(max_ctx),
@@ -234,7 +235,9 @@ def predict(
     }
 
 
-def bench_forecasts(model_root, rows: list[dict], ctx: int, routing: RoutingTrace | None = None) -> None:
+def bench_forecasts(
+    model_root, rows: list[dict], prompt_tokens: int, ctx: int, routing: RoutingTrace | None = None
+) -> None:
     """Add the forecast of ``moeinf predict`` to each ``moeinf bench`` row (in place): ``forecast_tps``
     (aggregate decode tokens/s at the row's batch), ``forecast_band`` and ``forecast_prefill_tps``. The
     memory is not checked (the bench ran, so it fitted)."""
@@ -246,7 +249,14 @@ def bench_forecasts(model_root, rows: list[dict], ctx: int, routing: RoutingTrac
     profile, _ = machine_profile()
     for row in rows:
         policy = row["policy"] if row["policy"] in POLICY_NAMES else None
-        req = Request(budget=row["budget"], batch=row["batch"], ctx=ctx, policy=policy, available=1 << 50)
+        req = Request(
+            budget=row["budget"],
+            batch=row["batch"],
+            ctx=ctx,
+            policy=policy,
+            available=1 << 50,
+            prefill_tokens=prompt_tokens,
+        )
         p = predict(shape, profile, req, routing)
         scale = p["batch_tps"] / p["decode_tps"] if p["decode_tps"] else 1.0
         row["forecast_tps"] = p["batch_tps"]
