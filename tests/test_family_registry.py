@@ -156,6 +156,7 @@ def test_a_family_declared_in_one_file_pulls_builds_and_runs(tiny_moe, checkpoin
 def test_synthetic_model_of_a_new_family(tiny_moe):
     from engine.bench.synthetic import make_synthetic_model
     from engine.memory.hints import RouterHints
+    from engine.store.opened import as_store_model
 
     root = make_synthetic_model(
         "syn-tiny",
@@ -172,7 +173,7 @@ def test_synthetic_model_of_a_new_family(tiny_moe):
     assert moe_layout(config).num_experts == 4
     logits = load_model(root, max_seq_len=16).forward(torch.tensor([1, 10, 20]), 0)
     assert logits.shape == (3, 300) and torch.isfinite(logits).all()
-    hints = RouterHints(root, [0, 1], tiny_moe)
+    hints = RouterHints(as_store_model(root).dense, [0, 1], tiny_moe)
     assert hints.next_layer(0) == 1 and len(hints.scores(1, torch.randn(64))) == 4
 
 
