@@ -48,6 +48,7 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen, str]:
     import httpx
 
     cmd = [sys.executable, "-m", "moeinf_cli", "serve", args.model, "--port", "0", "--ctx", str(args.ctx)]
+    cmd += ["--batch-size", str(args.batch_size)]
     if args.expert_budget:
         cmd += ["--expert-budget", args.expert_budget]
     proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
@@ -116,6 +117,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--ctx", type=int, default=4096)
     ap.add_argument("--expert-budget", default=None)
+    ap.add_argument("--batch-size", type=int, default=1, help="the server's --batch-size (1: one at a time)")
     args = ap.parse_args()
     import openai
 

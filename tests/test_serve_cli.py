@@ -155,6 +155,8 @@ def test_user_errors_are_one_line(home):
     assert r.returncode != 0 and r.stderr.startswith("Error: cannot listen on") and "--port" in r.stderr
     r = _cli(home, "tiny", "--max-queue", "-1")
     assert r.returncode != 0 and "--max-queue" in r.stderr and "Traceback" not in r.stderr
+    r = _cli(home, "tiny", "--batch-size", "0")
+    assert r.returncode != 0 and r.stderr.startswith("Error: --batch-size") and "Traceback" not in r.stderr
     for bad in (["--expert-budget", "lots"], ["--policy", "fifo"], ["--dtype", "int3"], ["--ctx", "1"]):
         r = _cli(home, "tiny", "--port", "0", *bad)
         assert r.returncode == 1 and r.stderr.startswith("Error: ") and len(r.stderr.splitlines()) == 1, bad

@@ -122,6 +122,8 @@ class BatchSession:
         self._free_slots = list(range(self.max_batch))
         self._ids = itertools.count()
         self.steps = 0
+        self.sequence_steps = 0  # sequences summed over the steps (steps x mean batch size)
+        self.peak_batch = 0  # most sequences in one step
         self.tokens_generated = 0
         session.reset()
         model.setup_caches(self.ctx, session.dtype, session.device, slots=self.max_batch)
@@ -227,6 +229,8 @@ class BatchSession:
                 torch.tensor(tokens, dtype=torch.long, device=self.session.device), segments
             )
         self.steps += 1
+        self.sequence_steps += len(members)
+        self.peak_batch = max(self.peak_batch, len(members))
         now = time.perf_counter()
         events: list[BatchEvent] = []
         for row, req in enumerate(members):

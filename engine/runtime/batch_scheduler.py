@@ -97,8 +97,12 @@ class BatchScheduler:
         self, prompt: Any, raw: bool = False, system: str | None = None, **sampling: Any
     ) -> BatchStream:
         """Queue a request; its stream (see the module docstring). Thread-safe."""
+        return self.submit_ids(self.session.prompt_ids(prompt, raw=raw, system=system), **sampling)
+
+    def submit_ids(self, ids: list[int], **sampling: Any) -> BatchStream:
+        """Queue a request given as prompt token ids (already rendered); its stream. Thread-safe."""
         params = SamplingParams.from_options(sampling)
-        ids = self.session.prompt_ids(prompt, raw=raw, system=system)
+        ids = [int(t) for t in ids]
         self.batch.check_prompt(ids)
         stream = BatchStream(self)
         with self._lock:
@@ -150,6 +154,7 @@ class BatchScheduler:
                 if stream.request is not None:
                     self._streams.pop(id(stream.request), None)
                     self.batch.cancel(stream.request)
+                stream._put(_END)  # a reader blocked on the closed stream (another thread) wakes up
             for stream, ids, params in inbox:
                 if stream.cancelled:
                     continue

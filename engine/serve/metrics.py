@@ -2,7 +2,8 @@
 
 Requests by route and status, prompt and generated tokens, time to first token, decode speed,
 cancelled and rejected requests, the queue, and the expert cache's counters (hit rate, loads, bytes,
-stall time) read from the session's expert source at each scrape.
+stall time) read from the session's expert source at each scrape, and with ``--batch-size`` above 1
+the running batch's steps and sizes.
 """
 
 from __future__ import annotations
@@ -56,6 +57,28 @@ class _ExpertCacheCollector(Collector):
         )
 
 
+class _BatchCollector(Collector):
+    """The running batch's step counts (``Scheduler.batch_stats``), read when scraped; none at batch size 1."""
+
+    def __init__(self, stats: Callable[[], tuple[int, int, int] | None]):
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        if stats is None:
+            return
+        steps, sequence_steps, peak = stats
+        yield CounterMetricFamily("moeinf_batch_steps", "Forward passes of the running batch", value=steps)
+        yield CounterMetricFamily(
+            "moeinf_batch_sequence_steps",
+            "Sequences summed over the batch's forward passes (divide by the steps: mean batch size)",
+            value=sequence_steps,
+        )
+        yield GaugeMetricFamily(
+            "moeinf_batch_size_peak", "Most sequences decoded together in one forward pass", value=peak
+        )
+
+
 class ServerMetrics:
     """All the server's metrics; ``render()`` is the /metrics body."""
 
@@ -65,6 +88,7 @@ class ServerMetrics:
         running: Callable[[], int],
         loaded: Callable[[], bool],
         cache_stats: Callable[[], Any],
+        batch_stats: Callable[[], tuple[int, int, int] | None] = lambda: None,
     ):
         disable_created_metrics()  # no ``*_created`` series: scrapes stay short
         r = self.registry = CollectorRegistry()
@@ -108,6 +132,7 @@ class ServerMetrics:
             lambda: float(loaded())
         )
         r.register(_ExpertCacheCollector(cache_stats))
+        r.register(_BatchCollector(batch_stats))
 
     def finished(self, stats: Any, ttft_s: float | None, wait_s: float | None) -> None:
         """Count one generation that ran to its end (its GenerationStats)."""

@@ -9,7 +9,10 @@ streams its pieces back to the event loop that submitted it. ``Job.cancel`` (a c
 running one before its next token; the session's KV cache stays consistent either way. Requests run
 one after another, so no request ever sees another's tokens; the session reuses the KV cache of the
 longest common token prefix with the previous request (a conversation resent with one more turn
-prefills only the new turn). Batched decode would join jobs here, at the same ``submit`` interface.
+prefills only the new turn). With ``batch_size`` above 1 up to that many jobs run at once on a
+``BatchScheduler`` (continuous batching: a job joins the running batch at the next step and leaves it
+the step it ends, each with its own KV-cache slot, sampler and stop strings, so none sees another's
+tokens); the fair queue still decides who comes next, and the prompt is prefilled whole each time.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 from engine.errors import MoeinfError
+from engine.runtime.batch_scheduler import BatchScheduler, BatchStream
 from engine.runtime.stats import GenerationStats
 
 log = logging.getLogger("moeinf.serve")
@@ -124,17 +128,22 @@ class FairQueue:
 
 
 class Scheduler:
-    """Runs jobs on ``session`` one at a time (clients in turn, each in order), in its own thread."""
+    """Runs jobs on ``session`` (clients in turn, each in order) in its own thread: one at a time
+    (``batch_size`` 1), or up to ``batch_size`` decoded together by a ``BatchScheduler``."""
 
-    def __init__(self, max_queue: int):
+    def __init__(self, max_queue: int, batch_size: int = 1):
         if max_queue < 0:
             raise MoeinfError(f"--max-queue must be 0 or more, got {max_queue}")
+        if batch_size < 1:
+            raise MoeinfError(f"--batch-size must be at least 1, got {batch_size}")
         self.max_queue = max_queue
+        self.batch_size = batch_size
         self.session: Any = None
+        self.batch: BatchScheduler | None = None  # batch_size > 1: the running batch
         self.cancelled_count = 0  # jobs cancelled while waiting or running
         self._queue = FairQueue()
         self._cond = threading.Condition()
-        self._running: Job | None = None
+        self._running: dict[Job, BatchStream | None] = {}
         self._stopping = False
         self._thread: threading.Thread | None = None
 
@@ -142,6 +151,8 @@ class Scheduler:
 
     def start(self, session: Any) -> None:
         self.session = session
+        if self.batch_size > 1:
+            self.batch = BatchScheduler(session, max_batch=self.batch_size)
         self._thread = threading.Thread(target=self._work, name="moeinf-worker", daemon=True)
         self._thread.start()
 
@@ -150,12 +161,12 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise QueueFull("the server is shutting down")
-            busy = self._running is not None or len(self._queue) > 0
+            busy = len(self._running) >= self.batch_size or len(self._queue) > 0
             if busy and len(self._queue) >= self.max_queue:
                 raise QueueFull(f"{len(self._queue)} requests are waiting (--max-queue {self.max_queue})")
             job._scheduler = self
             self._queue.append(job)
-            self._cond.notify()
+            self._cond.notify_all()
         return job
 
     @property
@@ -164,44 +175,70 @@ class Scheduler:
 
     @property
     def running(self) -> int:
-        return int(self._running is not None)
+        return len(self._running)
+
+    def batch_stats(self) -> tuple[int, int, int] | None:
+        """(steps, sequences summed over the steps, most sequences in one step) of the batch, or None."""
+        if self.batch is None:
+            return None
+        b = self.batch.batch
+        return b.steps, b.sequence_steps, b.peak_batch
 
     def stop(self, timeout: float | None = None) -> None:
-        """Cancel what waits, let the running job see its cancel flag, end the thread."""
+        """Cancel what waits, let the running jobs see their cancel flags, end the thread (and the batch)."""
         with self._cond:
             self._stopping = True
             for job in self._queue:
                 job.cancelled.set()
                 job._emit(_END)
             self._queue.clear()
-            if self._running is not None:
-                self._running.cancelled.set()
+            running = list(self._running.items())
+            for job, _ in running:
+                job.cancelled.set()
             self._cond.notify_all()
+        for _, stream in running:
+            if stream is not None:
+                stream.close()
         if self._thread is not None:
             self._thread.join(timeout)
+        if self.batch is not None:
+            self.batch.close()
 
     def _discard(self, job: Job) -> None:
         with self._cond:
             if self._queue.remove(job):
                 self.cancelled_count += 1
                 job._emit(_END)
+                return
+            stream = self._running.get(job)
+        if stream is not None:
+            stream.close()  # leaves the batch before its next step
 
     # ---- the worker thread -----------------------------------------------------------------
 
     def _work(self) -> None:
         while True:
             with self._cond:
-                while not len(self._queue) and not self._stopping:
+                while not self._stopping and (not len(self._queue) or len(self._running) >= self.batch_size):
                     self._cond.wait()
                 if self._stopping:
                     return
                 job = self._queue.popleft()
-                self._running = job
-            try:
-                self._run(job)
-            finally:
-                with self._cond:
-                    self._running = None
+                self._running[job] = None
+            if self.batch is None:
+                try:
+                    self._run(job)
+                finally:
+                    self._done(job)
+            else:
+                self._join_batch(job)
+
+    def _done(self, job: Job) -> None:
+        with self._cond:
+            self._running.pop(job, None)
+            if job.cancelled.is_set():
+                self.cancelled_count += 1
+            self._cond.notify_all()
 
     def _run(self, job: Job) -> None:
         job.started = time.perf_counter()
@@ -216,13 +253,44 @@ class Scheduler:
                     job._emit(item)
             finally:
                 gen.close()  # a cancelled generation stops here, its KV cache consistent
-            if job.cancelled.is_set():
-                with self._cond:
-                    self.cancelled_count += 1
-        except MoeinfError as err:
-            job._emit(err)
-        except Exception as err:  # a bug or a device error: the request fails, the server goes on
-            log.exception("generation failed")
-            job._emit(err)
+        except Exception as err:
+            _fail(job, err)
         finally:
             job._emit(_END)
+
+    def _join_batch(self, job: Job) -> None:
+        """Hand ``job`` to the running batch; a thread of its own carries its pieces back."""
+        assert self.batch is not None
+        job.started = time.perf_counter()
+        try:
+            stream = self.batch.submit_ids(job.ids, **job.sampling)
+        except Exception as err:
+            _fail(job, err)
+            job._emit(_END)
+            self._done(job)
+            return
+        with self._cond:
+            self._running[job] = stream
+        if job.cancelled.is_set():
+            stream.close()
+        threading.Thread(target=self._relay, args=(job, stream), name="moeinf-relay", daemon=True).start()
+
+    def _relay(self, job: Job, stream: BatchStream) -> None:
+        try:
+            for item in stream:
+                if job.cancelled.is_set():
+                    break
+                job._emit(item)
+        except Exception as err:
+            _fail(job, err)
+        finally:
+            stream.close()
+            job._emit(_END)
+            self._done(job)
+
+
+def _fail(job: Job, err: Exception) -> None:
+    """The job ends with ``err``: a MoeinfError as it is; a bug or a device error logged (the server goes on)."""
+    if not isinstance(err, MoeinfError):
+        log.exception("generation failed", exc_info=err)
+    job._emit(err)

@@ -24,6 +24,7 @@ class ServeSettings:
     model: str
     api_key: str | None = None
     max_queue: int = 64
+    batch_size: int = 1  # sequences decoded together; 1 = one request at a time (reusing the KV prefix)
     retry_after_s: int = 1  # what a 503 tells clients to wait
     max_body_bytes: int = 32 * 1024 * 1024  # larger request bodies get 413
 
@@ -34,7 +35,7 @@ class ServeState:
     def __init__(self, settings: ServeSettings, load: Callable[[], Any]):
         self.settings = settings
         self.started = time.time()
-        self.scheduler = Scheduler(settings.max_queue)
+        self.scheduler = Scheduler(settings.max_queue, settings.batch_size)
         self.session: Any = None
         self.load_error: str | None = None
         self.loaded_at: float | None = None
@@ -46,6 +47,7 @@ class ServeState:
             lambda: self.scheduler.running,
             self._loaded.is_set,
             self._cache_stats,
+            self.scheduler.batch_stats,
         )
 
     def _cache_stats(self) -> Any:

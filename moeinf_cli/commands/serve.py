@@ -10,7 +10,7 @@ from moeinf_cli.options import LOAD, Model, with_options
 
 HELP = """Serve a model over HTTP with the OpenAI and Ollama APIs.
 
-Listens on localhost unless --host says otherwise. The model loads in the background (GET /health answers 503 until it is ready). Requests run one after another, the clients taking turns; at most --max-queue wait (more get 503 with Retry-After). With --api-key (or MOEINF_API_KEY) every route but /health needs `Authorization: Bearer KEY`. Ctrl+C or SIGTERM finishes the requests in flight, then exits.
+Listens on localhost unless --host says otherwise. The model loads in the background (GET /health answers 503 until it is ready). Up to --batch-size requests are decoded together (continuous batching: a request joins the running batch at the next step and leaves it when it ends; --batch-size 1 runs them one after another and reuses the KV cache of a resent conversation); the clients take turns for a place, and at most --max-queue wait (more get 503 with Retry-After). With --api-key (or MOEINF_API_KEY) every route but /health needs `Authorization: Bearer KEY`. Ctrl+C or SIGTERM finishes the requests in flight, then exits.
 
 \b
 Routes:
@@ -98,6 +98,14 @@ def serve(
         help="Requests that may wait for the model; more get 503. (default 64)",
         show_default=False,
     ),
+    batch_size: int = typer.Option(
+        4,
+        "--batch-size",
+        "-b",
+        metavar="N",
+        help="Requests decoded together; 1 = one at a time, reusing the KV prefix. (default 4)",
+        show_default=False,
+    ),
     log_level: str = typer.Option(
         "info",
         "--log-level",
@@ -115,6 +123,8 @@ def serve(
         raise MoeinfError(f"--port must be between 0 and 65535, got {port}")
     if max_queue < 0:
         raise MoeinfError(f"--max-queue must be 0 or more, got {max_queue}")
+    if batch_size < 1:
+        raise MoeinfError(f"--batch-size must be at least 1, got {batch_size}")
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise MoeinfError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
     if api_key is not None and not api_key.strip():
@@ -132,7 +142,12 @@ def serve(
 
         return engine.load(root, **load)
 
-    settings = ServeSettings(model=name, api_key=api_key.strip() if api_key else None, max_queue=max_queue)
+    settings = ServeSettings(
+        model=name,
+        api_key=api_key.strip() if api_key else None,
+        max_queue=max_queue,
+        batch_size=batch_size,
+    )
     code = run_server(settings, load_model, host=host, port=port, log_level=log_level.lower())
     if code:
         raise typer.Exit(code)
