@@ -62,6 +62,13 @@ class ServeState:
     def _load_now(self) -> None:
         try:
             session = self._load()
+            try:
+                self.scheduler.start(session)  # --batch-size > 1: the batch's KV slots are allocated here
+            except BaseException:
+                close = getattr(session, "close", None)
+                if callable(close):
+                    close()
+                raise
         except MoeinfError as err:
             self.load_error = str(err)
         except Exception as err:  # the server cannot go on without a model: say why, then stop
@@ -70,7 +77,6 @@ class ServeState:
         else:
             self.session = session
             self.loaded_at = time.time()
-            self.scheduler.start(session)
             self._loaded.set()
             log.info("model %s loaded in %.1f s", self.settings.model, getattr(session, "load_s", 0.0))
             return
