@@ -108,3 +108,26 @@ def test_cli_refuses_bad_upcycle_options_before_any_work():
                        (["--top-k", "2"], "only applies with --upcycle")):
         r = CliRunner().invoke(app, ["pull", "missing.gguf", *args])
         assert r.exit_code != 0 and what in str(r.exception), (args, r.exception)
+
+
+def test_upcycling_a_quantised_gguf_copies_its_dequantised_ffn(tmp_path):
+    """A Q8_0 GGUF pulled with --upcycle: the upcycler gets float tensors (block formats are not kept
+    for a transform), so every expert is the dense FFN as the GGUF reader dequantises it."""
+    import torch
+    from safetensors.torch import load_file
+
+    from engine.store.gguf import gguf_to_checkpoint
+    from engine.store.paths import expert_shard_path
+
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    make_tokenizer(tok)
+    path = write_gguf(make_tiny_model("llama"), "llama", tok, tmp_path / "Tiny-Q8.gguf",
+                      quantize=("ffn_gate",))
+    r = pull_model(str(path), transform=Upcycle(4, 2, max_new_tokens=6), progress=Recorder())
+    dense = load_file(str(gguf_to_checkpoint(path, tmp_path / "ref") / "model.safetensors"))  # as the pull reads it
+    gate = dense["model.layers.0.mlp.gate_proj.weight"]
+    for e in range(4):
+        shard = load_file(str(expert_shard_path(r.path, 0, e)))
+        assert shard["gate_proj.weight"].shape == gate.shape
+        assert torch.equal(shard["gate_proj.weight"].to(gate.dtype), gate)
