@@ -176,7 +176,8 @@ def test_linear_uses_a_registered_kernel(monkeypatch):
 def test_safetensors_storage_round_trip(tmp_path):
     from safetensors import safe_open
 
-    from engine.store.shards import StreamingShardWriter, TensorSpec, data_offset
+    from engine.store.header import read_header
+    from engine.store.shards import StreamingShardWriter, TensorSpec
 
     tensors = {
         "gate_proj.weight": QuantTensor.quantise(torch.randn(48, 256), formats.get("q4_k")),
@@ -190,7 +191,7 @@ def test_safetensors_storage_round_trip(tmp_path):
     with StreamingShardWriter(path, specs, metadata=meta) as w:
         for name, (raw, _) in stored.items():
             w.write(name, raw)
-    assert data_offset(path) % 4096 == 0
+    assert read_header(path).data_start % 4096 == 0
     with safe_open(str(path), "pt") as f:
         entries = storage.read_formats(f.metadata())
         back = {name: storage.as_stored(name, f.get_tensor(name), entries) for name in f.keys()}
