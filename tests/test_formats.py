@@ -207,3 +207,22 @@ def test_safetensors_storage_round_trip(tmp_path):
             assert torch.equal(back[name], t)
     with pytest.raises(ValueError, match="does not hold"):
         storage.as_stored("gate_proj.weight", torch.zeros(48, 100, dtype=torch.uint8), entries)
+
+
+@pytest.mark.parametrize("name", QUANTISED)
+def test_bf16_decode_uses_the_native_product_within_its_bound(name):
+    """bf16 activations of a few tokens on the CPU go through cuda_ext's product on the blocks (when
+    built): within the bound cuda_ext.quant documents (activations quantised per block of 32)."""
+    from cuda_ext import loader
+
+    w = QuantTensor.quantise(_weights("normal", (48, 512), seed=9), formats.get(name))
+    x = torch.randn(3, 512).bfloat16()
+    y = linear(x, w).float()
+    dense = w.dequantize()
+    ref = x.float() @ dense.T
+    xb = x.float().reshape(3, -1, 32)
+    d_x = xb.abs().amax(dim=2, keepdim=True) / 127  # [3, K/32, 1]
+    bound = (dense.abs().reshape(48, -1, 32).unsqueeze(0) * d_x.unsqueeze(1) / 2).sum(dim=(2, 3))
+    assert torch.all((y - ref).abs() <= bound + 0.02 * ref.abs() + 1e-3)
+    if loader.cpu() is None:  # no compiler here: the PyTorch path answered
+        assert torch.allclose(y, (x @ w.dequantize(torch.bfloat16).T).float())

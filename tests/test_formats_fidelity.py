@@ -48,9 +48,16 @@ MEASURED: dict[str, float] = {}
 
 def _model(hidden: int, inter: int, seed: int):
     cfg = _common("mixtral") | {"hidden_size": hidden, "num_attention_heads": 4, "num_key_value_heads": 2}
-    experts = NUM_EXPERTS if hidden * inter < 65536 else 4  # the wide k-quant shapes: fewer experts to quantise
-    config = tf.MixtralConfig(**cfg, intermediate_size=inter, num_hidden_layers=2,
-                              num_local_experts=experts, num_experts_per_tok=TOP_K)
+    experts = (
+        NUM_EXPERTS if hidden * inter < 65536 else 4
+    )  # the wide k-quant shapes: fewer experts to quantise
+    config = tf.MixtralConfig(
+        **cfg,
+        intermediate_size=inter,
+        num_hidden_layers=2,
+        num_local_experts=experts,
+        num_experts_per_tok=TOP_K,
+    )
     torch.manual_seed(seed)
     model = tf.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     _randomise(model, torch.Generator().manual_seed(seed + 1))
@@ -70,8 +77,15 @@ def _greedy_ours(model, prompt: list[int], n: int) -> list[int]:
 def _check(ours_model, ref, prompt: list[int]) -> float:
     """Largest |logit difference| over a greedy continuation; asserts the greedy tokens agree."""
     with torch.no_grad():
-        gen = ref.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=STEPS, min_new_tokens=STEPS,
-                           eos_token_id=[], pad_token_id=4, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+        gen = ref.generate(
+            torch.tensor([prompt]),
+            do_sample=False,
+            max_new_tokens=STEPS,
+            min_new_tokens=STEPS,
+            eos_token_id=[],
+            pad_token_id=4,
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+        )
         seq = gen[0].tolist()
         ref_logits = ref(torch.tensor([seq])).logits[0]
     ours_logits = ours_model(torch.tensor(seq), 0)
@@ -84,7 +98,7 @@ def _check(ours_model, ref, prompt: list[int]) -> float:
         if ours[step] != seq[len(prompt) + step]:
             assert margin[len(prompt) - 1 + step] <= 2 * LOGIT_BOUND, f"step {step} differs at a clear margin"
             break  # the sequences may part after a near tie
-    assert len(set(seq[len(prompt):])) > 4, "degenerate reference"
+    assert len(set(seq[len(prompt) :])) > 4, "degenerate reference"
     return diff
 
 
@@ -95,11 +109,15 @@ def test_quantised_gguf_model_matches_transformers(tmp_path, monkeypatch, fmt, s
     gtype = SHAPES[fmt][0]
     model = _model(hidden, inter, seed=hidden + inter)
     make_tokenizer(tmp_path / "tok")
-    path = write_gguf(model, "mixtral", tmp_path / "tok", tmp_path / "m.gguf", quantize=("ffn_", "attn_"), qtype=gtype)
+    path = write_gguf(
+        model, "mixtral", tmp_path / "tok", tmp_path / "m.gguf", quantize=("ffn_", "attn_"), qtype=gtype
+    )
 
     pulled = pull_model(str(path), name="q")
     m = pulled.manifest
-    assert m["formats"]["experts"] == dict.fromkeys(("gate_proj.weight", "up_proj.weight", "down_proj.weight"), fmt)
+    assert m["formats"]["experts"] == dict.fromkeys(
+        ("gate_proj.weight", "up_proj.weight", "down_proj.weight"), fmt
+    )
     assert m["formats"]["dense"]["model.layers.0.self_attn.q_proj.weight"] == fmt
     weights, stored = load_expert(as_store_model(pulled.path), 0, 0, torch.float32, torch.device("cpu"))
     assert isinstance(weights.gate, QuantTensor) and weights.gate.format.name == fmt
@@ -130,8 +148,12 @@ def test_gpt_oss_mxfp4_experts_kept_match_transformers(tmp_path, monkeypatch):
     gen = torch.Generator().manual_seed(3)
     for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
         e, cols, rows = tensors[name].shape  # transformers' [E, in, out]
-        blocks = torch.randint(0, 256, (e, rows, cols // 32, 16), generator=gen, dtype=torch.int32).to(torch.uint8)
-        scales = torch.randint(119, 124, (e, rows, cols // 32), generator=gen, dtype=torch.int32).to(torch.uint8)
+        blocks = torch.randint(0, 256, (e, rows, cols // 32, 16), generator=gen, dtype=torch.int32).to(
+            torch.uint8
+        )
+        scales = torch.randint(119, 124, (e, rows, cols // 32), generator=gen, dtype=torch.int32).to(
+            torch.uint8
+        )
         del tensors[name]
         tensors[name + "_blocks"], tensors[name + "_scales"] = blocks, scales
         ref_tensors[name] = dequant_mxfp4(blocks, scales, torch.float32)
@@ -145,7 +167,10 @@ def test_gpt_oss_mxfp4_experts_kept_match_transformers(tmp_path, monkeypatch):
         if f.is_file():
             (ref_dir / f.name).write_bytes(f.read_bytes())
     save_file(ref_tensors, str(ref_dir / "model.safetensors"))
-    cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn"]}
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": ["model.layers.*.self_attn"],
+    }
     (src / "config.json").write_text(json.dumps(cfg))
 
     pulled = pull_model(str(src), name="oss")

@@ -77,6 +77,12 @@ class Format:
         if raw.dtype != torch.uint8:
             raise TypeError(f"{self.name} data must be uint8 blocks, got {raw.dtype}")
         shape = self.logical_shape(tuple(raw.shape))
+        if raw.device.type == "cuda" and self.ggml_type is not None:  # the CUDA kernel, where built
+            from cuda_ext.cuda import dequantize
+
+            out = dequantize(self.ggml_type, raw.contiguous(), dtype)
+            if out is not None:
+                return out.reshape(shape)
         out = self.unpack_blocks(raw.reshape(-1, self.block_bytes))
         return out.reshape(shape).to(dtype)
 
@@ -87,7 +93,9 @@ class Format:
         shape = self.stored_shape(tuple(x.shape))
         blocks = x.detach().to(torch.float32).reshape(-1, self.block)
         out = torch.empty(blocks.shape[0], self.block_bytes, dtype=torch.uint8, device=x.device)
-        step = max(1, (1 << 18) // self.block)  # blocks per chunk (256 Ki values): bounds the searches' memory
+        step = max(
+            1, (1 << 18) // self.block
+        )  # blocks per chunk (256 Ki values): bounds the searches' memory
         for i in range(0, blocks.shape[0], step):
             out[i : i + step] = self.pack_blocks(blocks[i : i + step])
         return out.reshape(shape)

@@ -23,7 +23,9 @@ def unpack_blocks(raw: torch.Tensor) -> torch.Tensor:
     return f16(raw, 0) * q + f16(raw, 2)
 
 
-def fit_affine(x: torch.Tensor, nmax: int, rnd, nonpositive_min: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def fit_affine(
+    x: torch.Tensor, nmax: int, rnd, nonpositive_min: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Scale d [n, 1], offset m [n, 1] and squared error [n] of the best ``x ~ d * q + m``, q in [0, nmax].
 
     Candidates: llama.cpp's range fit (d = span / nmax, m = min) and, for 21 scales
@@ -38,7 +40,9 @@ def fit_affine(x: torch.Tensor, nmax: int, rnd, nonpositive_min: bool = False) -
         lo = lo.clamp_max(0)
     span = hi - lo
     n = x.shape[1]
-    steps = torch.tensor([nmax - 1 + 0.1 * i for i in range(21)], dtype=x.dtype, device=x.device).view(-1, 1, 1)
+    steps = torch.tensor([nmax - 1 + 0.1 * i for i in range(21)], dtype=x.dtype, device=x.device).view(
+        -1, 1, 1
+    )
     iscale = torch.where(span > 0, steps / span.clamp_min(1e-30), torch.zeros_like(span))  # [S, n, 1]
     q = nearest(iscale * (x - lo)).clamp(0, nmax)  # [S, n, B]
     sq, sqq = q.sum(2, keepdim=True), (q * q).sum(2, keepdim=True)

@@ -321,7 +321,10 @@ def gguf_to_checkpoint(
     ``notice(text)`` hears about each GGUF type converted to another format.
     """
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
-    torch_dtype = parse_dtype(dtype) or torch.bfloat16
+    # kept formats compute in float32 by default, as llama.cpp computes on GGUF weights (and the kept
+    # float tensors, norms mostly, are F32): bf16 activations over 4-bit weights can change a small
+    # model's greedy answer
+    torch_dtype = parse_dtype(dtype) or (torch.float32 if keep_formats else torch.bfloat16)
     reader = _open(gguf_path)
     meta = read_metadata(reader)
     names = {t.name for t in reader.tensors}

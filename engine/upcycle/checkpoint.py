@@ -2,8 +2,9 @@
 
 ``upcycle_checkpoint(src_dir, out_dir, num_experts, top_k, dtype)``: every expert of a layer is an
 exact copy of that layer's FFN (w1 = gate_proj, w3 = up_proj, w2 = down_proj); attention, norms and
-embeddings are copied; each layer gets a router whose rows are k-means centroids of the layer's FFN
-inputs on text the dense model generated itself (``engine.upcycle.router``). Mixtral
+embeddings are copied (block-quantised tensors, e.g. a GGUF's Q4_1, as their raw blocks); each layer
+gets a router whose rows are k-means centroids of the layer's FFN inputs on text the dense model
+generated itself (``engine.upcycle.router``). Mixtral
 renormalises the top-k routing weights to sum to one, so with identical experts the output is the
 dense model's up to rounding, whichever experts the router picks -- the model is upcycled, not
 trained. ``config.json`` records that under ``"moeinf_upcycled"``.
@@ -23,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from engine.errors import MoeinfError
+from engine.formats import storage
 from engine.store.config import read_config
 from engine.store.dtypes import config_dtype, parse_dtype
 from engine.store.pull import PullProgress
@@ -86,17 +88,22 @@ def _source_tensors(src_dir: Path) -> list[tuple[Path, str]]:
 
 
 def _plan(src: list[tuple[Path, str]], num_experts: int, hidden: int, dtype: torch.dtype,
-          ) -> list[tuple[TensorSpec, Path, str]]:
+          kept: dict[str, tuple[str, tuple[int, ...]]] | None = None) -> list[tuple[TensorSpec, Path, str]]:
     """Every output tensor (spec, source file, source tensor name), in source order; the router of a
-    layer comes right before its experts."""
+    layer comes right before its experts. A tensor in a block format (``kept``: source name ->
+    (format, logical shape), from ``_source_formats``) is copied as its raw blocks; ``kept`` gains
+    the output names of the copies."""
+    kept = {} if kept is None else kept
     plan: list[tuple[TensorSpec, Path, str]] = []
     routed: set[int] = set()
     for path, name in src:
         with safe_open(str(path), framework="pt") as fh:
             shape = tuple(fh.get_slice(name).get_shape())
+        entry = kept.get(name)
+        out_dtype = torch.uint8 if entry else dtype
         m = _FFN_RE.match(name)
         if m is None:
-            plan.append((TensorSpec(name, dtype, shape), path, name))
+            plan.append((TensorSpec(name, out_dtype, shape), path, name))
             continue
         layer, proj = int(m[1]), m[2]
         prefix = f"model.layers.{layer}.block_sparse_moe"
@@ -104,8 +111,20 @@ def _plan(src: list[tuple[Path, str]], num_experts: int, hidden: int, dtype: tor
             routed.add(layer)
             plan.append((TensorSpec(f"{prefix}.gate.weight", dtype, (num_experts, hidden)), path, f"router:{layer}"))
         for e in range(num_experts):
-            plan.append((TensorSpec(f"{prefix}.experts.{e}.{_EXPERT_NAME[proj]}.weight", dtype, shape), path, name))
+            out = f"{prefix}.experts.{e}.{_EXPERT_NAME[proj]}.weight"
+            plan.append((TensorSpec(out, out_dtype, shape), path, name))
+            if entry:
+                kept[out] = entry
     return plan
+
+
+def _source_formats(src: list[tuple[Path, str]]) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Source tensor name -> (block format, logical shape) of every block-quantised source tensor."""
+    out: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for path in sorted({p for p, _ in src}):
+        with safe_open(str(path), framework="pt") as fh:
+            out.update(storage.read_formats(fh.metadata()))
+    return out
 
 
 def upcycle_checkpoint(
@@ -157,11 +176,14 @@ def upcycle_checkpoint(
     work = out_dir.with_name(out_dir.name + ".partial")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    plan = _plan(_source_tensors(src_dir), num_experts, hidden, torch_dtype)
+    src = _source_tensors(src_dir)
+    kept = _source_formats(src)
+    plan = _plan(src, num_experts, hidden, torch_dtype, kept)
+    meta = {"format": "pt", **storage.metadata({spec.name: kept[spec.name] for spec, _, _ in plan if spec.name in kept})}
     advance = progress.task(f"writing {num_experts} experts per layer", sum(p[0].nbytes for p in plan))
     handles: dict[Path, Any] = {}
     try:
-        with StreamingShardWriter(work / "model.safetensors", [p[0] for p in plan], metadata={"format": "pt"}) as w:
+        with StreamingShardWriter(work / "model.safetensors", [p[0] for p in plan], metadata=meta) as w:
             cached: tuple[str, torch.Tensor] | None = None
             for spec, path, name in plan:
                 if name.startswith("router:"):
@@ -169,7 +191,8 @@ def upcycle_checkpoint(
                 else:
                     if cached is None or cached[0] != f"{path}:{name}":
                         fh = handles.get(path) or handles.setdefault(path, safe_open(str(path), framework="pt"))
-                        cached = (f"{path}:{name}", fh.get_tensor(name).to(torch_dtype))
+                        t = fh.get_tensor(name)  # block-quantised: its raw blocks, copied as they are
+                        cached = (f"{path}:{name}", t if name in kept else t.to(torch_dtype))
                     w.write(spec.name, cached[1])
                 advance(spec.nbytes)
     finally:

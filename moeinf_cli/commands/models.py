@@ -88,11 +88,12 @@ def register(app: typer.Typer) -> None:
                     f"{_human(m['expert_bytes'])} each (intermediate {m['expert_intermediate_size']})",
                 ),
             ]
+        lines += _format_lines(m)
         lines += [
             ("hidden size", str(m["hidden_size"])),
             (
                 "dtype",
-                m["dtype"] + (f" (dequantised from {m['dequantized']})" if m.get("dequantized") else ""),
+                m["dtype"] + _dequantized_note(m.get("dequantized")),
             ),
             ("dense size", _human(m["dense_bytes"])),
             ("total size", f"{_human(m['total_bytes'])} in {len(m['files'])} files"),
@@ -146,3 +147,35 @@ def _ranges(xs: list[int]) -> str:
         out.append(f"{xs[i]}" if i == j else f"{xs[i]}-{xs[j]}")
         i = j + 1
     return ",".join(out)
+
+
+def _dequantized_note(what: str | None) -> str:
+    if not what:
+        return ""
+    source, _, stored = what.partition("->")
+    return f" ({source} weights stored as {stored})" if stored else f" (dequantised from {source})"
+
+
+def _format_lines(m: dict) -> list[tuple[str, str]]:
+    """``moeinf show``'s tensor-format lines: the experts' formats, and the dense tensors by format."""
+    from engine import formats
+
+    def named(fmt: str) -> str:
+        try:
+            return f"{fmt} ({formats.get(fmt).bits_per_weight:g} bits/weight)"
+        except ValueError:
+            return fmt
+
+    kinds = m.get("formats") or {}
+    lines = []
+    experts = kinds.get("experts") or {}
+    weights = sorted({f for n, f in experts.items() if n.endswith(".weight")})
+    if weights:
+        lines.append(("expert format", ", ".join(named(f) for f in weights)))
+    dense = kinds.get("dense") or {}
+    if dense:
+        counts: dict[str, int] = {}
+        for f in dense.values():
+            counts[f] = counts.get(f, 0) + 1
+        lines.append(("dense formats", ", ".join(f"{named(f)} x {n}" for f, n in sorted(counts.items()))))
+    return lines

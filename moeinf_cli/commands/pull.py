@@ -23,6 +23,7 @@ Examples:
   moeinf pull Qwen/Qwen1.5-MoE-A2.7B --revision main --dtype bf16 --name qwen-moe
   moeinf pull ./my-checkpoint --name mine
   moeinf pull SmolLM2-135M-Instruct.Q4_1.gguf --upcycle 8 --top-k 2
+  moeinf pull ./my-checkpoint --quantize q4_k --quantize-dense q8_0
   moeinf pull --list-aliases
 """
 
@@ -130,6 +131,14 @@ def register(app: typer.Typer) -> None:
             None, "--upcycle", help="Turn a dense llama model into a MoE of E copies of its FFN."
         ),
         top_k: int = typer.Option(None, "--top-k", help="Experts per token for --upcycle (default 2)."),
+        quantize: str = typer.Option(
+            None, "--quantize", metavar="FORMAT",
+            help="Quantise the experts of a float source as they are stored (q8_0, q6_k, q4_1, q4_0, q4_k, mxfp4).",
+        ),
+        quantize_dense: str = typer.Option(
+            None, "--quantize-dense", metavar="FORMAT",
+            help="Quantise the dense weight matrices too (routers stay float).",
+        ),
         keep_download: bool = typer.Option(
             False,
             "--keep-download",
@@ -166,6 +175,8 @@ def register(app: typer.Typer) -> None:
                     keep_downloads=keep_download,
                     progress=progress,
                     transform=transform,
+                    quantize=quantize,
+                    quantize_dense=quantize_dense,
                 )
         except KeyboardInterrupt:
             print(
