@@ -12,7 +12,7 @@ from engine.store.gguf import _arch_config, _open, read_metadata
 
 MORE = [
     "Paris, 75001 — 2,148,271 inhabitants (2020); écoles, cafés & crème brûlée!",
-    "x = [i ** 2 for i in range(10) if i % 3 != 0]\nprint(f\"{x!r:>20}\")",
+    'x = [i ** 2 for i in range(10) if i % 3 != 0]\nprint(f"{x!r:>20}")',
     "   \n\t  multiple   spaces\r\nand CRLF",
     "<|endoftext|><repo_name>moeinf<file_sep>README.md",
 ]
@@ -64,3 +64,26 @@ def test_real_config_from_metadata(smol):
     assert (cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]) == (9, 3, 64)
     assert cfg["rope_theta"] == 100000.0 and cfg["tie_word_embeddings"] is True
     assert cfg["vocab_size"] == 49152 and cfg["max_position_embeddings"] == 8192
+
+
+def test_real_q4_1_gguf_is_stored_as_it_comes_and_answers(tmp_path, monkeypatch):
+    """The demo's GGUF: its Q4_1 (and Q8_0 embedding) blocks are stored as they are, about a third of
+    the bf16 size, and the model computing on them answers the demo question."""
+    import engine
+    from engine.store.pull import pull_model
+
+    monkeypatch.setenv("MOEINF_HOME", str(tmp_path / "home"))
+    m = pull_model(str(smollm2_gguf()), name="smol").manifest
+    dense = m["formats"]["dense"]
+    assert dense["model.layers.0.mlp.gate_proj.weight"] == "q4_1"
+    assert dense["model.layers.0.self_attn.q_proj.weight"] == "q4_1"
+    assert dense["model.embed_tokens.weight"] == "q8_0"
+    assert dense["model.norm.weight"] == "f32"
+    assert m["total_bytes"] < 110e6  # bf16 would be 270 MB
+    session = engine.load("smol", ctx=256)
+    reply = "".join(
+        p
+        for p in session.generate("What is the capital of France?", temperature=0, num_predict=12)
+        if isinstance(p, str)
+    )
+    assert "Paris" in reply

@@ -35,11 +35,15 @@ other in the order gate, up, down (then the biases), so one read of ``[data_star
 whole expert. ``engine.store.header.read_header(path).data_start`` gives the data start.
 
 Weights keep the source dtype unless ``moeinf pull --dtype`` asks otherwise (DeepSeek-V3's
-``e_score_correction_bias`` is always kept in float32, as transformers keeps it). Quantised sources are
-dequantised at pull: gpt-oss MXFP4 experts (``*_blocks`` + ``*_scales``) and DeepSeek-V3 FP8 weights
-with 128x128 ``weight_scale_inv`` blocks (``quantization_config.weight_block_size``) are dequantised in
-float32 and stored, like every other float tensor of a quantised source, in the config's compute dtype
-(bf16 unless ``--dtype``); the manifest's ``dequantized`` field says which.
+``e_score_correction_bias`` is always kept in float32, as transformers keeps it). Quantised sources stay
+quantised (``engine.formats``): a GGUF's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K/MXFP4 tensors are copied block for
+block (other GGUF types go to the nearest supported format, with a notice), gpt-oss's MXFP4 experts are
+stored as ``mxfp4`` (the same values regrouped) and DeepSeek-V3's FP8 weights as ``q8_0``; with
+``--dtype`` they are dequantised instead (the manifest's ``dequantized`` field says which).
+``--quantize FORMAT`` / ``--quantize-dense FORMAT`` quantise a float source's experts / dense matrices.
+A quantised tensor is stored as a ``U8`` tensor of its raw blocks under its own name, the file's
+``__metadata__`` key ``moeinf.formats`` naming its format and logical shape
+(``engine/formats/storage.py``).
 
 manifest.json
 -------------
@@ -50,7 +54,8 @@ was made by ``--upcycle`` (random-free copies of a dense FFN: "upcycled, not tra
 ``family`` (config ``model_type``), ``num_layers``, ``num_experts`` (per MoE layer), ``top_k``,
 ``moe_layers`` (decoder-layer indices with routed experts), ``hidden_size``, ``expert_intermediate_size``,
 ``dtype`` (torch dtype name of the stored weights, e.g. "bfloat16"), ``source_dtype``,
-``dequantized`` (null, "mxfp4" or "fp8"), ``expert_tensors`` (names in every expert shard),
+``dequantized`` (null, "mxfp4", "fp8" or "fp8->q8_0"), ``formats``: ``{"experts": {tensor: format},
+"dense": {tensor: format}}`` (every tensor's format: f32/bf16/f16 or a block format), ``expert_tensors`` (names in every expert shard),
 ``dense_bytes`` (sum of dense/ file sizes), ``expert_bytes`` (size of one expert shard file),
 ``total_bytes`` (all files), ``files``: ``{relative path: {"size": int, "sha256": hex}}`` for every
 file of the model except manifest.json itself.
