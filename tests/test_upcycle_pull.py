@@ -110,14 +110,15 @@ def test_cli_refuses_bad_upcycle_options_before_any_work():
         assert r.exit_code != 0 and what in str(r.exception), (args, r.exception)
 
 
-def test_upcycling_a_quantised_gguf_copies_its_dequantised_ffn(tmp_path):
-    """A Q8_0 GGUF pulled with --upcycle: the upcycler gets float tensors (block formats are not kept
-    for a transform), so every expert is the dense FFN as the GGUF reader dequantises it."""
+def test_upcycling_a_quantised_gguf_copies_its_blocks(tmp_path):
+    """A Q8_0 GGUF pulled with --upcycle: every expert holds the dense FFN's Q8_0 blocks as they are
+    (the demo's path: its Q4_1 is kept), equal to the GGUF reader's dequantisation once unpacked."""
     import torch
-    from safetensors.torch import load_file
 
+    from engine.formats.tensor import QuantTensor
+    from engine.model.experts import load_expert
     from engine.store.gguf import gguf_to_checkpoint
-    from engine.store.paths import expert_shard_path
+    from engine.store.opened import as_store_model
 
     tok = tmp_path / "tok"
     tok.mkdir()
@@ -125,9 +126,12 @@ def test_upcycling_a_quantised_gguf_copies_its_dequantised_ffn(tmp_path):
     path = write_gguf(make_tiny_model("llama"), "llama", tok, tmp_path / "Tiny-Q8.gguf",
                       quantize=("ffn_gate",))
     r = pull_model(str(path), transform=Upcycle(4, 2, max_new_tokens=6), progress=Recorder())
-    dense = load_file(str(gguf_to_checkpoint(path, tmp_path / "ref") / "model.safetensors"))  # as the pull reads it
+    assert r.manifest["formats"]["experts"]["gate_proj.weight"] == "q8_0"
+    from safetensors.torch import load_file
+
+    dense = load_file(str(gguf_to_checkpoint(path, tmp_path / "ref", "float32") / "model.safetensors"))
     gate = dense["model.layers.0.mlp.gate_proj.weight"]
     for e in range(4):
-        shard = load_file(str(expert_shard_path(r.path, 0, e)))
-        assert shard["gate_proj.weight"].shape == gate.shape
-        assert torch.equal(shard["gate_proj.weight"].to(gate.dtype), gate)
+        w, _ = load_expert(as_store_model(r.path), 0, e, torch.float32, torch.device("cpu"))
+        assert isinstance(w.gate, QuantTensor) and w.gate.shape == tuple(gate.shape)
+        assert torch.equal(w.gate.dequantize(torch.float32), gate)

@@ -245,7 +245,7 @@ def _pull_locked(kind, value, source, name, revision, target_dtype, transform, k
     try:
         if kind == "gguf":
             src = _step(tmp_root / "gguf", "the GGUF conversion", described, progress,
-                        lambda out: _from_gguf(value, out, target_dtype, progress, keep=transform is None))
+                        lambda out: _from_gguf(value, out, target_dtype, progress))
         if transform:
             upcycled = {"from": described, **upcycled}
             for shard in src.shards:  # the transform reads the whole source checkpoint
@@ -290,13 +290,13 @@ def _step(out: Path, what: str, described: dict, progress: PullProgress, build: 
     return LocalSource(out, description=described)
 
 
-def _from_gguf(path: str, out: Path, target_dtype, progress: PullProgress, keep: bool = True) -> Path:
-    """The GGUF file as a checkpoint; block formats kept unless ``keep`` is False (a transform such as
-    upcycling reads the checkpoint's tensors as floats, so it gets them dequantised)."""
+def _from_gguf(path: str, out: Path, target_dtype, progress: PullProgress) -> Path:
+    """The GGUF file as a checkpoint, block formats kept unless ``--dtype`` asks for floats (the
+    upcycler copies kept blocks into the experts as they are)."""
     from engine.store.gguf import gguf_to_checkpoint
 
     return gguf_to_checkpoint(path, out, target_dtype, progress=progress,
-                              keep_formats=keep and target_dtype is None, notice=progress.message)
+                              keep_formats=target_dtype is None, notice=progress.message)
 
 
 def _convert_into_store(src, name: str, key: dict, target_dtype, upcycled, progress: PullProgress, quant: dict) -> PullResult:
