@@ -95,7 +95,7 @@ def load_model(
     state = _read_dense(store, family, dtype, device)
     quantised = _place_quantised(model, state, dtype)
     expected = set(model.state_dict().keys()) | set(quantised)
-    if "lm_head.weight" in expected and "lm_head.weight" not in state:
+    if "lm_head.weight" in expected and "lm_head.weight" not in state and "lm_head.weight" not in quantised:
         if not args.tie_word_embeddings and "embed_tokens.weight" in state:
             raise MoeinfError(
                 f"{model_root} has no lm_head.weight and its config does not tie embeddings; pull the model again"
