@@ -1,33 +1,29 @@
-"""The trace-driven policy ``eam`` (the default): predict when each expert is next used, evict, prefetch.
+"""The trace-driven policy ``eam`` (the default): predict each expert's next use, prefetch, evict.
 
-For every expert (l, e) and every horizon j = 1..H the policy estimates ``P_j[l, e]``, the
-probability that e is used at the j-th next run of layer l, with one small logistic model per
-horizon whose weights are learned online: every single-token run of a layer is a labelled example
-for each horizon (the features an expert had j runs earlier, and whether the router picked it now).
-The features combine what routing history can say about reuse:
+For every expert (l, e) the policy estimates ``p[l, e]``, the probability that e is used the next
+time layer l runs, with a small logistic model over features that combine the sources the papers
+use, and learns the model's weights online (every single-token step is a labelled example: the
+features an expert had before its layer ran, and whether the router picked it):
 
-* recency, as lag indicators: whether e was used at each of the layer's last W runs. The weights
-  learn the shape of the reuse-distance distribution of the model at hand: strong recency (decode
-  routing that sticks to its experts), none, or periodic reuse, without a constant fit to a trace;
-* the request's usage rate of e (shrunk towards the prior), relative to the prior;
-* the prior: the usage rate that past requests like this one predict (``EAMCollection.predict``:
-  cosine match of the partial EAM over the layers seen so far, nearer layers weighted more), or the
-  session's rate while the collection is empty, relative to uniform routing;
-* cross-layer transitions (next run only): for the layers still to come in the current token, the
-  experts that tokens routed like this one used at the next layer (transition counts of the collection);
-* speculative-gating hints (next run only; ``on_hint(layer, scores)``: the coming layer's router
-  applied early to the current hidden state); the hint's excess over the prior, a weight that starts high.
+* recency and frequency inside the running request: used at the layer's previous run, the run
+  before, a fast and a slow exponential moving average of use, the request's usage rate;
+* the EAM collection: the usage rate that past requests like this one predict
+  (``EAMCollection.predict``: cosine match of the partial EAM over the layers seen so far, nearer
+  layers weighted more), or the session's rate while the collection is empty;
+* cross-layer transitions: for the layers still to come in the current token, the experts that
+  tokens routed like this one used at the next layer (transition counts of the collection);
+* speculative-gating hints (``on_hint(layer, scores)``: the coming layer's router applied early to
+  the current hidden state); the hint's excess over the prior is a feature whose weight starts high.
 
-The weights start as a mild recency prior (a fresh policy behaves like LRU weighted by the prior)
-and follow the routing: where history predicts reuse the rate features gain weight, where it does
-not recency keeps it.
-
-Eviction approximates Belady with the expected next-use distance in layer steps: the distance d0
-to layer l's next run, plus L per further run, over the distribution of the first use among the
-next H runs (``P_j`` with survival), and past H a geometric tail at the model's rate for run H.
-``victim`` evicts the resident expert whose expected next use is farthest. ``prefetch`` proposes the
-most likely non-resident experts of the next layers whose next-run probability clears
-``prefetch_floor`` and whose expected use comes before that of the resident expert each would displace.
+Eviction approximates Belady: the expected next-use distance of (l, e) in layer steps is the
+distance to layer l's next run plus ``L * (1 - p) / q``: if the next run does not use it, a
+geometric number of further tokens at the per-token rate ``q``. ``q`` mixes the short-term ``p``
+with a long-run rate (the request's usage rate shrunk towards the EAM prior and the session's rate);
+the mixing share is itself learned online, as the mixture that best predicted (log loss) the use two
+runs after the prediction was made. ``victim`` evicts the resident expert whose expected next use is
+farthest. ``prefetch`` proposes the
+most likely non-resident experts of the next layers whose probability clears ``prefetch_floor``
+and whose expected use comes before that of the resident expert each would displace.
 
 Learning across requests: at each ``begin_sequence`` the finished request's EAM joins the in-memory
 collection and every single-token step adds to the transition counts. With ``model_name`` the
@@ -43,9 +39,9 @@ import numpy as np
 from engine.policy.base import Key, Policy
 from engine.trace.eam import DECODE, EAM, PREFILL, EAMCollection
 
-# the features after the W lag indicators (the bias is feature 0, the lags 1..W)
-X_RATE, X_PRIOR, X_TRANS, X_HINT = range(4)
-NUM_EXTRA = 4
+# feature order of the reuse model
+F_BIAS, F_PREV, F_PREV2, F_FAST, F_SLOW, F_FREQ, F_PRIOR, F_TRANS, F_HINT = range(9)
+NUM_FEATURES = 9
 
 
 def _top_k_of(config: dict | None) -> int | None:
@@ -59,12 +55,9 @@ def _top_k_of(config: dict | None) -> int | None:
         return None
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
-
-
-def _log_ratio(a: np.ndarray, b: np.ndarray | float) -> np.ndarray:
-    return np.log(np.clip(a, 1e-3, 1.0)) - np.log(np.clip(b, 1e-3, 1.0))
+def _logit(p: np.ndarray | float) -> np.ndarray:
+    p = np.clip(p, 1e-4, 1 - 1e-4)
+    return np.log(p / (1 - p))
 
 
 class EAMPolicy(Policy):
@@ -77,37 +70,39 @@ class EAMPolicy(Policy):
         model_name: str | None = None,
         collection: EAMCollection | None = None,
         learn: bool = True,
-        lags: int = 64,
-        horizons: int = 32,
-        learning_rate: float = 0.03,
-        recency_prior: float = 2.0,
+        fast_decay: float = 0.5,
+        slow_decay: float = 0.95,
+        learning_rate: float = 0.05,
         hint_weight: float = 6.0,
         prefetch_floor: float = 0.7,
         prefetch_layers: int = 1,
         transition_trust: float = 32.0,
-        transition_depth: int = 1,
-        rate_weight: float = 2.0,
+        horizon: int = 1,
+        long_run_weight: float = 8.0,
+        short_term_share: float = 0.5,
+        share_rate: float = 0.01,
         top_k: int | None = None,
         config: dict | None = None,
     ):
         self.model_name = model_name
         self._given = collection
         self.learn = learn
-        self.lags, self.horizons = max(1, lags), max(1, horizons)
+        self.fast_decay, self.slow_decay = fast_decay, slow_decay
         self.learning_rate = learning_rate
-        self.recency_prior = recency_prior
         self.hint_weight = hint_weight
         self.prefetch_floor = prefetch_floor
         self.prefetch_layers = prefetch_layers
         self.transition_trust = transition_trust
-        self.transition_depth = transition_depth
-        self.rate_weight = rate_weight
+        self.horizon = horizon
+        self.long_run_weight = long_run_weight
+        self.short_term_share = short_term_share
+        self.share_rate = share_rate
         self._top_k_given = top_k or _top_k_of(config)
 
     # -- lifecycle ----------------------------------------------------------------------------------
     def setup(self, num_layers: int, num_experts: int, capacity: int) -> None:
         super().setup(num_layers, num_experts, capacity)
-        L, E, H = num_layers, num_experts, self.horizons
+        L, E = num_layers, num_experts
         coll = self._given
         if coll is None and self.model_name:
             from engine.trace.store import TraceStore
@@ -120,42 +115,38 @@ class EAMPolicy(Policy):
         self.top_k = self._top_k_given or 1
         self._session_counts = np.zeros((L, E), dtype=np.float32)
         self._session_tokens = 0
-        self.weights = np.zeros((H, 1 + self.lags + NUM_EXTRA), dtype=np.float64)
+        self.weights = np.zeros(NUM_FEATURES, dtype=np.float64)
         self._weights_ready = False
+        self.short_share = self.short_term_share
         self._hint = np.zeros((L, E), dtype=np.float32)
+        self._has_hint = np.zeros(L, dtype=bool)
         self._cur = EAM.empty(L, E)
         self._reset_request()
 
     def _init_weights(self) -> None:
-        """A mild recency prior: P_j starts at the uniform rate, raised by use at the last run (less so
-        for later runs) and by the request's and the prior's rates."""
-        W = self.lags
-        w = np.zeros_like(self.weights)
-        w[:, 0] = float(np.log(self.top_k / (self.num_experts - min(self.top_k, self.num_experts - 1))))
-        w[:, 1] = self.recency_prior / (1.0 + np.arange(self.horizons))
-        w[:, 1 + W + X_RATE] = 1.0
-        w[:, 1 + W + X_PRIOR] = 1.0
-        w[0, 1 + W + X_TRANS] = 2.0
-        w[0, 1 + W + X_HINT] = self.hint_weight
+        base = self.top_k / self.num_experts
+        w = np.zeros(NUM_FEATURES)
+        w[F_BIAS] = float(_logit(base)) - 1.0
+        w[F_PREV], w[F_FAST], w[F_SLOW], w[F_FREQ] = 0.5, 1.0, 1.0, 1.0
+        w[F_PRIOR], w[F_TRANS] = 2.0, 2.0
+        w[F_HINT] = self.hint_weight
         self.weights = w
         self._weights_ready = True
 
     def _reset_request(self) -> None:
-        L, E, H, W = self.num_layers, self.num_experts, self.horizons, self.lags
-        self._used = np.zeros((L, E, W + H), dtype=np.float32)  # [..., 0]: the layer's latest run
-        self._extra = np.zeros((L, E, NUM_EXTRA), dtype=np.float32)  # live features after the lags
-        self._snaps = np.zeros((L, H, E, NUM_EXTRA), dtype=np.float32)  # _extra after each of the last H runs
-        self._runs = np.zeros(L, dtype=np.int64)  # runs of each layer in this request
-        self._steps = np.zeros(L, dtype=np.float64)  # tokens behind them (a prefill chunk counts its tokens)
+        L, E = self.num_layers, self.num_experts
+        self._dist: np.ndarray | None = None
+        self._feat = np.zeros((L, E, NUM_FEATURES), dtype=np.float32)
+        self._feat[..., F_BIAS] = 1.0
+        self._runs = np.zeros(L, dtype=np.float64)  # single-token runs of each layer in this request
         self._req_counts = np.zeros((L, E), dtype=np.float32)
-        self._gap = np.zeros((L, E), dtype=np.float64)  # expected further runs to the next use, per layer
-        self._stale = np.ones(L, dtype=bool)
         self._cur = EAM.empty(L, E)
         self._tokens = 0
         self._new_step = True
         self._layer = -1
         self._token_experts: dict[int, np.ndarray] = {}
         self._prior = np.full((L, E), self.top_k / E, dtype=np.float32)
+        self._hist = np.full((2, 2, L, E), np.nan, dtype=np.float64)  # [age, (short, long), L, E]
         self._refresh_prior()
 
     def begin_sequence(self) -> None:
@@ -165,34 +156,15 @@ class EAMPolicy(Policy):
 
     def begin_token(self) -> None:
         self._new_step = True
+        self._dist = None
         self._token_experts = {}
         self._layer = -1
         if self._tokens and self._tokens % 4 == 0:
             self._refresh_prior()
 
-    # -- features -----------------------------------------------------------------------------------
-    def _rates(self, layer: int) -> np.ndarray:
-        m = self.rate_weight
-        return (self._req_counts[layer] + m * self._prior[layer]) / (self._steps[layer] + m)
-
-    def _set_rate_features(self, layer: int) -> None:
-        self._extra[layer, :, X_RATE] = _log_ratio(self._rates(layer), self._prior[layer])
-        self._extra[layer, :, X_PRIOR] = _log_ratio(self._prior[layer], self.top_k / self.num_experts)
-        self._stale[layer] = True
-
-    def _features(self, layer: int, ago: int = 0) -> np.ndarray:
-        """[E, F] features of ``layer`` as they were ``ago`` runs ago (0: now)."""
-        E, W = self.num_experts, self.lags
-        x = np.empty((E, 1 + W + NUM_EXTRA), dtype=np.float64)
-        x[:, 0] = 1.0
-        x[:, 1 : 1 + W] = self._used[layer, :, ago : ago + W]
-        x[:, 1 + W :] = (
-            self._extra[layer] if ago == 0 else self._snaps[layer, (self._runs[layer] - ago) % self.horizons]
-        )
-        return x
-
     # -- observations ---------------------------------------------------------------------------------
     def on_route(self, layer: int, experts: Sequence[int], counts: Sequence[int] | None = None) -> None:
+        self._dist = None
         ids = np.fromiter((int(e) for e in experts), dtype=np.int64)
         cnt = np.ones(len(ids), dtype=np.float32) if counts is None else np.asarray(counts, dtype=np.float32)
         multi = bool(len(cnt) and cnt.max() > 1)
@@ -215,53 +187,63 @@ class EAMPolicy(Policy):
         share = used.copy()  # fraction of the step's tokens routed to each expert
         if multi:
             share[ids] = np.minimum(cnt / step_tokens, 1.0)
+        f = self._feat[layer]
         if not multi and self.learn and self._weights_ready:
-            self._learn(layer, used)
-        # this run becomes history: lags shift, rates update, token-specific features are spent
-        self._used[layer, :, 1:] = self._used[layer, :, :-1]
-        self._used[layer, :, 0] = share
-        self._runs[layer] += 1
-        self._steps[layer] += step_tokens
+            self._learn(f, used)
+            self._learn_share(layer, used)
+        # features for this layer's next run
+        self._runs[layer] += step_tokens
         self._req_counts[layer] += share * step_tokens
-        self._extra[layer, :, X_TRANS] = 0.0
-        self._extra[layer, :, X_HINT] = 0.0
-        self._set_rate_features(layer)
-        self._snaps[layer, self._runs[layer] % self.horizons] = self._extra[layer]
+        f[:, F_PREV2] = f[:, F_PREV]
+        f[:, F_PREV] = used
+        df, ds = self.fast_decay**step_tokens, self.slow_decay**step_tokens
+        f[:, F_FAST] = f[:, F_FAST] * df + (1 - df) * share
+        f[:, F_SLOW] = f[:, F_SLOW] * ds + (1 - ds) * share
+        f[:, F_FREQ] = self._req_counts[layer] / max(self._runs[layer], 1)
+        f[:, F_PRIOR] = self._prior[layer]
+        f[:, F_TRANS] = self._prior[layer]
+        f[:, F_HINT] = 0.0
+        self._has_hint[layer] = False
         if not multi:
             prev = self._token_experts.get(layer - 1)
             if self.learn and prev is not None and self.collection.transitions is not None and len(ids):
                 self.collection.transitions[layer - 1][np.ix_(prev, ids)] += 1.0
             self._token_experts[layer] = ids
             self._predict_next_layer(layer, ids)
+        if self._weights_ready:  # this run's predictions, judged two runs from now
+            self._hist[1, :, layer] = self._hist[0, :, layer]
+            z = self._feat[layer].astype(np.float64) @ self.weights
+            self._hist[0, 0, layer] = 1.0 / (1.0 + np.exp(-z))
+            self._hist[0, 1, layer] = self.long_run_rates()[layer]
 
-    def _learn(self, layer: int, used: np.ndarray) -> None:
-        """One SGD step per horizon j on this run: the features of j runs ago against what was used now."""
-        J = min(self.horizons, int(self._runs[layer]))
-        if J == 0:
+    def _learn(self, f: np.ndarray, used: np.ndarray) -> None:
+        """One SGD step of the logistic reuse model on this layer's run (features were set before it)."""
+        z = f.astype(np.float64) @ self.weights
+        p = 1.0 / (1.0 + np.exp(-z))
+        grad = (used - p) @ f / max(len(used), 1)
+        self.weights += self.learning_rate * grad * len(used) / max(self.top_k, 1)
+
+    def _learn_share(self, layer: int, used: np.ndarray) -> None:
+        """One SGD step on the share of the short-term probability in the beyond-next-run rate: the
+        mixture of the predictions made two runs ago that best predicts this run (log loss)."""
+        short, long = self._hist[1, 0, layer], self._hist[1, 1, layer]
+        if np.isnan(short).any() or np.isnan(long).any():
             return
-        W, E = self.lags, self.num_experts
-        x = np.empty((J, E, 1 + W + NUM_EXTRA), dtype=np.float64)
-        x[..., 0] = 1.0
-        windows = np.lib.stride_tricks.sliding_window_view(self._used[layer], W, axis=1)  # [E, H+1, W]
-        x[..., 1 : 1 + W] = windows[:, :J].transpose(1, 0, 2)  # j runs ago: the lags from index j-1
-        x[0, :, 1 + W :] = self._extra[
-            layer
-        ]  # the next-run prediction saw this token's transitions and hints
-        if J > 1:
-            slots = (self._runs[layer] + 1 - np.arange(2, J + 1)) % self.horizons
-            x[1:, :, 1 + W :] = self._snaps[layer, slots]
-        p = _sigmoid(np.einsum("jef,jf->je", x, self.weights[:J]))
-        self.weights[:J] += self.learning_rate / max(self.top_k, 1) * np.einsum("je,jef->jf", used - p, x)
+        lam = self.short_share
+        m = np.clip(lam * short + (1.0 - lam) * long, 1e-4, 1 - 1e-4)
+        grad = float(np.mean(-(used / m - (1.0 - used) / (1.0 - m)) * (short - long)))
+        self.short_share = float(np.clip(lam - self.share_rate * grad, 0.05, 0.95))
 
     def on_hint(self, layer: int, scores: Sequence[float]) -> None:
+        self._dist = None
         s = np.asarray(scores, dtype=np.float64).reshape(-1)
         if s.shape[0] != self.num_experts or not 0 <= layer < self.num_layers:
             return
         p = np.exp(s - s.max())
         p = np.minimum(p / p.sum() * self.top_k, 1.0)
         self._hint[layer] = p
-        self._extra[layer, :, X_HINT] = p - self._prior[layer]
-        self._stale[layer] = True
+        self._has_hint[layer] = True
+        self._feat[layer, :, F_HINT] = p - self._feat[layer, :, F_PRIOR]
 
     def on_load(self, key: Key) -> None:
         self.resident[key] = True
@@ -281,21 +263,21 @@ class EAMPolicy(Policy):
             pred = (self._session_counts + 4.0 * uniform) / (self._session_tokens + 4.0)
         if pred is not None:
             self._prior = np.clip(pred, 0.0, 1.0).astype(np.float32)
-            for layer in range(L):
-                self._set_rate_features(layer)
+            if hasattr(self, "_feat"):
+                self._feat[..., F_PRIOR] = self._prior
 
     def _predict_next_layer(self, layer: int, ids: np.ndarray) -> None:
-        """Transition-based probabilities for this token's coming layers (feature X_TRANS).
+        """Transition-based probabilities for this token's coming layers (feature F_TRANS).
 
-        Layer+1 from this token's experts at ``layer``; further layers (up to ``transition_depth``)
-        by chaining the prediction through the next transition matrices, which flattens it as it goes.
+        Layer+1 from this token's experts at ``layer``; further layers (up to ``horizon``) by chaining
+        the prediction through the next transition matrices, which flattens it as it goes.
         """
         tr = self.collection.transitions
         if tr is None or not len(ids):
             return
         cur = np.zeros(self.num_experts, dtype=np.float64)
         cur[ids] = 1.0
-        for nl in range(layer + 1, min(layer + 1 + self.transition_depth, self.num_layers)):
+        for nl in range(layer + 1, min(layer + 1 + self.horizon, self.num_layers)):
             rows = cur @ tr[nl - 1]
             total = float(rows.sum())
             if total <= 0:
@@ -303,43 +285,36 @@ class EAMPolicy(Policy):
             n_obs = total / max(float(cur.sum()), 1e-6) / max(self.top_k, 1)  # tokens behind these rows
             a = n_obs / (n_obs + self.transition_trust)
             pred = np.minimum(rows * (self.top_k / total), 1.0)
-            self._extra[nl, :, X_TRANS] = a * (pred - self._prior[nl])
-            self._stale[nl] = True
+            self._feat[nl, :, F_TRANS] = a * pred + (1 - a) * self._prior[nl]
             cur = pred
-
-    def horizon_probabilities(self, layer: int) -> np.ndarray:
-        """P(used at the j-th next run of ``layer``) [E, H]."""
-        if not self._weights_ready:
-            self._init_weights()
-        return _sigmoid(self._features(layer) @ self.weights.T)
 
     def probabilities(self) -> np.ndarray:
         """P(used at the layer's next run) [L, E] for every expert."""
         if not self._weights_ready:
-            self._init_weights()
-        return np.stack(
-            [_sigmoid(self._features(layer) @ self.weights[0]) for layer in range(self.num_layers)]
-        )
+            return np.maximum(self._prior, self._feat[..., F_FAST])
+        z = self._feat.astype(np.float64) @ self.weights
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
-    def _refresh_gaps(self) -> None:
-        """Expected further runs to each stale layer's next use (the first of the next H runs, else a
-        geometric tail at the rate the model gives run H)."""
-        H = self.horizons
-        for layer in np.nonzero(self._stale)[0]:
-            P = np.clip(self.horizon_probabilities(int(layer)), 1e-4, 1.0)
-            survive = np.cumprod(1.0 - P, axis=1)
-            before = np.concatenate([np.ones((P.shape[0], 1)), survive[:, :-1]], axis=1)
-            first = (before * P * np.arange(H)).sum(axis=1)
-            self._gap[layer] = first + survive[:, -1] * (H + (1.0 - P[:, -1]) / P[:, -1])
-            self._stale[layer] = False
+    def long_run_rates(self) -> np.ndarray:
+        """Per-token usage rate [L, E] after the next run: request counts shrunk towards the prior and
+        the session's rate (``long_run_weight`` pseudo-tokens of them)."""
+        m = self.long_run_weight
+        session = (self._session_counts + self._prior) / (self._session_tokens + 1.0)
+        base = 0.5 * self._prior + 0.5 * session
+        return (self._req_counts + m * base) / (self._runs[:, None] + m)
 
     def next_use_distance(self) -> np.ndarray:
         """Expected steps [L, E] until each expert is next needed (layer steps; larger = later)."""
-        self._refresh_gaps()
+        if self._dist is not None:
+            return self._dist
         L = self.num_layers
+        p = np.clip(self.probabilities(), 1e-4, 1.0)
         d0 = (np.arange(L) - self._layer) % L
         d0[d0 == 0] = L
-        return d0.astype(np.float64)[:, None] + L * self._gap
+        lam = self.short_share
+        p_long = np.clip(lam * p + (1.0 - lam) * self.long_run_rates(), 1e-4, 1.0)
+        self._dist = d0.astype(np.float64)[:, None] + L * (1.0 - p) / p_long
+        return self._dist
 
     # -- decisions ----------------------------------------------------------------------------------
     def victim(self, resident: Collection[Key], pinned: Collection[Key]) -> Key:
@@ -368,14 +343,12 @@ class EAMPolicy(Policy):
             return []
         L = self.num_layers
         layers = [(layer + i) % L for i in range(1, self.prefetch_layers + 1)]
-        layers += [
-            nl for nl in range(layer + 1, L) if self._extra[nl, :, X_HINT].any()
-        ]  # hinted further ahead
+        layers += [nl for nl in range(layer + 1, L) if self._has_hint[nl]]  # hinted further ahead
+        p = self.probabilities()
         dist = self.next_use_distance()
         cands: list[tuple[float, Key]] = []
         for nl in dict.fromkeys(layers):
-            p = _sigmoid(self._features(nl) @ self.weights[0])
-            for e in np.nonzero((p >= self.prefetch_floor) & ~self.resident[nl])[0]:
+            for e in np.nonzero((p[nl] >= self.prefetch_floor) & ~self.resident[nl])[0]:
                 cands.append((float(dist[nl, e]), (nl, int(e))))
         if not cands:
             return []

@@ -35,9 +35,7 @@ import numpy as np
 
 from engine.errors import MoeinfError
 from engine.policy.base import Key, Policy
-from engine.trace.eam import EAM, EAMCollection, transition_counts
 from engine.trace.format import RoutingTrace
-from engine.trace.interchange import phase_of
 
 
 @dataclass
@@ -284,47 +282,3 @@ def belady_bypass_loads(trace: RoutingTrace, capacity: int) -> int:
             resident[k] = nxt
             heapq.heappush(heap, (-nxt, k))
     return loads
-
-
-def collection_of(trace: RoutingTrace) -> EAMCollection:
-    """The EAM collection (one EAM per sequence, and the transition counts) of a recorded trace."""
-    phase = phase_of(trace.meta)
-    coll = EAMCollection(trace.num_layers, trace.num_experts)
-    for s, e in trace.sequences():
-        ids = trace.expert_ids[s:e]
-        coll.add(EAM.from_ids(ids, trace.num_experts, phase))
-        coll.add_transitions(transition_counts(ids, trace.num_experts))
-    return coll
-
-
-def replay_held_out(
-    trace: RoutingTrace, policy: str, capacity: int, prefetch_per_layer: int = 0, **policy_kw: object
-) -> ReplayResult:
-    """Each sequence of ``trace`` replayed alone with a fresh cache, the policy (a registry name)
-    given the collection of the *other* sequences (what a later session sees; policies that take no
-    ``collection`` ignore it); counts summed over the sequences, Belady's loads likewise."""
-    from engine.policy.registry import make_policy
-
-    n = len(trace.sequences())
-    total: ReplayResult | None = None
-    for i in range(n):
-        alone = trace.select([i])
-        others = [j for j in range(n) if j != i]
-        kw = dict(policy_kw, collection=collection_of(trace.select(others))) if others else dict(policy_kw)
-        r = replay(alone, make_policy(policy, **kw), capacity, prefetch_per_layer=prefetch_per_layer)
-        if total is None:
-            total = r
-            continue
-        for f in (
-            "accesses",
-            "loads",
-            "demand_misses",
-            "prefetch_loads",
-            "prefetch_hits",
-            "wasted_prefetches",
-        ):
-            setattr(total, f, getattr(total, f) + getattr(r, f))
-        total.belady_loads = (total.belady_loads or 0) + (r.belady_loads or 0)
-    if total is None:
-        raise MoeinfError("the trace has no sequences to replay")
-    return total

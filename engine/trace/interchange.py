@@ -12,8 +12,7 @@ from engine.trace.format import RoutingTrace, load_trace, save_trace
 from engine.trace.store import StoredTraces, TraceStore
 
 
-def phase_of(meta: dict) -> int:
-    """The EAM phase of a trace from its meta (`"phase": "prefill..."`; decode otherwise)."""
+def _phase_of(meta: dict) -> int:
     return PREFILL if str(meta.get("phase", "")).lower().startswith("prefill") else DECODE
 
 
@@ -31,7 +30,7 @@ def import_trace(
             f"{path} holds {shape[0]} MoE layers x {shape[1]} experts, top-{shape[2]}, but {model_name!r} has "
             f"{model_shape[0]} x {model_shape[1]}, top-{model_shape[2]}; import a trace of this model"
         )
-    phase = phase_of(trace.meta)
+    phase = _phase_of(trace.meta)
     new = StoredTraces.empty(trace.num_layers, trace.num_experts, trace.top_k)
     for s, e in trace.sequences():
         ids = trace.expert_ids[s:e]
