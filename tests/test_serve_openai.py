@@ -36,9 +36,38 @@ def _load(root):
     return lambda: engine.load(root, device="cpu", ctx=CTX)
 
 
+PACE_S = 0.005  # per piece: a 1024-token context takes over 5 s however fast the machine
+
+
+def _paced(root):
+    """A session whose stream waits ``PACE_S`` per piece, so that the tests of a long generation
+    (a client that gives up, the queue's turns) see it still running on a fast machine."""
+
+    def load():
+        session = engine.load(root, device="cpu", ctx=CTX)
+        generate_ids = session.generate_ids
+
+        def paced(ids, **sampling):
+            inner = generate_ids(ids, **sampling)  # errors in the prompt raise here, as unpaced
+            return _pace(inner)
+
+        def _pace(inner):
+            try:
+                for item in inner:
+                    time.sleep(PACE_S)
+                    yield item
+            finally:
+                inner.close()  # a cancelled job closes its generation, KV cache consistent
+
+        session.generate_ids = paced
+        return session
+
+    return load
+
+
 @pytest.fixture(scope="module")
 def srv(store):
-    with ThreadServer(ServeSettings("tiny", max_body_bytes=MAX_BODY), _load(store)) as server:
+    with ThreadServer(ServeSettings("tiny", max_body_bytes=MAX_BODY), _paced(store)) as server:
         yield server
 
 
