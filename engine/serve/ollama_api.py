@@ -32,6 +32,7 @@ from engine.serve.errors import ApiError, refuse_unsupported
 from engine.serve.generation import answer_events, client_of, collect_answer, prompt_ids, submit
 from engine.serve.state import ServeState
 from engine.serve.tools import ToolCall
+from engine.store.manifest import MANIFEST, read_manifest
 
 log = logging.getLogger("moeinf.serve")
 
@@ -126,14 +127,14 @@ class _ModelFacts:
         if root is None:
             return {}
         try:
-            return json.loads((root / "manifest.json").read_text())
-        except (OSError, ValueError):
+            return read_manifest(root)
+        except MoeinfError:
             return {}
 
     def digest(self) -> str:
         root = self._root()
         try:
-            data = (root / "manifest.json").read_bytes() if root is not None else b""
+            data = (root / MANIFEST).read_bytes() if root is not None else b""
         except OSError:
             data = b""
         return hashlib.sha256(data).hexdigest()
@@ -141,7 +142,7 @@ class _ModelFacts:
     def modified_at(self) -> str:
         root = self._root()
         try:
-            mtime = (root / "manifest.json").stat().st_mtime if root is not None else self.state.started
+            mtime = (root / MANIFEST).stat().st_mtime if root is not None else self.state.started
         except OSError:
             mtime = self.state.started
         return datetime.fromtimestamp(mtime, UTC).isoformat().replace("+00:00", "Z")
