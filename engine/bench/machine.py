@@ -1,16 +1,18 @@
-"""The machine profile of ``moeinf predict``: measured once (a few seconds) and cached under ``$MOEINF_HOME``.
+"""The machine profile of ``moeinf predict``: measured once (about a minute) and cached under ``$MOEINF_HOME``.
 
 * **disk**: O_DIRECT reads (buffered where the file system refuses it) of a scratch file in
-  ``$MOEINF_HOME``, two reads in flight as the loader does, at request sizes 64 KiB .. 16 MiB: bytes/s
-  per size, the latency of the smallest request, and the spread over passes (it widens the band).
+  ``$MOEINF_HOME`` at request sizes 64 KiB .. 16 MiB, two reads in flight as the loader's two workers do
+  and one alone: bytes/s per size, the latency of the smallest request, and the spread over passes.
 * **memory**: bytes/s of a large copy (read + write) on the CPU.
-* **compute**: per device and tensor format, through the engine's own product (``cuda_ext.cpu.linear``
-  on the CPU) (bf16, f32 and the quantised formats of ``engine.formats``),
-  a decode-shaped product (one token through a 1024 x 1024 weight: weight bytes/s, what bounds decode)
-  and a prefill-shaped one (128 tokens: flop/s).
-* **cuda** (when present): host-to-device copy bytes/s from pinned memory, its memory and compute.
+* **the engine's compute on the CPU** (``engine.bench.kernels``): its MoE block over experts of each
+  format at 1..128 tokens per expert, its dense product at 1..256 rows, and the per-layer overhead of a
+  forward of a tiny model of each family (resident and behind the budgeted cache), with the spread of
+  those timings over their passes (it widens the forecast's band).
+* **cuda** (when present): host-to-device copy bytes/s from pinned memory, its memory and compute rates.
 
-The profile is keyed by host name, CPU count and torch version; ``--reprobe`` measures again.
+The profile is keyed by host name, CPU count, torch version and a fingerprint of the engine's compute
+code (``code_key``: the native kernels, the layers, the formats, the expert cache), so a change to any
+of them measures again on the next use; ``--reprobe`` measures again at once.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ import torch
 from engine.store.paths import moeinf_home
 
 PROFILE_FILE = "machine-profile.json"
-VERSION = 2
+VERSION = 3
 READ_SIZES = (64 << 10, 1 << 20, 4 << 20, 16 << 20)
 SCRATCH_BYTES = 64 << 20
 PASSES = 3
@@ -59,6 +61,10 @@ class MachineProfile:
     ram_bytes: int
     devices: dict[str, DeviceRates]
     measured_s: float = 0.0
+    read_bps_single: dict[str, float] = field(default_factory=dict)  # one read in flight
+    kernels: dict = field(default_factory=dict)  # "<format>/<act>" -> {"experts": {...}, "dense": Rates}
+    overhead: dict = field(default_factory=dict)  # family -> {"resident": [a, b, c], "offload": [a, b, c]}
+    compute_spread: float = 0.0  # relative spread of the compute probes over their passes
 
     def disk_bps(self, request_bytes: int) -> float:
         """Bytes/s for requests of ``request_bytes`` (the nearest measured size at or below, else the smallest)."""
@@ -66,17 +72,52 @@ class MachineProfile:
         below = [s for s in sizes if s <= request_bytes] or sizes[:1]
         return self.read_bps[str(below[-1])]
 
+    def disk_single_bps(self, request_bytes: int) -> float:
+        """Bytes/s of one read alone (the two-in-flight figure halved where it was not measured)."""
+        table = self.read_bps_single or {k: v / 2 for k, v in self.read_bps.items()}
+        sizes = sorted(int(s) for s in table)
+        below = [s for s in sizes if s <= request_bytes] or sizes[:1]
+        return table[str(below[-1])]
+
     def as_dict(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> MachineProfile:
+        from engine.bench.kernels import Rates
+
         devs = {k: DeviceRates(**v) for k, v in d["devices"].items()}
-        return cls(**{**d, "devices": devs})
+        kernels = {
+            name: {
+                "experts": {p: Rates(**r) for p, r in k["experts"].items()},
+                "dense": Rates(**k["dense"]),
+            }
+            for name, k in d.get("kernels", {}).items()
+        }
+        return cls(**{**d, "devices": devs, "kernels": kernels})
+
+
+_CODE = ("cuda_ext", "engine/model/layers", "engine/formats", "engine/memory", "engine/bench/kernels.py")
+
+
+def code_key() -> str:
+    """A digest of the engine's compute code (sources under ``_CODE``): the profile measures it."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for part in _CODE:
+        p = root / part
+        files = sorted(p.rglob("*")) if p.is_dir() else [p]
+        for f in files:
+            if f.is_file() and f.suffix in (".py", ".c", ".h", ".cu", ".cpp"):
+                h.update(f.relative_to(root).as_posix().encode())
+                h.update(f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def machine_key() -> str:
-    return f"v{VERSION}:{platform.node()}:{os.cpu_count()}:{torch.__version__}"
+    return f"v{VERSION}:{platform.node()}:{os.cpu_count()}:{torch.__version__}:{code_key()}"
 
 
 def ram_bytes() -> int:
@@ -114,8 +155,11 @@ def _open_direct(path: Path) -> tuple[int, str]:
     return os.open(path, os.O_RDONLY), "buffered"
 
 
-def probe_reads(path: Path, budget_bytes: int = 32 << 20) -> tuple[dict[str, float], float, float, str]:
-    """(bytes/s per request size, relative spread at the largest size, latency of the smallest, io mode)."""
+def probe_reads(
+    path: Path, budget_bytes: int = 32 << 20, inflight: int = 2
+) -> tuple[dict[str, float], float, float, str]:
+    """(bytes/s per request size, relative spread at the largest size, latency of the smallest, io mode),
+    ``inflight`` reads at a time."""
     from concurrent.futures import ThreadPoolExecutor
 
     _scratch(path)
@@ -126,24 +170,24 @@ def probe_reads(path: Path, budget_bytes: int = 32 << 20) -> tuple[dict[str, flo
         for size in READ_SIZES:
             count = max(8, min(256, budget_bytes // PASSES // size))
             offsets = [(i * 7919 * size) % (SCRATCH_BYTES - size) // 4096 * 4096 for i in range(count)]
-            bufs = [mmap.mmap(-1, size) for _ in range(2)]
+            bufs = [mmap.mmap(-1, size) for _ in range(inflight)]
 
             def share(w: int, offs: list[int], bufs: list[mmap.mmap] = bufs) -> None:
-                for off in offs[w::2]:
+                for off in offs[w::inflight]:
                     os.preadv(fd, [bufs[w]], off)
 
             passes = []
             for p in range(PASSES):
                 offs = offsets[p::PASSES] or offsets
                 t0 = time.perf_counter()
-                with ThreadPoolExecutor(2) as pool:
-                    list(pool.map(share, (0, 1), (offs, offs)))
+                with ThreadPoolExecutor(inflight) as pool:
+                    list(pool.map(share, range(inflight), [offs] * inflight))
                 passes.append(len(offs) * size / (time.perf_counter() - t0))
             for b in bufs:
                 b.close()
             rates[str(size)] = statistics.median(passes)
             if size == READ_SIZES[0]:
-                latency = size / rates[str(size)] * 2  # two in flight
+                latency = size / rates[str(size)] * inflight
             if size == READ_SIZES[-1]:
                 spread = (max(passes) - min(passes)) / (2 * rates[str(size)])
     finally:
@@ -223,20 +267,49 @@ def measure(home: Path | None = None) -> MachineProfile:
     t0 = time.perf_counter()
     scratch = home / "probe" / "scratch.bin"
     rates, spread, latency, io = probe_reads(scratch)
-    devices = {"cpu": probe_device(torch.device("cpu"))}
+    single, spread1, _, _ = probe_reads(scratch, inflight=1)
+    scratch.unlink(missing_ok=True)
+    from engine.bench.kernels import probe_kernels, probe_overhead
+
+    kernels, compute_spread = probe_kernels()
+    overhead = probe_overhead(kernels)
+    devices = {"cpu": cpu_rates(kernels)}
     if torch.cuda.is_available():
         devices["cuda"] = probe_device(torch.device("cuda"))
-    scratch.unlink(missing_ok=True)
     return MachineProfile(
         key=machine_key(),
         io=io,
         read_bps=rates,
-        read_spread=spread,
+        read_spread=max(spread, spread1),
         read_latency_s=latency,
         ram_bytes=ram_bytes(),
         devices=devices,
         measured_s=time.perf_counter() - t0,
+        read_bps_single=single,
+        kernels=kernels,
+        overhead=overhead,
+        compute_spread=compute_spread,
     )
+
+
+def cpu_rates(kernels: dict) -> DeviceRates:
+    """The CPU's summary rates from the kernel probes: weight bytes/s of a one-token expert product and
+    flop/s of a 256-row dense product, per format; memory bytes/s of a large copy."""
+    n = (64 << 20) // 4
+    a = torch.empty(n, dtype=torch.float32)
+    b = torch.empty_like(a)
+    rates = DeviceRates(mem_bps=2 * a.nbytes / _timed(lambda: b.copy_(a)), total_bytes=ram_bytes())
+    from engine.formats import FORMATS
+
+    for name, k in kernels.items():
+        fmt = name.split("/")[0]
+        if fmt in rates.decode_bps:
+            continue
+        rates.decode_bps[fmt] = 1.0 / k["experts"]["decode"].per_byte[0]
+        dense = k["dense"]
+        bits = FORMATS[fmt].bits_per_weight
+        rates.prefill_flops[fmt] = 2 * (8 / bits) / dense.per_byte[-1] * dense.tokens[-1] if dense.per_byte[-1] else 0.0
+    return rates
 
 
 def machine_profile(reprobe: bool = False, home: Path | None = None) -> tuple[MachineProfile, bool]:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.bench.forecast import slot_bytes
 from engine.bench.machine import MachineProfile
 from engine.bench.routing import HitEstimate, estimate, own_traces
 from engine.bench.shape import ModelShape, kv_bytes_per_token
@@ -33,6 +34,7 @@ from engine.trace.format import RoutingTrace
 
 SCHEMA = "moeinf-predict/1"
 PREFILL_TOKENS = 512
+GEN_TOKENS = 64
 COMPUTE_BAND = 0.15
 MARGIN_MIN = 512 << 20
 MARGIN_SHARE = 0.05
@@ -48,6 +50,7 @@ class Request:
     policy: str | None = None
     available: int | None = None  # bytes free to assume (default: what the OS says now)
     prefill_tokens: int = PREFILL_TOKENS  # the prompt length of the prefill line
+    gen_tokens: int = GEN_TOKENS  # decode steps the decode figure averages over
 
 
 def _format_of(shape: ModelShape, fmt: str | None) -> tuple[ModelShape, str]:
@@ -108,7 +111,7 @@ def predict(
     margin = max(MARGIN_MIN, int(MARGIN_SHARE * available))
     resolved = resolve_budget(spec, total, torch.device(dev), shape.dense_bytes, kv, available)
     budget = total if resolved.bytes is None else min(total, resolved.bytes)
-    slots = shape.experts_total if budget >= total else budget // max(1, shape.expert_bytes)
+    slots = shape.experts_total if resolved.bytes is None or budget >= total else budget // slot_bytes(shape)
     cache_bytes = slots * shape.expert_bytes
     fraction = slots / shape.experts_total
     need = shape.dense_bytes + cache_bytes + kv + margin
@@ -148,37 +151,14 @@ def predict(
         else HitEstimate(0.0, 0.0, 0.0, "no valid cache")
     )
 
-    dec_dense = _rate(rates.decode_bps, dense_fmt)
-    dec_expert = _rate(rates.decode_bps, fmt)
-    flops = _rate(rates.prefill_flops, fmt)
-    latency = profile.read_latency_s
     bw = profile.disk_bps(shape.expert_bytes)
-    if dev == "cuda" and rates.h2d_bps:
-        bw = min(bw, rates.h2d_bps)
-
-    def step_s(tokens: int, miss: float, bw_: float) -> tuple[float, float]:
-        per_layer = min(_distinct(shape.num_experts, shape.top_k, tokens), shape.num_experts)
-        weight_s = (
-            shape.dense_bytes / dec_dense + shape.moe_layers * per_layer * shape.expert_bytes / dec_expert
-        )
-        compute = max(weight_s, 2 * tokens * shape.active_params / flops)
-        loads = shape.moe_layers * per_layer * miss
-        return compute, loads * (latency + shape.expert_bytes / bw_)
-
-    def rate(tokens: int, h: float, bw_: float, compute_scale: float) -> float:
-        c, io = step_s(tokens, 1 - h, bw_)
-        return tokens / (c * compute_scale + io)
-
-    spread = profile.read_spread
-    decode = rate(1, hit.hit, bw, 1.0)
-    decode_low = rate(1, hit.low, bw * (1 - spread), 1 + COMPUTE_BAND)
-    decode_high = rate(1, hit.high, bw * (1 + spread), 1 - COMPUTE_BAND)
-    c_batch, io_batch = step_s(req.batch, 1 - hit.hit, bw)
-    # prefill: the prompt's tokens in one pass; each MoE layer loads the experts it routes to that are not resident
-    c_pre = 2 * req.prefill_tokens * shape.active_params / flops
-    c_pre = max(c_pre, shape.dense_bytes / dec_dense + shape.expert_bytes_total / dec_expert * fraction)
-    touched = shape.moe_layers * _distinct(shape.num_experts, shape.top_k, req.prefill_tokens)
-    io_pre = touched * (1 - fraction) * (latency + shape.expert_bytes / bw)
+    latency = profile.read_latency_s
+    if dev == "cpu" and profile.kernels and slots >= shape.top_k:
+        sp = _engine_speeds(shape, profile, req, fmt, None if resolved.bytes is None else slots, trace, hit, policy)
+    else:
+        sp = _analytic_speeds(shape, rates, profile, req, fmt, dense_fmt, fraction, hit, dev)
+    if sp.get("hit") is not None:
+        hit = sp["hit"]
     big_bw = profile.disk_bps(16 << 20)
     cold = shape.dense_bytes / big_bw + cache_bytes / bw + slots * latency / 2
 
@@ -214,51 +194,158 @@ def predict(
             "resident_fraction": fraction,
         },
         "hit_rate": {"expected": hit.hit, "low": hit.low, "high": hit.high, "source": hit.source},
-        "decode_tps": decode if runs else None,
-        "decode_tps_band": [decode_low, decode_high] if runs else None,
-        "decode_ms_per_token": {
-            "compute": 1e3 * step_s(1, 0, bw)[0],
-            "loads": 1e3 * step_s(1, 1 - hit.hit, bw)[1],
-        },
-        "prefill_tps": req.prefill_tokens / (c_pre + io_pre) if runs else None,
+        "batch_hit_rate": sp["batch_hit"].hit if sp.get("batch_hit") is not None else hit.hit,
+        "decode_tps": sp["decode"] if runs else None,
+        "decode_tps_band": sp["decode_band"] if runs else None,
+        "decode_ms_per_token": {"compute": sp["compute_ms"], "loads": sp["loads_ms"]},
+        "prefill_tps": sp["prefill"] if runs else None,
+        "prefill_tps_band": sp["prefill_band"] if runs else None,
         "prefill_tokens": req.prefill_tokens,
-        "batch_tps": req.batch / (c_batch + io_batch) if runs else None,
+        "batch_tps": sp["batch"] if runs else None,
+        "batch_tps_band": sp["batch_band"] if runs else None,
         "cold_start_s": cold,
         "max_ctx": int(max_ctx),
         "machine": {
             "io": profile.io,
             "disk_gbps": bw / 1e9,
             "read_latency_ms": 1e3 * latency,
-            "decode_gbps": dec_expert / 1e9,
-            "prefill_gflops": flops / 1e9,
+            "decode_gbps": _rate(rates.decode_bps, fmt) / 1e9,
+            "prefill_gflops": _rate(rates.prefill_flops, fmt) / 1e9,
         },
     }
 
 
-def bench_forecasts(
-    model_root, rows: list[dict], prompt_tokens: int, ctx: int, routing: RoutingTrace | None = None
-) -> None:
-    """Add the forecast of ``moeinf predict`` to each ``moeinf bench`` row (in place): ``forecast_tps``
-    (aggregate decode tokens/s at the row's batch), ``forecast_band`` and ``forecast_prefill_tps``. The
-    memory is not checked (the bench ran, so it fitted)."""
+def _analytic_speeds(shape, rates, profile, req, fmt, dense_fmt, fraction, hit, dev) -> dict:
+    """Speeds from summary rates (a GPU, or a profile without kernel probes): the weight bytes a step
+    multiplies by over the decode rate of their format, or its flops over the prefill rate, the larger,
+    plus the demand loads it waits for."""
+    dec_dense = _rate(rates.decode_bps, dense_fmt)
+    dec_expert = _rate(rates.decode_bps, fmt)
+    flops = _rate(rates.prefill_flops, fmt)
+    latency = profile.read_latency_s
+    bw = profile.disk_bps(shape.expert_bytes)
+    if dev == "cuda" and rates.h2d_bps:
+        bw = min(bw, rates.h2d_bps)
+
+    def step_s(tokens: int, miss: float, bw_: float) -> tuple[float, float]:
+        per_layer = min(_distinct(shape.num_experts, shape.top_k, tokens), shape.num_experts)
+        weight_s = (
+            shape.dense_bytes / dec_dense + shape.moe_layers * per_layer * shape.expert_bytes / dec_expert
+        )
+        compute = max(weight_s, 2 * tokens * shape.active_params / flops)
+        loads = shape.moe_layers * per_layer * miss
+        return compute, loads * (latency + shape.expert_bytes / bw_)
+
+    def rate(tokens: int, h: float, bw_: float, compute_scale: float) -> float:
+        c, io = step_s(tokens, 1 - h, bw_)
+        return tokens / (c * compute_scale + io)
+
+    spread = profile.read_spread
+    decode = rate(1, hit.hit, bw, 1.0)
+    decode_low = rate(1, hit.low, bw * (1 - spread), 1 + COMPUTE_BAND)
+    decode_high = rate(1, hit.high, bw * (1 + spread), 1 - COMPUTE_BAND)
+    c_batch, io_batch = step_s(req.batch, 1 - hit.hit, bw)
+    # prefill: the prompt's tokens in one pass; each MoE layer loads the experts it routes to that are not resident
+    c_pre = 2 * req.prefill_tokens * shape.active_params / flops
+    c_pre = max(c_pre, shape.dense_bytes / dec_dense + shape.expert_bytes_total / dec_expert * fraction)
+    touched = shape.moe_layers * _distinct(shape.num_experts, shape.top_k, req.prefill_tokens)
+    io_pre = touched * (1 - fraction) * (latency + shape.expert_bytes / bw)
+    return {
+        "decode": decode, "decode_band": [decode_low, decode_high],
+        "batch": req.batch / (c_batch + io_batch), "batch_band": None,
+        "prefill": req.prefill_tokens / (c_pre + io_pre), "prefill_band": None,
+        "compute_ms": 1e3 * step_s(1, 0, bw)[0], "loads_ms": 1e3 * step_s(1, 1 - hit.hit, bw)[1], "hit": None,
+        "batch_hit": None,
+    }
+
+
+def _engine_speeds(shape, profile, req, fmt, capacity, trace, hit, policy) -> dict:
+    """Speeds from the engine's probed kernels and a dry run of its cache (``engine.bench.forecast``)."""
+    from engine.bench.cost import Costs
+    from engine.bench.forecast import Access, speeds
+
+    dense_fmt, head_fmt = _dense_formats(shape)
+    costs = Costs.of(shape, profile, fmt, dense_fmt, head_fmt)
+    kw = {}
+    if shape.store_name and shape.source == "store":
+        from engine.store.paths import models_dir
+
+        root = models_dir() / shape.store_name
+        kw = {"model_name": shape.store_name, "model_root": root, "config": shape.config}
+    access = Access(trace, (hit.hit, hit.low, hit.high), policy, kw)
+    one = speeds(shape, profile, costs, 1, req.prefill_tokens, req.gen_tokens, capacity, access)
+    many = one if req.batch == 1 else speeds(shape, profile, costs, req.batch, req.prefill_tokens, req.gen_tokens,
+                                              capacity, access)
+    source = hit.source if trace is None else f"{hit.source}, run through the engine's cache"
+    return {
+        "decode": one.decode_tps, "decode_band": list(one.decode_band),
+        "batch": many.decode_tps, "batch_band": list(many.decode_band),
+        "prefill": one.prefill_tps if req.batch == 1 else many.prefill_tps,
+        "prefill_band": list(one.prefill_band if req.batch == 1 else many.prefill_band),
+        "compute_ms": one.compute_ms, "loads_ms": one.loads_ms,
+        "hit": HitEstimate(*one.hit, source) if capacity is not None else None,
+        "batch_hit": HitEstimate(*many.hit, source) if capacity is not None else None,
+    }
+
+
+def _dense_formats(shape: ModelShape) -> tuple[str, str]:
+    """The nearest formats of the decoder layers' dense weights and of the LM head, by bytes per weight."""
+    from engine.formats import FORMATS
+
+    def nearest(nbytes: int, params: int) -> str:
+        bits = 8 * nbytes / max(1, params)
+        return min(FORMATS.values(), key=lambda f: abs(f.bits_per_weight - bits)).name
+
+    head_params = shape.head_params or max(1, shape.head_bytes // 2)
+    layer_params = max(1, shape.dense_params - head_params - (0 if shape.head_tied else shape.embed_bytes * head_params // max(1, shape.head_bytes)))
+    return nearest(shape.layer_dense_bytes, layer_params), nearest(shape.head_bytes, head_params)
+
+
+def bench_row_forecast(
+    model, row: dict, prompt_tokens: int, gen_tokens: int, routing: RoutingTrace | None = None,
+    shape: ModelShape | None = None, profile: MachineProfile | None = None,
+) -> dict:
+    """``moeinf predict``'s forecast of one ``moeinf bench`` row (its budget, policy and batch, the bench's
+    prompt and decode lengths): aggregate decode tokens/s with its band, prefill tokens/s with its band,
+    the decode-phase hit rate. The memory is not checked (the bench ran, so it fitted)."""
     from engine.bench.machine import machine_profile
     from engine.bench.shape import read_shape
     from engine.policy.registry import POLICY_NAMES
 
+    shape = shape or read_shape(str(model))
+    profile = profile or machine_profile()[0]
+    policy = row["policy"] if row["policy"] in POLICY_NAMES else None
+    req = Request(budget=row["budget"], batch=row["batch"], ctx=prompt_tokens + gen_tokens + 1, policy=policy,
+                  available=1 << 50, prefill_tokens=prompt_tokens, gen_tokens=gen_tokens)
+    p = predict(shape, profile, req, routing)
+    band = p["batch_tps_band"]
+    if band is None and p["decode_tps_band"]:
+        scale = p["batch_tps"] / p["decode_tps"] if p["decode_tps"] else 1.0
+        band = [scale * x for x in p["decode_tps_band"]]
+    return {
+        "decode_tps": p["batch_tps"],
+        "decode_band": band,
+        "prefill_tps": p["prefill_tps"],
+        "prefill_band": p["prefill_tps_band"] or [p["prefill_tps"], p["prefill_tps"]],
+        "hit_rate": p["batch_hit_rate"],
+        "hit_source": p["hit_rate"]["source"],
+    }
+
+
+def bench_forecasts(
+    model_root, rows: list[dict], prompt_tokens: int, gen_tokens: int, routing: RoutingTrace | None = None
+) -> None:
+    """Add the forecast of ``moeinf predict`` to each ``moeinf bench`` row (in place): ``forecast_tps``
+    (aggregate decode tokens/s at the row's batch) and ``forecast_band``, ``forecast_prefill_tps`` and
+    ``forecast_prefill_band``."""
+    from engine.bench.machine import machine_profile
+    from engine.bench.shape import read_shape
+
     shape = read_shape(str(model_root))
     profile, _ = machine_profile()
     for row in rows:
-        policy = row["policy"] if row["policy"] in POLICY_NAMES else None
-        req = Request(
-            budget=row["budget"],
-            batch=row["batch"],
-            ctx=ctx,
-            policy=policy,
-            available=1 << 50,
-            prefill_tokens=prompt_tokens,
-        )
-        p = predict(shape, profile, req, routing)
-        scale = p["batch_tps"] / p["decode_tps"] if p["decode_tps"] else 1.0
-        row["forecast_tps"] = p["batch_tps"]
-        row["forecast_band"] = [scale * x for x in p["decode_tps_band"]] if p["decode_tps_band"] else None
-        row["forecast_prefill_tps"] = p["prefill_tps"]
+        fc = bench_row_forecast(model_root, row, prompt_tokens, gen_tokens, routing, shape, profile)
+        row["forecast_tps"] = fc["decode_tps"]
+        row["forecast_band"] = fc["decode_band"]
+        row["forecast_prefill_tps"] = fc["prefill_tps"]
+        row["forecast_prefill_band"] = fc["prefill_band"]

@@ -29,8 +29,9 @@ JSON schema (``moeinf bench --json``), version ``moeinf-bench/1``::
         "limit_ms_per_token": float | null,     # --profile --replay: max(compute, Belady bytes / bandwidth)
         "reachable_ms_per_token": float | null, # --profile --replay: max(compute, oracle bytes / bandwidth)
         "forecast_tps": float | null,           # --profile: moeinf predict's decode t/s at this batch (aggregate),
-        "forecast_band": [float, float] | null, #   its band, and its prefill t/s (engine/bench/predict.py,
-        "forecast_prefill_tps": float | null    #   from headers + machine profile + routing model only)
+        "forecast_band": [float, float] | null, #   its band, its prefill t/s and band (engine/bench/predict.py,
+        "forecast_prefill_tps": float | null,   #   from headers + machine profile + routing model only)
+        "forecast_prefill_band": [float, float] | null
       }]
     }
 
@@ -74,6 +75,7 @@ def row_dict(row: BenchRow, probe: Probe | None, compute_s: float | None) -> dic
         "forecast_tps": None,
         "forecast_band": None,
         "forecast_prefill_tps": None,
+        "forecast_prefill_band": None,
     }
     if probe is not None and compute_s is not None:
         demand = row.decode_counter("demand_loads") * per_load
@@ -106,7 +108,7 @@ def markdown(meta: dict, rows: list[dict]) -> str:
             head += ["limit ms/tok", "ms/limit", "ms/reachable"]
     forecast = any(r.get("forecast_tps") is not None for r in rows)
     if forecast:
-        head += ["fc pp t/s", "fc tg t/s", "tg/fc", "in band"]
+        head += ["fc pp t/s", "pp/fc", "pp in band", "fc tg t/s", "tg/fc", "tg in band"]
     if batched:
         head.insert(head.index("loads") + 1, "loads/step")
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---:" if i > 2 else "---" for i in range(len(head))) + "|"]
@@ -133,8 +135,11 @@ def markdown(meta: dict, rows: list[dict]) -> str:
                           _f(r["ms_per_token"] / reach if reach else None, ".2f")]
         if forecast:
             fc, band = r.get("forecast_tps"), r.get("forecast_band")
+            pfc, pband = r.get("forecast_prefill_tps"), r.get("forecast_prefill_band")
             inside = band is not None and band[0] <= r["decode_tps"] <= band[1]
-            cells += [_f(r.get("forecast_prefill_tps"), ".1f"),
+            p_inside = pband is not None and pband[0] <= r["prefill_tps"] <= pband[1]
+            cells += [_f(pfc, ".1f") + (f" ({pband[0]:.1f}..{pband[1]:.1f})" if pband else ""),
+                      _f(r["prefill_tps"] / pfc if pfc else None, ".2f"), "yes" if p_inside else "no",
                       _f(fc, ".2f") + (f" ({band[0]:.2f}..{band[1]:.2f})" if band else ""),
                       _f(r["decode_tps"] / fc if fc else None, ".2f"), "yes" if inside else "no"]
         lines.append("| " + " | ".join(cells) + " |")

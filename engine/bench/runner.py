@@ -179,6 +179,17 @@ def _prefill_groups(batch: int, prompt_tokens: int, chunk: int = 512) -> list[li
     return [list(range(i, min(batch, i + per))) for i in range(0, batch, per)]
 
 
+def bench_forwards(batch: int, prompt_tokens: int, gen_tokens: int, T: int, starts: list[int]) -> list[tuple[str, list[int], int]]:
+    """A repetition's forwards in order: ``("prefill", rows, sequences)`` for each prefill group, then
+    ``("decode", rows, batch)`` for each step; ``rows`` holds the trace token each of the forward's tokens
+    replays (token ``j`` of sequence ``i`` replays trace token ``(starts[i] + j) % T``)."""
+    out = [("prefill", [(starts[i] + j) % T for i in group for j in range(prompt_tokens)], len(group))
+           for group in _prefill_groups(batch, prompt_tokens)]
+    for step in range(gen_tokens):
+        out.append(("decode", [(o + prompt_tokens + step) % T for o in starts], batch))
+    return out
+
+
 def _repetition(
     store: StoreModel, cfg: BenchConfig, prompts: list[torch.Tensor], starts: list[int], T: int, gen_tokens: int,
     ctx: int, dtype: torch.dtype, device: torch.device, trace: RoutingTrace | None,
@@ -205,9 +216,11 @@ def _repetition(
         experts.begin_sequence()
         t1 = time.perf_counter()
         last = [0] * batch
-        for group in _prefill_groups(batch, prompt_tokens):
+        plan = bench_forwards(batch, prompt_tokens, gen_tokens, T, starts)
+        groups = _prefill_groups(batch, prompt_tokens)
+        for group, (_, rows, _) in zip(groups, plan, strict=False):
             if forced is not None:
-                forced.rows = [(starts[i] + j) % T for i in group for j in range(prompt_tokens)]
+                forced.rows = rows
             tokens = torch.cat([prompts[i] for i in group]).to(device)
             logits = model.forward_batch(tokens, [(i, 0, prompt_tokens) for i in group])
             for r, i in enumerate(group):
@@ -216,10 +229,10 @@ def _repetition(
         after_prompt = _counters(experts)
         tok = torch.tensor(last, device=device)
         times = []
-        for step in range(gen_tokens):
+        for step, (_, rows, _) in enumerate(plan[len(groups):]):
             pos = prompt_tokens + step
             if forced is not None:
-                forced.rows = [(o + pos) % T for o in starts]
+                forced.rows = rows
             t = time.perf_counter()
             logits = model.forward_batch(tok, [(i, pos, 1) for i in range(batch)])
             tok = logits.argmax(dim=-1)

@@ -59,6 +59,17 @@ class ModelShape:
     dense_bytes: int
     dense_params: int
     store_name: str | None = None  # a store model: its traces may drive the routing model
+    head_bytes: int = 0  # the LM head (the embedding when tied): multiplied once per sequence a forward
+    head_params: int = 0
+    embed_bytes: int = 0  # the input embedding (looked up, not multiplied)
+    compute_dtype: str = "bf16"  # activations: "bf16" or "f32" (what the model computes in by default)
+    expert_file_bytes: int = 0  # one expert shard as stored (header included; 0: unknown)
+    head_tied: bool = False  # the LM head is the input embedding
+
+    @property
+    def layer_dense_bytes(self) -> int:
+        """Dense weights the decoder layers multiply every token by (attention, routers, shared experts)."""
+        return max(0, self.dense_bytes - self.embed_bytes - (0 if self.head_tied else self.head_bytes))
 
     @property
     def experts_total(self) -> int:
@@ -76,7 +87,12 @@ class ModelShape:
     def with_expert_format(self, bits_per_weight: float) -> ModelShape:
         from dataclasses import replace
 
-        return replace(self, expert_bytes=int(self.expert_params * bits_per_weight / 8))
+        return replace(self, expert_bytes=int(self.expert_params * bits_per_weight / 8), expert_file_bytes=0)
+
+    @property
+    def shard_bytes(self) -> int:
+        """One expert shard's bytes (as stored, or its tensors plus a small header)."""
+        return self.expert_file_bytes or self.expert_bytes + 4096
 
 
 def kv_bytes_per_token(config: dict, elem: int = 2) -> int:
@@ -92,6 +108,32 @@ def _is_expert_tensor(name: str) -> bool:
     return ("experts." in low or "_exps" in low) and "shared" not in low
 
 
+def _is_embed(name: str) -> bool:
+    return "embed_tokens" in name or name.startswith("token_embd")
+
+
+def _is_head(name: str) -> bool:
+    return name.endswith("lm_head.weight") or name == "output.weight"
+
+
+def _head_split(config: dict, tensors: Tensors) -> tuple[int, int, int, bool]:
+    """(head bytes, head weights, embedding bytes, tied) of the dense ``tensors``; a tied head is the embedding."""
+    embed = [(b, n) for k, (b, n) in tensors.items() if _is_embed(k)]
+    head = [(b, n) for k, (b, n) in tensors.items() if _is_head(k)]
+    eb = sum(b for b, _ in embed)
+    if head:
+        return sum(b for b, _ in head), sum(n for _, n in head), eb, False
+    if embed and config.get("tie_word_embeddings", True):
+        return eb, sum(n for _, n in embed), eb, True
+    return 0, 0, eb, False
+
+
+def _compute_dtype(config: dict, stored: str | None = None) -> str:
+    """"f32" when the model computes in float32 by default (float32 weights, or a GGUF's kept blocks), else "bf16"."""
+    name = str(stored or config.get("torch_dtype") or config.get("dtype") or "bfloat16").lower()
+    return "f32" if name in ("float32", "f32", "torch.float32") else "bf16"
+
+
 def shape_from(
     name: str,
     source: str,
@@ -100,6 +142,9 @@ def shape_from(
     expert_bytes: int | None = None,
     dense_bytes: int | None = None,
     store_name: str | None = None,
+    dense_tensors: Tensors | None = None,
+    stored_dtype: str | None = None,
+    expert_file_bytes: int = 0,
 ) -> ModelShape:
     """Split ``tensors`` (or the store's measured ``expert_bytes``/``dense_bytes``) by the family's layout."""
     layout = moe_layout(config)
@@ -119,6 +164,10 @@ def shape_from(
         dense_bytes = max(0, total_b - n_experts * expert_bytes)
     elif not dense_params:
         dense_params = dense_bytes // 2
+    dense_only = dense_tensors if dense_tensors is not None else {
+        k: v for k, v in tensors.items() if not _is_expert_tensor(k)
+    }
+    head_b, head_n, embed_b, tied = _head_split(config, dense_only)
     return ModelShape(
         name=name,
         source=source,
@@ -134,6 +183,12 @@ def shape_from(
         dense_bytes=dense_bytes,
         dense_params=dense_params,
         store_name=store_name,
+        head_bytes=head_b,
+        head_params=head_n,
+        embed_bytes=embed_b,
+        compute_dtype=_compute_dtype(config, stored_dtype),
+        expert_file_bytes=expert_file_bytes,
+        head_tied=tied,
     )
 
 
@@ -177,10 +232,13 @@ def _store(root: Path) -> ModelShape:
         dense.update(_header_tensors(read_header(f)))
     layout = moe_layout(config)
     expert_bytes = None
+    file_bytes = 0
     if layout.is_moe:
         ref = expert_shard_path(root, layout.moe_layers[0], 0)
         if ref.is_file():
             expert_bytes = sum(b for b, _ in _header_tensors(read_header(ref)).values())
+            file_bytes = ref.stat().st_size
+    manifest = _read_json(root / "manifest.json") if (root / "manifest.json").is_file() else {}
     shape = shape_from(
         root.name,
         "store",
@@ -189,6 +247,9 @@ def _store(root: Path) -> ModelShape:
         expert_bytes=expert_bytes,
         dense_bytes=sum(b for b, _ in dense.values()),
         store_name=root.name,
+        dense_tensors=dense,
+        stored_dtype=manifest.get("dtype"),
+        expert_file_bytes=file_bytes,
     )
     shape.dense_params = sum(n for _, n in dense.values())
     return shape
@@ -200,7 +261,7 @@ def _gguf(path: Path) -> ModelShape:
     reader = _open(path)
     tensors: Tensors = {t.name: (int(t.n_bytes), int(t.n_elements)) for t in reader.tensors}
     config = _arch_config(read_metadata(reader), set(tensors))
-    return shape_from(path.stem, "gguf", config, tensors)
+    return shape_from(path.stem, "gguf", config, tensors, stored_dtype="float32")
 
 
 def _ranged(url: str, start: int, end: int) -> bytes:

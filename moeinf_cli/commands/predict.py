@@ -63,8 +63,8 @@ def render(p: dict) -> None:
         f"{100 * h['expected']:.0f}%  ({100 * h['low']:.0f} .. {100 * h['high']:.0f}%; {h['source']})",
     )
     t.add_row("decode", _fmt_rate(p["decode_tps"], p["decode_tps_band"]))
-    t.add_row(f"prefill ({p['prefill_tokens']} tok)", _fmt_rate(p["prefill_tps"]))
-    t.add_row(f"throughput at batch {p['batch']}", _fmt_rate(p["batch_tps"]))
+    t.add_row(f"prefill ({p['prefill_tokens']} tok)", _fmt_rate(p["prefill_tps"], p.get("prefill_tps_band")))
+    t.add_row(f"throughput at batch {p['batch']}", _fmt_rate(p["batch_tps"], p.get("batch_tps_band")))
     t.add_row("cold start", f"{p['cold_start_s']:.1f} s (load + first fill of the cache)")
     t.add_row("largest context", f"{p['max_ctx']} tokens")
     mc = p["machine"]

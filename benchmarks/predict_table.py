@@ -1,0 +1,216 @@
+"""``moeinf predict`` against ``moeinf bench``: the README's predicted-vs-measured table.
+
+Four models x budgets 100/50/25/10% x two expert formats x batch 1 and 16:
+
+* ``mix``: a Mixtral-8x7B-shaped synthetic model (32 layers x 8 experts, top-2, widths x0.125) replaying
+  the Mixtral-8x7B HumanEval trace of ../shared/traces;
+* ``ds``: a DeepSeek-MoE/FLAME-shaped synthetic model (OLMoE family code: 8 MoE layers x 64 fine-grained
+  experts, top-6) replaying the FLAME-MoE trace;
+* ``qw``: a Qwen3-MoE-shaped synthetic model (qwen3_moe family code, q/k norms, GQA; 8 layers x 64 experts,
+  top-6, so that it can replay the FLAME-MoE trace too);
+* ``demo``: the demo model (smollm2-moe: SmolLM2 upcycled to 8 experts, its own routing; the forecast's
+  routing model is the model's own recorded traces, from prompts the bench does not use).
+
+Formats: bf16 and q4_k for the synthetic models (the q4_k copy is the bf16 one exported and pulled with
+``--quantize q4_k``), the demo as ``make demo`` builds it (the GGUF's q4_1 blocks) and pulled again with
+``--dtype bfloat16``.
+
+The forecast of each row is ``engine.bench.predict.bench_row_forecast``: the model's headers, the cached
+machine profile (probes of this machine and of the engine's own kernels, never these rows) and the
+routing model. Nothing in the forecast is fitted to the measured rows.
+
+    python benchmarks/predict_table.py prepare                 # build the models (once, not timed)
+    flock /tmp/moeinf-heavy.lock python benchmarks/predict_table.py run mix --out /tmp/pt-mix.json
+    ...                                                        # (ds, qw, demo: one locked run each)
+    python benchmarks/predict_table.py report /tmp/pt-*.json   # the markdown table and the summary
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+TRACES = Path(os.environ.get("MOEINF_TRACES", Path(__file__).resolve().parents[1].parent / "shared" / "traces"))
+MIXTRAL_TRACE = "mixtral-8x7b-instruct-humaneval0.npz"
+FLAME_TRACE = "flame-moe-290m.npz"
+BUDGETS = ["100%", "50%", "25%", "10%"]
+BATCHES = [1, 16]
+DEMO_GGUF = Path(os.environ.get("MOEINF_DEMO_GGUF", Path(__file__).resolve().parents[1] / "demo-cache"
+                                 / "SmolLM2-135M-Instruct.Q4_1.gguf"))  # what `make demo` fetches
+DEMO_TRACE_PROMPTS = [  # the demo's routing model is recorded on these (the bench's prompts are random tokens)
+    "Explain why the sky is blue in two sentences.",
+    "Write a short poem about the sea.",
+    "What is the capital of France? Answer briefly.",
+    "List three uses of a paperclip.",
+]
+
+# name -> (family, layers, experts, top_k, hidden, intermediate, vocab, heads, kv_heads, head_dim, trace)
+SYNTHETIC = {
+    "mix": ("mixtral", 32, 8, 2, 512, 1792, 32000, 4, 1, 128, MIXTRAL_TRACE),
+    "ds": ("olmoe", 8, 64, 6, 1024, 512, 50304, 8, 8, 128, FLAME_TRACE),
+    "qw": ("qwen3_moe", 8, 64, 6, 1024, 384, 151936, 8, 2, 128, FLAME_TRACE),
+}
+
+
+def model_names(key: str) -> list[tuple[str, str]]:
+    """(store name, format label) of the two formats of one table model."""
+    if key == "demo":
+        return [("smollm2-moe-bf16", "bf16"), ("smollm2-moe", "q4_1")]
+    return [(f"pt-{key}-bf16", "bf16"), (f"pt-{key}-q4_k", "q4_k")]
+
+
+def _prepare_synthetic(key: str) -> None:
+    import torch
+
+    from engine.bench.synthetic import make_synthetic_model
+    from engine.store.export import export_model
+    from engine.store.manifest import store_names
+    from engine.store.pull import pull_model
+
+    fam, layers, experts, k, h, i, vocab, heads, kv, hd, _trace = SYNTHETIC[key]
+    (bf16, _), (q4, _) = model_names(key)
+    make_synthetic_model(bf16, fam, layers, experts, k, h, i, vocab, torch.bfloat16, seed=0, heads=heads,
+                         kv_heads=kv, head_dim=hd)
+    if q4 not in store_names():
+        with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+            ckpt = export_model(bf16, Path(tmp) / "ckpt")
+            pull_model(str(ckpt), name=q4, quantize="q4_k")
+
+
+def _prepare_demo() -> None:
+    from engine.store.manifest import store_names
+    from engine.store.pull import pull_model
+    from engine.upcycle import Upcycle
+
+    for name, dtype in (("smollm2-moe", None), ("smollm2-moe-bf16", "bfloat16")):
+        if name not in store_names():
+            pull_model(str(DEMO_GGUF), name=name, dtype=dtype, transform=Upcycle(8, 2))
+    _record_demo_traces()
+
+
+def _record_demo_traces() -> None:
+    """The demo's own routing, recorded by ``moeinf run`` on prompts the bench never uses."""
+    import engine
+    from engine.trace.store import TraceStore
+
+    for name, _ in model_names("demo"):
+        if TraceStore(name).read() is not None:
+            continue
+        with engine.load(name, expert_budget="100%") as session:
+            for p in DEMO_TRACE_PROMPTS:
+                for _ in session.generate(p, num_predict=32, temperature=0):
+                    pass
+
+
+def prepare(keys: list[str]) -> None:
+    for key in keys:
+        t0 = time.perf_counter()
+        if key == "demo":
+            _prepare_demo()
+        else:
+            _prepare_synthetic(key)
+        print(f"{key}: ready ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
+
+
+def _trace_for(key: str):
+    from engine.trace.format import load_trace
+
+    if key == "demo":
+        return None
+    return load_trace(TRACES / SYNTHETIC[key][-1])
+
+
+def run(key: str, prompt: int, gen: int, reps: int, policy: str, budgets: list[str], batches: list[int]) -> dict:
+    from engine.bench.predict import bench_row_forecast
+    from engine.bench.run import bench_main
+
+    trace_path = None if key == "demo" else str(TRACES / SYNTHETIC[key][-1])
+    trace = _trace_for(key)
+    out = {"key": key, "prompt_tokens": prompt, "gen_tokens": gen, "repetitions": reps, "policy": policy, "rows": []}
+    for name, fmt in model_names(key):
+        res = bench_main(model=name, synthetic=None, scale=1.0, prompt_tokens=prompt, gen_tokens=gen,
+                         repetitions=reps, budgets=budgets, policies=[policy], replay=trace_path, profile=False,
+                         dtype=None, device="cpu", batches=batches,
+                         progress=lambda m, n=name: print(f"{n}: {m}", file=sys.stderr))
+        for row in res["rows"]:
+            fc = bench_row_forecast(name, row, prompt, gen, trace)
+            out["rows"].append({"model": key, "store": name, "format": fmt, **row, "forecast": fc})
+    return out
+
+
+def _within(pred: float, meas: float, tol: float) -> bool:
+    return abs(pred - meas) <= tol * meas
+
+
+def report(paths: list[str], tol: float = 0.15) -> str:
+    rows = []
+    for p in paths:
+        rows += json.loads(Path(p).read_text())["rows"]
+    lines = [
+        "| model | format | batch | budget | measured tg t/s | predicted (band) | pred/meas | in band "
+        "| measured pp t/s | predicted pp (band) | pred/meas | in band |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+    ]
+    ok = inside = ok_pp = inside_pp = 0
+    ratios = []
+    for r in rows:
+        fc = r["forecast"]
+        tg, pp = r["decode_tps"], r["prefill_tps"]
+        lo, hi = fc["decode_band"]
+        plo, phi = fc["prefill_band"]
+        w, b = _within(fc["decode_tps"], tg, tol), lo <= tg <= hi
+        wp, bp = _within(fc["prefill_tps"], pp, tol), plo <= pp <= phi
+        ok, inside, ok_pp, inside_pp = ok + w, inside + b, ok_pp + wp, inside_pp + bp
+        ratios.append(fc["decode_tps"] / tg)
+        lines.append(
+            f"| {r['model']} | {r['format']} | {r['batch']} | {r['budget']} | {tg:.2f} | {fc['decode_tps']:.2f} "
+            f"({lo:.2f}..{hi:.2f}) | {fc['decode_tps'] / tg:.2f} | {'yes' if b else 'no'} | {pp:.1f} | "
+            f"{fc['prefill_tps']:.1f} ({plo:.1f}..{phi:.1f}) | {fc['prefill_tps'] / pp:.2f} | {'yes' if bp else 'no'} |"
+        )
+    n = len(rows)
+    summary = (
+        f"\n{n} rows. Decode: {ok}/{n} within +-{tol:.0%} of measured, {inside}/{n} inside the band "
+        f"(pred/meas median {statistics.median(ratios):.2f}, min {min(ratios):.2f}, max {max(ratios):.2f}). "
+        f"Prefill: {ok_pp}/{n} within +-{tol:.0%}, {inside_pp}/{n} inside the band."
+    )
+    return "\n".join(lines) + summary
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("prepare")
+    p.add_argument("keys", nargs="*", default=["mix", "ds", "qw", "demo"])
+    r = sub.add_parser("run")
+    r.add_argument("key", choices=["mix", "ds", "qw", "demo"])
+    r.add_argument("-p", type=int, default=16)
+    r.add_argument("-n", type=int, default=16)
+    r.add_argument("-r", type=int, default=1)
+    r.add_argument("--policy", default="eam")
+    r.add_argument("--budgets", default=",".join(BUDGETS))
+    r.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    r.add_argument("--out", required=True)
+    q = sub.add_parser("report")
+    q.add_argument("paths", nargs="+")
+    args = ap.parse_args()
+    if args.cmd == "prepare":
+        prepare(args.keys)
+    elif args.cmd == "run":
+        res = run(args.key, args.p, args.n, args.r, args.policy, args.budgets.split(","),
+                  [int(b) for b in args.batches.split(",")])
+        tmp = Path(args.out).with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        os.replace(tmp, args.out)
+        print(report([args.out]))
+    else:
+        print(report(args.paths))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Decode, prefill and batch speeds of ``moeinf predict`` on the CPU: a run's forwards, their accesses, their time.
+
+1. **The forwards** of a run as ``moeinf bench`` makes them (``engine.bench.runner.bench_forwards``): the
+   prompts prefilled (several in one forward when they fit 512 tokens), then ``gen`` decode steps of every
+   sequence at once.
+2. **Their accesses** (``engine.bench.simulate``): with a routing trace (one replayed by ``bench --replay``,
+   or the model's own recorded traces) the engine's budgeted cache is run through the forwards dry, twice:
+   with prefetching (the point) and without (the band's other end). Without a trace, each layer's experts
+   are ``E (1 - (1 - k/E)^T)`` for ``T`` tokens and its misses that times the routing model's miss rate
+   (``engine.bench.routing``; a prefill starts from a cold cache, so it misses all that is not resident).
+3. **Their time** (``engine.bench.cost``) from the machine profile: the engine's kernels and overhead, and
+   the disk.
+
+The band: compute times the probes' spread over their passes (at least ``COMPUTE_BAND``), loads times the
+disk's spread, and the two access counts (or the routing model's hit-rate band).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.bench.cost import Costs, forward_time
+from engine.bench.simulate import Forward, LayerAccess, simulate
+
+COMPUTE_BAND = 0.15
+PREFILL_CHUNK = 512
+
+
+def slot_bytes(shape) -> int:
+    """Bytes of one cache slot: the shard's image rounded up to pages, plus a page (``DirectTransfer``)."""
+    page = 4096
+    return -(-shape.shard_bytes // page) * page + page
+
+
+@dataclass
+class Access:
+    """Where the accesses come from: a routing trace, or a hit rate (expected, low, high)."""
+
+    trace: object | None = None
+    hit: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    policy: str | None = None
+    policy_kw: dict | None = None
+
+
+def _distinct(num_experts: int, top_k: int, tokens: int) -> float:
+    return num_experts * (1 - (1 - top_k / num_experts) ** tokens)
+
+
+def _analytic(shape, plan, fraction: float, hit: float) -> list[Forward]:
+    out = []
+    k, E = shape.top_k, shape.num_experts
+    for phase, rows, seqs in plan:
+        T = len(rows)
+        n = k if T == 1 else min(E, _distinct(E, k, T))
+        miss = (1 - fraction) if phase == "prefill" else (1 - hit)
+        count = max(1, round(n))
+        tokens = [max(1, round(T * k / n))] * count
+        layers = [LayerAccess(count, miss * n, tokens) for _ in range(shape.moe_layers)]
+        out.append(Forward(phase, T, seqs, layers))
+    return out
+
+
+def run_forwards(shape, batch: int, prompt: int, gen: int, capacity: int | None, access: Access,
+                 prefetch: bool = True, hit_index: int = 0) -> list[Forward]:
+    """The forwards of a run with their accesses (see the module doc)."""
+    from engine.bench.runner import bench_forwards
+    from engine.store.families import moe_layout
+
+    trace = access.trace
+    T = trace.num_tokens if trace is not None else 1
+    starts = [(i * T) // batch for i in range(batch)]
+    plan = bench_forwards(batch, prompt, gen, T, starts)
+    if capacity is None:
+        fraction = 1.0
+    else:
+        fraction = capacity / max(1, shape.experts_total)
+    if trace is None or capacity is None:
+        if trace is not None:  # everything resident: the trace only tells how many experts each layer runs
+            return simulate(plan, trace.expert_ids, list(range(shape.moe_layers)), shape.num_experts, shape.top_k,
+                            None, None)
+        return _analytic(shape, plan, fraction, access.hit[hit_index] if capacity is not None else 1.0)
+    layers = moe_layout(shape.config).moe_layers
+    return simulate(plan, trace.expert_ids, list(layers), shape.num_experts, shape.top_k, capacity, access.policy,
+                    slot_bytes=slot_bytes(shape), file_bytes=shape.shard_bytes, prefetch=prefetch,
+                    policy_kw=access.policy_kw)
+
+
+@dataclass
+class PhaseTimes:
+    prefill_s: float
+    decode_steps: list[tuple[float, float]]  # (compute, io) of each decode step
+    decode_hits: float  # hit rate of the decode phase
+
+    @property
+    def step_s(self) -> float:
+        return float(np.mean([c + i for c, i in self.decode_steps])) if self.decode_steps else 0.0
+
+
+def phase_times(shape, costs: Costs, forwards: list[Forward], offloaded: bool,
+                compute_scale: float = 1.0, io_scale: float = 1.0) -> PhaseTimes:
+    prefill = 0.0
+    steps = []
+    acc = miss = 0.0
+    for f in forwards:
+        t = forward_time(shape, costs, f, offloaded)
+        total = t.compute_s * compute_scale + t.io_s * io_scale
+        if f.phase == "prefill":
+            prefill += total
+        else:
+            steps.append((t.compute_s * compute_scale, t.io_s * io_scale))
+            acc += sum(la.experts for la in f.layers)
+            miss += sum(la.misses for la in f.layers)
+    return PhaseTimes(prefill, steps, 1 - miss / acc if acc else 1.0)
+
+
+@dataclass
+class Speeds:
+    decode_tps: float  # aggregate tokens/s of the batch's decode
+    decode_band: tuple[float, float]
+    prefill_tps: float
+    prefill_band: tuple[float, float]
+    hit: tuple[float, float, float]  # decode-phase hit rate: expected, low, high
+    compute_ms: float  # per decode step, without loads
+    loads_ms: float
+
+
+def speeds(shape, profile, costs: Costs, batch: int, prompt: int, gen: int, capacity: int | None,
+           access: Access) -> Speeds:
+    offloaded = capacity is not None
+    point_f = run_forwards(shape, batch, prompt, gen, capacity, access, prefetch=True, hit_index=0)
+    if access.trace is not None:
+        other_f = run_forwards(shape, batch, prompt, gen, capacity, access, prefetch=False)
+        lo_f, hi_f = point_f, other_f
+    else:
+        lo_f = run_forwards(shape, batch, prompt, gen, capacity, access, hit_index=1)
+        hi_f = run_forwards(shape, batch, prompt, gen, capacity, access, hit_index=2)
+    cs = max(COMPUTE_BAND, profile.compute_spread)
+    ds = profile.read_spread
+    point = phase_times(shape, costs, point_f, offloaded)
+    variants = [point]
+    for fw in (lo_f, hi_f):
+        for c, i in ((1 + cs, 1 + ds), (1 - cs, 1 - ds)):
+            variants.append(phase_times(shape, costs, fw, offloaded, c, i))
+    tokens = batch * prompt
+
+    def tps(p: PhaseTimes) -> float:
+        return batch / p.step_s if p.step_s else 0.0
+
+    def pps(p: PhaseTimes) -> float:
+        return tokens / p.prefill_s if p.prefill_s else 0.0
+
+    hits = [phase_times(shape, costs, fw, offloaded).decode_hits for fw in (point_f, lo_f, hi_f)]
+    return Speeds(
+        decode_tps=tps(point),
+        decode_band=(min(tps(v) for v in variants), max(tps(v) for v in variants)),
+        prefill_tps=pps(point),
+        prefill_band=(min(pps(v) for v in variants), max(pps(v) for v in variants)),
+        hit=(hits[0], min(hits), max(hits)),
+        compute_ms=1e3 * float(np.mean([c for c, _ in point.decode_steps])) if point.decode_steps else 0.0,
+        loads_ms=1e3 * float(np.mean([i for _, i in point.decode_steps])) if point.decode_steps else 0.0,
+    )

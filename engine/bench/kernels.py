@@ -1,0 +1,346 @@
+"""Probes of the engine's own compute, for the machine profile of ``moeinf predict``.
+
+Everything here runs the engine's code, not a stand-in, so the profile follows the kernels as they
+change (the profile's key includes a fingerprint of that code, ``engine.bench.machine.code_key``):
+
+* **experts** (``probe_experts``): the MoE block (``engine.model.layers.moe.MoEBlock``) over experts of
+  one tensor format, with a fixed router, at ``t`` tokens per expert: one token through ``k`` experts
+  (the decode path: one native call) and the expert-major path (each expert's tokens as one product).
+  Two expert sizes give, per format and token count, a fixed cost per expert and seconds per weight byte.
+  The experts rotate over a pool larger than the CPU's caches, as a model's do.
+* **dense** (``probe_dense``): ``cuda_ext.cpu.linear`` (what the attention projections and the LM head
+  call) on matrices of each format at ``T`` rows: seconds per weight byte.
+* **overhead** (``probe_overhead``): a tiny model of each family (random weights, built with the store's
+  synthetic writer, loaded by the engine's loader) decoding and prefilling the way ``moeinf bench`` does,
+  with every expert resident and behind the budgeted cache: what a layer costs beyond its weights'
+  products (norms, rotary, attention over a short context, routing, the expert source's bookkeeping,
+  Python), fitted as ``a + b * sequences + c * tokens`` per layer.
+
+Times are medians of a few passes; their spread over the passes is kept (it widens the forecast's band).
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)  # tokens per expert (or rows of a dense product)
+DENSE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# (weight format, activation dtype) pairs: bf16 models, block formats with bf16 or float32 activations
+PAIRS = (("bf16", "bf16"), ("q4_k", "bf16"), ("q4_1", "f32"), ("q8_0", "f32"), ("f32", "f32"), ("q4_0", "bf16"))
+_SIZES = ((512, 512), (1024, 1536))  # (hidden, intermediate) of the two probe experts
+_POOL_BYTES = 48 << 20  # experts rotate over at least this much memory (beyond the caches)
+_PASSES = 3
+OVERHEAD_FAMILIES = ("mixtral", "olmoe", "qwen3_moe")
+_ACT = {"bf16": torch.bfloat16, "f32": torch.float32}
+
+
+@dataclass
+class Rates:
+    """Seconds per weight byte (and a fixed cost per call) at each token count of a grid."""
+
+    tokens: list[int]
+    per_byte: list[float]
+    fixed: list[float] = field(default_factory=list)
+
+    def seconds(self, nbytes: float, tokens: float) -> float:
+        """Time of one product of ``nbytes`` of weights over ``tokens`` rows (log-linear between grid points,
+        proportional to tokens beyond the last)."""
+        xs = np.log(np.asarray(self.tokens, dtype=float))
+        t = max(1.0, float(tokens))
+        top = self.tokens[-1]
+        scale = t / top if t > top else 1.0
+        lt = min(np.log(t), xs[-1])
+        pb = float(np.interp(lt, xs, self.per_byte)) * scale
+        fx = float(np.interp(lt, xs, self.fixed)) if self.fixed else 0.0
+        return fx + nbytes * pb
+
+
+def _median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def _spread(xs: list[float]) -> float:
+    m = _median(xs)
+    return (max(xs) - min(xs)) / (2 * m) if m > 0 else 0.0
+
+
+def _weight(rows: int, cols: int, fmt: str, act: torch.dtype, gen: torch.Generator):
+    from engine.formats import get
+    from engine.formats.tensor import QuantTensor
+
+    w = torch.randn(rows, cols, generator=gen) * 0.02
+    f = get(fmt)
+    if f.quantised:
+        return QuantTensor.quantise(w, f)
+    return w.to(f.torch_dtype if f.torch_dtype is not None else act)
+
+
+def _nbytes(w) -> int:
+    return int(w.nbytes) if not isinstance(w, torch.Tensor) else w.numel() * w.element_size()
+
+
+class _Pool:
+    """A fixed set of experts handed out by id: an ExpertSource without a cache."""
+
+    def __init__(self, experts: list):
+        self.experts = experts
+
+    def observe(self, layer, topk_ids, hidden) -> None:
+        pass
+
+    def fetch(self, layer, ids):
+        for e in ids:
+            yield int(e), self.experts[int(e)]
+
+
+class _FixedGate(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.ids = torch.zeros(1, 1, dtype=torch.long)
+
+    def forward(self, x):
+        k = self.ids.shape[1]
+        return torch.full((x.shape[0], k), 1.0 / k, dtype=x.dtype), self.ids
+
+
+def _experts_pool(h: int, i: int, fmt: str, act: torch.dtype, gen: torch.Generator) -> tuple[list, int]:
+    from engine.model.experts import ExpertWeights
+
+    one = [_weight(i, h, fmt, act, gen), _weight(i, h, fmt, act, gen), _weight(h, i, fmt, act, gen)]
+    size = sum(_nbytes(w) for w in one)
+    count = max(8, -(-_POOL_BYTES // size))
+    experts = [ExpertWeights(*one)]
+    for _ in range(count - 1):  # distinct memory per expert (a clone, cheaper than quantising again)
+        experts.append(ExpertWeights(*[_clone(w) for w in one]))
+    return experts, size
+
+
+def _clone(w):
+    if isinstance(w, torch.Tensor):
+        return w.clone()
+    from engine.formats.tensor import QuantTensor
+
+    return QuantTensor(raw=w.raw.clone(), format=w.format, shape=w.shape)
+
+
+def _block_time(block, gate: _FixedGate, x: torch.Tensor, ids_list: list[torch.Tensor]) -> list[float]:
+    """Seconds per forward over the pool's rotation, ``_PASSES`` passes (after one warm-up forward)."""
+    from cuda_ext.cpu import decode_threads
+
+    times = []
+    with torch.inference_mode(), decode_threads(x.shape[0] == 1):
+        gate.ids = ids_list[0]
+        block(x)
+        for _ in range(_PASSES):
+            t0 = time.perf_counter()
+            for ids in ids_list:
+                gate.ids = ids
+                block(x)
+            times.append((time.perf_counter() - t0) / len(ids_list))
+    return times
+
+
+def probe_experts(fmt: str, act_name: str, tokens=TOKENS) -> tuple[dict, float]:
+    """({"decode": Rates (per expert, one token, k experts per call), "major": Rates (per expert, t tokens
+    each)}, spread) for experts in ``fmt`` with ``act_name`` activations."""
+    from engine.model.layers.moe import MoEBlock, swiglu_expert
+
+    act = _ACT[act_name]
+    gen = torch.Generator().manual_seed(0)
+    per_size: list[dict[int, tuple[float, list[float]]]] = []
+    sizes = []
+    spreads = []
+    for h, i in _SIZES:
+        experts, size = _experts_pool(h, i, fmt, act, gen)
+        sizes.append(size)
+        gate = _FixedGate()
+        block = MoEBlock(0, gate, _Pool(experts), swiglu_expert("silu"))
+        n = len(experts)
+        res: dict[int, tuple[float, list[float]]] = {}
+        for t in tokens:
+            per = 2 if t >= 16 else 4  # experts per forward, each with t tokens (k = 1 router)
+            ids = [
+                torch.tensor([[(j + m) % n] for m in range(per) for _ in range(t)]) for j in range(0, n, per)
+            ][: max(2, 16 // max(1, t // 8))]
+            x = (torch.randn(per * t, h, generator=gen) * 0.5).to(act)
+            ts = _block_time(block, gate, x, ids)
+            res[t] = (_median(ts) / per, ts)
+            spreads.append(_spread(ts))
+        # decode: one token through k experts in one call (k = 4: the per-expert share of the call). Last:
+        # torch's threads run slowly for a while after the kernels' pool was busy (the pool spins)
+        k = 4
+        ids = [torch.tensor([[(j + m) % n for m in range(k)]]) for j in range(0, n, k)]
+        x = (torch.randn(1, h, generator=gen) * 0.5).to(act)
+        ts = _block_time(block, gate, x, ids)
+        res[0] = (_median(ts) / k, ts)
+        spreads.append(_spread(ts))
+        per_size.append(res)
+        del experts, block
+
+    def fit(key: int) -> tuple[float, float]:
+        (s1, s2), (t1, t2) = sizes, (per_size[0][key][0], per_size[1][key][0])
+        pb = max(0.0, (t2 - t1) / (s2 - s1))
+        return max(0.0, t1 - pb * s1), pb if pb > 0 else t2 / s2
+
+    d = fit(0)
+    major = [fit(t) for t in tokens]
+    out = {
+        "decode": Rates([1], [d[1]], [d[0]]),
+        "major": Rates(list(tokens), [m[1] for m in major], [m[0] for m in major]),
+    }
+    return out, _median(spreads)
+
+
+def probe_dense(fmt: str, act_name: str, rows=DENSE_ROWS) -> tuple[Rates, float]:
+    """Seconds per weight byte of ``cuda_ext.cpu.linear`` on ``fmt`` matrices at each row count."""
+    from cuda_ext.cpu import decode_threads, linear
+
+    act = _ACT[act_name]
+    gen = torch.Generator().manual_seed(1)
+    n, k = 2048, 2048
+    w0 = _weight(n, k, fmt, act, gen)
+    size = _nbytes(w0)
+    pool = [w0] + [_clone(w0) for _ in range(max(3, -(-_POOL_BYTES // size)) - 1)]
+    per_byte, spreads = [], []
+    for r in rows:
+        x = (torch.randn(r, k, generator=gen) * 0.5).to(act)
+        reps = pool[: max(2, len(pool) // max(1, r // 16))]
+        times = []
+        with torch.inference_mode(), decode_threads(r == 1):
+            linear(x, reps[0])
+            for _ in range(_PASSES):
+                t0 = time.perf_counter()
+                for w in reps:
+                    linear(x, w)
+                times.append((time.perf_counter() - t0) / len(reps))
+        per_byte.append(_median(times) / size)
+        spreads.append(_spread(times))
+    return Rates(list(rows), per_byte, [0.0] * len(rows)), _median(spreads)
+
+
+def probe_kernels(pairs=PAIRS) -> tuple[dict, float]:
+    """{"<fmt>/<act>": {"experts": {...}, "dense": Rates}} for each pair, and the median spread."""
+    from engine.formats import FORMATS
+
+    out: dict[str, dict] = {}
+    spreads = []
+    for fmt, act in pairs:
+        if fmt not in FORMATS:
+            continue
+        experts, s1 = probe_experts(fmt, act)
+        dense, s2 = probe_dense(fmt, act)
+        out[f"{fmt}/{act}"] = {"experts": experts, "dense": dense}
+        spreads += [s1, s2]
+    return out, _median(spreads) if spreads else 0.0
+
+
+# -- per-layer overhead: tiny models of each family, run the way the bench runs them --
+
+_TINY = dict(num_layers=4, num_experts=8, top_k=2, hidden=128, intermediate=128, vocab=256, head_dim=64, heads=2,
+             kv_heads=1)
+_SHAPES = ((1, 1), (16, 16), (16, 1), (256, 16))  # (tokens, sequences) of a forward: decode 1 and 16, prefills
+
+
+def _tiny_forward_times(root: Path, family: str, budget: str) -> dict[tuple[int, int], float]:
+    from engine.bench.forced import force_routing
+    from engine.memory import open_experts
+    from engine.model.loader import load_model
+    from engine.store.opened import open_model
+    from engine.trace.format import RoutingTrace
+
+    store = open_model(root)
+    L, E = _TINY["num_layers"], _TINY["num_experts"]
+    ids = np.zeros((64, L, 2), dtype=np.int64)  # experts 0..2 of each layer only: all hits once loaded
+    for t in range(64):
+        ids[t, :, 0], ids[t, :, 1] = t % 3, (t + 1) % 3
+    trace = RoutingTrace(ids, E)
+    experts = open_experts(store, torch.bfloat16, "cpu", budget, "lru", None, ctx=64)
+    out: dict[tuple[int, int], float] = {}
+    try:
+        model = load_model(store, dtype=torch.bfloat16, device="cpu", experts=experts, max_seq_len=64)
+        model.setup_caches(64, torch.bfloat16, "cpu", slots=16)
+        forced = force_routing(model, trace)
+        experts.begin_sequence()
+        gen = torch.Generator().manual_seed(0)
+        for tokens, seqs in _SHAPES:
+            per = tokens // seqs
+            times = []
+            for rep in range(_PASSES + 2):
+                pos = 0 if per > 1 else 16 + rep
+                segs = [(s, pos, per) for s in range(seqs)]
+                forced.rows = [(rep + j) % 64 for j in range(tokens)]
+                x = torch.randint(0, _TINY["vocab"], (tokens,), generator=gen)
+                t0 = time.perf_counter()
+                model.forward_batch(x, segs)
+                times.append(time.perf_counter() - t0)
+            out[(tokens, seqs)] = _median(times[2:])
+        experts.end_sequence()
+    finally:
+        experts.close()
+    return out
+
+
+def probe_overhead(kernels: dict, families=OVERHEAD_FAMILIES) -> dict[str, dict]:
+    """{family: {"resident": [a, b, c], "offload": [a, b, c]}}: seconds per layer of a forward beyond its
+    weights' products, ``a + b * sequences + c * tokens``, with every expert resident and behind the cache."""
+    from engine.bench.synthetic import make_synthetic_model
+    from engine.store.families import get_family
+
+    out: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="moeinf-probe-") as tmp:
+        for family in families:
+            try:
+                fam = get_family(family)
+            except Exception:  # noqa: BLE001 - a family this build lacks is simply not probed
+                continue
+            if fam.synthetic is None:
+                continue
+            root = make_synthetic_model(f"tiny-{family}", family, root=tmp, **_TINY)
+            entry = {}
+            for kind, budget in (("resident", "100%"), ("offload", "75%")):
+                times = _tiny_forward_times(root, family, budget)
+                entry[kind] = _fit_overhead(times, kernels)
+            out[family] = entry
+    return out
+
+
+def _tiny_compute(tokens: int, seqs: int, kernels: dict) -> float:
+    """The weights' products of the tiny model's forward by the kernel rates (taken out of the overhead)."""
+    k = kernels.get("bf16/bf16")
+    if k is None:
+        return 0.0
+    h, i, L, E, top = _TINY["hidden"], _TINY["intermediate"], _TINY["num_layers"], _TINY["num_experts"], 2
+    d = _TINY["head_dim"]
+    attn = 2 * (h * d * _TINY["heads"] * 2 + h * d * _TINY["kv_heads"] * 2)
+    expert = 3 * h * i * 2
+    dense: Rates = k["dense"]
+    total = L * dense.seconds(attn + 2 * E * h, tokens) + dense.seconds(2 * _TINY["vocab"] * h, seqs)
+    if tokens == 1:
+        r = k["experts"]["decode"]
+        total += L * top * r.seconds(expert, 1)
+    else:
+        n = min(E, 3)  # the probe's routing uses experts 0..2
+        total += L * n * k["experts"]["major"].seconds(expert, tokens * top / n)
+    return total
+
+
+def _fit_overhead(times: dict[tuple[int, int], float], kernels: dict) -> list[float]:
+    L = _TINY["num_layers"]
+    rows, ys = [], []
+    for (tokens, seqs), s in times.items():
+        rows.append([1.0, seqs, tokens])
+        ys.append(max(0.0, s - _tiny_compute(tokens, seqs, kernels)) / L)
+    coef, *_ = np.linalg.lstsq(np.asarray(rows), np.asarray(ys), rcond=None)
+    a, b, c = (float(v) for v in coef)
+    # a per-layer cost is never negative: refit without a term that came out below zero
+    if b < 0 or c < 0:
+        b, c = max(b, 0.0), max(c, 0.0)
+        a = float(np.median([y - b * r[1] - c * r[2] for r, y in zip(rows, ys, strict=True)]))
+    return [max(a, 0.0), b, c]

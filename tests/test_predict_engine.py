@@ -1,0 +1,142 @@
+"""`moeinf predict`'s engine model: the dry run of the expert cache, the kernel rates, the forward-time model."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.bench.kernels import Rates
+from engine.bench.machine import MachineProfile, code_key, machine_key
+from engine.trace.format import RoutingTrace
+
+LAYERS, EXPERTS, K = 3, 8, 2
+
+
+def _trace(tokens: int, layers: int = LAYERS, experts: int = EXPERTS, seed: int = 0) -> RoutingTrace:
+    rng = np.random.default_rng(seed)
+    ids = np.stack([rng.choice(experts, K, replace=False) for _ in range(tokens * layers)])
+    return RoutingTrace(ids.reshape(tokens, layers, K), experts)
+
+
+@pytest.fixture()
+def synth(_isolated_home):
+    from engine.bench.synthetic import make_synthetic_model
+
+    return make_synthetic_model("synth-pe", num_layers=LAYERS, num_experts=EXPERTS, top_k=K, hidden=64,
+                                intermediate=128, vocab=256, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_dry_cache_loads_what_the_live_cache_loads(synth, batch):
+    """The routing model runs the engine's own cache without I/O: over a bench run's forwards it misses
+    exactly the experts the live cache loads (lru: no prefetching, so nothing depends on timing)."""
+    from engine.bench.forecast import slot_bytes
+    from engine.bench.runner import BenchConfig, bench_forwards, run_config
+    from engine.bench.shape import read_shape
+    from engine.bench.simulate import simulate
+    from engine.store.opened import open_model
+
+    trace = _trace(20)
+    store = open_model(synth)
+    row = run_config(store, BenchConfig("40%", "lru"), prompt_tokens=3, gen_tokens=6, reps=1,
+                     dtype=torch.bfloat16, device=torch.device("cpu"), trace=trace, batch=batch)
+    shape = read_shape(str(synth))
+    assert slot_bytes(shape) == row.expert_bytes  # the forecast's slot is the cache's
+    T = trace.num_tokens
+    plan = bench_forwards(batch, 3, 6, T, [(i * T) // batch for i in range(batch)])
+    capacity = row.budget_bytes // row.expert_bytes
+    fwd = simulate(plan, trace.expert_ids, list(range(LAYERS)), EXPERTS, K, capacity, "lru", slot_bytes(shape),
+                   shape.shard_bytes)
+    misses = sum(la.misses for f in fwd for la in f.layers)
+    live = row.total_counter("demand_loads") + row.total_counter("prefetch_loads")
+    assert misses == live > 0
+    decode = [f for f in fwd if f.phase == "decode"]
+    assert len(decode) == 6 and all(f.tokens == batch for f in decode)
+
+
+def test_rates_interpolate_in_tokens_and_scale_with_bytes():
+    r = Rates([1, 4, 16], [1e-9, 2e-9, 4e-9], [1e-4, 2e-4, 3e-4])
+    assert r.seconds(1000, 1) == pytest.approx(1e-4 + 1e-6)
+    assert r.seconds(1000, 2) == pytest.approx(1.5e-4 + 1.5e-6)  # halfway in log(tokens)
+    assert r.seconds(2000, 16) - r.seconds(1000, 16) == pytest.approx(4e-6)
+    assert r.seconds(1000, 32) == pytest.approx(3e-4 + 2 * 4e-6)  # beyond the grid: per byte grows with tokens
+
+
+def fake_kernels() -> dict:
+    def pair(decode: float, major: float) -> dict:
+        return {
+            "experts": {
+                "decode": Rates([1], [decode], [2e-5]),
+                "major": Rates([1, 16, 128], [major, major * 2, major * 12], [5e-5, 6e-5, 8e-5]),
+            },
+            "dense": Rates([1, 16, 256], [decode, decode * 3, decode * 40], [0.0, 0.0, 0.0]),
+        }
+
+    return {"bf16/bf16": pair(2e-10, 4e-10), "q4_k/bf16": pair(4e-10, 8e-10), "f32/f32": pair(3e-10, 5e-10)}
+
+
+def engine_profile(disk_gbps: float = 2.0) -> MachineProfile:
+    from test_predict import profile
+
+    p = profile(disk_gbps)
+    p.kernels = fake_kernels()
+    p.overhead = {"mixtral": {"resident": [1e-4, 1e-5, 1e-6], "offload": [2e-4, 1e-5, 1e-6]}}
+    p.read_bps_single = {k: v / 1.5 for k, v in p.read_bps.items()}
+    p.compute_spread = 0.1
+    return p
+
+
+def test_profile_round_trip_and_key():
+    p = engine_profile()
+    q = MachineProfile.from_dict(json.loads(json.dumps(p.as_dict())))
+    assert q.kernels["q4_k/bf16"]["experts"]["major"] == p.kernels["q4_k/bf16"]["experts"]["major"]
+    assert q.overhead == p.overhead and q.disk_single_bps(1 << 20) == p.disk_single_bps(1 << 20)
+    assert machine_key().endswith(code_key())  # a change to the engine's compute code measures again
+
+
+def test_engine_forecast_follows_budget_batch_and_disk():
+    from test_predict import MIXTRAL, mixtral_tensors
+
+    from engine.bench.predict import Request, predict
+    from engine.bench.shape import shape_from
+
+    tensors = {k: (int(np.prod(s)) * 2, int(np.prod(s))) for k, (s, _) in mixtral_tensors().items()}
+    shape = shape_from("mixtral", "hub", MIXTRAL, tensors)
+    trace = _trace(40, layers=32)
+    prof = engine_profile()
+
+    def run(budget: str, batch: int = 1, disk: float = 2.0) -> dict:
+        return predict(shape, engine_profile(disk) if disk != 2.0 else prof,
+                       Request(budget=budget, batch=batch, available=1 << 50, prefill_tokens=8, gen_tokens=8),
+                       trace)
+
+    full, half, tenth = run("100%"), run("50%"), run("10%")
+    assert full["hit_rate"]["expected"] == 1.0 and full["decode_ms_per_token"]["loads"] == 0
+    assert full["decode_tps"] > half["decode_tps"] > tenth["decode_tps"]
+    assert 0 < tenth["hit_rate"]["expected"] < half["hit_rate"]["expected"] < 1
+    assert "run through the engine's cache" in half["hit_rate"]["source"]
+    for p in (full, half, tenth):
+        lo, hi = p["decode_tps_band"]
+        assert lo <= p["decode_tps"] <= hi
+        plo, phi = p["prefill_tps_band"]
+        assert plo <= p["prefill_tps"] <= phi
+    assert run("100%", batch=16)["batch_tps"] > full["decode_tps"]  # a batch shares each expert's weights
+    assert run("25%", disk=8.0)["decode_tps"] > run("25%")["decode_tps"]
+    assert full["prefill_tps"] > half["prefill_tps"]  # a cold cache loads the prompt's experts
+
+
+def test_kernel_probes_time_the_engines_code(monkeypatch):
+    """The probes run the MoE block and the dense product of the engine (tiny sizes here)."""
+    import engine.bench.kernels as kernels
+
+    monkeypatch.setattr(kernels, "_SIZES", ((64, 64), (128, 128)))
+    monkeypatch.setattr(kernels, "_POOL_BYTES", 1 << 20)
+    experts, spread = kernels.probe_experts("bf16", "bf16", tokens=(1, 4))
+    assert experts["decode"].tokens == [1] and experts["major"].tokens == [1, 4]
+    assert all(v > 0 for v in experts["major"].per_byte) and all(v >= 0 for v in experts["major"].fixed)
+    dense, _ = kernels.probe_dense("q4_k", "bf16", rows=(1, 8))
+    assert dense.tokens == [1, 8] and all(v > 0 for v in dense.per_byte)
+    assert spread >= 0
