@@ -126,7 +126,8 @@ def _trace_for(key: str):
     return load_trace(TRACES / SYNTHETIC[key][-1])
 
 
-def run(key: str, prompt: int, gen: int, reps: int, policy: str, budgets: list[str], batches: list[int]) -> dict:
+def run(key: str, prompt: int, gen: int, reps: int, policy: str, budgets: list[str], batches: list[int],
+        formats: list[str] | None = None) -> dict:
     from engine.bench.predict import bench_row_forecast
     from engine.bench.run import bench_main
 
@@ -134,6 +135,8 @@ def run(key: str, prompt: int, gen: int, reps: int, policy: str, budgets: list[s
     trace = _trace_for(key)
     out = {"key": key, "prompt_tokens": prompt, "gen_tokens": gen, "repetitions": reps, "policy": policy, "rows": []}
     for name, fmt in model_names(key):
+        if formats and fmt not in formats:
+            continue
         res = bench_main(model=name, synthetic=None, scale=1.0, prompt_tokens=prompt, gen_tokens=gen,
                          repetitions=reps, budgets=budgets, policies=[policy], replay=trace_path, profile=False,
                          dtype=None, device="cpu", batches=batches,
@@ -142,6 +145,18 @@ def run(key: str, prompt: int, gen: int, reps: int, policy: str, budgets: list[s
             fc = bench_row_forecast(name, row, prompt, gen, trace)
             out["rows"].append({"model": key, "store": name, "format": fmt, **row, "forecast": fc})
     return out
+
+
+def reforecast(path: str) -> None:
+    from engine.bench.predict import bench_row_forecast
+
+    doc = json.loads(Path(path).read_text())
+    trace = _trace_for(doc["key"])
+    for row in doc["rows"]:
+        row["forecast"] = bench_row_forecast(row["store"], row, doc["prompt_tokens"], doc["gen_tokens"], trace)
+    tmp = Path(path).with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    os.replace(tmp, path)
 
 
 def _within(pred: float, meas: float, tol: float) -> bool:
@@ -195,19 +210,26 @@ def main() -> None:
     r.add_argument("--policy", default="eam")
     r.add_argument("--budgets", default=",".join(BUDGETS))
     r.add_argument("--batches", default=",".join(map(str, BATCHES)))
+    r.add_argument("--formats", default="", help="comma-separated format labels to run (default: both)")
     r.add_argument("--out", required=True)
     q = sub.add_parser("report")
     q.add_argument("paths", nargs="+")
+    f = sub.add_parser("reforecast", help="forecast the rows of a run's JSON again with the current profile")
+    f.add_argument("paths", nargs="+")
     args = ap.parse_args()
     if args.cmd == "prepare":
         prepare(args.keys)
     elif args.cmd == "run":
         res = run(args.key, args.p, args.n, args.r, args.policy, args.budgets.split(","),
-                  [int(b) for b in args.batches.split(",")])
+                  [int(b) for b in args.batches.split(",")], [f for f in args.formats.split(",") if f])
         tmp = Path(args.out).with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1))
         os.replace(tmp, args.out)
         print(report([args.out]))
+    elif args.cmd == "reforecast":
+        for path in args.paths:
+            reforecast(path)
+        print(report(args.paths))
     else:
         print(report(args.paths))
 

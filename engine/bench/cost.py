@@ -9,16 +9,18 @@ A forward of ``T`` tokens of ``S`` sequences (a decode step: ``T == S``; a prefi
 * per MoE layer, its experts: one token goes through its ``k`` experts in one native call (the probed
   per-expert cost of that call); several tokens run expert-major, each expert one product over the tokens
   routed to it (the probed fixed cost plus seconds per byte at that many tokens);
-* the loads it waits for. One token (decode of one sequence): the layer's misses are read together (two
-  workers) after its hits are handed out, and its experts run once all are in, so the wait adds in full.
-  Several tokens (a prefill, a batch): the misses stream after the hits, two in flight, each computed as it
-  lands, so the layer's misses cost the larger of their reads and their products. Prefetches run in the
-  background and cost only what they exceed the forward's compute by.
+* weights beyond the last-level cache: the probes' products ran on weights the cache holds; the share of a
+  run's weights it cannot hold (dense + the experts resident) is read at no more than the memory's probed
+  bandwidth;
+* the loads it waits for: per miss, what the engine's own cache achieved in the load probe
+  (``engine.bench.kernels.probe_loads``: stall per load, and the extra compute a loaded expert costs) one
+  sequence at a time (a miss blocks the layer) or streaming (a prefill, a batch), scaled from the probe's
+  shard size to this one by the disk probe's read times. Prefetches run in the background and cost only
+  what they exceed the forward's compute by.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from engine.bench.kernels import Rates
@@ -47,18 +49,20 @@ def _nearest(table: dict, key: str) -> dict:
 
 @dataclass
 class Costs:
-    """The rates a model's forwards use: its formats' kernels, its family's overhead, the disk."""
+    """The rates a model's forwards use: its formats' kernels, its family's overhead, memory and the disk."""
 
     expert_decode: Rates
     expert_major: Rates
     dense: Rates
     head: Rates
     overhead: dict  # {"resident": [a, b, c], "offload": [a, b, c]} seconds per layer
-    read_s: float  # one expert shard read alone
-    read_pair_s: float  # two shard reads in flight (per read)
+    load: dict  # {"decode": (stall, extra compute) per load, "stream": ...} seconds, at this shard size
+    read_pair_s: float  # one shard read with two in flight (prefetches)
+    hot: float = 1.0  # share of the weights a run touches that the last-level cache holds
+    dram_per_byte: float = 0.0  # seconds per byte streamed from memory (0: unknown)
 
     @classmethod
-    def of(cls, shape, profile, expert_fmt: str, dense_fmt: str, head_fmt: str) -> Costs:
+    def of(cls, shape, profile, expert_fmt: str, dense_fmt: str, head_fmt: str, working_set: float = 0.0) -> Costs:
         act = shape.compute_dtype
         k = _nearest(profile.kernels, f"{expert_fmt}/{act}")
         d = _nearest(profile.kernels, f"{dense_fmt}/{act}")
@@ -66,21 +70,39 @@ class Costs:
         oh = profile.overhead.get(shape.family) or profile.overhead.get(DEFAULT_FAMILY) or {
             "resident": [0.0, 0.0, 0.0], "offload": [0.0, 0.0, 0.0]}
         size = shape.shard_bytes
+        raw = size / profile.disk_single_bps(size)
+        load = {}
+        probe = profile.loads or {}
+        ref = probe.get("shard_bytes")
+        for kind in ("decode", "stream"):
+            if ref and kind in probe:
+                # the engine's own load at the probe's shard size, scaled by the disk's read times
+                scale = raw / (ref / profile.disk_single_bps(ref))
+                load[kind] = (probe[kind]["load_s"] * scale, probe[kind]["load_compute_s"] * size / ref)
+            else:
+                load[kind] = (raw, 0.0)
+        llc = (profile.memory or {}).get("llc_bytes", 0)
+        dram = (profile.memory or {}).get("dram_bps", 0.0)
         return cls(
             expert_decode=k["experts"]["decode"],
             expert_major=k["experts"]["major"],
             dense=d["dense"],
             head=h["dense"],
             overhead=oh,
-            read_s=size / profile.disk_single_bps(size),
+            load=load,
             read_pair_s=size / profile.disk_bps(size),
+            hot=min(1.0, llc / working_set) if working_set > 0 and llc else 1.0,
+            dram_per_byte=1.0 / dram if dram else 0.0,
         )
 
-    def reads(self, n: int) -> float:
-        """Seconds to read ``n`` shards with the loader's two workers."""
-        if n <= 0:
-            return 0.0
-        return max(math.ceil(n / 2) * self.read_s, n * self.read_pair_s)
+    def seconds(self, rates: Rates, nbytes: float, tokens: float, hot: float | None = None) -> float:
+        """``rates.seconds``, with the share of the weights not in the last-level cache read at no more than
+        the memory's bandwidth."""
+        t = rates.seconds(nbytes, tokens)
+        share = self.hot if hot is None else hot
+        if share >= 1.0 or not self.dram_per_byte:
+            return t
+        return share * t + (1 - share) * max(t, nbytes * self.dram_per_byte)
 
 
 def forward_time(shape, costs: Costs, fwd: Forward, offloaded: bool) -> ForwardTime:
@@ -88,19 +110,17 @@ def forward_time(shape, costs: Costs, fwd: Forward, offloaded: bool) -> ForwardT
     T, S = fwd.tokens, fwd.seqs
     a, b, c = costs.overhead["offload" if offloaded else "resident"]
     compute = shape.num_layers * (a + b * S + c * T)
-    compute += costs.dense.seconds(shape.layer_dense_bytes, T) + costs.head.seconds(shape.head_bytes, S)
+    compute += costs.seconds(costs.dense, shape.layer_dense_bytes, T) + costs.seconds(costs.head, shape.head_bytes, S)
     io = 0.0
     size = shape.expert_bytes
+    load_s, load_compute_s = costs.load["decode" if T == 1 else "stream"]
     for acc in fwd.layers:
         if T == 1:
-            compute += acc.experts * costs.expert_decode.seconds(size, 1)
-            io += costs.reads(acc.misses)
-            continue
-        per = [costs.expert_major.seconds(size, t) for t in acc.tokens]
-        compute += sum(per)
-        if acc.misses:
-            miss_compute = sum(sorted(per)[: acc.misses])  # which experts missed is not kept: the cheapest
-            io += max(0.0, costs.reads(acc.misses) - miss_compute)
+            compute += acc.experts * costs.seconds(costs.expert_decode, size, 1)
+        else:
+            compute += sum(costs.seconds(costs.expert_major, size, t) for t in acc.tokens)
+        io += acc.misses * load_s
+        compute += acc.misses * load_compute_s
     prefetch_io = fwd.prefetch_loads * costs.read_pair_s
     io += max(0.0, prefetch_io - compute)
     return ForwardTime(compute, io)

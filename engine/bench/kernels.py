@@ -14,7 +14,10 @@ change (the profile's key includes a fingerprint of that code, ``engine.bench.ma
   synthetic writer, loaded by the engine's loader) decoding and prefilling the way ``moeinf bench`` does,
   with every expert resident and behind the budgeted cache: what a layer costs beyond its weights'
   products (norms, rotary, attention over a short context, routing, the expert source's bookkeeping,
-  Python), fitted as ``a + b * sequences + c * tokens`` per layer.
+  Python, waking the kernels' thread pool between products), fitted as ``a + b * sequences + c * tokens``
+  per layer.
+* **memory** (``probe_memory``): the last-level cache's size and the bandwidth beyond it.
+* **loads** (``probe_loads``): what the engine's own cache achieves per expert load while it decodes.
 
 Times are medians of a few passes; their spread over the passes is kept (it widens the forecast's band).
 """
@@ -243,7 +246,9 @@ def probe_kernels(pairs=PAIRS) -> tuple[dict, float]:
 
 # -- per-layer overhead: tiny models of each family, run the way the bench runs them --
 
-_TINY = dict(num_layers=4, num_experts=8, top_k=2, hidden=128, intermediate=128, vocab=256, head_dim=64, heads=2,
+# hidden 512: the attention's and the experts' products are large enough to run in the kernels' thread pool,
+# so the overhead includes waking its workers after the gaps between a layer's products, as in a real model
+_TINY = dict(num_layers=4, num_experts=8, top_k=2, hidden=512, intermediate=128, vocab=256, head_dim=128, heads=4,
              kv_heads=1)
 _SHAPES = ((1, 1), (16, 16), (16, 1), (256, 16))  # (tokens, sequences) of a forward: decode 1 and 16, prefills
 
@@ -344,3 +349,99 @@ def _fit_overhead(times: dict[tuple[int, int], float], kernels: dict) -> list[fl
         b, c = max(b, 0.0), max(c, 0.0)
         a = float(np.median([y - b * r[1] - c * r[2] for r, y in zip(rows, ys, strict=True)]))
     return [max(a, 0.0), b, c]
+
+
+# -- memory: the last-level cache and the bandwidth beyond it --
+
+
+def llc_bytes() -> int:
+    """The CPU's last-level cache (sysfs), 32 MiB where it cannot be read."""
+    base = Path("/sys/devices/system/cpu/cpu0/cache")
+    best = 0
+    for idx in base.glob("index*"):
+        try:
+            text = (idx / "size").read_text().strip().upper()
+            mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+            best = max(best, int(text.rstrip("KMG")) * mult)
+        except (OSError, ValueError):
+            continue
+    return best or 32 << 20
+
+
+def probe_memory() -> dict:
+    """{"llc_bytes", "dram_bps"}: bytes/s the kernels' pool reads from a buffer twice the last-level cache
+    (at most 1 GiB): what a product streaming weights from memory can reach."""
+    from cuda_ext.cpu import read_bandwidth
+
+    llc = llc_bytes()
+    n = min(1 << 30, 2 * llc)
+    buf = torch.ones(n, dtype=torch.uint8)
+    bps = read_bandwidth(buf, torch.get_num_threads())
+    del buf
+    return {"llc_bytes": int(llc), "dram_bps": float(bps)}
+
+
+# -- loads: what the engine's own cache achieves, reading shards while it decodes --
+
+_LOADS = dict(num_layers=2, num_experts=8, top_k=2, hidden=512, intermediate=1536, vocab=256, head_dim=64,
+              heads=8, kv_heads=2)
+
+
+def _load_run(root: Path, budget: str, batch: int, steps: int = 12) -> tuple[float, float, int]:
+    """(seconds per decode step, stall seconds per step, loads per step) of ``steps`` decode steps of
+    ``batch`` sequences, each step routed to fresh experts (so a budgeted cache misses)."""
+    from engine.bench.forced import force_routing
+    from engine.memory import open_experts
+    from engine.model.loader import load_model
+    from engine.store.opened import open_model
+    from engine.trace.format import RoutingTrace
+
+    store = open_model(root)
+    L, E = _LOADS["num_layers"], _LOADS["num_experts"]
+    rng = np.random.default_rng(0)
+    ids = np.stack([rng.choice(E, 2, replace=False) for _ in range(64 * L)]).reshape(64, L, 2)
+    experts = open_experts(store, torch.bfloat16, "cpu", budget, "lru", None, ctx=64)
+    try:
+        model = load_model(store, dtype=torch.bfloat16, device="cpu", experts=experts, max_seq_len=64)
+        model.setup_caches(64, torch.bfloat16, "cpu", slots=batch)
+        forced = force_routing(model, RoutingTrace(ids, E))
+        experts.begin_sequence()
+        x = torch.zeros(batch, dtype=torch.long)
+        times, stalls, loads = [], [], []
+        for step in range(steps + 2):
+            forced.rows = [(step * batch + i) % 64 for i in range(batch)]
+            st = experts.stats()
+            t0 = time.perf_counter()
+            model.forward_batch(x, [(i, step, 1) for i in range(batch)])
+            dt = time.perf_counter() - t0
+            st2 = experts.stats()
+            if step >= 2:
+                times.append(dt)
+                stalls.append(st2.stall_s - st.stall_s)
+                loads.append(st2.demand_loads + st2.prefetch_loads - st.demand_loads - st.prefetch_loads)
+        experts.end_sequence()
+    finally:
+        experts.close()
+    return _median(times), _median(stalls), int(round(float(np.mean(loads))))
+
+
+def probe_loads(home: Path) -> dict:
+    """The engine's expert loads against the disk probe: a small model whose every decode step routes to
+    experts the cache does not hold, run one sequence at a time and eight at once, resident and with a
+    budget. Per load: the stall (``load_s``) and the extra compute (``load_compute_s``: the step's time
+    beyond the resident run's, less the stall: loaded experts are cold in the CPU's caches, and the
+    loader's threads share the cores), with the shard's size; ``engine.bench.cost`` scales them to other
+    sizes by the disk probe's read times."""
+    from engine.bench.synthetic import make_synthetic_model
+
+    out: dict = {}
+    with tempfile.TemporaryDirectory(prefix="moeinf-loads-", dir=home) as tmp:
+        root = make_synthetic_model("loads", "mixtral", root=tmp, **_LOADS)
+        shard = next((root / "experts").rglob("*.safetensors")).stat().st_size
+        out["shard_bytes"] = int(shard)
+        for batch, key in ((1, "decode"), (8, "stream")):
+            res, _, _ = _load_run(root, "100%", batch)
+            off, stall, loads = _load_run(root, "45%", batch)  # 7 slots: 2 of them stream slots
+            loads = max(1, loads)
+            out[key] = {"load_s": stall / loads, "load_compute_s": max(0.0, off - res - stall) / loads}
+    return out

@@ -65,6 +65,8 @@ class MachineProfile:
     kernels: dict = field(default_factory=dict)  # "<format>/<act>" -> {"experts": {...}, "dense": Rates}
     overhead: dict = field(default_factory=dict)  # family -> {"resident": [a, b, c], "offload": [a, b, c]}
     compute_spread: float = 0.0  # relative spread of the compute probes over their passes
+    memory: dict = field(default_factory=dict)  # {"llc_bytes", "dram_bps"} (engine.bench.kernels.probe_memory)
+    loads: dict = field(default_factory=dict)  # the engine's own loads (engine.bench.kernels.probe_loads)
 
     def disk_bps(self, request_bytes: int) -> float:
         """Bytes/s for requests of ``request_bytes`` (the nearest measured size at or below, else the smallest)."""
@@ -269,10 +271,13 @@ def measure(home: Path | None = None) -> MachineProfile:
     rates, spread, latency, io = probe_reads(scratch)
     single, spread1, _, _ = probe_reads(scratch, inflight=1)
     scratch.unlink(missing_ok=True)
-    from engine.bench.kernels import probe_kernels, probe_overhead
+    from engine.bench.kernels import probe_kernels, probe_loads, probe_memory, probe_overhead
 
     kernels, compute_spread = probe_kernels()
     overhead = probe_overhead(kernels)
+    memory = probe_memory()
+    home.mkdir(parents=True, exist_ok=True)
+    loads = probe_loads(home)
     devices = {"cpu": cpu_rates(kernels)}
     if torch.cuda.is_available():
         devices["cuda"] = probe_device(torch.device("cuda"))
@@ -289,6 +294,8 @@ def measure(home: Path | None = None) -> MachineProfile:
         kernels=kernels,
         overhead=overhead,
         compute_spread=compute_spread,
+        memory=memory,
+        loads=loads,
     )
 
 

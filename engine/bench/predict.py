@@ -61,6 +61,8 @@ def _format_of(shape: ModelShape, fmt: str | None) -> tuple[ModelShape, str]:
         if f is None:
             raise MoeinfError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
         return shape.with_expert_format(f.bits_per_weight), f.name
+    if shape.expert_format in FORMATS:
+        return shape, shape.expert_format
     bits = 8 * shape.expert_bytes / max(1, shape.expert_params)
     nearest = min(FORMATS.values(), key=lambda f: abs(f.bits_per_weight - bits))
     return shape, nearest.name
@@ -265,7 +267,8 @@ def _engine_speeds(shape, profile, req, fmt, capacity, trace, hit, policy) -> di
     from engine.bench.forecast import Access, speeds
 
     dense_fmt, head_fmt = _dense_formats(shape)
-    costs = Costs.of(shape, profile, fmt, dense_fmt, head_fmt)
+    cached = shape.expert_bytes_total if capacity is None else capacity * slot_bytes(shape)
+    costs = Costs.of(shape, profile, fmt, dense_fmt, head_fmt, working_set=shape.dense_bytes + cached)
     kw = {}
     if shape.store_name and shape.source == "store":
         from engine.store.paths import models_dir

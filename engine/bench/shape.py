@@ -65,6 +65,7 @@ class ModelShape:
     compute_dtype: str = "bf16"  # activations: "bf16" or "f32" (what the model computes in by default)
     expert_file_bytes: int = 0  # one expert shard as stored (header included; 0: unknown)
     head_tied: bool = False  # the LM head is the input embedding
+    expert_format: str | None = None  # the experts' tensor format where the headers name it
 
     @property
     def layer_dense_bytes(self) -> int:
@@ -233,11 +234,15 @@ def _store(root: Path) -> ModelShape:
     layout = moe_layout(config)
     expert_bytes = None
     file_bytes = 0
+    expert_format = None
     if layout.is_moe:
         ref = expert_shard_path(root, layout.moe_layers[0], 0)
         if ref.is_file():
-            expert_bytes = sum(b for b, _ in _header_tensors(read_header(ref)).values())
+            header = read_header(ref)
+            expert_bytes = sum(b for b, _ in _header_tensors(header).values())
             file_bytes = ref.stat().st_size
+            formats = {t.format for name, t in header.tensors.items() if name.endswith("weight")}
+            expert_format = formats.pop() if len(formats) == 1 else None
     manifest = _read_json(root / "manifest.json") if (root / "manifest.json").is_file() else {}
     shape = shape_from(
         root.name,
@@ -252,6 +257,7 @@ def _store(root: Path) -> ModelShape:
         expert_file_bytes=file_bytes,
     )
     shape.dense_params = sum(n for _, n in dense.values())
+    shape.expert_format = expert_format
     return shape
 
 
