@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 from hub_server import HubServer, Repo
 
-from engine.bench.machine import PROFILE_FILE, DeviceRates, MachineProfile, machine_key
 from engine.bench.forecast import slot_bytes
+from engine.bench.machine import PROFILE_FILE, DeviceRates, MachineProfile, machine_key
 from engine.bench.predict import SCHEMA, Request, predict
 from engine.bench.shape import read_shape, shape_from
 from engine.errors import MoeinfError
