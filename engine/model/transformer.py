@@ -12,7 +12,7 @@ so dense tensors load by name. ``layers[i].mlp`` is the FFN or MoE module of dec
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -38,6 +38,22 @@ class DecoderLayer(nn.Module):
     def forward(self, x: torch.Tensor, ctx: StepContext | BatchContext) -> torch.Tensor:
         h = x + self.self_attn(self.input_layernorm(x), ctx)
         return h + self.mlp(self.post_attention_layernorm(h))
+
+
+def decoder_stack(
+    args: ModelArgs,
+    attention: Callable[[int], nn.Module],
+    mlp: Callable[[int], nn.Module],
+    rotary: RotaryEmbedding | None = None,
+) -> CausalLM:
+    """The decoder most families are: layer i is ``DecoderLayer(attention(i), mlp(i))`` with the args'
+    RMSNorms, under the rotary table of the args' rope and context (or ``rotary``)."""
+    layers = [
+        DecoderLayer(attention(i), mlp(i), args.hidden_size, args.rms_norm_eps) for i in range(args.num_layers)
+    ]
+    if rotary is None:
+        rotary = RotaryEmbedding(args.rope, args.head_dim, args.max_position_embeddings)
+    return CausalLM(args, layers, rotary)
 
 
 class CausalLM(nn.Module):

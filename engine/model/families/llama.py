@@ -10,23 +10,17 @@ from engine.store.families import Family, GGUFArch
 
 
 def build(args, experts):
-    from engine.model.layers.attention import Attention
+    from engine.model.layers.attention import model_attention
     from engine.model.layers.mlp import MLP
-    from engine.model.layers.rope import RotaryEmbedding
-    from engine.model.transformer import CausalLM, DecoderLayer
+    from engine.model.transformer import decoder_stack
 
     bias = bool(args.get("attention_bias", False))
-    layers = []
-    for _ in range(args.num_layers):
-        attn = Attention(
-            args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim, qkv_bias=bias, o_bias=bias
-        )
-        mlp = MLP(
-            args.hidden_size, args.intermediate_size, args.hidden_act, bias=bool(args.get("mlp_bias", False))
-        )
-        layers.append(DecoderLayer(attn, mlp, args.hidden_size, args.rms_norm_eps))
-    rotary = RotaryEmbedding(args.rope, args.head_dim, args.max_position_embeddings)
-    return CausalLM(args, layers, rotary)
+    mlp_bias = bool(args.get("mlp_bias", False))
+    return decoder_stack(
+        args,
+        lambda i: model_attention(args, qkv_bias=bias, o_bias=bias),
+        lambda i: MLP(args.hidden_size, args.intermediate_size, args.hidden_act, bias=mlp_bias),
+    )
 
 
 def gguf_llama_config(get, tensor_names: set[str]) -> dict[str, Any]:

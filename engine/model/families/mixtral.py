@@ -15,30 +15,21 @@ from engine.store.families import Family, GGUFArch, SyntheticRecipe
 
 
 def build(args, experts):
-    from engine.model.layers.attention import Attention
+    from engine.model.layers.attention import model_attention
     from engine.model.layers.moe import MoEBlock, swiglu_expert
-    from engine.model.layers.rope import RotaryEmbedding
     from engine.model.layers.router import SoftmaxTopKRouter
-    from engine.model.transformer import CausalLM, DecoderLayer
+    from engine.model.transformer import decoder_stack
 
     num_experts = int(args.get("num_local_experts", 8))
     top_k = int(args.get("num_experts_per_tok", 2))
-    layers = []
-    for i in range(args.num_layers):
-        attn = Attention(
-            args.hidden_size,
-            args.num_heads,
-            args.num_kv_heads,
-            args.head_dim,
-            sliding_window=args.get("sliding_window"),
-        )
+
+    def mlp(i):
         gate = SoftmaxTopKRouter(
             args.hidden_size, num_experts, top_k, renormalize=True, weights_dtype="float32"
         )
-        mlp = MoEBlock(i, gate, experts, swiglu_expert(args.hidden_act))
-        layers.append(DecoderLayer(attn, mlp, args.hidden_size, args.rms_norm_eps))
-    rotary = RotaryEmbedding(args.rope, args.head_dim, args.max_position_embeddings)
-    return CausalLM(args, layers, rotary)
+        return MoEBlock(i, gate, experts, swiglu_expert(args.hidden_act))
+
+    return decoder_stack(args, lambda i: model_attention(args, sliding_window=args.get("sliding_window")), mlp)
 
 
 def gguf_config(get, tensor_names: set[str]) -> dict[str, Any]:

@@ -9,30 +9,24 @@ from engine.store.families import Family, SyntheticRecipe
 
 
 def build(args, experts):
-    from engine.model.layers.attention import Attention
+    from engine.model.layers.attention import model_attention
     from engine.model.layers.moe import softmax_moe
-    from engine.model.layers.rope import RotaryEmbedding
-    from engine.model.transformer import CausalLM, DecoderLayer
+    from engine.model.transformer import decoder_stack
 
     layout = FAMILY.moe_layout(args.config)
     bias = bool(args.get("attention_bias", False))
-    layers = []
-    for i in range(args.num_layers):
-        attn = Attention(
-            args.hidden_size,
-            args.num_heads,
-            args.num_kv_heads,
-            args.head_dim,
+
+    def attention(i):
+        return model_attention(
+            args,
             qkv_bias=bias,
             o_bias=bias,
             qk_norm="proj",
             norm_eps=args.rms_norm_eps,
             clip_qkv=args.get("clip_qkv"),
         )
-        mlp = softmax_moe(i, args, layout, experts)
-        layers.append(DecoderLayer(attn, mlp, args.hidden_size, args.rms_norm_eps))
-    rotary = RotaryEmbedding(args.rope, args.head_dim, args.max_position_embeddings)
-    return CausalLM(args, layers, rotary)
+
+    return decoder_stack(args, attention, lambda i: softmax_moe(i, args, layout, experts))
 
 
 def synthetic_config(s) -> dict[str, Any]:

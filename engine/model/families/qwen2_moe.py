@@ -33,37 +33,39 @@ def layer_windows(args) -> list[int | None]:
     return [window if t == "sliding_attention" else None for t in types]
 
 
-def build(args, experts):
-    from torch import nn
+def sparse_or_dense(args, layout, moe):
+    """The MLP of layer i for Qwen-MoE's mixed stacks: ``moe(i)`` on a sparse layer, else the dense MLP
+    of ``intermediate_size``."""
+    from engine.model.layers.mlp import MLP
 
+    def mlp(i):
+        if layout.is_moe_layer(i):
+            return moe(i)
+        return MLP(args.hidden_size, args.intermediate_size, args.hidden_act)
+
+    return mlp
+
+
+def build(args, experts):
     from cuda_ext.cpu import Linear
-    from engine.model.layers.attention import Attention
+    from engine.model.layers.attention import model_attention
     from engine.model.layers.mlp import MLP
     from engine.model.layers.moe import softmax_moe
-    from engine.model.layers.rope import RotaryEmbedding
-    from engine.model.transformer import CausalLM, DecoderLayer
+    from engine.model.transformer import decoder_stack
 
     layout = FAMILY.moe_layout(args.config)
     windows = layer_windows(args)
-    layers = []
-    for i in range(args.num_layers):
-        attn = Attention(
-            args.hidden_size,
-            args.num_heads,
-            args.num_kv_heads,
-            args.head_dim,
-            qkv_bias=bool(args.get("qkv_bias", True)),
-            sliding_window=windows[i],
-        )
-        mlp: nn.Module
-        if layout.is_moe_layer(i):
-            shared = MLP(args.hidden_size, int(args.get("shared_expert_intermediate_size")), args.hidden_act)
-            mlp = softmax_moe(i, args, layout, experts, shared, Linear(args.hidden_size, 1, bias=False))
-        else:
-            mlp = MLP(args.hidden_size, args.intermediate_size, args.hidden_act)
-        layers.append(DecoderLayer(attn, mlp, args.hidden_size, args.rms_norm_eps))
-    rotary = RotaryEmbedding(args.rope, args.head_dim, args.max_position_embeddings)
-    return CausalLM(args, layers, rotary)
+    qkv_bias = bool(args.get("qkv_bias", True))
+
+    def moe(i):
+        shared = MLP(args.hidden_size, int(args.get("shared_expert_intermediate_size")), args.hidden_act)
+        return softmax_moe(i, args, layout, experts, shared, Linear(args.hidden_size, 1, bias=False))
+
+    return decoder_stack(
+        args,
+        lambda i: model_attention(args, qkv_bias=qkv_bias, sliding_window=windows[i]),
+        sparse_or_dense(args, layout, moe),
+    )
 
 
 def gguf_qwen_moe_config(get, tensor_names: set[str]) -> dict[str, Any]:

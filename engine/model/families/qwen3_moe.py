@@ -7,43 +7,32 @@ from __future__ import annotations
 
 from typing import Any
 
-from engine.model.families.qwen2_moe import gguf_qwen_moe_config, sparse_layers
+from engine.model.families.qwen2_moe import gguf_qwen_moe_config, sparse_layers, sparse_or_dense
 from engine.store.families import Family, GGUFArch, SyntheticRecipe
 
 
 def build(args, experts):
-    from torch import nn
-
-    from engine.model.layers.attention import Attention
-    from engine.model.layers.mlp import MLP
+    from engine.model.layers.attention import model_attention
     from engine.model.layers.moe import softmax_moe
-    from engine.model.layers.rope import RotaryEmbedding
-    from engine.model.transformer import CausalLM, DecoderLayer
+    from engine.model.transformer import decoder_stack
 
     layout = FAMILY.moe_layout(args.config)
     window = args.get("sliding_window") if args.get("use_sliding_window", False) else None
     bias = bool(args.get("attention_bias", False))
-    layers = []
-    for i in range(args.num_layers):
-        attn = Attention(
-            args.hidden_size,
-            args.num_heads,
-            args.num_kv_heads,
-            args.head_dim,
+
+    def attention(i):
+        return model_attention(
+            args,
             qkv_bias=bias,
             o_bias=bias,
             qk_norm="head",
             norm_eps=args.rms_norm_eps,
             sliding_window=window,
         )
-        mlp: nn.Module
-        if layout.is_moe_layer(i):
-            mlp = softmax_moe(i, args, layout, experts)
-        else:
-            mlp = MLP(args.hidden_size, args.intermediate_size, args.hidden_act)
-        layers.append(DecoderLayer(attn, mlp, args.hidden_size, args.rms_norm_eps))
-    rotary = RotaryEmbedding(args.rope, args.head_dim, args.max_position_embeddings)
-    return CausalLM(args, layers, rotary)
+
+    return decoder_stack(
+        args, attention, sparse_or_dense(args, layout, lambda i: softmax_moe(i, args, layout, experts))
+    )
 
 
 def gguf_config(get, tensor_names: set[str]) -> dict[str, Any]:

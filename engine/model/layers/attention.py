@@ -127,3 +127,9 @@ def attend(
             qh, keys, values, attn_mask=mask, scale=scaling, enable_gqa=H != Hkv
         )
     return out[0].transpose(0, 1).reshape(T, H * Dv)
+
+
+def model_attention(args, **options) -> Attention:
+    """``Attention`` with the model's hidden size, head counts and head size; ``options`` as
+    ``Attention`` takes them (biases, q/k norm, window, ...)."""
+    return Attention(args.hidden_size, args.num_heads, args.num_kv_heads, args.head_dim, **options)
