@@ -54,28 +54,35 @@ static inline __m512 cvt(__m512i v) { return _mm512_cvtepi32_ps(v); }
 static inline __m512i low4(__m512i v) { return _mm512_and_si512(v, _mm512_set1_epi32(15)); }
 static inline __m512i high4(__m512i v) { return _mm512_srli_epi32(v, 4); }
 
+static inline __m512 iota16(void) { return _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15); }
+
+/* the 16 values of a block's 4-bit codes (lut) looked up for the low and the high nibbles of the 16
+   bytes at p (vpermps reads the low 4 bits of each lane): one table per block instead of a
+   conversion and a scaling per value */
+ALWAYS_INLINE void lookup_nibbles(const uint8_t *p, __m512 lut, __m512 *lo, __m512 *hi) {
+    const __m512i t = bytes16(p);
+    *lo = _mm512_permutexvar_ps(t, lut);
+    *hi = _mm512_permutexvar_ps(high4(t), lut);
+}
+
 /* one 32-value block of a 32-block format: values 0..15 in *lo, 16..31 in *hi */
 ALWAYS_INLINE void deq_block(int type, const uint8_t *b, __m512 *lo, __m512 *hi) {
     if (type == T_Q8_0) {
         const __m512 d = _mm512_set1_ps(half(b));
         *lo = _mm512_mul_ps(cvt(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 2)))), d);
         *hi = _mm512_mul_ps(cvt(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(b + 18)))), d);
-    } else if (type == T_Q4_0) {
-        const __m512 d = _mm512_set1_ps(half(b));
-        const __m512i t = bytes16(b + 2), eight = _mm512_set1_epi32(8);
-        *lo = _mm512_mul_ps(cvt(_mm512_sub_epi32(low4(t), eight)), d);
-        *hi = _mm512_mul_ps(cvt(_mm512_sub_epi32(high4(t), eight)), d);
-    } else if (type == T_Q4_1) {
-        const __m512 d = _mm512_set1_ps(half(b)), m = _mm512_set1_ps(half(b + 2));
-        const __m512i t = bytes16(b + 4);
-        *lo = _mm512_fmadd_ps(cvt(low4(t)), d, m);
-        *hi = _mm512_fmadd_ps(cvt(high4(t)), d, m);
+    } else if (type == T_Q4_0) { /* d * (q - 8) */
+        const __m512 lut = _mm512_mul_ps(_mm512_sub_ps(iota16(), _mm512_set1_ps(8.0f)), _mm512_set1_ps(half(b)));
+        lookup_nibbles(b + 2, lut, lo, hi);
+    } else if (type == T_Q4_1) { /* d * q + m, d and m converted together */
+        int32_t dm_bits;
+        memcpy(&dm_bits, b, 4);
+        const __m512 dm = _mm512_cvtph_ps(_mm256_set1_epi32(dm_bits)); /* d, m, d, m, ... */
+        const __m512 lut = _mm512_fmadd_ps(iota16(), _mm512_moveldup_ps(dm), _mm512_movehdup_ps(dm));
+        lookup_nibbles(b + 4, lut, lo, hi);
     } else { /* mxfp4: twice the E2M1 value (code 8 is +0) times half the block scale */
-        const __m512 lut = _mm512_setr_ps(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
-        const __m512 s = _mm512_set1_ps(e8m0_half(b[0]));
-        const __m512i t = bytes16(b + 1);
-        *lo = _mm512_mul_ps(_mm512_permutexvar_ps(low4(t), lut), s);
-        *hi = _mm512_mul_ps(_mm512_permutexvar_ps(high4(t), lut), s);
+        const __m512 doubled = _mm512_setr_ps(0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12);
+        lookup_nibbles(b + 1, _mm512_mul_ps(doubled, _mm512_set1_ps(e8m0_half(b[0]))), lo, hi);
     }
 }
 
@@ -112,14 +119,16 @@ ALWAYS_INLINE void ftile(int type, int mt, const uint8_t *w, const float *x, int
             const float d = half(blk), dmin = half(blk + 2);
             for (int r = 0; r < 4; r++) { /* run r: sub-block 2r in the low nibbles, 2r + 1 in the high */
                 const __m512i t0 = bytes16(qs + 32 * r), t1 = bytes16(qs + 32 * r + 16);
-                __m512 s = _mm512_set1_ps(d * (float)sc[2 * r]), o = _mm512_set1_ps(-(dmin * (float)mn[2 * r]));
-                lo = _mm512_fmadd_ps(cvt(low4(t0)), s, o);
-                hi = _mm512_fmadd_ps(cvt(low4(t1)), s, o);
+                /* (d sc) q - dmin mn for the 16 codes q: the sub-block's table */
+                __m512 lut = _mm512_fmadd_ps(iota16(), _mm512_set1_ps(d * (float)sc[2 * r]),
+                                             _mm512_set1_ps(-(dmin * (float)mn[2 * r])));
+                lo = _mm512_permutexvar_ps(t0, lut);
+                hi = _mm512_permutexvar_ps(t1, lut);
                 acc_chunk(a, mt, 0, lo, hi, xs + 64 * r, ldx);
-                s = _mm512_set1_ps(d * (float)sc[2 * r + 1]);
-                o = _mm512_set1_ps(-(dmin * (float)mn[2 * r + 1]));
-                lo = _mm512_fmadd_ps(cvt(high4(t0)), s, o);
-                hi = _mm512_fmadd_ps(cvt(high4(t1)), s, o);
+                lut = _mm512_fmadd_ps(iota16(), _mm512_set1_ps(d * (float)sc[2 * r + 1]),
+                                      _mm512_set1_ps(-(dmin * (float)mn[2 * r + 1])));
+                lo = _mm512_permutexvar_ps(high4(t0), lut);
+                hi = _mm512_permutexvar_ps(high4(t1), lut);
                 acc_chunk(a, mt, 1, lo, hi, xs + 64 * r + 32, ldx);
             }
         }
