@@ -15,7 +15,8 @@ workers (``csrc/cpu/pool.c``) that spin briefly between calls and then sleep.
 * ``linear_many(x, weights, biases)``: several products of one x (q/k/v) in one native call.
 * ``experts_accumulate(x, experts, coefs, acc)``: a token's routed SwiGLU experts (gate, up, SiLU,
   product, down, routing weight, float32 accumulation), bf16 or in a block format, all in one native
-  call with the roundings of the torch path; ``swiglu_accumulate`` for one expert.
+  call with the roundings of the torch path (bf16 x; or float32 x on block formats, nothing rounded);
+  ``swiglu_accumulate`` for one expert.
 """
 
 from __future__ import annotations
