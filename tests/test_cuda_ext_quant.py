@@ -109,7 +109,8 @@ def test_qlinear_declines_what_it_cannot_do(monkeypatch):
     x = torch.randn(1, 64)
     assert qlinear(x, blocks, "q5_k", 64) is None  # a format it does not take
     assert qlinear(x[:, :32], blocks, "q8_0", 32 + 1) is None  # a K the format cannot hold
-    assert qlinear(torch.randn(17, 64), blocks, "q8_0", 64) is None  # a batch: dequantise and matmul
+    assert qlinear(torch.randn(17, 64).bfloat16(), blocks, "q8_0", 64) is None  # bf16: up to 16 rows
+    assert qlinear(torch.randn(65, 64), blocks, "q8_0", 64) is None  # float32 takes up to 64 rows
     assert qlinear(x.double(), blocks, "q8_0", 64) is None
     assert qlinear(x, blocks[:, :-1].contiguous(), "q8_0", 64) is None  # not whole rows
     monkeypatch.setenv("MOEINF_NATIVE_KERNELS", "0")
@@ -180,11 +181,11 @@ def test_float32_same_bits_for_any_tokens_and_threads(kernels, fmt):
     AVX-512), nor on how the rows are split over threads."""
     n, k = (300, 768) if BLOCKS[fmt].values == 256 else (300, 544)  # big enough to split over threads
     blocks, _ = _weights(fmt, n, k, seed=8)
-    x = torch.randn(7, k, generator=torch.Generator().manual_seed(4))
+    x = torch.randn(41, k, generator=torch.Generator().manual_seed(4))
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        alone = torch.cat([qlinear(x[m : m + 1], blocks, fmt, k) for m in range(7)])
+        alone = torch.cat([qlinear(x[m : m + 1], blocks, fmt, k) for m in range(41)])
         torch.set_num_threads(2)
         together = qlinear(x, blocks, fmt, k)
         three = qlinear(x[:3], blocks, fmt, k)

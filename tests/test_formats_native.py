@@ -1,7 +1,7 @@
 """engine.formats.linear on bf16 activations goes to cuda_ext's native product on the stored blocks
 (within its documented int8-activation bound of the PyTorch path), on float32 activations to the
 float32 kernel (the PyTorch path's dequantised values, within float32 summation-order rounding); a
-batch over MAX_TOKENS rows and MOEINF_NATIVE_KERNELS=0 keep the PyTorch path."""
+batch over max_tokens(dtype) rows and MOEINF_NATIVE_KERNELS=0 keep the PyTorch path."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from cuda_ext import loader
 from cuda_ext.blocks import BLOCKS
-from cuda_ext.quant import MAX_TOKENS, qlinear
+from cuda_ext.quant import max_tokens, qlinear
 from engine import formats
 from engine.formats.linear import linear
 from engine.formats.tensor import QuantTensor
@@ -69,7 +69,7 @@ def test_batches_and_switch_keep_the_pytorch_path(monkeypatch, fmt):
     k = 256
     w = _weight(fmt, 16, k)
     for dtype in (torch.float32, torch.bfloat16):
-        xb = torch.randn(MAX_TOKENS + 1, k).to(dtype)
+        xb = torch.randn(max_tokens(dtype) + 1, k).to(dtype)
         assert torch.equal(linear(xb, w), F.linear(xb, w.dequantize(dtype)))
     monkeypatch.setenv("MOEINF_NATIVE_KERNELS", "0")
     loader.reset()
