@@ -34,6 +34,9 @@
 #endif
 
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
+#ifndef PF_AHEAD
+#define PF_AHEAD 1024 /* bytes of the weights read ahead of the blocks being multiplied */
+#endif
 
 static int block_bytes(int type) {
     switch (type) {
@@ -114,6 +117,7 @@ ALWAYS_INLINE void ftile(int type, int mt, const uint8_t *w, const float *x, int
         for (int64_t sb = 0; sb < K / 256; sb++) {
             const uint8_t *blk = w + 144 * sb, *qs = blk + 16;
             const float *xs = x + 256 * sb;
+            for (int l = 0; l < 144; l += 64) _mm_prefetch((const char *)blk + PF_AHEAD + l, _MM_HINT_T0);
             uint8_t sc[8], mn[8];
             q4k_scales(blk + 4, sc, mn);
             const float d = half(blk), dmin = half(blk + 2);
@@ -139,6 +143,7 @@ ALWAYS_INLINE void ftile(int type, int mt, const uint8_t *w, const float *x, int
             const int8_t *sc = (const int8_t *)(blk + 192);
             const float *xs = x + 256 * sb;
             const float d = half(blk + 208);
+            for (int l = 0; l < 210; l += 64) _mm_prefetch((const char *)blk + PF_AHEAD + l, _MM_HINT_T0);
             for (int h = 0; h < 2; h++) {
                 const __m512i la[2] = {bytes16(ql + 64 * h), bytes16(ql + 64 * h + 32)};
                 const __m512i lb[2] = {bytes16(ql + 64 * h + 16), bytes16(ql + 64 * h + 48)};
@@ -160,6 +165,8 @@ ALWAYS_INLINE void ftile(int type, int mt, const uint8_t *w, const float *x, int
         const int64_t nb = K / 32;
         int64_t c = 0;
         for (; c + 2 <= nb; c += 2) {
+            _mm_prefetch((const char *)(w + bytes * c) + PF_AHEAD, _MM_HINT_T0);
+            if (type == T_Q8_0) _mm_prefetch((const char *)(w + bytes * c) + PF_AHEAD + 64, _MM_HINT_T0);
             deq_block(type, w + bytes * c, &lo, &hi);
             acc_chunk(a, mt, 0, lo, hi, x + 32 * c, ldx);
             deq_block(type, w + bytes * (c + 1), &lo, &hi);
@@ -263,8 +270,12 @@ ALWAYS_INLINE void ftile(int type, int mt, const uint8_t *w, const float *x, int
     __m256 b[8], v[4];
     for (int i = 0; i < 8; i++) b[i] = _mm256_setzero_ps();
     const int64_t nb = K / 32;
+    const int per_block = block_bytes(type), chunks_per_block = type == T_Q4_K || type == T_Q6_K ? 8 : 1;
     int64_t c = 0;
     for (; c + 2 <= nb; c += 2) {
+        const char *at = (const char *)w + c * per_block / chunks_per_block + PF_AHEAD;
+        _mm_prefetch(at, _MM_HINT_T0);
+        if (2 * per_block / chunks_per_block > 64) _mm_prefetch(at + 64, _MM_HINT_T0);
         deq_chunk(type, w, c, v);
         for (int i = 0; i < 4; i++) b[i] = _mm256_fmadd_ps(v[i], _mm256_loadu_ps(x + 32 * c + 8 * i), b[i]);
         deq_chunk(type, w, c + 1, v);
