@@ -11,6 +11,11 @@ count (``cuda_ext.cpu.read_bandwidth``). Formats are interleaved within each run
 
 (the second: one matrix per format, in cache, the kernels' compute rate; "per CPU s" counts the
 process's CPU time, which a loaded machine does not inflate).
+
+``--dtype float32`` multiplies float32 activations (the float32 kernels, ``csrc/cpu/quant_f32.c``;
+the dense row is then a float32 matrix through ``F.linear``); ``--path torch`` measures the PyTorch
+path instead (each block-format matrix dequantised to the activations' dtype, then ``F.linear``), the
+path float32 took before the float32 kernels.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from quant_blocks import random_blocks  # noqa: E402
@@ -31,12 +37,13 @@ from quant_blocks import random_blocks  # noqa: E402
 from cuda_ext import cpu, loader  # noqa: E402
 from cuda_ext.blocks import BLOCKS, row_bytes  # noqa: E402
 from cuda_ext.quant import qlinear  # noqa: E402
+from engine import formats as tensor_formats  # noqa: E402
 
 
-def _matrices(fmt: str, rows: int, k: int, total: int) -> list[torch.Tensor]:
+def _matrices(fmt: str, rows: int, k: int, total: int, dense: torch.dtype) -> list[torch.Tensor]:
     """Distinct matrices (no two share memory) of ``rows`` x ``k`` weights, ``total`` bytes in all."""
     if fmt == "bf16":
-        one = torch.randn(rows, k).bfloat16()
+        one = torch.randn(rows, k).to(dense)
     else:
         block = BLOCKS[fmt]
         raw = random_blocks(block.ggml_type, rows * k // block.values, np.random.default_rng(0))
@@ -45,13 +52,17 @@ def _matrices(fmt: str, rows: int, k: int, total: int) -> list[torch.Tensor]:
     return [one.clone() for _ in range(count)]
 
 
-def _pass(fmt: str, x: torch.Tensor, mats: list[torch.Tensor], k: int, repeat: int) -> tuple[float, float]:
+def _pass(
+    fmt: str, x: torch.Tensor, mats: list[torch.Tensor], k: int, repeat: int, path: str
+) -> tuple[float, float]:
     """(wall, process CPU) seconds of one pass over ``mats`` (each multiplied ``repeat`` times)."""
     t, c = time.perf_counter(), time.process_time()
     for w in mats:
         for _ in range(repeat):
             if fmt == "bf16":
                 cpu.linear(x, w)
+            elif path == "torch":
+                F.linear(x, tensor_formats.get(fmt).unpack(w, x.dtype))
             else:
                 qlinear(x, w, fmt, k)
     return time.perf_counter() - t, time.process_time() - c
@@ -68,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--repeat", type=int, default=1, help="products per matrix per pass (>1 with a small --mib: in cache)"
     )
+    p.add_argument("--dtype", choices=("bf16", "float32"), default="bf16", help="activations")
+    p.add_argument(
+        "--path", choices=("native", "torch"), default="native", help="torch: dequantise, then F.linear"
+    )
     args = p.parse_args(argv)
     lib = loader.cpu()
     if lib is None:
@@ -75,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     torch.set_num_threads(args.threads)
     formats = args.formats.split(",")
-    x = torch.randn(1, args.k).bfloat16()
-    mats = {f: _matrices(f, args.rows, args.k, args.mib << 20) for f in formats}
+    act = torch.float32 if args.dtype == "float32" else torch.bfloat16
+    x = torch.randn(1, args.k).to(act)
+    mats = {f: _matrices(f, args.rows, args.k, args.mib << 20, act) for f in formats}
     stored = {f: sum(w.numel() * w.element_size() for w in mats[f]) for f in formats}
     buffer = torch.ones(max(stored.values()), dtype=torch.uint8)
     times: dict[str, list[float]] = {f: [] for f in formats}
@@ -84,16 +100,17 @@ def main(argv: list[str] | None = None) -> int:
     bandwidth: list[float] = []
     with cpu.decode_threads(True):
         for f in formats:
-            _pass(f, x, mats[f], args.k, args.repeat)  # warm-up
+            _pass(f, x, mats[f], args.k, args.repeat, args.path)  # warm-up
         for _ in range(args.runs):
             bandwidth.append(cpu.read_bandwidth(buffer, args.threads, repeats=1))
             for f in formats:
-                wall, used = _pass(f, x, mats[f], args.k, args.repeat)
+                wall, used = _pass(f, x, mats[f], args.k, args.repeat, args.path)
                 times[f].append(wall)
                 cpu_times[f].append(used)
     bw = statistics.median(bandwidth)
     print(
-        f"kernels: {lib.build} ({' '.join(lib.isa)}), {args.threads} threads, matrices {args.rows}x{args.k}"
+        f"kernels: {lib.build} ({' '.join(lib.isa)}), {args.threads} threads, matrices {args.rows}x{args.k}, "
+        f"{args.dtype} activations, {args.path} path (dense row: {str(act)[6:]} weights)"
     )
     print(
         f"read bandwidth (pool, {args.threads} threads): median {bw / 1e9:.1f} GB/s "
@@ -107,8 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         t = statistics.median(times[f])
         reads = stored[f] * args.repeat
         weights = len(mats[f]) * args.rows * args.k * args.repeat
+        label = "float32" if f == "bf16" and act == torch.float32 else f
         print(
-            f"{f:8} {stored[f] / 2**20:6.0f} {t * 1e3:8.2f} {min(times[f]) * 1e3:6.2f}-{max(times[f]) * 1e3:6.2f} "
+            f"{label:8} {stored[f] / 2**20:6.0f} {t * 1e3:8.2f} {min(times[f]) * 1e3:6.2f}-{max(times[f]) * 1e3:6.2f} "
             f"{reads / t / 1e9:6.1f} {reads / t / bw:8.0%} {weights / t / 1e9:10.1f} "
             f"{weights / statistics.median(cpu_times[f]) / 1e9:9.1f}"
         )

@@ -15,7 +15,8 @@ workers (``csrc/cpu/pool.c``) that spin briefly between calls and then sleep.
 * ``linear_many(x, weights, biases)``: several products of one x (q/k/v) in one native call.
 * ``experts_accumulate(x, experts, coefs, acc)``: a token's routed SwiGLU experts (gate, up, SiLU,
   product, down, routing weight, float32 accumulation), bf16 or in a block format, all in one native
-  call with the roundings of the torch path; ``swiglu_accumulate`` for one expert.
+  call with the roundings of the torch path (bf16 x; or float32 x on block formats, nothing rounded);
+  ``swiglu_accumulate`` for one expert.
 """
 
 from __future__ import annotations
@@ -56,12 +57,9 @@ def _native_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     )
 
 
-def _bias_ok(bias: torch.Tensor | None, n: int) -> bool:
+def _bias_ok(bias: torch.Tensor | None, n: int, dtype: torch.dtype = torch.bfloat16) -> bool:
     return bias is None or (
-        bias.dtype == torch.bfloat16
-        and bias.device.type == "cpu"
-        and bias.is_contiguous()
-        and bias.numel() == n
+        bias.dtype == dtype and bias.device.type == "cpu" and bias.is_contiguous() and bias.numel() == n
     )
 
 
@@ -192,9 +190,12 @@ def experts_accumulate(
 ) -> bool:
     """``acc += sum_e (down_e(silu(gate_e(x)) * up_e(x)) * coefs[e])`` for one token and its routed
     experts (``ExpertWeights``: bf16 tensors, or block-format ``QuantTensor``s all of one format), in
-    one native call (``csrc/cpu/moe.c``: every expert back to back in the pool), rounded to bf16
-    where the torch path rounds, added in the order given. x [1, H] bf16, acc [1, H] float32
-    contiguous. False (and acc untouched) when the native path does not apply.
+    one native call (``csrc/cpu/moe.c``: every expert back to back in the pool), added in the order
+    given; acc [1, H] float32 contiguous. x [1, H] bf16: rounded to bf16 where the torch path rounds
+    (block formats: the activations quantised to int8 per block, as ``cuda_ext.quant``). x float32
+    (block formats only, float32 biases): everything in float32, each block dequantised in registers
+    to the values the torch path multiplies, no activation rounded. False (and acc untouched) when the
+    native path does not apply.
     ``clamped=(alpha, limit)``: gpt-oss's clamped SwiGLU instead (``gpt_oss_moe.clamped_swiglu``)."""
     lib = _native()
     k = len(experts)
@@ -203,7 +204,7 @@ def experts_accumulate(
         or not 1 <= k <= _MAX_EXPERTS
         or x.dim() != 2
         or x.shape[0] != 1
-        or x.dtype != torch.bfloat16
+        or x.dtype not in (torch.bfloat16, torch.float32)
         or x.device.type != "cpu"
         or acc.dtype != torch.float32
         or not acc.is_contiguous()
@@ -213,17 +214,21 @@ def experts_accumulate(
         return False
     h = x.shape[1]
     i = tuple(experts[0].gate.shape)[0]
+    f32 = x.dtype == torch.float32
+    bias_dtype = torch.float32 if f32 else torch.bfloat16
     ptrs: list[int | None] = []
     types = set()
     for w in experts:
         mats = (_expert_matrix(w.gate, i, h), _expert_matrix(w.up, i, h), _expert_matrix(w.down, h, i))
         if None in mats or not (
-            _bias_ok(w.gate_bias, i) and _bias_ok(w.up_bias, i) and _bias_ok(w.down_bias, h)
+            _bias_ok(w.gate_bias, i, bias_dtype)
+            and _bias_ok(w.up_bias, i, bias_dtype)
+            and _bias_ok(w.down_bias, h, bias_dtype)
         ):
             return False
         types.update(m[0] for m in mats)
         ptrs += [m[1] for m in mats]
-    if len(types) != 1:
+    if len(types) != 1 or (f32 and 0 in types):  # float32 x: block formats only
         return False
     gates, ups, downs = ptrs[0::3], ptrs[1::3], ptrs[2::3]
 
@@ -240,7 +245,7 @@ def experts_accumulate(
     )
     c = (ctypes.c_float * k)(*coefs)
     base, step = ctypes.addressof(table), ctypes.sizeof(ctypes.c_void_p) * k
-    err = lib.moeinf_experts_acc(
+    err = (lib.moeinf_experts_acc_f32 if f32 else lib.moeinf_experts_acc)(
         x.contiguous().data_ptr(),
         k,
         *(base + m * step for m in range(6)),

@@ -43,38 +43,26 @@ _p = ctypes.c_void_p
 _i64 = ctypes.c_int64
 _int = ctypes.c_int
 _f32 = ctypes.c_float
+# x, k, gate, up, down, gate_bias, up_bias, down_bias, coef, type, H, I, act, alpha, limit, acc, threads
+_EXPERTS_ARGS = [_p, _int, _p, _p, _p, _p, _p, _p, _p, _int, _i64, _i64, _int, _f32, _f32, _p, _int]
 # the C functions the Python side calls, with their argument types (all return void unless named in _RESTYPES)
 SIGNATURES: dict[str, list] = {
     "moeinf_isa": [],
     "moeinf_gemv_many": [_p, _i64, _int, _p, _p, _p, _p, _int],
     "moeinf_heads_xtw": [_p, _p, _p, _i64, _i64, _i64, _i64, _i64, _int],
     "moeinf_heads_wx": [_p, _p, _p, _i64, _i64, _i64, _i64, _i64, _int],
-    "moeinf_experts_acc": [
-        _p,
-        _int,
-        _p,
-        _p,
-        _p,
-        _p,
-        _p,
-        _p,
-        _p,
-        _int,
-        _i64,
-        _i64,
-        _int,
-        _f32,
-        _f32,
-        _p,
-        _int,
-    ],
+    "moeinf_experts_acc": _EXPERTS_ARGS,
+    "moeinf_experts_acc_f32": _EXPERTS_ARGS,
     "moeinf_qgemv": [_int, _p, _i64, _i64, _p, _int, _i64, _p, _p, _int, _int],
+    "moeinf_fgemv": [_int, _p, _i64, _i64, _p, _i64, _p, _p, _int],
     "moeinf_read_bytes": [_p, _i64, _int],
 }
 _RESTYPES = {
     "moeinf_isa": ctypes.c_char_p,
     "moeinf_qgemv": _int,
+    "moeinf_fgemv": _int,
     "moeinf_experts_acc": _int,
+    "moeinf_experts_acc_f32": _int,
     "moeinf_read_bytes": ctypes.c_uint64,
 }
 

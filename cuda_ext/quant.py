@@ -1,13 +1,21 @@
-"""Products with weights in their stored block formats on the CPU (``csrc/cpu/quant.c``), for decode
-and small batches, with the PyTorch fallback left to the caller (None where the kernel does not apply).
+"""Products with weights in their stored block formats on the CPU, for decode and small batches, with
+the PyTorch fallback left to the caller (None where the kernel does not apply).
 
 * ``qlinear(x, blocks, fmt, k, bias)``: ``x @ W.T (+ bias)`` for x [M, K] (bf16 or float32, M <=
-  ``MAX_TOKENS``) and W [N, K] stored as ``blocks`` (uint8, N rows of ``row_bytes(fmt, K)`` bytes in
-  the GGUF layout of ``fmt``: q8_0, q4_0, q4_1, q4_k, q6_k, mxfp4). The activations are quantised to
-  int8 per block of 32 (as llama.cpp does); the result differs from dequantise-then-multiply by at
-  most ``sum_j |w_j| * d_x(j) / 2`` (d_x: the activation block's scale, max|x| / 127), plus float32
-  rounding. Rows are split over the thread pool (``torch.get_num_threads()`` threads, or the decode
-  step's pool while ``cuda_ext.cpu.decode_threads`` holds them).
+  ``MAX_TOKENS``, float32 up to ``MAX_TOKENS_F32``) and W [N, K] stored as ``blocks`` (uint8, N rows of ``row_bytes(fmt, K)`` bytes in
+  the GGUF layout of ``fmt``: q8_0, q4_0, q4_1, q4_k, q6_k, mxfp4). Rows are split over the thread
+  pool (``torch.get_num_threads()`` threads, or the decode step's pool while
+  ``cuda_ext.cpu.decode_threads`` holds them).
+
+  bf16 x (``csrc/cpu/quant.c``): the activations are quantised to int8 per block of 32 (as llama.cpp
+  does); the result differs from dequantise-then-multiply by at most ``sum_j |w_j| * d_x(j) / 2``
+  (d_x: the activation block's scale, max|x| / 127), plus float32 rounding.
+
+  float32 x (``csrc/cpu/quant_f32.c``): each block is dequantised in registers to exactly the values
+  ``engine.formats`` unpacks, and multiplied with x in float32 FMAs; no activation is rounded, so the
+  result is dequantise-then-multiply up to the order of the float32 sums (at most about
+  ``(K / 64 + 7) * 2**-24 * sum_j |x_j w_j|``, and one rounding for the bias), the same bits for any
+  number of tokens or threads.
 """
 
 from __future__ import annotations
@@ -17,7 +25,15 @@ import torch
 from cuda_ext import cpu, loader
 from cuda_ext.blocks import BLOCKS, row_bytes
 
-MAX_TOKENS = 16  # more tokens than this: a batched matmul on dequantised weights does better
+MAX_TOKENS = 16  # bf16: more tokens than this, a batched matmul on dequantised weights does better
+# float32: the float32 kernel stays ahead of dequantise-then-F.linear to about 64 rows (576 x 1536 q4_1
+# and q8_0 matrices, 2 threads: benchmarks in README "Computing on the stored blocks")
+MAX_TOKENS_F32 = 64
+
+
+def max_tokens(dtype: torch.dtype) -> int:
+    """The most rows of x the native kernel for activations of ``dtype`` takes."""
+    return MAX_TOKENS_F32 if dtype == torch.float32 else MAX_TOKENS
 
 
 def qlinear(
@@ -36,7 +52,7 @@ def qlinear(
         lib is None
         or fmt not in BLOCKS
         or x.dim() != 2
-        or not 1 <= x.shape[0] <= MAX_TOKENS
+        or not 1 <= x.shape[0] <= max_tokens(x.dtype)
         or x.shape[1] != k
         or k % BLOCKS[fmt].values
         or x.dtype not in (torch.bfloat16, torch.float32)
@@ -52,13 +68,15 @@ def qlinear(
         return None
     n = blocks.numel() // rb
     if bias is not None and (
-        bias.dtype != torch.bfloat16
+        bias.dtype not in ((torch.bfloat16, torch.float32) if x.dtype == torch.float32 else (torch.bfloat16,))
         or bias.device.type != "cpu"
         or not bias.is_contiguous()
         or bias.numel() != n
     ):
         return None
     x = x.contiguous()
+    if x.dtype == torch.float32:
+        return _fgemv(lib, x, blocks, fmt, k, n, bias, out_dtype)
     out = torch.empty(x.shape[0], n, dtype=out_dtype)
     err = lib.lib.moeinf_qgemv(
         BLOCKS[fmt].ggml_type,
@@ -74,3 +92,23 @@ def qlinear(
         cpu.threads(blocks.numel() * 2),
     )
     return None if err else out
+
+
+def _fgemv(lib, x, blocks, fmt, k, n, bias, out_dtype) -> torch.Tensor | None:
+    """The float32-activation kernel: float32 out (then ``out_dtype``), a float32 bias."""
+    out = torch.empty(x.shape[0], n, dtype=torch.float32)
+    bias = None if bias is None else bias.to(torch.float32).contiguous()
+    err = lib.lib.moeinf_fgemv(
+        BLOCKS[fmt].ggml_type,
+        blocks.data_ptr(),
+        n,
+        k,
+        x.data_ptr(),
+        x.shape[0],
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        cpu.threads(blocks.numel() * 2),
+    )
+    if err:
+        return None
+    return out if out_dtype == torch.float32 else out.to(out_dtype)

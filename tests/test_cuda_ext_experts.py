@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from quant_blocks import random_blocks, reference
 
-from cuda_ext import cpu
+from cuda_ext import cpu, loader
 from cuda_ext.blocks import BLOCKS, row_bytes
 from engine.model.experts import ExpertWeights
 
@@ -118,3 +118,94 @@ def test_grouped_experts_decline_what_they_cannot_do():
     assert not cpu.experts_accumulate(x, mixed, [1.0, 1.0], acc)  # a float32 matrix
     assert not cpu.experts_accumulate(x, experts * 17, [1.0] * 34, acc)  # more than the kernel takes
     assert torch.equal(acc, torch.zeros(1, 64))
+
+
+# ---------------------------------------------------------------- float32 activations on stored blocks
+
+
+def _f32_expert_bound(x, mats, biases, clamped):
+    """How far float32 summation order may move acc from the exact value, term by term: the gate and up
+    sums (chains of H/64 + 8 roundings, the bias included), through the activation (SiLU and gpt-oss's
+    clamped form are 1.1-Lipschitz, clamps 1-Lipschitz, each evaluation within a few ulps), the down sum
+    (I/64 + 8) and the weighting; u = 2^-24, gamma_n < 1.01 n u. Returns (exact, bound) in float64."""
+    u = 2.0**-24
+    (gate, up, down), (gb, ub, db) = mats, biases
+    xd = x.double()
+    h_in, i_in = x.shape[1], gate.shape[0]
+    g = xd @ gate.double().T + gb.double()
+    v = xd @ up.double().T + ub.double()
+    g_mag = xd.abs() @ gate.double().abs().T + gb.double().abs()
+    v_mag = xd.abs() @ up.double().abs().T + ub.double().abs()
+    gam_a, gam_b = 1.01 * (h_in // 64 + 9) * u, 1.01 * (i_in // 64 + 9) * u
+    if clamped is None:
+        s, t = F.silu(g), v
+    else:
+        alpha, limit = clamped
+        gc = g.clamp(max=limit)
+        s, t = gc * torch.sigmoid(gc * alpha), v.clamp(-limit, limit) + 1
+    h = s * t
+    dh = s.abs() * gam_a * v_mag + t.abs() * 1.1 * gam_a * g_mag + 8 * u * h.abs()
+    d = h @ down.double().T + db.double()
+    dd = dh @ down.double().abs().T + gam_b * (h.abs() @ down.double().abs().T + db.double().abs())
+    return d, dd
+
+
+@pytest.mark.parametrize("fmt", list(BLOCKS))
+@pytest.mark.parametrize("clamped", [None, (1.702, 7.0)])
+def test_grouped_float32_experts_on_stored_blocks(kernels, fmt, clamped):
+    """float32 x: every expert's blocks dequantised in registers, nothing rounded to bf16 or int8; the
+    torch expert on the dequantised weights within float32 summation-order rounding, the same bits on
+    one and two threads."""
+    rng = np.random.default_rng(11)
+    h, i, k = (512, 256, 3) if BLOCKS[fmt].values == 256 else (96, 160, 4)
+    g = torch.Generator().manual_seed(9)
+    stored, dense, biases = [], [], []
+    for _ in range(k):
+        mats = [_stored(fmt, i, h, rng), _stored(fmt, i, h, rng), _stored(fmt, h, i, rng)]
+        b = (
+            torch.randn(i, generator=g) * 0.1,
+            torch.randn(i, generator=g) * 0.1,
+            torch.randn(h, generator=g) * 0.1,
+        )
+        stored.append(ExpertWeights(*(m[0] for m in mats), *b))
+        dense.append([m[1] for m in mats])
+        biases.append(b)
+    coefs = [0.6, 0.3, 0.1, 0.05][:k]
+    x = torch.randn(1, h, generator=g) * 4
+    start = torch.randn(1, h, generator=g)
+    results = []
+    before = torch.get_num_threads()
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            acc = start.clone()
+            assert cpu.experts_accumulate(x, stored, coefs, acc, clamped)
+            results.append(acc)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(results[0], results[1])
+    exact, bound = start.double().clone(), torch.zeros(1, h, dtype=torch.float64)
+    for mats, b, c in zip(dense, biases, coefs, strict=True):
+        d, dd = _f32_expert_bound(x, mats, b, clamped)
+        exact += d * c
+        bound += dd * c + 2.0**-24 * (k + 2) * (d.abs() * c + exact.abs())  # weighting and accumulation
+    err = (results[0].double() - exact).abs()
+    assert (err <= bound).all(), (kernels, fmt, float(err.max()), float(bound.min()))
+
+
+def test_grouped_float32_experts_decline_what_they_cannot_do():
+    rng = np.random.default_rng(1)
+    q = [
+        ExpertWeights(
+            _stored("q8_0", 32, 64, rng)[0], _stored("q8_0", 32, 64, rng)[0], _stored("q8_0", 64, 32, rng)[0]
+        )
+    ]
+    x = torch.randn(1, 64)
+    acc = torch.zeros(1, 64)
+    assert not cpu.experts_accumulate(
+        x, _bf16_experts(1, 64, 32, seed=2), [1.0], acc
+    )  # bf16 weights, float32 x
+    with_bf16_bias = [ExpertWeights(q[0].gate, q[0].up, q[0].down, torch.zeros(32).bfloat16())]
+    assert not cpu.experts_accumulate(x, with_bf16_bias, [1.0], acc)  # float32 x takes float32 biases
+    assert torch.equal(acc, torch.zeros(1, 64))
+    assert cpu.experts_accumulate(x, q, [1.0], acc) == (loader.cpu() is not None)  # what it takes

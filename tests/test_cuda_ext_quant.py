@@ -2,8 +2,10 @@
 
 Every format, every build of the kernels (native AVX-512 VNNI here, AVX2, portable C), odd sizes
 (an odd number of 32-blocks, rows not a multiple of the split), one token and small batches. The
-tolerance is the one the kernel documents: the activations are rounded to int8 per block of 32, so
-|ours - exact| <= sum_j |w_j| * d_x(j) / 2 with d_x = max|x_block| / 127, plus float32 rounding."""
+tolerance is the one each kernel documents. bf16 activations are rounded to int8 per block of 32, so
+|ours - exact| <= sum_j |w_j| * d_x(j) / 2 with d_x = max|x_block| / 127, plus float32 rounding.
+float32 activations are not rounded and the blocks dequantise exactly, so only the order of the
+float32 sums is left (the bound is derived above ``_f32_bound``)."""
 
 from __future__ import annotations
 
@@ -107,7 +109,8 @@ def test_qlinear_declines_what_it_cannot_do(monkeypatch):
     x = torch.randn(1, 64)
     assert qlinear(x, blocks, "q5_k", 64) is None  # a format it does not take
     assert qlinear(x[:, :32], blocks, "q8_0", 32 + 1) is None  # a K the format cannot hold
-    assert qlinear(torch.randn(17, 64), blocks, "q8_0", 64) is None  # a batch: dequantise and matmul
+    assert qlinear(torch.randn(17, 64).bfloat16(), blocks, "q8_0", 64) is None  # bf16: up to 16 rows
+    assert qlinear(torch.randn(65, 64), blocks, "q8_0", 64) is None  # float32 takes up to 64 rows
     assert qlinear(x.double(), blocks, "q8_0", 64) is None
     assert qlinear(x, blocks[:, :-1].contiguous(), "q8_0", 64) is None  # not whole rows
     monkeypatch.setenv("MOEINF_NATIVE_KERNELS", "0")
@@ -117,3 +120,108 @@ def test_qlinear_declines_what_it_cannot_do(monkeypatch):
     finally:
         monkeypatch.undo()
         loader.reset()
+
+
+# ---------------------------------------------------------------- float32 activations (quant_f32.c)
+# No activation is rounded and every block dequantises, in registers, to exactly the values of the
+# reference dequantiser (each is an exact product of scale and code, plus the one rounding of an
+# offset in q4_1 and q4_k, which an FMA rounds the same way). What is left is the order of the
+# float32 sums: each output's longest chain holds ceil(nb / 2) fused products (nb = K / 32 chunks
+# over 64 lanes, two chunks per lane pass), 6 pairwise additions of the lanes and the bias's one;
+# the portable build rounds each product once more. By the classic bound on recursive summation,
+# |ours - exact| <= gamma_n * (sum_j |x_j w_j| + |bias|) with n = ceil(nb / 2) + 8 and
+# gamma_n = n u / (1 - n u) < 1.01 n u (u = 2^-24); the float64 reference adds nothing that shows.
+
+
+def _f32_bound(x: torch.Tensor, dense: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    n = (x.shape[1] // 32 + 1) // 2 + 8
+    mag = x.double().abs() @ dense.double().abs().T
+    if bias is not None:
+        mag = mag + bias.double().abs()
+    return 1.01 * n * 2.0**-24 * mag + 1e-30
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+@pytest.mark.parametrize("tokens", [1, 3])
+def test_float32_qlinear_is_dequantise_then_multiply(kernels, fmt, tokens):
+    for i, (n, k) in enumerate(_shapes(fmt)):
+        blocks, dense = _weights(fmt, n, k, seed=500 * tokens + i)
+        g = torch.Generator().manual_seed(10 + i)
+        x = torch.randn(tokens, k, generator=g)
+        bias = torch.randn(n, generator=g)
+        ours = qlinear(x, blocks, fmt, k, bias=bias)
+        assert ours is not None and ours.shape == (tokens, n) and ours.dtype == torch.float32
+        exact = x.double() @ dense.double().T + bias.double()
+        err = (ours.double() - exact).abs()
+        assert (err <= _f32_bound(x, dense, bias)).all(), (kernels, fmt, n, k, float(err.max()))
+        # against the PyTorch path (dequantise, then F.linear, whose sums may run in any order: within
+        # gamma_(K+1) of exact), the two bounds added
+        torch_path = torch.nn.functional.linear(x, dense, bias)
+        theirs = 1.01 * (k + 1) * 2.0**-24 * (x.double().abs() @ dense.double().abs().T + bias.double().abs())
+        assert ((ours.double() - torch_path.double()).abs() <= _f32_bound(x, dense, bias) + theirs).all()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_float32_reads_every_dequantised_value_exactly(kernels, fmt):
+    """One-hot activations: each output is one product w[n, j] * 1 among exact zeros, so the kernel
+    returns every dequantised weight bit for bit (a wrong scale, min, nibble or sign anywhere shows)."""
+    n, k = (9, 512) if BLOCKS[fmt].values == 256 else (9, 96)
+    blocks, dense = _weights(fmt, n, k, seed=31)
+    columns = []
+    for j0 in range(0, k, 16):
+        eye = torch.zeros(min(16, k - j0), k)
+        eye[torch.arange(eye.shape[0]), j0 + torch.arange(eye.shape[0])] = 1.0
+        columns.append(qlinear(eye, blocks, fmt, k))
+    assert torch.equal(torch.cat(columns).T.contiguous(), dense), (kernels, fmt)
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_float32_same_bits_for_any_tokens_and_threads(kernels, fmt):
+    """The order of the sums does not depend on how many tokens share a call (tiles of four on
+    AVX-512), nor on how the rows are split over threads."""
+    n, k = (300, 768) if BLOCKS[fmt].values == 256 else (300, 544)  # big enough to split over threads
+    blocks, _ = _weights(fmt, n, k, seed=8)
+    x = torch.randn(41, k, generator=torch.Generator().manual_seed(4))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = torch.cat([qlinear(x[m : m + 1], blocks, fmt, k) for m in range(41)])
+        torch.set_num_threads(2)
+        together = qlinear(x, blocks, fmt, k)
+        three = qlinear(x[:3], blocks, fmt, k)
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(alone, together) and torch.equal(three, alone[:3]), kernels
+
+
+def test_float32_vector_builds_give_the_same_bits(monkeypatch):
+    """AVX-512 and AVX2 sum in the same order (64 lanes, the same pairwise tree): identical outputs."""
+    features = loader.cpu_features() or frozenset()
+    if loader.cpu() is None or not {"avx2", "fma", "f16c", "avx512f"} <= features:
+        pytest.skip("needs a CPU with AVX-512 and AVX2 and the native kernels")
+    outs = {}
+    for build in ("native", "avx2"):
+        monkeypatch.setenv("MOEINF_NATIVE_KERNELS", build)
+        loader.reset()
+        outs[build] = []
+        for fmt in FORMATS:
+            n, k = _shapes(fmt)[2]
+            blocks, _ = _weights(fmt, n, k, seed=2)
+            x = torch.randn(3, k, generator=torch.Generator().manual_seed(1))
+            outs[build].append(qlinear(x, blocks, fmt, k))
+    loader.reset()
+    for fmt, a, b in zip(FORMATS, outs["native"], outs["avx2"], strict=True):
+        assert torch.equal(a, b), fmt
+
+
+def test_float32_bias_and_output_dtype(kernels):
+    n, k = 40, 256
+    blocks, _ = _weights("q4_1", n, k, seed=3)
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(2, k, generator=g)
+    plain = qlinear(x, blocks, "q4_1", k)
+    bias = torch.randn(n, generator=g)
+    assert torch.equal(qlinear(x, blocks, "q4_1", k, bias=bias), plain + bias)  # one rounding, as here
+    assert torch.equal(qlinear(x, blocks, "q4_1", k, bias=bias.bfloat16()), plain + bias.bfloat16().float())
+    assert torch.equal(qlinear(x, blocks, "q4_1", k, out_dtype=torch.bfloat16), plain.bfloat16())
+    assert qlinear(x, blocks, "q4_1", k, bias=bias.double()) is None

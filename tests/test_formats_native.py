@@ -1,6 +1,7 @@
 """engine.formats.linear on bf16 activations goes to cuda_ext's native product on the stored blocks
-(within its documented int8-activation bound of the PyTorch path); float32 activations, a batch
-over MAX_TOKENS rows and MOEINF_NATIVE_KERNELS=0 keep the exact PyTorch path."""
+(within its documented int8-activation bound of the PyTorch path), on float32 activations to the
+float32 kernel (the PyTorch path's dequantised values, within float32 summation-order rounding); a
+batch over max_tokens(dtype) rows and MOEINF_NATIVE_KERNELS=0 keep the PyTorch path."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch.nn.functional as F
 
 from cuda_ext import loader
 from cuda_ext.blocks import BLOCKS
-from cuda_ext.quant import MAX_TOKENS, qlinear
+from cuda_ext.quant import max_tokens, qlinear
 from engine import formats
 from engine.formats.linear import linear
 from engine.formats.tensor import QuantTensor
@@ -45,19 +46,37 @@ def test_bf16_activations_take_the_native_kernel(fmt):
     assert linear(x3, w).shape == (2, 5, 37)
 
 
+@needs_native
+@pytest.mark.parametrize("fmt", list(BLOCKS))
+def test_float32_activations_take_the_float32_kernel(fmt):
+    k = 512
+    w = _weight(fmt, 37, k)
+    bias = torch.randn(37)
+    dense = w.dequantize(torch.float32)
+    for rows in (1, 3):
+        x = torch.randn(rows, k)
+        ours = linear(x, w, bias)
+        assert ours.dtype == torch.float32 and torch.equal(ours, qlinear(x, w.raw, fmt, k, bias))
+        exact = x.double() @ dense.double().T + bias.double()
+        mag = x.double().abs() @ dense.double().abs().T + bias.double().abs()
+        # summation order only (tests/test_cuda_ext_quant.py derives it): (K/64 + 8) roundings
+        assert ((ours.double() - exact).abs() <= 1.01 * (k // 64 + 8) * 2.0**-24 * mag).all()
+    assert linear(torch.randn(2, 5, k), w).shape == (2, 5, 37)
+
+
 @pytest.mark.parametrize("fmt", ["q8_0", "q4_k"])
-def test_float32_batches_and_switch_keep_the_pytorch_path(monkeypatch, fmt):
+def test_batches_and_switch_keep_the_pytorch_path(monkeypatch, fmt):
     k = 256
     w = _weight(fmt, 16, k)
-    x = torch.randn(2, k)
-    assert torch.equal(linear(x, w), F.linear(x, w.dequantize(torch.float32)))
-    xb = torch.randn(MAX_TOKENS + 1, k).bfloat16()
-    assert torch.equal(linear(xb, w), F.linear(xb, w.dequantize(torch.bfloat16)))
+    for dtype in (torch.float32, torch.bfloat16):
+        xb = torch.randn(max_tokens(dtype) + 1, k).to(dtype)
+        assert torch.equal(linear(xb, w), F.linear(xb, w.dequantize(dtype)))
     monkeypatch.setenv("MOEINF_NATIVE_KERNELS", "0")
     loader.reset()
     try:
-        one = torch.randn(1, k).bfloat16()
-        assert torch.equal(linear(one, w), F.linear(one, w.dequantize(torch.bfloat16)))
+        for dtype in (torch.float32, torch.bfloat16):
+            one = torch.randn(1, k).to(dtype)
+            assert torch.equal(linear(one, w), F.linear(one, w.dequantize(dtype)))
     finally:
         monkeypatch.undo()
         loader.reset()

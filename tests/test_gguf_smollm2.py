@@ -81,6 +81,24 @@ def test_real_q4_1_gguf_is_stored_as_it_comes_and_answers(tmp_path, monkeypatch)
     assert dense["model.norm.weight"] == "f32"
     assert m["total_bytes"] < 110e6  # bf16 would be 270 MB
     session = engine.load("smol", ctx=256)
+    # float32: the tied LM head computes on the embedding's stored Q8_0 blocks (the lookup on the
+    # dequantised table), the dequantised head's logits up to float32 summation order
+    import torch
+
+    from cuda_ext import loader
+    from engine.formats.tensor import QuantTensor
+
+    head, table = session.model.lm_head.weight, session.model.embed_tokens.weight
+    if loader.cpu() is None:  # MOEINF_NATIVE_KERNELS=0: the dequantised table, as the embedding
+        assert head is table
+    else:
+        assert isinstance(head, QuantTensor) and head.format.name == "q8_0"
+        x = torch.randn(2, table.shape[1], generator=torch.Generator().manual_seed(0))
+        with torch.inference_mode():
+            ours = session.model.lm_head(x)
+        exact = x.double() @ table.double().T
+        mag = x.double().abs() @ table.double().abs().T
+        assert ((ours.double() - exact).abs() <= 1.01 * (table.shape[1] // 64 + 9) * 2.0**-24 * mag).all()
     reply = "".join(
         p
         for p in session.generate("What is the capital of France?", temperature=0, num_predict=12)

@@ -6,7 +6,10 @@ assigns every dense tensor by name (converted to ``dtype`` on ``device``), ties 
 embedding when the config says so, and allocates the KV caches. A block-quantised dense weight
 (``engine.formats``) of a linear layer stays as stored and the layer computes on it; one of any other
 module (embeddings, MLA's ``kv_b_proj``, whose heads are read as views) is dequantised to ``dtype`` at
-load. Routed experts come from ``experts`` (``MappedExperts`` by default).
+load. A tied LM head over a block-quantised embedding computes on the stored blocks when the model
+runs in float32 on the CPU with the native kernels (the float32 kernels multiply the same dequantised values, so only the order
+of the sums changes, and a Q8_0 head reads a quarter of the float32 bytes per token); the embedding
+lookup uses the dequantised table. Routed experts come from ``experts`` (``MappedExperts`` by default).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from cuda_ext import loader as cuda_ext_loader
 from cuda_ext.cpu import Linear
 from engine.errors import MoeinfError
 from engine.formats import storage
@@ -93,6 +97,7 @@ def load_model(
     with torch.device("meta"):
         model = family.build(args, experts)
     state = _read_dense(store, family, dtype, device)
+    stored_embedding = state.get("embed_tokens.weight")
     quantised = _place_quantised(model, state, dtype)
     expected = set(model.state_dict().keys()) | set(quantised)
     if "lm_head.weight" in expected and "lm_head.weight" not in state and "lm_head.weight" not in quantised:
@@ -126,7 +131,16 @@ def load_model(
         module = model.get_submodule(n.rsplit(".", 1)[0])
         del module.weight  # the parameter goes; the layer computes on the stored blocks
         module.weight = q
-    if tie:
+    if (
+        tie
+        and isinstance(stored_embedding, QuantTensor)
+        and dtype == torch.float32
+        and device.type == "cpu"
+        and cuda_ext_loader.cpu() is not None  # the PyTorch path would dequantise the head every token
+    ):
+        del model.lm_head.weight
+        model.lm_head.weight = stored_embedding
+    elif tie:
         model.lm_head.weight = model.embed_tokens.weight
     model.requires_grad_(False)
     model.eval()

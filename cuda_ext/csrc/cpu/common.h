@@ -46,6 +46,43 @@ static inline float f16_to_f32(uint16_t h) {
     float f; memcpy(&f, &u, 4); return f;
 }
 
+/* ---- the GGUF block formats the kernels take (GGML type numbers), and their scale fields */
+#define T_Q4_0 2
+#define T_Q4_1 3
+#define T_Q8_0 8
+#define T_Q4_K 12
+#define T_Q6_K 14
+#define T_MXFP4 39
+
+/* an fp16 block scale at p (unaligned) */
+static inline float half(const uint8_t *p) {
+    uint16_t h;
+    memcpy(&h, p, 2);
+#ifdef __F16C__
+    return _cvtsh_ss(h);
+#else
+    return f16_to_f32(h);
+#endif
+}
+
+/* E8M0 exponent e -> 2^(e-128): half the block scale, as the doubled E2M1 values need */
+static inline float e8m0_half(uint8_t e) {
+    uint32_t bits = e < 2 ? (0x00200000u << e) : ((uint32_t)(e - 1) << 23);
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* q4_k's eight 6-bit scales and mins */
+static inline void q4k_scales(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
+    for (int j = 0; j < 4; j++) {
+        sc[j] = s[j] & 63;
+        mn[j] = s[j + 4] & 63;
+        sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
+        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
+    }
+}
+
 /* ---- the thread pool (pool.c) */
 typedef void (*task_fn)(void *arg, int tid, int nt);
 #define MAX_THREADS 16
@@ -83,5 +120,9 @@ row_fn moeinf_row_function(int type);                           /* one row of `t
 int moeinf_quantize_block(const float *xb, int8_t *q, float *d);  /* returns sum(q) */
 void moeinf_quantize_x(const void *x, int bf16, int64_t K, int8_t *q, float *d, float *s);
 void *moeinf_scratch(size_t bytes);                             /* the calling thread's scratch */
+
+/* ---- block-format rows times float32 activations (quant_f32.c): no activation rounding */
+typedef float (*frow_fn)(const uint8_t *w, const float *x, int64_t nb);
+frow_fn moeinf_frow_function(int type);                         /* one row of `type` times x, nb = K / 32 */
 
 #endif

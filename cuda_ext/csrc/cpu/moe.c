@@ -13,7 +13,12 @@
    act 0: SiLU(gate + gate_bias) * (up + up_bias), each product and bias rounded to bf16 as torch
    does (the SwiGLU of Mixtral, Qwen, OLMoE, DeepSeek's routed experts). act 1: gpt-oss's clamped
    SwiGLU, (clamp(up, +-limit) + 1) * g * sigmoid(alpha * g), g = min(gate, limit), biases added with
-   one rounding as F.linear does. */
+   one rounding as F.linear does.
+
+   moeinf_experts_acc_f32(...)   the same for float32 activations on block-format experts (quant_f32.c's
+       rows: each block dequantised in registers, no activation rounded), float32 biases, and no bf16
+       rounding anywhere: h_e = act(gate_e x + gate_bias, up_e x + up_bias) and acc += (down_e h_e +
+       down_bias) * coef_e in float32, as the torch path on the dequantised experts computes them. */
 
 #include "common.h"
 
@@ -21,13 +26,15 @@
 
 typedef struct {
     int k, type, act, rb_gate, rb_down;  /* rb_*: bytes per row of a block-format matrix */
+    int f32;                             /* float32 x, h and biases (block formats only) */
     int64_t H, I;
-    const uint16_t *x;                   /* [H] bf16 */
+    const void *x;                       /* [H] bf16, or float32 when f32 */
     const void *gate[MAX_EXPERTS], *up[MAX_EXPERTS], *down[MAX_EXPERTS];
-    const uint16_t *gate_bias[MAX_EXPERTS], *up_bias[MAX_EXPERTS], *down_bias[MAX_EXPERTS];
+    const void *gate_bias[MAX_EXPERTS], *up_bias[MAX_EXPERTS], *down_bias[MAX_EXPERTS];  /* bf16, or float32 */
     float coef[MAX_EXPERTS];
     float alpha, limit;
     uint16_t *h;                         /* [k, I] bf16 */
+    float *hf;                           /* [k, I] float32 (f32) */
     xq_t xq;                             /* x quantised (block formats) */
     int8_t *hq;                          /* [k, I] h quantised */
     float *hd, *hs;                      /* [k, I / 32] */
@@ -38,7 +45,7 @@ static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 /* h from the float32 sums g, u of gate and up rows n (the torch path's roundings) */
 static inline uint16_t activate(const experts_job *j, int e, int64_t n, float g, float u) {
-    const uint16_t *gb = j->gate_bias[e], *ub = j->up_bias[e];
+    const uint16_t *gb = (const uint16_t *)j->gate_bias[e], *ub = (const uint16_t *)j->up_bias[e];
     if (j->act == 0) {
         float gv = round_bf16(g), uv = round_bf16(u);
         if (gb) gv = round_bf16(gv + bf16_to_f32(gb[n]));
@@ -55,7 +62,7 @@ static inline uint16_t activate(const experts_job *j, int e, int64_t n, float g,
 
 /* the down product's value for output row n of expert e, as the torch path rounds it */
 static inline float down_value(const experts_job *j, int e, int64_t n, float d) {
-    const uint16_t *db = j->down_bias[e];
+    const uint16_t *db = (const uint16_t *)j->down_bias[e];
     if (j->act == 0) {
         float v = round_bf16(d);
         return db ? round_bf16(v + bf16_to_f32(db[n])) : v;
@@ -63,8 +70,51 @@ static inline float down_value(const experts_job *j, int e, int64_t n, float d) 
     return round_bf16(d + (db ? bf16_to_f32(db[n]) : 0.0f));
 }
 
+/* h in float32 (f32): act(gate x + gate_bias, up x + up_bias), as the torch path computes it */
+static inline float activate_f32(const experts_job *j, int e, int64_t n, float g, float u) {
+    const float *gb = (const float *)j->gate_bias[e], *ub = (const float *)j->up_bias[e];
+    if (gb) g += gb[n];
+    if (ub) u += ub[n];
+    if (j->act == 0) return silu(g) * u;
+    g = g > j->limit ? j->limit : g;  /* NaN stays NaN, as in torch.clamp */
+    u = u > j->limit ? j->limit : (u < -j->limit ? -j->limit : u);
+    return (u + 1.0f) * (g * (1.0f / (1.0f + expf(-(g * j->alpha)))));
+}
+
+/* float32 experts (f32): phase 1 writes hf, phase 2 reads it; the same row splits as the bf16 path */
+static void experts_task_f32(experts_job *j, int tid, int nt) {
+    const int64_t H = j->H, I = j->I;
+    frow_fn row = moeinf_frow_function(j->type);
+    const float *x = (const float *)j->x;
+    int64_t lo, hi;
+    split_rows(j->k * I, tid, nt, &lo, &hi);
+    for (int64_t r = lo; r < hi; r++) {
+        int e = (int)(r / I);
+        int64_t n = r - e * I;
+        const uint8_t *gw = (const uint8_t *)j->gate[e], *uw = (const uint8_t *)j->up[e];
+        float g = row(gw + n * j->rb_gate, x, H / 32), u = row(uw + n * j->rb_gate, x, H / 32);
+        j->hf[r] = activate_f32(j, e, n, g, u);
+    }
+    moeinf_pool_barrier(nt);
+    split_rows(H, tid, nt, &lo, &hi);
+    for (int64_t n = lo; n < hi; n++) {
+        float sum = j->acc[n];
+        for (int e = 0; e < j->k; e++) {
+            const float *db = (const float *)j->down_bias[e];
+            float d = row((const uint8_t *)j->down[e] + n * j->rb_down, j->hf + e * I, I / 32);
+            if (db) d += db[n];
+            sum += d * j->coef[e];
+        }
+        j->acc[n] = sum;
+    }
+}
+
 static void experts_task(void *arg, int tid, int nt) {
     experts_job *j = arg;
+    if (j->f32) {
+        experts_task_f32(j, tid, nt);
+        return;
+    }
     const int64_t H = j->H, I = j->I;
     float g[CHUNK], u[CHUNK];
     row_fn row = j->type ? moeinf_row_function(j->type) : 0;
@@ -84,8 +134,8 @@ static void experts_task(void *arg, int tid, int nt) {
                     u[n - c0] = row(uw + n * j->rb_gate, &j->xq, H / 32);
                 }
             } else {
-                moeinf_dot_rows(j->x, (const uint16_t *)j->gate[e], g, c0, c1, H, n1);
-                moeinf_dot_rows(j->x, (const uint16_t *)j->up[e], u, c0, c1, H, n1);
+                moeinf_dot_rows((const uint16_t *)j->x, (const uint16_t *)j->gate[e], g, c0, c1, H, n1);
+                moeinf_dot_rows((const uint16_t *)j->x, (const uint16_t *)j->up[e], u, c0, c1, H, n1);
             }
             for (int64_t n = c0; n < c1; n++) j->h[e * I + n] = activate(j, e, n, g[n - c0], u[n - c0]);
         }
@@ -123,20 +173,35 @@ static void experts_task(void *arg, int tid, int nt) {
    k pointers each (biases may be NULL, or the arrays themselves NULL); coef [k]; type 0 for bf16
    weights or a GGUF block type (then H and I multiples of the format's block). Returns 0, or -1 for
    what it cannot do (too many experts, an unknown type or a size the format cannot hold, no memory). */
+static void fill_job(experts_job *j, const void *x, int k, const void *const *gate, const void *const *up,
+                     const void *const *down, const void *const *gate_bias, const void *const *up_bias,
+                     const void *const *down_bias, const float *coef, int type, int64_t H, int64_t I, int act,
+                     float alpha, float limit, float *acc) {
+    memset(j, 0, sizeof(*j));
+    j->k = k; j->type = type; j->act = act; j->H = H; j->I = I; j->x = x; j->alpha = alpha; j->limit = limit; j->acc = acc;
+    for (int e = 0; e < k; e++) {
+        j->gate[e] = gate[e]; j->up[e] = up[e]; j->down[e] = down[e]; j->coef[e] = coef[e];
+        j->gate_bias[e] = gate_bias ? gate_bias[e] : 0;
+        j->up_bias[e] = up_bias ? up_bias[e] : 0;
+        j->down_bias[e] = down_bias ? down_bias[e] : 0;
+    }
+}
+
+static int threads_for(const experts_job *j, int nthreads) {
+    int nt = nthreads;
+    int64_t small = j->H < j->k * j->I ? j->H : j->k * j->I;
+    if ((int64_t)nt * 16 > small) nt = (int)((small + 15) / 16);
+    return nt < 1 ? 1 : nt;
+}
+
 int moeinf_experts_acc(const uint16_t *x, int k, const void *const *gate, const void *const *up,
                        const void *const *down, const uint16_t *const *gate_bias, const uint16_t *const *up_bias,
                        const uint16_t *const *down_bias, const float *coef, int type, int64_t H, int64_t I,
                        int act, float alpha, float limit, float *acc, int nthreads) {
     if (k < 1 || k > MAX_EXPERTS) return -1;
     experts_job j;
-    memset(&j, 0, sizeof(j));
-    j.k = k; j.type = type; j.act = act; j.H = H; j.I = I; j.x = x; j.alpha = alpha; j.limit = limit; j.acc = acc;
-    for (int e = 0; e < k; e++) {
-        j.gate[e] = gate[e]; j.up[e] = up[e]; j.down[e] = down[e]; j.coef[e] = coef[e];
-        j.gate_bias[e] = gate_bias ? gate_bias[e] : 0;
-        j.up_bias[e] = up_bias ? up_bias[e] : 0;
-        j.down_bias[e] = down_bias ? down_bias[e] : 0;
-    }
+    fill_job(&j, x, k, gate, up, down, (const void *const *)gate_bias, (const void *const *)up_bias,
+             (const void *const *)down_bias, coef, type, H, I, act, alpha, limit, acc);
     size_t need = sizeof(uint16_t) * (size_t)(k * I) + 64;
     int values = 1, bytes = 0;
     if (type) {
@@ -158,9 +223,27 @@ int moeinf_experts_acc(const uint16_t *x, int k, const void *const *gate, const 
         j.hd = (float *)(j.hq + ((k * I + 63) & ~(int64_t)63));
         j.hs = j.hd + k * I / 32;
     }
-    int nt = nthreads;
-    int64_t small = H < k * I ? H : k * I;
-    if ((int64_t)nt * 16 > small) nt = (int)((small + 15) / 16);
-    moeinf_pool_run(experts_task, &j, nt < 1 ? 1 : nt);
+    moeinf_pool_run(experts_task, &j, threads_for(&j, nthreads));
+    return 0;
+}
+
+/* moeinf_experts_acc for float32 x [H] on block-format experts (type a GGUF block type, H and I multiples
+   of its block), float32 biases (or NULL). Returns 0, or -1 for what it cannot do. */
+int moeinf_experts_acc_f32(const float *x, int k, const void *const *gate, const void *const *up,
+                           const void *const *down, const float *const *gate_bias, const float *const *up_bias,
+                           const float *const *down_bias, const float *coef, int type, int64_t H, int64_t I,
+                           int act, float alpha, float limit, float *acc, int nthreads) {
+    int values, bytes;
+    if (k < 1 || k > MAX_EXPERTS || !type || !moeinf_block_geometry(type, &values, &bytes) || H % values || I % values)
+        return -1;
+    experts_job j;
+    fill_job(&j, x, k, gate, up, down, (const void *const *)gate_bias, (const void *const *)up_bias,
+             (const void *const *)down_bias, coef, type, H, I, act, alpha, limit, acc);
+    j.f32 = 1;
+    j.rb_gate = (int)(H / values * bytes);
+    j.rb_down = (int)(I / values * bytes);
+    j.hf = moeinf_scratch(sizeof(float) * (size_t)(k * I) + 64);
+    if (!j.hf) return -1;
+    moeinf_pool_run(experts_task, &j, threads_for(&j, nthreads));
     return 0;
 }

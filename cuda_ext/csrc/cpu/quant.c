@@ -19,48 +19,13 @@
 
 #include "common.h"
 
-#define T_Q4_0 2
-#define T_Q4_1 3
-#define T_Q8_0 8
-#define T_Q4_K 12
-#define T_Q6_K 14
-#define T_MXFP4 39
-
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
 #define Q_AVX512 1
 #elif defined(__AVX2__)
 #define Q_AVX2 1
 #endif
 
-
-static inline float half(const uint8_t *p) {
-    uint16_t h;
-    memcpy(&h, p, 2);
-#ifdef __F16C__
-    return _cvtsh_ss(h);
-#else
-    return f16_to_f32(h);
-#endif
-}
-
-/* E8M0 exponent e -> 2^(e-128): half the block scale, as the doubled E2M1 values need */
-static inline float e8m0_half(uint8_t e) {
-    uint32_t bits = e < 2 ? (0x00200000u << e) : ((uint32_t)(e - 1) << 23);
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
-}
 static const int8_t MXFP4_DOUBLED[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
-
-/* q4_k's eight 6-bit scales and mins */
-static inline void q4k_scales(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
-    for (int j = 0; j < 4; j++) {
-        sc[j] = s[j] & 63;
-        mn[j] = s[j + 4] & 63;
-        sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 6) << 4);
-        mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 6) << 4);
-    }
-}
 
 /* ---------------------------------------------------------------- activations */
 
