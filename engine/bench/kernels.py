@@ -36,7 +36,8 @@ import torch
 TOKENS = (1, 2, 4, 8, 16, 32, 64, 128)  # tokens per expert (or rows of a dense product)
 DENSE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # (weight format, activation dtype) pairs: bf16 models, block formats with bf16 or float32 activations
-PAIRS = (("bf16", "bf16"), ("q4_k", "bf16"), ("q4_1", "f32"), ("q8_0", "f32"), ("f32", "f32"), ("q4_0", "bf16"))
+PAIRS = (("bf16", "bf16"), ("q4_k", "bf16"), ("q4_1", "bf16"), ("q4_1", "f32"), ("q8_0", "f32"), ("f32", "f32"),
+         ("q4_0", "bf16"))
 _SIZES = ((512, 512), (1024, 1536))  # (hidden, intermediate) of the two probe experts
 _POOL_BYTES = 48 << 20  # experts rotate over at least this much memory (beyond the caches)
 _PASSES = 3
