@@ -28,6 +28,7 @@ routing model. Nothing in the forecast is fitted to the measured rows.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -41,6 +42,7 @@ MIXTRAL_TRACE = "mixtral-8x7b-instruct-humaneval0.npz"
 FLAME_TRACE = "flame-moe-290m.npz"
 BUDGETS = ["100%", "50%", "25%", "10%"]
 BATCHES = [1, 16]
+DTYPE = "bfloat16"  # the compute dtype of every row, 4-bit ones included (float32 block kernels are changing)
 DEMO_GGUF = Path(os.environ.get("MOEINF_DEMO_GGUF", Path(__file__).resolve().parents[1] / "demo-cache"
                                  / "SmolLM2-135M-Instruct.Q4_1.gguf"))  # what `make demo` fetches
 DEMO_TRACE_PROMPTS = [  # the demo's routing model is recorded on these (the bench's prompts are random tokens)
@@ -78,9 +80,36 @@ def _prepare_synthetic(key: str) -> None:
     make_synthetic_model(bf16, fam, layers, experts, k, h, i, vocab, torch.bfloat16, seed=0, heads=heads,
                          kv_heads=kv, head_dim=hd)
     if q4 not in store_names():
-        with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp:
+        with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR")) as tmp, _quantise_a_few():
             ckpt = export_model(bf16, Path(tmp) / "ckpt")
             pull_model(str(ckpt), name=q4, quantize="q4_k")
+
+
+@contextlib.contextmanager
+def _quantise_a_few(variants: int = 4):
+    """The pull's quantiser, run on the first ``variants`` matrices of each shape only; later ones reuse
+    those blocks in turn. The engine's quantisers search each block's scale (seconds per expert matrix
+    on this VM: an hour per model), and the weights are random, so which valid blocks an expert holds
+    changes no timing: its format, sizes and files are what the pull writes."""
+    import engine.store.convert as convert
+
+    real = convert._quantised
+    made: dict = {}  # (shape, format) -> the quantised variants
+    calls: dict = {}  # (shape, format) -> matrices asked for so far
+
+    def fast(t, fmt):
+        key = (tuple(t.shape), fmt.name)
+        got = made.setdefault(key, [])
+        n = calls[key] = calls.get(key, 0) + 1
+        if len(got) < variants:
+            got.append(real(t, fmt))
+        return got[(n - 1) % variants]
+
+    convert._quantised = fast
+    try:
+        yield
+    finally:
+        convert._quantised = real
 
 
 def _prepare_demo() -> None:
@@ -127,23 +156,24 @@ def _trace_for(key: str):
 
 
 def run(key: str, prompt: int, gen: int, reps: int, policy: str, budgets: list[str], batches: list[int],
-        formats: list[str] | None = None) -> dict:
+        formats: list[str] | None = None, dtype: str = DTYPE) -> dict:
     from engine.bench.predict import bench_row_forecast
     from engine.bench.run import bench_main
 
     trace_path = None if key == "demo" else str(TRACES / SYNTHETIC[key][-1])
     trace = _trace_for(key)
-    out = {"key": key, "prompt_tokens": prompt, "gen_tokens": gen, "repetitions": reps, "policy": policy, "rows": []}
+    out = {"key": key, "prompt_tokens": prompt, "gen_tokens": gen, "repetitions": reps, "policy": policy,
+           "dtype": dtype, "rows": []}
     for name, fmt in model_names(key):
         if formats and fmt not in formats:
             continue
         res = bench_main(model=name, synthetic=None, scale=1.0, prompt_tokens=prompt, gen_tokens=gen,
                          repetitions=reps, budgets=budgets, policies=[policy], replay=trace_path, profile=False,
-                         dtype=None, device="cpu", batches=batches,
+                         dtype=dtype, device="cpu", batches=batches,
                          progress=lambda m, n=name: print(f"{n}: {m}", file=sys.stderr))
         for row in res["rows"]:
-            fc = bench_row_forecast(name, row, prompt, gen, trace)
-            out["rows"].append({"model": key, "store": name, "format": fmt, **row, "forecast": fc})
+            fc = bench_row_forecast(name, row, prompt, gen, trace, dtype=dtype)
+            out["rows"].append({"model": key, "store": name, "format": fmt, "dtype": dtype, **row, "forecast": fc})
     return out
 
 
@@ -153,7 +183,8 @@ def reforecast(path: str) -> None:
     doc = json.loads(Path(path).read_text())
     trace = _trace_for(doc["key"])
     for row in doc["rows"]:
-        row["forecast"] = bench_row_forecast(row["store"], row, doc["prompt_tokens"], doc["gen_tokens"], trace)
+        row["forecast"] = bench_row_forecast(row["store"], row, doc["prompt_tokens"], doc["gen_tokens"], trace,
+                                             dtype=doc.get("dtype"))
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, path)
@@ -211,6 +242,7 @@ def main() -> None:
     r.add_argument("--budgets", default=",".join(BUDGETS))
     r.add_argument("--batches", default=",".join(map(str, BATCHES)))
     r.add_argument("--formats", default="", help="comma-separated format labels to run (default: both)")
+    r.add_argument("--dtype", default=DTYPE, help="compute dtype of every row (default: bfloat16)")
     r.add_argument("--out", required=True)
     q = sub.add_parser("report")
     q.add_argument("paths", nargs="+")
@@ -221,7 +253,7 @@ def main() -> None:
         prepare(args.keys)
     elif args.cmd == "run":
         res = run(args.key, args.p, args.n, args.r, args.policy, args.budgets.split(","),
-                  [int(b) for b in args.batches.split(",")], [f for f in args.formats.split(",") if f])
+                  [int(b) for b in args.batches.split(",")], [f for f in args.formats.split(",") if f], args.dtype)
         tmp = Path(args.out).with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1))
         os.replace(tmp, args.out)

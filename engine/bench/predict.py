@@ -306,16 +306,21 @@ def _dense_formats(shape: ModelShape) -> tuple[str, str]:
 
 def bench_row_forecast(
     model, row: dict, prompt_tokens: int, gen_tokens: int, routing: RoutingTrace | None = None,
-    shape: ModelShape | None = None, profile: MachineProfile | None = None,
+    shape: ModelShape | None = None, profile: MachineProfile | None = None, dtype: str | None = None,
 ) -> dict:
     """``moeinf predict``'s forecast of one ``moeinf bench`` row (its budget, policy and batch, the bench's
-    prompt and decode lengths): aggregate decode tokens/s with its band, prefill tokens/s with its band,
-    the decode-phase hit rate. The memory is not checked (the bench ran, so it fitted)."""
+    prompt and decode lengths; ``dtype``: the bench's ``--dtype``, else the model's default): aggregate
+    decode tokens/s with its band, prefill tokens/s with its band, the decode-phase hit rate. The memory is
+    not checked (the bench ran, so it fitted)."""
+    from dataclasses import replace
+
     from engine.bench.machine import machine_profile
     from engine.bench.shape import read_shape
     from engine.policy.registry import POLICY_NAMES
 
     shape = shape or read_shape(str(model))
+    if dtype is not None:
+        shape = replace(shape, compute_dtype=_act_name(dtype))
     profile = profile or machine_profile()[0]
     policy = row["policy"] if row["policy"] in POLICY_NAMES else None
     req = Request(budget=row["budget"], batch=row["batch"], ctx=prompt_tokens + gen_tokens + 1, policy=policy,
@@ -335,8 +340,15 @@ def bench_row_forecast(
     }
 
 
+def _act_name(dtype: str) -> str:
+    """The profile's activation name ("bf16" or "f32") of a ``--dtype`` value."""
+    name = str(dtype).lower().removeprefix("torch.")
+    return "f32" if name in ("float32", "f32", "fp32") else "bf16"
+
+
 def bench_forecasts(
-    model_root, rows: list[dict], prompt_tokens: int, gen_tokens: int, routing: RoutingTrace | None = None
+    model_root, rows: list[dict], prompt_tokens: int, gen_tokens: int, routing: RoutingTrace | None = None,
+    dtype: str | None = None,
 ) -> None:
     """Add the forecast of ``moeinf predict`` to each ``moeinf bench`` row (in place): ``forecast_tps``
     (aggregate decode tokens/s at the row's batch) and ``forecast_band``, ``forecast_prefill_tps`` and
@@ -347,7 +359,7 @@ def bench_forecasts(
     shape = read_shape(str(model_root))
     profile, _ = machine_profile()
     for row in rows:
-        fc = bench_row_forecast(model_root, row, prompt_tokens, gen_tokens, routing, shape, profile)
+        fc = bench_row_forecast(model_root, row, prompt_tokens, gen_tokens, routing, shape, profile, dtype)
         row["forecast_tps"] = fc["decode_tps"]
         row["forecast_band"] = fc["decode_band"]
         row["forecast_prefill_tps"] = fc["prefill_tps"]

@@ -108,7 +108,7 @@ def bench_main(
         from engine.bench.predict import bench_forecasts
 
         say("forecasting each row (moeinf predict's model) ...")
-        bench_forecasts(root, row_dicts, prompt_tokens, gen_tokens, trace)
+        bench_forecasts(root, row_dicts, prompt_tokens, gen_tokens, trace, str(torch_dtype))
     return {
         "schema": "moeinf-bench/1",
         "model": root.name,
