@@ -44,17 +44,6 @@ static uint16_t *scratch(size_t elements) {
     return buf;
 }
 
-/* x [n] = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))) */
-static void rms_norm(uint16_t *x, const uint16_t *w, int64_t n, float eps) {
-    float ss = 0.0f;
-    for (int64_t i = 0; i < n; i++) {
-        float v = bf16_to_f32(x[i]);
-        ss += v * v;
-    }
-    float r = 1.0f / sqrtf(ss / (float)n + eps);
-    for (int64_t i = 0; i < n; i++) x[i] = f32_to_bf16(bf16_to_f32(w[i]) * round_bf16(bf16_to_f32(x[i]) * r));
-}
-
 static void clamp_all(uint16_t *x, int64_t n, float c) {
     for (int64_t i = 0; i < n; i++) {
         float v = bf16_to_f32(x[i]);
@@ -131,8 +120,8 @@ int moeinf_attn_decode(const attn_plan *p, const uint16_t *x, const uint16_t *co
     int64_t N[3] = {nq, nkv, nkv};
     moeinf_gemv_many(x, p->hidden, 3, W, B, Y, N, nthreads);
     if (p->qk_norm == 2) {
-        rms_norm(q, p->q_norm, nq, p->norm_eps);
-        rms_norm(k, p->k_norm, nkv, p->norm_eps);
+        moeinf_rms_norm(q, p->q_norm, nq, p->norm_eps, q);
+        moeinf_rms_norm(k, p->k_norm, nkv, p->norm_eps, k);
     }
     if (p->clip > 0) {
         clamp_all(q, nq, p->clip);
@@ -140,13 +129,13 @@ int moeinf_attn_decode(const attn_plan *p, const uint16_t *x, const uint16_t *co
         clamp_all(v, nkv, p->clip);
     }
     for (int64_t h = 0; h < p->heads; h++) {
-        if (p->qk_norm == 1) rms_norm(q + h * D, p->q_norm, D, p->norm_eps);
+        if (p->qk_norm == 1) moeinf_rms_norm(q + h * D, p->q_norm, D, p->norm_eps, q + h * D);
         if (cos) rotate(q + h * D, cos, sin, D);
     }
     const int64_t S = p->max_seq;
     uint16_t *keys = p->k_cache + slot * p->kv_heads * S * D, *values = p->v_cache + slot * p->kv_heads * S * D;
     for (int64_t h = 0; h < p->kv_heads; h++) {
-        if (p->qk_norm == 1) rms_norm(k + h * D, p->k_norm, D, p->norm_eps);
+        if (p->qk_norm == 1) moeinf_rms_norm(k + h * D, p->k_norm, D, p->norm_eps, k + h * D);
         if (cos) rotate(k + h * D, cos, sin, D);
         memcpy(keys + (h * S + pos) * D, k + h * D, sizeof(uint16_t) * (size_t)D);
         memcpy(values + (h * S + pos) * D, v + h * D, sizeof(uint16_t) * (size_t)D);
