@@ -198,6 +198,40 @@ def route_topk(
     return None if err else (weights, ids)
 
 
+def route_v3(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    correction: torch.Tensor,
+    k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """DeepSeek-V3's sigmoid group-limited router for one bf16 token x [1, H] (float32 logits of the bf16
+    router matrix, ``correction`` [E] float32 for the choice only): float32 weights [1, k] and int64 ids
+    [1, k] in one native call (``csrc/cpu/decode.c``), None where that does not apply."""
+    lib = _native()
+    if (
+        lib is None
+        or not _native_ok(x, weight)
+        or correction.dtype != torch.float32
+        or correction.device.type != "cpu"
+        or not correction.is_contiguous()
+        or correction.numel() != weight.shape[0]
+    ):
+        return None
+    x = x.contiguous()
+    ids = torch.empty(1, k, dtype=torch.int64)
+    weights = torch.empty(1, k, dtype=torch.float32)
+    n, h = weight.shape
+    err = lib.moeinf_route_v3(
+        x.data_ptr(), weight.data_ptr(), correction.data_ptr(), n, h, k, n_group, topk_group,
+        int(renormalize), scale, ids.data_ptr(), weights.data_ptr(),
+    )
+    return None if err else (weights, ids)
+
+
 def _expert_matrix(t, rows: int, cols: int) -> tuple[int, int] | None:
     """(GGUF type or 0 for bf16, data pointer) of one expert matrix [rows, cols] the native path takes."""
     if isinstance(t, torch.Tensor):

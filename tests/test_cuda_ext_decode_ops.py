@@ -91,3 +91,32 @@ def test_router_tie_takes_the_lower_id():
     w, ids = router(torch.ones(1, 16).bfloat16())
     assert ids.tolist() == [[1, 4]]
     assert w[0, 0] == w[0, 1]
+
+
+@pytest.mark.parametrize("experts,groups,topk_group,k,renorm", [(256, 8, 4, 8, True), (16, 4, 2, 3, False), (64, 1, 1, 6, True)])
+def test_deepseek_v3_router_matches_torch(experts, groups, topk_group, k, renorm):
+    from engine.model.families.deepseek.router import DeepseekV3Router
+
+    torch.manual_seed(experts)
+    hidden = 448
+    router = DeepseekV3Router(hidden, experts, k, n_group=groups, topk_group=topk_group, norm_topk_prob=renorm,
+                              routed_scaling_factor=2.5)
+    with torch.no_grad():
+        router.weight.normal_(0, 2 / hidden**0.5)
+        router.e_score_correction_bias.normal_(0, 0.1)
+    router = router.bfloat16()
+    assert router.e_score_correction_bias.dtype == torch.float32
+    for _ in range(25):
+        x = torch.randn(1, hidden).bfloat16()
+        w, ids = router(x)  # the native call
+        assert w.dtype == torch.float32 and ids.shape == (1, k)
+        native = cpu._native
+        cpu._native = lambda: None  # the PyTorch path of the same module
+        try:
+            want_w, want_ids = router(x)
+        finally:
+            cpu._native = native
+        order = torch.argsort(want_ids[0])  # torch's top-k is unsorted: compare as sets of (id, weight)
+        mine = torch.argsort(ids[0])
+        assert torch.equal(ids[0][mine], want_ids[0][order])
+        assert torch.allclose(w[0][mine], want_w[0][order], rtol=1e-5, atol=1e-7)

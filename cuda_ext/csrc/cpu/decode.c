@@ -73,3 +73,55 @@ int moeinf_route_topk(const uint16_t *x, const uint16_t *W, const uint16_t *bias
     }
     return 0;
 }
+
+/* DeepSeek-V3's router for one bf16 token (engine/model/families/deepseek/router.py, DeepseekV3Router):
+   logits = W x in float32 (the bf16 products are exact in float32: only the order of the sums differs
+   from F.linear on the float32 copies), scores = sigmoid(logits), choice = scores + correction bias;
+   the topk_group groups (of n_group) whose two best choices sum highest are kept, the k best choices
+   among their experts taken (descending, the lower id first on a tie), their unbiased scores
+   renormalised (sum + 1e-20) when asked and multiplied by `scale`. ids [k] int64, weights [k] float32.
+   Returns 0, or -1 for what it cannot do. */
+int moeinf_route_v3(const uint16_t *x, const uint16_t *W, const float *corr, int64_t E, int64_t H, int k,
+                    int n_group, int topk_group, int renorm, float scale, int64_t *ids, float *weights) {
+    if (E < 2 || E > MAX_ROUTED || k < 1 || k > MAX_TOPK || n_group < 1 || E % n_group || topk_group < 1 ||
+        topk_group > n_group || E / n_group < 2 || k > topk_group * (E / n_group))
+        return -1;
+    float logit[MAX_ROUTED], score[MAX_ROUTED], choice[MAX_ROUTED];
+    for (int64_t n0 = 0; n0 < E; n0 += CHUNK) {
+        int64_t n1 = n0 + CHUNK < E ? n0 + CHUNK : E;
+        moeinf_dot_rows(x, W, logit + n0, n0, n1, H, E);
+    }
+    for (int64_t e = 0; e < E; e++) {
+        score[e] = 1.0f / (1.0f + expf(-logit[e]));
+        choice[e] = score[e] + (corr ? corr[e] : 0.0f);
+    }
+    const int64_t per = E / n_group;
+    float group[MAX_ROUTED];
+    for (int g = 0; g < n_group; g++) {
+        float a = -INFINITY, b = -INFINITY;  /* the two best of the group */
+        for (int64_t e = g * per; e < (g + 1) * per; e++) {
+            if (choice[e] > a) { b = a; a = choice[e]; }
+            else if (choice[e] > b) b = choice[e];
+        }
+        group[g] = a + b;
+    }
+    unsigned char kept[MAX_ROUTED] = {0}, taken[MAX_ROUTED] = {0};
+    for (int i = 0; i < topk_group; i++) {
+        int best = -1;
+        for (int g = 0; g < n_group; g++)
+            if (!kept[g] && (best < 0 || group[g] > group[best])) best = g;
+        kept[best] = 1;
+    }
+    float total = 0.0f;
+    for (int i = 0; i < k; i++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++)
+            if (kept[e / per] && !taken[e] && (best < 0 || choice[e] > choice[best])) best = e;
+        taken[best] = 1;
+        ids[i] = best;
+        weights[i] = score[best];
+        total += score[best];
+    }
+    for (int i = 0; i < k; i++) weights[i] = (renorm ? weights[i] / (total + 1e-20f) : weights[i]) * scale;
+    return 0;
+}
