@@ -157,32 +157,42 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     return F.linear(x, weight, bias)
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
-    """RMSNorm of one bf16 row x [1, H] on the CPU (``engine.model.layers.norm.RMSNorm``'s roundings) in
-    one native call (``csrc/cpu/decode.c``), or None where that does not apply."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_f32: bool = False) -> torch.Tensor | None:
+    """RMSNorm of one bf16 row x [1, H] on the CPU (``engine.model.layers.norm.RMSNorm``'s roundings; with
+    ``weight_f32`` gpt-oss's, the weight applied before the one rounding) in one native call
+    (``csrc/cpu/decode.c``), or None where that does not apply."""
     lib = _native()
     if lib is None or not (_native_ok(x, x) and _bias_ok(weight, x.shape[1])):
         return None
     x = x.contiguous()
     out = torch.empty_like(x)
-    lib.moeinf_rms_norm(x.data_ptr(), weight.data_ptr(), x.shape[1], eps, out.data_ptr())
+    fn = lib.moeinf_rms_norm_f32w if weight_f32 else lib.moeinf_rms_norm
+    fn(x.data_ptr(), weight.data_ptr(), x.shape[1], eps, out.data_ptr())
     return out
 
 
 def route_topk(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, renormalize: bool, bf16: bool
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    k: int,
+    renormalize: bool,
+    bf16: bool,
+    topk_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """A softmax top-k router for one bf16 token x [1, H] (``engine.model.layers.router``): logits
     bf16(W x + b), softmax in float32, the k largest (descending), renormalised when asked, as float32 or
-    bf16 weights [1, k] and int64 ids [1, k], in one native call; None where that does not apply."""
+    bf16 weights [1, k] and int64 ids [1, k], in one native call; None where that does not apply.
+    ``topk_first`` (gpt-oss): the k largest logits, then their softmax rounded to bf16, as float32."""
     lib = _native()
     if lib is None or not (_native_ok(x, weight) and _bias_ok(bias, weight.shape[0])):
         return None
     x = x.contiguous()
     ids = torch.empty(1, k, dtype=torch.int64)
+    bf16 = bf16 and not topk_first
     weights = torch.empty(1, k, dtype=torch.bfloat16 if bf16 else torch.float32)
     n, h = weight.shape
-    err = lib.moeinf_route_topk(
+    err = lib.moeinf_route(
         x.data_ptr(),
         weight.data_ptr(),
         None if bias is None else bias.data_ptr(),
@@ -190,6 +200,7 @@ def route_topk(
         h,
         k,
         int(renormalize),
+        int(topk_first),
         ids.data_ptr(),
         weights.data_ptr(),
         int(bf16),

@@ -120,3 +120,36 @@ def test_deepseek_v3_router_matches_torch(experts, groups, topk_group, k, renorm
         mine = torch.argsort(ids[0])
         assert torch.equal(ids[0][mine], want_ids[0][order])
         assert torch.allclose(w[0][mine], want_w[0][order], rtol=1e-5, atol=1e-7)
+
+
+def test_gpt_oss_norm_and_router_match_torch():
+    """The norm as the module's PyTorch path computes it; the router's top k of the bf16 logits (the native
+    linear's, as close to F.linear's as bf16 rounds) and their softmax rounded to bf16, as torch.softmax does."""
+    from engine.model.families.gpt_oss.experts import GptOssRouter
+    from engine.model.families.gpt_oss.model import GptOssRMSNorm
+
+    torch.manual_seed(3)
+    norm = GptOssRMSNorm(384, 1e-5).bfloat16()
+    router = GptOssRouter(384, 32, 4).bfloat16()
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2)
+        router.weight.normal_(0, 2 / 384**0.5)
+        router.bias.normal_(0, 0.3)
+    native = cpu._native
+    for _ in range(30):
+        x = torch.randn(1, 384).bfloat16()
+        got_n, (got_w, got_ids) = norm(x), router(x)
+        cpu._native = lambda: None  # the norm's PyTorch path
+        try:
+            want_n = norm(x)
+        finally:
+            cpu._native = native
+        assert torch.allclose(got_n.float(), want_n.float(), rtol=2**-7, atol=0)
+        logits = cpu.linear(x, router.weight, router.bias)[0]
+        reference = torch.nn.functional.linear(x, router.weight, router.bias)[0]
+        assert torch.allclose(logits.float(), reference.float(), rtol=2**-7, atol=2**-5)
+        top, want_ids = torch.topk(logits, 4)
+        assert got_w.dtype == torch.float32 and got_ids.shape == (1, 4)
+        assert torch.equal(logits[got_ids[0]], top)  # the same logits (exact ties may swap ids)
+        want_w = torch.softmax(logits[got_ids[0]], dim=-1, dtype=torch.bfloat16).float()
+        assert torch.equal(got_w[0], want_w)

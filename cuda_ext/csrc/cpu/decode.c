@@ -4,13 +4,20 @@
        out = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))) for one bf16 row: RMSNorm (engine/model/layers/norm.py),
        statistics in float32 (summed in order: PyTorch's vectorised mean may differ in the last bit)
 
-   moeinf_route_topk(x, W, bias, E, H, k, renorm, ids, weights, bf16_out, nthreads)
-       the softmax top-k router (engine/model/layers/router.py) for one bf16 token: logits = bf16(W x (+ b))
+   moeinf_route(x, W, bias, E, H, k, renorm, order, ids, weights, bf16_out, nthreads)
+       order 0: the softmax top-k router (engine/model/layers/router.py) for one bf16 token: logits = bf16(W x (+ b))
        (moeinf_gemv_many, the bits of the linear layer), softmax over the E logits in float32, the k largest
        in descending order, renormalised to sum to one when asked, written as float32 or rounded to bf16.
        On a tie the lower expert id comes first: torch.topk orders ties as its selection algorithm happens
        to, and exactly equal bf16 logits are not rare among 64-256 experts, so the two may pick different
-       ones of equally weighted experts. */
+       ones of equally weighted experts.
+       order 1: gpt-oss's router (engine/model/families/gpt_oss/experts.py): the k largest bf16 logits,
+       then their softmax rounded to bf16 as torch.softmax(top, dtype=bf16) does, written as float32.
+
+   moeinf_rms_norm_f32w(x, w, n, eps, out): gpt-oss's RMSNorm, the weight applied in float32 before
+       the one rounding to bf16.
+
+   moeinf_route_v3(...): DeepSeek-V3's sigmoid group-limited router (below). */
 
 #include <math.h>
 #include <stdlib.h>
@@ -30,12 +37,24 @@ void moeinf_rms_norm(const uint16_t *x, const uint16_t *w, int64_t n, float eps,
     for (int64_t i = 0; i < n; i++) out[i] = f32_to_bf16(bf16_to_f32(w[i]) * round_bf16(bf16_to_f32(x[i]) * r));
 }
 
+/* gpt-oss's variant: out = bf16(w * (x * rsqrt(mean(x^2) + eps))), the weight applied in float32 */
+void moeinf_rms_norm_f32w(const uint16_t *x, const uint16_t *w, int64_t n, float eps, uint16_t *out) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        float v = bf16_to_f32(x[i]);
+        ss += v * v;
+    }
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = f32_to_bf16(bf16_to_f32(w[i]) * (bf16_to_f32(x[i]) * r));
+}
+
 #define MAX_ROUTED 1024
 #define MAX_TOPK 64
 
+
 /* Returns 0, or -1 for what it cannot do (more than 1024 experts, k outside 1..min(E, 64)). */
-int moeinf_route_topk(const uint16_t *x, const uint16_t *W, const uint16_t *bias, int64_t E, int64_t H, int k,
-                      int renorm, int64_t *ids, void *weights, int bf16_out, int nthreads) {
+int moeinf_route(const uint16_t *x, const uint16_t *W, const uint16_t *bias, int64_t E, int64_t H, int k,
+                 int renorm, int order, int64_t *ids, void *weights, int bf16_out, int nthreads) {
     if (E < 1 || E > MAX_ROUTED || k < 1 || k > MAX_TOPK || k > E) return -1;
     uint16_t logits[MAX_ROUTED];
     float p[MAX_ROUTED];
@@ -47,6 +66,21 @@ int moeinf_route_topk(const uint16_t *x, const uint16_t *W, const uint16_t *bias
     for (int64_t e = 0; e < E; e++) {
         p[e] = bf16_to_f32(logits[e]);
         if (p[e] > m) m = p[e];
+    }
+    if (order == 1) {
+        unsigned char used[MAX_ROUTED] = {0};
+        float top[MAX_TOPK], sum = 0.0f;
+        for (int i = 0; i < k; i++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < E; e++)
+                if (!used[e] && (best < 0 || p[e] > p[best])) best = e;
+            used[best] = 1;
+            ids[i] = best;
+            top[i] = expf(p[best] - p[ids[0]]);
+            sum += top[i];
+        }
+        for (int i = 0; i < k; i++) ((float *)weights)[i] = round_bf16(top[i] / sum);
+        return 0;
     }
     float s = 0.0f;
     for (int64_t e = 0; e < E; e++) {
