@@ -66,9 +66,13 @@ def test_list_show_rm(src_root):
     assert "float32" in r.stdout and "upcycled" not in r.stdout
     assert json.loads(cli("show", "ol", "--json").stdout)["dtype"] == "bfloat16"
 
+    from engine.store.paths import traces_dir
+
+    traces_dir("mix").mkdir(parents=True)
+    (traces_dir("mix") / "traces.npz").write_bytes(b"recorded")
     r = cli("rm", "mix")
     assert r.returncode == 0 and "deleted 'mix'" in r.stdout
-    assert not (models_dir() / "mix").exists()
+    assert not (models_dir() / "mix").exists() and not traces_dir("mix").exists()  # its traces go with it
     assert [line.split()[0] for line in cli("list").stdout.splitlines()[1:]] == ["ol"]
     msg = one_line_error(cli("rm", "mix"))
     assert "not found" in msg and "moeinf pull" in msg
