@@ -369,11 +369,18 @@ def _check_space(partial: Path, config: dict, remaining_src: int, target_dtype) 
     models_dir().mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(models_dir()).free
     if need > free:
-        gb = 1 << 30
         raise MoeinfError(
-            f"not enough disk space in {models_dir()}: the model needs about {need / gb:.1f} GiB more, "
-            f"{free / gb:.1f} GiB free; free some space or set MOEINF_HOME to a bigger disk"
+            f"not enough disk space in {models_dir()}: the model needs about {_size(need)} more, "
+            f"{_size(free)} free; free some space or set MOEINF_HOME to a bigger disk"
         )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def _build(src, name, config, layout, key, partial: Path, state, sizes, target_dtype, upcycled, progress, quant):
