@@ -158,15 +158,22 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_f32: bool = False) -> torch.Tensor | None:
-    """RMSNorm of one bf16 row x [1, H] on the CPU (``engine.model.layers.norm.RMSNorm``'s roundings; with
-    ``weight_f32`` gpt-oss's, the weight applied before the one rounding) in one native call
-    (``csrc/cpu/decode.c``), or None where that does not apply."""
+    """RMSNorm of one bf16 or float32 row x [1, H] on the CPU (``engine.model.layers.norm.RMSNorm``'s
+    roundings; with ``weight_f32``, bf16 only, gpt-oss's: the weight applied before the one rounding) in
+    one native call (``csrc/cpu/decode.c``), or None where that does not apply."""
     lib = _native()
-    if lib is None or not (_native_ok(x, x) and _bias_ok(weight, x.shape[1])):
+    if lib is None or x.dim() != 2 or x.shape[0] != 1 or x.device.type != "cpu":
+        return None
+    if x.dtype == torch.float32 and not weight_f32:
+        if not _bias_ok(weight, x.shape[1], torch.float32):
+            return None
+        fn = lib.moeinf_rms_norm_f32
+    elif _native_ok(x, x) and _bias_ok(weight, x.shape[1]):
+        fn = lib.moeinf_rms_norm_f32w if weight_f32 else lib.moeinf_rms_norm
+    else:
         return None
     x = x.contiguous()
     out = torch.empty_like(x)
-    fn = lib.moeinf_rms_norm_f32w if weight_f32 else lib.moeinf_rms_norm
     fn(x.data_ptr(), weight.data_ptr(), x.shape[1], eps, out.data_ptr())
     return out
 

@@ -153,3 +153,17 @@ def test_gpt_oss_norm_and_router_match_torch():
         assert torch.equal(logits[got_ids[0]], top)  # the same logits (exact ties may swap ids)
         want_w = torch.softmax(logits[got_ids[0]], dim=-1, dtype=torch.bfloat16).float()
         assert torch.equal(got_w[0], want_w)
+
+
+def test_float32_rms_norm_matches_torch():
+    torch.manual_seed(7)
+    norm = RMSNorm(576, 1e-5)
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.2)
+    for t in range(30):
+        x = torch.randn(1, 576) * (0.1 + t)
+        got = norm(x)  # one float32 row: the native call
+        h = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5)
+        want = norm.weight * h
+        assert got.dtype == torch.float32
+        assert torch.allclose(got, want, rtol=1e-6, atol=0)  # float32 roundings of the mean in another order

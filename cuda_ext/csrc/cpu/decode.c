@@ -14,6 +14,8 @@
        order 1: gpt-oss's router (engine/model/families/gpt_oss/experts.py): the k largest bf16 logits,
        then their softmax rounded to bf16 as torch.softmax(top, dtype=bf16) does, written as float32.
 
+   moeinf_rms_norm_f32(x, w, n, eps, out): the same for a float32 row and weight (no rounding but float32's).
+
    moeinf_rms_norm_f32w(x, w, n, eps, out): gpt-oss's RMSNorm, the weight applied in float32 before
        the one rounding to bf16.
 
@@ -35,6 +37,19 @@ void moeinf_rms_norm(const uint16_t *x, const uint16_t *w, int64_t n, float eps,
     }
     float r = 1.0f / sqrtf(ss / (float)n + eps);
     for (int64_t i = 0; i < n; i++) out[i] = f32_to_bf16(bf16_to_f32(w[i]) * round_bf16(bf16_to_f32(x[i]) * r));
+}
+
+/* float32: out = w * (x * rsqrt(mean(x^2) + eps)), every value float32 (RMSNorm of a float32 model) */
+void moeinf_rms_norm_f32(const float *x, const float *w, int64_t n, float eps, float *out) {
+    float lane[16] = {0};  /* 16 partial sums (vectorised, and closer to torch's than one running sum) */
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) lane[l] += x[i + l] * x[i + l];
+    for (; i < n; i++) lane[i % 16] += x[i] * x[i];
+    float ss = 0.0f;
+    for (int l = 0; l < 16; l++) ss += lane[l];
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (i = 0; i < n; i++) out[i] = w[i] * (x[i] * r);
 }
 
 /* gpt-oss's variant: out = bf16(w * (x * rsqrt(mean(x^2) + eps))), the weight applied in float32 */
