@@ -7,7 +7,10 @@ Each module's ``forward`` is wrapped with a timer; a step is the model's forward
 the argmax. Printed: the median step (of ``--runs`` runs of ``--tokens`` steps after a warm-up run)
 and its parts: norms, attention, MoE (and inside it: the router, the expert source's observe and
 fetch, the experts' own compute; the rest of the MoE time is the block's Python between them), LM
-head, and the rest (embedding, the layer loop, argmax), per step and per layer.
+head, and the rest (embedding, the layer loop, argmax), per step and per layer. The breakdown runs the
+layers one by one (``model.native_step = False``); each run is followed by the same steps with the
+native step over every layer (``engine.model.native_step``) where the model takes it, whose median is
+printed beside (the modules' timers do not see inside it).
 
     flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/decode_step_breakdown.py [--workdir DIR]
     flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/decode_step_breakdown.py --synthetic qwen3-30b-a3b --scale 0.25
@@ -126,22 +129,29 @@ def main(argv: list[str] | None = None) -> int:
                     _timed_call(parts, "  of which experts", fn, "accumulate")
         _timed(parts, "lm head", model.lm_head)
         prompt = torch.randint(3, args.vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
-        runs = []
-        for run in range(args.runs + 1):  # run 0 warms up
-            nxt = model(prompt, 0, last_only=True)[-1].argmax().view(1)
-            parts.clear()
-            t0 = time.perf_counter()
-            for pos in range(args.prompt_len, args.prompt_len + args.tokens):
-                nxt = model(nxt, pos)[-1].argmax().view(1)
-            if run:
-                runs.append(
-                    ((time.perf_counter() - t0) / args.tokens, {k: v / args.tokens for k, v in parts.items()})
-                )
+        runs, native_runs = [], []
+        for run in range(args.runs + 1):  # run 0 warms up; layer by layer (timed per module), then native
+            for native in (False, True):
+                model.native_step = native  # the native step over every layer skips the modules' timers
+                nxt = model(prompt, 0, last_only=True)[-1].argmax().view(1)
+                parts.clear()
+                t0 = time.perf_counter()
+                for pos in range(args.prompt_len, args.prompt_len + args.tokens):
+                    nxt = model(nxt, pos)[-1].argmax().view(1)
+                dt = (time.perf_counter() - t0) / args.tokens
+                if run and native:
+                    native_runs.append(dt)
+                elif run:
+                    runs.append((dt, {k: v / args.tokens for k, v in parts.items()}))
         runs.sort(key=lambda r: r[0])
         step, split = runs[len(runs) // 2]
+        taken = model._step is not None and model._step is not False
+        native = sorted(native_runs)[len(native_runs) // 2]
         print(
-            f"decode step: {step * 1e3:.2f} ms ({1 / step:.1f} tok/s), median of {args.runs} runs of "
-            f"{args.tokens} steps, {args.layers} layers, {args.threads} threads"
+            f"decode step: {step * 1e3:.2f} ms ({1 / step:.1f} tok/s) layer by layer, "
+            + (f"{native * 1e3:.2f} ms ({1 / native:.1f} tok/s) with the native step over every layer"
+               if taken else "(the native step over every layer does not apply to this model)")
+            + f"; medians of {args.runs} runs of {args.tokens} steps, {args.layers} layers, {args.threads} threads"
         )
         moe_inner = ("  of which router", "  of which observe", "  of which fetch", "  of which experts")
         glue = split.get("moe", 0.0) - sum(split.get(name, 0.0) for name in moe_inner)

@@ -92,6 +92,26 @@ class ResidentExperts:
                 st.layer_hits[layer] = st.layer_hits.get(layer, 0) + 1
             yield int(e), w
 
+    def resident_count(self) -> int:
+        """How many experts are in memory now (it grows as experts are first used)."""
+        return len(self._cache)
+
+    def native_experts(self, layer: int, num_experts: int) -> list[ExpertWeights] | None:
+        """Every expert of ``layer`` (0..num_experts-1) when all are in memory, for a native decode step
+        that reads them without asking ``fetch`` (its hits are counted by ``count_hits``); else None."""
+        if self._closed:
+            return None
+        found = [self._cache.get((layer, e)) for e in range(num_experts)]
+        return None if any(w is None for w in found) else found
+
+    def count_hits(self, layer: int, count: int) -> None:
+        """``count`` uses of experts of ``layer`` that were in memory (what ``fetch`` counts for a hit)."""
+        st = self._stats
+        st.accesses += count
+        st.hits += count
+        st.layer_accesses[layer] = st.layer_accesses.get(layer, 0) + count
+        st.layer_hits[layer] = st.layer_hits.get(layer, 0) + count
+
     def stats(self) -> CacheStats:
         st = self._stats
         esize = torch.empty((), dtype=self.dtype).element_size()

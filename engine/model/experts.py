@@ -138,6 +138,18 @@ class MappedExperts:
     def observe(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor) -> None:
         return None
 
+    def resident_count(self) -> int:
+        """How many experts have been converted so far (each on its first use)."""
+        return len(self._cache)
+
+    def native_experts(self, layer: int, num_experts: int) -> list[ExpertWeights] | None:
+        """Every expert of ``layer`` once all have been used (``engine.model.native_step``), else None."""
+        found = [self._cache.get((layer, e)) for e in range(num_experts)]
+        return None if any(w is None for w in found) else found
+
+    def count_hits(self, layer: int, count: int) -> None:
+        """Nothing is counted here."""
+
     def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
         for e in expert_ids:
             key = (layer, int(e))

@@ -74,6 +74,31 @@ class CausalLM(nn.Module):
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.lm_head = Linear(args.hidden_size, args.vocab_size, bias=False)
         self.rotary = rotary
+        # the native step over every layer (engine.model.native_step): False = not made yet, None = does not
+        # apply (made again when the expert source holds more experts); native_step = False turns it off
+        self.native_step = True
+        self._step: object = False
+        self._step_seen = -1
+
+    def _apply(self, fn, recurse=True):
+        self._step = False  # new tensors: describe them again
+        return super()._apply(fn, recurse)
+
+    def _native_layers(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+        """x [1, H] through every layer in one native call (``engine.model.native_step``), or None."""
+        from engine.model import native_step
+
+        if self._step is None:
+            source = getattr(self.layers[0].mlp, "experts", None)
+            seen = source.resident_count() if hasattr(source, "resident_count") else 0
+            if seen == self._step_seen:
+                return None
+            self._step_seen, self._step = seen, False
+        if self._step is False:
+            self._step = native_step.step_plan(self)
+            if self._step is None:
+                return None
+        return native_step.run_layers(self, self._step, x, ctx)
 
     def setup_caches(
         self, max_seq_len: int, dtype: torch.dtype, device: torch.device | str, slots: int = 1
@@ -88,6 +113,7 @@ class CausalLM(nn.Module):
             self.rotary.setup(max_seq_len, dtype, device)
         for layer in self.layers:
             layer.self_attn.setup_cache(max_seq_len, dtype, device, slots=int(slots))
+        self._step = False
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
@@ -106,8 +132,14 @@ class CausalLM(nn.Module):
             ctx.cos, ctx.sin = self.rotary(start_pos, T)
         with decode_threads(T == 1 and device.type == "cpu"):
             x = self.embed_tokens(tokens.to(device))
-            for layer in self.layers:
-                x = layer(x, ctx)
+            out = None
+            if T == 1 and self.native_step and x.dtype == torch.bfloat16 and device.type == "cpu":
+                out = self._native_layers(x, ctx)
+            if out is None:
+                for layer in self.layers:
+                    x = layer(x, ctx)
+            else:
+                x = out
             if last_only:
                 x = x[-1:]
             return self.lm_head(self.norm(x)).float()

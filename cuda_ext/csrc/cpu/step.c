@@ -1,0 +1,88 @@
+/* Decoder layers of one bf16 token in one call: the layer loop of a decode step, for the common
+   pre-norm MoE layer (engine/model/transformer.py DecoderLayer over an Attention and an MoEBlock with a
+   softmax top-k router, every routed expert resident). Each layer is exactly the per-layer native path:
+     t = rms_norm(x); a = attn_decode(t); h = bf16(x + a)                    (decode.c, attention.c)
+     t = rms_norm(h); ids, w = route(t); acc = sum_e w_e expert_e(t)         (decode.c, moe.c)
+     x = bf16(h + bf16(acc))
+   so the result is bit for bit that of the layers called one by one; what goes is the Python between
+   them. The routed ids and weights of every layer are written out for the expert source's hooks. */
+
+#include <stdlib.h>
+
+#include "common.h"
+
+int moeinf_attn_decode(const void *plan, const uint16_t *x, const uint16_t *cos, const uint16_t *sin,
+                       int64_t slot, int64_t pos, uint16_t *out, int nthreads);
+int moeinf_route(const uint16_t *x, const uint16_t *W, const uint16_t *bias, int64_t E, int64_t H, int k,
+                 int renorm, int order, int64_t *ids, void *weights, int bf16_out, int nthreads);
+int moeinf_experts_acc(const uint16_t *x, int k, const void *const *gate, const void *const *up,
+                       const void *const *down, const uint16_t *const *gate_bias, const uint16_t *const *up_bias,
+                       const uint16_t *const *down_bias, const float *coef, int type, int64_t H, int64_t I,
+                       int act, float alpha, float limit, float *acc, int nthreads);
+
+typedef struct {
+    const void *attn;                      /* attention.c's plan */
+    const uint16_t *in_norm, *post_norm;   /* [H] */
+    float eps;
+    int k, renorm, bf16_weights, type;     /* type: the experts' format (0 bf16, else a GGUF block type) */
+    int64_t E, I;
+    const uint16_t *router, *router_bias;  /* [E, H], [E] or NULL */
+    const void *const *table;              /* [6 * E]: gate, up, down, gate/up/down bias of every expert */
+} step_layer;
+
+static __thread char *buf;  /* not moeinf_scratch: the experts call uses that one */
+static __thread size_t buf_size;
+
+static char *scratch(size_t bytes) {
+    if (bytes > buf_size) {
+        free(buf);
+        buf = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+        buf_size = buf ? bytes : 0;
+    }
+    return buf;
+}
+
+#define SPLIT_MIN (1 << 16)  /* as cuda_ext.cpu.threads: smaller products stay on the caller */
+static int pick(int64_t elements, int nthreads) { return elements < SPLIT_MIN ? 1 : nthreads; }
+
+/* x [H] bf16 in and out. ids [n * k], weights [n * k]: each layer's routing (k of the layer). Returns 0,
+   or -(1 + layer) for a layer the kernels refused (x then holds that layer's input). */
+int moeinf_decode_layers(const step_layer *layers, int n, int64_t H, uint16_t *x, const uint16_t *cos,
+                         const uint16_t *sin, int64_t slot, int64_t pos, int64_t *ids, float *weights,
+                         int nthreads) {
+    uint16_t *t = (uint16_t *)scratch(sizeof(uint16_t) * (size_t)(3 * H) + sizeof(float) * (size_t)H + 128);
+    if (!t) return -1;
+    uint16_t *a = t + H, *h = a + H;
+    float *acc = (float *)(((uintptr_t)(h + H) + 63) & ~(uintptr_t)63);
+    int64_t off = 0;
+    for (int l = 0; l < n; l++) {
+        const step_layer *L = layers + l;
+        moeinf_rms_norm(x, L->in_norm, H, L->eps, t);
+        const int64_t *ap = (const int64_t *)L->attn;  /* hidden, heads, kv_heads, head_dim: the plan's first fields */
+        if (moeinf_attn_decode(L->attn, t, cos, sin, slot, pos, a, pick(ap[1] * ap[3] * H, nthreads)))
+            return -(1 + l);
+        for (int64_t i = 0; i < H; i++) h[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(a[i]));
+        moeinf_rms_norm(h, L->post_norm, H, L->eps, t);
+        float *w = weights + off;
+        int64_t *id = ids + off;
+        if (moeinf_route(t, L->router, L->router_bias, L->E, H, L->k, L->renorm, 0, id, w, 0, pick(L->E * H, nthreads)))
+            return -(1 + l);
+        const void *g[64], *u[64], *d[64], *gb[64], *ub[64], *db[64];
+        float coef[64];
+        for (int e = 0; e < L->k; e++) {
+            int64_t j = id[e];
+            if (L->bf16_weights) w[e] = round_bf16(w[e]);
+            coef[e] = w[e];
+            g[e] = L->table[j]; u[e] = L->table[L->E + j]; d[e] = L->table[2 * L->E + j];
+            gb[e] = L->table[3 * L->E + j]; ub[e] = L->table[4 * L->E + j]; db[e] = L->table[5 * L->E + j];
+        }
+        memset(acc, 0, sizeof(float) * (size_t)H);
+        if (moeinf_experts_acc(t, L->k, g, u, d, (const uint16_t *const *)gb, (const uint16_t *const *)ub,
+                               (const uint16_t *const *)db, coef, L->type, H, L->I, 0, 0.0f, 0.0f, acc,
+                               pick(3 * L->I * H, nthreads)))
+            return -(1 + l);
+        for (int64_t i = 0; i < H; i++) x[i] = f32_to_bf16(bf16_to_f32(h[i]) + round_bf16(acc[i]));
+        off += L->k;
+    }
+    return 0;
+}
