@@ -171,6 +171,35 @@ class TraceStore:
             self._write_unlocked(cur)
             return cur
 
+    def policy_state_path(self, policy: str) -> Path:
+        return self.dir / f"policy-{policy}.npz"
+
+    def write_policy_state(self, policy: str, arrays: dict[str, np.ndarray]) -> None:
+        """Store a policy's learned state (``policy-<name>.npz``): written aside, then renamed."""
+        if not policy.replace("-", "").replace("_", "").isalnum():
+            raise MoeinfError(f"invalid policy name {policy!r} for its state")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-policy-", suffix=".npz", dir=self.dir)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **arrays)
+            os.replace(tmp, self.policy_state_path(policy))
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def read_policy_state(self, policy: str) -> dict[str, np.ndarray] | None:
+        """A policy's stored state, or None when there is none or it cannot be read (a warning)."""
+        path = self.policy_state_path(policy)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as d:
+                return {k: d[k] for k in d.files}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+            log.warning("Warning: policy state %s is unreadable (%s); starting afresh", path, type(err).__name__)
+            return None
+
     def remove(self) -> bool:
         """Delete this model's traces (corrupt ones set aside included); True if there were any."""
         if not self.dir.exists():
