@@ -145,6 +145,8 @@ class EAMPolicy(Policy):
         horizon: int = 1,
         prior_weight: float = 8.0,
         persist: bool = True,
+        criterion: str = "horizon",
+        horizon_scale: float = 1.0,
         top_k: int | None = None,
         config: dict | None = None,
     ):
@@ -160,6 +162,8 @@ class EAMPolicy(Policy):
         self.horizon = horizon
         self.prior_weight = prior_weight
         self.persist = persist
+        self.criterion = criterion
+        self.horizon_scale = horizon_scale
         self._top_k_given = top_k or _top_k_of(config)
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -225,6 +229,8 @@ class EAMPolicy(Policy):
     def _reset_request(self) -> None:
         L, E = self.num_layers, self.num_experts
         self._dist: np.ndarray | None = None
+        self._score: np.ndarray | None = None
+        self._horizon_runs: float | None = None
         self._hist = np.zeros((L, E), dtype=np.uint64)  # bit i: used at the layer's run i runs ago
         self._runs = np.zeros(L, dtype=np.int64)  # runs of each layer in this request
         self._tok = np.zeros(L, dtype=np.float64)  # tokens through each layer in this request
@@ -240,6 +246,7 @@ class EAMPolicy(Policy):
         self._ring = np.zeros((L, RING, E, NUM_FEATURES + 1), dtype=np.float32)
         self._cum = np.zeros((L, E, NB), dtype=np.float64)  # predicted F_H
         self._exp_runs = np.ones((L, E), dtype=np.float64)  # expected runs to the next use
+        self._tail_q = np.full((L, E), 1e-3)  # per-run use chance beyond the last bucket
         self._refresh_prior()
         for layer in range(L):
             self._features(layer)
@@ -257,6 +264,8 @@ class EAMPolicy(Policy):
     def begin_token(self) -> None:
         self._new_step = True
         self._dist = None
+        self._score = None
+        self._horizon_runs = None
         self._token_experts = {}
         self._layer = -1
         if np.isfinite(self._trans).any():
@@ -316,7 +325,9 @@ class EAMPolicy(Policy):
         q = np.clip(q, 1e-3, 1.0)
         tail = surv[:, -1] * (1.0 - q) / q
         self._exp_runs[layer] = 1.0 + surv @ _TRAP + tail
+        self._tail_q[layer] = q
         self._dist = None
+        self._score = None
 
     def _learn(self, layer: int) -> None:
         """One gradient step of every bucket model: the features of ``H`` runs ago, labelled by
@@ -340,6 +351,7 @@ class EAMPolicy(Policy):
     # -- observations ---------------------------------------------------------------------------------
     def on_route(self, layer: int, experts: Sequence[int], counts: Sequence[int] | None = None) -> None:
         self._dist = None
+        self._score = None
         ids = np.fromiter((int(e) for e in experts), dtype=np.int64)
         cnt = np.ones(len(ids), dtype=np.float32) if counts is None else np.asarray(counts, dtype=np.float32)
         multi = bool(len(cnt) and cnt.max() > 1)
@@ -449,9 +461,61 @@ class EAMPolicy(Policy):
         self._dist = d0.astype(np.float64)[:, None] + L * (self._exp_runs - 1.0)
         return self._dist
 
+    def use_within(self, runs: np.ndarray) -> np.ndarray:
+        """P(used within the next ``runs`` runs of its layer) [L, E]; ``runs`` [L, 1] or [L, E] (float).
+
+        Interpolated between the buckets in log2(runs), linear from 0 below one run, and beyond the
+        last bucket extended at the per-run rate the last two buckets imply."""
+        n = np.broadcast_to(np.asarray(runs, dtype=np.float64), self._cum.shape[:2])
+        cum = self._cum
+        logh = np.log2(HORIZONS.astype(np.float64))
+        x = np.log2(np.clip(n, 1.0, float(HORIZONS[-1])))
+        j = np.clip(np.searchsorted(logh, x, side="right") - 1, 0, NB - 2)
+        frac = np.clip((x - logh[j]) / (logh[j + 1] - logh[j]), 0.0, 1.0)
+        lo = np.take_along_axis(cum, j[..., None], axis=-1)[..., 0]
+        hi = np.take_along_axis(cum, (j + 1)[..., None], axis=-1)[..., 0]
+        inside = lo + frac * (hi - lo)
+        beyond = 1.0 - (1.0 - cum[..., -1]) * (1.0 - self._tail_q) ** np.maximum(n - HORIZONS[-1], 0.0)
+        out = np.where(n > HORIZONS[-1], beyond, inside)
+        return np.where(n < 1.0, cum[..., 0] * np.clip(n, 0.0, 1.0), out)
+
+    def horizon_runs(self) -> float:
+        """The cache's characteristic time in runs (Che's approximation): the horizon within which
+        the experts expected to be used number the capacity, times ``horizon_scale``."""
+        if self._horizon_runs is None:
+            grid = 2.0 ** np.arange(0.0, 8.01, 0.25)
+            used = [float(self.use_within(np.full((self.num_layers, 1), g)).sum()) for g in grid]
+            target = float(self.capacity)
+            i = int(np.searchsorted(used, target))
+            if i == 0:
+                h = grid[0]
+            elif i >= len(grid):
+                h = grid[-1]
+            else:
+                a, b = used[i - 1], used[i]
+                h = grid[i - 1] * (grid[i] / grid[i - 1]) ** ((target - a) / max(b - a, 1e-9))
+            self._horizon_runs = float(h) * self.horizon_scale
+        return self._horizon_runs
+
+    def keep_score(self) -> np.ndarray:
+        """[L, E], larger = keep: P(next use within the cache's horizon), ties by nearer expected use."""
+        if self._score is not None:
+            return self._score
+        dist = self.next_use_distance()
+        if self.criterion == "distance":
+            self._score = -dist
+            return self._score
+        L = self.num_layers
+        d0 = (np.arange(L) - self._layer) % L
+        d0[d0 == 0] = L
+        steps = self.horizon_runs() * L
+        runs = (steps - d0[:, None]) / L + 1.0
+        self._score = self.use_within(np.maximum(runs, 0.0)) - 1e-9 * dist
+        return self._score
+
     # -- decisions ----------------------------------------------------------------------------------
     def victim(self, resident: Collection[Key], pinned: Collection[Key]) -> Key:
-        dist = self.next_use_distance()
+        score = self.keep_score()
         if len(resident) != int(self.resident.sum()):
             self._resync(resident)
         for _ in range(2):
@@ -459,7 +523,7 @@ class EAMPolicy(Policy):
             for key in pinned:
                 mask[key] = False
             if mask.any():
-                flat = int(np.argmax(np.where(mask, dist, -np.inf)))
+                flat = int(np.argmin(np.where(mask, score, np.inf)))
                 key = (flat // self.num_experts, flat % self.num_experts)
                 if key in resident:
                     return key
