@@ -29,6 +29,7 @@ Deterministic (no timing): one run is the figure. Heavy on 2 shared cores (a few
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from pathlib import Path
 
@@ -95,7 +96,8 @@ def heldout_splits(tr: RoutingTrace) -> list[tuple[RoutingTrace, RoutingTrace]]:
 
 def learned_state(train: RoutingTrace) -> dict:
     """What a session that served ``train`` leaves in the TraceStore: its EAM collection and the
-    weights eam learned (the weights do not depend on the cache size)."""
+    weights eam learned (the weights do not depend on the cache size). The policy adds to the
+    collection it is given: hand each replay a copy."""
     pol = EAMPolicy(persist=False)
     replay(train, pol, capacity_for(0.5, train.num_layers, train.num_experts), with_belady=False)
     return {"collection": collection_of(train), "weights": pol.weights.copy()}
@@ -150,7 +152,7 @@ def main() -> None:
                         loads(test, TokenOraclePolicy(test), cap),
                         loads(test, make_policy("lru"), cap),
                         loads(test, make_policy("lfu"), cap),
-                        loads(test, make_policy("eam", persist=False, **state), cap),
+                        loads(test, make_policy("eam", persist=False, **copy.deepcopy(state)), cap),
                         loads(test, make_policy("eam", persist=False), cap),
                     ]
                 summary.append(summary_row("held out", name, frac, *map(int, tot[:5])))

@@ -21,23 +21,28 @@ layer in the running request and the sources the papers use:
 The weights are learned online from the routing itself (every single-token run of a layer labels
 the features each expert had H runs earlier, for every bucket), so the policy fits whatever mix
 of recency and frequency the model's routing shows: strong recency where the history is short or
-does not predict, frequency where it does. Nothing depends on the cache size, so the same weights
-serve every budget. Starting weights make the frequency term alone the prediction; learned weights
-persist (``TraceStore.write_policy_state``, ``policy-eam.npz`` beside the model's traces) so the
-next session starts from them, and can be given (``weights=``).
+does not predict, frequency where it does. The predictions do not depend on the cache size (only
+the eviction horizon does), so the same weights serve every budget. Starting weights make the
+frequency term alone the prediction; learned weights persist (``TraceStore.write_policy_state``,
+``policy-eam.npz`` beside the model's traces, saved at the end of every request) so the next session
+starts from them, and can be given (``weights=``).
 
-Eviction approximates Belady: from the predicted ``F_H`` (made monotone) the expected number of
-runs until the next use is ``sum_h P(no use in h runs)``, interpolated between the buckets and
-extended beyond the last one geometrically at the rate the last two buckets imply. In layer steps
-that is the distance to layer l's next run plus ``L`` per further run. ``victim`` evicts the
-resident expert whose expected next use is farthest. ``prefetch`` proposes the most likely
-non-resident experts of the next layers whose probability of use at the next run clears
-``prefetch_floor`` and whose expected use comes before that of the resident expert each would
-displace.
+Eviction keeps what the cache can still use. From the predicted ``F_H`` (made monotone, interpolated
+in log2 H between the buckets, extended beyond the last one geometrically at the rate the last two
+imply) ``use_within(n)`` is each expert's chance of a use within its layer's next n runs. The cache's
+characteristic time (Che's approximation) is the horizon within which the experts expected to be used
+number the capacity (``horizon_runs``, solved once per token, times ``horizon_scale``); ``victim``
+evicts the resident expert least likely to be used within that horizon (counted in layer steps from
+the current layer, so a layer still to come in this token has one more run inside it), ties broken by
+the expected next-use distance. That is what a hit needs (a use before the expert would have been
+pushed out anyway); the expected distance (``criterion="distance"``) is dominated by the far tail,
+which does not matter to a cache of that size. ``prefetch`` proposes the most likely non-resident
+experts of the next layers whose probability of use at the next run clears ``prefetch_floor`` and
+whose expected use comes before that of the resident expert each would displace.
 
 Cost per routed layer: one update of that layer's E feature rows and one gradient step of the
-bucket models over them (a few small matrix products of E x 13 features); ``victim`` is an argmax
-over the cached [L, E] distances.
+bucket models over them (a few small matrix products of E x 12 features); ``victim`` is an argmin over [L, E]
+scores computed once per routed layer.
 """
 
 from __future__ import annotations
@@ -368,6 +373,7 @@ class EAMPolicy(Policy):
             self._session_tokens += int(round(step_tokens))
         self._cur.counts[phase, layer, ids] += cnt
         self._session_counts[layer, ids] += cnt
+
         share = np.zeros(self.num_experts, dtype=np.float32)  # fraction of the step's tokens per expert
         share[ids] = np.minimum(cnt / step_tokens, 1.0) if multi else 1.0
         used = np.zeros(self.num_experts, dtype=np.uint64)
