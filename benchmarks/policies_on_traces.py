@@ -38,11 +38,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from engine.policy.eam import EAMPolicy  # noqa: E402
+from engine.policy.holdout import heldout_splits, learned_state  # noqa: E402
 from engine.policy.oracle import TokenOraclePolicy  # noqa: E402
 from engine.policy.registry import make_policy  # noqa: E402
 from engine.policy.replay import belady_loads, capacity_for, count_accesses, replay  # noqa: E402
-from engine.trace.eam import DECODE, EAM, PREFILL, EAMCollection, transition_counts  # noqa: E402
 from engine.trace.format import RoutingTrace, load_trace  # noqa: E402
 from engine.trace.hints import simulated_hints  # noqa: E402
 
@@ -54,16 +53,6 @@ HEADER = (
     "| trace | cache | policy | loads | demand misses | prefetch loads | wasted | hit rate "
     "| loads / Belady | misses / Belady |\n|---|---|---|---|---|---|---|---|---|---|"
 )
-
-
-def collection_of(trace: RoutingTrace) -> EAMCollection:
-    phase = PREFILL if str(trace.meta.get("phase", "")).startswith("prefill") else DECODE
-    coll = EAMCollection(trace.num_layers, trace.num_experts)
-    for s, e in trace.sequences():
-        ids = trace.expert_ids[s:e]
-        coll.add(EAM.from_ids(ids, trace.num_experts, phase))
-        coll.add_transitions(transition_counts(ids, trace.num_experts))
-    return coll
 
 
 def row(name: str, frac: float, label: str, r, bel: int) -> str:
@@ -82,25 +71,6 @@ def summary_row(kind: str, name: str, frac: float, bel: int, orc: int, lru: int,
         f"| {kind} | {name} | {frac:.0%} | {bel} | {orc} | {lru} | {lfu} | {eam} | "
         f"{eam / orc:.3f} | {eam / lru:.3f} | {eam / lfu:.3f} |"
     )
-
-
-def heldout_splits(tr: RoutingTrace) -> list[tuple[RoutingTrace, RoutingTrace]]:
-    """(test, train) pairs: each sequence against the others; one sequence: its two halves."""
-    n = len(tr.sequences())
-    if n > 1:
-        return [(tr.select([i]), tr.select([j for j in range(n) if j != i])) for i in range(n)]
-    half = tr.num_tokens // 2
-    halves = RoutingTrace(tr.expert_ids, tr.num_experts, np.array([0, half]), dict(tr.meta))
-    return [(halves.select([0]), halves.select([1])), (halves.select([1]), halves.select([0]))]
-
-
-def learned_state(train: RoutingTrace) -> dict:
-    """What a session that served ``train`` leaves in the TraceStore: its EAM collection and the
-    weights eam learned (the weights do not depend on the cache size). The policy adds to the
-    collection it is given: hand each replay a copy."""
-    pol = EAMPolicy(persist=False)
-    replay(train, pol, capacity_for(0.5, train.num_layers, train.num_experts), with_belady=False)
-    return {"collection": collection_of(train), "weights": pol.weights.copy()}
 
 
 def main() -> None:
