@@ -30,7 +30,8 @@ def os_error(err: OSError, doing: str = "") -> MoeinfError:
     import errno
 
     name = errno.errorcode.get(err.errno or 0, "")
-    path = f" {err.filename}" if err.filename else ""
     what = f"{doing}: " if doing else ""
     fix = _FIX.get(name, "check that path and try again")
-    return MoeinfError(f"{what}cannot use{path} ({err.strerror or err}); {fix}")
+    if not err.filename:  # e.g. a write that found the disk full
+        return MoeinfError(f"{what}{err.strerror or err}; {fix}")
+    return MoeinfError(f"{what}cannot use {err.filename} ({err.strerror or err}); {fix}")

@@ -7,8 +7,9 @@ touch); for an "ok" case (text that is not UTF-8, a listing with one broken mode
 and the case's own check. ``tests/test_user_errors.py`` runs every case in-process through the CLI's
 ``main``; ``scripts/fault_injection.py`` runs them end to end as separate processes.
 
-A case whose ``wrap`` is "readonly" or "tinyfs" needs a mount namespace (``unshare -rm``) to make the
-home read-only or to put its models/ on a 64 KiB file system; where that is not available it is skipped.
+A case whose ``wrap`` is "readonly", "tinyfs" or "fulltraces" needs a mount namespace (``unshare -rm``) to
+make the home read-only, to put its models/ on a 64 KiB file system, or its traces/ on a full one; where
+that is not available it is skipped.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ class Case:
     stdin: bytes = b""
     expect: str = "error"  # "error" or "ok"
     check: Callable[[str, str, Path], str | None] | None = None  # (stdout, stderr, home) -> problem or None
-    wrap: str | None = None  # "readonly" (home mounted read-only) or "tinyfs" (models/ on a 64 KiB fs)
+    wrap: str | None = None  # "readonly" (home read-only), "tinyfs" (models/ on a 64 KiB fs), "fulltraces" (traces/ full)
     home_is: str = "dir"  # "dir", or "file": MOEINF_HOME names a regular file
     args_from: Callable[[Path, Path], list[str]] | None = field(default=None, repr=False)  # argv built in setup
+    stdin_from: Callable[[Path, Path], bytes] | None = field(default=None, repr=False)  # stdin built in setup
 
 
 # ---- setups -------------------------------------------------------------------------------------------
@@ -142,6 +144,59 @@ def fill_stdin_dir(home: Path, _work: Path) -> None:
     (home / "chat-dir").mkdir(exist_ok=True)
 
 
+def flip_data_byte(home: Path, _work: Path) -> None:
+    """One byte of weight data flipped in an expert shard: the size stays, the hash does not."""
+    path = _first_expert(home)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def source_arg(_home: Path, work: Path) -> list[str]:
+    return [str(work / "source"), "--name", TOUCHED]
+
+
+def _store_file(rel: str, text: str | bytes) -> Callable[[Path, Path], None]:
+    def setup(home: Path, _work: Path) -> None:
+        path = _model(home) / rel
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
+
+    return setup
+
+
+def truncate_dense(home: Path, _work: Path) -> None:
+    path = sorted((_model(home) / "dense").glob("*.safetensors"))[0]
+    os.truncate(path, path.stat().st_size - 1000)
+
+
+def corrupt_traces(home: Path, _work: Path) -> None:
+    (home / "traces" / TOUCHED).mkdir(parents=True, exist_ok=True)
+    (home / "traces" / TOUCHED / "traces.npz").write_bytes(b"PK\x03\x04 not a zip")
+
+
+def own_then_foreign_trace(home: Path, work: Path) -> None:
+    """The model's own trace imported first (its traces exist), then a trace of another shape to import."""
+    subprocess.run([sys.executable, "-m", "moeinf_cli", "trace", "import", str(work / "own-trace.npz"), "--model",
+                    TOUCHED], env={**os.environ, "MOEINF_HOME": str(home)}, check=True, capture_output=True)
+    foreign_trace(home, work)
+    (work / "traces-before").write_bytes((home / "traces" / TOUCHED / "traces.npz").read_bytes())
+
+
+def chat_lines(*lines: str) -> Callable[[Path, Path], bytes]:
+    """Chat input with ``{work}`` replaced by the case's own directory."""
+    def stdin(_home: Path, work: Path) -> bytes:
+        return "".join(line.replace("{work}", str(work)) + "\n" for line in lines).encode()
+
+    return stdin
+
+
+def make_dir(name: str) -> Callable[[Path, Path], None]:
+    def setup(_home: Path, work: Path) -> None:
+        (work / name).mkdir()
+
+    return setup
+
+
 # ---- checks -------------------------------------------------------------------------------------------
 
 def lists_other_and_marks_broken(stdout: str, _stderr: str, _home: Path) -> str | None:
@@ -166,6 +221,56 @@ def no_partial_left(_stdout: str, _stderr: str, home: Path) -> str | None:
 
 def names_context(_stdout: str, stderr: str, _home: Path) -> str | None:
     return None if "--ctx" in stderr or "context" in stderr else "the error does not name the context"
+
+
+def pulled_again(stdout: str, stderr: str, home: Path) -> str | None:
+    if not stdout.startswith(f"pulled: {TOUCHED}"):
+        return f"not pulled again: {stdout.strip()[:80]!r}"
+    return verifies(TOUCHED)(stdout, stderr, home)
+
+
+def verifies(name: str) -> Callable[[str, str, Path], str | None]:
+    def check(_stdout: str, _stderr: str, home: Path) -> str | None:
+        r = subprocess.run([sys.executable, "-m", "moeinf_cli", "verify", name], capture_output=True,
+                           env={**os.environ, "MOEINF_HOME": str(home)})
+        return None if r.returncode == 0 else f"{name} does not verify afterwards"
+
+    return check
+
+
+def says(*fragments: str) -> Callable[[str, str, Path], str | None]:
+    def check(stdout: str, stderr: str, _home: Path) -> str | None:
+        missing = [f for f in fragments if f not in stdout + stderr]
+        return f"does not say {missing}" if missing else None
+
+    return check
+
+
+def all_of(*checks: Callable[[str, str, Path], str | None]) -> Callable[[str, str, Path], str | None]:
+    def check(stdout: str, stderr: str, home: Path) -> str | None:
+        return next((p for c in checks if (p := c(stdout, stderr, home)) is not None), None)
+
+    return check
+
+
+def own_traces_kept(_stdout: str, _stderr: str, home: Path) -> str | None:
+    before = (home.parent / "traces-before").read_bytes()
+    now = home / "traces" / TOUCHED / "traces.npz"
+    return None if now.is_file() and now.read_bytes() == before else "the model's own traces were changed"
+
+
+def no_file(rel: str) -> Callable[[str, str, Path], str | None]:
+    def check(_stdout: str, _stderr: str, home: Path) -> str | None:
+        return f"{rel} was written" if (home.parent / rel).exists() else None
+
+    return check
+
+
+def one_line_warning(_stdout: str, stderr: str, _home: Path) -> str | None:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    if len(lines) != 1 or not lines[0].startswith("Warning:"):
+        return f"stderr is not one Warning: line: {stderr.strip()[:120]!r}"
+    return None
 
 
 def no_wrong_hint(*bad: str) -> Callable[[str, str, Path], str | None]:
@@ -258,6 +363,46 @@ def cases() -> list[Case]:
         Case("run of an unknown model", "input", ["run", "notamodel", "hi"],
              check=no_wrong_hint("moeinf pull notamodel")),
         Case("bad flag value", "input", [*RUN, "--expert-budget", "lots"]),
+        Case("bad flag values: --seed abc", "input", [*RUN, "--seed", "abc"]),
+        Case("bad flag values: bench -r 0", "input", ["bench", TOUCHED, "-p", "2", "-n", "2", "-r", "0"]),
+        Case("bad flag values: predict, checked before profiling", "input",
+             ["predict", TOUCHED, "--expert-budget", "5000%"], check=no_wrong_hint("machine profiled")),
+        # more of a damaged store: the files next to the shards
+        Case("store tokenizer.json damaged", "damaged store", RUN, _store_file("tokenizer.json", "garbage")),
+        Case("store config.json damaged", "damaged store", RUN, _store_file("config.json", "{")),
+        Case("store generation_config.json damaged", "damaged store", RUN,
+             _store_file("generation_config.json", "{bad")),
+        Case("store chat template does not parse", "damaged store", RUN,
+             _store_file("chat_template.jinja", "{% if %}")),
+        Case("dense shard truncated", "damaged store", RUN, truncate_dense),
+        Case("corrupt traces file: run", "traces", RUN, corrupt_traces, expect="ok", check=answered),
+        Case("trace import of another shape keeps the model's traces", "traces",
+             ["trace", "import", "--model", TOUCHED], own_then_foreign_trace, args_from=trace_file_arg,
+             check=own_traces_kept),
+        # 9. pulling again over a damaged model
+        Case("pull again over a deleted shard", "pull again", ["pull"], delete_expert, args_from=source_arg,
+             expect="ok", check=pulled_again),
+        Case("pull again over a flipped data byte", "pull again", ["pull"], flip_data_byte, args_from=source_arg,
+             expect="ok", check=says("up to date", f"moeinf verify {TOUCHED}", "--force")),
+        Case("pull --force over a flipped data byte", "pull again", ["pull", "--force"], flip_data_byte,
+             args_from=source_arg, expect="ok", check=pulled_again),
+        # the chat's own commands
+        Case("chat /save to a directory", "chat", ["chat", TOUCHED, "-n", "2"], make_dir("chats"),
+             stdin_from=chat_lines("hi", "/save {work}/chats", "/bye"), expect="ok",
+             check=all_of(says("Error: cannot write", "a directory"), no_file("chats.json"))),
+        Case("chat /load of a missing file", "chat", ["chat", TOUCHED, "-n", "2"],
+             stdin_from=chat_lines("/load {work}/missing.json", "/bye"), expect="ok",
+             check=says("Error: no conversation file")),
+        Case("chat /load of a model that is not there", "chat", ["chat", TOUCHED, "-n", "2"],
+             stdin_from=chat_lines("/load notamodel", "hi", "/bye"), expect="ok",
+             check=all_of(says("Error: model 'notamodel' not found"), answered)),
+        Case("non-UTF-8 /set system", "text", ["chat", TOUCHED, "-n", "3", "--temperature", "0"],
+             stdin=b"/set system caf\xe9 \xff\nhi\n/bye\n", expect="ok", check=answered),
+        # 6. a full disk where traces are saved
+        Case("full disk: trace record", "home", ["trace", "record", TOUCHED, "--prompts"],
+             args_from=lambda h, w: [str(w / "prompts.txt"), "-n", "2"], wrap="fulltraces"),
+        Case("full disk: run (the answer, one warning)", "home", RUN, wrap="fulltraces", expect="ok",
+             check=all_of(answered, one_line_warning)),
     ]
     return out
 
@@ -309,6 +454,10 @@ def wrapped_command(case: Case, home: Path, argv: list[str]) -> list[str]:
     h = _quote(str(home))
     if case.wrap == "readonly":
         script = f"mount --bind {h} {h} && mount -o remount,bind,ro {h} && exec {cli}"
+    elif case.wrap == "fulltraces":  # traces/ on a 64 KiB file system, filled up
+        t = _quote(str(home / "traces"))
+        script = (f"mkdir -p {t} && mount -t tmpfs -o size=64k tmpfs {t} && "
+                  f"(dd if=/dev/zero of={t}/fill bs=4k count=64 2>/dev/null; true) && exec {cli}")
     else:  # tinyfs: models/ on a 64 KiB file system (the models there are hidden while it runs)
         script = f"mount -t tmpfs -o size=64k tmpfs {h}/models && exec {cli}"
     return ["unshare", "-rm", "sh", "-c", script]
@@ -348,28 +497,29 @@ def judge(case: Case, code: int, stdout: str, stderr: str, home: Path, other_ok:
     return None
 
 
-def prepare(case: Case, base: Path, work: Path) -> tuple[Path, list[str], dict]:
-    """(home, argv, environment) for one case: a fresh copy of the store, damaged as the case says."""
+def prepare(case: Case, base: Path, work: Path) -> tuple[Path, list[str], dict, bytes]:
+    """(home, argv, environment, stdin) for one case: a fresh copy of the store, damaged as the case says."""
     home = fresh_copy(base, work)
     for name in ("source", "own-trace.npz", "prompts.txt"):  # the inputs, under the case's own dir
         (work / name).symlink_to(base / name)
     if case.setup is not None:
         case.setup(home, work)
     argv = list(case.argv) + (case.args_from(home, work) if case.args_from else [])
+    stdin = case.stdin_from(home, work) if case.stdin_from is not None else case.stdin
     env_home = home
     if case.home_is == "file":
         env_home = work / "home-file"
         env_home.write_text("not a directory")
-    return home, argv, {"MOEINF_HOME": str(env_home)}
+    return home, argv, {"MOEINF_HOME": str(env_home)}, stdin
 
 
 def run_subprocess(case: Case, base: Path, work: Path, timeout: float = 300) -> Outcome:
     """Run one case end to end: a separate `moeinf` process."""
-    home, argv, env_extra = prepare(case, base, work)
+    home, argv, env_extra, stdin = prepare(case, base, work)
     env = {**os.environ, **env_extra, "MOEINF_NATIVE_KERNELS": os.environ.get("MOEINF_NATIVE_KERNELS", "1")}
     cmd = wrapped_command(case, home, argv) if case.wrap else [sys.executable, "-m", "moeinf_cli", *argv]
     cmd = [os.fsencode(c) for c in cmd]  # lone surrogates go back to the bytes they came from
-    r = subprocess.run(cmd, input=case.stdin, capture_output=True, env=env, timeout=timeout)
+    r = subprocess.run(cmd, input=stdin, capture_output=True, env=env, timeout=timeout)
     stdout, stderr = r.stdout.decode(errors="replace"), r.stderr.decode(errors="replace")
     other = subprocess.run([sys.executable, "-m", "moeinf_cli", "verify", OTHER], capture_output=True,
                            env={**os.environ, "MOEINF_HOME": str(home)})

@@ -198,3 +198,11 @@ def test_bench_batch_axis(synth, tmp_path):
         timeout=120,
     )
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and "-b" in bad.stderr
+
+
+def test_bench_runs_one_configuration_unless_told_more(synth):
+    r = subprocess.run([sys.executable, "-m", "moeinf_cli", "bench", "synth-bench", "-p", "2", "-n", "2", "-r", "1",
+                        "--json"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)["rows"]
+    assert len(rows) == 1 and rows[0]["budget"] == "auto", rows

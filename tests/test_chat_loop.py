@@ -470,3 +470,28 @@ def test_moeinf_nohistory_starts_a_session_without_saving(tmp_path, monkeypatch)
     repl.run(reader)
     saved = [line[1:] for line in path.read_text().splitlines() if line.startswith("+")]
     assert saved == ["saved"]
+
+
+def test_history_that_cannot_be_written_turns_saving_off_with_one_notice(tmp_path, capsys):
+    (tmp_path / "home").write_text("a file where the history's directory belongs")  # as a read-only or full home
+    history = file_history(tmp_path / "home" / "history")
+    for text in ("first", "second", "third"):
+        history.append_string(text)  # what prompt_toolkit does on every Enter
+    err = capsys.readouterr().err
+    assert err.count("note: input history is not saved") == 1 and "Traceback" not in err
+    assert history.get_strings()[-3:] == ["first", "second", "third"]  # still recalled in this session
+
+
+def test_save_to_a_directory_and_load_of_a_missing_file_are_one_line_each(tmp_path):
+    s = WordSession()
+    loaded = []
+    repl, out, err, _ = make_repl(s, loader=lambda name, **kw: loaded.append(name))
+    (tmp_path / "chats").mkdir()
+    missing = tmp_path / "missing.json"
+    repl.run(ScriptReader("hello", f"/save {tmp_path / 'chats'}", f"/load {missing}", "again"))
+    text = out.getvalue() + err.getvalue()
+    assert "Error: cannot write" in text and "a directory; give a file name" in text
+    assert not (tmp_path / "chats.json").exists() and list((tmp_path / "chats").iterdir()) == []
+    assert f"Error: no conversation file {missing}" in text
+    assert loaded == []  # not taken for a model name
+    assert len(s.calls) == 2  # the chat went on

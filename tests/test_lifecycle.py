@@ -158,3 +158,21 @@ def test_bench_memory_stays_within_one_budget_of_the_first_configuration():
     assert budget and budget >= 20 << 20
     after_first = samples[1]  # sampled as the second configuration starts
     assert max(samples[1:]) - after_first < budget, [s >> 20 for s in samples]
+
+
+@pytest.mark.parametrize("budget", [None, "25%"])
+def test_rm_during_a_run_says_so_and_brings_no_traces_back(budget, tmp_path):
+    from tiny_models import make_tiny_checkpoint
+
+    from engine.store.paths import traces_dir
+    from engine.store.pull import pull_model, remove_model
+
+    pull_model(str(make_tiny_checkpoint("mixtral", tmp_path / "src")), name="gone")
+    with engine.load("gone", expert_budget=budget) as s:
+        remove_model("gone")  # `moeinf rm gone` from another shell while this one runs
+        if budget is None:  # every expert was read at load: the run goes on
+            assert list(s.generate("hello", num_predict=4, temperature=0))
+        else:  # the next shard it needs is gone: one line that says why
+            with pytest.raises(MoeinfError, match=r"'gone' was removed from the store while in use \(`moeinf rm`\)"):
+                list(s.generate("hello", num_predict=4, temperature=0))
+    assert not traces_dir("gone").exists()

@@ -156,3 +156,12 @@ def test_no_prompt_on_terminal_hands_over_to_repl(store, monkeypatch):
     (args, kwargs), = calls
     assert args[0] == "tiny" and args[2] == {"temperature": 0.5}
     assert args[1]["expert_budget"] == "50%" and kwargs["system"] == "S"
+
+
+def test_all_resident_cache_line_says_what_happened(store):
+    home, _ = store
+    r = cli(home, "tiny", "hi", *OPTS, "--verbose")  # the default budget (auto) holds every expert here
+    assert r.returncode == 0, r.stderr
+    line = next(ln for ln in r.stderr.splitlines() if ln.startswith("expert cache:"))
+    assert re.search(r"all 16 resident, [\d.]+ [KMG]iB read at load \([\d.]+ s\)", line), line
+    assert "demand" not in line and "prefetch" not in line

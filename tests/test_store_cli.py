@@ -66,9 +66,13 @@ def test_list_show_rm(src_root):
     assert "float32" in r.stdout and "upcycled" not in r.stdout
     assert json.loads(cli("show", "ol", "--json").stdout)["dtype"] == "bfloat16"
 
+    from engine.store.paths import traces_dir
+
+    traces_dir("mix").mkdir(parents=True)
+    (traces_dir("mix") / "traces.npz").write_bytes(b"recorded")
     r = cli("rm", "mix")
     assert r.returncode == 0 and "deleted 'mix'" in r.stdout
-    assert not (models_dir() / "mix").exists()
+    assert not (models_dir() / "mix").exists() and not traces_dir("mix").exists()  # its traces go with it
     assert [line.split()[0] for line in cli("list").stdout.splitlines()[1:]] == ["ol"]
     msg = one_line_error(cli("rm", "mix"))
     assert "not found" in msg and "moeinf pull" in msg
@@ -174,3 +178,38 @@ def test_not_enough_disk_space_is_refused_up_front(src_root, monkeypatch):
         pull_model(str(src_root / "mix"), name="nospace")
     with pytest.raises(MoeinfError, match="not found"):
         resolve_model("nospace")
+
+
+def test_pull_again_over_a_damaged_model_repairs_it_or_says_how(src_root):
+    src = str(src_root / "mix")
+    pull_model(src, name="mix")
+    root = models_dir() / "mix"
+    shard = sorted((root / "experts").rglob("*.safetensors"))[3]
+    shard.unlink()  # a missing (or resized) file: pulled again
+    r = cli("pull", src, "--name", "mix")
+    assert r.returncode == 0, r.stderr
+    assert "damaged" in r.stderr and shard.name in r.stderr and r.stdout.startswith("pulled: mix")
+    assert cli("verify", "mix").returncode == 0
+
+    data = bytearray(shard.read_bytes())  # a flipped byte keeps the size: kept, and the way out is named
+    data[-1] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    r = cli("pull", src, "--name", "mix")
+    assert r.returncode == 0 and r.stdout.startswith("up to date: mix")
+    assert "moeinf verify mix" in r.stderr and "--force" in r.stderr
+    assert cli("verify", "mix").returncode == 1
+    r = cli("pull", src, "--name", "mix", "--force")
+    assert r.returncode == 0 and r.stdout.startswith("pulled: mix"), r.stderr
+    assert cli("verify", "mix").returncode == 0
+
+
+def test_pulls_leave_no_lock_partial_or_work_files(src_root, tmp_path):
+    cli("pull", str(src_root / "mix"), "--name", "mix")
+    one_line_error(cli("pull", "notamodel"))
+    one_line_error(cli("pull", str(tmp_path / "missing-dir"), "--name", "never"))
+    bad = copy_ckpt(src_root, "mix", tmp_path)
+    path = bad / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:5000])
+    one_line_error(cli("pull", str(bad), "--name", "truncated"))
+    assert sorted(p.name for p in models_dir().iterdir()) == ["mix"]
+    assert not (models_dir().parent / "tmp").exists()

@@ -51,10 +51,10 @@ def test_user_error_is_handled(case, base, tmp_path, monkeypatch):
         outcome = run_subprocess(case, base, tmp_path)
         assert outcome.problem is None, (outcome.problem, outcome.stderr[-2000:])
         return
-    home, argv, env = prepare(case, base, tmp_path)
+    home, argv, env, stdin = prepare(case, base, tmp_path)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    code, stdout, stderr = run_main(argv, case.stdin, monkeypatch)
+    code, stdout, stderr = run_main(argv, stdin, monkeypatch)
     monkeypatch.setenv("MOEINF_HOME", str(home))
     verify_code, _, verify_err = run_main(["verify", OTHER], b"", monkeypatch)
     problem = judge(case, code, stdout, stderr, home, verify_code == 0)

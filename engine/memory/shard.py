@@ -15,6 +15,7 @@ from pathlib import Path
 
 from engine.errors import MoeinfError
 from engine.store.header import ALIGN
+from engine.store.paths import missing_shard_error
 
 
 def round_up(n: int, align: int = ALIGN) -> int:
@@ -63,7 +64,7 @@ class ShardReader:
         try:
             fd = os.open(path, flags)
         except FileNotFoundError as e:
-            raise MoeinfError(f"missing expert shard {path}: the model is incomplete; pull it again") from e
+            raise missing_shard_error(path) from e
         try:
             if size is None:
                 size = os.fstat(fd).st_size

@@ -380,7 +380,7 @@ def _make_recorder(store: StoreModel) -> Any:
     from engine.trace.recorder import TraceRecorder
 
     # rows are decoder-layer indices, as the expert cache and its policies count them
-    return TraceRecorder(store.root.name, store.layout.num_layers, store.layout.num_experts)
+    return TraceRecorder(store.root.name, store.layout.num_layers, store.layout.num_experts, model_dir=store.root)
 
 
 def load(

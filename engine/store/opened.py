@@ -26,7 +26,7 @@ from engine.store.dtypes import config_dtype, lookup
 from engine.store.families import MoELayout, moe_layout
 from engine.store.header import SafetensorsHeader, TensorInfo, parse_header, read_header
 from engine.store.manifest import MANIFEST, read_manifest, resolve_model
-from engine.store.paths import expert_shard_path
+from engine.store.paths import expert_shard_path, missing_shard_error
 
 HINT = "pull the model again with `moeinf pull`"
 
@@ -130,7 +130,7 @@ class StoreModel:
                 buf = bytearray(os.fstat(f.fileno()).st_size)
                 got = f.readinto(buf)
         except FileNotFoundError:
-            raise MoeinfError(f"missing expert shard {path}: the model is incomplete; {HINT}") from None
+            raise missing_shard_error(path, HINT) from None
         except OSError as e:
             raise MoeinfError(f"cannot read expert shard {path} ({e.strerror or e}); {HINT}") from None
         header = parse_header(buf, path, hint=HINT)

@@ -38,3 +38,13 @@ def traces_dir(name: str) -> Path:
 
 def expert_shard_path(model_root: Path, layer: int, expert: int) -> Path:
     return Path(model_root) / "experts" / f"L{layer}" / f"E{expert}.safetensors"
+
+
+def missing_shard_error(path: Path | str, hint: str = "pull the model again with `moeinf pull`") -> MoeinfError:
+    """The error for an expert shard that is not there: the model was removed while in use (its
+    directory is gone: `moeinf rm` during a run) or it is incomplete."""
+    root = Path(path).parents[2]  # <model>/experts/L<layer>/E<expert>.safetensors
+    if not root.exists():
+        return MoeinfError(f"model '{root.name}' was removed from the store while in use (`moeinf rm`); "
+                           f"pull it again to use it")
+    return MoeinfError(f"missing expert shard {path}: the model is incomplete; {hint}")

@@ -185,8 +185,11 @@ def pull_model(
     transform: SourceTransform | None = None,
     quantize: str | None = None,
     quantize_dense: str | None = None,
+    force: bool = False,
 ) -> PullResult:
     """Pull ``source`` into the store as ``name`` (see the module docstring); returns where it is.
+    A model already pulled from the same source with the same options is kept ("up to date") when
+    every file it lists is there with its size; a missing or resized file, or ``force``, pulls again.
     ``transform`` (e.g. ``engine.upcycle.Upcycle``) turns the source checkpoint into the one stored.
 
     Quantised sources stay quantised (a GGUF's block formats, gpt-oss's MXFP4; DeepSeek-V3's FP8 as
@@ -199,7 +202,8 @@ def pull_model(
     suffix = transform.name_suffix if transform else ""
     name = check_name(name or default_name(source if kind == "alias" else value, kind) + suffix)
     with _lock(name):
-        return _pull_locked(kind, value, source, name, revision, target_dtype, transform, keep_downloads, progress, quant)
+        return _pull_locked(kind, value, source, name, revision, target_dtype, transform, keep_downloads, progress, quant,
+                            force)
 
 
 def _format_option(flag: str, name: str | None) -> str | None:
@@ -217,7 +221,8 @@ def _format_option(flag: str, name: str | None) -> str | None:
     return fmt.name
 
 
-def _pull_locked(kind, value, source, name, revision, target_dtype, transform, keep_downloads, progress, quant) -> PullResult:
+def _pull_locked(kind, value, source, name, revision, target_dtype, transform, keep_downloads, progress, quant,
+                 force=False) -> PullResult:
     if revision and kind not in ("alias", "hub"):
         raise MoeinfError("--revision only applies to hub repositories")
     upcycled = dict(transform.record) if transform else None
@@ -235,11 +240,15 @@ def _pull_locked(kind, value, source, name, revision, target_dtype, transform, k
     key = {"format_version": FORMAT_VERSION, "source": described, "fingerprint": fingerprint, "dtype": target_dtype,
            "upcycled": upcycled, "quantize": quant}
     final = models_dir() / name
-    if (final / MANIFEST).is_file():
+    if (final / MANIFEST).is_file() and not force:
+        existing = None
         with contextlib.suppress(OSError, ValueError):
             existing = json.loads((final / MANIFEST).read_text())
-            if existing.get("pull_key") == key:
+        if isinstance(existing, dict) and existing.get("pull_key") == key:
+            damage = _size_damage(final, existing)
+            if damage is None:
                 return PullResult(name, final, existing, up_to_date=True)
+            progress.message(f"{name} in the store is damaged ({damage}); pulling it again")
 
     tmp_root = _work_dir(name, key)
     try:
@@ -258,6 +267,8 @@ def _pull_locked(kind, value, source, name, revision, target_dtype, transform, k
         # a bad source or option: nothing worth resuming (a hub download keeps its converted shards, so
         # a pull after the bad file is fetched again continues)
         shutil.rmtree(tmp_root, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            tmp_root.parent.rmdir()  # $MOEINF_HOME/tmp, when no other pull uses it
         if kind != "hub" and kind != "alias":
             shutil.rmtree(models_dir() / f"{PARTIAL_PREFIX}{name}", ignore_errors=True)
         raise
@@ -265,6 +276,22 @@ def _pull_locked(kind, value, source, name, revision, target_dtype, transform, k
     with contextlib.suppress(OSError):
         tmp_root.parent.rmdir()
     return result
+
+
+def _size_damage(root: Path, manifest: dict) -> str | None:
+    """The first file of a store model that is missing or not the size its manifest says, as words;
+    None when all are there (a cheap check: sizes, not hashes; `moeinf verify` re-hashes)."""
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        return "its manifest lists no files"
+    for rel, info in files.items():
+        try:
+            size = (root / rel).stat().st_size
+        except OSError:
+            return f"{rel} is missing"
+        if isinstance(info, dict) and size != info.get("size"):
+            return f"{rel} is {size} bytes, not {info.get('size')}"
+    return None
 
 
 def _work_dir(name: str, key: dict) -> Path:
@@ -342,11 +369,18 @@ def _check_space(partial: Path, config: dict, remaining_src: int, target_dtype) 
     models_dir().mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(models_dir()).free
     if need > free:
-        gb = 1 << 30
         raise MoeinfError(
-            f"not enough disk space in {models_dir()}: the model needs about {need / gb:.1f} GiB more, "
-            f"{free / gb:.1f} GiB free; free some space or set MOEINF_HOME to a bigger disk"
+            f"not enough disk space in {models_dir()}: the model needs about {_size(need)} more, "
+            f"{_size(free)} free; free some space or set MOEINF_HOME to a bigger disk"
         )
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
 
 
 def _build(src, name, config, layout, key, partial: Path, state, sizes, target_dtype, upcycled, progress, quant):

@@ -8,13 +8,15 @@ merges the request into ``$MOEINF_HOME/traces/<model>/`` (see ``engine/trace/sto
 A step whose router saw several tokens at once (T > 1) counts as prefill, a single token as decode,
 unless the phase is set explicitly (``begin_sequence(phase)`` / ``set_phase``). Layers are decoder
 layer indices; pass ``layers`` (the MoE layers' decoder indices) when not every layer is an MoE layer,
-otherwise index l is row l of the EAM.
+otherwise index l is row l of the EAM. With ``model_dir`` (the store model's directory) nothing is saved
+once that directory is gone (the model was removed while it ran).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from pathlib import Path
 
 import numpy as np
 
@@ -35,11 +37,13 @@ class TraceRecorder:
         num_experts: int,
         layers: Sequence[int] | None = None,
         persist: bool = True,
+        model_dir: str | Path | None = None,
     ):
         self.model_name = model_name
         self.num_layers, self.num_experts = num_layers, num_experts
         self._row = {int(layer): i for i, layer in enumerate(layers)} if layers is not None else None
         self.persist = persist
+        self.model_dir = Path(model_dir) if model_dir is not None else None  # a store model: skip saving once it is gone
         self.store = TraceStore(model_name)
         self.top_k: int | None = None
         self.sequences_recorded = 0
@@ -117,6 +121,9 @@ class TraceRecorder:
         new.add_sequence(ids, eam, transition_counts(ids, self.num_experts))
         if not self.persist:
             return new
+        if self.model_dir is not None and not self.model_dir.exists():
+            log.info("not saving traces of %s: the model was removed from the store", self.model_name)
+            return new  # `moeinf rm` during a run: do not bring back traces/<model> for a deleted model
         try:
             stored = self.store.update(new)
             self.save_error = None

@@ -75,6 +75,23 @@ def render(p: dict) -> None:
     Console().print(t)
 
 
+def _check_flags(expert_budget: str | None, policy: str | None, fmt: str | None, batch: int, ctx: int) -> None:
+    """The flags' values, checked as the forecast checks them: a bad one is one line before any probing."""
+    from engine.errors import MoeinfError
+    from engine.formats import FORMATS
+    from engine.memory.budget import parse_budget
+    from engine.policy.registry import policy_class
+
+    parse_budget(expert_budget or "auto")
+    policy_class(policy)
+    if fmt is not None and fmt.lower() not in FORMATS:
+        raise MoeinfError(f"unknown format {fmt!r}; use one of {', '.join(FORMATS)}")
+    if batch < 1:
+        raise MoeinfError(f"--batch must be at least 1 (got {batch})")
+    if ctx < 1:
+        raise MoeinfError(f"--ctx must be at least 1 token (got {ctx})")
+
+
 def register(app: typer.Typer) -> None:
     @app.command("predict", help=HELP)
     @with_options(DEVICE, CTX, EXPERT_BUDGET, POLICY)
@@ -102,6 +119,7 @@ def register(app: typer.Typer) -> None:
         from engine.bench.shape import read_shape
 
         shape = read_shape(model)
+        _check_flags(expert_budget, policy, fmt, batch, ctx)  # before the profile, which can take minutes
         profile, measured = machine_profile(reprobe=reprobe)
         if measured and not as_json:
             typer.echo(

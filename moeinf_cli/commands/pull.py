@@ -15,7 +15,7 @@ from moeinf_cli.options import DTYPE_FORMS
 
 HELP = """Download a model and convert it into the store (one shard per expert).
 
-SOURCE is an alias (see --list-aliases), a Hugging Face repo org/name, a local checkpoint directory, or a .gguf file. An interrupted pull resumes where it stopped. HF_TOKEN, HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE are honoured.
+SOURCE is an alias (see --list-aliases), a Hugging Face repo org/name, a local checkpoint directory, or a .gguf file. An interrupted pull resumes where it stopped. Pulling a model again keeps it when every file is there with its size (`moeinf verify` re-hashes them) and pulls it again otherwise, or with --force. HF_TOKEN, HF_HOME, HF_ENDPOINT and HF_HUB_OFFLINE are honoured.
 
 \b
 Examples:
@@ -99,7 +99,7 @@ def _make_progress():
             self.downloads: dict[str, int] = {}
 
         def message(self, text: str) -> None:
-            console.print(f"[dim]{text}[/dim]" if console.is_terminal else text, highlight=False)
+            console.print(f"[dim]{text}[/dim]" if console.is_terminal else text, highlight=False, soft_wrap=True)
 
         def download(self, desc: str, n: int, total: int | None) -> None:
             key = (desc or "download").rsplit("/", 1)[-1]  # huggingface_hub passes "(…)<commit>/<file>"
@@ -145,6 +145,9 @@ def register(app: typer.Typer) -> None:
             help="Keep downloaded shards in the Hugging Face cache after converting.",
         ),
         list_aliases: bool = typer.Option(False, "--list-aliases", help="List the model aliases and exit."),
+        force: bool = typer.Option(
+            False, "--force", "-f", help="Pull again even when the store holds this model already."
+        ),
     ) -> None:
         from engine.errors import MoeinfError
 
@@ -177,6 +180,7 @@ def register(app: typer.Typer) -> None:
                     transform=transform,
                     quantize=quantize,
                     quantize_dense=quantize_dense,
+                    force=force,
                 )
         except KeyboardInterrupt:
             print(
@@ -194,4 +198,10 @@ def register(app: typer.Typer) -> None:
         print(
             f"{verb}: {result.name} ({m['family']}, {experts}, {m['dtype']}, {_human(m['total_bytes'])}) at {result.path}"
         )
+        if result.up_to_date:
+            print(
+                f"(every file is there with its size; `moeinf verify {result.name}` re-hashes them, "
+                "--force pulls again)",
+                file=sys.stderr,
+            )
         sys.stdout.flush()

@@ -101,8 +101,10 @@ def register(app: typer.Typer) -> None:
                 bar.advance(task)
                 if recorder.save_error is not None:
                     from engine.errors import os_error
+                    from engine.store.paths import traces_dir
 
-                    raise os_error(recorder.save_error, f"saving the traces of {model}")
+                    where = traces_dir(getattr(recorder, "model_name", model))
+                    raise os_error(recorder.save_error, f"saving the traces of {model} in {where}")
         stored = TraceStore(getattr(recorder, "model_name", model)).read()
         total = stored.collection.requests if stored else 0
         typer.echo(f"recorded {len(items)} prompts ({tokens} tokens); {total} requests stored for {model}")

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cuda_ext.cpu import experts_accumulate
+from cuda_ext.cpu import experts_accumulate, route_topk
 from engine.formats.linear import linear
 from engine.model.experts import ExpertWeights
 
@@ -32,6 +32,10 @@ class GptOssRouter(nn.Module):
         self.bias = nn.Parameter(torch.zeros(num_experts), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if hidden.dim() == 2 and hidden.shape[0] == 1 and hidden.dtype == torch.bfloat16:
+            routed = route_topk(hidden, self.weight, self.bias, self.top_k, False, False, topk_first=True)
+            if routed is not None:  # one decode token on the CPU: one native call
+                return routed
         logits = F.linear(hidden, self.weight, self.bias)  # [T, E], hidden dtype
         top, ids = torch.topk(logits, self.top_k, dim=-1)
         weights = torch.softmax(top, dim=-1, dtype=top.dtype)

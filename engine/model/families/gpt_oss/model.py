@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from cuda_ext.cpu import rms_norm
 from engine.model.args import ModelArgs
 from engine.model.experts import ExpertSource
 from engine.model.families.gpt_oss.attention import SinkAttention
@@ -32,6 +33,10 @@ class GptOssRMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 2 and x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            out = rms_norm(x, self.weight, self.eps, weight_f32=True)  # one decode token: one native call
+            if out is not None:
+                return out
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return (self.weight.float() * h).to(x.dtype)
