@@ -490,9 +490,13 @@ class EAMPolicy(Policy):
         the experts expected to be used number the capacity, times ``horizon_scale``."""
         if self._horizon_runs is None:
             grid = 2.0 ** np.arange(0.0, 8.01, 0.25)
-            used = [float(self.use_within(np.full((self.num_layers, 1), g)).sum()) for g in grid]
             target = float(self.capacity)
-            i = int(np.searchsorted(used, target))
+            used: list[float] = []
+            for g in grid:  # expected experts used within g runs: grows with g; stop once past the capacity
+                used.append(float(self.use_within(np.full((self.num_layers, 1), g)).sum()))
+                if used[-1] >= target:
+                    break
+            i = len(used) - 1 if used[-1] >= target else len(grid)
             if i == 0:
                 h = grid[0]
             elif i >= len(grid):
