@@ -52,6 +52,7 @@ def test_second_session_hits_more_than_a_fresh_store(tiny, budget, monkeypatch):
     hits1, acc1, out1 = run_session(root, budget)
     stored = TraceStore(root.name).read()
     assert stored is not None and stored.collection.requests == len(PROMPTS)
+    assert TraceStore(root.name).read_policy_state("eam") is not None  # eam's learned weights, for the next
     hits2, acc2, out2 = run_session(root, budget)
     assert out2 == out1 and acc2 == acc1  # same prompts, same routing, same tokens
     assert hits2 / acc2 > hits1 / acc1

@@ -1,33 +1,48 @@
 """The trace-driven policy ``eam`` (the default): predict each expert's next use, prefetch, evict.
 
-For every expert (l, e) the policy estimates ``p[l, e]``, the probability that e is used the next
-time layer l runs, with a small logistic model over features that combine the sources the papers
-use, and learns the model's weights online (every single-token step is a labelled example: the
-features an expert had before its layer ran, and whether the router picked it):
+For every expert (l, e) the policy predicts when layer l will next use it, counted in runs of that
+layer (one run per token), with one small logistic model per horizon bucket ``H`` in
+``HORIZONS`` (1, 2, 4, 8, 16, 32 runs): ``F_H = P(e used at least once in layer l's next H runs)``.
+All models share the features of the expert's routing history, taken from the last 64 runs of its
+layer in the running request and the sources the papers use:
 
-* recency and frequency inside the running request: used at the layer's previous run, the run
-  before, a fast and a slow exponential moving average of use, the request's usage rate;
+* recency: whether the expert was used at the layer's last run and the one before, how many runs
+  ago it was last used (log scale), its use rate over the last 4, 16 and 64 runs;
+* frequency: the request's use rate so far, shrunk towards the prior (below), and for each bucket
+  the chance of a use within H runs that this rate alone would give, ``1 - (1 - r)^H``;
 * the EAM collection: the usage rate that past requests like this one predict
   (``EAMCollection.predict``: cosine match of the partial EAM over the layers seen so far, nearer
   layers weighted more), or the session's rate while the collection is empty;
 * cross-layer transitions: for the layers still to come in the current token, the experts that
   tokens routed like this one used at the next layer (transition counts of the collection);
 * speculative-gating hints (``on_hint(layer, scores)``: the coming layer's router applied early to
-  the current hidden state); the hint's excess over the prior is a feature whose weight starts high.
+  the current hidden state), as the hint's excess over the prior, a feature whose weight starts high.
 
-Eviction approximates Belady: the expected next-use distance of (l, e) in layer steps is the
-distance to layer l's next run plus ``L * (1 - p) / q``: if the next run does not use it, a
-geometric number of further tokens at the per-token rate ``q``. ``q`` mixes the short-term ``p``
-with a long-run rate (the request's usage rate shrunk towards the EAM prior and the session's rate);
-the mixing share is itself learned online, as the mixture that best predicted (log loss) the use two
-runs after the prediction was made. ``victim`` evicts the resident expert whose expected next use is
-farthest. ``prefetch`` proposes the
-most likely non-resident experts of the next layers whose probability clears ``prefetch_floor``
-and whose expected use comes before that of the resident expert each would displace.
+The weights are learned online from the routing itself (every single-token run of a layer labels
+the features each expert had H runs earlier, for every bucket), so the policy fits whatever mix
+of recency and frequency the model's routing shows: strong recency where the history is short or
+does not predict, frequency where it does. The predictions do not depend on the cache size (only
+the eviction horizon does), so the same weights serve every budget. Starting weights make the
+frequency term alone the prediction; learned weights persist (``TraceStore.write_policy_state``,
+``policy-eam.npz`` beside the model's traces, saved at the end of every request) so the next session
+starts from them, and can be given (``weights=``).
 
-Learning across requests: at each ``begin_sequence`` the finished request's EAM joins the in-memory
-collection and every single-token step adds to the transition counts. With ``model_name`` the
-persisted collection of that model (``$MOEINF_HOME/traces/<model>/``) is loaded at ``setup``.
+Eviction keeps what the cache can still use. From the predicted ``F_H`` (made monotone, interpolated
+in log2 H between the buckets, extended beyond the last one geometrically at the rate the last two
+imply) ``use_within(n)`` is each expert's chance of a use within its layer's next n runs. The cache's
+characteristic time (Che's approximation) is the horizon within which the experts expected to be used
+number the capacity (``horizon_runs``, solved once per token, times ``horizon_scale``); ``victim``
+evicts the resident expert least likely to be used within that horizon (counted in layer steps from
+the current layer, so a layer still to come in this token has one more run inside it), ties broken by
+the expected next-use distance. That is what a hit needs (a use before the expert would have been
+pushed out anyway); the expected distance (``criterion="distance"``) is dominated by the far tail,
+which does not matter to a cache of that size. ``prefetch`` proposes the most likely non-resident
+experts of the next layers whose probability of use at the next run clears ``prefetch_floor`` and
+whose expected use comes before that of the resident expert each would displace.
+
+Cost per routed layer: one update of that layer's E feature rows and one gradient step of the
+bucket models over them (a few small matrix products of E x 12 features); ``victim`` is an argmin over [L, E]
+scores computed once per routed layer.
 """
 
 from __future__ import annotations
@@ -39,9 +54,34 @@ import numpy as np
 from engine.policy.base import Key, Policy
 from engine.trace.eam import DECODE, EAM, PREFILL, EAMCollection
 
-# feature order of the reuse model
-F_BIAS, F_PREV, F_PREV2, F_FAST, F_SLOW, F_FREQ, F_PRIOR, F_TRANS, F_HINT = range(9)
-NUM_FEATURES = 9
+HORIZONS = np.array([1, 2, 4, 8, 16, 32])
+NB = len(HORIZONS)
+RING = int(HORIZONS[-1])  # feature snapshots kept per layer: the longest horizon
+WINDOW = 64  # runs of history per expert (one bit each)
+# common feature order
+(
+    F_BIAS,
+    F_PREV,
+    F_PREV2,
+    F_R4,
+    F_R16,
+    F_R64,
+    F_GAP,
+    F_RATE,
+    F_PRIOR,
+    F_TRANS,
+    F_HINT,
+) = range(11)
+NUM_FEATURES = 11
+F_CUM = NUM_FEATURES  # the bucket's own feature, stored as the rate it derives from
+STATE_VERSION = 1
+# sum_{h=1}^{32} P(D > h) from P(D > H) at the buckets: trapezoids between them
+_TRAP = np.zeros(NB)
+_TRAP[0] += 1.0
+for _i in range(NB - 1):
+    _w = float(HORIZONS[_i + 1] - HORIZONS[_i])
+    _TRAP[_i] += _w / 2
+    _TRAP[_i + 1] += _w / 2
 
 
 def _top_k_of(config: dict | None) -> int | None:
@@ -60,6 +100,37 @@ def _logit(p: np.ndarray | float) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
+
+
+if hasattr(np, "bitwise_count"):
+
+    def _popcount(x: np.ndarray) -> np.ndarray:
+        return np.bitwise_count(x).astype(np.float32)
+
+else:  # numpy < 2.0
+    _BYTE_BITS = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+    def _popcount(x: np.ndarray) -> np.ndarray:
+        b = np.ascontiguousarray(x, dtype=np.uint64).view(np.uint8).reshape(*x.shape, 8)
+        return _BYTE_BITS[b].sum(axis=-1).astype(np.float32)
+
+
+_MASKS = {n: np.uint64((1 << n) - 1) for n in (2, 4, 16, 32)}
+_MASKS[64] = np.uint64(0xFFFFFFFFFFFFFFFF)
+_H_MASKS = np.array([(1 << int(h)) - 1 for h in HORIZONS], dtype=np.uint64)
+
+
+def initial_weights() -> np.ndarray:
+    """Starting weights [NB, NUM_FEATURES + 1]: the frequency term alone (``1 - (1 - r)^H``)."""
+    w = np.zeros((NB, NUM_FEATURES + 1))
+    w[:, F_CUM] = 1.0
+    w[:, F_TRANS] = 2.0
+    w[:, F_HINT] = 6.0
+    return w
+
+
 class EAMPolicy(Policy):
     """Trace-driven prefetch and replacement (see the module docstring)."""
 
@@ -70,33 +141,34 @@ class EAMPolicy(Policy):
         model_name: str | None = None,
         collection: EAMCollection | None = None,
         learn: bool = True,
-        fast_decay: float = 0.5,
-        slow_decay: float = 0.95,
-        learning_rate: float = 0.05,
+        weights: np.ndarray | None = None,
+        learning_rate: float = 0.1,
         hint_weight: float = 6.0,
         prefetch_floor: float = 0.7,
         prefetch_layers: int = 1,
         transition_trust: float = 32.0,
         horizon: int = 1,
-        long_run_weight: float = 8.0,
-        short_term_share: float = 0.5,
-        share_rate: float = 0.01,
+        prior_weight: float = 8.0,
+        persist: bool = True,
+        criterion: str = "horizon",
+        horizon_scale: float = 1.0,
         top_k: int | None = None,
         config: dict | None = None,
     ):
         self.model_name = model_name
         self._given = collection
+        self._given_weights = None if weights is None else np.array(weights, dtype=np.float64)
         self.learn = learn
-        self.fast_decay, self.slow_decay = fast_decay, slow_decay
         self.learning_rate = learning_rate
         self.hint_weight = hint_weight
         self.prefetch_floor = prefetch_floor
         self.prefetch_layers = prefetch_layers
         self.transition_trust = transition_trust
         self.horizon = horizon
-        self.long_run_weight = long_run_weight
-        self.short_term_share = short_term_share
-        self.share_rate = share_rate
+        self.prior_weight = prior_weight
+        self.persist = persist
+        self.criterion = criterion
+        self.horizon_scale = horizon_scale
         self._top_k_given = top_k or _top_k_of(config)
 
     # -- lifecycle ----------------------------------------------------------------------------------
@@ -104,41 +176,69 @@ class EAMPolicy(Policy):
         super().setup(num_layers, num_experts, capacity)
         L, E = num_layers, num_experts
         coll = self._given
-        if coll is None and self.model_name:
+        store = None
+        if self.model_name and (coll is None or self._given_weights is None):
             from engine.trace.store import TraceStore
 
-            coll = TraceStore(self.model_name).load_collection(num_layers, num_experts)
+            try:
+                store = TraceStore(self.model_name)
+            except Exception:  # an odd name: no persisted state, the policy still works
+                store = None
+        if coll is None and store is not None:
+            coll = store.load_collection(num_layers, num_experts)
         if coll is None or (coll.num_layers, coll.num_experts) != (L, E):
             coll = EAMCollection(L, E)
         self.collection = coll
+        self._store = store if self.persist else None
+        w = self._given_weights
+        if w is None and store is not None:
+            w = self._read_state(store)
+        if w is None or w.shape != (NB, NUM_FEATURES + 1):
+            w = initial_weights()
+            w[:, F_HINT] = self.hint_weight
+        self.weights = w.copy()
+        self.updates = 0  # gradient steps taken (per bucket)
         self.resident = np.zeros((L, E), dtype=bool)
         self.top_k = self._top_k_given or 1
         self._session_counts = np.zeros((L, E), dtype=np.float32)
         self._session_tokens = 0
-        self.weights = np.zeros(NUM_FEATURES, dtype=np.float64)
-        self._weights_ready = False
-        self.short_share = self.short_term_share
         self._hint = np.zeros((L, E), dtype=np.float32)
         self._has_hint = np.zeros(L, dtype=bool)
         self._cur = EAM.empty(L, E)
         self._reset_request()
 
-    def _init_weights(self) -> None:
-        base = self.top_k / self.num_experts
-        w = np.zeros(NUM_FEATURES)
-        w[F_BIAS] = float(_logit(base)) - 1.0
-        w[F_PREV], w[F_FAST], w[F_SLOW], w[F_FREQ] = 0.5, 1.0, 1.0, 1.0
-        w[F_PRIOR], w[F_TRANS] = 2.0, 2.0
-        w[F_HINT] = self.hint_weight
-        self.weights = w
-        self._weights_ready = True
+    def state_key(self) -> str:
+        return f"eam-v{STATE_VERSION}-f{NUM_FEATURES}-h{','.join(map(str, HORIZONS))}"
+
+    def _read_state(self, store) -> np.ndarray | None:
+        try:
+            state = store.read_policy_state(self.name)
+        except Exception:  # unreadable: start afresh (the store warns)
+            return None
+        if not state or str(state.get("key", "")) != self.state_key():
+            return None
+        w = np.asarray(state.get("weights"), dtype=np.float64)
+        return w if w.shape == (NB, NUM_FEATURES + 1) and np.all(np.isfinite(w)) else None
+
+    def save_state(self) -> None:
+        """Persist the learned weights beside the model's traces (when the policy has a model name)."""
+        if self._store is None or not self.learn or self.updates == 0:
+            return
+        try:
+            self._store.write_policy_state(
+                self.name, {"key": np.array(self.state_key()), "weights": self.weights}
+            )
+        except OSError:
+            pass  # a read-only home: the weights live on in memory
 
     def _reset_request(self) -> None:
         L, E = self.num_layers, self.num_experts
         self._dist: np.ndarray | None = None
-        self._feat = np.zeros((L, E, NUM_FEATURES), dtype=np.float32)
-        self._feat[..., F_BIAS] = 1.0
-        self._runs = np.zeros(L, dtype=np.float64)  # single-token runs of each layer in this request
+        self._score: np.ndarray | None = None
+        self._horizon_runs: float | None = None
+        self._hist = np.zeros((L, E), dtype=np.uint64)  # bit i: used at the layer's run i runs ago
+        self._runs = np.zeros(L, dtype=np.int64)  # runs of each layer in this request
+        self._tok = np.zeros(L, dtype=np.float64)  # tokens through each layer in this request
         self._req_counts = np.zeros((L, E), dtype=np.float32)
         self._cur = EAM.empty(L, E)
         self._tokens = 0
@@ -146,35 +246,126 @@ class EAMPolicy(Policy):
         self._layer = -1
         self._token_experts: dict[int, np.ndarray] = {}
         self._prior = np.full((L, E), self.top_k / E, dtype=np.float32)
-        self._hist = np.full((2, 2, L, E), np.nan, dtype=np.float64)  # [age, (short, long), L, E]
+        self._trans = np.full((L, E), np.nan, dtype=np.float32)  # transition prediction, this token
+        self._feat = np.zeros((L, E, NUM_FEATURES + 1), dtype=np.float32)
+        self._ring = np.zeros((L, RING, E, NUM_FEATURES + 1), dtype=np.float32)
+        self._cum = np.zeros((L, E, NB), dtype=np.float64)  # predicted F_H
+        self._exp_runs = np.ones((L, E), dtype=np.float64)  # expected runs to the next use
+        self._tail_q = np.full((L, E), 1e-3)  # per-run use chance beyond the last bucket
         self._refresh_prior()
+        for layer in range(L):
+            self._features(layer)
+            self._ring[layer, 0] = self._feat[layer]
 
     def begin_sequence(self) -> None:
         if self.learn and self._cur.tokens.sum() > 0:
             self.collection.add(self._cur)
+            self.save_state()
         self._reset_request()
+
+    def end_sequence(self) -> None:
+        self.save_state()
 
     def begin_token(self) -> None:
         self._new_step = True
         self._dist = None
+        self._score = None
+        self._horizon_runs = None
         self._token_experts = {}
         self._layer = -1
+        if np.isfinite(self._trans).any():
+            stale = np.nonzero(np.isfinite(self._trans).any(axis=1))[0]
+            self._trans[:] = np.nan
+            for layer in stale:
+                self._feat[layer, :, F_TRANS] = 0.0
+                self._predict(int(layer))
         if self._tokens and self._tokens % 4 == 0:
             self._refresh_prior()
+
+    # -- features and prediction ----------------------------------------------------------------------
+    def _rate(self, layer: int) -> np.ndarray:
+        """The request's use rate of each expert of ``layer`` so far, shrunk towards the prior."""
+        m = self.prior_weight
+        return (self._req_counts[layer] + m * self._prior[layer]) / (self._tok[layer] + m)
+
+    def _features(self, layer: int) -> None:
+        """The feature rows of ``layer``'s experts for its next run (from the history so far)."""
+        h = self._hist[layer]
+        n = int(self._runs[layer])
+        f = self._feat[layer]
+        f[:, F_BIAS] = 1.0
+        f[:, F_PREV] = (h & np.uint64(1)).astype(np.float32)
+        f[:, F_PREV2] = ((h >> np.uint64(1)) & np.uint64(1)).astype(np.float32)
+        prior = self._prior[layer]
+        for col, w in ((F_R4, 4), (F_R16, 16), (F_R64, 64)):
+            seen = min(n, w)
+            c = _popcount(h & _MASKS[w])
+            f[:, col] = (c + prior) / (seen + 1.0)  # one pseudo-run of the prior
+        low = h & (~h + np.uint64(1))  # lowest set bit: the last use
+        gap = np.where(h != 0, np.log2(np.maximum(low, np.uint64(1)).astype(np.float64)) + 1.0, min(n, WINDOW) + 1.0)
+        f[:, F_GAP] = np.log2(gap) / 6.0
+        rate = self._rate(layer)
+        f[:, F_RATE] = _logit(rate) / 4.0
+        f[:, F_PRIOR] = _logit(prior) / 4.0
+        t = self._trans[layer]
+        f[:, F_TRANS] = np.where(np.isfinite(t), t - prior, 0.0)
+        f[:, F_HINT] = 0.0
+        f[:, F_CUM] = rate
+        self._predict(layer)
+
+    def _design(self, f: np.ndarray) -> np.ndarray:
+        """[..., NB, NUM_FEATURES + 1]: the common features with each bucket's own one in F_CUM."""
+        x = np.repeat(f[..., None, :], NB, axis=-2).astype(np.float64)
+        r = np.clip(f[..., F_CUM].astype(np.float64), 1e-6, 1 - 1e-6)
+        x[..., F_CUM] = _logit(1.0 - (1.0 - r[..., None]) ** HORIZONS)
+        return x
+
+    def _predict(self, layer: int) -> None:
+        x = self._design(self._feat[layer])  # [E, NB, F]
+        z = np.einsum("ebf,bf->eb", x, self.weights)
+        cum = np.maximum.accumulate(_sigmoid(z), axis=-1)
+        self._cum[layer] = cum
+        surv = np.clip(1.0 - cum, 1e-6, 1.0)
+        q = 1.0 - (surv[:, -1] / surv[:, -2]) ** (1.0 / (HORIZONS[-1] - HORIZONS[-2]))
+        q = np.clip(q, 1e-3, 1.0)
+        tail = surv[:, -1] * (1.0 - q) / q
+        self._exp_runs[layer] = 1.0 + surv @ _TRAP + tail
+        self._tail_q[layer] = q
+        self._dist = None
+        self._score = None
+
+    def _learn(self, layer: int) -> None:
+        """One gradient step of every bucket model: the features of ``H`` runs ago, labelled by
+        whether the expert was used in the ``H`` runs since."""
+        n = int(self._runs[layer])  # runs so far, this one included
+        ok = HORIZONS <= n
+        if not ok.any():
+            return
+        hs = HORIZONS[ok]
+        slots = (n - hs) % RING
+        f = self._ring[layer, slots]  # [b, E, F]
+        x = self._design(f)  # [b, E, NB, F]
+        b_idx = np.nonzero(ok)[0]
+        x = x[np.arange(len(b_idx)), :, b_idx]  # [b, E, F]: bucket b's design
+        y = ((self._hist[layer][None, :] & _H_MASKS[ok][:, None]) != 0).astype(np.float64)
+        p = _sigmoid(np.einsum("bef,bf->be", x, self.weights[b_idx]))
+        grad = np.einsum("be,bef->bf", y - p, x) / x.shape[1]
+        self.weights[b_idx] += self.learning_rate * grad
+        self.updates += 1
 
     # -- observations ---------------------------------------------------------------------------------
     def on_route(self, layer: int, experts: Sequence[int], counts: Sequence[int] | None = None) -> None:
         self._dist = None
+        self._score = None
         ids = np.fromiter((int(e) for e in experts), dtype=np.int64)
         cnt = np.ones(len(ids), dtype=np.float32) if counts is None else np.asarray(counts, dtype=np.float32)
         multi = bool(len(cnt) and cnt.max() > 1)
         if not multi:
             self.top_k = max(self.top_k, len(ids))
-        if not self._weights_ready and (not multi or self._top_k_given):
-            self._init_weights()
         self._layer = layer
         step_tokens = max(1.0, float(cnt.sum()) / self.top_k) if multi else 1.0
         phase = PREFILL if multi else DECODE
+        self._ring[layer, int(self._runs[layer]) % RING] = self._feat[layer]  # as predicted (hints too)
         if self._new_step:  # the first MoE layer of a step: count its tokens once
             self._new_step = False
             self._tokens += 1
@@ -182,60 +373,29 @@ class EAMPolicy(Policy):
             self._session_tokens += int(round(step_tokens))
         self._cur.counts[phase, layer, ids] += cnt
         self._session_counts[layer, ids] += cnt
-        used = np.zeros(self.num_experts, dtype=np.float32)
-        used[ids] = 1.0
-        share = used.copy()  # fraction of the step's tokens routed to each expert
-        if multi:
-            share[ids] = np.minimum(cnt / step_tokens, 1.0)
-        f = self._feat[layer]
-        if not multi and self.learn and self._weights_ready:
-            self._learn(f, used)
-            self._learn_share(layer, used)
-        # features for this layer's next run
-        self._runs[layer] += step_tokens
+
+        share = np.zeros(self.num_experts, dtype=np.float32)  # fraction of the step's tokens per expert
+        share[ids] = np.minimum(cnt / step_tokens, 1.0) if multi else 1.0
+        used = np.zeros(self.num_experts, dtype=np.uint64)
+        used[ids] = 1
+        self._hist[layer] = (self._hist[layer] << np.uint64(1)) | used
+        self._runs[layer] += 1
+        self._tok[layer] += step_tokens
         self._req_counts[layer] += share * step_tokens
-        f[:, F_PREV2] = f[:, F_PREV]
-        f[:, F_PREV] = used
-        df, ds = self.fast_decay**step_tokens, self.slow_decay**step_tokens
-        f[:, F_FAST] = f[:, F_FAST] * df + (1 - df) * share
-        f[:, F_SLOW] = f[:, F_SLOW] * ds + (1 - ds) * share
-        f[:, F_FREQ] = self._req_counts[layer] / max(self._runs[layer], 1)
-        f[:, F_PRIOR] = self._prior[layer]
-        f[:, F_TRANS] = self._prior[layer]
-        f[:, F_HINT] = 0.0
+        if not multi and self.learn:
+            self._learn(layer)
+        self._trans[layer] = np.nan
         self._has_hint[layer] = False
+        self._features(layer)
+        self._ring[layer, int(self._runs[layer]) % RING] = self._feat[layer]
         if not multi:
             prev = self._token_experts.get(layer - 1)
             if self.learn and prev is not None and self.collection.transitions is not None and len(ids):
                 self.collection.transitions[layer - 1][np.ix_(prev, ids)] += 1.0
             self._token_experts[layer] = ids
             self._predict_next_layer(layer, ids)
-        if self._weights_ready:  # this run's predictions, judged two runs from now
-            self._hist[1, :, layer] = self._hist[0, :, layer]
-            z = self._feat[layer].astype(np.float64) @ self.weights
-            self._hist[0, 0, layer] = 1.0 / (1.0 + np.exp(-z))
-            self._hist[0, 1, layer] = self.long_run_rates()[layer]
-
-    def _learn(self, f: np.ndarray, used: np.ndarray) -> None:
-        """One SGD step of the logistic reuse model on this layer's run (features were set before it)."""
-        z = f.astype(np.float64) @ self.weights
-        p = 1.0 / (1.0 + np.exp(-z))
-        grad = (used - p) @ f / max(len(used), 1)
-        self.weights += self.learning_rate * grad * len(used) / max(self.top_k, 1)
-
-    def _learn_share(self, layer: int, used: np.ndarray) -> None:
-        """One SGD step on the share of the short-term probability in the beyond-next-run rate: the
-        mixture of the predictions made two runs ago that best predicts this run (log loss)."""
-        short, long = self._hist[1, 0, layer], self._hist[1, 1, layer]
-        if np.isnan(short).any() or np.isnan(long).any():
-            return
-        lam = self.short_share
-        m = np.clip(lam * short + (1.0 - lam) * long, 1e-4, 1 - 1e-4)
-        grad = float(np.mean(-(used / m - (1.0 - used) / (1.0 - m)) * (short - long)))
-        self.short_share = float(np.clip(lam - self.share_rate * grad, 0.05, 0.95))
 
     def on_hint(self, layer: int, scores: Sequence[float]) -> None:
-        self._dist = None
         s = np.asarray(scores, dtype=np.float64).reshape(-1)
         if s.shape[0] != self.num_experts or not 0 <= layer < self.num_layers:
             return
@@ -243,7 +403,8 @@ class EAMPolicy(Policy):
         p = np.minimum(p / p.sum() * self.top_k, 1.0)
         self._hint[layer] = p
         self._has_hint[layer] = True
-        self._feat[layer, :, F_HINT] = p - self._feat[layer, :, F_PRIOR]
+        self._feat[layer, :, F_HINT] = p - self._prior[layer]
+        self._predict(layer)
 
     def on_load(self, key: Key) -> None:
         self.resident[key] = True
@@ -251,7 +412,6 @@ class EAMPolicy(Policy):
     def on_evict(self, key: Key) -> None:
         self.resident[key] = False
 
-    # -- prediction ---------------------------------------------------------------------------------
     def _refresh_prior(self) -> None:
         L, E = self.num_layers, self.num_experts
         pred = None
@@ -262,9 +422,7 @@ class EAMPolicy(Policy):
             uniform = self.top_k / E
             pred = (self._session_counts + 4.0 * uniform) / (self._session_tokens + 4.0)
         if pred is not None:
-            self._prior = np.clip(pred, 0.0, 1.0).astype(np.float32)
-            if hasattr(self, "_feat"):
-                self._feat[..., F_PRIOR] = self._prior
+            self._prior = np.clip(pred, 1e-4, 1.0).astype(np.float32)
 
     def _predict_next_layer(self, layer: int, ids: np.ndarray) -> None:
         """Transition-based probabilities for this token's coming layers (feature F_TRANS).
@@ -285,40 +443,89 @@ class EAMPolicy(Policy):
             n_obs = total / max(float(cur.sum()), 1e-6) / max(self.top_k, 1)  # tokens behind these rows
             a = n_obs / (n_obs + self.transition_trust)
             pred = np.minimum(rows * (self.top_k / total), 1.0)
-            self._feat[nl, :, F_TRANS] = a * pred + (1 - a) * self._prior[nl]
+            self._trans[nl] = a * pred + (1 - a) * self._prior[nl]
+            self._feat[nl, :, F_TRANS] = self._trans[nl] - self._prior[nl]
+            self._predict(nl)
             cur = pred
 
     def probabilities(self) -> np.ndarray:
         """P(used at the layer's next run) [L, E] for every expert."""
-        if not self._weights_ready:
-            return np.maximum(self._prior, self._feat[..., F_FAST])
-        z = self._feat.astype(np.float64) @ self.weights
-        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+        return self._cum[..., 0].astype(np.float32)
 
     def long_run_rates(self) -> np.ndarray:
-        """Per-token usage rate [L, E] after the next run: request counts shrunk towards the prior and
-        the session's rate (``long_run_weight`` pseudo-tokens of them)."""
-        m = self.long_run_weight
-        session = (self._session_counts + self._prior) / (self._session_tokens + 1.0)
-        base = 0.5 * self._prior + 0.5 * session
-        return (self._req_counts + m * base) / (self._runs[:, None] + m)
+        """Per-token usage rate [L, E] of this request so far, shrunk towards the prior."""
+        m = self.prior_weight
+        return (self._req_counts + m * self._prior) / (self._tok[:, None] + m)
 
     def next_use_distance(self) -> np.ndarray:
         """Expected steps [L, E] until each expert is next needed (layer steps; larger = later)."""
         if self._dist is not None:
             return self._dist
         L = self.num_layers
-        p = np.clip(self.probabilities(), 1e-4, 1.0)
         d0 = (np.arange(L) - self._layer) % L
         d0[d0 == 0] = L
-        lam = self.short_share
-        p_long = np.clip(lam * p + (1.0 - lam) * self.long_run_rates(), 1e-4, 1.0)
-        self._dist = d0.astype(np.float64)[:, None] + L * (1.0 - p) / p_long
+        self._dist = d0.astype(np.float64)[:, None] + L * (self._exp_runs - 1.0)
         return self._dist
+
+    def use_within(self, runs: np.ndarray) -> np.ndarray:
+        """P(used within the next ``runs`` runs of its layer) [L, E]; ``runs`` [L, 1] or [L, E] (float).
+
+        Interpolated between the buckets in log2(runs), linear from 0 below one run, and beyond the
+        last bucket extended at the per-run rate the last two buckets imply."""
+        n = np.broadcast_to(np.asarray(runs, dtype=np.float64), self._cum.shape[:2])
+        cum = self._cum
+        logh = np.log2(HORIZONS.astype(np.float64))
+        x = np.log2(np.clip(n, 1.0, float(HORIZONS[-1])))
+        j = np.clip(np.searchsorted(logh, x, side="right") - 1, 0, NB - 2)
+        frac = np.clip((x - logh[j]) / (logh[j + 1] - logh[j]), 0.0, 1.0)
+        lo = np.take_along_axis(cum, j[..., None], axis=-1)[..., 0]
+        hi = np.take_along_axis(cum, (j + 1)[..., None], axis=-1)[..., 0]
+        inside = lo + frac * (hi - lo)
+        beyond = 1.0 - (1.0 - cum[..., -1]) * (1.0 - self._tail_q) ** np.maximum(n - HORIZONS[-1], 0.0)
+        out = np.where(n > HORIZONS[-1], beyond, inside)
+        return np.where(n < 1.0, cum[..., 0] * np.clip(n, 0.0, 1.0), out)
+
+    def horizon_runs(self) -> float:
+        """The cache's characteristic time in runs (Che's approximation): the horizon within which
+        the experts expected to be used number the capacity, times ``horizon_scale``."""
+        if self._horizon_runs is None:
+            grid = 2.0 ** np.arange(0.0, 8.01, 0.25)
+            target = float(self.capacity)
+            used: list[float] = []
+            for g in grid:  # expected experts used within g runs: grows with g; stop once past the capacity
+                used.append(float(self.use_within(np.full((self.num_layers, 1), g)).sum()))
+                if used[-1] >= target:
+                    break
+            i = len(used) - 1 if used[-1] >= target else len(grid)
+            if i == 0:
+                h = grid[0]
+            elif i >= len(grid):
+                h = grid[-1]
+            else:
+                a, b = used[i - 1], used[i]
+                h = grid[i - 1] * (grid[i] / grid[i - 1]) ** ((target - a) / max(b - a, 1e-9))
+            self._horizon_runs = float(h) * self.horizon_scale
+        return self._horizon_runs
+
+    def keep_score(self) -> np.ndarray:
+        """[L, E], larger = keep: P(next use within the cache's horizon), ties by nearer expected use."""
+        if self._score is not None:
+            return self._score
+        dist = self.next_use_distance()
+        if self.criterion == "distance":
+            self._score = -dist
+            return self._score
+        L = self.num_layers
+        d0 = (np.arange(L) - self._layer) % L
+        d0[d0 == 0] = L
+        steps = self.horizon_runs() * L
+        runs = (steps - d0[:, None]) / L + 1.0
+        self._score = self.use_within(np.maximum(runs, 0.0)) - 1e-9 * dist
+        return self._score
 
     # -- decisions ----------------------------------------------------------------------------------
     def victim(self, resident: Collection[Key], pinned: Collection[Key]) -> Key:
-        dist = self.next_use_distance()
+        score = self.keep_score()
         if len(resident) != int(self.resident.sum()):
             self._resync(resident)
         for _ in range(2):
@@ -326,7 +533,7 @@ class EAMPolicy(Policy):
             for key in pinned:
                 mask[key] = False
             if mask.any():
-                flat = int(np.argmax(np.where(mask, dist, -np.inf)))
+                flat = int(np.argmin(np.where(mask, score, np.inf)))
                 key = (flat // self.num_experts, flat % self.num_experts)
                 if key in resident:
                     return key

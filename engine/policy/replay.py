@@ -6,7 +6,8 @@ The model (the same one the live cache follows, see ``engine/policy/base.py``):
   empty and persists across the trace's sequences (one session serving several requests). The cache
   never holds more than ``capacity`` experts.
 * Execution order: sequences, then tokens, then MoE layers 0..L-1 (``begin_sequence`` at each
-  ``seq_starts``, ``begin_token`` per token). One step = one (token, layer); the experts it needs are
+  ``seq_starts`` and ``end_sequence`` after each sequence's last token, as the live cache calls them;
+  ``begin_token`` per token). One step = one (token, layer); the experts it needs are
   the distinct valid ids of ``expert_ids[t, l]`` (-1 = unknown, skipped).
 * At step (t, l): ``on_route(l, needed, counts)``; every needed expert not resident is a *demand
   miss*: the computation waits while it loads. To make room the cache asks ``victim(resident,
@@ -158,6 +159,8 @@ def replay(
     for t, layer, needed in _steps(trace):
         if layer == 0:
             if t in starts:
+                if t > 0:
+                    policy.end_sequence()
                 policy.begin_sequence()
             policy.begin_token()
         policy.on_route(layer, needed, [1] * len(needed))
@@ -198,6 +201,8 @@ def replay(
                 moved += 1
         if len(resident) > capacity:
             raise RuntimeError("cache capacity exceeded")  # the model's invariant; a bug if it fires
+    if num_tokens:
+        policy.end_sequence()
     wasted += len(unused_prefetch)
     return ReplayResult(
         policy=policy.name,

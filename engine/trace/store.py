@@ -12,6 +12,10 @@ their new data into it and write the result aside then ``os.replace`` it into pl
 processes recording at once lose nothing and readers never see a half-written file. A file that
 cannot be read (corrupt, wrong version or shape) is renamed ``traces.npz.corrupt`` with a one-line
 warning and treated as empty.
+
+Beside it, ``policy-<name>.npz`` holds a policy's learned state (``write_policy_state`` /
+``read_policy_state``; the ``eam`` policy keeps its weights there, so the next session starts from
+them); an unreadable one is ignored with a warning. ``remove`` deletes it with the traces.
 """
 
 from __future__ import annotations
@@ -170,6 +174,37 @@ class TraceStore:
             cur.meta = {**cur.meta, **new.meta}
             self._write_unlocked(cur)
             return cur
+
+    def policy_state_path(self, policy: str) -> Path:
+        """``policy-<name>.npz`` beside the traces: a policy's learned state (``eam``: its weights)."""
+        return self.dir / f"policy-{policy}.npz"
+
+    def write_policy_state(self, policy: str, arrays: dict[str, np.ndarray]) -> None:
+        """Store a policy's learned state (``policy-<name>.npz``), under the lock, written aside then
+        renamed: readers see the old state or the new one, never a part; the last writer wins."""
+        if not policy.replace("-", "").replace("_", "").isalnum():
+            raise MoeinfError(f"invalid policy name {policy!r} for its state")
+        with self.locked():
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-policy-", suffix=".npz", dir=self.dir)
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    np.savez(f, **arrays)
+                os.replace(tmp, self.policy_state_path(policy))
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+
+    def read_policy_state(self, policy: str) -> dict[str, np.ndarray] | None:
+        """A policy's stored state, or None when there is none or it cannot be read (a warning)."""
+        path = self.policy_state_path(policy)
+        if not path.is_file():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as d:
+                return {k: d[k] for k in d.files}
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as err:
+            log.warning("Warning: policy state %s is unreadable (%s); starting afresh", path, type(err).__name__)
+            return None
 
     def remove(self) -> bool:
         """Delete this model's traces (corrupt ones set aside included); True if there were any."""
