@@ -89,6 +89,20 @@ def engine_profile(disk_gbps: float = 2.0) -> MachineProfile:
     return p
 
 
+def test_disk_rate_between_probed_request_sizes():
+    """A request between two probed sizes takes a time affine in its size between theirs (latency plus
+    bytes over bandwidth), not the smaller size's bandwidth (900 KiB at 64 KiB's rate: twice too slow)."""
+    p = engine_profile()
+    p.read_bps = {str(64 << 10): 0.5e9, str(1 << 20): 1.0e9, str(4 << 20): 1.2e9}
+    assert p.disk_bps(64 << 10) == 0.5e9 and p.disk_bps(1 << 20) == 1.0e9
+    assert p.disk_bps(1 << 10) == 0.5e9 and p.disk_bps(64 << 20) == 1.2e9  # outside: the nearest size's
+    mid = (64 << 10) + ((1 << 20) - (64 << 10)) // 2
+    t = ((64 << 10) / 0.5e9 + (1 << 20) / 1.0e9) / 2
+    assert p.disk_bps(mid) == pytest.approx(mid / t)
+    assert 0.5e9 < p.disk_bps(900 << 10) < 1.0e9
+    assert p.disk_bps(2 << 20) > p.disk_bps(1 << 20)
+
+
 def test_profile_round_trip_and_key():
     p = engine_profile()
     q = MachineProfile.from_dict(json.loads(json.dumps(p.as_dict())))

@@ -69,17 +69,12 @@ class MachineProfile:
     loads: dict = field(default_factory=dict)  # the engine's own loads (engine.bench.kernels.probe_loads)
 
     def disk_bps(self, request_bytes: int) -> float:
-        """Bytes/s for requests of ``request_bytes`` (the nearest measured size at or below, else the smallest)."""
-        sizes = sorted(int(s) for s in self.read_bps)
-        below = [s for s in sizes if s <= request_bytes] or sizes[:1]
-        return self.read_bps[str(below[-1])]
+        """Bytes/s for requests of ``request_bytes``, two in flight (``read_bps`` between its sizes)."""
+        return _between(self.read_bps, request_bytes)
 
     def disk_single_bps(self, request_bytes: int) -> float:
         """Bytes/s of one read alone (the two-in-flight figure halved where it was not measured)."""
-        table = self.read_bps_single or {k: v / 2 for k, v in self.read_bps.items()}
-        sizes = sorted(int(s) for s in table)
-        below = [s for s in sizes if s <= request_bytes] or sizes[:1]
-        return table[str(below[-1])]
+        return _between(self.read_bps_single or {k: v / 2 for k, v in self.read_bps.items()}, request_bytes)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +92,26 @@ class MachineProfile:
             for name, k in d.get("kernels", {}).items()
         }
         return cls(**{**d, "devices": devs, "kernels": kernels})
+
+
+def _between(table: dict[str, float], request_bytes: int) -> float:
+    """Bytes/s at ``request_bytes`` from bytes/s measured at a few request sizes: a request's time is taken
+    as affine in its size between two measured sizes (a latency plus bytes over a bandwidth), so a 900 KiB
+    request is neither as slow per byte as a 64 KiB one nor as fast as a 1 MiB one; beyond the largest
+    size, the largest's bandwidth; below the smallest, the smallest's."""
+    sizes = sorted(int(s) for s in table)
+    size = max(1, int(request_bytes))
+    if str(size) in table:
+        return table[str(size)]
+    if size <= sizes[0]:
+        return table[str(sizes[0])]
+    if size >= sizes[-1]:
+        return table[str(sizes[-1])]
+    hi = next(s for s in sizes if s >= size)
+    lo = sizes[sizes.index(hi) - 1]
+    t_lo, t_hi = lo / table[str(lo)], hi / table[str(hi)]
+    t = t_lo + (t_hi - t_lo) * (size - lo) / (hi - lo)
+    return size / t
 
 
 _CODE = ("cuda_ext", "engine/model/layers", "engine/formats", "engine/memory", "engine/bench/kernels.py")
