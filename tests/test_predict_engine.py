@@ -150,7 +150,40 @@ def test_kernel_probes_time_the_engines_code(monkeypatch):
     monkeypatch.setattr(kernels, "_POOL_BYTES", 1 << 20)
     experts, spread = kernels.probe_experts("bf16", "bf16", tokens=(1, 4))
     assert experts["decode"].tokens == [1] and experts["major"].tokens == [1, 4]
+    assert experts["python"].tokens == [1] and experts["python"].per_byte[0] > 0  # the Python path, one token
     assert all(v > 0 for v in experts["major"].per_byte) and all(v >= 0 for v in experts["major"].fixed)
     dense, _ = kernels.probe_dense("q4_k", "bf16", rows=(1, 8))
     assert dense.tokens == [1, 8] and all(v > 0 for v in dense.per_byte)
     assert spread >= 0
+
+
+def test_mixed_format_experts_cost_each_matrix_at_its_format(_isolated_home, tmp_path):
+    """A q4_k pull keeps a matrix whose rows are not whole q4_k blocks (down_proj over 96 intermediate
+    values) in bf16: the shape lists each matrix's format, and the forecast costs such an expert on the
+    Python path (the one-token native call declines it), each matrix at its own format's product rate."""
+    from engine.bench.cost import Costs
+    from engine.bench.shape import read_shape
+    from engine.bench.synthetic import make_synthetic_model
+    from engine.store.export import export_model
+    from engine.store.pull import pull_model
+
+    make_synthetic_model("mx-bf16", num_layers=2, num_experts=4, top_k=2, hidden=256, intermediate=96, vocab=256,
+                         dtype=torch.bfloat16)
+    pull_model(str(export_model("mx-bf16", tmp_path / "ckpt")), name="mx-q4", quantize="q4_k")
+    shape = read_shape("mx-q4")
+    formats = sorted(f for f, _ in shape.expert_matrices)
+    assert formats == ["bf16", "q4_k", "q4_k"] and shape.expert_format is None
+    assert sum(b for _, b in shape.expert_matrices) == shape.expert_bytes
+    prof = engine_profile()
+    for ex in prof.kernels.values():
+        ex["experts"]["python"] = Rates([1], [1e-9], [3e-5])
+    costs = Costs.of(shape, prof, "q4_k", "bf16", "bf16")
+    k = prof.kernels
+    for tokens, one in ((1, True), (4, False)):
+        path = "python" if one else "major"
+        want = sum(k[f"{f}/bf16"]["dense"].seconds(b, tokens) + k[f"{f}/bf16"]["experts"][path].seconds(0, tokens) / 3
+                   for f, b in shape.expert_matrices)
+        assert costs.expert_seconds(shape.expert_bytes, tokens, one) == pytest.approx(want)
+    uniform = Costs.of(read_shape("mx-bf16"), prof, "bf16", "bf16", "bf16")
+    assert not uniform.mixed
+    assert uniform.expert_seconds(1000, 1, True) == pytest.approx(k["bf16/bf16"]["experts"]["decode"].seconds(1000, 1))

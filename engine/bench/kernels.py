@@ -160,8 +160,9 @@ def _block_time(block, gate: _FixedGate, x: torch.Tensor, ids_list: list[torch.T
 
 
 def probe_experts(fmt: str, act_name: str, tokens=TOKENS) -> tuple[dict, float]:
-    """({"decode": Rates (per expert, one token, k experts per call), "major": Rates (per expert, t tokens
-    each)}, spread) for experts in ``fmt`` with ``act_name`` activations."""
+    """({"decode": Rates (per expert, one token, k experts per call), "python": Rates (per expert, one token,
+    the Python path), "major": Rates (per expert, t tokens each)}, spread) for experts in ``fmt`` with
+    ``act_name`` activations."""
     from engine.model.layers.moe import MoEBlock, swiglu_expert
 
     act = _ACT[act_name]
@@ -193,6 +194,13 @@ def probe_experts(fmt: str, act_name: str, tokens=TOKENS) -> tuple[dict, float]:
         ts = _block_time(block, gate, x, ids)
         res[0] = (_best(ts) / k, ts)
         spreads.append(_spread(ts))
+        # the same token through the Python path (where the native call declines: an expert whose matrices
+        # are not all of one format): three products and the elementwise ops per expert
+        fn = block.expert_fn
+        block.expert_fn = lambda xx, w, fn=fn: fn(xx, w)  # no ``accumulate``
+        ts = _block_time(block, gate, x, ids)
+        block.expert_fn = fn
+        res[-1] = (_best(ts) / k, ts)
         per_size.append(res)
         del experts, block
 
@@ -202,9 +210,11 @@ def probe_experts(fmt: str, act_name: str, tokens=TOKENS) -> tuple[dict, float]:
         return max(0.0, t1 - pb * s1), pb if pb > 0 else t2 / s2
 
     d = fit(0)
+    py = fit(-1)
     major = [fit(t) for t in tokens]
     out = {
         "decode": Rates([1], [d[1]], [d[0]]),
+        "python": Rates([1], [py[1]], [py[0]]),
         "major": Rates(list(tokens), [m[1] for m in major], [m[0] for m in major]),
     }
     return out, _median(spreads)

@@ -91,7 +91,8 @@ class ModelShape:
     def with_expert_format(self, bits_per_weight: float) -> ModelShape:
         from dataclasses import replace
 
-        return replace(self, expert_bytes=int(self.expert_params * bits_per_weight / 8), expert_file_bytes=0)
+        return replace(self, expert_bytes=int(self.expert_params * bits_per_weight / 8), expert_file_bytes=0,
+                       expert_matrices=())
 
     @property
     def shard_bytes(self) -> int:
