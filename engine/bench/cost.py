@@ -8,7 +8,9 @@ A forward of ``T`` tokens of ``S`` sequences (a decode step: ``T == S``; a prefi
   LM head at ``S`` rows (each sequence's last token), at the probed seconds per byte of their format;
 * per MoE layer, its experts: one token goes through its ``k`` experts in one native call (the probed
   per-expert cost of that call); several tokens run expert-major, each expert one product over the tokens
-  routed to it (the probed fixed cost plus seconds per byte at that many tokens);
+  routed to it (the probed fixed cost plus seconds per byte at that many tokens); an expert whose matrices are
+  not all of one format (a quantising pull keeps a matrix in bf16 whose rows are not whole blocks) runs the
+  Python path at every token count, each matrix at its own format's product rate;
 * weights beyond the last-level cache: the probes' products ran on weights the cache holds; the share of a
   run's weights it cannot hold (dense + the experts resident) is read at no more than the memory's probed
   bandwidth;
