@@ -167,14 +167,36 @@ def run(key: str, prompt: int, gen: int, reps: int, policy: str, budgets: list[s
     for name, fmt in model_names(key):
         if formats and fmt not in formats:
             continue
+        marks: list[tuple[float, float, float]] = []
+
+        def say(m: str, n: str = name, marks: list = marks) -> None:
+            if m.startswith("batch "):
+                marks.append(_mark())
+            print(f"{n}: {m}", file=sys.stderr)
+
         res = bench_main(model=name, synthetic=None, scale=1.0, prompt_tokens=prompt, gen_tokens=gen,
                          repetitions=reps, budgets=budgets, policies=[policy], replay=trace_path, profile=False,
-                         dtype=dtype, device="cpu", batches=batches,
-                         progress=lambda m, n=name: print(f"{n}: {m}", file=sys.stderr))
-        for row in res["rows"]:
+                         dtype=dtype, device="cpu", batches=batches, progress=say)
+        marks.append(_mark())
+        for i, row in enumerate(res["rows"]):
             fc = bench_row_forecast(name, row, prompt, gen, trace, dtype=dtype)
-            out["rows"].append({"model": key, "store": name, "format": fmt, "dtype": dtype, **row, "forecast": fc})
+            machine = _machine_share(marks[i], marks[i + 1]) if i + 1 < len(marks) else {}
+            out["rows"].append({"model": key, "store": name, "format": fmt, "dtype": dtype, **row, **machine,
+                                "forecast": fc})
     return out
+
+
+def _mark() -> tuple[float, float, float]:
+    """(wall clock, this process's CPU seconds, the 1-minute load average) now."""
+    t = os.times()
+    return time.perf_counter(), t.user + t.system, os.getloadavg()[0]
+
+
+def _machine_share(a: tuple[float, float, float], b: tuple[float, float, float]) -> dict:
+    """How much of the machine a row had: this process's CPU seconds per second of the row and the 1-minute
+    load average around it (the other agents' work on this shared machine shows in both)."""
+    wall = max(1e-9, b[0] - a[0])
+    return {"cpu_per_s": (b[1] - a[1]) / wall, "loadavg": (a[2] + b[2]) / 2}
 
 
 def reforecast(path: str) -> None:

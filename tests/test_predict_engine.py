@@ -187,3 +187,27 @@ def test_mixed_format_experts_cost_each_matrix_at_its_format(_isolated_home, tmp
     uniform = Costs.of(read_shape("mx-bf16"), prof, "bf16", "bf16", "bf16")
     assert not uniform.mixed
     assert uniform.expert_seconds(1000, 1, True) == pytest.approx(k["bf16/bf16"]["experts"]["decode"].seconds(1000, 1))
+
+
+def test_the_policys_own_work_is_timed_on_the_dry_run_and_added_to_compute(synth):
+    """A policy other than lru (the overhead probe's) costs its own work on each forward's requests, as the
+    dry run times it against lru on the same requests (one figure a phase); forward_time adds it."""
+    from dataclasses import replace
+
+    from engine.bench.cost import Costs, forward_time
+    from engine.bench.forecast import Access, run_forwards
+    from engine.bench.shape import read_shape
+
+    shape = read_shape(str(synth))
+    trace = _trace(20)
+    lru = run_forwards(shape, 1, 3, 6, 10, Access(trace, policy="lru"))
+    eam = run_forwards(shape, 1, 3, 6, 10, Access(trace, policy="eam"))
+    assert all(f.book_s > 0 for f in lru + eam)
+    assert all(f.policy_extra_s == 0 for f in lru)
+    decode = [f for f in eam if f.phase == "decode"]
+    assert len({f.policy_extra_s for f in decode}) == 1 and decode[0].policy_extra_s >= 0
+    costs = Costs.of(shape, engine_profile(), "bf16", "bf16", "bf16")
+    f = replace(decode[0], policy_extra_s=0.0)
+    slow = replace(f, policy_extra_s=0.25)
+    assert forward_time(shape, costs, slow, True).compute_s == pytest.approx(
+        forward_time(shape, costs, f, True).compute_s + 0.25)

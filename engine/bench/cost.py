@@ -14,6 +14,7 @@ A forward of ``T`` tokens of ``S`` sequences (a decode step: ``T == S``; a prefi
 * weights beyond the last-level cache: the probes' products ran on weights the cache holds; the share of a
   run's weights it cannot hold (dense + the experts resident) is read at no more than the memory's probed
   bandwidth;
+* the policy's own work beyond the overhead probe's lru (``Forward.policy_extra_s``, timed on the dry run);
 * the loads it waits for: per miss, what the engine's own cache achieved in the load probe
   (``engine.bench.kernels.probe_loads``: stall per load, and the extra compute a loaded expert costs) one
   sequence at a time (a miss blocks the layer) or streaming (a prefill, a batch), scaled from the probe's
@@ -134,7 +135,7 @@ def forward_time(shape, costs: Costs, fwd: Forward, offloaded: bool) -> ForwardT
     """Compute and load time of one forward (see the module doc)."""
     T, S = fwd.tokens, fwd.seqs
     a, b, c = costs.overhead["offload" if offloaded else "resident"]
-    compute = shape.num_layers * (a + b * S + c * T)
+    compute = shape.num_layers * (a + b * S + c * T) + fwd.policy_extra_s
     compute += costs.seconds(costs.dense, shape.layer_dense_bytes, T) + costs.seconds(costs.head, shape.head_bytes, S)
     io = 0.0
     size = shape.expert_bytes

@@ -9,7 +9,9 @@
    are ``E (1 - (1 - k/E)^T)`` for ``T`` tokens and its misses that times the routing model's miss rate
    (``engine.bench.routing``; a prefill starts from a cold cache, so it misses all that is not resident).
 3. **Their time** (``engine.bench.cost``) from the machine profile: the engine's kernels and overhead, and
-   the disk.
+   the disk; and the policy's own work on each forward's requests beyond ``lru``'s (the overhead probe's
+   cache runs lru), as the dry run timed it (the trace-driven policy matches the request against the stored
+   traces at every layer: about a millisecond a layer on this VM).
 
 The band: compute times the probes' spread over their passes (at least ``COMPUTE_BAND``), loads times the
 disk's spread, and the two access counts (or the routing model's hit-rate band).
@@ -26,6 +28,7 @@ from engine.bench.simulate import Forward, LayerAccess, simulate
 
 COMPUTE_BAND = 0.15
 PREFILL_CHUNK = 512
+BASE_POLICY = "lru"  # the policy of the overhead probe's cache (``engine.bench.kernels.probe_overhead``)
 
 
 def slot_bytes(shape) -> int:
@@ -82,9 +85,20 @@ def run_forwards(shape, batch: int, prompt: int, gen: int, capacity: int | None,
                             None, None)
         return _analytic(shape, plan, fraction, access.hit[hit_index] if capacity is not None else 1.0)
     layers = moe_layout(shape.config).moe_layers
-    return simulate(plan, trace.expert_ids, list(layers), shape.num_experts, shape.top_k, capacity, access.policy,
-                    slot_bytes=slot_bytes(shape), file_bytes=shape.shard_bytes, prefetch=prefetch,
-                    policy_kw=access.policy_kw)
+    args = (plan, trace.expert_ids, list(layers), shape.num_experts, shape.top_k, capacity)
+    kw = {"slot_bytes": slot_bytes(shape), "file_bytes": shape.shard_bytes, "prefetch": prefetch}
+    out = simulate(*args, access.policy, policy_kw=access.policy_kw, **kw)
+    if access.policy != BASE_POLICY:
+        # the policy's own work beyond the overhead probe's (whose cache runs lru): timed on the same requests
+        # (the median of each phase's forwards: one forward's timing catches the others' work on a shared machine)
+        base = simulate(*args, BASE_POLICY, **kw)
+        for phase in ("prefill", "decode"):
+            pairs = [(f, b) for f, b in zip(out, base, strict=True) if f.phase == phase]
+            if pairs:
+                extra = max(0.0, float(np.median([f.book_s - b.book_s for f, b in pairs])))
+                for f, _ in pairs:
+                    f.policy_extra_s = extra
+    return out
 
 
 @dataclass
