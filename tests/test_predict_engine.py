@@ -211,3 +211,27 @@ def test_the_policys_own_work_is_timed_on_the_dry_run_and_added_to_compute(synth
     slow = replace(f, policy_extra_s=0.25)
     assert forward_time(shape, costs, slow, True).compute_s == pytest.approx(
         forward_time(shape, costs, f, True).compute_s + 0.25)
+
+
+def test_the_probes_typical_pass_scales_the_point_and_widens_the_band():
+    """The probes' rates are their fastest passes; a bench reports a mean over its steps, so the point forecast
+    takes the probes' median pass over their fastest (``compute_typical``) and the band spans both."""
+    from test_predict import MIXTRAL, mixtral_tensors
+
+    import engine.bench.kernels as kernels
+    from engine.bench.predict import Request, predict
+    from engine.bench.shape import shape_from
+
+    kernels._TYPICAL.clear()
+    kernels._spread([1.0, 1.5, 2.0])
+    kernels._spread([2.0, 2.2, 3.0])
+    assert kernels.typical_slowdown() == pytest.approx((1.5 + 1.1) / 2)
+    tensors = {k: (int(np.prod(s)) * 2, int(np.prod(s))) for k, (s, _) in mixtral_tensors().items()}
+    shape = shape_from("mixtral", "hub", MIXTRAL, tensors)
+    req = Request(budget="100%", available=1 << 50, prefill_tokens=8, gen_tokens=4)
+    quiet, busy = engine_profile(), engine_profile()
+    busy.compute_typical = 1.5
+    a, b = predict(shape, quiet, req), predict(shape, busy, req)
+    assert b["decode_tps"] == pytest.approx(a["decode_tps"] / 1.5)
+    assert b["decode_tps_band"][1] == pytest.approx(a["decode_tps_band"][1])  # the fastest passes' end stays
+    assert b["decode_tps_band"][0] < b["decode_tps"] < b["decode_tps_band"][1]

@@ -13,8 +13,11 @@
    cache runs lru), as the dry run timed it (the trace-driven policy matches the request against the stored
    traces at every layer: about a millisecond a layer on this VM).
 
-The band: compute times the probes' spread over their passes (at least ``COMPUTE_BAND``), loads times the
-disk's spread, and the two access counts (or the routing model's hit-rate band).
+The point forecast's compute is the probes' fastest passes times their median pass over their fastest
+(``MachineProfile.compute_typical``: a bench reports a mean over its steps, which the machine's other work
+slows as it slowed the probes' typical pass). The band: compute from the fastest passes less the probes'
+spread over their passes (at least ``COMPUTE_BAND``) to the typical pass plus it, loads times the disk's
+spread, and the two access counts (or the routing model's hit-rate band).
 """
 
 from __future__ import annotations
@@ -152,10 +155,11 @@ def speeds(shape, profile, costs: Costs, batch: int, prompt: int, gen: int, capa
         hi_f = run_forwards(shape, batch, prompt, gen, capacity, access, hit_index=2)
     cs = max(COMPUTE_BAND, profile.compute_spread)
     ds = profile.read_spread
-    point = phase_times(shape, costs, point_f, offloaded)
+    typ = max(1.0, getattr(profile, "compute_typical", 1.0))  # the probes' rates are their fastest passes
+    point = phase_times(shape, costs, point_f, offloaded, typ)
     variants = [point]
     for fw in (lo_f, hi_f):
-        for c, i in ((1 + cs, 1 + ds), (1 - cs, 1 - ds)):
+        for c, i in ((typ * (1 + cs), 1 + ds), (1 - cs, 1 - ds)):
             variants.append(phase_times(shape, costs, fw, offloaded, c, i))
     tokens = batch * prompt
 

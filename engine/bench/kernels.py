@@ -21,7 +21,8 @@ change (the profile's key includes a fingerprint of that code, ``engine.bench.ma
 
 Times are the fastest of a few passes (``_best``: other work on a shared machine only slows a pass down,
 by up to 10x when a kernel's thread waits at a barrier for a core); their spread over the passes is kept
-(it widens the forecast's band).
+(it widens the forecast's band), and so is the median pass over the fastest (``typical_slowdown``: a bench
+reports a mean over its steps, the typical pass, not the fastest).
 """
 
 from __future__ import annotations
@@ -78,9 +79,20 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+_TYPICAL: list[float] = []  # median pass / fastest pass of each timing since ``probe_kernels`` began
+
+
 def _spread(xs: list[float]) -> float:
     m = _median(xs)
+    if m > 0 and min(xs) > 0:
+        _TYPICAL.append(m / min(xs))
     return (max(xs) - min(xs)) / (2 * m) if m > 0 else 0.0
+
+
+def typical_slowdown() -> float:
+    """The median, over the last ``probe_kernels``'s timings, of the median pass over the fastest: what
+    the other work on this machine cost a typical pass while it was probed (1.0: nothing measured)."""
+    return _median(_TYPICAL) if _TYPICAL else 1.0
 
 
 def _weight(rows: int, cols: int, fmt: str, act: torch.dtype, gen: torch.Generator):
@@ -253,6 +265,7 @@ def probe_kernels(pairs=PAIRS) -> tuple[dict, float]:
 
     out: dict[str, dict] = {}
     spreads = []
+    _TYPICAL.clear()
     for fmt, act in pairs:
         if fmt not in FORMATS:
             continue

@@ -65,6 +65,7 @@ class MachineProfile:
     kernels: dict = field(default_factory=dict)  # "<format>/<act>" -> {"experts": {...}, "dense": Rates}
     overhead: dict = field(default_factory=dict)  # family -> {"resident": [a, b, c], "offload": [a, b, c]}
     compute_spread: float = 0.0  # relative spread of the compute probes over their passes
+    compute_typical: float = 1.0  # the compute probes' median pass over their fastest (the machine's other work)
     memory: dict = field(default_factory=dict)  # {"llc_bytes", "dram_bps"} (engine.bench.kernels.probe_memory)
     loads: dict = field(default_factory=dict)  # the engine's own loads (engine.bench.kernels.probe_loads)
 
@@ -286,9 +287,16 @@ def measure(home: Path | None = None) -> MachineProfile:
     rates, spread, latency, io = probe_reads(scratch)
     single, spread1, _, _ = probe_reads(scratch, inflight=1)
     scratch.unlink(missing_ok=True)
-    from engine.bench.kernels import probe_kernels, probe_loads, probe_memory, probe_overhead
+    from engine.bench.kernels import (
+        probe_kernels,
+        probe_loads,
+        probe_memory,
+        probe_overhead,
+        typical_slowdown,
+    )
 
     kernels, compute_spread = probe_kernels()
+    compute_typical = typical_slowdown()
     overhead = probe_overhead(kernels)
     memory = probe_memory()
     home.mkdir(parents=True, exist_ok=True)
@@ -309,6 +317,7 @@ def measure(home: Path | None = None) -> MachineProfile:
         kernels=kernels,
         overhead=overhead,
         compute_spread=compute_spread,
+        compute_typical=compute_typical,
         memory=memory,
         loads=loads,
     )
