@@ -17,7 +17,9 @@ Formats: bf16 and q4_k for the synthetic models (the q4_k copy is the bf16 one e
 
 The forecast of each row is ``engine.bench.predict.bench_row_forecast``: the model's headers, the cached
 machine profile (probes of this machine and of the engine's own kernels, never these rows) and the
-routing model. Nothing in the forecast is fitted to the measured rows.
+routing model. Nothing in the forecast is fitted to the measured rows. The report shows, per row, the measured
+decode rate with the spread of its repetitions, and how much of the shared machine the row had (this process's
+CPU seconds per second, the 1-minute load average).
 
     python benchmarks/predict_table.py prepare                 # build the models (once, not timed)
     flock /tmp/moeinf-heavy.lock python benchmarks/predict_table.py run mix --out /tmp/pt-mix.json
@@ -222,8 +224,8 @@ def report(paths: list[str], tol: float = 0.15) -> str:
         rows += json.loads(Path(p).read_text())["rows"]
     lines = [
         "| model | format | batch | budget | measured tg t/s | predicted (band) | pred/meas | in band "
-        "| measured pp t/s | predicted pp (band) | pred/meas | in band |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "| measured pp t/s | predicted pp (band) | pred/meas | in band | CPU s/s | load |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|",
     ]
     ok = inside = ok_pp = inside_pp = 0
     ratios = []
@@ -236,10 +238,16 @@ def report(paths: list[str], tol: float = 0.15) -> str:
         wp, bp = _within(fc["prefill_tps"], pp, tol), plo <= pp <= phi
         ok, inside, ok_pp, inside_pp = ok + w, inside + b, ok_pp + wp, inside_pp + bp
         ratios.append(fc["decode_tps"] / tg)
+        # the measured figure's spread: tokens/s at the repetitions' step time +- their standard deviation
+        ms, sd = r["ms_per_token"], r.get("ms_per_token_std", 0.0)
+        spread = tg * sd / ms if ms else 0.0
+        cpu = f"{r['cpu_per_s']:.2f}" if "cpu_per_s" in r else "-"
+        load = f"{r['loadavg']:.1f}" if "loadavg" in r else "-"
         lines.append(
-            f"| {r['model']} | {r['format']} | {r['batch']} | {r['budget']} | {tg:.2f} | {fc['decode_tps']:.2f} "
-            f"({lo:.2f}..{hi:.2f}) | {fc['decode_tps'] / tg:.2f} | {'yes' if b else 'no'} | {pp:.1f} | "
-            f"{fc['prefill_tps']:.1f} ({plo:.1f}..{phi:.1f}) | {fc['prefill_tps'] / pp:.2f} | {'yes' if bp else 'no'} |"
+            f"| {r['model']} | {r['format']} | {r['batch']} | {r['budget']} | {tg:.2f} ±{spread:.2f} | "
+            f"{fc['decode_tps']:.2f} ({lo:.2f}..{hi:.2f}) | {fc['decode_tps'] / tg:.2f} | {'yes' if b else 'no'} | "
+            f"{pp:.1f} | {fc['prefill_tps']:.1f} ({plo:.1f}..{phi:.1f}) | {fc['prefill_tps'] / pp:.2f} | "
+            f"{'yes' if bp else 'no'} | {cpu} | {load} |"
         )
     n = len(rows)
     summary = (
