@@ -17,7 +17,9 @@ Formats: bf16 and q4_k for the synthetic models (the q4_k copy is the bf16 one e
 
 The forecast of each row is ``engine.bench.predict.bench_row_forecast``: the model's headers, the cached
 machine profile (probes of this machine and of the engine's own kernels, never these rows) and the
-routing model. Nothing in the forecast is fitted to the measured rows.
+routing model. Nothing in the forecast is fitted to the measured rows. The report shows, per row, the measured
+decode rate with the spread of its repetitions, and how much of the shared machine the row had (this process's
+CPU seconds per second, the 1-minute load average).
 
     python benchmarks/predict_table.py prepare                 # build the models (once, not timed)
     flock /tmp/moeinf-heavy.lock python benchmarks/predict_table.py run mix --out /tmp/pt-mix.json
@@ -167,14 +169,36 @@ def run(key: str, prompt: int, gen: int, reps: int, policy: str, budgets: list[s
     for name, fmt in model_names(key):
         if formats and fmt not in formats:
             continue
+        marks: list[tuple[float, float, float]] = []
+
+        def say(m: str, n: str = name, marks: list = marks) -> None:
+            if m.startswith("batch "):
+                marks.append(_mark())
+            print(f"{n}: {m}", file=sys.stderr)
+
         res = bench_main(model=name, synthetic=None, scale=1.0, prompt_tokens=prompt, gen_tokens=gen,
                          repetitions=reps, budgets=budgets, policies=[policy], replay=trace_path, profile=False,
-                         dtype=dtype, device="cpu", batches=batches,
-                         progress=lambda m, n=name: print(f"{n}: {m}", file=sys.stderr))
-        for row in res["rows"]:
+                         dtype=dtype, device="cpu", batches=batches, progress=say)
+        marks.append(_mark())
+        for i, row in enumerate(res["rows"]):
             fc = bench_row_forecast(name, row, prompt, gen, trace, dtype=dtype)
-            out["rows"].append({"model": key, "store": name, "format": fmt, "dtype": dtype, **row, "forecast": fc})
+            machine = _machine_share(marks[i], marks[i + 1]) if i + 1 < len(marks) else {}
+            out["rows"].append({"model": key, "store": name, "format": fmt, "dtype": dtype, **row, **machine,
+                                "forecast": fc})
     return out
+
+
+def _mark() -> tuple[float, float, float]:
+    """(wall clock, this process's CPU seconds, the 1-minute load average) now."""
+    t = os.times()
+    return time.perf_counter(), t.user + t.system, os.getloadavg()[0]
+
+
+def _machine_share(a: tuple[float, float, float], b: tuple[float, float, float]) -> dict:
+    """How much of the machine a row had: this process's CPU seconds per second of the row and the 1-minute
+    load average around it (the other agents' work on this shared machine shows in both)."""
+    wall = max(1e-9, b[0] - a[0])
+    return {"cpu_per_s": (b[1] - a[1]) / wall, "loadavg": (a[2] + b[2]) / 2}
 
 
 def reforecast(path: str) -> None:
@@ -200,8 +224,8 @@ def report(paths: list[str], tol: float = 0.15) -> str:
         rows += json.loads(Path(p).read_text())["rows"]
     lines = [
         "| model | format | batch | budget | measured tg t/s | predicted (band) | pred/meas | in band "
-        "| measured pp t/s | predicted pp (band) | pred/meas | in band |",
-        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|",
+        "| measured pp t/s | predicted pp (band) | pred/meas | in band | CPU s/s | load |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---|---:|---:|",
     ]
     ok = inside = ok_pp = inside_pp = 0
     ratios = []
@@ -214,10 +238,16 @@ def report(paths: list[str], tol: float = 0.15) -> str:
         wp, bp = _within(fc["prefill_tps"], pp, tol), plo <= pp <= phi
         ok, inside, ok_pp, inside_pp = ok + w, inside + b, ok_pp + wp, inside_pp + bp
         ratios.append(fc["decode_tps"] / tg)
+        # the measured figure's spread: tokens/s at the repetitions' step time +- their standard deviation
+        ms, sd = r["ms_per_token"], r.get("ms_per_token_std", 0.0)
+        spread = tg * sd / ms if ms else 0.0
+        cpu = f"{r['cpu_per_s']:.2f}" if "cpu_per_s" in r else "-"
+        load = f"{r['loadavg']:.1f}" if "loadavg" in r else "-"
         lines.append(
-            f"| {r['model']} | {r['format']} | {r['batch']} | {r['budget']} | {tg:.2f} | {fc['decode_tps']:.2f} "
-            f"({lo:.2f}..{hi:.2f}) | {fc['decode_tps'] / tg:.2f} | {'yes' if b else 'no'} | {pp:.1f} | "
-            f"{fc['prefill_tps']:.1f} ({plo:.1f}..{phi:.1f}) | {fc['prefill_tps'] / pp:.2f} | {'yes' if bp else 'no'} |"
+            f"| {r['model']} | {r['format']} | {r['batch']} | {r['budget']} | {tg:.2f} ±{spread:.2f} | "
+            f"{fc['decode_tps']:.2f} ({lo:.2f}..{hi:.2f}) | {fc['decode_tps'] / tg:.2f} | {'yes' if b else 'no'} | "
+            f"{pp:.1f} | {fc['prefill_tps']:.1f} ({plo:.1f}..{phi:.1f}) | {fc['prefill_tps'] / pp:.2f} | "
+            f"{'yes' if bp else 'no'} | {cpu} | {load} |"
         )
     n = len(rows)
     summary = (

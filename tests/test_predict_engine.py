@@ -89,6 +89,20 @@ def engine_profile(disk_gbps: float = 2.0) -> MachineProfile:
     return p
 
 
+def test_disk_rate_between_probed_request_sizes():
+    """A request between two probed sizes takes a time affine in its size between theirs (latency plus
+    bytes over bandwidth), not the smaller size's bandwidth (900 KiB at 64 KiB's rate: twice too slow)."""
+    p = engine_profile()
+    p.read_bps = {str(64 << 10): 0.5e9, str(1 << 20): 1.0e9, str(4 << 20): 1.2e9}
+    assert p.disk_bps(64 << 10) == 0.5e9 and p.disk_bps(1 << 20) == 1.0e9
+    assert p.disk_bps(1 << 10) == 0.5e9 and p.disk_bps(64 << 20) == 1.2e9  # outside: the nearest size's
+    mid = (64 << 10) + ((1 << 20) - (64 << 10)) // 2
+    t = ((64 << 10) / 0.5e9 + (1 << 20) / 1.0e9) / 2
+    assert p.disk_bps(mid) == pytest.approx(mid / t)
+    assert 0.5e9 < p.disk_bps(900 << 10) < 1.0e9
+    assert p.disk_bps(2 << 20) > p.disk_bps(1 << 20)
+
+
 def test_profile_round_trip_and_key():
     p = engine_profile()
     q = MachineProfile.from_dict(json.loads(json.dumps(p.as_dict())))
@@ -136,7 +150,88 @@ def test_kernel_probes_time_the_engines_code(monkeypatch):
     monkeypatch.setattr(kernels, "_POOL_BYTES", 1 << 20)
     experts, spread = kernels.probe_experts("bf16", "bf16", tokens=(1, 4))
     assert experts["decode"].tokens == [1] and experts["major"].tokens == [1, 4]
+    assert experts["python"].tokens == [1] and experts["python"].per_byte[0] > 0  # the Python path, one token
     assert all(v > 0 for v in experts["major"].per_byte) and all(v >= 0 for v in experts["major"].fixed)
     dense, _ = kernels.probe_dense("q4_k", "bf16", rows=(1, 8))
     assert dense.tokens == [1, 8] and all(v > 0 for v in dense.per_byte)
     assert spread >= 0
+
+
+def test_mixed_format_experts_cost_each_matrix_at_its_format(_isolated_home, tmp_path):
+    """A q4_k pull keeps a matrix whose rows are not whole q4_k blocks (down_proj over 96 intermediate
+    values) in bf16: the shape lists each matrix's format, and the forecast costs such an expert on the
+    Python path (the one-token native call declines it), each matrix at its own format's product rate."""
+    from engine.bench.cost import Costs
+    from engine.bench.shape import read_shape
+    from engine.bench.synthetic import make_synthetic_model
+    from engine.store.export import export_model
+    from engine.store.pull import pull_model
+
+    make_synthetic_model("mx-bf16", num_layers=2, num_experts=4, top_k=2, hidden=256, intermediate=96, vocab=256,
+                         dtype=torch.bfloat16)
+    pull_model(str(export_model("mx-bf16", tmp_path / "ckpt")), name="mx-q4", quantize="q4_k")
+    shape = read_shape("mx-q4")
+    formats = sorted(f for f, _ in shape.expert_matrices)
+    assert formats == ["bf16", "q4_k", "q4_k"] and shape.expert_format is None
+    assert sum(b for _, b in shape.expert_matrices) == shape.expert_bytes
+    prof = engine_profile()
+    for ex in prof.kernels.values():
+        ex["experts"]["python"] = Rates([1], [1e-9], [3e-5])
+    costs = Costs.of(shape, prof, "q4_k", "bf16", "bf16")
+    k = prof.kernels
+    for tokens, one in ((1, True), (4, False)):
+        path = "python" if one else "major"
+        want = sum(k[f"{f}/bf16"]["dense"].seconds(b, tokens) + k[f"{f}/bf16"]["experts"][path].seconds(0, tokens) / 3
+                   for f, b in shape.expert_matrices)
+        assert costs.expert_seconds(shape.expert_bytes, tokens, one) == pytest.approx(want)
+    uniform = Costs.of(read_shape("mx-bf16"), prof, "bf16", "bf16", "bf16")
+    assert not uniform.mixed
+    assert uniform.expert_seconds(1000, 1, True) == pytest.approx(k["bf16/bf16"]["experts"]["decode"].seconds(1000, 1))
+
+
+def test_the_policys_own_work_is_timed_on_the_dry_run_and_added_to_compute(synth):
+    """A policy other than lru (the overhead probe's) costs its own work on each forward's requests, as the
+    dry run times it against lru on the same requests (one figure a phase); forward_time adds it."""
+    from dataclasses import replace
+
+    from engine.bench.cost import Costs, forward_time
+    from engine.bench.forecast import Access, run_forwards
+    from engine.bench.shape import read_shape
+
+    shape = read_shape(str(synth))
+    trace = _trace(20)
+    lru = run_forwards(shape, 1, 3, 6, 10, Access(trace, policy="lru"))
+    eam = run_forwards(shape, 1, 3, 6, 10, Access(trace, policy="eam"))
+    assert all(f.book_s > 0 for f in lru + eam)
+    assert all(f.policy_extra_s == 0 for f in lru)
+    decode = [f for f in eam if f.phase == "decode"]
+    assert len({f.policy_extra_s for f in decode}) == 1 and decode[0].policy_extra_s >= 0
+    costs = Costs.of(shape, engine_profile(), "bf16", "bf16", "bf16")
+    f = replace(decode[0], policy_extra_s=0.0)
+    slow = replace(f, policy_extra_s=0.25)
+    assert forward_time(shape, costs, slow, True).compute_s == pytest.approx(
+        forward_time(shape, costs, f, True).compute_s + 0.25)
+
+
+def test_the_probes_typical_pass_scales_the_point_and_widens_the_band():
+    """The probes' rates are their fastest passes; a bench reports a mean over its steps, so the point forecast
+    takes the probes' median pass over their fastest (``compute_typical``) and the band spans both."""
+    from test_predict import MIXTRAL, mixtral_tensors
+
+    import engine.bench.kernels as kernels
+    from engine.bench.predict import Request, predict
+    from engine.bench.shape import shape_from
+
+    kernels._TYPICAL.clear()
+    kernels._spread([1.0, 1.5, 2.0])
+    kernels._spread([2.0, 2.2, 3.0])
+    assert kernels.typical_slowdown() == pytest.approx((1.5 + 1.1) / 2)
+    tensors = {k: (int(np.prod(s)) * 2, int(np.prod(s))) for k, (s, _) in mixtral_tensors().items()}
+    shape = shape_from("mixtral", "hub", MIXTRAL, tensors)
+    req = Request(budget="100%", available=1 << 50, prefill_tokens=8, gen_tokens=4)
+    quiet, busy = engine_profile(), engine_profile()
+    busy.compute_typical = 1.5
+    a, b = predict(shape, quiet, req), predict(shape, busy, req)
+    assert b["decode_tps"] == pytest.approx(a["decode_tps"] / 1.5)
+    assert b["decode_tps_band"][1] == pytest.approx(a["decode_tps_band"][1])  # the fastest passes' end stays
+    assert b["decode_tps_band"][0] < b["decode_tps"] < b["decode_tps_band"][1]

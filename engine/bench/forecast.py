@@ -9,10 +9,15 @@
    are ``E (1 - (1 - k/E)^T)`` for ``T`` tokens and its misses that times the routing model's miss rate
    (``engine.bench.routing``; a prefill starts from a cold cache, so it misses all that is not resident).
 3. **Their time** (``engine.bench.cost``) from the machine profile: the engine's kernels and overhead, and
-   the disk.
+   the disk; and the policy's own work on each forward's requests beyond ``lru``'s (the overhead probe's
+   cache runs lru), as the dry run timed it (the trace-driven policy matches the request against the stored
+   traces at every layer: about a millisecond a layer on this VM).
 
-The band: compute times the probes' spread over their passes (at least ``COMPUTE_BAND``), loads times the
-disk's spread, and the two access counts (or the routing model's hit-rate band).
+The point forecast's compute is the probes' fastest passes times their median pass over their fastest
+(``MachineProfile.compute_typical``: a bench reports a mean over its steps, which the machine's other work
+slows as it slowed the probes' typical pass). The band: compute from the fastest passes less the probes'
+spread over their passes (at least ``COMPUTE_BAND``) to the typical pass plus it, loads times the disk's
+spread, and the two access counts (or the routing model's hit-rate band).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ from engine.bench.simulate import Forward, LayerAccess, simulate
 
 COMPUTE_BAND = 0.15
 PREFILL_CHUNK = 512
+BASE_POLICY = "lru"  # the policy of the overhead probe's cache (``engine.bench.kernels.probe_overhead``)
 
 
 def slot_bytes(shape) -> int:
@@ -82,9 +88,20 @@ def run_forwards(shape, batch: int, prompt: int, gen: int, capacity: int | None,
                             None, None)
         return _analytic(shape, plan, fraction, access.hit[hit_index] if capacity is not None else 1.0)
     layers = moe_layout(shape.config).moe_layers
-    return simulate(plan, trace.expert_ids, list(layers), shape.num_experts, shape.top_k, capacity, access.policy,
-                    slot_bytes=slot_bytes(shape), file_bytes=shape.shard_bytes, prefetch=prefetch,
-                    policy_kw=access.policy_kw)
+    args = (plan, trace.expert_ids, list(layers), shape.num_experts, shape.top_k, capacity)
+    kw = {"slot_bytes": slot_bytes(shape), "file_bytes": shape.shard_bytes, "prefetch": prefetch}
+    out = simulate(*args, access.policy, policy_kw=access.policy_kw, **kw)
+    if access.policy != BASE_POLICY:
+        # the policy's own work beyond the overhead probe's (whose cache runs lru): timed on the same requests
+        # (the median of each phase's forwards: one forward's timing catches the others' work on a shared machine)
+        base = simulate(*args, BASE_POLICY, **kw)
+        for phase in ("prefill", "decode"):
+            pairs = [(f, b) for f, b in zip(out, base, strict=True) if f.phase == phase]
+            if pairs:
+                extra = max(0.0, float(np.median([f.book_s - b.book_s for f, b in pairs])))
+                for f, _ in pairs:
+                    f.policy_extra_s = extra
+    return out
 
 
 @dataclass
@@ -138,10 +155,11 @@ def speeds(shape, profile, costs: Costs, batch: int, prompt: int, gen: int, capa
         hi_f = run_forwards(shape, batch, prompt, gen, capacity, access, hit_index=2)
     cs = max(COMPUTE_BAND, profile.compute_spread)
     ds = profile.read_spread
-    point = phase_times(shape, costs, point_f, offloaded)
+    typ = max(1.0, getattr(profile, "compute_typical", 1.0))  # the probes' rates are their fastest passes
+    point = phase_times(shape, costs, point_f, offloaded, typ)
     variants = [point]
     for fw in (lo_f, hi_f):
-        for c, i in ((1 + cs, 1 + ds), (1 - cs, 1 - ds)):
+        for c, i in ((typ * (1 + cs), 1 + ds), (1 - cs, 1 - ds)):
             variants.append(phase_times(shape, costs, fw, offloaded, c, i))
     tokens = batch * prompt
 

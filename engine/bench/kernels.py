@@ -21,7 +21,8 @@ change (the profile's key includes a fingerprint of that code, ``engine.bench.ma
 
 Times are the fastest of a few passes (``_best``: other work on a shared machine only slows a pass down,
 by up to 10x when a kernel's thread waits at a barrier for a core); their spread over the passes is kept
-(it widens the forecast's band).
+(it widens the forecast's band), and so is the median pass over the fastest (``typical_slowdown``: a bench
+reports a mean over its steps, the typical pass, not the fastest).
 """
 
 from __future__ import annotations
@@ -78,9 +79,20 @@ def _median(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
+_TYPICAL: list[float] = []  # median pass / fastest pass of each timing since ``probe_kernels`` began
+
+
 def _spread(xs: list[float]) -> float:
     m = _median(xs)
+    if m > 0 and min(xs) > 0:
+        _TYPICAL.append(m / min(xs))
     return (max(xs) - min(xs)) / (2 * m) if m > 0 else 0.0
+
+
+def typical_slowdown() -> float:
+    """The median, over the last ``probe_kernels``'s timings, of the median pass over the fastest: what
+    the other work on this machine cost a typical pass while it was probed (1.0: nothing measured)."""
+    return _median(_TYPICAL) if _TYPICAL else 1.0
 
 
 def _weight(rows: int, cols: int, fmt: str, act: torch.dtype, gen: torch.Generator):
@@ -160,8 +172,9 @@ def _block_time(block, gate: _FixedGate, x: torch.Tensor, ids_list: list[torch.T
 
 
 def probe_experts(fmt: str, act_name: str, tokens=TOKENS) -> tuple[dict, float]:
-    """({"decode": Rates (per expert, one token, k experts per call), "major": Rates (per expert, t tokens
-    each)}, spread) for experts in ``fmt`` with ``act_name`` activations."""
+    """({"decode": Rates (per expert, one token, k experts per call), "python": Rates (per expert, one token,
+    the Python path), "major": Rates (per expert, t tokens each)}, spread) for experts in ``fmt`` with
+    ``act_name`` activations."""
     from engine.model.layers.moe import MoEBlock, swiglu_expert
 
     act = _ACT[act_name]
@@ -193,6 +206,13 @@ def probe_experts(fmt: str, act_name: str, tokens=TOKENS) -> tuple[dict, float]:
         ts = _block_time(block, gate, x, ids)
         res[0] = (_best(ts) / k, ts)
         spreads.append(_spread(ts))
+        # the same token through the Python path (where the native call declines: an expert whose matrices
+        # are not all of one format): three products and the elementwise ops per expert
+        fn = block.expert_fn
+        block.expert_fn = lambda xx, w, fn=fn: fn(xx, w)  # no ``accumulate``
+        ts = _block_time(block, gate, x, ids)
+        block.expert_fn = fn
+        res[-1] = (_best(ts) / k, ts)
         per_size.append(res)
         del experts, block
 
@@ -202,9 +222,11 @@ def probe_experts(fmt: str, act_name: str, tokens=TOKENS) -> tuple[dict, float]:
         return max(0.0, t1 - pb * s1), pb if pb > 0 else t2 / s2
 
     d = fit(0)
+    py = fit(-1)
     major = [fit(t) for t in tokens]
     out = {
         "decode": Rates([1], [d[1]], [d[0]]),
+        "python": Rates([1], [py[1]], [py[0]]),
         "major": Rates(list(tokens), [m[1] for m in major], [m[0] for m in major]),
     }
     return out, _median(spreads)
@@ -243,6 +265,7 @@ def probe_kernels(pairs=PAIRS) -> tuple[dict, float]:
 
     out: dict[str, dict] = {}
     spreads = []
+    _TYPICAL.clear()
     for fmt, act in pairs:
         if fmt not in FORMATS:
             continue

@@ -65,21 +65,17 @@ class MachineProfile:
     kernels: dict = field(default_factory=dict)  # "<format>/<act>" -> {"experts": {...}, "dense": Rates}
     overhead: dict = field(default_factory=dict)  # family -> {"resident": [a, b, c], "offload": [a, b, c]}
     compute_spread: float = 0.0  # relative spread of the compute probes over their passes
+    compute_typical: float = 1.0  # the compute probes' median pass over their fastest (the machine's other work)
     memory: dict = field(default_factory=dict)  # {"llc_bytes", "dram_bps"} (engine.bench.kernels.probe_memory)
     loads: dict = field(default_factory=dict)  # the engine's own loads (engine.bench.kernels.probe_loads)
 
     def disk_bps(self, request_bytes: int) -> float:
-        """Bytes/s for requests of ``request_bytes`` (the nearest measured size at or below, else the smallest)."""
-        sizes = sorted(int(s) for s in self.read_bps)
-        below = [s for s in sizes if s <= request_bytes] or sizes[:1]
-        return self.read_bps[str(below[-1])]
+        """Bytes/s for requests of ``request_bytes``, two in flight (``read_bps`` between its sizes)."""
+        return _between(self.read_bps, request_bytes)
 
     def disk_single_bps(self, request_bytes: int) -> float:
         """Bytes/s of one read alone (the two-in-flight figure halved where it was not measured)."""
-        table = self.read_bps_single or {k: v / 2 for k, v in self.read_bps.items()}
-        sizes = sorted(int(s) for s in table)
-        below = [s for s in sizes if s <= request_bytes] or sizes[:1]
-        return table[str(below[-1])]
+        return _between(self.read_bps_single or {k: v / 2 for k, v in self.read_bps.items()}, request_bytes)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -97,6 +93,26 @@ class MachineProfile:
             for name, k in d.get("kernels", {}).items()
         }
         return cls(**{**d, "devices": devs, "kernels": kernels})
+
+
+def _between(table: dict[str, float], request_bytes: int) -> float:
+    """Bytes/s at ``request_bytes`` from bytes/s measured at a few request sizes: a request's time is taken
+    as affine in its size between two measured sizes (a latency plus bytes over a bandwidth), so a 900 KiB
+    request is neither as slow per byte as a 64 KiB one nor as fast as a 1 MiB one; beyond the largest
+    size, the largest's bandwidth; below the smallest, the smallest's."""
+    sizes = sorted(int(s) for s in table)
+    size = max(1, int(request_bytes))
+    if str(size) in table:
+        return table[str(size)]
+    if size <= sizes[0]:
+        return table[str(sizes[0])]
+    if size >= sizes[-1]:
+        return table[str(sizes[-1])]
+    hi = next(s for s in sizes if s >= size)
+    lo = sizes[sizes.index(hi) - 1]
+    t_lo, t_hi = lo / table[str(lo)], hi / table[str(hi)]
+    t = t_lo + (t_hi - t_lo) * (size - lo) / (hi - lo)
+    return size / t
 
 
 _CODE = ("cuda_ext", "engine/model/layers", "engine/formats", "engine/memory", "engine/bench/kernels.py")
@@ -271,9 +287,16 @@ def measure(home: Path | None = None) -> MachineProfile:
     rates, spread, latency, io = probe_reads(scratch)
     single, spread1, _, _ = probe_reads(scratch, inflight=1)
     scratch.unlink(missing_ok=True)
-    from engine.bench.kernels import probe_kernels, probe_loads, probe_memory, probe_overhead
+    from engine.bench.kernels import (
+        probe_kernels,
+        probe_loads,
+        probe_memory,
+        probe_overhead,
+        typical_slowdown,
+    )
 
     kernels, compute_spread = probe_kernels()
+    compute_typical = typical_slowdown()
     overhead = probe_overhead(kernels)
     memory = probe_memory()
     home.mkdir(parents=True, exist_ok=True)
@@ -294,6 +317,7 @@ def measure(home: Path | None = None) -> MachineProfile:
         kernels=kernels,
         overhead=overhead,
         compute_spread=compute_spread,
+        compute_typical=compute_typical,
         memory=memory,
         loads=loads,
     )

@@ -66,6 +66,9 @@ class ModelShape:
     expert_file_bytes: int = 0  # one expert shard as stored (header included; 0: unknown)
     head_tied: bool = False  # the LM head is the input embedding
     expert_format: str | None = None  # the experts' tensor format where the headers name it
+    # (format, bytes) of each of one expert's weight matrices, where the headers tell (a store model): a
+    # pull that cannot block a matrix (a row not a whole number of the format's blocks) keeps it in bf16
+    expert_matrices: tuple[tuple[str, int], ...] = ()
 
     @property
     def layer_dense_bytes(self) -> int:
@@ -88,7 +91,8 @@ class ModelShape:
     def with_expert_format(self, bits_per_weight: float) -> ModelShape:
         from dataclasses import replace
 
-        return replace(self, expert_bytes=int(self.expert_params * bits_per_weight / 8), expert_file_bytes=0)
+        return replace(self, expert_bytes=int(self.expert_params * bits_per_weight / 8), expert_file_bytes=0,
+                       expert_matrices=())
 
     @property
     def shard_bytes(self) -> int:
@@ -235,13 +239,16 @@ def _store(root: Path) -> ModelShape:
     expert_bytes = None
     file_bytes = 0
     expert_format = None
+    weights: list[tuple[str, int]] = []
     if layout.is_moe:
         ref = expert_shard_path(root, layout.moe_layers[0], 0)
         if ref.is_file():
             header = read_header(ref)
             expert_bytes = sum(b for b, _ in _header_tensors(header).values())
             file_bytes = ref.stat().st_size
-            formats = {t.format for name, t in header.tensors.items() if name.endswith("weight")}
+            weights = [(t.format, int(t.nbytes)) for name, t in sorted(header.tensors.items())
+                       if name.endswith("weight")]
+            formats = {f for f, _ in weights}
             expert_format = formats.pop() if len(formats) == 1 else None
     manifest = _read_json(root / "manifest.json") if (root / "manifest.json").is_file() else {}
     shape = shape_from(
@@ -258,6 +265,7 @@ def _store(root: Path) -> ModelShape:
     )
     shape.dense_params = sum(n for _, n in dense.values())
     shape.expert_format = expert_format
+    shape.expert_matrices = tuple(weights)
     return shape
 
 

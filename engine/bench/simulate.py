@@ -5,7 +5,8 @@ slots, admission without eviction in a prefill, prefetching) is driven through a
 transfer that moves nothing (``DryTransfer``): each MoE layer of each forward is told its routing
 (``observe``) and asked for its experts (``fetch``), as the MoE block asks, and the cache's counters are
 read around it. So the routing model of ``moeinf predict`` is the cache itself, not a model of it, and it
-changes when the cache or a policy does. What it cannot know offline: the early router scores of
+changes when the cache or a policy does. It also times the cache's and the policy's own work on each
+forward's requests (``Forward.book_s``: no I/O in it). What it cannot know offline: the early router scores of
 speculative gating (it runs without them; with ``prefetch=False`` it runs without prefetching at all, the
 other end of the band), and the timing of loads (they land at once here).
 """
@@ -13,6 +14,7 @@ other end of the band), and the timing of loads (they land at once here).
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -62,6 +64,8 @@ class Forward:
     seqs: int
     layers: list[LayerAccess] = field(default_factory=list)
     prefetch_loads: int = 0  # loads started ahead of use during this forward
+    book_s: float = 0.0  # seconds the cache and its policy took over this forward's requests (the dry run's)
+    policy_extra_s: float = 0.0  # of them, beyond what the ``lru`` policy takes (``engine.bench.forecast``)
 
 
 def simulate(
@@ -99,6 +103,7 @@ def simulate(
             ids = ids_all[rows][:, :, :top_k]  # [T, L, k]
             fwd = Forward(phase, len(rows), seqs)
             before_pf = src.stats().prefetch_loads if src is not None else 0
+            book = 0.0
             for li, layer in enumerate(moe_layers):
                 lid = torch.as_tensor(ids[:, li, :].astype(np.int64))
                 uniq, counts = torch.unique(lid, return_counts=True)
@@ -106,14 +111,17 @@ def simulate(
                 misses = 0
                 if src is not None:
                     st = src.stats()
+                    t0 = time.perf_counter()
                     src.observe(layer, lid, hidden)
                     for _ in src.fetch(layer, asked):
                         pass
+                    book += time.perf_counter() - t0
                     st2 = src.stats()
                     misses = (st2.accesses - st.accesses) - (st2.hits - st.hits)
                 fwd.layers.append(LayerAccess(len(set(asked)), misses, [int(c) for c in counts.tolist()]))
             if src is not None:
                 fwd.prefetch_loads = src.stats().prefetch_loads - before_pf
+                fwd.book_s = book
             out.append(fwd)
     finally:
         if src is not None:
