@@ -102,7 +102,7 @@ def make_checkpoint(out: Path, args: argparse.Namespace) -> Path:
     torch.manual_seed(0)
     model = tf.MixtralForCausalLM(config).to(torch.bfloat16)
     with torch.no_grad():  # norms away from 1 so that a mix-up of norm weights shows
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 1:
                 p.uniform_(0.5, 1.5)
     out.mkdir(parents=True, exist_ok=True)
@@ -211,12 +211,10 @@ def timing(items: list[tuple[str, Path, str]], args: argparse.Namespace) -> None
     for label, gguf, name in items:
         res = results.setdefault(label, {"moeinf": [], "llama.cpp": []})
         for rnd in range(args.runs + 1):  # round 0 warms both up and is not counted
-            order = [("moeinf", lambda: moeinf_bench(name, args)), ("llama.cpp", lambda: llama_bench(gguf, args))]
-            if rnd % 2:
-                order.reverse()
-            for engine, fn in order:
+            order = ["moeinf", "llama.cpp"] if rnd % 2 == 0 else ["llama.cpp", "moeinf"]
+            for engine in order:
                 t0 = time.perf_counter()
-                pp, tg = fn()
+                pp, tg = moeinf_bench(name, args) if engine == "moeinf" else llama_bench(gguf, args)
                 print(f"  {label} round {rnd} {engine}: prefill {pp:.1f} t/s, decode {tg:.1f} t/s "
                       f"({time.perf_counter() - t0:.0f} s)", flush=True)
                 if rnd:
