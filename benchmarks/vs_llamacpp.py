@@ -41,7 +41,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-DEMO_GGUF = REPO / "demo-cache" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEMO_GGUF = Path(os.environ.get("MOEINF_DEMO_CACHE", REPO / "demo-cache")) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 QUANTS = {"q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}  # our name -> llama-quantize's type
 
 
