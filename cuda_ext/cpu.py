@@ -13,6 +13,8 @@ workers (``csrc/cpu/pool.c``) that spin briefly between calls and then sleep.
   ``F.linear`` for everything else (prefill, float32, CUDA) and whenever no compiler is available or
   ``MOEINF_NATIVE_KERNELS=0``. ``Linear`` is an ``nn.Linear`` whose forward does that.
 * ``linear_many(x, weights, biases)``: several products of one x (q/k/v) in one native call.
+* ``rms_norm(x, weight, eps)`` and ``route_topk(x, weight, bias, k, ...)``: a decode token's RMSNorm and
+  softmax top-k router, one native call each (PyTorch runs them as several small kernels).
 * ``experts_accumulate(x, experts, coefs, acc)``: a token's routed SwiGLU experts (gate, up, SiLU,
   product, down, routing weight, float32 accumulation), bf16 or in a block format, all in one native
   call with the roundings of the torch path (bf16 x; or float32 x on block formats, nothing rounded);
@@ -155,6 +157,81 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
     return F.linear(x, weight, bias)
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor | None:
+    """RMSNorm of one bf16 row x [1, H] on the CPU (``engine.model.layers.norm.RMSNorm``'s roundings) in
+    one native call (``csrc/cpu/decode.c``), or None where that does not apply."""
+    lib = _native()
+    if lib is None or not (_native_ok(x, x) and _bias_ok(weight, x.shape[1])):
+        return None
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    lib.moeinf_rms_norm(x.data_ptr(), weight.data_ptr(), x.shape[1], eps, out.data_ptr())
+    return out
+
+
+def route_topk(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, renormalize: bool, bf16: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A softmax top-k router for one bf16 token x [1, H] (``engine.model.layers.router``): logits
+    bf16(W x + b), softmax in float32, the k largest (descending), renormalised when asked, as float32 or
+    bf16 weights [1, k] and int64 ids [1, k], in one native call; None where that does not apply."""
+    lib = _native()
+    if lib is None or not (_native_ok(x, weight) and _bias_ok(bias, weight.shape[0])):
+        return None
+    x = x.contiguous()
+    ids = torch.empty(1, k, dtype=torch.int64)
+    weights = torch.empty(1, k, dtype=torch.bfloat16 if bf16 else torch.float32)
+    n, h = weight.shape
+    err = lib.moeinf_route_topk(
+        x.data_ptr(),
+        weight.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        n,
+        h,
+        k,
+        int(renormalize),
+        ids.data_ptr(),
+        weights.data_ptr(),
+        int(bf16),
+        threads(n * h),
+    )
+    return None if err else (weights, ids)
+
+
+def route_v3(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    correction: torch.Tensor,
+    k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scale: float,
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """DeepSeek-V3's sigmoid group-limited router for one bf16 token x [1, H] (float32 logits of the bf16
+    router matrix, ``correction`` [E] float32 for the choice only): float32 weights [1, k] and int64 ids
+    [1, k] in one native call (``csrc/cpu/decode.c``), None where that does not apply."""
+    lib = _native()
+    if (
+        lib is None
+        or not _native_ok(x, weight)
+        or correction.dtype != torch.float32
+        or correction.device.type != "cpu"
+        or not correction.is_contiguous()
+        or correction.numel() != weight.shape[0]
+    ):
+        return None
+    x = x.contiguous()
+    ids = torch.empty(1, k, dtype=torch.int64)
+    weights = torch.empty(1, k, dtype=torch.float32)
+    n, h = weight.shape
+    err = lib.moeinf_route_v3(
+        x.data_ptr(), weight.data_ptr(), correction.data_ptr(), n, h, k, n_group, topk_group,
+        int(renormalize), scale, ids.data_ptr(), weights.data_ptr(),
+    )
+    return None if err else (weights, ids)
+
+
 def _expert_matrix(t, rows: int, cols: int) -> tuple[int, int] | None:
     """(GGUF type or 0 for bf16, data pointer) of one expert matrix [rows, cols] the native path takes."""
     if isinstance(t, torch.Tensor):
@@ -179,6 +256,35 @@ def _expert_matrix(t, rows: int, cols: int) -> tuple[int, int] | None:
     ):
         return None
     return block.ggml_type, raw.data_ptr()
+
+
+def _expert_entry(w, f32: bool) -> tuple | None:
+    """(type, I, H, gate, up, down, gate bias, up bias, down bias pointers) of one ``ExpertWeights`` for
+    the native experts call, or None where it does not apply. Checked once per expert object and kept on
+    it (a hit's call then costs a lookup), redone if any of its tensors is replaced."""
+    tensors = (w.gate, w.up, w.down, w.gate_bias, w.up_bias, w.down_bias)
+    cached = w.__dict__.get("_native_entry")
+    if cached is not None and cached[0] == f32 and all(a is b for a, b in zip(cached[1], tensors, strict=True)):
+        return cached[2]
+    entry = None
+    shape = tuple(w.gate.shape)
+    if len(shape) == 2:
+        i, h = shape
+        mats = (_expert_matrix(w.gate, i, h), _expert_matrix(w.up, i, h), _expert_matrix(w.down, h, i))
+        bias_dtype = torch.float32 if f32 else torch.bfloat16
+        types = {m[0] for m in mats if m is not None}
+        if (
+            None not in mats
+            and len(types) == 1
+            and not (f32 and 0 in types)  # float32 x: block formats only
+            and _bias_ok(w.gate_bias, i, bias_dtype)
+            and _bias_ok(w.up_bias, i, bias_dtype)
+            and _bias_ok(w.down_bias, h, bias_dtype)
+        ):
+            biases = tuple(None if b is None else b.data_ptr() for b in tensors[3:])
+            entry = (types.pop(), i, h, *(m[1] for m in mats), *biases)
+    w.__dict__["_native_entry"] = (f32, tensors, entry)
+    return entry
 
 
 def experts_accumulate(
@@ -213,36 +319,13 @@ def experts_accumulate(
     ):
         return False
     h = x.shape[1]
-    i = tuple(experts[0].gate.shape)[0]
-    f32 = x.dtype == torch.float32
-    bias_dtype = torch.float32 if f32 else torch.bfloat16
-    ptrs: list[int | None] = []
-    types = set()
-    for w in experts:
-        mats = (_expert_matrix(w.gate, i, h), _expert_matrix(w.up, i, h), _expert_matrix(w.down, h, i))
-        if None in mats or not (
-            _bias_ok(w.gate_bias, i, bias_dtype)
-            and _bias_ok(w.up_bias, i, bias_dtype)
-            and _bias_ok(w.down_bias, h, bias_dtype)
-        ):
-            return False
-        types.update(m[0] for m in mats)
-        ptrs += [m[1] for m in mats]
-    if len(types) != 1 or (f32 and 0 in types):  # float32 x: block formats only
+    entries = [_expert_entry(w, x.dtype == torch.float32) for w in experts]
+    first = entries[0]
+    if first is None or any(e is None or e[:3] != first[:3] for e in entries) or first[2] != h:
         return False
-    gates, ups, downs = ptrs[0::3], ptrs[1::3], ptrs[2::3]
-
-    def bias(t: torch.Tensor | None) -> int | None:
-        return None if t is None else t.data_ptr()
-
-    table = (ctypes.c_void_p * (6 * k))(
-        *gates,
-        *ups,
-        *downs,
-        *(bias(w.gate_bias) for w in experts),
-        *(bias(w.up_bias) for w in experts),
-        *(bias(w.down_bias) for w in experts),
-    )
+    f32 = x.dtype == torch.float32
+    i = first[1]
+    table = (ctypes.c_void_p * (6 * k))(*(e[m] for m in range(3, 9) for e in entries))
     c = (ctypes.c_float * k)(*coefs)
     base, step = ctypes.addressof(table), ctypes.sizeof(ctypes.c_void_p) * k
     err = (lib.moeinf_experts_acc_f32 if f32 else lib.moeinf_experts_acc)(
@@ -250,7 +333,7 @@ def experts_accumulate(
         k,
         *(base + m * step for m in range(6)),
         c,
-        types.pop(),
+        first[0],
         h,
         i,
         0 if clamped is None else 1,

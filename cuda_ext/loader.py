@@ -56,6 +56,10 @@ SIGNATURES: dict[str, list] = {
     "moeinf_qgemv": [_int, _p, _i64, _i64, _p, _int, _i64, _p, _p, _int, _int],
     "moeinf_fgemv": [_int, _p, _i64, _i64, _p, _i64, _p, _p, _int],
     "moeinf_read_bytes": [_p, _i64, _int],
+    "moeinf_attn_decode": [_p, _p, _p, _p, _i64, _i64, _p, _int],
+    "moeinf_rms_norm": [_p, _p, _i64, _f32, _p],
+    "moeinf_route_topk": [_p, _p, _p, _i64, _i64, _int, _int, _p, _p, _int, _int],
+    "moeinf_route_v3": [_p, _p, _p, _i64, _i64, _int, _int, _int, _int, _f32, _p, _p],
 }
 _RESTYPES = {
     "moeinf_isa": ctypes.c_char_p,
@@ -63,6 +67,9 @@ _RESTYPES = {
     "moeinf_fgemv": _int,
     "moeinf_experts_acc": _int,
     "moeinf_experts_acc_f32": _int,
+    "moeinf_attn_decode": _int,
+    "moeinf_route_topk": _int,
+    "moeinf_route_v3": _int,
     "moeinf_read_bytes": ctypes.c_uint64,
 }
 

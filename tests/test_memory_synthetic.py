@@ -19,6 +19,9 @@ from engine.store.paths import expert_shard_path
 
 
 def test_real_shapes_and_scale():
+    assert {"gpt-oss-20b", "deepseek-v3", "qwen3-30b-a3b"} <= set(SYNTHETIC_SHAPES)
+    g = SYNTHETIC_SHAPES["gpt-oss-20b"]
+    assert (g.num_layers, g.num_experts, g.top_k, g.head_dim) == (24, 32, 4, 64)
     m = SYNTHETIC_SHAPES["mixtral-8x7b"]
     assert (m.num_layers, m.num_experts, m.top_k, m.hidden, m.intermediate) == (32, 8, 2, 4096, 14336)
     s = synthetic_shape("mixtral-8x7b", 0.25)
@@ -53,6 +56,30 @@ def test_written_into_the_store_and_loadable(family):
     tok = Tokenizer(root)
     ids = tok.encode("hello world")
     assert tok.decode(ids).endswith("hello world")
+
+
+@pytest.mark.parametrize("family,experts", [("gpt_oss", 4), ("deepseek_v3", 16)])
+def test_gpt_oss_and_deepseek_synthetic_models_load_and_decode(family, experts):
+    """Their own tensors (gpt-oss: attention biases, sinks, router bias, expert biases; DeepSeek-V3: latent
+    attention, correction bias, shared expert) are written under the names a pull stores, so the model
+    loads them all; one token decoded after a prefill gives the prefill's own last logits."""
+    root = make_synthetic_model(f"syn-{family}", family, num_layers=2, num_experts=experts, top_k=2, hidden=128,
+                                intermediate=64, vocab=300, dtype=torch.bfloat16, head_dim=32)
+    names = set(read_header(root / "dense" / "part-00001.safetensors").tensors)
+    if family == "gpt_oss":
+        assert {"model.layers.1.self_attn.sinks", "model.layers.1.mlp.router.bias"} <= names
+        assert "gate_proj.bias" in read_header(expert_shard_path(root, 0, 0)).tensors
+    else:
+        assert {"model.layers.1.self_attn.kv_b_proj.weight", "model.layers.1.mlp.gate.e_score_correction_bias",
+                "model.layers.1.mlp.shared_experts.down_proj.weight"} <= names
+        assert "model.layers.1.self_attn.q_proj.weight" not in names
+    model = load_model(root, dtype=torch.float32, max_seq_len=32)
+    tokens = torch.tensor([1, 10, 20, 30, 40])
+    full = model.forward(tokens, 0)
+    assert torch.isfinite(full).all()
+    model.forward(tokens[:4], 0)
+    step = model.forward(tokens[4:], 4)
+    assert torch.allclose(step[0], full[4], atol=1e-4, rtol=1e-4)
 
 
 def test_same_seed_same_weights_and_kept_unless_overwrite(tmp_path):

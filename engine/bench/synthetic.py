@@ -115,13 +115,17 @@ def _dense_specs(s: SyntheticShape, family: Family, dtype: torch.dtype) -> list[
     specs = [TensorSpec("model.embed_tokens.weight", dtype, (s.vocab, H))]
     for i in range(s.num_layers):
         p = f"model.layers.{i}."
+        recipe = family.synthetic
+        attention = recipe.attention_tensors(s) if recipe.attention_tensors else [
+            ("self_attn.q_proj.weight", (s.heads * D, H)),
+            ("self_attn.k_proj.weight", (s.kv_heads * D, H)),
+            ("self_attn.v_proj.weight", (s.kv_heads * D, H)),
+            ("self_attn.o_proj.weight", (H, s.heads * D)),
+        ]
         specs += [
             TensorSpec(p + "input_layernorm.weight", dtype, (H,)),
             TensorSpec(p + "post_attention_layernorm.weight", dtype, (H,)),
-            TensorSpec(p + "self_attn.q_proj.weight", dtype, (s.heads * D, H)),
-            TensorSpec(p + "self_attn.k_proj.weight", dtype, (s.kv_heads * D, H)),
-            TensorSpec(p + "self_attn.v_proj.weight", dtype, (s.kv_heads * D, H)),
-            TensorSpec(p + "self_attn.o_proj.weight", dtype, (H, s.heads * D)),
+            *(TensorSpec(p + name, dtype, shape) for name, shape in attention),
             TensorSpec(family.router_weight(i), dtype, (s.num_experts, H)),
         ]
         specs += [TensorSpec(p + name, dtype, shape) for name, shape in family.synthetic.layer_tensors(s)]

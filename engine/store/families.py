@@ -143,13 +143,16 @@ class SyntheticRecipe:
 
     ``config(shape)``: the family's config.json keys for a ``SyntheticShape``; ``layer_tensors(shape)``:
     per-layer dense tensors beyond the attention projections, the two norms and the router, as
-    (name under ``model.layers.N.``, shape); ``presets``: shapes of real checkpoints, name ->
-    (layers, experts, top_k, hidden, expert intermediate, vocab, heads, kv_heads).
+    (name under ``model.layers.N.``, shape); ``attention_tensors(shape)``: the attention's tensors when
+    they are not q/k/v/o projections (DeepSeek's latent attention); ``presets``: shapes of real
+    checkpoints, name -> (layers, experts, top_k, hidden, expert intermediate, vocab, heads, kv_heads[,
+    head_dim]).
     """
 
     config: Callable[[Any], dict[str, Any]]
     layer_tensors: Callable[[Any], list[tuple[str, tuple[int, ...]]]] = no_tensors
     presets: Mapping[str, tuple[int, ...]] = field(default_factory=dict)
+    attention_tensors: Callable[[Any], list[tuple[str, tuple[int, ...]]]] | None = None
 
 
 @dataclass(frozen=True)

@@ -107,6 +107,9 @@ static inline void split_rows(int64_t n, int tid, int nt, int64_t *lo, int64_t *
 /* ---- bf16 rows (bf16.c): y[n - n0] = sum_k x[k] W[n, k] in float32, rows up to pf_end prefetched */
 void moeinf_dot_rows(const uint16_t *x, const uint16_t *W, float *y, int64_t n0, int64_t n1, int64_t K, int64_t pf_end);
 
+/* ---- one bf16 row's RMSNorm (decode.c): out = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))); out may be x */
+void moeinf_rms_norm(const uint16_t *x, const uint16_t *w, int64_t n, float eps, uint16_t *out);
+
 /* ---- block-format rows (quant.c) */
 /* one token's activations quantised per block of 32: q[K] int8, d[K/32] scales, s[K/32] = d * sum(q) */
 typedef struct {

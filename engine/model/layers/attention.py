@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cuda_ext.cpu import Linear, linear_many
+from cuda_ext import attention as native_attention
+from cuda_ext.cpu import Linear, linear_many, threads
 from engine.model.layers.context import BatchContext, StepContext
 from engine.model.layers.kv_cache import KVCache
 from engine.model.layers.norm import RMSNorm
@@ -61,12 +62,33 @@ class Attention(nn.Module):
         elif qk_norm is not None:
             raise ValueError(f"qk_norm must be None, 'head' or 'proj', not {qk_norm!r}")
         self.kv_cache: KVCache | None = None
+        self._plan: native_attention.DecodePlan | None | bool = False  # False: not made yet
 
     def setup_cache(self, max_seq_len: int, dtype: torch.dtype, device: torch.device, slots: int = 1) -> None:
         self.kv_cache = KVCache(max_seq_len, self.num_kv_heads, self.head_dim, dtype, device, slots=slots)
+        self._plan = False
+
+    def _apply(self, fn, recurse=True):
+        self._plan = False  # new tensors: describe them again
+        return super()._apply(fn, recurse)
+
+    def _native_decode(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+        """One bf16 token on the CPU in one native call (``cuda_ext.attention``), or None."""
+        plan = self._plan
+        if plan is False:  # made at the first decode after setup_cache (or after .to(): _apply)
+            plan = self._plan = native_attention.decode_plan(self)
+        if plan is None:
+            return None
+        return native_attention.decode(
+            plan, x, ctx.cos, ctx.sin, ctx.slot, ctx.start_pos, threads(self.q_proj.weight.numel())
+        )
 
     def forward(self, x: torch.Tensor, ctx: StepContext | BatchContext) -> torch.Tensor:
         T = x.shape[0]
+        if T == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and isinstance(ctx, StepContext):
+            out = self._native_decode(x, ctx)
+            if out is not None:
+                return out
         q, k, v = linear_many(  # one native call for one token on the CPU
             x,
             [self.q_proj.weight, self.k_proj.weight, self.v_proj.weight],

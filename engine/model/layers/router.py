@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cuda_ext.cpu import linear
+from cuda_ext.cpu import linear, route_topk
 
 
 class SoftmaxTopKRouter(nn.Module):
@@ -36,6 +36,12 @@ class SoftmaxTopKRouter(nn.Module):
         self.weights_dtype = weights_dtype
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() == 2 and x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu":
+            routed = route_topk(  # one decode token: one native call
+                x, self.weight, self.bias, self.top_k, self.renormalize, self.weights_dtype == "input"
+            )
+            if routed is not None:
+                return routed
         logits = linear(x, self.weight, self.bias)
         probs = torch.softmax(logits.float(), dim=-1)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)

@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cuda_ext.cpu import route_v3
+
 
 def _group_mask(group_scores: torch.Tensor, topk_group: int, experts_per_group: int) -> torch.Tensor:
     """[T, G] group scores -> [T, G * experts_per_group] bool mask of the experts in the kept groups."""
@@ -103,6 +105,13 @@ class DeepseekV3Router(nn.Module):
         return self
 
     def forward(self, hidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if hidden.dim() == 2 and hidden.shape[0] == 1 and hidden.dtype == torch.bfloat16:
+            routed = route_v3(  # one decode token on the CPU: one native call
+                hidden, self.weight, self.e_score_correction_bias, self.top_k, self.n_group, self.topk_group,
+                self.norm_topk_prob, self.routed_scaling_factor,
+            )
+            if routed is not None:
+                return routed
         logits = F.linear(hidden.float(), self.weight.float())  # [T, E]
         scores = logits.sigmoid()
         choice = scores + self.e_score_correction_bias.float()

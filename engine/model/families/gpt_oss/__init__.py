@@ -13,7 +13,14 @@ from __future__ import annotations
 
 import torch
 
-from engine.store.families import EXPERT_BIASES, EXPERT_TENSORS, Family, FusedPieces, strip_model_prefix
+from engine.store.families import (
+    EXPERT_BIASES,
+    EXPERT_TENSORS,
+    Family,
+    FusedPieces,
+    SyntheticRecipe,
+    strip_model_prefix,
+)
 
 # transformers' GptOssConfig default when config.json gives no rope parameters
 DEFAULT_ROPE = {
@@ -81,6 +88,31 @@ def build(args, experts):
     return build_gpt_oss(args, experts)
 
 
+def synthetic_config(s) -> dict:
+    """gpt-oss's config keys for a synthetic shape: sliding (128) and full attention alternating, biases."""
+    return {
+        "num_local_experts": s.num_experts,
+        "intermediate_size": s.intermediate,
+        "attention_bias": True,
+        "sliding_window": 128,
+        "layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(s.num_layers)],
+        "swiglu_limit": 7.0,
+        "rope_parameters": {"rope_theta": 150000.0, **DEFAULT_ROPE},
+    }
+
+
+def synthetic_tensors(s) -> list[tuple[str, tuple[int, ...]]]:
+    q, kv = s.heads * s.head_dim, s.kv_heads * s.head_dim
+    return [
+        ("self_attn.q_proj.bias", (q,)),
+        ("self_attn.k_proj.bias", (kv,)),
+        ("self_attn.v_proj.bias", (kv,)),
+        ("self_attn.o_proj.bias", (s.hidden,)),
+        ("self_attn.sinks", (s.heads,)),
+        ("mlp.router.bias", (s.num_experts,)),
+    ]
+
+
 FAMILY = Family(
     "gpt_oss",
     build,
@@ -93,4 +125,12 @@ FAMILY = Family(
     fuse_experts=fuse_experts,
     router="router",
     rename=rename,
+    synthetic=SyntheticRecipe(
+        synthetic_config,
+        synthetic_tensors,
+        presets={
+            "gpt-oss-20b": (24, 32, 4, 2880, 2880, 201088, 64, 8, 64),
+            "gpt-oss-120b": (36, 128, 4, 2880, 2880, 201088, 64, 8, 64),
+        },
+    ),
 )

@@ -1,0 +1,127 @@
+/* The small ops of a decode step that PyTorch runs as several kernels each: one call apiece.
+
+   moeinf_rms_norm(x, w, n, eps, out)
+       out = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))) for one bf16 row: RMSNorm (engine/model/layers/norm.py),
+       statistics in float32 (summed in order: PyTorch's vectorised mean may differ in the last bit)
+
+   moeinf_route_topk(x, W, bias, E, H, k, renorm, ids, weights, bf16_out, nthreads)
+       the softmax top-k router (engine/model/layers/router.py) for one bf16 token: logits = bf16(W x (+ b))
+       (moeinf_gemv_many, the bits of the linear layer), softmax over the E logits in float32, the k largest
+       in descending order, renormalised to sum to one when asked, written as float32 or rounded to bf16.
+       On a tie the lower expert id comes first: torch.topk orders ties as its selection algorithm happens
+       to, and exactly equal bf16 logits are not rare among 64-256 experts, so the two may pick different
+       ones of equally weighted experts. */
+
+#include <math.h>
+#include <stdlib.h>
+
+#include "common.h"
+
+void moeinf_gemv_many(const uint16_t *x, int64_t K, int count, const uint16_t *const *W,
+                      const uint16_t *const *bias, uint16_t *const *y, const int64_t *N, int nthreads);
+
+void moeinf_rms_norm(const uint16_t *x, const uint16_t *w, int64_t n, float eps, uint16_t *out) {
+    float ss = 0.0f;
+    for (int64_t i = 0; i < n; i++) {
+        float v = bf16_to_f32(x[i]);
+        ss += v * v;
+    }
+    float r = 1.0f / sqrtf(ss / (float)n + eps);
+    for (int64_t i = 0; i < n; i++) out[i] = f32_to_bf16(bf16_to_f32(w[i]) * round_bf16(bf16_to_f32(x[i]) * r));
+}
+
+#define MAX_ROUTED 1024
+#define MAX_TOPK 64
+
+/* Returns 0, or -1 for what it cannot do (more than 1024 experts, k outside 1..min(E, 64)). */
+int moeinf_route_topk(const uint16_t *x, const uint16_t *W, const uint16_t *bias, int64_t E, int64_t H, int k,
+                      int renorm, int64_t *ids, void *weights, int bf16_out, int nthreads) {
+    if (E < 1 || E > MAX_ROUTED || k < 1 || k > MAX_TOPK || k > E) return -1;
+    uint16_t logits[MAX_ROUTED];
+    float p[MAX_ROUTED];
+    const uint16_t *Ws[1] = {W}, *Bs[1] = {bias};
+    uint16_t *Ys[1] = {logits};
+    int64_t Ns[1] = {E};
+    moeinf_gemv_many(x, H, 1, Ws, Bs, Ys, Ns, nthreads);
+    float m = -INFINITY;
+    for (int64_t e = 0; e < E; e++) {
+        p[e] = bf16_to_f32(logits[e]);
+        if (p[e] > m) m = p[e];
+    }
+    float s = 0.0f;
+    for (int64_t e = 0; e < E; e++) {
+        p[e] = expf(p[e] - m);
+        s += p[e];
+    }
+    for (int64_t e = 0; e < E; e++) p[e] /= s;
+    float top[MAX_TOPK];
+    unsigned char taken[MAX_ROUTED] = {0};
+    float total = 0.0f;
+    for (int i = 0; i < k; i++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++)
+            if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;  /* a tie: the lower id */
+        taken[best] = 1;
+        ids[i] = best;
+        top[i] = p[best];
+        total += p[best];
+    }
+    for (int i = 0; i < k; i++) {
+        float v = renorm ? top[i] / total : top[i];
+        if (bf16_out) ((uint16_t *)weights)[i] = f32_to_bf16(v);
+        else ((float *)weights)[i] = v;
+    }
+    return 0;
+}
+
+/* DeepSeek-V3's router for one bf16 token (engine/model/families/deepseek/router.py, DeepseekV3Router):
+   logits = W x in float32 (the bf16 products are exact in float32: only the order of the sums differs
+   from F.linear on the float32 copies), scores = sigmoid(logits), choice = scores + correction bias;
+   the topk_group groups (of n_group) whose two best choices sum highest are kept, the k best choices
+   among their experts taken (descending, the lower id first on a tie), their unbiased scores
+   renormalised (sum + 1e-20) when asked and multiplied by `scale`. ids [k] int64, weights [k] float32.
+   Returns 0, or -1 for what it cannot do. */
+int moeinf_route_v3(const uint16_t *x, const uint16_t *W, const float *corr, int64_t E, int64_t H, int k,
+                    int n_group, int topk_group, int renorm, float scale, int64_t *ids, float *weights) {
+    if (E < 2 || E > MAX_ROUTED || k < 1 || k > MAX_TOPK || n_group < 1 || E % n_group || topk_group < 1 ||
+        topk_group > n_group || E / n_group < 2 || k > topk_group * (E / n_group))
+        return -1;
+    float logit[MAX_ROUTED], score[MAX_ROUTED], choice[MAX_ROUTED];
+    for (int64_t n0 = 0; n0 < E; n0 += CHUNK) {
+        int64_t n1 = n0 + CHUNK < E ? n0 + CHUNK : E;
+        moeinf_dot_rows(x, W, logit + n0, n0, n1, H, E);
+    }
+    for (int64_t e = 0; e < E; e++) {
+        score[e] = 1.0f / (1.0f + expf(-logit[e]));
+        choice[e] = score[e] + (corr ? corr[e] : 0.0f);
+    }
+    const int64_t per = E / n_group;
+    float group[MAX_ROUTED];
+    for (int g = 0; g < n_group; g++) {
+        float a = -INFINITY, b = -INFINITY;  /* the two best of the group */
+        for (int64_t e = g * per; e < (g + 1) * per; e++) {
+            if (choice[e] > a) { b = a; a = choice[e]; }
+            else if (choice[e] > b) b = choice[e];
+        }
+        group[g] = a + b;
+    }
+    unsigned char kept[MAX_ROUTED] = {0}, taken[MAX_ROUTED] = {0};
+    for (int i = 0; i < topk_group; i++) {
+        int best = -1;
+        for (int g = 0; g < n_group; g++)
+            if (!kept[g] && (best < 0 || group[g] > group[best])) best = g;
+        kept[best] = 1;
+    }
+    float total = 0.0f;
+    for (int i = 0; i < k; i++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++)
+            if (kept[e / per] && !taken[e] && (best < 0 || choice[e] > choice[best])) best = e;
+        taken[best] = 1;
+        ids[i] = best;
+        weights[i] = score[best];
+        total += score[best];
+    }
+    for (int i = 0; i < k; i++) weights[i] = (renorm ? weights[i] / (total + 1e-20f) : weights[i]) * scale;
+    return 0;
+}

@@ -1,0 +1,122 @@
+"""The decode step's small native ops (cuda_ext/csrc/cpu/decode.c) against the PyTorch path they replace:
+RMSNorm of one bf16 row, and the softmax top-k router of one bf16 token."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cuda_ext import cpu, loader
+from engine.model.layers.norm import RMSNorm
+from engine.model.layers.router import SoftmaxTopKRouter
+
+pytestmark = pytest.mark.skipif(loader.cpu() is None, reason="no C compiler for the native kernels")
+
+
+def _torch_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return w * h.to(x.dtype)
+
+
+@pytest.mark.parametrize("hidden", [64, 333, 896, 2048])
+def test_rms_norm_matches_torch(hidden):
+    torch.manual_seed(hidden)
+    diffs = 0
+    for t in range(40):
+        x = (torch.randn(1, hidden) * (0.05 + t)).bfloat16()
+        w = (1 + 0.1 * torch.randn(hidden)).bfloat16()
+        got = cpu.rms_norm(x, w, 1e-6)
+        want = _torch_norm(x, w, 1e-6)
+        # the float32 mean is summed in another order than torch's: at most one bf16 ulp, rarely
+        assert torch.allclose(got.float(), want.float(), rtol=2**-7, atol=0)
+        diffs += int(not torch.equal(got, want))
+    assert diffs <= 2
+
+
+def test_rms_norm_module_takes_the_native_path_for_one_token():
+    norm = RMSNorm(256, 1e-5).bfloat16()
+    with torch.no_grad():
+        norm.weight.normal_(1, 0.1)
+    x = torch.randn(1, 256).bfloat16()
+    assert torch.allclose(norm(x).float(), _torch_norm(x, norm.weight, 1e-5).float(), rtol=2**-7, atol=0)
+    two = torch.randn(2, 256).bfloat16()  # several rows: the PyTorch path, exactly
+    assert torch.equal(norm(two), _torch_norm(two, norm.weight, 1e-5))
+
+
+def _torch_route(x, router):
+    logits = cpu.linear(x, router.weight, router.bias)
+    probs = torch.softmax(logits.float(), dim=-1)
+    w, ids = torch.topk(probs, router.top_k, dim=-1)
+    if router.renormalize:
+        w = w / w.sum(-1, keepdim=True)
+    return (w.to(logits.dtype) if router.weights_dtype == "input" else w), ids, probs
+
+
+@pytest.mark.parametrize(
+    "experts,hidden,k,renorm,wdtype,bias",
+    [(8, 1024, 2, False, "float32", False), (64, 512, 8, False, "input", False),
+     (128, 256, 8, True, "input", False), (256, 384, 8, True, "float32", True), (32, 64, 4, True, "input", True)],
+)
+def test_router_matches_torch(experts, hidden, k, renorm, wdtype, bias):
+    torch.manual_seed(experts + k)
+    router = SoftmaxTopKRouter(hidden, experts, k, renormalize=renorm, weights_dtype=wdtype, bias=bias)
+    with torch.no_grad():
+        router.weight.normal_(0, 2 / hidden**0.5)
+        if bias:
+            router.bias.normal_(0, 0.5)
+    router = router.bfloat16()
+    for _ in range(30):
+        x = torch.randn(1, hidden).bfloat16()
+        w, ids = router(x)
+        assert ids.dtype == torch.int64 and ids.shape == (1, k) and w.shape == (1, k)
+        assert w.dtype == (torch.bfloat16 if wdtype == "input" else torch.float32)
+        want_w, want_ids, probs = _torch_route(x, router)
+        # the same probabilities chosen; exactly tied experts may be chosen in another order or another one
+        assert torch.equal(probs[0, ids[0]], probs[0, want_ids[0]])
+        p = probs[0, ids[0]]
+        assert bool((p[:-1] >= p[1:]).all())  # descending
+        assert len(set(ids[0].tolist())) == k
+        if torch.equal(ids, want_ids):
+            assert torch.allclose(w.float(), want_w.float(), rtol=2e-6 if wdtype == "float32" else 2**-8, atol=0)
+        if renorm:
+            assert abs(w.float().sum().item() - 1) < 1e-2
+
+
+def test_router_tie_takes_the_lower_id():
+    router = SoftmaxTopKRouter(16, 6, 2, renormalize=False).bfloat16()
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[[1, 4], 0] = 1.0
+    w, ids = router(torch.ones(1, 16).bfloat16())
+    assert ids.tolist() == [[1, 4]]
+    assert w[0, 0] == w[0, 1]
+
+
+@pytest.mark.parametrize("experts,groups,topk_group,k,renorm", [(256, 8, 4, 8, True), (16, 4, 2, 3, False), (64, 1, 1, 6, True)])
+def test_deepseek_v3_router_matches_torch(experts, groups, topk_group, k, renorm):
+    from engine.model.families.deepseek.router import DeepseekV3Router
+
+    torch.manual_seed(experts)
+    hidden = 448
+    router = DeepseekV3Router(hidden, experts, k, n_group=groups, topk_group=topk_group, norm_topk_prob=renorm,
+                              routed_scaling_factor=2.5)
+    with torch.no_grad():
+        router.weight.normal_(0, 2 / hidden**0.5)
+        router.e_score_correction_bias.normal_(0, 0.1)
+    router = router.bfloat16()
+    assert router.e_score_correction_bias.dtype == torch.float32
+    for _ in range(25):
+        x = torch.randn(1, hidden).bfloat16()
+        w, ids = router(x)  # the native call
+        assert w.dtype == torch.float32 and ids.shape == (1, k)
+        native = cpu._native
+        cpu._native = lambda: None  # the PyTorch path of the same module
+        try:
+            want_w, want_ids = router(x)
+        finally:
+            cpu._native = native
+        order = torch.argsort(want_ids[0])  # torch's top-k is unsorted: compare as sets of (id, weight)
+        mine = torch.argsort(ids[0])
+        assert torch.equal(ids[0][mine], want_ids[0][order])
+        assert torch.allclose(w[0][mine], want_w[0][order], rtol=1e-5, atol=1e-7)
