@@ -14,6 +14,10 @@ printed beside (the modules' timers do not see inside it).
 
     flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/decode_step_breakdown.py [--workdir DIR]
     flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/decode_step_breakdown.py --synthetic qwen3-30b-a3b --scale 0.25
+    flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/decode_step_breakdown.py --store HOME/models/NAME --dtype float32
+
+``--store DIR`` times a model already in a store (a pulled GGUF, say) in ``--dtype`` (default bf16);
+``--prefill`` splits the prompt's forward (``--prompt-len`` tokens) the same way instead of a decode step.
 """
 
 from __future__ import annotations
@@ -77,6 +81,12 @@ def _timed_fetch(parts: dict[str, float], experts) -> None:
 
 def _store(args: argparse.Namespace, work: Path) -> Path:
     """The model to time: a synthetic shape's random weights, or the Mixtral-shaped checkpoint pulled."""
+    if args.store is not None:
+        import json
+
+        cfg = json.loads((args.store / "config.json").read_text())
+        args.layers, args.vocab = cfg["num_hidden_layers"], cfg["vocab_size"]
+        return args.store
     if args.synthetic:
         from engine.bench.synthetic import make_synthetic_from_shape, synthetic_shape
 
@@ -99,6 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=64, help="steps per run")
     p.add_argument("--synthetic", default=None, help="a synthetic shape (moeinf bench --synthetic's names)")
     p.add_argument("--scale", type=float, default=0.25, help="width scale of --synthetic")
+    p.add_argument("--store", type=Path, default=None, help="a model directory of a store (models/NAME)")
+    p.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16 or float32")
+    p.add_argument("--prefill", action="store_true", help="split the prompt's forward instead of a decode step")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -110,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         from engine.model.loader import load_model
 
         store = _store(args, work)
-        model = load_model(store, dtype=torch.bfloat16, max_seq_len=args.prompt_len + args.tokens + 8)
+        model = load_model(store, dtype=getattr(torch, args.dtype), max_seq_len=args.prompt_len + args.tokens + 8)
         parts: dict[str, float] = {}
         sources = []  # each expert source wrapped once (layers share one)
         for layer in model.layers:
@@ -130,7 +143,14 @@ def main(argv: list[str] | None = None) -> int:
         _timed(parts, "lm head", model.lm_head)
         prompt = torch.randint(3, args.vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
         runs, native_runs = [], []
-        for run in range(args.runs + 1):  # run 0 warms up; layer by layer (timed per module), then native
+        for run in range(args.runs + 1):  # run 0 warms up; decode: layer by layer (timed per module), then native
+            if args.prefill:
+                parts.clear()
+                t0 = time.perf_counter()
+                model(prompt, 0, last_only=True)
+                if run:
+                    runs.append((time.perf_counter() - t0, dict(parts)))
+                continue
             for native in (False, True):
                 model.native_step = native  # the native step over every layer skips the modules' timers
                 nxt = model(prompt, 0, last_only=True)[-1].argmax().view(1)
@@ -145,14 +165,18 @@ def main(argv: list[str] | None = None) -> int:
                     runs.append((dt, {k: v / args.tokens for k, v in parts.items()}))
         runs.sort(key=lambda r: r[0])
         step, split = runs[len(runs) // 2]
-        taken = model._step is not None and model._step is not False
-        native = sorted(native_runs)[len(native_runs) // 2]
-        print(
-            f"decode step: {step * 1e3:.2f} ms ({1 / step:.1f} tok/s) layer by layer, "
-            + (f"{native * 1e3:.2f} ms ({1 / native:.1f} tok/s) with the native step over every layer"
-               if taken else "(the native step over every layer does not apply to this model)")
-            + f"; medians of {args.runs} runs of {args.tokens} steps, {args.layers} layers, {args.threads} threads"
-        )
+        if args.prefill:
+            print(f"prefill of {args.prompt_len} tokens: {step * 1e3:.2f} ms ({args.prompt_len / step:.1f} tok/s), "
+                  f"median of {args.runs} runs, {args.layers} layers, {args.threads} threads")
+        else:
+            taken = model._step is not None and model._step is not False
+            native = sorted(native_runs)[len(native_runs) // 2]
+            print(
+                f"decode step: {step * 1e3:.2f} ms ({1 / step:.1f} tok/s) layer by layer, "
+                + (f"{native * 1e3:.2f} ms ({1 / native:.1f} tok/s) with the native step over every layer"
+                   if taken else "(the native step over every layer does not apply to this model)")
+                + f"; medians of {args.runs} runs of {args.tokens} steps, {args.layers} layers, {args.threads} threads"
+            )
         moe_inner = ("  of which router", "  of which observe", "  of which fetch", "  of which experts")
         glue = split.get("moe", 0.0) - sum(split.get(name, 0.0) for name in moe_inner)
         split["  of which glue"] = glue

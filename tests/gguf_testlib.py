@@ -89,12 +89,14 @@ def _spm_metadata(writer: gguf.GGUFWriter, vocab_size: int) -> None:
 
 def write_gguf(model: torch.nn.Module, family: str, tokenizer_dir: Path | None, path: Path,
                quantize: tuple[str, ...] = (), pre: str = "gpt2", per_expert: bool = False,
-               qtype: str = "Q8_0") -> Path:
+               qtype: str = "Q8_0", qtypes: dict[str, str] | None = None) -> Path:
     """Write ``model`` (a tiny transformers model of ``family``) and the tokenizer saved in
     ``tokenizer_dir`` as a GGUF file at ``path``. GGUF names matching a substring in ``quantize``
     are stored as ``qtype`` (a GGML type name; quantised by the gguf package, which is llama.cpp's
     quantiser, where it can, else by moeinf's: Q4_K, Q6_K). ``tokenizer_dir`` None: a SentencePiece vocabulary instead. ``per_expert``: routed experts as one 2-D tensor each (``blk.N.ffn_gate.E``,
-    what older Mixtral GGUFs hold) instead of 3-D ``ffn_*_exps``."""
+    what older Mixtral GGUFs hold) instead of 3-D ``ffn_*_exps``. ``qtypes``: GGUF names containing a
+    key are stored as its type instead of ``qtype`` (e.g. ``{"blk.1.ffn_down": "Q4_0"}``: one layer's
+    experts in another format, as llama.cpp's Q4_K_M keeps some layers' ``ffn_down`` in Q6_K)."""
     import json
 
     cfg = model.config
@@ -139,11 +141,11 @@ def write_gguf(model: torch.nn.Module, family: str, tokenizer_dir: Path | None, 
         template = template_file.read_text() if template_file.exists() else tok_cfg.get("chat_template")
         _tokenizer_metadata(writer, tok_json, tok_cfg, template, pre)
 
-    gtype = gguf.GGMLQuantizationType[qtype]
-    block = gguf.GGML_QUANT_SIZES[gtype][0]
-
     def add(name: str, array: np.ndarray) -> None:
         array = np.ascontiguousarray(array, dtype=np.float32)
+        tname = next((t for key, t in (qtypes or {}).items() if key in name), qtype)
+        gtype = gguf.GGMLQuantizationType[tname]
+        block = gguf.GGML_QUANT_SIZES[gtype][0]
         if any(q in name for q in quantize) and array.ndim >= 2 and array.shape[-1] % block == 0:
             try:
                 q = gguf.quants.quantize(array, gtype)

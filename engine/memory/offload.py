@@ -219,7 +219,7 @@ class OffloadedExperts:
             self._free_main, self._free_stream = [], []
             slots, self.slots = self.slots, []
         for slot in slots:
-            slot.weights, slot.tensors, slot.raw_t = None, {}, None
+            slot.weights, slot.tensors, slot.raw_t, slot.flat = None, {}, None, None
             if slot.raw is not None:
                 slot.raw.release()
                 slot.raw = None

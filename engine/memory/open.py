@@ -77,9 +77,17 @@ def open_experts(
     layout = model.layout
     if not layout.is_moe:
         raise MoeinfError(f"{model.name} is a dense model: it has no routed experts to offload")
-    ex_layout = ExpertLayout.from_tensors(model.expert_tensors, model.expert_file_bytes, dtype)
+    by_layer = {  # one layout per MoE layer (layers may store their experts in different formats)
+        layer: ExpertLayout.from_tensors(
+            model.layer_expert_tensors(layer), model.expert_path(layer, 0).stat().st_size, dtype
+        )
+        for layer in layout.moe_layers
+    }
+    ex_layout = max(by_layer.values(), key=lambda lay: (lay.compute_bytes(), lay.file_size))
+    others = tuple(dict.fromkeys(lay for lay in by_layer.values() if lay != ex_layout))
+    # a share ("25%") is of the expert bytes as stored
+    total = layout.num_experts * sum(lay.stored_bytes() for lay in by_layer.values())
     n_experts = len(layout.moe_layers) * layout.num_experts
-    total = n_experts * ex_layout.stored_bytes()  # a share ("25%") is of the expert bytes as stored
     stats = CacheStats(expert_bytes_total=total)
     resolved = resolve_budget(
         spec,
@@ -97,7 +105,7 @@ def open_experts(
         resident.preload((layer, e) for layer in layout.moe_layers for e in range(layout.num_experts))
         return resident
 
-    transfer = make_transfer(ex_layout, device, direct=direct)
+    transfer = make_transfer(ex_layout, device, direct=direct, others=others)
     capacity = resolved.bytes // transfer.slot_bytes
     if capacity < layout.top_k:
         need = layout.top_k * transfer.slot_bytes

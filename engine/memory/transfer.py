@@ -13,6 +13,9 @@
   event recorded when the compute released it.
 
 All slot memory is allocated once, when the cache opens; a load only copies into existing memory.
+A model whose MoE layers store their experts in different formats (a llama.cpp Q4_K_M file keeps some
+layers' ``ffn_down`` in Q6_K) has one ``ExpertLayout`` per distinct layer layout: slots are sized for
+the largest, and a load views the slot with the layout its shard's header matches.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from engine.model.experts import ExpertWeights
 from engine.store.header import ALIGN, STORE_HINT, SafetensorsHeader, TensorInfo, parse_header
 
 FREE, LOADING, RESIDENT, STREAM = "free", "loading", "resident", "stream"
+_NO_LAYOUT = object()
 
 
 @dataclass(frozen=True)
@@ -77,9 +81,12 @@ class ExpertLayout:
         entries = {n: (f, s) for n, f, s in self.formats}
         return ExpertWeights.from_tensors({n: storage.as_stored(n, v, entries) for n, v in views.items()})
 
-    def check(self, header: SafetensorsHeader, path: Path | str) -> None:
+    def matches(self, header: SafetensorsHeader) -> bool:
         kept = tuple(sorted((k, t.format, t.shape) for k, t in header.tensors.items() if t.quantised))
-        if self._items(header.tensors) != self.tensors or kept != self.formats:
+        return self._items(header.tensors) == self.tensors and kept == self.formats
+
+    def check(self, header: SafetensorsHeader, path: Path | str) -> None:
+        if not self.matches(header):
             raise MoeinfError(
                 f"expert shard {path} does not match the model's other experts; pull the model again"
             )
@@ -100,6 +107,8 @@ class Slot:
     raw: memoryview | None = None  # DirectTransfer: the shard image
     raw_t: torch.Tensor | None = None
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # Convert/Cuda: fixed views
+    flat: torch.Tensor | None = None  # Convert/Cuda: the slot's memory, viewed by ``tensors``
+    layout: object = _NO_LAYOUT  # Convert/Cuda: the ExpertLayout ``tensors`` view ``flat`` with
     ready_event: object | None = None  # CUDA: the copy into this slot is done
     release_event: object | None = None  # CUDA: the compute stopped using this slot
 
@@ -120,19 +129,36 @@ def _flat_views(flat: torch.Tensor, layout: ExpertLayout) -> dict[str, torch.Ten
 
 
 class Transfer(ABC):
-    """Base: allocates slots and fills one from a shard file. ``load`` runs on a worker thread."""
+    """Base: allocates slots and fills one from a shard file. ``load`` runs on a worker thread.
+
+    ``layout`` is the experts' layout; ``others`` those of MoE layers whose experts differ in their
+    tensors' formats (slots fit the largest; see the module docstring)."""
 
     io = ""
 
-    def __init__(self, layout: ExpertLayout, device: torch.device):
+    def __init__(self, layout: ExpertLayout, device: torch.device, others: tuple[ExpertLayout, ...] = ()):
+        self.layouts = (layout, *(o for o in others if o != layout))
         self.layout = layout
         self.device = device
-        self._headers: dict[str, SafetensorsHeader] = {}
+        self._headers: dict[str, tuple[SafetensorsHeader, ExpertLayout]] = {}
         self._local = threading.local()
 
     @property
     def slot_bytes(self) -> int:
-        return self.layout.compute_bytes()
+        return max(lay.compute_bytes() for lay in self.layouts)
+
+    @property
+    def file_size(self) -> int:
+        return max(lay.file_size for lay in self.layouts)
+
+    @staticmethod
+    def _view(slot: Slot, layout: ExpertLayout) -> None:
+        """Point the slot's tensors (and weights) at its memory as ``layout`` lays it out."""
+        if slot.layout is not layout:
+            assert slot.flat is not None
+            slot.tensors = _flat_views(slot.flat, layout)
+            slot.weights = layout.weights(slot.tensors)
+            slot.layout = layout
 
     @abstractmethod
     def make_slots(self, n: int, n_stream: int) -> list[Slot]:
@@ -154,27 +180,32 @@ class Transfer(ABC):
         self._headers.clear()
         self._local = threading.local()
 
-    def _header(self, path: Path, buf: memoryview | bytes, size: int) -> SafetensorsHeader:
-        """The parsed header of the shard just read (``size`` bytes into ``buf``), checked against the
-        layout and the file size (a truncated shard is an error, not garbage weights)."""
+    def _header(self, path: Path, buf: memoryview | bytes, size: int) -> tuple[SafetensorsHeader, ExpertLayout]:
+        """The parsed header of the shard just read (``size`` bytes into ``buf``) and the layout it
+        matches, checked against the layouts and the file size (a truncated shard is an error, not
+        garbage weights)."""
         key = str(path)
-        h = self._headers.get(key)
-        if h is None:
+        got = self._headers.get(key)
+        if got is None:
             h = parse_header(buf, path, hint=STORE_HINT)
-            self.layout.check(h, path)
-            self._headers[key] = h
-        if h.data_end > size:
+            lay = next((lay for lay in self.layouts if lay.matches(h)), None)
+            if lay is None:
+                self.layout.check(h, path)  # raises: the one-line error
+            assert lay is not None
+            got = self._headers[key] = (h, lay)
+        if got[0].data_end > size:
             raise MoeinfError(f"expert shard {path} is truncated; {STORE_HINT}")
-        return h
+        return got
 
 
 class DirectTransfer(Transfer):
     """CPU, same dtype: O_DIRECT read of the whole shard into the slot; weights are views into it."""
 
-    def __init__(self, layout: ExpertLayout, device: torch.device, direct: bool = True):
-        super().__init__(layout, device)
+    def __init__(self, layout: ExpertLayout, device: torch.device, direct: bool = True,
+                 others: tuple[ExpertLayout, ...] = ()):
+        super().__init__(layout, device, others)
         self.reader = ShardReader(direct)
-        self._slot_bytes = round_up(layout.file_size) + ALIGN  # one page of slack for header padding
+        self._slot_bytes = round_up(self.file_size) + ALIGN  # one page of slack for header padding
         self._arena = None
 
     @property
@@ -198,11 +229,11 @@ class DirectTransfer(Transfer):
     def load(self, slot: Slot, path: Path) -> int:
         assert slot.raw is not None and slot.raw_t is not None
         size = self.reader.read_into(path, slot.raw)
-        header = self._header(path, slot.raw, size)
+        header, layout = self._header(path, slot.raw, size)
         views = {}
         for name, t in header.tensors.items():
             views[name] = slot.raw_t[t.start : t.end].view(t.torch_dtype).view(t.stored_shape)
-        slot.weights = self.layout.weights(views)
+        slot.weights = layout.weights(views)
         return size
 
     def close(self) -> None:
@@ -218,10 +249,11 @@ class DirectTransfer(Transfer):
 class ConvertTransfer(Transfer):
     """CPU, other dtype: O_DIRECT read into a per-worker staging buffer, converted into the slot."""
 
-    def __init__(self, layout: ExpertLayout, device: torch.device, direct: bool = True):
-        super().__init__(layout, device)
+    def __init__(self, layout: ExpertLayout, device: torch.device, direct: bool = True,
+                 others: tuple[ExpertLayout, ...] = ()):
+        super().__init__(layout, device, others)
         self.reader = ShardReader(direct)
-        self._staging_bytes = round_up(layout.file_size) + ALIGN
+        self._staging_bytes = round_up(self.file_size) + ALIGN
 
     @property
     def io(self) -> str:  # type: ignore[override]
@@ -233,9 +265,8 @@ class ConvertTransfer(Transfer):
         arena.zero_()  # fault the pages in now, not in the decode loop
         slots = []
         for i in range(n):
-            s = Slot(i, i >= n - n_stream, self.slot_bytes)
-            s.tensors = _flat_views(arena[i * per : (i + 1) * per], self.layout)
-            s.weights = self.layout.weights(s.tensors)
+            s = Slot(i, i >= n - n_stream, self.slot_bytes, flat=arena[i * per : (i + 1) * per])
+            self._view(s, self.layout)
             slots.append(s)
         return slots
 
@@ -249,7 +280,8 @@ class ConvertTransfer(Transfer):
     def load(self, slot: Slot, path: Path) -> int:
         mv, t = self._staging()
         size = self.reader.read_into(path, mv)
-        header = self._header(path, mv, size)
+        header, layout = self._header(path, mv, size)
+        self._view(slot, layout)
         for name, e in header.tensors.items():
             slot.tensors[name].copy_(t[e.start : e.end].view(e.torch_dtype).view(e.stored_shape))
         return size
@@ -260,8 +292,8 @@ class CudaTransfer(Transfer):
 
     io = "mmap+pinned->cuda"
 
-    def __init__(self, layout: ExpertLayout, device: torch.device):
-        super().__init__(layout, device)
+    def __init__(self, layout: ExpertLayout, device: torch.device, others: tuple[ExpertLayout, ...] = ()):
+        super().__init__(layout, device, others)
         self._maps: dict[str, torch.Tensor] = {}
         self._maps_lock = threading.Lock()
 
@@ -270,9 +302,8 @@ class CudaTransfer(Transfer):
         arena = torch.empty(n * per, dtype=torch.uint8, device=self.device)
         slots = []
         for i in range(n):
-            s = Slot(i, i >= n - n_stream, self.slot_bytes)
-            s.tensors = _flat_views(arena[i * per : (i + 1) * per], self.layout)
-            s.weights = self.layout.weights(s.tensors)
+            s = Slot(i, i >= n - n_stream, self.slot_bytes, flat=arena[i * per : (i + 1) * per])
+            self._view(s, self.layout)
             s.ready_event = torch.cuda.Event()
             s.release_event = None
             slots.append(s)
@@ -300,7 +331,7 @@ class CudaTransfer(Transfer):
             staging = []
             for _ in range(2):  # double-buffered: fill one while the other is being copied
                 flat = torch.empty(self.slot_bytes, dtype=torch.uint8, pin_memory=True)
-                staging.append((_flat_views(flat, self.layout), torch.cuda.Event()))
+                staging.append((flat, torch.cuda.Event()))
             st = self._local.state = {
                 "stream": torch.cuda.Stream(device=self.device),
                 "staging": staging,
@@ -310,11 +341,13 @@ class CudaTransfer(Transfer):
 
     def load(self, slot: Slot, path: Path) -> int:
         st = self._worker_state()
-        views, done = st["staging"][st["next"]]
+        flat, done = st["staging"][st["next"]]
         st["next"] ^= 1
         done.synchronize()  # the previous copy out of this staging buffer has finished
         mapped = self._mapped(path)
-        header = self._header(path, memoryview(mapped.numpy()[: 8 + 100_000]), mapped.numel())
+        header, layout = self._header(path, memoryview(mapped.numpy()[: 8 + 100_000]), mapped.numel())
+        views = _flat_views(flat, layout)
+        self._view(slot, layout)  # the compute released the slot before it was chosen for this load
         for name, e in header.tensors.items():
             views[name].copy_(mapped[e.start : e.end].view(e.torch_dtype).view(e.stored_shape))
         stream = st["stream"]
@@ -341,12 +374,15 @@ class CudaTransfer(Transfer):
         slot.release_event = ev
 
 
-def make_transfer(layout: ExpertLayout, device: torch.device, direct: bool = True) -> Transfer:
-    """The copy primitive for ``device``: CUDA when asked and available, else the CPU paths."""
+def make_transfer(
+    layout: ExpertLayout, device: torch.device, direct: bool = True, others: tuple[ExpertLayout, ...] = ()
+) -> Transfer:
+    """The copy primitive for ``device``: CUDA when asked and available, else the CPU paths.
+    ``others``: the layouts of MoE layers whose experts are stored in other formats."""
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise MoeinfError("CUDA was asked for but torch sees no GPU; use --device cpu")
-        return CudaTransfer(layout, device)
-    if layout.same_dtype:
-        return DirectTransfer(layout, device, direct)
-    return ConvertTransfer(layout, device, direct)
+        return CudaTransfer(layout, device, others)
+    if all(lay.same_dtype for lay in (layout, *others)):
+        return DirectTransfer(layout, device, direct, others)
+    return ConvertTransfer(layout, device, direct, others)

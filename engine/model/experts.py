@@ -62,7 +62,7 @@ def load_expert(
     shard is a one-line error): float tensors in ``dtype``, block-quantised ones kept as they are (no
     upcast) on ``device``; and the shard's tensor bytes as stored."""
     raw = store.read_expert(layer, expert)
-    kept = {n: (t.format, t.shape) for n, t in store.expert_tensors.items() if t.quantised}
+    kept = {n: (t.format, t.shape) for n, t in store.layer_expert_tensors(layer).items() if t.quantised}
     out: dict[str, Weight] = {}
     size = 0
     for name, r in raw.items():

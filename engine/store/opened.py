@@ -3,7 +3,9 @@
 ``open_model(name_or_path)`` resolves a store name (or a store directory) and returns a
 ``StoreModel``: its manifest, its config.json, its MoE layout, every dense tensor as a ``TensorInfo``
 (file, dtype and format, shape, byte range) and the tensors every expert shard holds (read from the
-first expert shard: the converter writes all of a model's expert shards with one header layout).
+first expert shard of each MoE layer: the converter writes the shards of one layer with one header
+layout; layers may differ in their tensors' formats, as a llama.cpp Q4_K_M file keeps some layers'
+``ffn_down`` in Q6_K and the others in Q4_K).
 The loader, the expert cache, the session and the bench take this object instead of a path, so
 nothing reads config.json or a safetensors header a second time.
 
@@ -105,25 +107,37 @@ class StoreModel:
 
     @functools.cached_property
     def expert_header(self) -> SafetensorsHeader:
-        """The header every expert shard shares (read from the first one); MoeinfError for a dense model."""
+        """The header of the first MoE layer's expert shards; MoeinfError for a dense model."""
+        return self.layer_expert_header(self.layout.moe_layers[0] if self.is_moe else 0)
+
+    def layer_expert_header(self, layer: int) -> SafetensorsHeader:
+        """The header every expert shard of MoE layer ``layer`` shares (read from its expert 0, once)."""
         if not self.is_moe:
             raise MoeinfError(f"{self.name} is a dense model: it has no routed experts")
-        return _checked_header(self.expert_path(self.layout.moe_layers[0], 0))
+        cache = self.__dict__.setdefault("_layer_headers", {})
+        if layer not in cache:
+            cache[layer] = _checked_header(self.expert_path(layer, 0))
+        return cache[layer]
 
     @property
     def expert_tensors(self) -> dict[str, TensorInfo]:
-        """The tensors of one expert shard, by name (offsets as in every expert shard)."""
+        """The tensors of one expert shard of the first MoE layer, by name (names and shapes are the same
+        in every layer; formats may differ by layer: ``layer_expert_tensors``)."""
         return self.expert_header.tensors
+
+    def layer_expert_tensors(self, layer: int) -> dict[str, TensorInfo]:
+        """The tensors of one expert shard of MoE layer ``layer`` (offsets as in each of its shards)."""
+        return self.layer_expert_header(layer).tensors
 
     @functools.cached_property
     def expert_file_bytes(self) -> int:
-        """Size of one expert shard file."""
-        return self.expert_path(self.layout.moe_layers[0], 0).stat().st_size
+        """Size of the largest expert shard file (the first expert of each MoE layer)."""
+        return max(self.expert_path(layer, 0).stat().st_size for layer in self.layout.moe_layers)
 
     def read_expert(self, layer: int, expert: int) -> dict[str, torch.Tensor]:
         """The tensors of one expert shard on the CPU, in their stored dtype (views of one buffer read
-        whole). A missing, truncated or damaged shard, or one whose tensors differ from the model's
-        other experts, is a MoeinfError."""
+        whole). A missing, truncated or damaged shard, or one whose tensors differ from the other experts
+        of its layer, is a MoeinfError."""
         path = self.expert_path(layer, expert)
         try:
             with open(path, "rb", buffering=0) as f:
@@ -136,8 +150,8 @@ class StoreModel:
         header = parse_header(buf, path, hint=HINT)
         if got < len(buf) or header.data_end > len(buf):
             raise MoeinfError(f"expert shard {path} is truncated; {HINT}")
-        mine = {k: (t.dtype, t.stored_shape) for k, t in header.tensors.items()}
-        if mine != {k: (t.dtype, t.stored_shape) for k, t in self.expert_tensors.items()}:
+        mine = {k: (t.dtype, t.stored_shape, t.format) for k, t in header.tensors.items()}
+        if mine != {k: (t.dtype, t.stored_shape, t.format) for k, t in self.layer_expert_tensors(layer).items()}:
             raise MoeinfError(f"expert shard {path} does not match the model's other experts; {HINT}")
         whole = torch.frombuffer(buf, dtype=torch.uint8) if buf else torch.empty(0, dtype=torch.uint8)
         return {
