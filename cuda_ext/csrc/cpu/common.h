@@ -85,12 +85,15 @@ static inline void q4k_scales(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
 
 /* ---- the thread pool (pool.c) */
 typedef void (*task_fn)(void *arg, int tid, int nt);
+typedef void (*phase_fn)(void *arg, int phase, int part, int parts);
 #define MAX_THREADS 16
-/* run fn(arg, tid, nt) for tid < nt on the caller (tid 0) and nt - 1 persistent workers; a caller that
-   finds the pool busy (another Python thread) runs fn(arg, 0, 1) alone */
+/* run fn(arg, part, nt) for every part < nt, on the caller and up to nt - 1 persistent workers, each
+   part claimed by whoever comes first (a worker the OS has not scheduled yet holds nobody up); a caller
+   that finds the pool busy (another Python thread) runs every part alone */
 void moeinf_pool_run(task_fn fn, void *arg, int nt);
-/* all nt participants of the running job meet here */
-void moeinf_pool_barrier(int nt);
+/* fn(arg, p, part, parts) for every part of phase p = 0..phases-1 (at most 4), phase p + 1 once every
+   part of phase p is done; on up to nt threads, parts claimed as in moeinf_pool_run */
+void moeinf_pool_run_phases(phase_fn fn, void *arg, int phases, int parts, int nt);
 
 /* [lo, hi) of n rows for participant tid of nt, in multiples of `align` rows */
 static inline void split_rows_by(int64_t n, int64_t align, int tid, int nt, int64_t *lo, int64_t *hi) {

@@ -4,11 +4,12 @@
        h_e = bf16(act(gate_e x, up_e x)),  d_e = down_e h_e,  acc += bf16(coef_e * bf16(d_e)), in order e = 0..k-1
 
    Weights are bf16 (type 0) or one block format (a GGUF type that quant.c takes: the activations x and
-   h_e are then quantised per block of 32, as there). Phase 1 splits the k * I gate/up rows over the
-   threads; phase 2 (after the quantisation of h, for block formats) splits the H output rows, each
-   thread adding every expert's share of its rows in expert order, so the sum is the same as k
-   single-expert calls in that order, on any thread count. One job instead of k: no wake-ups or
-   barriers between experts, and no Python between them.
+   h_e are then quantised per block of 32, as there). One pool job of phases (pool.c: parts claimed by
+   whichever thread comes first): the k * I gate/up rows split into parts; then (block formats) h
+   quantised; then the H output rows split into parts, each adding every expert's share of its rows in
+   expert order, so the sum is the same as k single-expert calls in that order, on any thread count and
+   whoever runs which part. One job instead of k: no wake-ups between experts, and no Python between
+   them.
 
    act 0: SiLU(gate + gate_bias) * (up + up_bias), each product and bias rounded to bf16 as torch
    does (the SwiGLU of Mixtral, Qwen, OLMoE, DeepSeek's routed experts). act 1: gpt-oss's clamped
@@ -81,22 +82,24 @@ static inline float activate_f32(const experts_job *j, int e, int64_t n, float g
     return (u + 1.0f) * (g * (1.0f / (1.0f + expf(-(g * j->alpha)))));
 }
 
-/* float32 experts (f32): phase 1 writes hf, phase 2 reads it; the same row splits as the bf16 path */
-static void experts_task_f32(experts_job *j, int tid, int nt) {
+/* float32 experts (f32): phase 0 writes hf, phase 1 reads it; the same row splits as the bf16 path */
+static void experts_phase_f32(experts_job *j, int phase, int part, int parts) {
     const int64_t H = j->H, I = j->I;
     frow_fn row = moeinf_frow_function(j->type);
     const float *x = (const float *)j->x;
     int64_t lo, hi;
-    split_rows(j->k * I, tid, nt, &lo, &hi);
-    for (int64_t r = lo; r < hi; r++) {
-        int e = (int)(r / I);
-        int64_t n = r - e * I;
-        const uint8_t *gw = (const uint8_t *)j->gate[e], *uw = (const uint8_t *)j->up[e];
-        float g = row(gw + n * j->rb_gate, x, H / 32), u = row(uw + n * j->rb_gate, x, H / 32);
-        j->hf[r] = activate_f32(j, e, n, g, u);
+    if (phase == 0) {
+        split_rows(j->k * I, part, parts, &lo, &hi);
+        for (int64_t r = lo; r < hi; r++) {
+            int e = (int)(r / I);
+            int64_t n = r - e * I;
+            const uint8_t *gw = (const uint8_t *)j->gate[e], *uw = (const uint8_t *)j->up[e];
+            float g = row(gw + n * j->rb_gate, x, H / 32), u = row(uw + n * j->rb_gate, x, H / 32);
+            j->hf[r] = activate_f32(j, e, n, g, u);
+        }
+        return;
     }
-    moeinf_pool_barrier(nt);
-    split_rows(H, tid, nt, &lo, &hi);
+    split_rows(H, part, parts, &lo, &hi);
     for (int64_t n = lo; n < hi; n++) {
         float sum = j->acc[n];
         for (int e = 0; e < j->k; e++) {
@@ -109,51 +112,55 @@ static void experts_task_f32(experts_job *j, int tid, int nt) {
     }
 }
 
-static void experts_task(void *arg, int tid, int nt) {
+/* phase 0: the k * I rows of gate and up, in blocks of 16 rows, split into parts; phase 1 (block
+   formats): h quantised per block of 32 for the down products; phase 2: the H output rows, every
+   expert's share of a row added in expert order */
+static void experts_phase(void *arg, int phase, int part, int parts) {
     experts_job *j = arg;
     if (j->f32) {
-        experts_task_f32(j, tid, nt);
+        experts_phase_f32(j, phase == 0 ? 0 : 1, part, parts);
         return;
     }
     const int64_t H = j->H, I = j->I;
     float g[CHUNK], u[CHUNK];
     row_fn row = j->type ? moeinf_row_function(j->type) : 0;
     int64_t lo, hi;
-    /* phase 1: the k * I rows of gate and up, in blocks of 16 rows, over the threads */
-    split_rows(j->k * I, tid, nt, &lo, &hi);
-    for (int64_t r = lo; r < hi;) {
-        int e = (int)(r / I);
-        int64_t n0 = r - e * I, n1 = n0 + (hi - r);
-        if (n1 > I) n1 = I;
-        for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
-            int64_t c1 = c0 + CHUNK < n1 ? c0 + CHUNK : n1;
-            if (row) {
-                const uint8_t *gw = (const uint8_t *)j->gate[e], *uw = (const uint8_t *)j->up[e];
-                for (int64_t n = c0; n < c1; n++) {
-                    g[n - c0] = row(gw + n * j->rb_gate, &j->xq, H / 32);
-                    u[n - c0] = row(uw + n * j->rb_gate, &j->xq, H / 32);
+    if (phase == 0) {
+        split_rows(j->k * I, part, parts, &lo, &hi);
+        for (int64_t r = lo; r < hi;) {
+            int e = (int)(r / I);
+            int64_t n0 = r - e * I, n1 = n0 + (hi - r);
+            if (n1 > I) n1 = I;
+            for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
+                int64_t c1 = c0 + CHUNK < n1 ? c0 + CHUNK : n1;
+                if (row) {
+                    const uint8_t *gw = (const uint8_t *)j->gate[e], *uw = (const uint8_t *)j->up[e];
+                    for (int64_t n = c0; n < c1; n++) {
+                        g[n - c0] = row(gw + n * j->rb_gate, &j->xq, H / 32);
+                        u[n - c0] = row(uw + n * j->rb_gate, &j->xq, H / 32);
+                    }
+                } else {
+                    moeinf_dot_rows((const uint16_t *)j->x, (const uint16_t *)j->gate[e], g, c0, c1, H, n1);
+                    moeinf_dot_rows((const uint16_t *)j->x, (const uint16_t *)j->up[e], u, c0, c1, H, n1);
                 }
-            } else {
-                moeinf_dot_rows((const uint16_t *)j->x, (const uint16_t *)j->gate[e], g, c0, c1, H, n1);
-                moeinf_dot_rows((const uint16_t *)j->x, (const uint16_t *)j->up[e], u, c0, c1, H, n1);
+                for (int64_t n = c0; n < c1; n++) j->h[e * I + n] = activate(j, e, n, g[n - c0], u[n - c0]);
             }
-            for (int64_t n = c0; n < c1; n++) j->h[e * I + n] = activate(j, e, n, g[n - c0], u[n - c0]);
+            r += n1 - n0;
         }
-        r += n1 - n0;
+        return;
     }
-    moeinf_pool_barrier(nt);
-    if (row) {  /* phase 1.5: h quantised per block of 32 for the down products */
+    if (phase == 1) {
+        if (!row) return;
         int64_t blocks = j->k * I / 32;
         float tmp[32];
-        for (int64_t b = blocks * tid / nt; b < blocks * (tid + 1) / nt; b++) {
+        for (int64_t b = blocks * part / parts; b < blocks * (part + 1) / parts; b++) {
             for (int i = 0; i < 32; i++) tmp[i] = bf16_to_f32(j->h[32 * b + i]);
             int sum = moeinf_quantize_block(tmp, j->hq + 32 * b, j->hd + b);
             j->hs[b] = j->hd[b] * (float)sum;
         }
-        moeinf_pool_barrier(nt);
+        return;
     }
-    /* phase 2: output rows over the threads, every expert's share of a row added in expert order */
-    split_rows(H, tid, nt, &lo, &hi);
+    split_rows(H, part, parts, &lo, &hi);
     for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
         int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
         for (int e = 0; e < j->k; e++) {
@@ -187,11 +194,12 @@ static void fill_job(experts_job *j, const void *x, int k, const void *const *ga
     }
 }
 
-static int threads_for(const experts_job *j, int nthreads) {
+static void run_experts(experts_job *j, int nthreads) {
     int nt = nthreads;
     int64_t small = j->H < j->k * j->I ? j->H : j->k * j->I;
     if ((int64_t)nt * 16 > small) nt = (int)((small + 15) / 16);
-    return nt < 1 ? 1 : nt;
+    if (nt < 1) nt = 1;
+    moeinf_pool_run_phases(experts_phase, j, j->f32 ? 2 : 3, nt, nt);
 }
 
 int moeinf_experts_acc(const uint16_t *x, int k, const void *const *gate, const void *const *up,
@@ -223,7 +231,7 @@ int moeinf_experts_acc(const uint16_t *x, int k, const void *const *gate, const 
         j.hd = (float *)(j.hq + ((k * I + 63) & ~(int64_t)63));
         j.hs = j.hd + k * I / 32;
     }
-    moeinf_pool_run(experts_task, &j, threads_for(&j, nthreads));
+    run_experts(&j, nthreads);
     return 0;
 }
 
@@ -244,6 +252,6 @@ int moeinf_experts_acc_f32(const float *x, int k, const void *const *gate, const
     j.rb_down = (int)(I / values * bytes);
     j.hf = moeinf_scratch(sizeof(float) * (size_t)(k * I) + 64);
     if (!j.hf) return -1;
-    moeinf_pool_run(experts_task, &j, threads_for(&j, nthreads));
+    run_experts(&j, nthreads);
     return 0;
 }
