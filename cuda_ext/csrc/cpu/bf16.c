@@ -33,30 +33,30 @@ static inline __m512 hsum16(const __m512 *a) {
 }
 #endif
 
-/* y[n - n0] = sum_k x[k] * W[n, k] (float32) for n0 <= n < n1 of a row-major [N, K] bf16 matrix;
-   rows up to pf_end may be prefetched */
+/* y[n - n0] = sum_k x[k] * W[n, k] (float32) for n0 <= n < n1 of a row-major [N, K] bf16 matrix.
+   The weights are read in memory order (a block of 16 rows, row by row), which the hardware prefetcher
+   streams: 28-30 GB/s on one core of the AMD EPYC here against 31-34 GB/s for a plain read, where
+   walking the 16 rows column by column (with software prefetch of the next block) got 21-22 GB/s.
+   pf_end is not used any more (kept for the callers). */
 void moeinf_dot_rows(const uint16_t *restrict x, const uint16_t *restrict W, float *restrict y,
                      int64_t n0, int64_t n1, int64_t K, int64_t pf_end) {
+    (void)pf_end;
     int64_t n = n0;
 #ifdef MOEINF_DPBF16
     const int64_t K32 = K & ~(int64_t)31;
     const __mmask32 tail = (__mmask32)((1ull << (K - K32)) - 1);
     const __m512bh xt = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + K32);
-    for (; n + 16 <= n1; n += 16) {  /* sixteen rows share each load of x; the next block goes to L2 meanwhile */
+    for (; n + 16 <= n1; n += 16) {  /* sixteen rows, one sum each, reduced together */
         const uint16_t *w0 = W + n * K;
-        const char *pf = (const char *)(w0 + 16 * K);
-        const int64_t pf_step = n + 32 <= pf_end && K32 ? 1024 : 0;  /* 16 rows x 64 B per step of 32 columns */
         __m512 a[16];
-        for (int r = 0; r < 16; r++) a[r] = _mm512_setzero_ps();
-        for (int64_t k = 0, i = 0; k < K32; k += 32, i++) {
-            __m512bh xv = (__m512bh)_mm512_loadu_si512(x + k);
-            for (int64_t p = i * pf_step; p < (i + 1) * pf_step; p += 64) _mm_prefetch(pf + p, _MM_HINT_T1);
-            for (int r = 0; r < 16; r++)
-                a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_loadu_si512(w0 + r * K + k), xv);
+        for (int r = 0; r < 16; r++) {
+            const uint16_t *w = w0 + r * K;
+            __m512 s = _mm512_setzero_ps();
+            for (int64_t k = 0; k < K32; k += 32)
+                s = _mm512_dpbf16_ps(s, (__m512bh)_mm512_loadu_si512(w + k), (__m512bh)_mm512_loadu_si512(x + k));
+            if (tail) s = _mm512_dpbf16_ps(s, (__m512bh)_mm512_maskz_loadu_epi16(tail, w + K32), xt);
+            a[r] = s;
         }
-        if (tail)
-            for (int r = 0; r < 16; r++)
-                a[r] = _mm512_dpbf16_ps(a[r], (__m512bh)_mm512_maskz_loadu_epi16(tail, w0 + r * K + K32), xt);
         _mm512_storeu_ps(y + (n - n0), hsum16(a));
     }
     for (; n + 4 <= n1; n += 4) {
@@ -82,7 +82,6 @@ void moeinf_dot_rows(const uint16_t *restrict x, const uint16_t *restrict W, flo
         y[n - n0] = _mm512_reduce_add_ps(a);
     }
 #else
-    (void)pf_end;
     for (; n + 4 <= n1; n += 4) {  /* auto-vectorised: 16 float lanes per row, four rows per load of x */
         const uint16_t *w0 = W + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
         float a0[16] = {0}, a1[16] = {0}, a2[16] = {0}, a3[16] = {0};
