@@ -64,4 +64,5 @@ def clamped_swiglu_expert(alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIM
         return experts_accumulate(x, experts, coefs, acc, clamped=(alpha, limit))
 
     run.accumulate = accumulate  # type: ignore[attr-defined]
+    run.clamped = (alpha, limit)  # type: ignore[attr-defined]  # for the native step (engine.model.native_step)
     return run
