@@ -21,8 +21,9 @@ int moeinf_mla_decode(const void *plan, const uint16_t *x, const uint16_t *cos, 
 void moeinf_rms_norm_f32w(const uint16_t *x, const uint16_t *w, int64_t n, float eps, uint16_t *out);
 int moeinf_route(const uint16_t *x, const uint16_t *W, const uint16_t *bias, int64_t E, int64_t H, int k,
                  int renorm, int order, int64_t *ids, void *weights, int bf16_out, int nthreads);
-int moeinf_route_v3(const uint16_t *x, const uint16_t *W, const float *corr, int64_t E, int64_t H, int k,
-                    int n_group, int topk_group, int renorm, float scale, int64_t *ids, float *weights);
+int moeinf_route_v3_mt(const uint16_t *x, const uint16_t *W, const float *corr, int64_t E, int64_t H, int k,
+                       int n_group, int topk_group, int renorm, float scale, int64_t *ids, float *weights,
+                       int nthreads);
 int moeinf_experts_acc(const uint16_t *x, int k, const void *const *gate, const void *const *up,
                        const void *const *down, const uint16_t *const *gate_bias, const uint16_t *const *up_bias,
                        const uint16_t *const *down_bias, const float *coef, int type, int64_t H, int64_t I,
@@ -94,8 +95,8 @@ int moeinf_decode_layers(const step_layer *layers, int n, int64_t H, uint16_t *x
             float *w = weights + off;
             int64_t *id = ids + off;
             int err = L->router_kind == 1
-                ? moeinf_route_v3(t, L->router, L->corr, L->E, H, L->k, L->n_group, L->topk_group, L->renorm,
-                                  L->scale, id, w)
+                ? moeinf_route_v3_mt(t, L->router, L->corr, L->E, H, L->k, L->n_group, L->topk_group,
+                                     L->renorm, L->scale, id, w, pick(L->E * H, nthreads))
                 : moeinf_route(t, L->router, L->router_bias, L->E, H, L->k, L->renorm, L->order, id, w, 0,
                                pick(L->E * H, nthreads));
             if (err) return -(1 + l);
