@@ -73,12 +73,21 @@ def test_native_step_is_the_layers_one_by_one(family, experts, top_k):
             model.layers[0].mlp = _dense_mlp(128, 160)
         _touch_experts(model)
         model.native_step = native
+        seen, observe = [], source.observe
+
+        def watch(layer, ids, hidden, seen=seen, observe=observe):
+            seen.append((layer, hidden.clone()))
+            return observe(layer, ids, hidden)
+
+        source.observe = watch
         logits = _decode(model, prompt, 12)
         assert (model._step is not False and model._step is not None) == native
-        runs.append((logits, rec.routes, source.stats()))
-    (a, routes_a, st_a), (b, routes_b, st_b) = runs
+        runs.append((logits, rec.routes, source.stats(), seen))
+    (a, routes_a, st_a, seen_a), (b, routes_b, st_b, seen_b) = runs
     assert torch.equal(a, b)
     assert routes_a == routes_b  # the recorder saw every layer's routing, in order
+    assert [layer for layer, _ in seen_a] == [layer for layer, _ in seen_b]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(seen_a, seen_b, strict=True))  # the router inputs
     assert (st_a.accesses, st_a.hits, st_a.layer_hits) == (st_b.accesses, st_b.hits, st_b.layer_hits)
 
 
