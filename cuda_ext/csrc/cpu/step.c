@@ -28,6 +28,11 @@ int moeinf_experts_acc(const uint16_t *x, int k, const void *const *gate, const 
                        const void *const *down, const uint16_t *const *gate_bias, const uint16_t *const *up_bias,
                        const uint16_t *const *down_bias, const float *coef, int type, int64_t H, int64_t I,
                        int act, float alpha, float limit, float *acc, int nthreads);
+int moeinf_experts_acc_last(const uint16_t *x, int k, const void *const *gate, const void *const *up,
+                            const void *const *down, const uint16_t *const *gate_bias,
+                            const uint16_t *const *up_bias, const uint16_t *const *down_bias, const float *coef,
+                            int type, int64_t H, int64_t I, int act, float alpha, float limit, float *acc,
+                            float *acc_last, int nthreads);
 
 typedef struct {
     const void *attn;                      /* attention.c's plan, or mla.c's (attn_kind 1) */
@@ -110,11 +115,23 @@ int moeinf_decode_layers(const step_layer *layers, int n, int64_t H, uint16_t *x
                 gb[e] = L->table[3 * L->E + j]; ub[e] = L->table[4 * L->E + j]; db[e] = L->table[5 * L->E + j];
             }
             memset(acc, 0, sizeof(float) * (size_t)H);
-            if (moeinf_experts_acc(t, L->k, g, u, d, (const uint16_t *const *)gb, (const uint16_t *const *)ub,
-                                   (const uint16_t *const *)db, coef, L->type, H, L->I, L->act, L->alpha,
-                                   L->limit, acc, pick(3 * L->I * H, nthreads)))
+            /* a shared expert of the routed experts' width and format joins their pool job as the last
+               expert, its sum kept apart (acc2): the same bits as its own call */
+            int joined = L->shared_I == L->I && L->type == 0 && L->act == 0 && L->k < 32;
+            int k = L->k;
+            if (joined) {
+                const void *const *s = L->shared;
+                g[k] = s[0]; u[k] = s[1]; d[k] = s[2]; gb[k] = s[3]; ub[k] = s[4]; db[k] = s[5];
+                coef[k] = 1.0f;
+                memset(acc2, 0, sizeof(float) * (size_t)H);
+                k++;
+            }
+            if (moeinf_experts_acc_last(t, k, g, u, d, (const uint16_t *const *)gb, (const uint16_t *const *)ub,
+                                        (const uint16_t *const *)db, coef, L->type, H, L->I, L->act, L->alpha,
+                                        L->limit, acc, joined ? acc2 : 0, pick(3 * L->I * H, nthreads)))
                 return -(1 + l);
             off += L->k;
+            if (joined) goto combine;
         }
         if (L->shared_I) {
             const void *const *s = L->shared;
@@ -125,6 +142,7 @@ int moeinf_decode_layers(const step_layer *layers, int n, int64_t H, uint16_t *x
                                    H, L->shared_I, 0, 0.0f, 0.0f, acc2, pick(3 * L->shared_I * H, nthreads)))
                 return -(1 + l);
         }
+    combine:
         for (int64_t i = 0; i < H; i++) {
             float y;
             if (L->router_kind == 2) y = round_bf16(acc2[i]);
