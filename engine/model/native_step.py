@@ -19,6 +19,8 @@ the same bits as the layers called one by one (the same native pieces; ``tests/t
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 
 from cuda_ext import attention as native_attention
@@ -115,11 +117,11 @@ def _moe(mlp, hidden: int) -> tuple[dict, list] | None:
                  "v3": (corr, gate.n_group, gate.topk_group, float(gate.routed_scaling_factor))}
     else:
         return None
-    fn = mlp.expert_fn
-    clamped = getattr(fn, "clamped", None)
+    accumulate = inspect.unwrap(getattr(mlp.expert_fn, "accumulate", None) or (lambda: None))  # a timer's wrapper
+    clamped = getattr(accumulate, "clamped", None)  # gpt-oss's clamped SwiGLU experts
     if clamped is not None:
         args["clamped"] = clamped
-    elif getattr(fn, "accumulate", None) is not experts_accumulate:
+    elif accumulate is not experts_accumulate:
         return None
     if mlp.shared_expert_gate is not None:
         return None
