@@ -7,8 +7,11 @@ dense weight but the embedding table, which gives one row, plus top-k experts in
 the read bandwidth the kernels' thread pool reaches on a 1 GiB buffer in the same run, with the same
 thread count (``cuda_ext.cpu.read_bandwidth``), measured between the decode runs.
 
-Two ways of running a token's experts are interleaved: ``grouped`` (all of a token's experts in one
-native call, the default path) and ``per-expert`` (one native call per expert, as before).
+Three ways of running a step are interleaved: ``native step`` (the default path: every layer in one
+native call, ``engine.model.native_step``, where the model takes it; else the same as ``grouped``),
+``grouped`` (the layers one by one, all of a token's experts in one native call) and ``per-expert``
+(the layers one by one, one native call per expert). The line under the shape says whether the native
+step applied.
 
     flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/decode_bound.py --synthetic qwen3-30b-a3b --scale 0.25
 """
@@ -112,21 +115,27 @@ def main(argv: list[str] | None = None) -> int:
             prompt = torch.randint(
                 3, shape.vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)
             )
-            times: dict[str, list[float]] = {"grouped": [], "per-expert": []}
+            times: dict[str, list[float]] = {"native step": [], "grouped": [], "per-expert": []}
             bandwidth: list[float] = []
+            native = False
             with torch.inference_mode():
                 for run in range(args.runs + 1):  # run 0 warms up
                     with cpu.decode_threads(True):
                         bw = cpu.read_bandwidth(buffer, args.threads, repeats=1)
+                    model.native_step = False  # the layers one by one
                     saved = _per_expert(model)
                     t_per = _decode(model, prompt, args.tokens)
                     for fn, acc in saved.values():
                         fn.accumulate = acc
                     t_grouped = _decode(model, prompt, args.tokens)
+                    model.native_step, model._step = True, False  # made again for the restored experts
+                    t_native = _decode(model, prompt, args.tokens)
+                    native = model._step is not None and model._step is not False
                     if run:
                         bandwidth.append(bw)
                         times["per-expert"].append(t_per)
                         times["grouped"].append(t_grouped)
+                        times["native step"].append(t_native)
             bw = statistics.median(bandwidth)
             bound = step_bytes / bw
             print(
@@ -136,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"{bw / 1e9:.1f} GB/s (min {min(bandwidth) / 1e9:.1f}, max {max(bandwidth) / 1e9:.1f}), "
                 f"{args.threads} threads: bound {bound * 1e3:.1f} ms/token ({1 / bound:.1f} tok/s)"
             )
+            print(f"  the native step over every layer {'applied' if native else 'did NOT apply'}")
             for mode, ts in times.items():
                 t = statistics.median(ts)
                 print(

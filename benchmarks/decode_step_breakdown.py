@@ -23,6 +23,7 @@ printed beside (the modules' timers do not see inside it).
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from decode_bound import _touch_experts  # noqa: E402
 from decode_vs_transformers import add_model_args, make_checkpoint  # noqa: E402
 
 
@@ -48,9 +50,11 @@ def _timed(parts: dict[str, float], name: str, module: torch.nn.Module) -> None:
 
 
 def _timed_call(parts: dict[str, float], name: str, owner, attr: str) -> None:
-    """Time every call of ``owner.attr`` (a method or a function attribute) under ``name``."""
+    """Time every call of ``owner.attr`` (a method or a function attribute) under ``name`` (the wrapper's
+    ``__wrapped__`` is the original: the native step still recognises the experts' ``accumulate``)."""
     fn = getattr(owner, attr)
 
+    @functools.wraps(fn)
     def run(*args, **kwargs):
         t = time.perf_counter()
         out = fn(*args, **kwargs)
@@ -125,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
         store = _store(args, work)
         model = load_model(store, dtype=getattr(torch, args.dtype), max_seq_len=args.prompt_len + args.tokens + 8)
         parts: dict[str, float] = {}
-        sources = []  # each expert source wrapped once (layers share one)
+        _touch_experts(model)  # all resident: the native step is offered every expert
+        sources, wrapped = [], []  # each expert source and expert function wrapped once (layers share them)
         for layer in model.layers:
             _timed(parts, "norms", layer.input_layernorm)
             _timed(parts, "norms", layer.post_attention_layernorm)
@@ -138,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
                     _timed_call(parts, "  of which observe", layer.mlp.experts, "observe")
                     _timed_fetch(parts, layer.mlp.experts)
                 fn = layer.mlp.expert_fn
-                if getattr(fn, "accumulate", None) is not None:
+                if getattr(fn, "accumulate", None) is not None and not any(f is fn for f in wrapped):
+                    wrapped.append(fn)  # layers may share one expert function: wrapped once
                     _timed_call(parts, "  of which experts", fn, "accumulate")
         _timed(parts, "lm head", model.lm_head)
         prompt = torch.randint(3, args.vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0))

@@ -1,7 +1,8 @@
 """One decode token through a grouped-query attention layer in one native call (``csrc/cpu/attention.c``).
 
 ``decode_plan(module)`` describes an ``engine.model.layers.attention.Attention`` to the kernel once (its
-weights, biases, q/k norms, clip, window, KV cache): a ctypes struct of pointers, which the module
+weights, biases, q/k norms, clip, window, KV cache; gpt-oss's ``SinkAttention``: its sinks and its
+``SinkKVCache``, a sink row before position 0 and key rows padded past the head): a ctypes struct of pointers, which the module
 makes again after ``setup_cache`` and after ``.to()`` (``plan_key`` says what it depends on). ``decode(plan, x, cos, sin, slot, pos)`` then runs the layer for
 one bf16 token: q/k/v projections, q/k RMSNorm, clip, rotary, the KV-cache write, softmax attention
 over the visible positions, the output projection; the result equals the torch path's within bf16
@@ -42,6 +43,10 @@ class _Plan(ctypes.Structure):
         ("scaling", ctypes.c_float),
         ("k_cache", ctypes.c_void_p),
         ("v_cache", ctypes.c_void_p),
+        ("k_row", ctypes.c_int64),
+        ("v_row", ctypes.c_int64),
+        ("row0", ctypes.c_int64),
+        ("sinks", ctypes.c_void_p),
     ]
 
 
@@ -65,9 +70,15 @@ def _bf16_cpu(t, numel: int | None = None) -> bool:
     )
 
 
+def _cache(module):
+    """The module's KV cache: gpt-oss's ``SinkKVCache`` (a sink row before position 0, keys padded) for a
+    module with ``sinks``, else its ``KVCache``."""
+    return module.sink_cache if getattr(module, "sinks", None) is not None else module.kv_cache
+
+
 def plan_key(module) -> tuple:
     """What a plan depends on: every pointer it holds and the cache's shape."""
-    cache = module.kv_cache
+    cache = _cache(module)
     tensors = [
         module.q_proj.weight,
         module.k_proj.weight,
@@ -79,6 +90,7 @@ def plan_key(module) -> tuple:
         module.o_proj.bias,
         getattr(module, "q_norm", None),
         getattr(module, "k_norm", None),
+        getattr(module, "sinks", None),
     ]
     ptrs = tuple(
         None if t is None else (t.weight if isinstance(t, torch.nn.Module) else t).data_ptr() for t in tensors
@@ -90,7 +102,7 @@ def decode_plan(module) -> DecodePlan | None:
     """The kernel's description of ``module`` (an ``Attention``), or None when the native path cannot run it."""
     if loader.cpu() is None:
         return None
-    cache = module.kv_cache
+    cache = _cache(module)
     H = module.q_proj.weight.shape[1] if isinstance(module.q_proj.weight, torch.Tensor) else None
     nh, nkv, D = module.num_heads, module.num_kv_heads, module.head_dim
     if cache is None or H is None or D > 512 or D % 2 or nh % nkv:
@@ -102,10 +114,19 @@ def decode_plan(module) -> DecodePlan | None:
     biases = (module.q_proj.bias, module.k_proj.bias, module.v_proj.bias, module.o_proj.bias)
     if not all(b is None or _bf16_cpu(b, n) for b, n in zip(biases, (nq, nk, nk, H), strict=True)):
         return None
-    if not (_bf16_cpu(cache.k) and _bf16_cpu(cache.v) and cache.k.shape == cache.v.shape):
+    if not (_bf16_cpu(cache.k) and _bf16_cpu(cache.v) and cache.k.dim() == 4 and cache.v.dim() == 4):
         return None
-    if tuple(cache.k.shape[1:]) != (nkv, cache.max_seq_len, D):
+    sinks = getattr(module, "sinks", None)
+    row0 = 0 if sinks is None else 1
+    rows = cache.max_seq_len + row0
+    if cache.k.shape[:3] != cache.v.shape[:3] or tuple(cache.v.shape[1:]) != (nkv, rows, D):
         return None
+    if cache.k.shape[-1] != D if sinks is None else cache.k.shape[-1] <= D:  # the sink's component: past D
+        return None
+    if sinks is not None:
+        if not isinstance(sinks, torch.Tensor) or sinks.numel() != nh or sinks.device.type != "cpu":
+            return None
+        sinks = sinks.detach().to(torch.bfloat16).contiguous()  # as the torch path rounds them
     mode = {None: 0, "head": 1, "proj": 2}[module.qk_norm]
     q_norm = getattr(module, "q_norm", None)
     k_norm = getattr(module, "k_norm", None)
@@ -138,8 +159,12 @@ def decode_plan(module) -> DecodePlan | None:
         float(module.scaling),
         cache.k.data_ptr(),
         cache.v.data_ptr(),
+        cache.k.shape[-1],
+        D,
+        row0,
+        ptr(sinks),
     )
-    return DecodePlan(struct, weights + biases + (cache.k, cache.v), plan_key(module))
+    return DecodePlan(struct, weights + biases + (cache.k, cache.v, sinks), plan_key(module))
 
 
 def decode(

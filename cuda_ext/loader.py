@@ -61,8 +61,10 @@ SIGNATURES: dict[str, list] = {
     "moeinf_rms_norm_f32w": [_p, _p, _i64, _f32, _p],
     "moeinf_rms_norm_f32": [_p, _p, _i64, _f32, _p],
     "moeinf_route": [_p, _p, _p, _i64, _i64, _int, _int, _int, _p, _p, _int, _int],
-    "moeinf_decode_layers": [_p, _int, _i64, _p, _p, _p, _i64, _i64, _p, _p, _int],
+    "moeinf_decode_layers": [_p, _int, _i64, _p, _p, _p, _i64, _i64, _p, _p, _p, _int],
+    "moeinf_mla_decode": [_p, _p, _p, _p, _i64, _i64, _p, _int],
     "moeinf_route_v3": [_p, _p, _p, _i64, _i64, _int, _int, _int, _int, _f32, _p, _p],
+    "moeinf_route_v3_mt": [_p, _p, _p, _i64, _i64, _int, _int, _int, _int, _f32, _p, _p, _int],
 }
 _RESTYPES = {
     "moeinf_isa": ctypes.c_char_p,
@@ -73,7 +75,9 @@ _RESTYPES = {
     "moeinf_attn_decode": _int,
     "moeinf_route": _int,
     "moeinf_route_v3": _int,
+    "moeinf_route_v3_mt": _int,
     "moeinf_decode_layers": _int,
+    "moeinf_mla_decode": _int,
     "moeinf_read_bytes": ctypes.c_uint64,
 }
 

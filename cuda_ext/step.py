@@ -1,10 +1,13 @@
 """The decoder layers of one bf16 decode token in one native call (``csrc/cpu/step.c``).
 
-``layer_struct(...)`` describes one pre-norm MoE layer (its attention's ``cuda_ext.attention`` plan, the
-two RMSNorms, the softmax top-k router and a pointer table of every routed expert of the layer);
-``decode_layers(layers, x, cos, sin, slot, pos, threads)`` runs them all for one token and returns the
-hidden state and every layer's routing (ids and weights, for the expert source's hooks). The kernel calls
-the same native pieces the layers call one by one, so the result is the same bits.
+``layer_struct(...)`` describes one pre-norm layer: its attention's plan (``cuda_ext.attention``, or
+``cuda_ext.mla`` for multi-head latent attention), the two RMSNorms (bf16 weight, or gpt-oss's weight
+applied in float32), the router (softmax top-k, gpt-oss's top-k then softmax, or DeepSeek-V3's grouped
+sigmoid router; none for a dense layer), a pointer table of every routed expert of the layer (SiLU or
+gpt-oss's clamped SwiGLU), and a shared expert or a dense layer's MLP. ``decode_layers(layers, x, cos,
+sin, slot, pos, threads)`` runs them all for one token and returns the hidden state, every layer's
+routing (ids and weights) and each layer's router input, for the expert source's hooks. The kernel
+calls the same native pieces the layers call one by one, so the result is the same bits.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import ctypes
 import torch
 
 from cuda_ext import loader
+
+ROUTE_SOFTMAX, ROUTE_V3, ROUTE_NONE = 0, 1, 2
 
 
 class _Layer(ctypes.Structure):
@@ -31,6 +36,19 @@ class _Layer(ctypes.Structure):
         ("router", ctypes.c_void_p),
         ("router_bias", ctypes.c_void_p),
         ("table", ctypes.c_void_p),
+        ("norm_f32w", ctypes.c_int),
+        ("router_kind", ctypes.c_int),
+        ("order", ctypes.c_int),
+        ("act", ctypes.c_int),
+        ("alpha", ctypes.c_float),
+        ("limit", ctypes.c_float),
+        ("attn_kind", ctypes.c_int),
+        ("n_group", ctypes.c_int),
+        ("topk_group", ctypes.c_int),
+        ("scale", ctypes.c_float),
+        ("corr", ctypes.c_void_p),
+        ("shared", ctypes.c_void_p * 6),
+        ("shared_I", ctypes.c_int64),
     ]
 
 
@@ -42,8 +60,12 @@ class Layers:
         self.keep = keep
         self.hidden = hidden
         self.count = len(structs)
-        self.topk = [s.k for s in structs]
+        self.topk = [0 if s.router_kind == ROUTE_NONE else s.k for s in structs]
         self.total_k = sum(self.topk)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
 
 
 def layer_struct(
@@ -51,17 +73,31 @@ def layer_struct(
     in_norm: torch.Tensor,
     post_norm: torch.Tensor,
     eps: float,
-    router: torch.Tensor,
-    router_bias: torch.Tensor | None,
-    top_k: int,
-    renormalize: bool,
-    bf16_weights: bool,
-    entries: list[tuple],
+    router: torch.Tensor | None = None,
+    router_bias: torch.Tensor | None = None,
+    top_k: int = 0,
+    renormalize: bool = False,
+    bf16_weights: bool = False,
+    entries: list[tuple] | None = None,
+    *,
+    mla: bool = False,
+    norm_f32w: bool = False,
+    route: int = ROUTE_SOFTMAX,
+    topk_first: bool = False,
+    clamped: tuple[float, float] | None = None,
+    v3: tuple[torch.Tensor | None, int, int, float] | None = None,
+    shared: tuple | None = None,
 ) -> tuple[_Layer, list]:
-    """One layer's struct and what it must keep alive. ``entries``: every expert's
-    ``cuda_ext.cpu._expert_entry`` (type, I, H, gate, up, down, biases), in expert order."""
+    """One layer's struct and what it must keep alive. ``entries``: every routed expert's
+    ``cuda_ext.cpu._expert_entry`` (type, I, H, gate, up, down, biases), in expert order (None with
+    ``route=ROUTE_NONE``, a dense layer). ``mla``: ``attn_plan`` is a ``cuda_ext.mla`` plan.
+    ``topk_first``: gpt-oss's router; ``clamped=(alpha, limit)``: gpt-oss's experts; ``v3=(correction
+    bias float32 [E] or None, n_group, topk_group, routed scale)``: DeepSeek-V3's router; ``shared``: the
+    bf16 entry of a shared expert (or of a dense layer's MLP)."""
+    entries = entries or []
     E = len(entries)
-    table = (ctypes.c_void_p * (6 * E))(*(e[m] for m in range(3, 9) for e in entries))
+    table = (ctypes.c_void_p * max(1, 6 * E))(*(e[m] for m in range(3, 9) for e in entries))
+    corr, n_group, topk_group, scale = v3 if v3 is not None else (None, 0, 0, 1.0)
     struct = _Layer(
         attn_plan.address,
         in_norm.data_ptr(),
@@ -70,28 +106,42 @@ def layer_struct(
         top_k,
         int(renormalize),
         int(bf16_weights),
-        entries[0][0],
+        entries[0][0] if entries else 0,
         E,
-        entries[0][1],
-        router.data_ptr(),
-        None if router_bias is None else router_bias.data_ptr(),
+        entries[0][1] if entries else 0,
+        _ptr(router),
+        _ptr(router_bias),
         ctypes.addressof(table),
+        int(norm_f32w),
+        route,
+        int(topk_first),
+        0 if clamped is None else 1,
+        0.0 if clamped is None else clamped[0],
+        0.0 if clamped is None else clamped[1],
+        int(mla),
+        n_group,
+        topk_group,
+        scale,
+        _ptr(corr),
+        (ctypes.c_void_p * 6)(*(shared[3:9] if shared is not None else [None] * 6)),
+        0 if shared is None else shared[1],
     )
-    return struct, [attn_plan, in_norm, post_norm, router, router_bias, table]
+    return struct, [attn_plan, in_norm, post_norm, router, router_bias, table, corr]
 
 
 def decode_layers(
     layers: Layers, x: torch.Tensor, cos, sin, slot: int, pos: int, threads: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """(hidden [1, H] bf16, ids [sum k] int64, weights [sum k] float32, layers done): the hidden state
-    after the layers done (all of them, unless a kernel refused one: the caller runs the rest one by
-    one from there) and the routing of those done."""
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(hidden [1, H] bf16, ids [sum k] int64, weights [sum k] float32, router inputs [layers, H] bf16,
+    layers done): the hidden state after the layers done (all of them, unless a kernel refused one: the
+    caller runs the rest one by one from there), the routing of those done and their router inputs."""
     lib = loader.cpu()
     if lib is None:
-        return x, torch.empty(0, dtype=torch.int64), torch.empty(0), 0
+        return x, torch.empty(0, dtype=torch.int64), torch.empty(0), torch.empty(0), 0
     out = x.contiguous().clone()
     ids = torch.empty(layers.total_k, dtype=torch.int64)
     weights = torch.empty(layers.total_k, dtype=torch.float32)
+    routed_in = torch.empty(layers.count, layers.hidden, dtype=torch.bfloat16)
     err = lib.lib.moeinf_decode_layers(
         layers.array,
         layers.count,
@@ -103,7 +153,8 @@ def decode_layers(
         pos,
         ids.data_ptr(),
         weights.data_ptr(),
+        routed_in.data_ptr(),
         threads,
     )
     done = layers.count if err == 0 else -err - 1
-    return out, ids, weights, done
+    return out, ids, weights, routed_in, done

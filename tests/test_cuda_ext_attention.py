@@ -106,3 +106,44 @@ def test_plan_follows_a_new_cache_and_refuses_what_it_cannot_run():
     assert native_attention.decode_plan(f32) is None  # float32: the torch path
     x = torch.randn(1, 96).bfloat16()
     assert native_attention.decode(plan, x, None, None, 0, 10_000, 1) is None  # outside the cache
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("cache_len", [64, 2048])
+def test_native_decode_with_sinks_equals_the_torch_path(window, cache_len):
+    """gpt-oss's SinkAttention: the sink joins each head's softmax; its cache (a sink row, padded keys)."""
+    from engine.model.families.gpt_oss.attention import SinkAttention
+
+    torch.manual_seed(0)
+    m = SinkAttention(96, 4, 2, 32, bias=True, sliding_window=window)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.copy_(torch.randn_like(p) * (0.2 if p.dim() > 1 else 1.0))
+        m.sinks.mul_(3.0)  # sinks from well below to well above the scores
+    m = m.to(torch.bfloat16)
+    rope = RotaryEmbedding({"rope_type": "default", "rope_theta": 10000.0}, 32, 4096)
+    rope.setup(cache_len, torch.bfloat16, torch.device("cpu"))
+    m.setup_cache(cache_len, torch.bfloat16, torch.device("cpu"), slots=2)
+    assert native_attention.decode_plan(m) is not None, "the native path must take this module"
+    cache = m.sink_cache
+    prefill = cache_len - 8
+    for slot in (0, 1):
+        keys = torch.randn(2, prefill, 32).bfloat16()
+        cache.k[slot, :, 1 : prefill + 1, :32] = keys
+        cache.v[slot, :, 1 : prefill + 1] = torch.randn_like(keys)
+    start = (cache.k.clone(), cache.v.clone())
+    for pos, slot in ((prefill, 0), (prefill + 1, 0), (prefill, 1), (3, 1), (0, 1)):
+        x = torch.randn(1, 96).bfloat16()
+        outs = []
+        for native in (False, True):
+            cache.k.copy_(start[0])
+            cache.v.copy_(start[1])
+            m._plan = False if native else None
+            outs.append((m(x, _ctx(rope, pos, slot)), cache.k.clone(), cache.v.clone()))
+        assert isinstance(m._plan, native_attention.DecodePlan), "the native path did not run"
+        (ref, k_ref, v_ref), (ours, k_ours, v_ours) = outs
+        for a, b in ((k_ours, k_ref), (v_ours, v_ref)):
+            assert torch.equal(a, b), "the cache rows written differ"
+        scale = ref.float().abs().max().item()
+        err = (ours.float() - ref.float()).abs().max().item()
+        assert err <= 2 ** -6 * scale, f"window {window} pos {pos}: {err} against output scale {scale}"

@@ -167,3 +167,23 @@ def test_float32_rms_norm_matches_torch():
         want = norm.weight * h
         assert got.dtype == torch.float32
         assert torch.allclose(got, want, rtol=1e-6, atol=0)  # float32 roundings of the mean in another order
+
+
+def test_route_v3_split_over_threads_gives_the_same_routing():
+    """The native step's V3 router splits the logits' rows over the pool: the same ids and weights."""
+    lib = loader.cpu().lib
+    torch.manual_seed(3)
+    E, H, k = 256, 448, 8
+    x = torch.randn(1, H).bfloat16()
+    W = (torch.randn(E, H) * H**-0.5).bfloat16()
+    corr = torch.randn(E) * 0.01
+    got = []
+    for nt in (1, 2, 3):
+        ids, w = torch.empty(k, dtype=torch.int64), torch.empty(k)
+        err = lib.moeinf_route_v3_mt(x.data_ptr(), W.data_ptr(), corr.data_ptr(), E, H, k, 8, 4, 1, 2.5,
+                                     ids.data_ptr(), w.data_ptr(), nt)
+        assert err == 0
+        got.append((ids, w))
+    want = cpu.route_v3(x, W, corr, k, 8, 4, True, 2.5)
+    for ids, w in got:
+        assert torch.equal(ids, want[1][0]) and torch.equal(w, want[0][0])

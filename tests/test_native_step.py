@@ -33,23 +33,61 @@ class Recorder:
         self.routes.append((layer, ids.tolist()))
 
 
-@pytest.mark.parametrize("family,experts,top_k", [("qwen3_moe", 16, 4), ("mixtral", 8, 2), ("olmoe", 8, 3)])
+def _dense_mlp(hidden, inter):
+    from engine.model.layers.mlp import MLP
+
+    torch.manual_seed(5)
+    mlp = MLP(hidden, inter)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(torch.randn_like(p) * p.shape[-1] ** -0.5)
+    return mlp.bfloat16()
+
+
+def _touch_experts(model):
+    """Every expert loaded (the all-resident source offers them to the step once all were used)."""
+    for layer in model.layers:
+        mlp = layer.mlp
+        if hasattr(mlp, "experts"):
+            list(mlp.experts.fetch(mlp.layer_idx, list(range(mlp.gate.weight.shape[0]))))
+
+
+@pytest.mark.parametrize(
+    "family,experts,top_k",
+    [("qwen3_moe", 16, 4), ("mixtral", 8, 2), ("olmoe", 8, 3), ("gpt_oss", 8, 2), ("deepseek_v3", 16, 4)],
+)
 def test_native_step_is_the_layers_one_by_one(family, experts, top_k):
+    """gpt-oss: sinks, biases, sliding and full layers (window 128: the decode runs past it), float32-weight
+    norms, the top-k-then-softmax router and the clamped SwiGLU experts with biases. DeepSeek-V3: latent
+    attention, the grouped sigmoid router, a shared expert, and a dense first layer (put in here: the
+    synthetic model's layers are all sparse)."""
     root = make_synthetic_model(f"step-{family}", family, num_layers=3, num_experts=experts, top_k=top_k,
                                 hidden=128, intermediate=96, vocab=300, head_dim=32, kv_heads=2, heads=4)
-    prompt = torch.tensor([1, 17, 40, 99, 7, 23])
+    prompt = torch.arange(1, 130) % 290 + 3 if family == "gpt_oss" else torch.tensor([1, 17, 40, 99, 7, 23])
     runs = []
     for native in (True, False):
         rec = Recorder()
         source = open_experts(root, torch.bfloat16, "cpu", budget=None, recorder=rec)
-        model = load_model(root, dtype=torch.bfloat16, experts=source, max_seq_len=64)
+        model = load_model(root, dtype=torch.bfloat16, experts=source, max_seq_len=160)
+        if family == "deepseek_v3":
+            model.layers[0].mlp = _dense_mlp(128, 160)
+        _touch_experts(model)
         model.native_step = native
+        seen, observe = [], source.observe
+
+        def watch(layer, ids, hidden, seen=seen, observe=observe):
+            seen.append((layer, hidden.clone()))
+            return observe(layer, ids, hidden)
+
+        source.observe = watch
         logits = _decode(model, prompt, 12)
         assert (model._step is not False and model._step is not None) == native
-        runs.append((logits, rec.routes, source.stats()))
-    (a, routes_a, st_a), (b, routes_b, st_b) = runs
+        runs.append((logits, rec.routes, source.stats(), seen))
+    (a, routes_a, st_a, seen_a), (b, routes_b, st_b, seen_b) = runs
     assert torch.equal(a, b)
     assert routes_a == routes_b  # the recorder saw every layer's routing, in order
+    assert [layer for layer, _ in seen_a] == [layer for layer, _ in seen_b]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(seen_a, seen_b, strict=True))  # the router inputs
     assert (st_a.accesses, st_a.hits, st_a.layer_hits) == (st_b.accesses, st_b.hits, st_b.layer_hits)
 
 

@@ -9,6 +9,8 @@
      rotary, rotate-half convention: bf16(bf16(x cos) + bf16(rotate_half(x) sin))
      k, v written at position pos of the KV cache's slot
      softmax(q k^T * scaling) v over the visible positions (all up to pos, or the last `window` of them),
+       with gpt-oss's sinks (engine/model/families/gpt_oss/attention.py) one more score per head first,
+       bf16(sink_h) * key row 0's component head_dim (1/scaling there), whose value is zero,
        as PyTorch's CPU flash attention does it for bf16: scores and their exponentials in float32,
        the exponentials rounded to bf16 before they weight the values, the sum in float32 divided by
        the float32 sum of the exponentials, the result rounded to bf16
@@ -29,7 +31,9 @@ typedef struct {
     int64_t qk_norm;                                             /* 0 none, 1 per head, 2 whole projection */
     const uint16_t *q_norm, *k_norm;
     float norm_eps, clip, scaling;                               /* clip <= 0: none */
-    uint16_t *k_cache, *v_cache;                                 /* [slots, kv_heads, max_seq, D] */
+    uint16_t *k_cache, *v_cache;                                 /* [slots, kv_heads, row0 + max_seq, k_row / v_row] */
+    int64_t k_row, v_row, row0;  /* a cache row's length (0: head_dim), the rows before position 0 (the sink's) */
+    const uint16_t *sinks;       /* [heads] or NULL: gpt-oss's sink logit of each head */
 } attn_plan;
 
 static __thread uint16_t *buf;
@@ -68,7 +72,8 @@ static void rotate(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_
 typedef struct {
     const attn_plan *p;
     const uint16_t *q;
-    const uint16_t *keys, *values;  /* the slot's [kv_heads, max_seq, D] */
+    const uint16_t *keys, *values;  /* the slot's [kv_heads, rows, kd / vd] */
+    int64_t rows, kd, vd;
     int64_t lo, hi;                 /* visible positions [lo, hi] */
     uint16_t *o;                    /* [heads, D] */
 } heads_job;
@@ -76,30 +81,34 @@ typedef struct {
 static void heads_task(void *arg, int tid, int nt) {
     heads_job *j = arg;
     const attn_plan *p = j->p;
-    const int64_t D = p->head_dim, S = p->max_seq, group = p->heads / p->kv_heads;
-    const int64_t n = j->hi - j->lo + 1;
+    const int64_t D = p->head_dim, R = j->rows, KD = j->kd, VD = j->vd, group = p->heads / p->kv_heads;
+    const int64_t n = j->hi - j->lo + 1, r0 = p->row0 + j->lo;
     float *s = malloc(sizeof(float) * (size_t)n + sizeof(float) * (size_t)D);
     if (!s) return;
     float *acc = s + n;
     for (int64_t h = p->heads * tid / nt; h < p->heads * (tid + 1) / nt; h++) {
         const uint16_t *q = j->q + h * D;
-        const uint16_t *K = j->keys + (h / group) * S * D, *V = j->values + (h / group) * S * D;
-        float qf[512], m = -INFINITY;
+        const uint16_t *K = j->keys + (h / group) * R * KD, *V = j->values + (h / group) * R * VD;
+        float qf[512], m = -INFINITY, sink = 0.0f;
         for (int64_t d = 0; d < D; d++) qf[d] = bf16_to_f32(q[d]);
+        if (p->sinks) {  /* the sink key (row 0): the query's extra component times the key's */
+            sink = bf16_to_f32(p->sinks[h]) * bf16_to_f32(K[D]) * p->scaling;
+            m = sink;
+        }
         for (int64_t t = 0; t < n; t++) {
-            const uint16_t *k = K + (j->lo + t) * D;
+            const uint16_t *k = K + (r0 + t) * KD;
             float dot = 0.0f;
             for (int64_t d = 0; d < D; d++) dot += qf[d] * bf16_to_f32(k[d]);
             s[t] = dot * p->scaling;
             if (s[t] > m) m = s[t];
         }
-        float sum = 0.0f;
+        float sum = p->sinks ? expf(sink - m) : 0.0f;  /* its value is zero: the sum only */
         for (int64_t d = 0; d < D; d++) acc[d] = 0.0f;
         for (int64_t t = 0; t < n; t++) {
             float e = expf(s[t] - m);
             sum += e;
             float eb = round_bf16(e);
-            const uint16_t *v = V + (j->lo + t) * D;
+            const uint16_t *v = V + (r0 + t) * VD;
             for (int64_t d = 0; d < D; d++) acc[d] += eb * bf16_to_f32(v[d]);
         }
         for (int64_t d = 0; d < D; d++) j->o[h * D + d] = f32_to_bf16(acc[d] / sum);
@@ -112,6 +121,8 @@ int moeinf_attn_decode(const attn_plan *p, const uint16_t *x, const uint16_t *co
                        int64_t slot, int64_t pos, uint16_t *out, int nthreads) {
     const int64_t D = p->head_dim, nq = p->heads * D, nkv = p->kv_heads * D;
     if (D > 512 || D % 2 || pos < 0 || pos >= p->max_seq || p->kv_heads < 1 || p->heads % p->kv_heads) return -1;
+    const int64_t KD = p->k_row ? p->k_row : D, VD = p->v_row ? p->v_row : D, R = p->row0 + p->max_seq;
+    if (KD < D || VD < D || (p->sinks && KD <= D) || p->row0 < 0) return -1;
     uint16_t *mem = scratch((size_t)(2 * nq + 2 * nkv));
     if (!mem) return -1;
     uint16_t *q = mem, *k = q + nq, *v = k + nkv, *o = v + nkv;
@@ -132,16 +143,15 @@ int moeinf_attn_decode(const attn_plan *p, const uint16_t *x, const uint16_t *co
         if (p->qk_norm == 1) moeinf_rms_norm(q + h * D, p->q_norm, D, p->norm_eps, q + h * D);
         if (cos) rotate(q + h * D, cos, sin, D);
     }
-    const int64_t S = p->max_seq;
-    uint16_t *keys = p->k_cache + slot * p->kv_heads * S * D, *values = p->v_cache + slot * p->kv_heads * S * D;
+    uint16_t *keys = p->k_cache + slot * p->kv_heads * R * KD, *values = p->v_cache + slot * p->kv_heads * R * VD;
     for (int64_t h = 0; h < p->kv_heads; h++) {
         if (p->qk_norm == 1) moeinf_rms_norm(k + h * D, p->k_norm, D, p->norm_eps, k + h * D);
         if (cos) rotate(k + h * D, cos, sin, D);
-        memcpy(keys + (h * S + pos) * D, k + h * D, sizeof(uint16_t) * (size_t)D);
-        memcpy(values + (h * S + pos) * D, v + h * D, sizeof(uint16_t) * (size_t)D);
+        memcpy(keys + (h * R + p->row0 + pos) * KD, k + h * D, sizeof(uint16_t) * (size_t)D);
+        memcpy(values + (h * R + p->row0 + pos) * VD, v + h * D, sizeof(uint16_t) * (size_t)D);
     }
     int64_t lo = p->window > 0 && pos - p->window + 1 > 0 ? pos - p->window + 1 : 0;
-    heads_job j = {p, q, keys, values, lo, pos, o};
+    heads_job j = {p, q, keys, values, R, KD, VD, lo, pos, o};
     int nt = (pos - lo + 1) * nkv >= (1 << 16) ? nthreads : 1;
     if (nt > p->heads) nt = (int)p->heads;
     if (nt > 1) moeinf_pool_run(heads_task, &j, nt);

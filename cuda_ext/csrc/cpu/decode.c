@@ -130,16 +130,35 @@ int moeinf_route(const uint16_t *x, const uint16_t *W, const uint16_t *bias, int
    among their experts taken (descending, the lower id first on a tie), their unbiased scores
    renormalised (sum + 1e-20) when asked and multiplied by `scale`. ids [k] int64, weights [k] float32.
    Returns 0, or -1 for what it cannot do. */
-int moeinf_route_v3(const uint16_t *x, const uint16_t *W, const float *corr, int64_t E, int64_t H, int k,
-                    int n_group, int topk_group, int renorm, float scale, int64_t *ids, float *weights) {
+typedef struct {
+    const uint16_t *x, *W;
+    float *logit;
+    int64_t E, H;
+} logits_job;
+
+static void logits_task(void *arg, int tid, int nt) {
+    logits_job *j = arg;
+    int64_t lo, hi;
+    split_rows(j->E, tid, nt, &lo, &hi);
+    for (int64_t n0 = lo; n0 < hi; n0 += CHUNK) {
+        int64_t n1 = n0 + CHUNK < hi ? n0 + CHUNK : hi;
+        moeinf_dot_rows(j->x, j->W, j->logit + n0, n0, n1, j->H, hi);
+    }
+}
+
+/* moeinf_route_v3 with the logits' rows split over nthreads (the same bits on any count) */
+int moeinf_route_v3_mt(const uint16_t *x, const uint16_t *W, const float *corr, int64_t E, int64_t H, int k,
+                       int n_group, int topk_group, int renorm, float scale, int64_t *ids, float *weights,
+                       int nthreads) {
     if (E < 2 || E > MAX_ROUTED || k < 1 || k > MAX_TOPK || n_group < 1 || E % n_group || topk_group < 1 ||
         topk_group > n_group || E / n_group < 2 || k > topk_group * (E / n_group))
         return -1;
     float logit[MAX_ROUTED], score[MAX_ROUTED], choice[MAX_ROUTED];
-    for (int64_t n0 = 0; n0 < E; n0 += CHUNK) {
-        int64_t n1 = n0 + CHUNK < E ? n0 + CHUNK : E;
-        moeinf_dot_rows(x, W, logit + n0, n0, n1, H, E);
-    }
+    logits_job lj = {x, W, logit, E, H};
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if ((int64_t)nt * 16 > E) nt = (int)((E + 15) / 16);
+    if (nt > 1) moeinf_pool_run(logits_task, &lj, nt);
+    else logits_task(&lj, 0, 1);
     for (int64_t e = 0; e < E; e++) {
         score[e] = 1.0f / (1.0f + expf(-logit[e]));
         choice[e] = score[e] + (corr ? corr[e] : 0.0f);
@@ -173,4 +192,9 @@ int moeinf_route_v3(const uint16_t *x, const uint16_t *W, const float *corr, int
     }
     for (int i = 0; i < k; i++) weights[i] = (renorm ? weights[i] / (total + 1e-20f) : weights[i]) * scale;
     return 0;
+}
+
+int moeinf_route_v3(const uint16_t *x, const uint16_t *W, const float *corr, int64_t E, int64_t H, int k,
+                    int n_group, int topk_group, int renorm, float scale, int64_t *ids, float *weights) {
+    return moeinf_route_v3_mt(x, W, corr, E, H, k, n_group, topk_group, renorm, scale, ids, weights, 1);
 }

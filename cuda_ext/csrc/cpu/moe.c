@@ -40,6 +40,7 @@ typedef struct {
     int8_t *hq;                          /* [k, I] h quantised */
     float *hd, *hs;                      /* [k, I / 32] */
     float *acc;                          /* [H] float32 */
+    float *acc_last;                     /* NULL, or [H]: where the last expert's share goes (a shared expert) */
 } experts_job;
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -171,7 +172,8 @@ static void experts_phase(void *arg, int phase, int part, int parts) {
             } else {
                 moeinf_dot_rows(j->h + e * I, (const uint16_t *)j->down[e], g, c0, c1, I, hi);
             }
-            for (int64_t n = c0; n < c1; n++) j->acc[n] += round_bf16(down_value(j, e, n, g[n - c0]) * j->coef[e]);
+            float *dst = e == j->k - 1 && j->acc_last ? j->acc_last : j->acc;
+            for (int64_t n = c0; n < c1; n++) dst[n] += round_bf16(down_value(j, e, n, g[n - c0]) * j->coef[e]);
         }
     }
 }
@@ -202,14 +204,19 @@ static void run_experts(experts_job *j, int nthreads) {
     moeinf_pool_run_phases(experts_phase, j, j->f32 ? 2 : 3, nt, nt);
 }
 
-int moeinf_experts_acc(const uint16_t *x, int k, const void *const *gate, const void *const *up,
-                       const void *const *down, const uint16_t *const *gate_bias, const uint16_t *const *up_bias,
-                       const uint16_t *const *down_bias, const float *coef, int type, int64_t H, int64_t I,
-                       int act, float alpha, float limit, float *acc, int nthreads) {
+/* moeinf_experts_acc with the last of the k experts added to acc_last instead of acc (when not NULL): a
+   shared expert in the same pool job as the routed ones, its sum kept apart for its own rounding
+   (engine/model/native_step.py's DeepSeek layers). */
+int moeinf_experts_acc_last(const uint16_t *x, int k, const void *const *gate, const void *const *up,
+                            const void *const *down, const uint16_t *const *gate_bias,
+                            const uint16_t *const *up_bias, const uint16_t *const *down_bias, const float *coef,
+                            int type, int64_t H, int64_t I, int act, float alpha, float limit, float *acc,
+                            float *acc_last, int nthreads) {
     if (k < 1 || k > MAX_EXPERTS) return -1;
     experts_job j;
     fill_job(&j, x, k, gate, up, down, (const void *const *)gate_bias, (const void *const *)up_bias,
              (const void *const *)down_bias, coef, type, H, I, act, alpha, limit, acc);
+    j.acc_last = acc_last;
     size_t need = sizeof(uint16_t) * (size_t)(k * I) + 64;
     int values = 1, bytes = 0;
     if (type) {
@@ -233,6 +240,14 @@ int moeinf_experts_acc(const uint16_t *x, int k, const void *const *gate, const 
     }
     run_experts(&j, nthreads);
     return 0;
+}
+
+int moeinf_experts_acc(const uint16_t *x, int k, const void *const *gate, const void *const *up,
+                       const void *const *down, const uint16_t *const *gate_bias, const uint16_t *const *up_bias,
+                       const uint16_t *const *down_bias, const float *coef, int type, int64_t H, int64_t I,
+                       int act, float alpha, float limit, float *acc, int nthreads) {
+    return moeinf_experts_acc_last(x, k, gate, up, down, gate_bias, up_bias, down_bias, coef, type, H, I, act,
+                                   alpha, limit, acc, 0, nthreads);
 }
 
 /* moeinf_experts_acc for float32 x [H] on block-format experts (type a GGUF block type, H and I multiples

@@ -15,6 +15,8 @@ token, shared by all heads). Attention runs in one of two exactly equivalent way
   (``q_nope @ W_uk`` lives in latent space) and its value half applied after attention to the
   per-head latent mix, so nothing of size ``heads x positions`` is ever expanded.
 
+One bf16 decode token on the CPU runs the absorbed path in one native call (``cuda_ext.mla``).
+
 Rotary conventions: DeepSeek-V2, and V3 with ``rope_interleave`` (the default), rotate adjacent pairs
 ``(x[2i], x[2i+1])``; V3 without it rotates ``(x[i], x[i + d/2])``. ``cos``/``sin`` passed in are
 ``[T, d/2]`` tables for the tokens' positions, already multiplied by the rope's attention scaling.
@@ -29,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cuda_ext.cpu import Linear, heads_product
+from cuda_ext import mla as native_mla
+from cuda_ext.cpu import Linear, heads_product, threads
 from engine.model.layers.context import BatchContext, StepContext
 from engine.model.layers.norm import RMSNorm
 
@@ -100,6 +103,7 @@ class MultiHeadLatentAttention(nn.Module):
         # Chunks of at most this many tokens use the absorbed path (fewer flops than expanding).
         lat, nope, rope, v = a.kv_lora_rank, a.qk_nope_head_dim, a.qk_rope_head_dim, a.v_head_dim
         self.absorb_max_tokens = max(1, (lat * (nope + v)) // max(1, (2 * lat + rope) - (nope + rope + v)))
+        self._plan: object = False  # the native decode's (cuda_ext.mla); False: not made yet, None: does not apply
 
     def setup_cache(self, max_seq_len: int, dtype: torch.dtype, device: torch.device | str, slots: int = 1) -> None:
         """Allocate the latent cache for ``max_seq_len`` positions of ``slots`` sequences (replacing any earlier one)."""
@@ -107,14 +111,36 @@ class MultiHeadLatentAttention(nn.Module):
         self.max_seq_len = max_seq_len
         self.cache_latent = torch.zeros(slots, max_seq_len, a.kv_lora_rank, dtype=dtype, device=device)
         self.cache_k_rope = torch.zeros(slots, max_seq_len, a.qk_rope_head_dim, dtype=dtype, device=device)
+        self._plan = False
+
+    def _apply(self, fn, recurse=True):
+        self._plan = False  # new tensors: describe them again
+        return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor, ctx: StepContext | BatchContext, absorb: bool | None = None) -> torch.Tensor:
         """Framework entry point: ``ctx`` carries each sequence's slot and ``start_pos`` and every row's
         rotary rows ``[T, rope_dim]`` (``cat(freqs, freqs)`` layout, of which the first half is used)."""
         assert ctx.cos is not None and ctx.sin is not None, "MLA needs the model's rotary rows"
+        if (
+            x.shape[0] == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and isinstance(ctx, StepContext) and absorb is not False
+        ):
+            out = self._native_decode(x, ctx)  # one decode token: one native call (the absorbed path)
+            if out is not None:
+                return out
         half = self.args.qk_rope_head_dim // 2
         segments = [(a, b, step.slot, step.start_pos) for a, b, step in ctx.segments()]
         return self._attend(x, segments, ctx.cos[:, :half], ctx.sin[:, :half], absorb)
+
+    def _native_decode(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+        """One bf16 token on the CPU in one native call (``cuda_ext.mla``), or None."""
+        if self._plan is False:  # made at the first decode after setup_cache (or after .to())
+            self._plan = native_mla.decode_plan(self)
+        if self._plan is None or ctx.start_pos >= self.max_seq_len:
+            return None
+        return native_mla.decode(
+            self._plan, x, ctx.cos, ctx.sin, ctx.slot, ctx.start_pos, threads(1 << 30)  # mla.c splits what is large
+        )
 
     def _queries(self, x: torch.Tensor) -> torch.Tensor:
         if self.args.q_lora_rank is None:

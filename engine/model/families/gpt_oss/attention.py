@@ -13,6 +13,9 @@ component holding their head's sink logit, real keys a zero there, and the sink 
 cache) ``1/scaling`` there and zeros elsewhere, so its score is exactly the sink. Head dims are padded
 with zeros to a multiple of 8; the cache is kept in that layout, so a step copies nothing but its own
 keys (and, on sliding layers past the window, the window's rows).
+
+One bf16 decode token on the CPU takes the native attention (``cuda_ext.attention``, which reads this
+cache layout and adds the sink's score), as the base ``Attention`` does.
 """
 
 from __future__ import annotations
@@ -103,9 +106,14 @@ class SinkAttention(Attention):
         self.sink_cache = SinkKVCache(
             max_seq_len, self.num_kv_heads, self.head_dim, self.scaling, dtype, device, slots=slots
         )
+        self._plan = False
 
     def forward(self, x: torch.Tensor, ctx: StepContext | BatchContext) -> torch.Tensor:
         T = x.shape[0]
+        if T == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and isinstance(ctx, StepContext):
+            out = self._native_decode(x, ctx)  # one decode token: one native call, sinks included
+            if out is not None:
+                return out
         q = self.q_proj(x).view(T, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(T, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).view(T, self.num_kv_heads, self.head_dim)

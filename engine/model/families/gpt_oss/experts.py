@@ -63,5 +63,6 @@ def clamped_swiglu_expert(alpha: float = SWIGLU_ALPHA, limit: float = SWIGLU_LIM
     ) -> bool:
         return experts_accumulate(x, experts, coefs, acc, clamped=(alpha, limit))
 
+    accumulate.clamped = (alpha, limit)  # type: ignore[attr-defined]  # for the native step (engine.model.native_step)
     run.accumulate = accumulate  # type: ignore[attr-defined]
     return run

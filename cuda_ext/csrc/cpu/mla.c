@@ -1,0 +1,154 @@
+/* One decode token through DeepSeek's multi-head latent attention in one call
+   (engine/model/families/deepseek/mla.py, the absorbed path it takes for one token).
+
+   moeinf_mla_decode(plan, x, cos, sin, slot, pos, out, nthreads) does what MultiHeadLatentAttention
+   does for one bf16 token of one sequence, with the torch path's roundings:
+     q = bf16(W_qb rms_norm(bf16(W_qa x (+ b))))  (or bf16(W_q x)), [heads, nope + rope]
+     [c, k_r] = bf16(W_kva x (+ b));  c = rms_norm(c)                     (moeinf_gemv_many, decode.c)
+     rotary on q's rope part and k_r in bf16 (V3): each product, the sum/difference rounded, adjacent
+       pairs (rope_interleave) or halves
+     c and k_r written at position pos of the slot's latent and key caches
+     q_lat[h] = bf16(q_nope[h] W_uk[h])                (moeinf_heads_xtw: the key half of kv_b absorbed)
+     score[h, t] = bf16(q_rope[h] . k_r[t] + bf16(q_lat[h] . c[t])), as torch.addmm(q_lat @ c.T, ...)
+     p = bf16(softmax(score * scale)) in float32;  mix[h] = bf16(sum_t p[h, t] c[t])
+     o[h] = bf16(W_uv[h] mix[h])                       (moeinf_heads_wx: the value half of kv_b)
+     out = bf16(W_o o (+ b))
+   The per-head scores run on the caller, or split by heads over the pool when the cache is long. */
+
+#include <stdlib.h>
+
+#include "common.h"
+
+void moeinf_gemv_many(const uint16_t *x, int64_t K, int count, const uint16_t *const *W,
+                      const uint16_t *const *bias, uint16_t *const *y, const int64_t *N, int nthreads);
+void moeinf_heads_xtw(const uint16_t *x, const uint16_t *W, uint16_t *y, int64_t nh, int64_t head_rows,
+                      int64_t row0, int64_t n_rows, int64_t K, int nthreads);
+void moeinf_heads_wx(const uint16_t *x, const uint16_t *W, uint16_t *y, int64_t nh, int64_t head_rows,
+                     int64_t row0, int64_t n_rows, int64_t K, int nthreads);
+
+typedef struct {
+    int64_t hidden, heads, q_rank, kv_rank, nope, rope, v, max_seq, interleave;  /* q_rank 0: q_proj */
+    const uint16_t *wq, *wqa, *bqa, *q_norm, *wqb;  /* wq [heads*(nope+rope), hidden] or wqa/q_norm/wqb */
+    const uint16_t *wkva, *bkva, *kv_norm, *wkvb;   /* [kv_rank + rope, hidden], [heads*(nope+v), kv_rank] */
+    const uint16_t *wo, *bo;                        /* [hidden, heads*v] */
+    float q_eps, kv_eps, scale;
+    uint16_t *latent, *k_rope;                      /* [slots, max_seq, kv_rank], [slots, max_seq, rope] */
+} mla_plan;
+
+static __thread uint16_t *buf;
+static __thread size_t buf_size;
+
+static uint16_t *scratch(size_t elements) {
+    if (elements > buf_size) {
+        free(buf);
+        buf = aligned_alloc(64, (elements * sizeof(uint16_t) + 63) & ~(size_t)63);
+        buf_size = buf ? elements : 0;
+    }
+    return buf;
+}
+
+#define SPLIT_MIN (1 << 16)
+static int pick(int64_t elements, int nthreads) { return elements < SPLIT_MIN ? 1 : nthreads; }
+
+/* x [d] rotated in bf16 by cos/sin [d/2] (apply_rope in the model dtype) */
+static void rope_bf16(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t d, int interleave) {
+    const int64_t half = d / 2;
+    for (int64_t i = 0; i < half; i++) {
+        int64_t i1 = interleave ? 2 * i : i, i2 = interleave ? 2 * i + 1 : i + half;
+        float x1 = bf16_to_f32(x[i1]), x2 = bf16_to_f32(x[i2]);
+        float c = bf16_to_f32(cos[i]), s = bf16_to_f32(sin[i]);
+        float o1 = round_bf16(x1 * c) - round_bf16(x2 * s);
+        float o2 = round_bf16(x2 * c) + round_bf16(x1 * s);
+        x[i1] = f32_to_bf16(o1);
+        x[i2] = f32_to_bf16(o2);
+    }
+}
+
+typedef struct {
+    const mla_plan *p;
+    const uint16_t *q, *q_lat;      /* [heads, nope + rope], [heads, kv_rank] */
+    const uint16_t *c, *kr;         /* the slot's caches */
+    int64_t n;                      /* positions 0..n-1 */
+    uint16_t *mix;                  /* [heads, kv_rank] */
+} mla_job;
+
+static void mla_heads(void *arg, int tid, int nt) {
+    mla_job *j = arg;
+    const mla_plan *p = j->p;
+    const int64_t L = p->kv_rank, R = p->rope, qk = p->nope + p->rope, n = j->n;
+    float *s = malloc(sizeof(float) * (size_t)(n + L + L + R));
+    if (!s) return;
+    float *acc = s + n, *ql = acc + L, *qr = ql + L;
+    for (int64_t h = p->heads * tid / nt; h < p->heads * (tid + 1) / nt; h++) {
+        for (int64_t l = 0; l < L; l++) ql[l] = bf16_to_f32(j->q_lat[h * L + l]);
+        for (int64_t r = 0; r < R; r++) qr[r] = bf16_to_f32(j->q[h * qk + p->nope + r]);
+        float m = -INFINITY;
+        for (int64_t t = 0; t < n; t++) {
+            const uint16_t *c = j->c + t * L, *k = j->kr + t * R;
+            float d1 = 0.0f, d2 = 0.0f;
+            for (int64_t l = 0; l < L; l++) d1 += ql[l] * bf16_to_f32(c[l]);
+            for (int64_t r = 0; r < R; r++) d2 += qr[r] * bf16_to_f32(k[r]);
+            s[t] = round_bf16(d2 + round_bf16(d1)) * p->scale;
+            if (s[t] > m) m = s[t];
+        }
+        float sum = 0.0f;
+        for (int64_t t = 0; t < n; t++) {
+            s[t] = expf(s[t] - m);
+            sum += s[t];
+        }
+        for (int64_t l = 0; l < L; l++) acc[l] = 0.0f;
+        for (int64_t t = 0; t < n; t++) {
+            float w = round_bf16(s[t] / sum);
+            const uint16_t *c = j->c + t * L;
+            for (int64_t l = 0; l < L; l++) acc[l] += w * bf16_to_f32(c[l]);
+        }
+        for (int64_t l = 0; l < L; l++) j->mix[h * L + l] = f32_to_bf16(acc[l]);
+    }
+    free(s);
+}
+
+/* Returns 0, or -1 for what it cannot do (a position outside the cache, an odd rope width, no memory). */
+int moeinf_mla_decode(const mla_plan *p, const uint16_t *x, const uint16_t *cos, const uint16_t *sin,
+                      int64_t slot, int64_t pos, uint16_t *out, int nthreads) {
+    const int64_t H = p->hidden, nh = p->heads, L = p->kv_rank, R = p->rope, qk = p->nope + p->rope;
+    if (pos < 0 || pos >= p->max_seq || R % 2 || !cos || !sin) return -1;
+    const int64_t nq = nh * qk, nkv = L + R, QR = p->q_rank;
+    uint16_t *mem = scratch((size_t)(2 * QR + nq + nkv + 2 * nh * L + nh * p->v + nh * p->nope + 64));
+    if (!mem) return -1;
+    uint16_t *qa = mem, *qn = qa + QR, *q = qn + QR, *kv = q + nq, *q_lat = kv + nkv, *mix = q_lat + nh * L;
+    uint16_t *o = mix + nh * L, *qnope = o + nh * p->v;
+    /* the products of x: q_a (or q) and kv_a in one pool job */
+    {
+        const uint16_t *W[2] = {QR ? p->wqa : p->wq, p->wkva}, *B[2] = {QR ? p->bqa : 0, p->bkva};
+        uint16_t *Y[2] = {QR ? qa : q, kv};
+        int64_t N[2] = {QR ? QR : nq, nkv};
+        moeinf_gemv_many(x, H, 2, W, B, Y, N, pick((N[0] + N[1]) * H, nthreads));
+    }
+    if (QR) {
+        moeinf_rms_norm(qa, p->q_norm, QR, p->q_eps, qn);
+        const uint16_t *W[1] = {p->wqb}, *B[1] = {0};
+        uint16_t *Y[1] = {q};
+        int64_t N[1] = {nq};
+        moeinf_gemv_many(qn, QR, 1, W, B, Y, N, pick(nq * QR, nthreads));
+    }
+    uint16_t *c_row = p->latent + (slot * p->max_seq + pos) * L, *k_row = p->k_rope + (slot * p->max_seq + pos) * R;
+    moeinf_rms_norm(kv, p->kv_norm, L, p->kv_eps, c_row);
+    memcpy(k_row, kv + L, sizeof(uint16_t) * (size_t)R);
+    rope_bf16(k_row, cos, sin, R, (int)p->interleave);
+    for (int64_t h = 0; h < nh; h++) rope_bf16(q + h * qk + p->nope, cos, sin, R, (int)p->interleave);
+    /* q_nope absorbed into the latent: heads_xtw reads x [heads, nope], q's nope parts packed */
+    for (int64_t h = 0; h < nh; h++) memcpy(qnope + h * p->nope, q + h * qk, sizeof(uint16_t) * (size_t)p->nope);
+    const int64_t hr = p->nope + p->v;
+    moeinf_heads_xtw(qnope, p->wkvb, q_lat, nh, hr, 0, p->nope, L, pick(nh * p->nope * L, nthreads));
+    mla_job j = {p, q, q_lat, p->latent + slot * p->max_seq * L, p->k_rope + slot * p->max_seq * R, pos + 1, mix};
+    int nt = (pos + 1) * nh * (L + R) >= SPLIT_MIN ? nthreads : 1;
+    if (nt > nh) nt = (int)nh;
+    if (nt > 1) moeinf_pool_run(mla_heads, &j, nt);
+    else mla_heads(&j, 0, 1);
+    moeinf_heads_wx(mix, p->wkvb, o, nh, hr, p->nope, p->v, L, pick(nh * p->v * L, nthreads));
+    const uint16_t *Wo[1] = {p->wo}, *Bo[1] = {p->bo};
+    uint16_t *Yo[1] = {out};
+    int64_t No[1] = {H};
+    moeinf_gemv_many(o, nh * p->v, 1, Wo, Bo, Yo, No, pick(H * nh * p->v, nthreads));
+    return 0;
+}
