@@ -68,7 +68,7 @@ def _per_expert(model) -> dict:
     saved = {}
     for layer in model.layers:
         fn = getattr(layer.mlp, "expert_fn", None)
-        if getattr(fn, "accumulate", None) is not None:
+        if getattr(fn, "accumulate", None) is not None and id(fn) not in saved:  # layers may share one
             saved[id(fn)] = (fn, fn.accumulate)
             fn.accumulate = lambda x, ws, cs, acc: all(
                 swiglu_accumulate(x, w, c, acc) for w, c in zip(ws, cs, strict=True)
