@@ -173,14 +173,48 @@ def cases(args: argparse.Namespace) -> list[tuple[str, Path, str]]:
 
 
 def moeinf_bench(name: str, args: argparse.Namespace) -> tuple[float, float]:
-    """(prefill t/s, decode t/s) of one ``moeinf bench`` repetition, all resident."""
-    cp = subprocess.run(
-        [sys.executable, "-m", "moeinf_cli", "bench", name, "-p", str(args.n_prompt), "-n", str(args.n_gen),
-         "-r", "1", "--expert-budget", "100%", "--json"],
-        env=moeinf_env(args.work / "home", args.threads), capture_output=True, text=True, check=True,
-    )
-    row = json.loads(cp.stdout)["rows"][0]
+    """(prefill t/s, decode t/s) of one ``moeinf bench`` repetition, all resident; a dense model (which
+    ``moeinf bench`` does not take) by ``dense_timing`` in a process of its own, timed the same way."""
+    env = moeinf_env(args.work / "home", args.threads)
+    if (args.work / "home" / "models" / name / "experts").exists():
+        cmd = ["-m", "moeinf_cli", "bench", name, "-p", str(args.n_prompt), "-n", str(args.n_gen), "-r", "1",
+               "--expert-budget", "100%", "--json"]
+        cp = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, check=True)
+        row = json.loads(cp.stdout)["rows"][0]
+        return row["prefill_tps"], row["decode_tps"]
+    cmd = [__file__, "--time-dense", name, "-p", str(args.n_prompt), "-n", str(args.n_gen),
+           "--threads", str(args.threads), "--work", str(args.work)]
+    cp = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, check=True)
+    row = json.loads(cp.stdout.strip().splitlines()[-1])
     return row["prefill_tps"], row["decode_tps"]
+
+
+def dense_timing(name: str, args: argparse.Namespace) -> None:
+    """What ``moeinf bench`` measures, for a dense model: load it (its default dtype), a random
+    ``n_prompt``-token prompt in one forward (prefill t/s: the prompt over the time to its first
+    token), then ``n_gen`` greedy steps (decode t/s: one over the mean step). Prints one JSON line."""
+    import torch
+
+    from engine.model.loader import load_model
+    from engine.runtime.devices import resolve_dtype
+    from engine.store.opened import open_model
+
+    torch.set_num_threads(args.threads)
+    store = open_model(name)
+    dtype = resolve_dtype(None, store.stored_dtype, torch.device("cpu"))
+    model = load_model(store, dtype=dtype, max_seq_len=args.n_prompt + args.n_gen + 1)
+    vocab = int(store.config.get("vocab_size") or 1000)
+    prompt = torch.randint(0, vocab, (args.n_prompt,), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    tok = int(model.forward(prompt, 0, last_only=True)[-1].argmax())
+    ttft = time.perf_counter() - t0
+    steps = []
+    for i in range(args.n_gen):
+        t = time.perf_counter()
+        tok = int(model.forward(torch.tensor([tok]), args.n_prompt + i)[-1].argmax())
+        steps.append(time.perf_counter() - t)
+    print(json.dumps({"prefill_tps": args.n_prompt / ttft, "decode_tps": 1.0 / statistics.mean(steps),
+                      "dtype": str(dtype)}))
 
 
 def llama_bench(gguf: Path, args: argparse.Namespace) -> tuple[float, float]:
@@ -310,7 +344,11 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--prepare", action="store_true", help="only build the files and pull them")
     p.add_argument("--check", action="store_true", help="fidelity against transformers instead of timing")
+    p.add_argument("--time-dense", default=None, metavar="NAME", help=argparse.SUPPRESS)  # moeinf_bench's child
     args = p.parse_args()
+    if args.time_dense:
+        dense_timing(args.time_dense, args)
+        return
     args.formats = [f for f in args.formats.split(",") if f]
     args.smollm = Path(args.smollm) if args.smollm else None
     items = cases(args)
