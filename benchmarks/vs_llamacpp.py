@@ -5,11 +5,14 @@ vocab 32000; random weights) is made with transformers (``save_pretrained``, bf1
 Llama-style BPE tokenizer written here), converted by llama.cpp's own ``convert_hf_to_gguf.py`` to a
 BF16 GGUF and then by ``llama-quantize`` to Q8_0 and Q4_K_M. Each GGUF is pulled into a store of
 its own (``moeinf pull FILE``: blocks kept as they are). The dense SmolLM2-135M-Instruct Q4_1 GGUF of
-``make demo`` (``demo-cache/``) is the second case, pulled as it is (no upcycling).
+``make demo`` (``demo-cache/``, or ``$MOEINF_DEMO_CACHE``) is the second case, pulled as it is (no
+upcycling). ``--formats`` and ``--smollm ''`` pick the cases (one locked invocation per case keeps each
+short).
 
 Timing (the default step): rounds interleave the two engines on each file, one fresh process each,
 after one untimed warm-up round: ``moeinf bench NAME -p P -n N -r 1 --expert-budget 100%`` (its
-prefill t/s and decode t/s), and llama-bench on the same file with ``-t THREADS --repack 0`` (its AMX
+prefill t/s and decode t/s; for the dense SmolLM2, which ``moeinf bench`` does not take, the same
+measurement by this script in a process of its own: ``dense_timing``), and llama-bench on the same file with ``-t THREADS --repack 0`` (its AMX
 repacking crashes on this machine's CPU): ``-p P -n 0`` for prefill, ``-p 0 -n N -d P`` for decode
 after a P-token context, as moeinf's decode follows its P-token prompt. Printed: the median over the
 rounds of each figure, its spread (min-max), moeinf/llama.cpp as the ratio of medians, the load
