@@ -5,11 +5,14 @@ vocab 32000; random weights) is made with transformers (``save_pretrained``, bf1
 Llama-style BPE tokenizer written here), converted by llama.cpp's own ``convert_hf_to_gguf.py`` to a
 BF16 GGUF and then by ``llama-quantize`` to Q8_0 and Q4_K_M. Each GGUF is pulled into a store of
 its own (``moeinf pull FILE``: blocks kept as they are). The dense SmolLM2-135M-Instruct Q4_1 GGUF of
-``make demo`` (``demo-cache/``) is the second case, pulled as it is (no upcycling).
+``make demo`` (``demo-cache/``, or ``$MOEINF_DEMO_CACHE``) is the second case, pulled as it is (no
+upcycling). ``--formats`` and ``--smollm ''`` pick the cases (one locked invocation per case keeps each
+short).
 
 Timing (the default step): rounds interleave the two engines on each file, one fresh process each,
 after one untimed warm-up round: ``moeinf bench NAME -p P -n N -r 1 --expert-budget 100%`` (its
-prefill t/s and decode t/s), and llama-bench on the same file with ``-t THREADS --repack 0`` (its AMX
+prefill t/s and decode t/s; for the dense SmolLM2, which ``moeinf bench`` does not take, the same
+measurement by this script in a process of its own: ``dense_timing``), and llama-bench on the same file with ``-t THREADS --repack 0`` (its AMX
 repacking crashes on this machine's CPU): ``-p P -n 0`` for prefill, ``-p 0 -n N -d P`` for decode
 after a P-token context, as moeinf's decode follows its P-token prompt. Printed: the median over the
 rounds of each figure, its spread (min-max), moeinf/llama.cpp as the ratio of medians, the load
@@ -173,14 +176,48 @@ def cases(args: argparse.Namespace) -> list[tuple[str, Path, str]]:
 
 
 def moeinf_bench(name: str, args: argparse.Namespace) -> tuple[float, float]:
-    """(prefill t/s, decode t/s) of one ``moeinf bench`` repetition, all resident."""
-    cp = subprocess.run(
-        [sys.executable, "-m", "moeinf_cli", "bench", name, "-p", str(args.n_prompt), "-n", str(args.n_gen),
-         "-r", "1", "--expert-budget", "100%", "--json"],
-        env=moeinf_env(args.work / "home", args.threads), capture_output=True, text=True, check=True,
-    )
-    row = json.loads(cp.stdout)["rows"][0]
+    """(prefill t/s, decode t/s) of one ``moeinf bench`` repetition, all resident; a dense model (which
+    ``moeinf bench`` does not take) by ``dense_timing`` in a process of its own, timed the same way."""
+    env = moeinf_env(args.work / "home", args.threads)
+    if (args.work / "home" / "models" / name / "experts").exists():
+        cmd = ["-m", "moeinf_cli", "bench", name, "-p", str(args.n_prompt), "-n", str(args.n_gen), "-r", "1",
+               "--expert-budget", "100%", "--json"]
+        cp = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, check=True)
+        row = json.loads(cp.stdout)["rows"][0]
+        return row["prefill_tps"], row["decode_tps"]
+    cmd = [__file__, "--time-dense", name, "-p", str(args.n_prompt), "-n", str(args.n_gen),
+           "--threads", str(args.threads), "--work", str(args.work)]
+    cp = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, check=True)
+    row = json.loads(cp.stdout.strip().splitlines()[-1])
     return row["prefill_tps"], row["decode_tps"]
+
+
+def dense_timing(name: str, args: argparse.Namespace) -> None:
+    """What ``moeinf bench`` measures, for a dense model: load it (its default dtype), a random
+    ``n_prompt``-token prompt in one forward (prefill t/s: the prompt over the time to its first
+    token), then ``n_gen`` greedy steps (decode t/s: one over the mean step). Prints one JSON line."""
+    import torch
+
+    from engine.model.loader import load_model
+    from engine.runtime.devices import resolve_dtype
+    from engine.store.opened import open_model
+
+    torch.set_num_threads(args.threads)
+    store = open_model(name)
+    dtype = resolve_dtype(None, store.stored_dtype, torch.device("cpu"))
+    model = load_model(store, dtype=dtype, max_seq_len=args.n_prompt + args.n_gen + 1)
+    vocab = int(store.config.get("vocab_size") or 1000)
+    prompt = torch.randint(0, vocab, (args.n_prompt,), generator=torch.Generator().manual_seed(0))
+    t0 = time.perf_counter()
+    tok = int(model.forward(prompt, 0, last_only=True)[-1].argmax())
+    ttft = time.perf_counter() - t0
+    steps = []
+    for i in range(args.n_gen):
+        t = time.perf_counter()
+        tok = int(model.forward(torch.tensor([tok]), args.n_prompt + i)[-1].argmax())
+        steps.append(time.perf_counter() - t)
+    print(json.dumps({"prefill_tps": args.n_prompt / ttft, "decode_tps": 1.0 / statistics.mean(steps),
+                      "dtype": str(dtype)}))
 
 
 def llama_bench(gguf: Path, args: argparse.Namespace) -> tuple[float, float]:
@@ -310,7 +347,11 @@ def main() -> None:
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--prepare", action="store_true", help="only build the files and pull them")
     p.add_argument("--check", action="store_true", help="fidelity against transformers instead of timing")
+    p.add_argument("--time-dense", default=None, metavar="NAME", help=argparse.SUPPRESS)  # moeinf_bench's child
     args = p.parse_args()
+    if args.time_dense:
+        dense_timing(args.time_dense, args)
+        return
     args.formats = [f for f in args.formats.split(",") if f]
     args.smollm = Path(args.smollm) if args.smollm else None
     items = cases(args)

@@ -291,16 +291,19 @@ def _expert_entry(w, f32: bool) -> tuple | None:
         mats = (_expert_matrix(w.gate, i, h), _expert_matrix(w.up, i, h), _expert_matrix(w.down, h, i))
         bias_dtype = torch.float32 if f32 else torch.bfloat16
         types = {m[0] for m in mats if m is not None}
+        # float32 x: the down matrices may be in a format of their own (moe.c: its type in the second byte)
+        mixed = f32 and None not in mats and mats[0][0] == mats[1][0] != mats[2][0] and 0 not in types
         if (
             None not in mats
-            and len(types) == 1
+            and (len(types) == 1 or mixed)
             and not (f32 and 0 in types)  # float32 x: block formats only
             and _bias_ok(w.gate_bias, i, bias_dtype)
             and _bias_ok(w.up_bias, i, bias_dtype)
             and _bias_ok(w.down_bias, h, bias_dtype)
         ):
             biases = tuple(None if b is None else b.data_ptr() for b in tensors[3:])
-            entry = (types.pop(), i, h, *(m[1] for m in mats), *biases)
+            kind = mats[0][0] | (mats[2][0] << 8) if mixed else types.pop()
+            entry = (kind, i, h, *(m[1] for m in mats), *biases)
     w.__dict__["_native_entry"] = (f32, tensors, entry)
     return entry
 
@@ -313,7 +316,8 @@ def experts_accumulate(
     clamped: tuple[float, float] | None = None,
 ) -> bool:
     """``acc += sum_e (down_e(silu(gate_e(x)) * up_e(x)) * coefs[e])`` for one token and its routed
-    experts (``ExpertWeights``: bf16 tensors, or block-format ``QuantTensor``s all of one format), in
+    experts (``ExpertWeights``: bf16 tensors, or block-format ``QuantTensor``s all of one format; with float32 x
+    the down matrices may be in another), in
     one native call (``csrc/cpu/moe.c``: every expert back to back in the pool), added in the order
     given; acc [1, H] float32 contiguous. x [1, H] bf16: rounded to bf16 where the torch path rounds
     (block formats: the activations quantised to int8 per block, as ``cuda_ext.quant``). x float32

@@ -2,7 +2,7 @@
 the PyTorch fallback left to the caller (None where the kernel does not apply).
 
 * ``qlinear(x, blocks, fmt, k, bias)``: ``x @ W.T (+ bias)`` for x [M, K] (bf16 or float32, M <=
-  ``MAX_TOKENS``, float32 up to ``MAX_TOKENS_F32``) and W [N, K] stored as ``blocks`` (uint8, N rows of ``row_bytes(fmt, K)`` bytes in
+  ``MAX_TOKENS``, float32 up to ``max_tokens(torch.float32, fmt)``) and W [N, K] stored as ``blocks`` (uint8, N rows of ``row_bytes(fmt, K)`` bytes in
   the GGUF layout of ``fmt``: q8_0, q4_0, q4_1, q4_k, q6_k, mxfp4). Rows are split over the thread
   pool (``torch.get_num_threads()`` threads, or the decode step's pool while
   ``cuda_ext.cpu.decode_threads`` holds them).
@@ -26,14 +26,19 @@ from cuda_ext import cpu, loader
 from cuda_ext.blocks import BLOCKS, row_bytes
 
 MAX_TOKENS = 16  # bf16: more tokens than this, a batched matmul on dequantised weights does better
-# float32: the float32 kernel stays ahead of dequantise-then-F.linear to about 64 rows (576 x 1536 q4_1
-# and q8_0 matrices, 2 threads: benchmarks in README "Computing on the stored blocks")
-MAX_TOKENS_F32 = 64
+# float32: with blocks of rows going through tiles of tokens (quant_f32.c) the kernel's rate no longer
+# falls with the rows of x; it stays ahead of dequantise-then-F.linear to 256 rows and more for q8_0,
+# q4_0, q4_1, q4_k and mxfp4 (1024 x 1024, 3584 x 1024, 1024 x 3584, 2 threads), to about 64 for
+# q6_k, whose blocks cost the most to unpack: README "Computing on the stored blocks"
+MAX_TOKENS_F32 = 256
+MAX_TOKENS_F32_BY_FORMAT = {"q6_k": 64}
 
 
-def max_tokens(dtype: torch.dtype) -> int:
-    """The most rows of x the native kernel for activations of ``dtype`` takes."""
-    return MAX_TOKENS_F32 if dtype == torch.float32 else MAX_TOKENS
+def max_tokens(dtype: torch.dtype, fmt: str | None = None) -> int:
+    """The most rows of x the native kernel for activations of ``dtype`` (and weights in ``fmt``) takes."""
+    if dtype != torch.float32:
+        return MAX_TOKENS
+    return MAX_TOKENS_F32_BY_FORMAT.get(fmt, MAX_TOKENS_F32) if fmt else MAX_TOKENS_F32
 
 
 def qlinear(
@@ -52,7 +57,7 @@ def qlinear(
         lib is None
         or fmt not in BLOCKS
         or x.dim() != 2
-        or not 1 <= x.shape[0] <= max_tokens(x.dtype)
+        or not 1 <= x.shape[0] <= max_tokens(x.dtype, fmt)
         or x.shape[1] != k
         or k % BLOCKS[fmt].values
         or x.dtype not in (torch.bfloat16, torch.float32)

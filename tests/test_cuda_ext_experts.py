@@ -156,12 +156,24 @@ def test_grouped_float32_experts_on_stored_blocks(kernels, fmt, clamped):
     """float32 x: every expert's blocks dequantised in registers, nothing rounded to bf16 or int8; the
     torch expert on the dequantised weights within float32 summation-order rounding, the same bits on
     one and two threads."""
+    _check_float32_experts(kernels, fmt, fmt, clamped)
+
+
+@pytest.mark.parametrize("fmt,down_fmt", [("q4_k", "q6_k"), ("q8_0", "q4_1"), ("q4_0", "q4_k")])
+def test_grouped_float32_experts_with_down_in_another_format(kernels, fmt, down_fmt):
+    """float32 x: the down matrices in a format of their own (llama.cpp's Q4_K_M keeps some layers'
+    ffn_down in Q6_K), still one native call, the same bound."""
+    _check_float32_experts(kernels, fmt, down_fmt, None)
+
+
+def _check_float32_experts(kernels, fmt, down_fmt, clamped):
     rng = np.random.default_rng(11)
-    h, i, k = (512, 256, 3) if BLOCKS[fmt].values == 256 else (96, 160, 4)
+    big = 256 in (BLOCKS[fmt].values, BLOCKS[down_fmt].values)
+    h, i, k = (512, 256, 3) if big else (96, 160, 4)
     g = torch.Generator().manual_seed(9)
     stored, dense, biases = [], [], []
     for _ in range(k):
-        mats = [_stored(fmt, i, h, rng), _stored(fmt, i, h, rng), _stored(fmt, h, i, rng)]
+        mats = [_stored(fmt, i, h, rng), _stored(fmt, i, h, rng), _stored(down_fmt, h, i, rng)]
         b = (
             torch.randn(i, generator=g) * 0.1,
             torch.randn(i, generator=g) * 0.1,
@@ -209,3 +221,7 @@ def test_grouped_float32_experts_decline_what_they_cannot_do():
     assert not cpu.experts_accumulate(x, with_bf16_bias, [1.0], acc)  # float32 x takes float32 biases
     assert torch.equal(acc, torch.zeros(1, 64))
     assert cpu.experts_accumulate(x, q, [1.0], acc) == (loader.cpu() is not None)  # what it takes
+    mixed = [ExpertWeights(q[0].gate, q[0].up, _stored("q4_0", 64, 32, rng)[0])]
+    before = acc.clone()
+    assert not cpu.experts_accumulate(x.bfloat16(), mixed, [1.0], acc)  # bf16 x: one format only
+    assert torch.equal(acc, before)

@@ -110,7 +110,10 @@ def test_qlinear_declines_what_it_cannot_do(monkeypatch):
     assert qlinear(x, blocks, "q5_k", 64) is None  # a format it does not take
     assert qlinear(x[:, :32], blocks, "q8_0", 32 + 1) is None  # a K the format cannot hold
     assert qlinear(torch.randn(17, 64).bfloat16(), blocks, "q8_0", 64) is None  # bf16: up to 16 rows
-    assert qlinear(torch.randn(65, 64), blocks, "q8_0", 64) is None  # float32 takes up to 64 rows
+    assert qlinear(torch.randn(257, 64), blocks, "q8_0", 64) is None  # float32 takes up to 256 rows
+    q6, _ = _weights("q6_k", 4, 256, seed=1)
+    assert qlinear(torch.randn(65, 256), q6, "q6_k", 256) is None  # q6_k up to 64
+    assert qlinear(torch.randn(64, 256), q6, "q6_k", 256) is not None
     assert qlinear(x.double(), blocks, "q8_0", 64) is None
     assert qlinear(x, blocks[:, :-1].contiguous(), "q8_0", 64) is None  # not whole rows
     monkeypatch.setenv("MOEINF_NATIVE_KERNELS", "0")

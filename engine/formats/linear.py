@@ -49,7 +49,7 @@ def linear(
 
 def _cpu_kernel(x: torch.Tensor, weight: QuantTensor, bias: torch.Tensor | None) -> torch.Tensor | None:
     """cuda_ext's native product on the stored blocks, for a 2-D weight and up to
-    ``max_tokens(x.dtype)`` rows of x (16 for bf16, 64 for float32): bf16 activations are rounded to int8 per block of 32 (as llama.cpp does); float32 ones are
+    ``max_tokens(x.dtype, format)`` rows of x (16 for bf16, 256 for float32, 64 on q6_k): bf16 activations are rounded to int8 per block of 32 (as llama.cpp does); float32 ones are
     not (each block is dequantised in registers to the values the PyTorch path multiplies, so the
     result is that path's up to the order of the float32 sums). None (the PyTorch path) otherwise,
     and wherever the native kernels are off or missing."""
@@ -62,7 +62,7 @@ def _cpu_kernel(x: torch.Tensor, weight: QuantTensor, bias: torch.Tensor | None)
     ):
         return None
     rows = x.reshape(-1, weight.shape[1])
-    if rows.shape[0] > max_tokens(x.dtype):
+    if rows.shape[0] > max_tokens(x.dtype, weight.format.name):
         return None
     y = qlinear(rows, weight.raw, weight.format.name, weight.shape[1], bias)
     return None if y is None else y.view(*x.shape[:-1], weight.shape[0])

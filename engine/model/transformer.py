@@ -1,6 +1,6 @@
 """Decoder layer and the causal LM (static KV cache, one slot per sequence), gpt-fast style.
 
-``forward(tokens, start_pos)`` runs one sequence (KV-cache slot 0); ``forward_batch(tokens, segments)``
+``forward(tokens, start_pos[, slot])`` runs one sequence (KV-cache slot 0 unless told); ``forward_batch(tokens, segments)``
 runs several sequences of different lengths and positions in one pass (prefill and decode mixed):
 their tokens end to end, every position-wise part (norms, projections, MLP, MoE) on all rows at once,
 attention sequence by sequence over each one's cache slot. Slots come from ``setup_caches(..., slots=N)``.
@@ -116,9 +116,12 @@ class CausalLM(nn.Module):
         self._step = False
 
     @torch.inference_mode()
-    def forward(self, tokens: torch.Tensor, start_pos: int, last_only: bool = False) -> torch.Tensor:
-        """Run tokens [T] at positions ``start_pos..start_pos+T-1``; float32 logits [T, V]
-        (``last_only``: [1, V] for the last position only, which saves the LM head on long prompts)."""
+    def forward(
+        self, tokens: torch.Tensor, start_pos: int, last_only: bool = False, slot: int = 0
+    ) -> torch.Tensor:
+        """Run tokens [T] at positions ``start_pos..start_pos+T-1`` of KV-cache slot ``slot``; float32
+        logits [T, V] (``last_only``: [1, V] for the last position only, which saves the LM head on long
+        prompts)."""
         T = int(tokens.shape[0])
         if T < 1:
             raise ValueError("forward() needs at least one token")
@@ -127,7 +130,7 @@ class CausalLM(nn.Module):
                 f"{start_pos + T} tokens do not fit the context of {self.max_seq_len}; use a larger --ctx"
             )
         device = self.embed_tokens.weight.device
-        ctx = StepContext(start_pos=start_pos, seqlen=T, device=device)
+        ctx = StepContext(start_pos=start_pos, seqlen=T, device=device, slot=slot)
         if self.rotary is not None:
             ctx.cos, ctx.sin = self.rotary(start_pos, T)
         with decode_threads(T == 1 and device.type == "cpu"):
@@ -168,6 +171,8 @@ class CausalLM(nn.Module):
             steps.append(step)
         if sum(s.seqlen for s in steps) != int(tokens.shape[0]):
             raise ValueError("the segments' lengths do not add up to the number of tokens")
+        if len(steps) == 1:  # one sequence: forward's path (the native decode step and attention take it)
+            return self.forward(tokens, steps[0].start_pos, last_only=True, slot=steps[0].slot)
         ctx = BatchContext(steps, device)
         if self.rotary is not None:
             ctx.cos = torch.cat([s.cos for s in steps])

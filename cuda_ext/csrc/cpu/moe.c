@@ -19,7 +19,9 @@
    moeinf_experts_acc_f32(...)   the same for float32 activations on block-format experts (quant_f32.c's
        rows: each block dequantised in registers, no activation rounded), float32 biases, and no bf16
        rounding anywhere: h_e = act(gate_e x + gate_bias, up_e x + up_bias) and acc += (down_e h_e +
-       down_bias) * coef_e in float32, as the torch path on the dequantised experts computes them. */
+       down_bias) * coef_e in float32, as the torch path on the dequantised experts computes them.
+       Its `type` may name the down matrices' format apart (llama.cpp's Q4_K_M keeps some layers'
+       ffn_down in Q6_K): the gate/up type in the low byte, the down type in the next (0: the same). */
 
 #include "common.h"
 
@@ -27,6 +29,7 @@
 
 typedef struct {
     int k, type, act, rb_gate, rb_down;  /* rb_*: bytes per row of a block-format matrix */
+    int type_down;                       /* f32: the down matrices' block type */
     int f32;                             /* float32 x, h and biases (block formats only) */
     int64_t H, I;
     const void *x;                       /* [H] bf16, or float32 when f32 */
@@ -86,7 +89,7 @@ static inline float activate_f32(const experts_job *j, int e, int64_t n, float g
 /* float32 experts (f32): phase 0 writes hf, phase 1 reads it; the same row splits as the bf16 path */
 static void experts_phase_f32(experts_job *j, int phase, int part, int parts) {
     const int64_t H = j->H, I = j->I;
-    frow_fn row = moeinf_frow_function(j->type);
+    frow_fn row = moeinf_frow_function(j->type), row_down = moeinf_frow_function(j->type_down);
     const float *x = (const float *)j->x;
     int64_t lo, hi;
     if (phase == 0) {
@@ -105,7 +108,7 @@ static void experts_phase_f32(experts_job *j, int phase, int part, int parts) {
         float sum = j->acc[n];
         for (int e = 0; e < j->k; e++) {
             const float *db = (const float *)j->down_bias[e];
-            float d = row((const uint8_t *)j->down[e] + n * j->rb_down, j->hf + e * I, I / 32);
+            float d = row_down((const uint8_t *)j->down[e] + n * j->rb_down, j->hf + e * I, I / 32);
             if (db) d += db[n];
             sum += d * j->coef[e];
         }
@@ -256,15 +259,19 @@ int moeinf_experts_acc_f32(const float *x, int k, const void *const *gate, const
                            const void *const *down, const float *const *gate_bias, const float *const *up_bias,
                            const float *const *down_bias, const float *coef, int type, int64_t H, int64_t I,
                            int act, float alpha, float limit, float *acc, int nthreads) {
-    int values, bytes;
-    if (k < 1 || k > MAX_EXPERTS || !type || !moeinf_block_geometry(type, &values, &bytes) || H % values || I % values)
+    int values, bytes, dvalues, dbytes;
+    const int type_down = (type >> 8) & 0xff ? (type >> 8) & 0xff : type & 0xff;
+    type &= 0xff;
+    if (k < 1 || k > MAX_EXPERTS || !type || !moeinf_block_geometry(type, &values, &bytes) || H % values ||
+        !moeinf_block_geometry(type_down, &dvalues, &dbytes) || I % dvalues)
         return -1;
     experts_job j;
     fill_job(&j, x, k, gate, up, down, (const void *const *)gate_bias, (const void *const *)up_bias,
              (const void *const *)down_bias, coef, type, H, I, act, alpha, limit, acc);
     j.f32 = 1;
+    j.type_down = type_down;
     j.rb_gate = (int)(H / values * bytes);
-    j.rb_down = (int)(I / values * bytes);
+    j.rb_down = (int)(I / dvalues * dbytes);
     j.hf = moeinf_scratch(sizeof(float) * (size_t)(k * I) + 64);
     if (!j.hf) return -1;
     run_experts(&j, nthreads);

@@ -18,7 +18,9 @@
 
    moeinf_fgemv           y[m] = W x[m] (+ bias) for m < M tokens, W [N, K] in one format, float32 x,
                           bias and y; rows split over the thread pool, each row's blocks dequantised
-                          once for up to four tokens (AVX-512) and read once for all M.
+                          once for up to four tokens (AVX-512); for more, blocks of rows (about
+                          BLOCK_BYTES of weights, kept in L2) go through each tile of tokens in turn,
+                          whose x stays in L1.
    moeinf_frow_function   one row times one float32 x (moe.c's float32 experts). */
 
 #include "common.h"
@@ -118,19 +120,30 @@ ALWAYS_INLINE void ftile(int type, int mt, const uint8_t *w, const float *x, int
             const uint8_t *blk = w + 144 * sb, *qs = blk + 16;
             const float *xs = x + 256 * sb;
             for (int l = 0; l < 144; l += 64) _mm_prefetch((const char *)blk + PF_AHEAD + l, _MM_HINT_T0);
-            uint8_t sc[8], mn[8];
-            q4k_scales(blk + 4, sc, mn);
-            const float d = half(blk), dmin = half(blk + 2);
+            /* the eight 6-bit scales and mins (q4k_scales) as 32-bit words, llama.cpp's way: scales in
+               bytes 0..7, mins in 8..15; then d sc and -(dmin mn) as floats, eight at a time (the same
+               products as one by one: each is exact) */
+            uint32_t u[4];
+            memcpy(u, blk + 4, 12);
+            const uint32_t m1 = 0x3f3f3f3fu, m2 = 0x0f0f0f0fu, m3 = 0x03030303u;
+            u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+            const uint32_t mins_lo = u[1] & m1;
+            u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+            u[2] = mins_lo;
+            u[0] &= m1;
+            const __m128i scm = _mm_loadu_si128((const __m128i *)u);
+            float dsc[8], dmn[8];
+            _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm)), _mm256_set1_ps(half(blk))));
+            _mm256_storeu_ps(dmn, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(scm, 8))),
+                                                _mm256_set1_ps(-half(blk + 2))));
             for (int r = 0; r < 4; r++) { /* run r: sub-block 2r in the low nibbles, 2r + 1 in the high */
                 const __m512i t0 = bytes16(qs + 32 * r), t1 = bytes16(qs + 32 * r + 16);
                 /* (d sc) q - dmin mn for the 16 codes q: the sub-block's table */
-                __m512 lut = _mm512_fmadd_ps(iota16(), _mm512_set1_ps(d * (float)sc[2 * r]),
-                                             _mm512_set1_ps(-(dmin * (float)mn[2 * r])));
+                __m512 lut = _mm512_fmadd_ps(iota16(), _mm512_set1_ps(dsc[2 * r]), _mm512_set1_ps(dmn[2 * r]));
                 lo = _mm512_permutexvar_ps(t0, lut);
                 hi = _mm512_permutexvar_ps(t1, lut);
                 acc_chunk(a, mt, 0, lo, hi, xs + 64 * r, ldx);
-                lut = _mm512_fmadd_ps(iota16(), _mm512_set1_ps(d * (float)sc[2 * r + 1]),
-                                      _mm512_set1_ps(-(dmin * (float)mn[2 * r + 1])));
+                lut = _mm512_fmadd_ps(iota16(), _mm512_set1_ps(dsc[2 * r + 1]), _mm512_set1_ps(dmn[2 * r + 1]));
                 lo = _mm512_permutexvar_ps(high4(t0), lut);
                 hi = _mm512_permutexvar_ps(high4(t1), lut);
                 acc_chunk(a, mt, 1, lo, hi, xs + 64 * r + 32, ldx);
@@ -365,6 +378,10 @@ static inline void ftile(int type, int mt, const uint8_t *w, const float *x, int
 /* ---------------------------------------------------------------- per format: rows, and one row */
 
 typedef void (*frows_fn)(const uint8_t *w, const float *x, int64_t K, int64_t M, float *y, int64_t ldy);
+/* rows n0..n1 of W (rb bytes each) times every x[m], token tiles outside the rows: a tile's x stays in
+   L1 while the block of rows (in L2) goes through it; each (row, tile) is the same ftile as frows' */
+typedef void (*fblock_fn)(const uint8_t *W, int64_t rb, int64_t n0, int64_t n1, const float *x, int64_t K,
+                          int64_t M, float *y, int64_t ldy);
 
 /* y[m * ldy] = row w times x[m] (x [M, K]) for every m < M, TILE tokens per dequantisation */
 #define FORMAT_ROWS(name, T)                                                                                   \
@@ -376,6 +393,22 @@ typedef void (*frows_fn)(const uint8_t *w, const float *x, int64_t K, int64_t M,
             case 2: ftile(T, 2 < TILE ? 2 : TILE, w, x + m * K, K, K, y + m * ldy, ldy); break;              \
             case 1: ftile(T, 1, w, x + m * K, K, K, y + m * ldy, ldy); break;                                \
             default: break;                                                                                    \
+        }                                                                                                      \
+    }                                                                                                          \
+    static void fblock_##name(const uint8_t *W, int64_t rb, int64_t n0, int64_t n1, const float *x, int64_t K, \
+                              int64_t M, float *y, int64_t ldy) {                                              \
+        int64_t m = 0;                                                                                         \
+        for (; m + TILE <= M; m += TILE)                                                                       \
+            for (int64_t n = n0; n < n1; n++) ftile(T, TILE, W + n * rb, x + m * K, K, K, y + m * ldy + n, ldy); \
+        for (int64_t n = n0; n < n1; n++) {                                                                    \
+            float *yn = y + m * ldy + n;                                                                       \
+            const float *xm = x + m * K;                                                                       \
+            switch (M - m) {                                                                                   \
+                case 3: ftile(T, 3 < TILE ? 3 : TILE, W + n * rb, xm, K, K, yn, ldy); break;                  \
+                case 2: ftile(T, 2 < TILE ? 2 : TILE, W + n * rb, xm, K, K, yn, ldy); break;                  \
+                case 1: ftile(T, 1, W + n * rb, xm, K, K, yn, ldy); break;                                    \
+                default: break;                                                                                \
+            }                                                                                                  \
         }                                                                                                      \
     }                                                                                                          \
     static float frow_##name(const uint8_t *w, const float *x, int64_t nb) {                                   \
@@ -403,6 +436,18 @@ static frows_fn rows_function(int type) {
     }
 }
 
+static fblock_fn block_function(int type) {
+    switch (type) {
+        case T_Q8_0: return fblock_q8_0;
+        case T_Q4_0: return fblock_q4_0;
+        case T_Q4_1: return fblock_q4_1;
+        case T_MXFP4: return fblock_mxfp4;
+        case T_Q4_K: return fblock_q4_k;
+        case T_Q6_K: return fblock_q6_k;
+        default: return 0;
+    }
+}
+
 frow_fn moeinf_frow_function(int type) {
     switch (type) {
         case T_Q8_0: return frow_q8_0;
@@ -417,8 +462,13 @@ frow_fn moeinf_frow_function(int type) {
 
 /* ---------------------------------------------------------------- the product over the pool */
 
+#ifndef BLOCK_BYTES
+#define BLOCK_BYTES (96 * 1024) /* weights per block of rows that the token tiles go through (in L2) */
+#endif
+
 typedef struct {
     frows_fn rows;
+    fblock_fn block;
     const uint8_t *W;
     int64_t N, K, row_bytes, M;
     const float *x, *bias; /* x [M, K]; bias [N] or NULL */
@@ -429,11 +479,17 @@ static void fgemv_task(void *arg, int tid, int nt) {
     fgemv_job *j = arg;
     int64_t lo, hi;
     split_rows_by(j->N, 4, tid, nt, &lo, &hi);
-    for (int64_t n = lo; n < hi; n++) {
-        j->rows(j->W + n * j->row_bytes, j->x, j->K, j->M, j->y + n, j->N);
-        if (j->bias)
-            for (int64_t m = 0; m < j->M; m++) j->y[m * j->N + n] += j->bias[n];
+    if (j->M > TILE) { /* several tiles of tokens: blocks of rows, the tiles inside */
+        int64_t rows = BLOCK_BYTES / j->row_bytes / 4 * 4;
+        if (rows < 4) rows = 4;
+        for (int64_t n0 = lo; n0 < hi; n0 += rows)
+            j->block(j->W, j->row_bytes, n0, n0 + rows < hi ? n0 + rows : hi, j->x, j->K, j->M, j->y, j->N);
+    } else {
+        for (int64_t n = lo; n < hi; n++) j->rows(j->W + n * j->row_bytes, j->x, j->K, j->M, j->y + n, j->N);
     }
+    if (j->bias)
+        for (int64_t m = 0; m < j->M; m++)
+            for (int64_t n = lo; n < hi; n++) j->y[m * j->N + n] += j->bias[n];
 }
 
 /* y [M, N] = x [M, K] times W^T (+ bias [N] or NULL), all float32, W [N, K] stored as rows of blocks of
@@ -443,7 +499,7 @@ int moeinf_fgemv(int type, const uint8_t *W, int64_t N, int64_t K, const float *
                  float *y, int nthreads) {
     int values, bytes;
     if (!moeinf_block_geometry(type, &values, &bytes) || K % values || M < 1 || N < 1) return -1;
-    fgemv_job j = {rows_function(type), W, N, K, K / values * bytes, M, x, bias, y};
+    fgemv_job j = {rows_function(type), block_function(type), W, N, K, K / values * bytes, M, x, bias, y};
     int nt = nthreads;
     if ((int64_t)nt * 4 > N) nt = (int)((N + 3) / 4);
     moeinf_pool_run(fgemv_task, &j, nt < 1 ? 1 : nt);

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cuda_ext import attention as native_attention
+from cuda_ext import attention_f32 as native_attention_f32
 from cuda_ext.cpu import Linear, linear_many, threads
 from engine.model.layers.context import BatchContext, StepContext
 from engine.model.layers.kv_cache import KVCache
@@ -63,13 +64,14 @@ class Attention(nn.Module):
             raise ValueError(f"qk_norm must be None, 'head' or 'proj', not {qk_norm!r}")
         self.kv_cache: KVCache | None = None
         self._plan: native_attention.DecodePlan | None | bool = False  # False: not made yet
+        self._plan_f32: native_attention_f32.DecodePlan | None | bool = False  # float32 on block formats
 
     def setup_cache(self, max_seq_len: int, dtype: torch.dtype, device: torch.device, slots: int = 1) -> None:
         self.kv_cache = KVCache(max_seq_len, self.num_kv_heads, self.head_dim, dtype, device, slots=slots)
-        self._plan = False
+        self._plan = self._plan_f32 = False
 
     def _apply(self, fn, recurse=True):
-        self._plan = False  # new tensors: describe them again
+        self._plan = self._plan_f32 = False  # new tensors: describe them again
         return super()._apply(fn, recurse)
 
     def _native_decode(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
@@ -83,10 +85,27 @@ class Attention(nn.Module):
             plan, x, ctx.cos, ctx.sin, ctx.slot, ctx.start_pos, threads(self.q_proj.weight.numel())
         )
 
+    def _native_decode_f32(self, x: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
+        """One float32 token on the CPU with block-format projections (a GGUF model's) in one native
+        call (``cuda_ext.attention_f32``), or None."""
+        plan = self._plan_f32
+        if plan is False:
+            plan = self._plan_f32 = native_attention_f32.decode_plan(self)
+        if plan is None:
+            return None
+        return native_attention_f32.decode(
+            plan, x, ctx.cos, ctx.sin, ctx.slot, ctx.start_pos, threads(1 << 30)
+        )
+
     def forward(self, x: torch.Tensor, ctx: StepContext | BatchContext) -> torch.Tensor:
         T = x.shape[0]
-        if T == 1 and x.dtype == torch.bfloat16 and x.device.type == "cpu" and isinstance(ctx, StepContext):
-            out = self._native_decode(x, ctx)
+        if T == 1 and x.device.type == "cpu" and isinstance(ctx, StepContext):
+            if x.dtype == torch.bfloat16:
+                out = self._native_decode(x, ctx)
+            elif x.dtype == torch.float32:
+                out = self._native_decode_f32(x, ctx)
+            else:
+                out = None
             if out is not None:
                 return out
         q, k, v = linear_many(  # one native call for one token on the CPU

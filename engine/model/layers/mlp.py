@@ -18,18 +18,32 @@ class MLP(nn.Module):
         self.down_proj = Linear(intermediate_size, hidden_size, bias=bias)
         self.act = activation(act)
         self.native_swiglu = act in ("silu", "swish")
+        self._weights: ExpertWeights | None = None
+
+    def _expert_weights(self) -> ExpertWeights:
+        """The three projections as one ``ExpertWeights``, kept while they are the same tensors: the
+        native call's checks are cached on that object (``cuda_ext.cpu._expert_entry``), so a kept
+        one costs a lookup per token instead of the checks."""
+        tensors = (
+            self.gate_proj.weight,
+            self.up_proj.weight,
+            self.down_proj.weight,
+            self.gate_proj.bias,
+            self.up_proj.bias,
+            self.down_proj.bias,
+        )
+        w = self._weights
+        if w is None or not all(
+            a is b
+            for a, b in zip((w.gate, w.up, w.down, w.gate_bias, w.up_bias, w.down_bias), tensors, strict=True)
+        ):
+            w = self._weights = ExpertWeights(*tensors)
+        return w
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.native_swiglu and x.shape[0] == 1:
             # one token: the whole MLP in one native call (same roundings; acc + y is exact from 0)
-            w = ExpertWeights(
-                self.gate_proj.weight,
-                self.up_proj.weight,
-                self.down_proj.weight,
-                self.gate_proj.bias,
-                self.up_proj.bias,
-                self.down_proj.bias,
-            )
+            w = self._expert_weights()
             acc = torch.zeros(x.shape, dtype=torch.float32)
             if swiglu_accumulate(x, w, 1.0, acc):
                 return acc.to(x.dtype)

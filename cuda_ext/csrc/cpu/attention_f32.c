@@ -1,0 +1,197 @@
+/* One float32 decode token through a grouped-query attention layer whose projections are kept in block
+   formats (a GGUF model's attention, engine/model/layers/attention.py), in one pool job.
+
+   moeinf_attn_decode_f32(plan, x, cos, sin, slot, pos, out, nthreads) does what Attention.forward does
+   for one float32 token of one sequence, everything in float32:
+     q, k, v = Wq x (+ bq), ...       each matrix in its own block format (quant_f32.c's rows: every block
+                                      dequantised in registers to the values engine.formats unpacks)
+     rotary, rotate-half convention: x cos + rotate_half(x) sin
+     k, v written at position pos of the KV cache's slot (float32)
+     softmax(q k^T * scaling) v over the visible positions (all up to pos, or the last `window` of them)
+     out = Wo o (+ bo)
+   The phases of the job, each split over the threads, a barrier between them: the q/k/v rows (by 4
+   rows), the rotary and cache write of the key/value heads, the query heads' attention, the output rows.
+   The projections give dequantise-then-multiply up to the order of the float32 sums (quant_f32.c's
+   bound); the attention differs from PyTorch's float32 kernel only in the order of its sums and in
+   expf's last bit. Nothing here depends on the thread count: the same bits on any number of threads. */
+
+#include <stdlib.h>
+
+#include "common.h"
+
+typedef struct {
+    int64_t hidden, heads, kv_heads, head_dim, max_seq, window; /* window 0: every position */
+    int64_t tq, tk, tv, to;                                      /* GGUF block type of each matrix */
+    const uint8_t *wq, *wk, *wv, *wo;                            /* rows of blocks: [heads*D, hidden] ... */
+    const float *bq, *bk, *bv, *bo;                              /* NULL: no bias */
+    float scaling;
+    float *k_cache, *v_cache; /* [slots, kv_heads, max_seq, D] float32 */
+} attn_f32_plan;
+
+typedef struct {
+    const attn_f32_plan *p;
+    const float *x, *cos, *sin;
+    float *q, *k, *v, *o, *out; /* q [heads*D] then k, v [kv_heads*D], o [heads*D]; out [hidden] */
+    float *keys, *values;        /* the slot's [kv_heads, max_seq, D] */
+    float *scores;               /* [nt, n] */
+    int64_t pos, lo, n;          /* visible positions lo..pos, n of them */
+    frow_fn fq, fk, fv, fo;
+    int64_t rq, rk, rv, ro;      /* bytes per row of wq, wk, wv, wo */
+} attn_f32_job;
+
+static __thread float *buf;
+static __thread size_t buf_size;
+
+static float *scratch_f32(size_t elements) {
+    if (elements > buf_size) {
+        free(buf);
+        buf = aligned_alloc(64, (elements * sizeof(float) + 63) & ~(size_t)63);
+        buf_size = buf ? elements : 0;
+    }
+    return buf;
+}
+
+static float dot_f32(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float s = 0.0f;
+#if defined(__AVX512F__)
+    if (n >= 16) {
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (; i + 32 <= n; i += 32) {
+            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+        }
+        for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    if (n >= 8) {
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (; i + 16 <= n; i += 16) {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+        }
+        for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        __m256 t = _mm256_add_ps(acc0, acc1);
+        __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        u = _mm_add_ps(u, _mm_movehl_ps(u, u));
+        u = _mm_add_ss(u, _mm_movehdup_ps(u));
+        s = _mm_cvtss_f32(u);
+    }
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* y += a * x over n values (vectorised by the compiler: no sum across lanes) */
+static inline void axpy_f32(float *restrict y, float a, const float *restrict x, int64_t n) {
+    for (int64_t i = 0; i < n; i++) y[i] += a * x[i];
+}
+
+/* one head x [D] rotated by cos/sin [D] (rotate-half), in place */
+static void rotate_f32(float *x, const float *cos, const float *sin, int64_t D) {
+    const int64_t h = D / 2;
+    float tmp[512];
+    for (int64_t i = 0; i < D; i++) {
+        float rot = i < h ? -x[i + h] : x[i - h];
+        float a = x[i] * cos[i], b = rot * sin[i];
+        tmp[i] = a + b;
+    }
+    memcpy(x, tmp, sizeof(float) * (size_t)D);
+}
+
+static void rows_f32(frow_fn f, const uint8_t *W, int64_t rb, const float *x, int64_t nb, const float *bias,
+                     int64_t n0, int64_t n1, float *y) {
+    for (int64_t n = n0; n < n1; n++) {
+        float v = f(W + n * rb, x, nb);
+        y[n] = bias ? v + bias[n] : v;
+    }
+}
+
+/* four phases (pool.c): q/k/v rows, the key/value heads written, the query heads, the output rows */
+static void attn_f32_phase(void *arg, int phase, int tid, int nt) {
+    attn_f32_job *j = arg;
+    const attn_f32_plan *p = j->p;
+    const int64_t H = p->hidden, D = p->head_dim, S = p->max_seq;
+    const int64_t nq = p->heads * D, nkv = p->kv_heads * D, group = p->heads / p->kv_heads;
+    int64_t lo, hi;
+
+    if (phase == 0) { /* the rows of q, k and v, end to end */
+        split_rows_by(nq + 2 * nkv, 4, tid, nt, &lo, &hi);
+        if (lo < nq) rows_f32(j->fq, p->wq, j->rq, j->x, H / 32, p->bq, lo, hi < nq ? hi : nq, j->q);
+        for (int m = 0; m < 2; m++) { /* k, then v */
+            const int64_t base = nq + m * nkv;
+            int64_t a = lo > base ? lo - base : 0, b = hi - base < nkv ? hi - base : nkv;
+            if (a < b)
+                rows_f32(m ? j->fv : j->fk, m ? p->wv : p->wk, m ? j->rv : j->rk, j->x, H / 32, m ? p->bv : p->bk, a, b,
+                         m ? j->v : j->k);
+        }
+        return;
+    }
+    if (phase == 1) { /* each key/value head rotated and written at pos */
+        for (int64_t h = p->kv_heads * tid / nt; h < p->kv_heads * (tid + 1) / nt; h++) {
+            if (j->cos) rotate_f32(j->k + h * D, j->cos, j->sin, D);
+            memcpy(j->keys + (h * S + j->pos) * D, j->k + h * D, sizeof(float) * (size_t)D);
+            memcpy(j->values + (h * S + j->pos) * D, j->v + h * D, sizeof(float) * (size_t)D);
+        }
+        return;
+    }
+    if (phase == 2) { /* the query heads */
+        float *s = j->scores + tid * j->n;
+        for (int64_t h = p->heads * tid / nt; h < p->heads * (tid + 1) / nt; h++) {
+            float *q = j->q + h * D, *o = j->o + h * D;
+            if (j->cos) rotate_f32(q, j->cos, j->sin, D);
+            const float *K = j->keys + (h / group) * S * D + j->lo * D, *V = j->values + (h / group) * S * D + j->lo * D;
+            float m = -INFINITY;
+            for (int64_t t = 0; t < j->n; t++) {
+                s[t] = dot_f32(q, K + t * D, D) * p->scaling;
+                if (s[t] > m) m = s[t];
+            }
+            float sum = 0.0f;
+            for (int64_t d = 0; d < D; d++) o[d] = 0.0f;
+            for (int64_t t = 0; t < j->n; t++) {
+                float e = expf(s[t] - m);
+                sum += e;
+                axpy_f32(o, e, V + t * D, D);
+            }
+            const float inv = 1.0f / sum;
+            for (int64_t d = 0; d < D; d++) o[d] *= inv;
+        }
+        return;
+    }
+    /* the output rows */
+    split_rows_by(H, 4, tid, nt, &lo, &hi);
+    rows_f32(j->fo, p->wo, j->ro, j->o, nq / 32, p->bo, lo, hi, j->out);
+}
+
+/* Returns 0, or -1 for what it cannot do (an unknown type, a size its format cannot hold, a head wider
+   than 512, a position outside the cache, no memory); nothing is written then. */
+int moeinf_attn_decode_f32(const attn_f32_plan *p, const float *x, const float *cos, const float *sin, int64_t slot,
+                           int64_t pos, float *out, int nthreads) {
+    const int64_t D = p->head_dim, nq = p->heads * D, nkv = p->kv_heads * D;
+    if (D > 512 || D % 2 || pos < 0 || pos >= p->max_seq || p->kv_heads < 1 || p->heads % p->kv_heads) return -1;
+    const int64_t types[4] = {p->tq, p->tk, p->tv, p->to}, ks[4] = {p->hidden, p->hidden, p->hidden, nq};
+    int64_t rb[4];
+    for (int i = 0; i < 4; i++) {
+        int values, bytes;
+        if (!moeinf_block_geometry((int)types[i], &values, &bytes) || ks[i] % values || !moeinf_frow_function((int)types[i]))
+            return -1;
+        rb[i] = ks[i] / values * bytes;
+    }
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (nt > MAX_THREADS) nt = MAX_THREADS;
+    if (nt > p->heads) nt = (int)p->heads;
+    const int64_t lo = p->window > 0 && pos - p->window + 1 > 0 ? pos - p->window + 1 : 0, n = pos - lo + 1;
+    float *mem = scratch_f32((size_t)(2 * nq + 2 * nkv + 16 + nt * n));
+    if (!mem) return -1;
+    const int64_t S = p->max_seq;
+    attn_f32_job j = {
+        p, x, cos, sin, mem, mem + nq, mem + nq + nkv, mem + nq + 2 * nkv, out,
+        p->k_cache + slot * p->kv_heads * S * D, p->v_cache + slot * p->kv_heads * S * D,
+        mem + 2 * nq + 2 * nkv + 16, pos, lo, n,
+        moeinf_frow_function((int)p->tq), moeinf_frow_function((int)p->tk), moeinf_frow_function((int)p->tv),
+        moeinf_frow_function((int)p->to), rb[0], rb[1], rb[2], rb[3],
+    };
+    moeinf_pool_run_phases(attn_f32_phase, &j, 4, nt, nt);
+    return 0;
+}
