@@ -22,9 +22,16 @@ decode rate with the spread of its repetitions, and how much of the shared machi
 CPU seconds per second, the 1-minute load average).
 
     python benchmarks/predict_table.py prepare                 # build the models (once, not timed)
-    flock /tmp/moeinf-heavy.lock python benchmarks/predict_table.py run mix --out /tmp/pt-mix.json
-    ...                                                        # (ds, qw, demo: one locked run each)
-    python benchmarks/predict_table.py report /tmp/pt-*.json   # the markdown table and the summary
+    flock /tmp/moeinf-heavy.lock python -c "from engine.bench.machine import machine_profile as m; m(reprobe=True)"
+    # measure only, one locked run per model x format x batch (or fewer budgets a run: each under ~5 min):
+    flock /tmp/moeinf-heavy.lock python benchmarks/predict_table.py run mix --formats bf16 --batches 1 -r 3 \
+        --no-forecast --out /tmp/pt/m-mix-bf16-b1.json
+    ...                                                        # (--budgets 25%,10%: a subset of the rows)
+    flock /tmp/moeinf-heavy.lock python benchmarks/predict_table.py reforecast /tmp/pt/m-*.json  # the forecasts
+    python benchmarks/predict_table.py report /tmp/pt/m-*.json          # the markdown table and the summary
+    python benchmarks/predict_table.py report --parts /tmp/pt/m-*.json  # each decode step: compute and stalls
+
+``reforecast`` runs under the lock too: it times the policy's own work on the dry runs of the cache.
 """
 
 from __future__ import annotations
