@@ -473,9 +473,11 @@ _LOADS = dict(num_layers=2, num_experts=8, top_k=2, hidden=512, intermediate=153
               heads=8, kv_heads=2)
 
 
-def _load_run(root: Path, budget: str, batch: int, steps: int = 12) -> tuple[float, float, int]:
+def _load_run(root: Path, budget: str, batch: int, steps: int = 32) -> tuple[float, float, int]:
     """(seconds per decode step, stall seconds per step, loads per step) of ``steps`` decode steps of
-    ``batch`` sequences, each step routed to fresh experts (so a budgeted cache misses)."""
+    ``batch`` sequences, each step routed to fresh experts (so a budgeted cache misses). 32 steps: the per-load
+    extra compute is a difference of two runs' medians spread over a few loads a step, and over 12 steps it
+    came out anywhere between 0.3 and 1.6 ms a load from one probe to the next on the 2-core VM."""
     from engine.bench.forced import force_routing
     from engine.memory import open_experts
     from engine.model.loader import load_model
