@@ -22,9 +22,16 @@ decode rate with the spread of its repetitions, and how much of the shared machi
 CPU seconds per second, the 1-minute load average).
 
     python benchmarks/predict_table.py prepare                 # build the models (once, not timed)
-    flock /tmp/moeinf-heavy.lock python benchmarks/predict_table.py run mix --out /tmp/pt-mix.json
-    ...                                                        # (ds, qw, demo: one locked run each)
-    python benchmarks/predict_table.py report /tmp/pt-*.json   # the markdown table and the summary
+    flock /tmp/moeinf-heavy.lock python -c "from engine.bench.machine import machine_profile as m; m(reprobe=True)"
+    # measure only, one locked run per model x format x batch (or fewer budgets a run: each under ~5 min):
+    flock /tmp/moeinf-heavy.lock python benchmarks/predict_table.py run mix --formats bf16 --batches 1 -r 3 \
+        --no-forecast --out /tmp/pt/m-mix-bf16-b1.json
+    ...                                                        # (--budgets 25%,10%: a subset of the rows)
+    flock /tmp/moeinf-heavy.lock python benchmarks/predict_table.py reforecast /tmp/pt/m-*.json  # the forecasts
+    python benchmarks/predict_table.py report /tmp/pt/m-*.json          # the markdown table and the summary
+    python benchmarks/predict_table.py report --parts /tmp/pt/m-*.json  # each decode step: compute and stalls
+
+``reforecast`` runs under the lock too: it times the policy's own work on the dry runs of the cache.
 """
 
 from __future__ import annotations
@@ -158,7 +165,7 @@ def _trace_for(key: str):
 
 
 def run(key: str, prompt: int, gen: int, reps: int, policy: str, budgets: list[str], batches: list[int],
-        formats: list[str] | None = None, dtype: str = DTYPE) -> dict:
+        formats: list[str] | None = None, dtype: str = DTYPE, forecast: bool = True) -> dict:
     from engine.bench.predict import bench_row_forecast
     from engine.bench.run import bench_main
 
@@ -181,10 +188,11 @@ def run(key: str, prompt: int, gen: int, reps: int, policy: str, budgets: list[s
                          dtype=dtype, device="cpu", batches=batches, progress=say)
         marks.append(_mark())
         for i, row in enumerate(res["rows"]):
-            fc = bench_row_forecast(name, row, prompt, gen, trace, dtype=dtype)
             machine = _machine_share(marks[i], marks[i + 1]) if i + 1 < len(marks) else {}
-            out["rows"].append({"model": key, "store": name, "format": fmt, "dtype": dtype, **row, **machine,
-                                "forecast": fc})
+            out["rows"].append({"model": key, "store": name, "format": fmt, "dtype": dtype, **row, **machine})
+    if forecast:  # else ``reforecast`` adds them later (the dry cache runs need no lock on the machine)
+        for row in out["rows"]:
+            row["forecast"] = bench_row_forecast(row["store"], row, prompt, gen, trace, dtype=dtype)
     return out
 
 
@@ -258,6 +266,31 @@ def report(paths: list[str], tol: float = 0.15) -> str:
     return "\n".join(lines) + summary
 
 
+def parts(paths: list[str]) -> str:
+    """Each row's decode step, measured against forecast, split in two: the time computing (the step less
+    the stalls on loads) and the stalls (the expert cache's ``stall_s``), with loads per step and hit rates."""
+    rows = []
+    for p in paths:
+        rows += json.loads(Path(p).read_text())["rows"]
+    lines = [
+        "| model | format | batch | budget | step ms meas | fc | compute ms meas | fc | stall ms meas | fc "
+        "| loads/step | hit meas | fc |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        fc = r["forecast"]
+        step = r["ms_per_token"]
+        stall = step * r.get("stall_share", 0.0)
+        sm = fc.get("step_ms") or {}
+        c, io = sm.get("compute", float("nan")), sm.get("loads", float("nan"))
+        lines.append(
+            f"| {r['model']} | {r['format']} | {r['batch']} | {r['budget']} | {step:.1f} | {c + io:.1f} | "
+            f"{step - stall:.1f} | {c:.1f} | {stall:.1f} | {io:.1f} | {r.get('loads_per_step', 0):.1f} | "
+            f"{r.get('hit_rate', 1.0):.2f} | {fc.get('hit_rate', 1.0):.2f} |"
+        )
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -273,9 +306,12 @@ def main() -> None:
     r.add_argument("--batches", default=",".join(map(str, BATCHES)))
     r.add_argument("--formats", default="", help="comma-separated format labels to run (default: both)")
     r.add_argument("--dtype", default=DTYPE, help="compute dtype of every row (default: bfloat16)")
+    r.add_argument("--no-forecast", action="store_true",
+                   help="measure only; add the forecasts afterwards with `reforecast` (outside the lock)")
     r.add_argument("--out", required=True)
     q = sub.add_parser("report")
     q.add_argument("paths", nargs="+")
+    q.add_argument("--parts", action="store_true", help="the decode step's compute and stalls, measured and forecast")
     f = sub.add_parser("reforecast", help="forecast the rows of a run's JSON again with the current profile")
     f.add_argument("paths", nargs="+")
     args = ap.parse_args()
@@ -283,17 +319,19 @@ def main() -> None:
         prepare(args.keys)
     elif args.cmd == "run":
         res = run(args.key, args.p, args.n, args.r, args.policy, args.budgets.split(","),
-                  [int(b) for b in args.batches.split(",")], [f for f in args.formats.split(",") if f], args.dtype)
+                  [int(b) for b in args.batches.split(",")], [f for f in args.formats.split(",") if f], args.dtype,
+                  forecast=not args.no_forecast)
         tmp = Path(args.out).with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1))
         os.replace(tmp, args.out)
-        print(report([args.out]))
+        if not args.no_forecast:
+            print(report([args.out]))
     elif args.cmd == "reforecast":
         for path in args.paths:
             reforecast(path)
         print(report(args.paths))
     else:
-        print(report(args.paths))
+        print(parts(args.paths) if args.parts else report(args.paths))
 
 
 if __name__ == "__main__":

@@ -235,3 +235,47 @@ def test_the_probes_typical_pass_scales_the_point_and_widens_the_band():
     assert b["decode_tps"] == pytest.approx(a["decode_tps"] / 1.5)
     assert b["decode_tps_band"][1] == pytest.approx(a["decode_tps_band"][1])  # the fastest passes' end stays
     assert b["decode_tps_band"][0] < b["decode_tps"] < b["decode_tps_band"][1]
+
+
+def test_kernel_probe_rounds_keep_each_timings_fastest_pass():
+    """The kernel probes run in rounds over every pair in turn: a burst of other work can slow every pass of
+    one round, so each timing is the fastest pass of any round (a slowed round changes nothing)."""
+    import engine.bench.kernels as kernels
+
+    sizes = [1000, 3000]
+    quiet = [{1: [2e-6, 3e-6], 0: [1e-6, 1.5e-6], -1: [2e-6]}, {1: [4e-6, 5e-6], 0: [2e-6, 2e-6], -1: [5e-6]}]
+    slowed = [{k: [10 * t for t in v] for k, v in res.items()} for res in quiet]
+    one, _ = kernels._fit_experts(sizes, [quiet], tokens=(1,))
+    both, _ = kernels._fit_experts(sizes, [slowed, quiet], tokens=(1,))
+    for path in ("decode", "python", "major"):
+        assert both[path].per_byte == pytest.approx(one[path].per_byte)
+        assert both[path].fixed == pytest.approx(one[path].fixed)
+    assert one["decode"].seconds(1000, 1) == pytest.approx(1e-6)  # the fastest pass of the smaller expert
+    assert one["decode"].per_byte[0] == pytest.approx(1e-6 / 2000)  # between the two sizes
+    dense, _ = kernels._fit_dense(1000, [[[9e-6, 8e-6]], [[2e-6, 3e-6]]], rows=(1,))
+    assert dense.per_byte == pytest.approx([2e-9])
+
+
+def test_the_policys_own_work_is_the_fastest_of_several_dry_runs(synth, monkeypatch):
+    """A burst of other work can slow one whole dry run: each forward's bookkeeping time is the fastest of
+    ``TIMING_RUNS`` runs, so one slowed run of the policy does not inflate its extra work."""
+    import engine.bench.forecast as fc
+    from engine.bench.shape import read_shape
+
+    real = fc.simulate
+    calls = []
+
+    def timed(*args, **kw):
+        out = real(*args, **kw)
+        policy = args[6]
+        calls.append(policy)
+        slow = policy != fc.BASE_POLICY and calls.count(policy) == 1  # the policy's first run: slowed 10x
+        for f in out:
+            f.book_s = (0.010 if slow else 0.001) if policy != fc.BASE_POLICY else 0.0005
+        return out
+
+    monkeypatch.setattr(fc, "simulate", timed)
+    shape = read_shape(str(synth))
+    eam = fc.run_forwards(shape, 1, 3, 6, 10, fc.Access(_trace(20), policy="eam"))
+    assert calls.count("eam") == fc.TIMING_RUNS and calls.count("lru") == fc.TIMING_RUNS
+    assert [f.policy_extra_s for f in eam] == pytest.approx([0.0005] * len(eam))

@@ -200,6 +200,8 @@ def predict(
         "decode_tps": sp["decode"] if runs else None,
         "decode_tps_band": sp["decode_band"] if runs else None,
         "decode_ms_per_token": {"compute": sp["compute_ms"], "loads": sp["loads_ms"]},
+        "batch_ms_per_step": {"compute": sp.get("batch_compute_ms", sp["compute_ms"]),
+                              "loads": sp.get("batch_loads_ms", sp["loads_ms"])},
         "prefill_tps": sp["prefill"] if runs else None,
         "prefill_tps_band": sp["prefill_band"] if runs else None,
         "prefill_tokens": req.prefill_tokens,
@@ -286,6 +288,7 @@ def _engine_speeds(shape, profile, req, fmt, capacity, trace, hit, policy) -> di
         "prefill": one.prefill_tps if req.batch == 1 else many.prefill_tps,
         "prefill_band": list(one.prefill_band if req.batch == 1 else many.prefill_band),
         "compute_ms": one.compute_ms, "loads_ms": one.loads_ms,
+        "batch_compute_ms": many.compute_ms, "batch_loads_ms": many.loads_ms,
         "hit": HitEstimate(*one.hit, source) if capacity is not None else None,
         "batch_hit": HitEstimate(*many.hit, source) if capacity is not None else None,
     }
@@ -337,6 +340,7 @@ def bench_row_forecast(
         "prefill_band": p["prefill_tps_band"] or [p["prefill_tps"], p["prefill_tps"]],
         "hit_rate": p["batch_hit_rate"],
         "hit_source": p["hit_rate"]["source"],
+        "step_ms": p["batch_ms_per_step"],  # the point forecast's decode step: compute and the loads waited for
     }
 
 
