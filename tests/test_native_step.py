@@ -101,3 +101,22 @@ def test_native_step_steps_aside_under_a_budget_and_for_float32():
     model32 = load_model(root, dtype=torch.float32, max_seq_len=32)
     _decode(model32, torch.tensor([1, 2, 3]), 3)
     assert model32._step is False  # never tried
+
+
+def test_native_step_steps_aside_for_a_wrapped_router(tmp_path, monkeypatch):
+    """A replay's forced routing wraps each router (``engine.bench.forced``): the step does not apply
+    (the layers one by one follow the forced routing), and nothing fails on the wrapper."""
+    import numpy as np
+
+    from engine.bench.forced import force_routing
+    from engine.trace.format import RoutingTrace
+
+    monkeypatch.setenv("MOEINF_HOME", str(tmp_path / "home"))
+    root = make_synthetic_model("step-forced", "qwen3_moe", num_layers=2, num_experts=8, top_k=2, hidden=128,
+                                intermediate=64, vocab=300, head_dim=32)
+    model = load_model(root, dtype=torch.bfloat16, max_seq_len=32)
+    _touch_experts(model)
+    ids = np.tile(np.array([[[1, 2], [3, 4]]], dtype=np.int64), (16, 1, 1))  # [T, L, k]
+    force_routing(model, RoutingTrace(ids, num_experts=8))
+    _decode(model, torch.tensor([1, 2, 3]), 3)
+    assert model._step is None

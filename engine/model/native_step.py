@@ -95,6 +95,8 @@ def _moe(mlp, hidden: int) -> tuple[dict, list] | None:
     from engine.model.families.gpt_oss.experts import GptOssRouter
 
     gate = mlp.gate
+    if type(gate) not in (SoftmaxTopKRouter, GptOssRouter, DeepseekV3Router):  # e.g. a replay's forced routing
+        return None
     E = gate.weight.shape[0]
     if not _bf16(gate.weight, E * hidden):
         return None
