@@ -243,9 +243,9 @@ def route_v3(
     ids = torch.empty(1, k, dtype=torch.int64)
     weights = torch.empty(1, k, dtype=torch.float32)
     n, h = weight.shape
-    err = lib.moeinf_route_v3(
+    err = lib.moeinf_route_v3_mt(  # the logits' rows over the pool; the result does not depend on the count
         x.data_ptr(), weight.data_ptr(), correction.data_ptr(), n, h, k, n_group, topk_group,
-        int(renormalize), scale, ids.data_ptr(), weights.data_ptr(),
+        int(renormalize), scale, ids.data_ptr(), weights.data_ptr(), threads(n * h),
     )
     return None if err else (weights, ids)
 
