@@ -12,7 +12,8 @@ HELP = """Forecast a model on this machine before downloading it: fit, decode an
 
 MODEL is a store model, a checkpoint directory, a GGUF file, an alias or a hub repo (only config.json
 and the safetensors headers are fetched, never the weights). The machine is probed once (disk,
-memory, compute; a few seconds) and the profile cached under $MOEINF_HOME; --reprobe measures again.
+memory, the kernels; one to two minutes on a quiet 2-core machine, longer on a busy one) and the
+profile cached under $MOEINF_HOME; --reprobe measures again.
 
 \b
 Examples:
