@@ -17,6 +17,7 @@ import ctypes
 import torch
 
 from cuda_ext import loader
+from cuda_ext.blocks import bf16_cpu as _bf16_cpu
 
 
 class _Plan(ctypes.Structure):
@@ -53,21 +54,11 @@ class _Plan(ctypes.Structure):
 class DecodePlan:
     """The struct the kernel reads, the tensors it points into (kept alive), and the key it was made for."""
 
-    def __init__(self, struct: _Plan, tensors: tuple, key: tuple):
+    def __init__(self, struct: ctypes.Structure, tensors: tuple, key: tuple = ()):
         self.struct = struct
         self.tensors = tensors
         self.key = key
         self.address = ctypes.addressof(struct)
-
-
-def _bf16_cpu(t, numel: int | None = None) -> bool:
-    return (
-        isinstance(t, torch.Tensor)
-        and t.dtype == torch.bfloat16
-        and t.device.type == "cpu"
-        and t.is_contiguous()
-        and (numel is None or t.numel() == numel)
-    )
 
 
 def _cache(module):

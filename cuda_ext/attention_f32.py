@@ -18,7 +18,9 @@ import ctypes
 import torch
 
 from cuda_ext import loader
-from cuda_ext.blocks import BLOCKS
+from cuda_ext.attention import DecodePlan
+from cuda_ext.blocks import block_weight as _blocks
+from cuda_ext.blocks import f32_cpu as _f32_cpu
 
 
 class _Plan(ctypes.Structure):
@@ -45,43 +47,6 @@ class _Plan(ctypes.Structure):
         ("k_cache", ctypes.c_void_p),
         ("v_cache", ctypes.c_void_p),
     ]
-
-
-class DecodePlan:
-    """The struct the kernel reads, the tensors it points into (kept alive), and the key it was made for."""
-
-    def __init__(self, struct: _Plan, tensors: tuple, key: tuple):
-        self.struct = struct
-        self.tensors = tensors
-        self.key = key
-        self.address = ctypes.addressof(struct)
-
-
-def _f32_cpu(t, numel: int | None = None) -> bool:
-    return (
-        isinstance(t, torch.Tensor)
-        and t.dtype == torch.float32
-        and t.device.type == "cpu"
-        and t.is_contiguous()
-        and (numel is None or t.numel() == numel)
-    )
-
-
-def _blocks(w, rows: int, cols: int) -> tuple[int, torch.Tensor] | None:
-    """(GGUF type, raw blocks) of a block-quantised weight [rows, cols] (a QuantTensor), else None."""
-    raw, block = getattr(w, "raw", None), BLOCKS.get(getattr(getattr(w, "format", None), "name", None))
-    if (
-        block is None
-        or not isinstance(raw, torch.Tensor)
-        or tuple(w.shape) != (rows, cols)
-        or cols % block.values
-        or raw.dtype != torch.uint8
-        or raw.device.type != "cpu"
-        or not raw.is_contiguous()
-        or raw.numel() != rows * (cols // block.values) * block.bytes
-    ):
-        return None
-    return block.ggml_type, raw
 
 
 def decode_plan(module) -> DecodePlan | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import torch
+
 
 class Block(NamedTuple):
     ggml_type: int
@@ -29,3 +31,41 @@ def row_bytes(name: str, k: int) -> int:
     if k % block.values:
         raise ValueError(f"{name} rows hold multiples of {block.values} values, not {k}")
     return k // block.values * block.bytes
+
+
+def cpu_tensor(t, dtype: torch.dtype, numel: int | None = None) -> bool:
+    """Whether ``t`` is a contiguous CPU tensor of ``dtype`` (of ``numel`` elements): what a kernel can
+    be handed a pointer to."""
+    return (
+        isinstance(t, torch.Tensor)
+        and t.dtype == dtype
+        and t.device.type == "cpu"
+        and t.is_contiguous()
+        and (numel is None or t.numel() == numel)
+    )
+
+
+def bf16_cpu(t, numel: int | None = None) -> bool:
+    return cpu_tensor(t, torch.bfloat16, numel)
+
+
+def f32_cpu(t, numel: int | None = None) -> bool:
+    return cpu_tensor(t, torch.float32, numel)
+
+
+def block_weight(w, rows: int, cols: int) -> tuple[int, torch.Tensor] | None:
+    """(GGUF type, raw blocks) of a block-quantised weight [rows, cols] (a ``QuantTensor``) in a format
+    the kernels take, its blocks a contiguous CPU uint8 tensor; else None."""
+    raw, block = getattr(w, "raw", None), BLOCKS.get(getattr(getattr(w, "format", None), "name", None))
+    if (
+        block is None
+        or not isinstance(raw, torch.Tensor)
+        or tuple(w.shape) != (rows, cols)
+        or cols % block.values
+        or raw.dtype != torch.uint8
+        or raw.device.type != "cpu"
+        or not raw.is_contiguous()
+        or raw.numel() != rows * (cols // block.values) * block.bytes
+    ):
+        return None
+    return block.ggml_type, raw

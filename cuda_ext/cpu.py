@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cuda_ext import loader
-from cuda_ext.blocks import BLOCKS
+from cuda_ext.blocks import bf16_cpu, block_weight
 
 # products of fewer elements than this run on the calling thread alone (waking a worker costs more)
 _SPLIT_MIN = 1 << 16
@@ -253,27 +253,9 @@ def route_v3(
 def _expert_matrix(t, rows: int, cols: int) -> tuple[int, int] | None:
     """(GGUF type or 0 for bf16, data pointer) of one expert matrix [rows, cols] the native path takes."""
     if isinstance(t, torch.Tensor):
-        ok = (
-            t.dtype == torch.bfloat16
-            and t.device.type == "cpu"
-            and t.is_contiguous()
-            and t.shape == (rows, cols)
-        )
-        return (0, t.data_ptr()) if ok else None
-    raw, fmt = getattr(t, "raw", None), getattr(getattr(t, "format", None), "name", None)  # a QuantTensor
-    block = BLOCKS.get(fmt)
-    if (
-        block is None
-        or not isinstance(raw, torch.Tensor)
-        or tuple(t.shape) != (rows, cols)
-        or cols % block.values
-        or raw.dtype != torch.uint8
-        or raw.device.type != "cpu"
-        or not raw.is_contiguous()
-        or raw.numel() != rows * (cols // block.values) * block.bytes
-    ):
-        return None
-    return block.ggml_type, raw.data_ptr()
+        return (0, t.data_ptr()) if bf16_cpu(t) and t.shape == (rows, cols) else None
+    found = block_weight(t, rows, cols)  # a QuantTensor
+    return None if found is None else (found[0], found[1].data_ptr())
 
 
 def _expert_entry(w, f32: bool) -> tuple | None:

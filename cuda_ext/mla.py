@@ -18,6 +18,8 @@ import ctypes
 import torch
 
 from cuda_ext import loader
+from cuda_ext.attention import DecodePlan
+from cuda_ext.blocks import bf16_cpu as _bf16_cpu
 
 
 class _Plan(ctypes.Structure):
@@ -48,25 +50,6 @@ class _Plan(ctypes.Structure):
         ("latent", ctypes.c_void_p),
         ("k_rope", ctypes.c_void_p),
     ]
-
-
-class DecodePlan:
-    """The struct the kernel reads and the tensors it points into (kept alive)."""
-
-    def __init__(self, struct: _Plan, tensors: tuple):
-        self.struct = struct
-        self.tensors = tensors
-        self.address = ctypes.addressof(struct)
-
-
-def _bf16_cpu(t, numel: int | None = None) -> bool:
-    return (
-        isinstance(t, torch.Tensor)
-        and t.dtype == torch.bfloat16
-        and t.device.type == "cpu"
-        and t.is_contiguous()
-        and (numel is None or t.numel() == numel)
-    )
 
 
 def decode_plan(module) -> DecodePlan | None:

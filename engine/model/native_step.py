@@ -26,6 +26,7 @@ import torch
 from cuda_ext import attention as native_attention
 from cuda_ext import mla as native_mla
 from cuda_ext import step as native_step
+from cuda_ext.blocks import bf16_cpu as _bf16
 from cuda_ext.cpu import _expert_entry, experts_accumulate, threads
 from engine.model.experts import ExpertWeights
 from engine.model.layers.attention import Attention
@@ -41,16 +42,6 @@ class StepPlan:
         self.layers = layers
         self.hooks = hooks  # per layer: (expert source, MoE layer index) or None (a dense layer)
         self.rope_dim = rope_dim
-
-
-def _bf16(t, n: int | None = None) -> bool:
-    return (
-        isinstance(t, torch.Tensor)
-        and t.dtype == torch.bfloat16
-        and t.device.type == "cpu"
-        and t.is_contiguous()
-        and (n is None or t.numel() == n)
-    )
 
 
 def _norm_kind(norm, hidden: int) -> bool | None:
