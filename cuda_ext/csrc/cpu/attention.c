@@ -36,17 +36,6 @@ typedef struct {
     const uint16_t *sinks;       /* [heads] or NULL: gpt-oss's sink logit of each head */
 } attn_plan;
 
-static __thread uint16_t *buf;
-static __thread size_t buf_size;
-
-static uint16_t *scratch(size_t elements) {
-    if (elements > buf_size) {
-        free(buf);
-        buf = aligned_alloc(64, (elements * sizeof(uint16_t) + 63) & ~(size_t)63);
-        buf_size = buf ? elements : 0;
-    }
-    return buf;
-}
 
 static void clamp_all(uint16_t *x, int64_t n, float c) {
     for (int64_t i = 0; i < n; i++) {
@@ -123,7 +112,7 @@ int moeinf_attn_decode(const attn_plan *p, const uint16_t *x, const uint16_t *co
     if (D > 512 || D % 2 || pos < 0 || pos >= p->max_seq || p->kv_heads < 1 || p->heads % p->kv_heads) return -1;
     const int64_t KD = p->k_row ? p->k_row : D, VD = p->v_row ? p->v_row : D, R = p->row0 + p->max_seq;
     if (KD < D || VD < D || (p->sinks && KD <= D) || p->row0 < 0) return -1;
-    uint16_t *mem = scratch((size_t)(2 * nq + 2 * nkv));
+    uint16_t *mem = moeinf_scratch_for(SCRATCH_ATTN, sizeof(uint16_t) * (size_t)(2 * nq + 2 * nkv));
     if (!mem) return -1;
     uint16_t *q = mem, *k = q + nq, *v = k + nkv, *o = v + nkv;
     const uint16_t *W[3] = {p->wq, p->wk, p->wv}, *B[3] = {p->bq, p->bk, p->bv};

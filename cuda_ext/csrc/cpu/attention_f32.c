@@ -39,17 +39,6 @@ typedef struct {
     int64_t rq, rk, rv, ro;      /* bytes per row of wq, wk, wv, wo */
 } attn_f32_job;
 
-static __thread float *buf;
-static __thread size_t buf_size;
-
-static float *scratch_f32(size_t elements) {
-    if (elements > buf_size) {
-        free(buf);
-        buf = aligned_alloc(64, (elements * sizeof(float) + 63) & ~(size_t)63);
-        buf_size = buf ? elements : 0;
-    }
-    return buf;
-}
 
 static float dot_f32(const float *a, const float *b, int64_t n) {
     int64_t i = 0;
@@ -182,7 +171,7 @@ int moeinf_attn_decode_f32(const attn_f32_plan *p, const float *x, const float *
     if (nt > MAX_THREADS) nt = MAX_THREADS;
     if (nt > p->heads) nt = (int)p->heads;
     const int64_t lo = p->window > 0 && pos - p->window + 1 > 0 ? pos - p->window + 1 : 0, n = pos - lo + 1;
-    float *mem = scratch_f32((size_t)(2 * nq + 2 * nkv + 16 + nt * n));
+    float *mem = moeinf_scratch_for(SCRATCH_ATTN_F32, sizeof(float) * (size_t)(2 * nq + 2 * nkv + 16 + nt * n));
     if (!mem) return -1;
     const int64_t S = p->max_seq;
     attn_f32_job j = {

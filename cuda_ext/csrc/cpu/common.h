@@ -125,7 +125,11 @@ int moeinf_block_geometry(int type, int *values, int *bytes);  /* 0 for a type q
 row_fn moeinf_row_function(int type);                           /* one row of `type` times x, nb = K / 32 */
 int moeinf_quantize_block(const float *xb, int8_t *q, float *d);  /* returns sum(q) */
 void moeinf_quantize_x(const void *x, int bf16, int64_t K, int8_t *q, float *d, float *s);
-void *moeinf_scratch(size_t bytes);                             /* the calling thread's scratch */
+/* the calling thread's scratch of one user, grown as needed (one per Python thread and user: a call that
+   runs inside another, as the experts inside the decode step, keeps its own) */
+enum { SCRATCH_BLOCKS, SCRATCH_STEP, SCRATCH_ATTN, SCRATCH_ATTN_F32, SCRATCH_MLA, SCRATCH_USERS };
+void *moeinf_scratch_for(int user, size_t bytes);
+static inline void *moeinf_scratch(size_t bytes) { return moeinf_scratch_for(SCRATCH_BLOCKS, bytes); }
 
 /* ---- block-format rows times float32 activations (quant_f32.c): no activation rounding */
 typedef float (*frow_fn)(const uint8_t *w, const float *x, int64_t nb);

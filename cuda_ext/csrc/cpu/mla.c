@@ -35,17 +35,6 @@ typedef struct {
     uint16_t *latent, *k_rope;                      /* [slots, max_seq, kv_rank], [slots, max_seq, rope] */
 } mla_plan;
 
-static __thread uint16_t *buf;
-static __thread size_t buf_size;
-
-static uint16_t *scratch(size_t elements) {
-    if (elements > buf_size) {
-        free(buf);
-        buf = aligned_alloc(64, (elements * sizeof(uint16_t) + 63) & ~(size_t)63);
-        buf_size = buf ? elements : 0;
-    }
-    return buf;
-}
 
 #define SPLIT_MIN (1 << 16)
 static int pick(int64_t elements, int nthreads) { return elements < SPLIT_MIN ? 1 : nthreads; }
@@ -113,7 +102,7 @@ int moeinf_mla_decode(const mla_plan *p, const uint16_t *x, const uint16_t *cos,
     const int64_t H = p->hidden, nh = p->heads, L = p->kv_rank, R = p->rope, qk = p->nope + p->rope;
     if (pos < 0 || pos >= p->max_seq || R % 2 || !cos || !sin) return -1;
     const int64_t nq = nh * qk, nkv = L + R, QR = p->q_rank;
-    uint16_t *mem = scratch((size_t)(2 * QR + nq + nkv + 2 * nh * L + nh * p->v + nh * p->nope + 64));
+    uint16_t *mem = moeinf_scratch_for(SCRATCH_MLA, sizeof(uint16_t) * (size_t)(2 * QR + nq + nkv + 2 * nh * L + nh * p->v + nh * p->nope + 64));
     if (!mem) return -1;
     uint16_t *qa = mem, *qn = qa + QR, *q = qn + QR, *kv = q + nq, *q_lat = kv + nkv, *mix = q_lat + nh * L;
     uint16_t *o = mix + nh * L, *qnope = o + nh * p->v;

@@ -557,17 +557,16 @@ static void qgemv_task(void *arg, int tid, int nt) {
     }
 }
 
-/* the caller's scratch, grown as needed (one per Python thread) */
-static __thread void *scratch;
-static __thread size_t scratch_size;
+static __thread void *scratch[SCRATCH_USERS];
+static __thread size_t scratch_size[SCRATCH_USERS];
 
-void *moeinf_scratch(size_t bytes) {
-    if (bytes > scratch_size) {
-        free(scratch);
-        scratch = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-        scratch_size = scratch ? bytes : 0;
+void *moeinf_scratch_for(int user, size_t bytes) {
+    if (bytes > scratch_size[user]) {
+        free(scratch[user]);
+        scratch[user] = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
+        scratch_size[user] = scratch[user] ? bytes : 0;
     }
-    return scratch;
+    return scratch[user];
 }
 
 /* y [M, N] (float32, or bf16 when y_bf16) = x [M, K] (float32, or bf16 when x_bf16) times W^T, W [N, K]

@@ -55,18 +55,6 @@ typedef struct {
     int64_t shared_I;                      /* 0: none */
 } step_layer;
 
-static __thread char *buf;  /* not moeinf_scratch: the experts call uses that one */
-static __thread size_t buf_size;
-
-static char *scratch(size_t bytes) {
-    if (bytes > buf_size) {
-        free(buf);
-        buf = aligned_alloc(64, (bytes + 63) & ~(size_t)63);
-        buf_size = buf ? bytes : 0;
-    }
-    return buf;
-}
-
 #define SPLIT_MIN (1 << 16)  /* as cuda_ext.cpu.threads: smaller products stay on the caller */
 static int pick(int64_t elements, int nthreads) { return elements < SPLIT_MIN ? 1 : nthreads; }
 
@@ -77,7 +65,7 @@ int moeinf_decode_layers(const step_layer *layers, int n, int64_t H, uint16_t *x
                          const uint16_t *sin, int64_t slot, int64_t pos, int64_t *ids, float *weights,
                          uint16_t *routed_in, int nthreads) {
     size_t f = sizeof(float) * (size_t)H + 64;
-    char *mem = scratch(sizeof(uint16_t) * (size_t)(3 * H) + 2 * f + 128);
+    char *mem = moeinf_scratch_for(SCRATCH_STEP, sizeof(uint16_t) * (size_t)(3 * H) + 2 * f + 128);
     if (!mem) return -1;
     uint16_t *t = (uint16_t *)mem, *a = t + H, *h = a + H;
     float *acc = (float *)(((uintptr_t)(h + H) + 63) & ~(uintptr_t)63);
