@@ -107,8 +107,8 @@ static inline void split_rows(int64_t n, int tid, int nt, int64_t *lo, int64_t *
 
 #define CHUNK 256  /* rows per stack buffer of float32 sums */
 
-/* ---- bf16 rows (bf16.c): y[n - n0] = sum_k x[k] W[n, k] in float32, rows up to pf_end prefetched */
-void moeinf_dot_rows(const uint16_t *x, const uint16_t *W, float *y, int64_t n0, int64_t n1, int64_t K, int64_t pf_end);
+/* ---- bf16 rows (bf16.c): y[n - n0] = sum_k x[k] W[n, k] in float32 (rows read in memory order) */
+void moeinf_dot_rows(const uint16_t *x, const uint16_t *W, float *y, int64_t n0, int64_t n1, int64_t K);
 
 /* ---- one bf16 row's RMSNorm (decode.c): out = bf16(w * bf16(x * rsqrt(mean(x^2) + eps))); out may be x */
 void moeinf_rms_norm(const uint16_t *x, const uint16_t *w, int64_t n, float eps, uint16_t *out);

@@ -142,7 +142,7 @@ static void logits_task(void *arg, int tid, int nt) {
     split_rows(j->E, tid, nt, &lo, &hi);
     for (int64_t n0 = lo; n0 < hi; n0 += CHUNK) {
         int64_t n1 = n0 + CHUNK < hi ? n0 + CHUNK : hi;
-        moeinf_dot_rows(j->x, j->W, j->logit + n0, n0, n1, j->H, hi);
+        moeinf_dot_rows(j->x, j->W, j->logit + n0, n0, n1, j->H);
     }
 }
 

@@ -144,8 +144,8 @@ static void experts_phase(void *arg, int phase, int part, int parts) {
                         u[n - c0] = row(uw + n * j->rb_gate, &j->xq, H / 32);
                     }
                 } else {
-                    moeinf_dot_rows((const uint16_t *)j->x, (const uint16_t *)j->gate[e], g, c0, c1, H, n1);
-                    moeinf_dot_rows((const uint16_t *)j->x, (const uint16_t *)j->up[e], u, c0, c1, H, n1);
+                    moeinf_dot_rows((const uint16_t *)j->x, (const uint16_t *)j->gate[e], g, c0, c1, H);
+                    moeinf_dot_rows((const uint16_t *)j->x, (const uint16_t *)j->up[e], u, c0, c1, H);
                 }
                 for (int64_t n = c0; n < c1; n++) j->h[e * I + n] = activate(j, e, n, g[n - c0], u[n - c0]);
             }
@@ -173,7 +173,7 @@ static void experts_phase(void *arg, int phase, int part, int parts) {
                 xq_t hq = {j->hq + e * I, j->hd + e * (I / 32), j->hs + e * (I / 32)};
                 for (int64_t n = c0; n < c1; n++) g[n - c0] = row(dw + n * j->rb_down, &hq, I / 32);
             } else {
-                moeinf_dot_rows(j->h + e * I, (const uint16_t *)j->down[e], g, c0, c1, I, hi);
+                moeinf_dot_rows(j->h + e * I, (const uint16_t *)j->down[e], g, c0, c1, I);
             }
             float *dst = e == j->k - 1 && j->acc_last ? j->acc_last : j->acc;
             for (int64_t n = c0; n < c1; n++) dst[n] += round_bf16(down_value(j, e, n, g[n - c0]) * j->coef[e]);
