@@ -1,7 +1,7 @@
 """RMS error of moeinf's quantisers against llama.cpp's for the same format, on synthetic weights.
 
 For q8_0, q4_0, q4_1 and mxfp4 the yardstick is the ``gguf`` package's quantiser
-(``gguf.quants.quantize``, bit-exact with llama.cpp's reference); for q4_k and q6_k, which the gguf
+(``gguf.quants.quantize``, bit-exact with llama.cpp's reference); for q4_k, q5_k and q6_k, which the gguf
 package cannot quantise, it is llama.cpp's importance-free reference algorithm restated in
 ``tests/kquant_yardstick.py``. Prints a Markdown table of ours / llama.cpp's RMS error (below 1: ours
 is closer to the weights) for four weight distributions of ``--rows`` x ``--cols`` values.
@@ -39,7 +39,7 @@ def main() -> None:
         for kind in kinds:
             x = _weights(kind, (args.rows, args.cols), seed=0)
             ours = _rms(f.unpack(f.pack(x)), x)
-            if name in ("q4_k", "q6_k"):
+            if name in ("q4_k", "q5_k", "q6_k"):
                 ref = _rms(getattr(kquant_yardstick, name)(x.numpy()), x)
             else:
                 qtype = GGMLQuantizationType(f.ggml_type)

@@ -1,9 +1,10 @@
-"""llama.cpp's reference (importance-free) Q4_K and Q6_K quantisers, restated in NumPy as a yardstick.
+"""llama.cpp's reference (importance-free) Q4_K, Q5_K and Q6_K quantisers, restated in NumPy as a yardstick.
 
 The ``gguf`` package has no quantiser for the k-quants, so the formats tests measure moeinf's
-against this statement of llama.cpp's ``quantize_row_q4_K_ref`` / ``quantize_row_q6_K_ref``
-algorithm (``make_qkx2_quants`` with rmin -1, rdelta 0.1, 20 steps and weights av|x| + |x|;
-``make_qx_quants`` with weights x^2 and 18 extra scales), vectorised over sub-blocks. It returns the
+against this statement of llama.cpp's ``quantize_row_q4_K_ref`` / ``quantize_row_q5_K_ref`` /
+``quantize_row_q6_K_ref`` algorithm (``make_qkx2_quants`` with weights av|x| + |x|: for Q4_K nmax 15,
+rmin -1, rdelta 0.1, 20 steps; for Q5_K nmax 31, rmin -0.5, rdelta 0.1, 15 steps; ``make_qx_quants``
+with weights x^2 and 18 extra scales), vectorised over sub-blocks. It returns the
 dequantised values only (its bytes are never stored).
 """
 
@@ -20,7 +21,9 @@ def _f16(x: np.ndarray) -> np.ndarray:
     return x.astype(np.float16).astype(np.float32)
 
 
-def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+def _qkx2(
+    x: np.ndarray, w: np.ndarray, nmax: int, rmin: float = -1.0, nstep: int = 20
+) -> tuple[np.ndarray, np.ndarray]:
     """Per row of x [n, 32]: (scale, min) with value = scale * l - min (min >= 0)."""
     lo = np.minimum(x.min(1, keepdims=True), 0)
     hi = x.max(1, keepdims=True)
@@ -33,8 +36,8 @@ def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
     q = np.clip(_round(iscale * (x - lo)), 0, nmax)
     best = (w * (scale * q + lo - x) ** 2).sum(1, keepdims=True)
     mn = lo.copy()
-    for i in range(21):
-        iscale = (-1 + 0.1 * i + nmax) / span
+    for i in range(nstep + 1):
+        iscale = (rmin + 0.1 * i + nmax) / span
         q = np.clip(_round(iscale * (x - lo)), 0, nmax)
         sl, sl2, sxl = (
             (w * q).sum(1, keepdims=True),
@@ -55,13 +58,13 @@ def _qkx2(x: np.ndarray, w: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarr
     return scale[:, 0], -mn[:, 0]
 
 
-def q4_k(x: np.ndarray) -> np.ndarray:
+def q4_k(x: np.ndarray, nmax: int = 15, rmin: float = -1.0, nstep: int = 20) -> np.ndarray:
     """Dequantised values of llama.cpp's Q4_K of x (rows of 256 multiples)."""
     sb = x.reshape(-1, 8, 32).astype(np.float32)
     n = sb.shape[0]
     sub = sb.reshape(-1, 32)
     av = np.sqrt((sub**2).sum(1, keepdims=True) / 32)
-    scale, mins = _qkx2(sub, av + np.abs(sub), 15)
+    scale, mins = _qkx2(sub, av + np.abs(sub), nmax, rmin, nstep)
     scale, mins = scale.reshape(n, 8), mins.reshape(n, 8)
     ms, mm = scale.max(1, keepdims=True), mins.max(1, keepdims=True)
     with np.errstate(divide="ignore"):
@@ -70,9 +73,14 @@ def q4_k(x: np.ndarray) -> np.ndarray:
     d, dmin = _f16(ms / 63), _f16(mm / 63)
     step, off = (d * ls)[..., None], (dmin * lm)[..., None]
     with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.clip(_round((sb + off) / step), 0, 15)
+        q = np.clip(_round((sb + off) / step), 0, nmax)
     q = np.where(step == 0, 0, q)
     return (step * q - off).reshape(x.shape)
+
+
+def q5_k(x: np.ndarray) -> np.ndarray:
+    """Dequantised values of llama.cpp's Q5_K of x (rows of 256 multiples): Q4_K's steps, codes to 31."""
+    return q4_k(x, nmax=31, rmin=-0.5, nstep=15)
 
 
 def _qx(x: np.ndarray, nmax: int) -> np.ndarray:

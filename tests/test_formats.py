@@ -16,7 +16,7 @@ from engine.formats.tensor import QuantTensor
 from engine.store.quant import dequant_mxfp4
 
 QUANTISED = formats.QUANTISED
-_F16_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2), "q6_k": (208,)}
+_F16_FIELDS = {"q8_0": (0,), "q4_0": (0,), "q4_1": (0, 2), "q4_k": (0, 2), "q5_k": (0, 2), "q6_k": (208,)}
 
 
 def _random_blocks(name: str, shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -87,7 +87,7 @@ def test_pack_error_at_most_gguf_quantiser(name, kind):
 
 
 @pytest.mark.parametrize("kind", ["normal", "heavy", "offset", "uniform"])
-@pytest.mark.parametrize("name", ["q4_k", "q6_k"])
+@pytest.mark.parametrize("name", ["q4_k", "q5_k", "q6_k"])
 def test_kquant_error_at_most_llama_cpp_reference(name, kind):
     f = formats.get(name)
     x = _weights(kind, (32, 1024), seed=11)
@@ -118,8 +118,12 @@ def test_float_formats_are_the_tensor_bytes():
 
 def test_table():
     bits = {name: formats.get(name).bits_per_weight for name in QUANTISED}
-    assert bits == {"q8_0": 8.5, "q6_k": 6.5625, "q4_1": 5.0, "q4_0": 4.5, "q4_k": 4.5, "mxfp4": 4.25}
-    assert formats.nearest_for_ggml_type(GGMLQuantizationType.Q5_K).name == "q6_k"
+    assert bits == {
+        "q8_0": 8.5, "q6_k": 6.5625, "q5_k": 5.5, "q4_1": 5.0, "q4_0": 4.5, "q4_k": 4.5, "mxfp4": 4.25
+    }
+    assert formats.nearest_for_ggml_type(GGMLQuantizationType.Q5_K).name == "q5_k"  # kept as it is
+    assert formats.of_ggml_type(GGMLQuantizationType.Q5_K) is formats.get("q5_k")
+    assert formats.nearest_for_ggml_type(GGMLQuantizationType.Q5_0).name == "q6_k"
     assert formats.nearest_for_ggml_type(GGMLQuantizationType.Q4_K).name == "q4_k"
     with pytest.raises(ValueError, match="multiple of 256"):
         formats.get("q4_k").nbytes((4, 100))

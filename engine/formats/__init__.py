@@ -5,6 +5,7 @@
 | f32, bf16, f16 | 32, 16, 16 | 1 | the tensor's own bytes |
 | q8_0 | 8.5 | 32 | GGUF Q8_0 |
 | q6_k | 6.5625 | 256 | GGUF Q6_K |
+| q5_k | 5.5 | 256 | GGUF Q5_K |
 | q4_1 | 5.0 | 32 | GGUF Q4_1 |
 | q4_0 | 4.5 | 32 | GGUF Q4_0 |
 | q4_k | 4.5 | 256 | GGUF Q4_K |
@@ -18,7 +19,7 @@ on one, ``storage`` says how a quantised tensor sits in a safetensors file.
 
 from __future__ import annotations
 
-from engine.formats import floats, mxfp4, q4_0, q4_1, q4_k, q6_k, q8_0
+from engine.formats import floats, mxfp4, q4_0, q4_1, q4_k, q5_k, q6_k, q8_0
 from engine.formats.base import Format
 
 FORMATS: dict[str, Format] = {
@@ -29,6 +30,7 @@ FORMATS: dict[str, Format] = {
         floats.F16,
         q8_0.FORMAT,
         q6_k.FORMAT,
+        q5_k.FORMAT,
         q4_1.FORMAT,
         q4_0.FORMAT,
         q4_k.FORMAT,
@@ -55,7 +57,6 @@ _GGUF_NEAREST = {
     9: "q8_0",  # Q8_1
     10: "q4_k",  # Q2_K
     11: "q4_k",  # Q3_K
-    13: "q6_k",  # Q5_K
     15: "q8_0",  # Q8_K
     16: "q4_k",  # IQ2_XXS
     17: "q4_k",  # IQ2_XS

@@ -24,7 +24,7 @@ from engine.formats.q4_1 import fit_affine
 BLOCK, BYTES = 256, 144
 
 
-def _scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """12 packed bytes [n, 12] -> 6-bit scales [n, 8] and mins [n, 8] (int32)."""
     s = s.to(torch.int32)
     a, b, c = s[:, 0:4], s[:, 4:8], s[:, 8:12]
@@ -33,7 +33,7 @@ def _scale_min(s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return sc, mn
 
 
-def _pack_scale_min(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
+def pack_scale_min(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
     sc, mn = sc.to(torch.int32), mn.to(torch.int32)
     a = (sc[:, :4] & 63) | ((sc[:, 4:] >> 4) << 6)
     b = (mn[:, :4] & 63) | ((mn[:, 4:] >> 4) << 6)
@@ -43,7 +43,7 @@ def _pack_scale_min(sc: torch.Tensor, mn: torch.Tensor) -> torch.Tensor:
 
 def unpack_blocks(raw: torch.Tensor) -> torch.Tensor:
     n = raw.shape[0]
-    sc, mn = _scale_min(raw[:, 4:16])
+    sc, mn = scale_min(raw[:, 4:16])
     step = (f16(raw, 0) * sc.to(torch.float32)).unsqueeze(2)
     off = (f16(raw, 2) * mn.to(torch.float32)).unsqueeze(2)
     q = low_high(raw[:, 16:].reshape(n, 4, 32).reshape(n * 4, 32)).reshape(n, 8, 32).to(torch.float32)
@@ -54,10 +54,15 @@ def _identity(d: torch.Tensor, m: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
     return d, m
 
 
-def pack_blocks(x: torch.Tensor) -> torch.Tensor:
+def fit_super_blocks(
+    x: torch.Tensor, nmax: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The k-quant fit of super-blocks x [n, 256] (eight sub-blocks of 32, value = (d sc) q - dmin mn,
+    q in 0..nmax, 6-bit sc and mn): d, dmin [n, 1] (their fp16 values), sc, mn [n, 8] and the codes
+    q [n, 8, 32]; shared by q4_k (nmax 15) and q5_k (nmax 31)."""
     n = x.shape[0]
     sub = x.reshape(n * 8, 32)
-    scale, m, _ = fit_affine(sub, 15, _identity, nonpositive_min=True)
+    scale, m, _ = fit_affine(sub, nmax, _identity, nonpositive_min=True)
     scale, mins = scale.reshape(n, 8).clamp_min(0), (-m).reshape(n, 8).clamp_min(0)
     d = to_f16(scale.amax(dim=1, keepdim=True) / 63)
     dmin = to_f16(mins.amax(dim=1, keepdim=True) / 63)
@@ -74,7 +79,7 @@ def pack_blocks(x: torch.Tensor) -> torch.Tensor:
             sc = (sc0 + dsc).clamp(0, 63)
             mn = (mn0 + dmn).clamp(0, 63)
             step, off = (d * sc).unsqueeze(2), (dmin * mn).unsqueeze(2)
-            q = codes(xs, step, 0, 15, offset=off)
+            q = codes(xs, step, 0, nmax, offset=off)
             e = sq_err(step * q - off, xs)
             if best_e is None:
                 best_e, best_sc, best_mn = e, sc, mn
@@ -83,9 +88,15 @@ def pack_blocks(x: torch.Tensor) -> torch.Tensor:
             best_e = torch.minimum(e, best_e)
             best_sc, best_mn = torch.where(better, sc, best_sc), torch.where(better, mn, best_mn)
     step, off = (d * best_sc).unsqueeze(2), (dmin * best_mn).unsqueeze(2)
-    q = codes(xs, step, 0, 15, offset=off).reshape(n, 4, 2, 32)
+    return d, dmin, best_sc, best_mn, codes(xs, step, 0, nmax, offset=off)
+
+
+def pack_blocks(x: torch.Tensor) -> torch.Tensor:
+    n = x.shape[0]
+    d, dmin, sc, mn, q = fit_super_blocks(x, 15)
+    q = q.reshape(n, 4, 2, 32)
     qs = join_nibbles(q[:, :, 0], q[:, :, 1]).reshape(n, 128)
-    return torch.cat((f16_bytes(d), f16_bytes(dmin), _pack_scale_min(best_sc, best_mn), qs), dim=1)
+    return torch.cat((f16_bytes(d), f16_bytes(dmin), pack_scale_min(sc, mn), qs), dim=1)
 
 
 FORMAT = Format("q4_k", BLOCK, BYTES, 12, unpack_blocks, pack_blocks)
