@@ -19,6 +19,7 @@ BLOCKS: dict[str, Block] = {
     "q4_1": Block(3, 32, 20),
     "q8_0": Block(8, 32, 34),
     "q4_k": Block(12, 256, 144),
+    "q5_k": Block(13, 256, 176),
     "q6_k": Block(14, 256, 210),
     "mxfp4": Block(39, 32, 17),
 }

@@ -2,7 +2,7 @@
 the PyTorch path: no CUDA device, no nvcc, ``MOEINF_NATIVE_KERNELS=0``, or an input it does not take.
 
 * ``dequantize(ggml_type, blocks, dtype)``: the values of GGUF-layout blocks (q8_0, q4_0, q4_1,
-  q4_k, q6_k, mxfp4; uint8 on a CUDA device) as a flat float32 / bf16 / fp16 tensor on the same
+  q4_k, q5_k, q6_k, mxfp4; uint8 on a CUDA device) as a flat float32 / bf16 / fp16 tensor on the same
   device, on torch's current stream, bit-identical in float32 to the gguf package's dequantiser.
 """
 

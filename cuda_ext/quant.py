@@ -3,7 +3,7 @@ the PyTorch fallback left to the caller (None where the kernel does not apply).
 
 * ``qlinear(x, blocks, fmt, k, bias)``: ``x @ W.T (+ bias)`` for x [M, K] (bf16 or float32, M <=
   ``MAX_TOKENS``, float32 up to ``max_tokens(torch.float32, fmt)``) and W [N, K] stored as ``blocks`` (uint8, N rows of ``row_bytes(fmt, K)`` bytes in
-  the GGUF layout of ``fmt``: q8_0, q4_0, q4_1, q4_k, q6_k, mxfp4). Rows are split over the thread
+  the GGUF layout of ``fmt``: q8_0, q4_0, q4_1, q4_k, q5_k, q6_k, mxfp4). Rows are split over the thread
   pool (``torch.get_num_threads()`` threads, or the decode step's pool while
   ``cuda_ext.cpu.decode_threads`` holds them).
 

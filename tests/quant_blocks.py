@@ -8,7 +8,7 @@ import numpy as np
 from cuda_ext.blocks import BY_TYPE
 
 # byte offsets of each format's f16 scales inside a block (mxfp4: an E8M0 byte at 0)
-SCALE_OFFSETS = {2: [0], 3: [0, 2], 8: [0], 12: [0, 2], 14: [208], 39: []}
+SCALE_OFFSETS = {2: [0], 3: [0, 2], 8: [0], 12: [0, 2], 13: [0, 2], 14: [208], 39: []}
 
 
 def random_blocks(ggml_type: int, n_blocks: int, rng: np.random.Generator, scale: float = 0.05) -> np.ndarray:

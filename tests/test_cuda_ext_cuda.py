@@ -63,7 +63,7 @@ def host_dequant(tmp_path_factory):
     return lib.moeinf_host_dequant
 
 
-@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q6_K", "MXFP4"])
+@pytest.mark.parametrize("name", ["Q4_0", "Q4_1", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "MXFP4"])
 def test_dequantisers_equal_the_gguf_reference(host_dequant, name):
     from gguf import GGMLQuantizationType
 

@@ -45,6 +45,7 @@ SHAPES = {  # format -> (hidden, expert intermediate) pairs; GGUF type name
     "q4_1": ("Q4_1", [(160, 96), (64, 224)]),
     "mxfp4": ("MXFP4", [(96, 160)]),
     "q4_k": ("Q4_K", [(256, 256)]),
+    "q5_k": ("Q5_K", [(256, 256)]),
     "q6_k": ("Q6_K", [(256, 256)]),
 }
 CASES = [(fmt, shape) for fmt, (_, shapes) in SHAPES.items() for shape in shapes]

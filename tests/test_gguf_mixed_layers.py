@@ -67,3 +67,44 @@ def test_layers_with_different_expert_formats_pull_and_run(tmp_path, monkeypatch
         finally:
             src.close()
         assert tokens == resident, policy
+
+
+def test_q4_k_m_mix_keeps_q5_k_attn_output_and_matches_transformers(tmp_path, monkeypatch):
+    """llama.cpp's Q4_K_M mix (Q4_K, one layer's ``ffn_down`` in Q6_K, ``attn_output`` in Q5_K): every
+    tensor's blocks are kept (no conversion, no notice), so the logits equal transformers' on the
+    gguf-dequantised file up to the order of the float32 sums."""
+    from test_formats_fidelity import _bound
+
+    from engine.store.pull import PullProgress
+
+    class Messages(PullProgress):
+        def __init__(self):
+            self.messages = []
+
+        def message(self, text):
+            self.messages.append(text)
+
+    monkeypatch.setenv("MOEINF_HOME", str(tmp_path / "home"))
+    model = _model(256, 256, seed=11)
+    make_tokenizer(tmp_path / "tok")
+    path = write_gguf(model, "mixtral", tmp_path / "tok", tmp_path / "m.gguf", quantize=("ffn_", "attn_"),
+                      qtype="Q4_K", qtypes={"attn_output": "Q5_K", "blk.1.ffn_down": "Q6_K"})
+    progress = Messages()
+    pulled = pull_model(str(path), name="q4km", progress=progress)
+    assert not any("not stored" in text for text in progress.messages), progress.messages
+    dense = pulled.manifest["formats"]["dense"]
+    assert dense["model.layers.0.self_attn.o_proj.weight"] == "q5_k"
+    assert dense["model.layers.1.self_attn.o_proj.weight"] == "q5_k"
+    assert dense["model.layers.0.self_attn.q_proj.weight"] == "q4_k"
+    store = as_store_model(pulled.path)
+    assert store.layer_expert_tensors(1)["down_proj.weight"].format == "q6_k"
+
+    ckpt = gguf_to_checkpoint(path, tmp_path / "ref", "float32")
+    ref = tf.AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
+    ours = load_model(pulled.path, dtype=torch.float32, max_seq_len=64)
+    assert ours.layers[0].self_attn.o_proj.weight.format.name == "q5_k"
+    seq = torch.tensor([PROMPT + list(range(20, 30))])
+    with torch.no_grad():
+        ref_logits = ref(seq).logits[0]
+        diff = (ours(seq[0], 0) - ref_logits).abs().max().item()
+    assert diff < _bound(ref_logits, 256), diff

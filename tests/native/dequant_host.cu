@@ -16,6 +16,7 @@ extern "C" int moeinf_host_dequant(int ggml_type, const uint8_t *blocks, float *
         case 3: return run<Q4_1>(blocks, out, n_blocks);
         case 8: return run<Q8_0>(blocks, out, n_blocks);
         case 12: return run<Q4_K>(blocks, out, n_blocks);
+        case 13: return run<Q5_K>(blocks, out, n_blocks);
         case 14: return run<Q6_K>(blocks, out, n_blocks);
         case 39: return run<MXFP4>(blocks, out, n_blocks);
         default: return -1;

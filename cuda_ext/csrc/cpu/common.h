@@ -51,6 +51,7 @@ static inline float f16_to_f32(uint16_t h) {
 #define T_Q4_1 3
 #define T_Q8_0 8
 #define T_Q4_K 12
+#define T_Q5_K 13
 #define T_Q6_K 14
 #define T_MXFP4 39
 
@@ -73,7 +74,7 @@ static inline float e8m0_half(uint8_t e) {
     return f;
 }
 
-/* q4_k's eight 6-bit scales and mins */
+/* q4_k's (and q5_k's) eight 6-bit scales and mins */
 static inline void q4k_scales(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
     for (int j = 0; j < 4; j++) {
         sc[j] = s[j] & 63;

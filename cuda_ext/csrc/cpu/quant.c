@@ -1,11 +1,11 @@
-/* Products with weights kept in their stored block formats (GGUF's q8_0, q4_0, q4_1, q4_k, q6_k and
+/* Products with weights kept in their stored block formats (GGUF's q8_0, q4_0, q4_1, q4_k, q5_k, q6_k and
    mxfp4, bit for bit the GGUF layouts: see cuda_ext/csrc/cuda/dequant.cu for the byte maps), for
    one-token decode and small batches, computed on the blocks without dequantising the matrix.
 
    The activations are quantised first, per block of 32 values, to int8 with one float scale
    (d = max|x| / 127, q = round(x / d)), and every 32 (or 16) weights meet their activations in an
    integer dot product: the weight's block scale times the activation block's scale times that
-   integer, summed in float32. Affine formats (q4_1, q4_k) add min * d_x * sum(q_x) per block. The
+   integer, summed in float32. Affine formats (q4_1, q4_k, q5_k) add min * d_x * sum(q_x) per block. The
    error against dequantise-then-multiply is the activations' rounding: at most
    sum_j |w_j| * d_x(j) / 2 (tests/test_cuda_ext_quant.py checks that bound).
 
@@ -120,6 +120,23 @@ static inline float sblk_q4_k(const uint8_t *w, const int8_t *q, const float *dx
         for (int l = 0; l < 32; l++) {
             lo += (qs[32 * c + l] & 0x0F) * q[64 * c + l];
             hi += (qs[32 * c + l] >> 4) * q[64 * c + 32 + l];
+        }
+        acc += d * (float)sc[2 * c] * dx[2 * c] * (float)lo + d * (float)sc[2 * c + 1] * dx[2 * c + 1] * (float)hi;
+        mins += (float)mn[2 * c] * sx[2 * c] + (float)mn[2 * c + 1] * sx[2 * c + 1];
+    }
+    return acc - dmin * mins;
+}
+/* one q5_k super-block (q4_k's, with bit c of qh[l] as bit 4 of sub-block c's code l) */
+static inline float sblk_q5_k(const uint8_t *w, const int8_t *q, const float *dx, const float *sx) {
+    uint8_t sc[8], mn[8];
+    q4k_scales(w + 4, sc, mn);
+    const uint8_t *qh = w + 16, *qs = w + 48;
+    float d = half(w), dmin = half(w + 2), acc = 0.0f, mins = 0.0f;
+    for (int c = 0; c < 4; c++) {
+        int lo = 0, hi = 0;
+        for (int l = 0; l < 32; l++) {
+            lo += ((qs[32 * c + l] & 0x0F) | (((qh[l] >> (2 * c)) & 1) << 4)) * q[64 * c + l];
+            hi += ((qs[32 * c + l] >> 4) | (((qh[l] >> (2 * c + 1)) & 1) << 4)) * q[64 * c + 32 + l];
         }
         acc += d * (float)sc[2 * c] * dx[2 * c] * (float)lo + d * (float)sc[2 * c + 1] * dx[2 * c + 1] * (float)hi;
         mins += (float)mn[2 * c] * sx[2 * c] + (float)mn[2 * c + 1] * sx[2 * c + 1];
@@ -392,6 +409,39 @@ static float row_q4_k_avx512(const uint8_t *w, const xq_t *x, int64_t nb) {
     return hsum(_mm512_add_ps(v0, v1)) - _mm_cvtss_f32(ms);
 }
 
+/* q5_k: q4_k's loop with the fifth bits of qh (bit 2c and 2c + 1 for run c) at bit 4 of the codes */
+static float row_q5_k_avx512(const uint8_t *w, const xq_t *x, int64_t nb) {
+    const __m256i m = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+    const __m512i pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
+    __m512 v0 = _mm512_setzero_ps(), v1 = v0;
+    __m256 mins = _mm256_setzero_ps();
+    for (int64_t sb = 0; sb < nb / 8; sb++) {
+        const uint8_t *blk = w + 176 * sb, *qs = blk + 48;
+        const int8_t *q = x->q + 256 * sb;
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+        __m128i scm = q4k_scales_vec(blk + 4);
+        __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm));
+        __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(scm, scm)));
+        mins = _mm256_fmadd_ps(_mm256_mul_ps(mn, _mm256_set1_ps(half(blk + 2))), _mm256_loadu_ps(x->s + 8 * sb), mins);
+        __m512 s8 = _mm512_castps256_ps512(_mm256_mul_ps(_mm256_mul_ps(sc, _mm256_set1_ps(half(blk))), _mm256_loadu_ps(x->d + 8 * sb)));
+        for (int c = 0; c < 4; c++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), one), 4);
+            __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4);
+            __m512i wv = two256(_mm256_or_si256(_mm256_and_si256(raw, m), h0),
+                                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m), h1));
+            __m512i dot = udot(wv, _mm512_loadu_si512(q + 64 * c));
+            __m512 s2 = _mm512_permutexvar_ps(_mm512_add_epi32(pair, _mm512_set1_epi32(2 * c)), s8);
+            if (c & 1) v1 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s2, v1);
+            else v0 = _mm512_fmadd_ps(_mm512_cvtepi32_ps(dot), s2, v0);
+        }
+    }
+    __m128 ms = _mm_add_ps(_mm256_castps256_ps128(mins), _mm256_extractf128_ps(mins, 1));
+    ms = _mm_add_ps(ms, _mm_movehl_ps(ms, ms));
+    ms = _mm_add_ss(ms, _mm_movehdup_ps(ms));
+    return hsum(_mm512_add_ps(v0, v1)) - _mm_cvtss_f32(ms);
+}
+
 static float row_q6_k_avx512(const uint8_t *w, const xq_t *x, int64_t nb) {
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
     const __m512i quad = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
@@ -461,6 +511,43 @@ static float row_q4_k(const uint8_t *w, const xq_t *x, int64_t nb) {
 #endif
 }
 
+static float row_q5_k(const uint8_t *w, const xq_t *x, int64_t nb) {
+#ifdef Q_AVX512
+    return row_q5_k_avx512(w, x, nb);
+#else
+    float acc = 0.0f;
+    for (int64_t sb = 0; sb < nb / 8; sb++) {
+        const uint8_t *blk = w + 176 * sb;
+        const int8_t *q = x->q + 256 * sb;
+        const float *dx = x->d + 8 * sb, *sx = x->s + 8 * sb;
+#if defined(Q_AVX2)
+        uint8_t sc[8], mn[8];
+        q4k_scales(blk + 4, sc, mn);
+        const uint8_t *qs = blk + 48;
+        float d = half(blk), dmin = half(blk + 2), mins = 0.0f;
+        for (int s = 0; s < 8; s++) mins += (float)mn[s] * sx[s];
+        __m256 v = _mm256_setzero_ps();
+        const __m256i m = _mm256_set1_epi8(0x0F), one = _mm256_set1_epi8(1);
+        const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
+        for (int c = 0; c < 4; c++) {
+            __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
+            __m256i h0 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c), one), 4);
+            __m256i h1 = _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2 * c + 1), one), 4);
+            __m256i lo = udot(_mm256_or_si256(_mm256_and_si256(raw, m), h0), _mm256_loadu_si256((const __m256i *)(q + 64 * c)));
+            __m256i hi = udot(_mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(raw, 4), m), h1),
+                              _mm256_loadu_si256((const __m256i *)(q + 64 * c + 32)));
+            v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(lo), _mm256_set1_ps(d * (float)sc[2 * c] * dx[2 * c]), v);
+            v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(hi), _mm256_set1_ps(d * (float)sc[2 * c + 1] * dx[2 * c + 1]), v);
+        }
+        acc += hsum(v) - dmin * mins;
+#else
+        acc += sblk_q5_k(blk, q, dx, sx);
+#endif
+    }
+    return acc;
+#endif
+}
+
 static float row_q6_k(const uint8_t *w, const xq_t *x, int64_t nb) {
 #ifdef Q_AVX512
     return row_q6_k_avx512(w, x, nb);
@@ -513,6 +600,7 @@ int moeinf_block_geometry(int type, int *values, int *bytes) {
         case T_Q4_1: *values = 32; *bytes = 20; return 1;
         case T_MXFP4: *values = 32; *bytes = 17; return 1;
         case T_Q4_K: *values = 256; *bytes = 144; return 1;
+        case T_Q5_K: *values = 256; *bytes = 176; return 1;
         case T_Q6_K: *values = 256; *bytes = 210; return 1;
         default: return 0;
     }
@@ -525,6 +613,7 @@ row_fn moeinf_row_function(int type) {
         case T_Q4_1: return row_q4_1;
         case T_MXFP4: return row_mxfp4;
         case T_Q4_K: return row_q4_k;
+        case T_Q5_K: return row_q5_k;
         case T_Q6_K: return row_q6_k;
         default: return 0;
     }

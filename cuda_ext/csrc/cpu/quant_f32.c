@@ -1,10 +1,10 @@
-/* Products with weights kept in their stored block formats (q8_0, q4_0, q4_1, q4_k, q6_k, mxfp4: the
+/* Products with weights kept in their stored block formats (q8_0, q4_0, q4_1, q4_k, q5_k, q6_k, mxfp4: the
    GGUF layouts of quant.c) and float32 activations, for one-token decode and small batches.
 
    Each block is dequantised in registers to exactly the float32 values engine/formats' unpack gives
    (and the gguf package's dequantiser): every stored value is an exact product of its scale and code
    (an fp16 scale has 11 significant bits, a 6-bit sub-scale 6, a code at most 8: never more than 24
-   bits together), and the affine formats (q4_1, q4_k) add their offset with the one rounding of an FMA,
+   bits together), and the affine formats (q4_1, q4_k, q5_k) add their offset with the one rounding of an FMA,
    as unpack's multiply-then-add rounds once. Those values meet the float32 activations in float32
    FMAs; no activation is rounded. The result is dequantise-then-multiply up to the order of the sums.
 
@@ -47,6 +47,7 @@ static int block_bytes(int type) {
         case T_Q4_1: return 20;
         case T_MXFP4: return 17;
         case T_Q4_K: return 144;
+        case T_Q5_K: return 176;
         case T_Q6_K: return 210;
         default: return 0;
     }
@@ -109,13 +110,57 @@ static inline float reduce64(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
     return _mm_cvtss_f32(u);
 }
 
+/* q5_k (176-byte super-blocks: d, dmin, scales[12] as q4_k's, qh[32], qs[128] as q4_k's nibbles) times
+   the tokens' x, into the lanes as q4_k's (sub-block j is chunk j): each sub-block's 32 codes (its
+   nibble, and bit j of qh as bit 4) are looked up in its 32-entry table (d sc) q - dmin mn, two
+   registers of 16 (vpermi2ps reads the low 5 bits of each lane); the table's entries are q4_k's
+   FMAs, exactly unpack's values */
+ALWAYS_INLINE void ftile_q5_k(__m512 (*a)[4], int mt, const uint8_t *w, const float *x, int64_t ldx, int64_t K) {
+    const __m512 iota = iota16(), iota_hi = _mm512_add_ps(iota16(), _mm512_set1_ps(16.0f));
+    const __m512i bit4 = _mm512_set1_epi32(16);
+    for (int64_t sb = 0; sb < K / 256; sb++) {
+        const uint8_t *blk = w + 176 * sb, *qh = blk + 16, *qs = blk + 48;
+        const float *xs = x + 256 * sb;
+        for (int l = 0; l < 176; l += 64) _mm_prefetch((const char *)blk + PF_AHEAD + l, _MM_HINT_T0);
+        uint32_t u[4]; /* the scales and mins as q4_k's branch of ftile decodes them */
+        memcpy(u, blk + 4, 12);
+        const uint32_t m1 = 0x3f3f3f3fu, m2 = 0x0f0f0f0fu, m3 = 0x03030303u;
+        u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+        const uint32_t mins_lo = u[1] & m1;
+        u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+        u[2] = mins_lo;
+        u[0] &= m1;
+        const __m128i scm = _mm_loadu_si128((const __m128i *)u);
+        float dsc[8], dmn[8];
+        _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm)), _mm256_set1_ps(half(blk))));
+        _mm256_storeu_ps(dmn, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(scm, 8))),
+                                            _mm256_set1_ps(-half(blk + 2))));
+        /* qh << 4: bit j of sub-block j at bit 4 + j, brought down to bit 4 by a shift of j */
+        const __m512i h0 = _mm512_slli_epi32(bytes16(qh), 4), h1 = _mm512_slli_epi32(bytes16(qh + 16), 4);
+        for (int r = 0; r < 4; r++) { /* run r: sub-block 2r in the low nibbles, 2r + 1 in the high */
+            const __m512i t0 = bytes16(qs + 32 * r), t1 = bytes16(qs + 32 * r + 16);
+            for (int o = 0; o < 2; o++) {
+                const int j = 2 * r + o;
+                const __m512 sc = _mm512_set1_ps(dsc[j]), mn = _mm512_set1_ps(dmn[j]);
+                const __m512 lut_lo = _mm512_fmadd_ps(iota, sc, mn), lut_hi = _mm512_fmadd_ps(iota_hi, sc, mn);
+                const __m512i i0 = _mm512_or_si512(o ? high4(t0) : low4(t0), _mm512_and_si512(_mm512_srli_epi32(h0, j), bit4));
+                const __m512i i1 = _mm512_or_si512(o ? high4(t1) : low4(t1), _mm512_and_si512(_mm512_srli_epi32(h1, j), bit4));
+                acc_chunk(a, mt, o, _mm512_permutex2var_ps(lut_lo, i0, lut_hi), _mm512_permutex2var_ps(lut_lo, i1, lut_hi),
+                          xs + 64 * r + 32 * o, ldx);
+            }
+        }
+    }
+}
+
 /* y[t * ldy] = row w times x + t * ldx for t < mt (mt <= TILE), K values */
 ALWAYS_INLINE void ftile(int type, int mt, const uint8_t *w, const float *x, int64_t ldx, int64_t K, float *y, int64_t ldy) {
     __m512 a[TILE][4];
     for (int t = 0; t < mt; t++)
         for (int i = 0; i < 4; i++) a[t][i] = _mm512_setzero_ps();
     __m512 lo, hi;
-    if (type == T_Q4_K) {
+    if (type == T_Q5_K) {
+        ftile_q5_k(a, mt, w, x, ldx, K);
+    } else if (type == T_Q4_K) {
         for (int64_t sb = 0; sb < K / 256; sb++) {
             const uint8_t *blk = w + 144 * sb, *qs = blk + 16;
             const float *xs = x + 256 * sb;
@@ -246,6 +291,22 @@ ALWAYS_INLINE void deq_chunk(int type, const uint8_t *w, int64_t c, __m256 *v) {
         widen16(q1, &v[2], &v[3]);
         const __m256 d = _mm256_set1_ps(half(blk) * (float)sc[s]), o = _mm256_set1_ps(-(half(blk + 2) * (float)mn[s]));
         for (int i = 0; i < 4; i++) v[i] = _mm256_fmadd_ps(v[i], d, o);
+    } else if (type == T_Q5_K) { /* q4_k's codes with bit s of qh[l] as bit 4 */
+        const uint8_t *blk = w + 176 * (c / 8);
+        const int s = (int)(c % 8);
+        uint8_t sc[8], mn[8];
+        q4k_scales(blk + 4, sc, mn);
+        const __m128i r0 = _mm_loadu_si128((const __m128i *)(blk + 48 + 32 * (s / 2)));
+        const __m128i r1 = _mm_loadu_si128((const __m128i *)(blk + 48 + 32 * (s / 2) + 16));
+        const __m128i bit = _mm_set1_epi8((char)(1 << s)), b4 = _mm_set1_epi8(16);
+        const __m128i h0 = _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(_mm_loadu_si128((const __m128i *)(blk + 16)), bit), bit), b4);
+        const __m128i h1 = _mm_and_si128(_mm_cmpeq_epi8(_mm_and_si128(_mm_loadu_si128((const __m128i *)(blk + 32)), bit), bit), b4);
+        const __m128i q0 = _mm_or_si128(s & 1 ? _mm_and_si128(_mm_srli_epi16(r0, 4), m4) : _mm_and_si128(r0, m4), h0);
+        const __m128i q1 = _mm_or_si128(s & 1 ? _mm_and_si128(_mm_srli_epi16(r1, 4), m4) : _mm_and_si128(r1, m4), h1);
+        widen16(q0, &v[0], &v[1]);
+        widen16(q1, &v[2], &v[3]);
+        const __m256 d = _mm256_set1_ps(half(blk) * (float)sc[s]), o = _mm256_set1_ps(-(half(blk + 2) * (float)mn[s]));
+        for (int i = 0; i < 4; i++) v[i] = _mm256_fmadd_ps(v[i], d, o);
     } else { /* q6_k */
         const uint8_t *blk = w + 210 * (c / 8);
         const int s = (int)(c % 8), h = s / 4, p = s % 4;
@@ -283,7 +344,7 @@ ALWAYS_INLINE void ftile(int type, int mt, const uint8_t *w, const float *x, int
     __m256 b[8], v[4];
     for (int i = 0; i < 8; i++) b[i] = _mm256_setzero_ps();
     const int64_t nb = K / 32;
-    const int per_block = block_bytes(type), chunks_per_block = type == T_Q4_K || type == T_Q6_K ? 8 : 1;
+    const int per_block = block_bytes(type), chunks_per_block = type == T_Q4_K || type == T_Q5_K || type == T_Q6_K ? 8 : 1;
     int64_t c = 0;
     for (; c + 2 <= nb; c += 2) {
         const char *at = (const char *)w + c * per_block / chunks_per_block + PF_AHEAD;
@@ -340,6 +401,15 @@ static void deq_chunk(int type, const uint8_t *w, int64_t c, float *v) {
         const float d = half(blk) * (float)sc[s], o = half(blk + 2) * (float)mn[s];
         const uint8_t *qs = blk + 16 + 32 * (s / 2);
         for (int j = 0; j < 32; j++) v[j] = (float)(s & 1 ? qs[j] >> 4 : qs[j] & 15) * d - o;
+    } else if (type == T_Q5_K) {
+        const uint8_t *blk = w + 176 * (c / 8);
+        const int s = (int)(c % 8);
+        uint8_t sc[8], mn[8];
+        q4k_scales(blk + 4, sc, mn);
+        const float d = half(blk) * (float)sc[s], o = half(blk + 2) * (float)mn[s];
+        const uint8_t *qh = blk + 16, *qs = blk + 48 + 32 * (s / 2);
+        for (int j = 0; j < 32; j++)
+            v[j] = (float)((s & 1 ? qs[j] >> 4 : qs[j] & 15) | (((qh[j] >> s) & 1) << 4)) * d - o;
     } else {
         const uint8_t *blk = w + 210 * (c / 8);
         const int s = (int)(c % 8), h = s / 4, p = s % 4;
@@ -422,6 +492,7 @@ FORMAT_ROWS(q4_0, T_Q4_0)
 FORMAT_ROWS(q4_1, T_Q4_1)
 FORMAT_ROWS(mxfp4, T_MXFP4)
 FORMAT_ROWS(q4_k, T_Q4_K)
+FORMAT_ROWS(q5_k, T_Q5_K)
 FORMAT_ROWS(q6_k, T_Q6_K)
 
 static frows_fn rows_function(int type) {
@@ -431,6 +502,7 @@ static frows_fn rows_function(int type) {
         case T_Q4_1: return frows_q4_1;
         case T_MXFP4: return frows_mxfp4;
         case T_Q4_K: return frows_q4_k;
+        case T_Q5_K: return frows_q5_k;
         case T_Q6_K: return frows_q6_k;
         default: return 0;
     }
@@ -443,6 +515,7 @@ static fblock_fn block_function(int type) {
         case T_Q4_1: return fblock_q4_1;
         case T_MXFP4: return fblock_mxfp4;
         case T_Q4_K: return fblock_q4_k;
+        case T_Q5_K: return fblock_q5_k;
         case T_Q6_K: return fblock_q6_k;
         default: return 0;
     }
@@ -455,6 +528,7 @@ frow_fn moeinf_frow_function(int type) {
         case T_Q4_1: return frow_q4_1;
         case T_MXFP4: return frow_mxfp4;
         case T_Q4_K: return frow_q4_k;
+        case T_Q5_K: return frow_q5_k;
         case T_Q6_K: return frow_q6_k;
         default: return 0;
     }

@@ -1,4 +1,4 @@
-// Dequantisation of the stored block formats on the GPU: GGUF's q8_0, q4_0, q4_1, q4_k, q6_k and
+// Dequantisation of the stored block formats on the GPU: GGUF's q8_0, q4_0, q4_1, q4_k, q5_k, q6_k and
 // mxfp4 blocks (bit for bit the GGUF layouts) to float32, bf16 or fp16, one thread per value.
 //
 // The arithmetic is the gguf package's reference dequantiser's, in its order and without fused
@@ -9,6 +9,9 @@
 //   q4_1   20 B / 32:  f16 d, f16 m, u8 qs[16]                   x = d * nibble + m
 //   q4_k  144 B / 256: f16 d, f16 dmin, u8 scales[12] (eight 6-bit scales and mins), u8 qs[128]
 //                      (64 values per 32 bytes: low nibbles, then high)  x = (d * sc) * q - dmin * mn
+//   q5_k  176 B / 256: f16 d, f16 dmin, u8 scales[12] (as q4_k), u8 qh[32] (value l of sub-block s:
+//                      bit s of qh[l] is bit 4 of its code), u8 qs[128] (as q4_k)
+//                                                                x = (d * sc) * q - dmin * mn
 //   q6_k  210 B / 256: u8 ql[128] (low 4 bits), u8 qh[64] (high 2 bits), int8 scales[16], f16 d
 //                                                                x = (d * scale) * (q - 32)
 //   mxfp4  17 B / 32:  u8 e (E8M0 exponent), u8 qs[16] (E2M1 codes, nibbles as q4_0)
@@ -17,7 +20,8 @@
 // Entry point (C ABI, loaded by cuda_ext/loader.py with ctypes):
 //   int moeinf_cuda_dequant(int ggml_type, const void *blocks, void *out, int64_t n_blocks,
 //                           int out_dtype, void *stream)
-// ggml_type: GGUF's numbering (2 q4_0, 3 q4_1, 8 q8_0, 12 q4_k, 14 q6_k, 39 mxfp4); out_dtype: 0
+// ggml_type: GGUF's numbering (2 q4_0, 3 q4_1, 8 q8_0, 12 q4_k, 13 q5_k, 14 q6_k,
+// 39 mxfp4); out_dtype: 0
 // float32, 1 bf16, 2 fp16; stream: a cudaStream_t (0 for the default stream). Returns a cudaError_t
 // (0 on success; cudaErrorInvalidValue for an unknown type or dtype).
 
@@ -101,6 +105,26 @@ struct Q4_K {
     }
 };
 
+struct Q5_K {
+    static constexpr int values = 256, bytes = 176;
+    HD static float at(const uint8_t *b, int j) {
+        const uint8_t *s = b + 4, *qh = b + 16, *qs = b + 48;
+        int chunk = j >> 6, within = j & 63, sub = 2 * chunk + (within >> 5), l = within & 31;
+        int sc, mn;
+        if (sub < 4) {
+            sc = s[sub] & 63;
+            mn = s[sub + 4] & 63;
+        } else {
+            sc = (s[sub + 4] & 0x0F) | ((s[sub - 4] >> 6) << 4);
+            mn = (s[sub + 4] >> 4) | ((s[sub] >> 6) << 4);
+        }
+        uint8_t byte = qs[32 * chunk + l];
+        int q = (within < 32 ? (byte & 0x0F) : (byte >> 4)) | (((qh[l] >> sub) & 1) << 4);
+        float d = MUL(f16_at(b), (float)sc), m = MUL(f16_at(b + 2), (float)mn);
+        return SUB(MUL(d, (float)q), m);
+    }
+};
+
 struct Q6_K {
     static constexpr int values = 256, bytes = 210;
     HD static float at(const uint8_t *b, int j) {
@@ -169,6 +193,7 @@ extern "C" int moeinf_cuda_dequant(int ggml_type, const void *blocks, void *out,
         case 3: return launch_as<Q4_1>(out_dtype, blocks, out, n_blocks, s);
         case 8: return launch_as<Q8_0>(out_dtype, blocks, out, n_blocks, s);
         case 12: return launch_as<Q4_K>(out_dtype, blocks, out, n_blocks, s);
+        case 13: return launch_as<Q5_K>(out_dtype, blocks, out, n_blocks, s);
         case 14: return launch_as<Q6_K>(out_dtype, blocks, out, n_blocks, s);
         case 39: return launch_as<MXFP4>(out_dtype, blocks, out, n_blocks, s);
         default: return cudaErrorInvalidValue;
@@ -177,7 +202,7 @@ extern "C" int moeinf_cuda_dequant(int ggml_type, const void *blocks, void *out,
 
 // The formats this library dequantises, as GGUF type numbers, for the loader's check.
 extern "C" int moeinf_cuda_formats(int *types, int capacity) {
-    const int known[] = {2, 3, 8, 12, 14, 39};
+    const int known[] = {2, 3, 8, 12, 13, 14, 39};
     int n = (int)(sizeof(known) / sizeof(known[0]));
     for (int i = 0; i < n && i < capacity; i++) types[i] = known[i];
     return n;
