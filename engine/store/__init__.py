@@ -36,7 +36,7 @@ whole expert. ``engine.store.header.read_header(path).data_start`` gives the dat
 
 Weights keep the source dtype unless ``moeinf pull --dtype`` asks otherwise (DeepSeek-V3's
 ``e_score_correction_bias`` is always kept in float32, as transformers keeps it). Quantised sources stay
-quantised (``engine.formats``): a GGUF's Q8_0/Q4_0/Q4_1/Q4_K/Q6_K/MXFP4 tensors are copied block for
+quantised (``engine.formats``): a GGUF's Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K/MXFP4 tensors are copied block for
 block (other GGUF types go to the nearest supported format, with a notice), gpt-oss's MXFP4 experts are
 stored as ``mxfp4`` (the same values regrouped) and DeepSeek-V3's FP8 weights as ``q8_0``; with
 ``--dtype`` they are dequantised instead (the manifest's ``dequantized`` field says which).

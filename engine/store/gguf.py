@@ -5,7 +5,7 @@ package, undoes llama.cpp's Q/K row permutation for the llama architecture (so t
 rotary convention holds), renames the tensors to transformers' names and writes ``config.json``,
 ``model*.safetensors``, ``tokenizer.json``, ``tokenizer_config.json`` (with the chat template) and
 ``generation_config.json``. Float tensors become ``dtype``. With ``keep_formats`` a quantised tensor
-whose GGUF type moeinf stores (Q8_0, Q4_0, Q4_1, Q4_K, Q6_K, MXFP4: ``engine.formats``) is copied
+whose GGUF type moeinf stores (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K, MXFP4: ``engine.formats``) is copied
 block for block (raw U8 blocks, see ``engine.formats.storage``); another GGUF type is converted to the
 nearest supported format with one notice per type. Without it every tensor is dequantised by the
 ``gguf`` package's reference dequantiser to ``dtype``.

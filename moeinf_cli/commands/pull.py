@@ -133,7 +133,7 @@ def register(app: typer.Typer) -> None:
         top_k: int = typer.Option(None, "--top-k", help="Experts per token for --upcycle (default 2)."),
         quantize: str = typer.Option(
             None, "--quantize", metavar="FORMAT",
-            help="Quantise the experts of a float source as they are stored (q8_0, q6_k, q4_1, q4_0, q4_k, mxfp4).",
+            help="Quantise the experts of a float source as they are stored (q8_0, q6_k, q5_k, q4_1, q4_0, q4_k, mxfp4).",
         ),
         quantize_dense: str = typer.Option(
             None, "--quantize-dense", metavar="FORMAT",
