@@ -3,6 +3,8 @@ against the PyTorch path (dequantise the matrix, then ``F.linear``), the figures
 ``cuda_ext.quant.MAX_TOKENS_F32``. Medians of 7 (each the mean of 3 calls), milliseconds per product.
 
     flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/quant_rows_f32.py [--threads 2]
+    flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/quant_rows_f32.py --formats q4_k,q5_k,q6_k \
+        --shapes 1024x3584,3584x1024 --rows 16,64,128,256
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--formats", default="q4_1,q8_0")
     p.add_argument("--rows", default="1,4,16,32,64,128")
+    p.add_argument("--shapes", default="1536x576,576x1536", help="N x K of W (K a multiple of the block: "
+                   "1024x3584,3584x1024 for the 256-value formats)")
     args = p.parse_args(argv)
     found = loader.cpu()
     if found is None:
@@ -53,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     lib = found.lib
     for fmt in args.formats.split(","):
         block = BLOCKS[fmt]
-        for n, k in ((1536, 576), (576, 1536)):
+        for n, k in (tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")):
             raw = random_blocks(block.ggml_type, n * k // block.values, np.random.default_rng(0))
             w = torch.from_numpy(raw.reshape(n, row_bytes(fmt, k)))
             cells = []

@@ -23,7 +23,7 @@ from engine.formats.base import Format
 from engine.formats.q4_k import fit_super_blocks, pack_scale_min, scale_min
 
 BLOCK, BYTES = 256, 176
-_BITS = 1 << torch.arange(8, dtype=torch.int32)  # bit j of qh: sub-block j
+_SHIFTS = torch.arange(8, dtype=torch.uint8).view(1, 8, 1)  # bit j of qh: sub-block j
 
 
 def unpack_blocks(raw: torch.Tensor) -> torch.Tensor:
@@ -31,11 +31,9 @@ def unpack_blocks(raw: torch.Tensor) -> torch.Tensor:
     sc, mn = scale_min(raw[:, 4:16])
     step = (f16(raw, 0) * sc.to(torch.float32)).unsqueeze(2)
     off = (f16(raw, 2) * mn.to(torch.float32)).unsqueeze(2)
-    low = low_high(raw[:, 48:].reshape(n, 4, 32).reshape(n * 4, 32)).reshape(n, 8, 32).to(torch.int32)
-    qh = raw[:, 16:48].to(torch.int32).unsqueeze(1)  # [n, 1, 32]
-    high = (qh & _BITS.to(raw.device).view(1, 8, 1)) != 0  # [n, 8, 32]
-    q = (low | (high.to(torch.int32) << 4)).to(torch.float32)
-    return (step * q - off).reshape(n, BLOCK)
+    low = low_high(raw[:, 48:].reshape(n * 4, 32)).reshape(n, 8, 32)
+    high = ((raw[:, 16:48].unsqueeze(1) >> _SHIFTS.to(raw.device)) & 1) << 4  # [n, 8, 32]
+    return (step * (low | high).to(torch.float32) - off).reshape(n, BLOCK)
 
 
 def pack_blocks(x: torch.Tensor) -> torch.Tensor:
