@@ -1,7 +1,8 @@
 """One float32 decode token through attention with block-format projections in one native call
 (cuda_ext.attention_f32) against the module's torch path on the same blocks.
 
-Formats mixed within a layer as llama.cpp's quantisations mix them (q4_k q, q8_0 k and v, q6_k o; q4_1;
+Formats mixed within a layer as llama.cpp's quantisations mix them (q4_k q, q8_0 k and v, q6_k o, or
+q5_k o as its Q4_K_M keeps a MoE model's attn_output; q4_1;
 q4_0 with mxfp4), biases, GQA groups, a sliding window, no rotary, a cache long enough to be split over
 threads, a second slot. Both paths start from the same cache; the native one must write the same keys
 and values and give the same output up to the order of the float32 sums."""
@@ -23,6 +24,7 @@ pytestmark = pytest.mark.skipif(loader.cpu() is None, reason="no C compiler: the
 
 CASES = {
     "q4_k_m-mix": dict(hidden=256, heads=4, kv_heads=2, head_dim=64, fmts=("q4_k", "q8_0", "q8_0", "q6_k")),
+    "q4_k_m-moe": dict(hidden=256, heads=4, kv_heads=2, head_dim=64, fmts=("q4_k", "q8_0", "q8_0", "q5_k")),
     "q4_1-biases": dict(fmts=("q4_1",) * 4, qkv_bias=True, o_bias=True),
     "q4_0-mxfp4-window": dict(kv_heads=1, fmts=("q4_0", "mxfp4", "q4_0", "mxfp4"), sliding_window=5),
     "q8_0-no-rotary": dict(fmts=("q8_0",) * 4, rotary=False),
