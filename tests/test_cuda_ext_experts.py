@@ -159,7 +159,7 @@ def test_grouped_float32_experts_on_stored_blocks(kernels, fmt, clamped):
     _check_float32_experts(kernels, fmt, fmt, clamped)
 
 
-@pytest.mark.parametrize("fmt,down_fmt", [("q4_k", "q6_k"), ("q8_0", "q4_1"), ("q4_0", "q4_k")])
+@pytest.mark.parametrize("fmt,down_fmt", [("q4_k", "q6_k"), ("q4_k", "q5_k"), ("q8_0", "q4_1"), ("q4_0", "q4_k")])
 def test_grouped_float32_experts_with_down_in_another_format(kernels, fmt, down_fmt):
     """float32 x: the down matrices in a format of their own (llama.cpp's Q4_K_M keeps some layers'
     ffn_down in Q6_K), still one native call, the same bound."""
