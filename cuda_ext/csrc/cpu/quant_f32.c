@@ -117,7 +117,7 @@ static inline float reduce64(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
    FMAs, exactly unpack's values */
 ALWAYS_INLINE void ftile_q5_k(__m512 (*a)[4], int mt, const uint8_t *w, const float *x, int64_t ldx, int64_t K) {
     const __m512 iota = iota16(), iota_hi = _mm512_add_ps(iota16(), _mm512_set1_ps(16.0f));
-    const __m512i bit4 = _mm512_set1_epi32(16);
+    const __m512i m4 = _mm512_set1_epi32(15);
     for (int64_t sb = 0; sb < K / 256; sb++) {
         const uint8_t *blk = w + 176 * sb, *qh = blk + 16, *qs = blk + 48;
         const float *xs = x + 256 * sb;
@@ -143,8 +143,10 @@ ALWAYS_INLINE void ftile_q5_k(__m512 (*a)[4], int mt, const uint8_t *w, const fl
                 const int j = 2 * r + o;
                 const __m512 sc = _mm512_set1_ps(dsc[j]), mn = _mm512_set1_ps(dmn[j]);
                 const __m512 lut_lo = _mm512_fmadd_ps(iota, sc, mn), lut_hi = _mm512_fmadd_ps(iota_hi, sc, mn);
-                const __m512i i0 = _mm512_or_si512(o ? high4(t0) : low4(t0), _mm512_and_si512(_mm512_srli_epi32(h0, j), bit4));
-                const __m512i i1 = _mm512_or_si512(o ? high4(t1) : low4(t1), _mm512_and_si512(_mm512_srli_epi32(h1, j), bit4));
+                /* index bits 0-3: the nibble, bit 4: qh's bit j, higher bits (which vpermi2ps ignores): any;
+                   (nibble & 15) | (h >> j & ~15) in one vpternlogd */
+                const __m512i i0 = _mm512_ternarylogic_epi32(o ? high4(t0) : t0, _mm512_srli_epi32(h0, j), m4, 0xE4);
+                const __m512i i1 = _mm512_ternarylogic_epi32(o ? high4(t1) : t1, _mm512_srli_epi32(h1, j), m4, 0xE4);
                 acc_chunk(a, mt, o, _mm512_permutex2var_ps(lut_lo, i0, lut_hi), _mm512_permutex2var_ps(lut_lo, i1, lut_hi),
                           xs + 64 * r + 32 * o, ldx);
             }
