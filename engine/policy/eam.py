@@ -236,6 +236,7 @@ class EAMPolicy(Policy):
         self._dist: np.ndarray | None = None
         self._score: np.ndarray | None = None
         self._horizon_runs: float | None = None
+        self._stale: set[int] = set()  # layers whose predictions wait for their features (``_predict``)
         self._hist = np.zeros((L, E), dtype=np.uint64)  # bit i: used at the layer's run i runs ago
         self._runs = np.zeros(L, dtype=np.int64)  # runs of each layer in this request
         self._tok = np.zeros(L, dtype=np.float64)  # tokens through each layer in this request
@@ -321,6 +322,21 @@ class EAMPolicy(Policy):
         return x
 
     def _predict(self, layer: int) -> None:
+        """``layer``'s feature rows changed: its predictions are made again when next read (``_fresh``),
+        once however many times the rows changed meanwhile (the routing, the transitions, a hint)."""
+        self._stale.add(layer)
+        self._dist = None
+        self._score = None
+
+    def _fresh(self) -> None:
+        """Bring the predictions of every layer whose features changed up to date (before any read of
+        them, and before the weights change, so each is what predicting at once would have given)."""
+        if self._stale:
+            for layer in sorted(self._stale):
+                self._compute(layer)
+            self._stale.clear()
+
+    def _compute(self, layer: int) -> None:
         x = self._design(self._feat[layer])  # [E, NB, F]
         z = np.einsum("ebf,bf->eb", x, self.weights)
         cum = np.maximum.accumulate(_sigmoid(z), axis=-1)
@@ -350,6 +366,7 @@ class EAMPolicy(Policy):
         y = ((self._hist[layer][None, :] & _H_MASKS[ok][:, None]) != 0).astype(np.float64)
         p = _sigmoid(np.einsum("bef,bf->be", x, self.weights[b_idx]))
         grad = np.einsum("be,bef->bf", y - p, x) / x.shape[1]
+        self._fresh()  # what was predicted with the weights before this step
         self.weights[b_idx] += self.learning_rate * grad
         self.updates += 1
 
@@ -450,6 +467,7 @@ class EAMPolicy(Policy):
 
     def probabilities(self) -> np.ndarray:
         """P(used at the layer's next run) [L, E] for every expert."""
+        self._fresh()
         return self._cum[..., 0].astype(np.float32)
 
     def long_run_rates(self) -> np.ndarray:
@@ -459,6 +477,7 @@ class EAMPolicy(Policy):
 
     def next_use_distance(self) -> np.ndarray:
         """Expected steps [L, E] until each expert is next needed (layer steps; larger = later)."""
+        self._fresh()
         if self._dist is not None:
             return self._dist
         L = self.num_layers
@@ -472,6 +491,7 @@ class EAMPolicy(Policy):
 
         Interpolated between the buckets in log2(runs), linear from 0 below one run, and beyond the
         last bucket extended at the per-run rate the last two buckets imply."""
+        self._fresh()
         n = np.broadcast_to(np.asarray(runs, dtype=np.float64), self._cum.shape[:2])
         cum = self._cum
         logh = np.log2(HORIZONS.astype(np.float64))
