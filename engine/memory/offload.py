@@ -53,6 +53,8 @@ LANDED = "landed"  # an early demand load read into a stream slot, not yet in th
 class OffloadedExperts:
     """ExpertSource over a budget of ``capacity`` slots (``stream_slots`` of them for prefill streaming)."""
 
+    delivers_as_loaded = True  # fetch yields resident experts first, then each miss as it lands (MoEBlock)
+
     def __init__(
         self,
         shard_path: Callable[[int, int], Path],
