@@ -208,7 +208,7 @@ class DirectTransfer(Transfer):
         self.reader = ShardReader(direct)
         self._slot_bytes = round_up(self.file_size) + ALIGN  # one page of slack for header padding
         self._arena = None
-        self._images: dict[str, tuple] = {}  # shard path -> its interned (layout, tensor placement)
+        self._images: dict[str, tuple] = {}  # shard path -> (layout, tensor placement, size, interned pair)
         self._interned: dict[tuple, tuple] = {}
 
     @property
@@ -235,20 +235,23 @@ class DirectTransfer(Transfer):
         all do) the bytes were overwritten in place and the slot keeps its views and ``ExpertWeights``,
         and with them the native call's checked entry (``cuda_ext.cpu._expert_entry``)."""
         assert slot.raw is not None and slot.raw_t is not None
-        size = self.reader.read_into(path, slot.raw)
+        key = str(path)
+        image = self._images.get(key)
+        # a shard read before: its size is known (no fstat; a shorter file is still a truncation error)
+        size = self.reader.read_into(path, slot.raw, None if image is None else image[2])
         header, layout = self._header(path, slot.raw, size)
-        image = self._images.get(str(path))
         if image is None:
             items = tuple((n, t.start, t.end, t.torch_dtype, t.stored_shape) for n, t in header.tensors.items())
-            image = self._images[str(path)] = self._interned.setdefault((layout, items), (layout, items))
-        if slot.image is image and slot.weights is not None:
+            placement = self._interned.setdefault((layout, items), (layout, items))
+            image = self._images[key] = (*placement, size, placement)
+        if slot.image is image[3] and slot.weights is not None:
             return size
         slot.weights = None
         views = {}
         for name, start, end, dtype, shape in image[1]:
             views[name] = slot.raw_t[start:end].view(dtype).view(shape)
         slot.weights = layout.weights(views)
-        slot.image = image
+        slot.image = image[3]
         return size
 
     def close(self) -> None:
