@@ -580,14 +580,17 @@ class EAMPolicy(Policy):
         L = self.num_layers
         layers = [(layer + i) % L for i in range(1, self.prefetch_layers + 1)]
         layers += [nl for nl in range(layer + 1, L) if self._has_hint[nl]]  # hinted further ahead
-        p = self.probabilities()
+        self._fresh()
+        layers = list(dict.fromkeys(layers))
+        p = self._cum[layers, :, 0].astype(np.float32)  # ``probabilities()`` of these layers
+        found = np.nonzero((p >= self.prefetch_floor) & ~self.resident[layers])
+        if not len(found[0]):
+            return []
         dist = self.next_use_distance()
         cands: list[tuple[float, Key]] = []
-        for nl in dict.fromkeys(layers):
-            for e in np.nonzero((p[nl] >= self.prefetch_floor) & ~self.resident[nl])[0]:
-                cands.append((float(dist[nl, e]), (nl, int(e))))
-        if not cands:
-            return []
+        for i, e in zip(found[0].tolist(), found[1].tolist(), strict=True):
+            nl = layers[i]
+            cands.append((float(dist[nl, e]), (nl, e)))
         cands.sort()
         free = self.capacity - int(self.resident.sum())
         displaced = np.sort(dist[self.resident])[::-1]  # what each prefetch would evict, in turn
