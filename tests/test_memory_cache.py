@@ -423,3 +423,18 @@ def test_early_demand_loads_evict_what_the_loads_in_fetch_evict(model, reference
     assert late[2] == 0 and early[2] > 0
     assert early[0] == late[0] and early[1] == late[1]
     assert late[1]["streamed"] == 0 and late[1]["evictions"] > 20
+
+
+def test_gil_switch_interval_is_shorter_while_a_source_is_open(model):
+    import sys
+
+    before = sys.getswitchinterval()
+    a, b = _open(model, slots=TOP_K), _open(model, slots=TOP_K)
+    try:
+        assert sys.getswitchinterval() == min(before, 0.0005)
+        a.close()
+        assert sys.getswitchinterval() == min(before, 0.0005)  # b still loads
+    finally:
+        a.close()
+        b.close()
+    assert sys.getswitchinterval() == before
