@@ -6,6 +6,8 @@ picked, cancels queued prefetches the routing made stale and queues the policy's
 ``fetch`` pins the resident experts and hands them out first, queues demand loads for the misses and
 hands each out as it lands, so compute on the first experts overlaps loading the rest. Pins last until
 the next ``fetch`` (the ExpertSource contract), so a layer's experts are never evicted under it.
+A decode step's misses start reading already in ``observe``, before the policy's bookkeeping, into the
+stream slots (idle in decode); their victims are still chosen in ``fetch`` (see "early demand loads").
 
 Prefill (a step with more than one token) touches most experts of every layer. Its misses go to a free
 cache slot when there is one (admission without eviction) and otherwise through a couple of stream
