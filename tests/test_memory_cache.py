@@ -379,3 +379,62 @@ def test_random_prefetch_races_never_give_wrong_weights(model, reference, slots,
         assert st.peak_resident_bytes <= st.budget_bytes
     finally:
         src.close()
+
+
+def _victims_of_a_decode(model, reference, early: bool) -> tuple[list, dict, int]:
+    src = _open(model, slots=2 * TOP_K + 4, policy="eam", prefetch=False)
+    src.early_demand = early
+    victims, landed = [], [0]
+    pick, submit = src.policy.victim, src.loader.submit
+
+    def victim(resident, pinned):
+        key = pick(resident, pinned)
+        victims.append(key)
+        return key
+
+    def counted(key, priority, waiter=None, **data):
+        landed[0] += data.get("kind") == "land"
+        return submit(key, priority, waiter, **data)
+
+    src.policy.victim, src.loader.submit = victim, counted
+    rng = random.Random(3)
+    try:
+        src.begin_sequence()
+        for _token in range(24):
+            for layer in range(LAYERS):
+                ids = rng.sample(range(EXPERTS), TOP_K)
+                for e, w in _decode_step(src, layer, ids):
+                    assert _same(w, _ref(reference, layer, e))
+        src.end_sequence()
+        st = src.stats()
+        return victims, {k: getattr(st, k) for k in ("hits", "demand_loads", "evictions", "streamed")}, landed[0]
+    finally:
+        src.close()
+
+
+def test_early_demand_loads_evict_what_the_loads_in_fetch_evict(model, reference, monkeypatch):
+    """A decode miss starts reading in ``observe`` (into a stream slot); the policy still picks its
+    victim in ``fetch``, after it heard the routing: the same victims, counts and weights."""
+    from engine.policy.eam import EAMPolicy
+
+    monkeypatch.setattr(EAMPolicy, "save_state", lambda self: None)  # both runs start from the same state
+    late = _victims_of_a_decode(model, reference, early=False)
+    early = _victims_of_a_decode(model, reference, early=True)
+    assert late[2] == 0 and early[2] > 0
+    assert early[0] == late[0] and early[1] == late[1]
+    assert late[1]["streamed"] == 0 and late[1]["evictions"] > 20
+
+
+def test_gil_switch_interval_is_shorter_while_a_source_is_open(model):
+    import sys
+
+    before = sys.getswitchinterval()
+    a, b = _open(model, slots=TOP_K), _open(model, slots=TOP_K)
+    try:
+        assert sys.getswitchinterval() == min(before, 0.0005)
+        a.close()
+        assert sys.getswitchinterval() == min(before, 0.0005)  # b still loads
+    finally:
+        a.close()
+        b.close()
+    assert sys.getswitchinterval() == before

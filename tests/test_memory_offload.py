@@ -139,3 +139,31 @@ def test_single_worker_and_no_prefetch(stores):
     tokens, st = _run(root, torch.float32, budget, "eam", workers=1, prefetch=False)
     assert st.prefetch_loads == 0
     assert tokens == _reference(stores, "olmoe")
+
+
+def _logits(model, prompt, steps):
+    out = []
+    with torch.inference_mode():
+        logits = model.forward(torch.tensor(prompt, dtype=torch.long), 0)
+        out.append(logits[-1].clone())
+        pos = len(prompt)
+        for _ in range(steps - 1):
+            logits = model.forward(torch.tensor([int(out[-1].argmax())], dtype=torch.long), pos)
+            pos += 1
+            out.append(logits[-1].clone())
+    return out
+
+
+def test_offloaded_bf16_logits_are_the_resident_ones_bit_for_bit(stores):
+    """Decode with a tight budget (each miss added as it lands, one native call per expert) against
+    everything resident: the same logits, bit for bit."""
+    root = _store(stores, "mixtral")
+    ref = _logits(load_model(root, dtype=torch.bfloat16), PROMPT, STEPS)
+    label, budget = _budgets(root, torch.bfloat16)[1]
+    src = open_experts(root, torch.bfloat16, "cpu", str(budget), "eam")
+    try:
+        got = _logits(load_model(root, dtype=torch.bfloat16, experts=src), PROMPT, STEPS)
+        assert src.stats().demand_loads > 0
+    finally:
+        src.close()
+    assert all(torch.equal(a, b) for a, b in zip(got, ref, strict=True))

@@ -109,6 +109,7 @@ class Slot:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # Convert/Cuda: fixed views
     flat: torch.Tensor | None = None  # Convert/Cuda: the slot's memory, viewed by ``tensors``
     layout: object = _NO_LAYOUT  # Convert/Cuda: the ExpertLayout ``tensors`` view ``flat`` with
+    image: object = None  # DirectTransfer: the shard header layout ``weights`` view ``raw`` with
     ready_event: object | None = None  # CUDA: the copy into this slot is done
     release_event: object | None = None  # CUDA: the compute stopped using this slot
 
@@ -207,6 +208,8 @@ class DirectTransfer(Transfer):
         self.reader = ShardReader(direct)
         self._slot_bytes = round_up(self.file_size) + ALIGN  # one page of slack for header padding
         self._arena = None
+        self._images: dict[str, tuple] = {}  # shard path -> (layout, tensor placement, size, interned pair)
+        self._interned: dict[tuple, tuple] = {}
 
     @property
     def io(self) -> str:  # type: ignore[override]
@@ -227,17 +230,34 @@ class DirectTransfer(Transfer):
         return slots
 
     def load(self, slot: Slot, path: Path) -> int:
+        """Read the shard into the slot's image. When the slot's last shard had the same header layout
+        (every tensor at the same offsets, in the same dtype and shape: the experts of one layer format
+        all do) the bytes were overwritten in place and the slot keeps its views and ``ExpertWeights``,
+        and with them the native call's checked entry (``cuda_ext.cpu._expert_entry``)."""
         assert slot.raw is not None and slot.raw_t is not None
-        size = self.reader.read_into(path, slot.raw)
+        key = str(path)
+        image = self._images.get(key)
+        # a shard read before: its size is known (no fstat; a shorter file is still a truncation error)
+        size = self.reader.read_into(path, slot.raw, None if image is None else image[2])
         header, layout = self._header(path, slot.raw, size)
+        if image is None:
+            items = tuple((n, t.start, t.end, t.torch_dtype, t.stored_shape) for n, t in header.tensors.items())
+            placement = self._interned.setdefault((layout, items), (layout, items))
+            image = self._images[key] = (*placement, size, placement)
+        if slot.image is image[3] and slot.weights is not None:
+            return size
+        slot.weights = None
         views = {}
-        for name, t in header.tensors.items():
-            views[name] = slot.raw_t[t.start : t.end].view(t.torch_dtype).view(t.stored_shape)
+        for name, start, end, dtype, shape in image[1]:
+            views[name] = slot.raw_t[start:end].view(dtype).view(shape)
         slot.weights = layout.weights(views)
+        slot.image = image[3]
         return size
 
     def close(self) -> None:
         super().close()
+        self._images.clear()
+        self._interned.clear()
         arena, self._arena = self._arena, None
         if arena is not None:
             try:

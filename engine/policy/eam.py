@@ -95,13 +95,18 @@ def _top_k_of(config: dict | None) -> int | None:
         return None
 
 
+def _clip(x, lo: float, hi: float) -> np.ndarray:
+    """``np.clip(x, lo, hi)`` (the same values, NaN kept) without its Python-level dispatch."""
+    return np.minimum(np.maximum(x, lo), hi)
+
+
 def _logit(p: np.ndarray | float) -> np.ndarray:
-    p = np.clip(p, 1e-4, 1 - 1e-4)
+    p = _clip(p, 1e-4, 1 - 1e-4)
     return np.log(p / (1 - p))
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -30.0, 30.0)))
+    return 1.0 / (1.0 + np.exp(-_clip(z, -30.0, 30.0)))
 
 
 if hasattr(np, "bitwise_count"):
@@ -119,6 +124,7 @@ else:  # numpy < 2.0
 
 _MASKS = {n: np.uint64((1 << n) - 1) for n in (2, 4, 16, 32)}
 _MASKS[64] = np.uint64(0xFFFFFFFFFFFFFFFF)
+_LOGH = np.log2(HORIZONS.astype(np.float64))
 _H_MASKS = np.array([(1 << int(h)) - 1 for h in HORIZONS], dtype=np.uint64)
 
 
@@ -202,6 +208,7 @@ class EAMPolicy(Policy):
         self.top_k = self._top_k_given or 1
         self._session_counts = np.zeros((L, E), dtype=np.float32)
         self._session_tokens = 0
+        self._grid = np.indices((L, E))  # [2, L, E]: each expert's (layer, expert), for gathers
         self._hint = np.zeros((L, E), dtype=np.float32)
         self._has_hint = np.zeros(L, dtype=bool)
         self._cur = EAM.empty(L, E)
@@ -236,6 +243,7 @@ class EAMPolicy(Policy):
         self._dist: np.ndarray | None = None
         self._score: np.ndarray | None = None
         self._horizon_runs: float | None = None
+        self._stale: set[int] = set()  # layers whose predictions wait for their features (``_predict``)
         self._hist = np.zeros((L, E), dtype=np.uint64)  # bit i: used at the layer's run i runs ago
         self._runs = np.zeros(L, dtype=np.int64)  # runs of each layer in this request
         self._tok = np.zeros(L, dtype=np.float64)  # tokens through each layer in this request
@@ -316,18 +324,33 @@ class EAMPolicy(Policy):
     def _design(self, f: np.ndarray) -> np.ndarray:
         """[..., NB, NUM_FEATURES + 1]: the common features with each bucket's own one in F_CUM."""
         x = np.repeat(f[..., None, :], NB, axis=-2).astype(np.float64)
-        r = np.clip(f[..., F_CUM].astype(np.float64), 1e-6, 1 - 1e-6)
+        r = _clip(f[..., F_CUM].astype(np.float64), 1e-6, 1 - 1e-6)
         x[..., F_CUM] = _logit(1.0 - (1.0 - r[..., None]) ** HORIZONS)
         return x
 
     def _predict(self, layer: int) -> None:
+        """``layer``'s feature rows changed: its predictions are made again when next read (``_fresh``),
+        once however many times the rows changed meanwhile (the routing, the transitions, a hint)."""
+        self._stale.add(layer)
+        self._dist = None
+        self._score = None
+
+    def _fresh(self) -> None:
+        """Bring the predictions of every layer whose features changed up to date (before any read of
+        them, and before the weights change, so each is what predicting at once would have given)."""
+        if self._stale:
+            for layer in sorted(self._stale):
+                self._compute(layer)
+            self._stale.clear()
+
+    def _compute(self, layer: int) -> None:
         x = self._design(self._feat[layer])  # [E, NB, F]
         z = np.einsum("ebf,bf->eb", x, self.weights)
         cum = np.maximum.accumulate(_sigmoid(z), axis=-1)
         self._cum[layer] = cum
-        surv = np.clip(1.0 - cum, 1e-6, 1.0)
+        surv = _clip(1.0 - cum, 1e-6, 1.0)
         q = 1.0 - (surv[:, -1] / surv[:, -2]) ** (1.0 / (HORIZONS[-1] - HORIZONS[-2]))
-        q = np.clip(q, 1e-3, 1.0)
+        q = _clip(q, 1e-3, 1.0)
         tail = surv[:, -1] * (1.0 - q) / q
         self._exp_runs[layer] = 1.0 + surv @ _TRAP + tail
         self._tail_q[layer] = q
@@ -344,12 +367,14 @@ class EAMPolicy(Policy):
         hs = HORIZONS[ok]
         slots = (n - hs) % RING
         f = self._ring[layer, slots]  # [b, E, F]
-        x = self._design(f)  # [b, E, NB, F]
         b_idx = np.nonzero(ok)[0]
-        x = x[np.arange(len(b_idx)), :, b_idx]  # [b, E, F]: bucket b's design
+        x = f.astype(np.float64)  # [b, E, F]: bucket b's design (``_design``, its own bucket only)
+        r = _clip(f[..., F_CUM].astype(np.float64), 1e-6, 1 - 1e-6)
+        x[..., F_CUM] = _logit(1.0 - (1.0 - r) ** hs[:, None])
         y = ((self._hist[layer][None, :] & _H_MASKS[ok][:, None]) != 0).astype(np.float64)
         p = _sigmoid(np.einsum("bef,bf->be", x, self.weights[b_idx]))
         grad = np.einsum("be,bef->bf", y - p, x) / x.shape[1]
+        self._fresh()  # what was predicted with the weights before this step
         self.weights[b_idx] += self.learning_rate * grad
         self.updates += 1
 
@@ -450,6 +475,7 @@ class EAMPolicy(Policy):
 
     def probabilities(self) -> np.ndarray:
         """P(used at the layer's next run) [L, E] for every expert."""
+        self._fresh()
         return self._cum[..., 0].astype(np.float32)
 
     def long_run_rates(self) -> np.ndarray:
@@ -459,6 +485,7 @@ class EAMPolicy(Policy):
 
     def next_use_distance(self) -> np.ndarray:
         """Expected steps [L, E] until each expert is next needed (layer steps; larger = later)."""
+        self._fresh()
         if self._dist is not None:
             return self._dist
         L = self.num_layers
@@ -472,18 +499,20 @@ class EAMPolicy(Policy):
 
         Interpolated between the buckets in log2(runs), linear from 0 below one run, and beyond the
         last bucket extended at the per-run rate the last two buckets imply."""
+        self._fresh()
         n = np.broadcast_to(np.asarray(runs, dtype=np.float64), self._cum.shape[:2])
         cum = self._cum
-        logh = np.log2(HORIZONS.astype(np.float64))
-        x = np.log2(np.clip(n, 1.0, float(HORIZONS[-1])))
-        j = np.clip(np.searchsorted(logh, x, side="right") - 1, 0, NB - 2)
-        frac = np.clip((x - logh[j]) / (logh[j + 1] - logh[j]), 0.0, 1.0)
-        lo = np.take_along_axis(cum, j[..., None], axis=-1)[..., 0]
-        hi = np.take_along_axis(cum, (j + 1)[..., None], axis=-1)[..., 0]
+        logh = _LOGH
+        x = np.log2(_clip(n, 1.0, float(HORIZONS[-1])))
+        j = _clip(np.searchsorted(logh, x, side="right") - 1, 0, NB - 2)
+        frac = _clip((x - logh[j]) / (logh[j + 1] - logh[j]), 0.0, 1.0)
+        rows, cols = self._grid
+        lo = cum[rows, cols, j]
+        hi = cum[rows, cols, j + 1]
         inside = lo + frac * (hi - lo)
         beyond = 1.0 - (1.0 - cum[..., -1]) * (1.0 - self._tail_q) ** np.maximum(n - HORIZONS[-1], 0.0)
         out = np.where(n > HORIZONS[-1], beyond, inside)
-        return np.where(n < 1.0, cum[..., 0] * np.clip(n, 0.0, 1.0), out)
+        return np.where(n < 1.0, cum[..., 0] * _clip(n, 0.0, 1.0), out)
 
     def horizon_runs(self) -> float:
         """The cache's characteristic time in runs (Che's approximation): the horizon within which
@@ -551,14 +580,17 @@ class EAMPolicy(Policy):
         L = self.num_layers
         layers = [(layer + i) % L for i in range(1, self.prefetch_layers + 1)]
         layers += [nl for nl in range(layer + 1, L) if self._has_hint[nl]]  # hinted further ahead
-        p = self.probabilities()
+        self._fresh()
+        layers = list(dict.fromkeys(layers))
+        p = self._cum[layers, :, 0].astype(np.float32)  # ``probabilities()`` of these layers
+        found = np.nonzero((p >= self.prefetch_floor) & ~self.resident[layers])
+        if not len(found[0]):
+            return []
         dist = self.next_use_distance()
         cands: list[tuple[float, Key]] = []
-        for nl in dict.fromkeys(layers):
-            for e in np.nonzero((p[nl] >= self.prefetch_floor) & ~self.resident[nl])[0]:
-                cands.append((float(dist[nl, e]), (nl, int(e))))
-        if not cands:
-            return []
+        for i, e in zip(found[0].tolist(), found[1].tolist(), strict=True):
+            nl = layers[i]
+            cands.append((float(dist[nl, e]), (nl, e)))
         cands.sort()
         free = self.capacity - int(self.resident.sum())
         displaced = np.sort(dist[self.resident])[::-1]  # what each prefetch would evict, in turn

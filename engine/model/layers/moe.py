@@ -85,10 +85,19 @@ class MoEBlock(nn.Module):
         all of them in one native call where the expert function has one (``accumulate``), else one
         after the other; added in fetch order either way."""
         id_list = ids[0].tolist()
-        fetched = list(self.experts.fetch(self.layer_idx, id_list))
-        slots = [id_list.index(e) for e, _ in fetched]
         coefs = weights[0].tolist()
         accumulate = getattr(self.expert_fn, "accumulate", None)
+        if accumulate is not None and getattr(self.experts, "delivers_as_loaded", False):
+            # a budgeted source hands out resident experts first and each miss as its load lands: each
+            # one is added as it comes (the native call adds its experts one after the other in float32,
+            # so one call per expert gives the same sums), and the first ones compute while the rest load
+            for e, ew in self.experts.fetch(self.layer_idx, id_list):
+                s = id_list.index(e)
+                if not accumulate(x, [ew], [coefs[s]], acc):
+                    acc.add_(self.expert_fn(x, ew) * weights[0, s])
+            return
+        fetched = list(self.experts.fetch(self.layer_idx, id_list))
+        slots = [id_list.index(e) for e, _ in fetched]
         if accumulate is None or not accumulate(x, [ew for _, ew in fetched], [coefs[s] for s in slots], acc):
             for (_, ew), s in zip(fetched, slots, strict=True):
                 acc.add_(self.expert_fn(x, ew) * weights[0, s])
