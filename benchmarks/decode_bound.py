@@ -6,7 +6,12 @@ For each ``--synthetic`` shape (random weights written straight into the store, 
 timed over ``--tokens`` steps, ``--runs`` times. The bound: the bytes one decode step must read (every
 dense weight but the embedding table, which gives one row, plus top-k experts in each MoE layer) over
 the read bandwidth the kernels' thread pool reaches on a 1 GiB buffer in the same run, with the same
-thread count (``cuda_ext.cpu.read_bandwidth``), measured between the decode runs.
+thread count (``cuda_ext.cpu.read_bandwidth``), measured between the decode runs: the median bandwidth's
+bound against the median time, and (run by run) each run's time against the bandwidth measured at the
+start of that run, whose median and spread say more where the machine's rate moves from run to run.
+Each timed run starts after the prompt and one untimed step (the native step describes the model's
+layers on its first step, once per model: that took 1-2.5 ms/token of 16 steps on the many-expert
+shapes when it was timed).
 
 Three ways of running a step are interleaved: ``native step`` (the default path: every layer in one
 native call, ``engine.model.native_step``, where the model takes it; else the same as ``grouped``),
@@ -195,9 +200,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  the native step over every layer {'applied' if native else 'did NOT apply'}")
             for mode, ts in times.items():
                 t = statistics.median(ts)
+                # each run against the bandwidth measured at its start (the shared machine's rate moves)
+                per_run = [step_bytes / b / x for b, x in zip(bandwidth, ts, strict=True)]
                 print(
                     f"  {mode:10s} {t * 1e3:7.1f} ms/token (runs {min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f}), "
-                    f"{1 / t:5.1f} tok/s, {bound / t:4.0%} of the bound"
+                    f"{1 / t:5.1f} tok/s, {bound / t:4.0%} of the bound (run by run: median "
+                    f"{statistics.median(per_run):.0%}, {min(per_run):.0%}-{max(per_run):.0%})"
                 )
             del model
         print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
