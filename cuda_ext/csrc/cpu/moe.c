@@ -7,10 +7,10 @@
    h_e are then quantised per block of 32, as there). One pool job of phases (pool.c: parts claimed by
    whichever thread comes first, experts_unit_phase): as many experts as the threads divide run whole,
    one part each (gate/up, h_e, down, with no barrier between an expert's gate/up and its down, and
-   whole experts claimed in turn to balance the threads), the others split by rows; each expert's rounded, weighted output is kept, then added to acc row by row
-   in expert order, so the sum is the same as k single-expert calls in that order, on any thread count
-   and whoever runs which part. One job instead of k: no wake-ups between experts, and no Python
-   between them.
+   whole experts claimed in turn to balance the threads), the others split by rows; each expert's
+   rounded, weighted output is kept, then added to acc row by row in expert order, so the sum is the
+   same as k single-expert calls in that order, on any thread count and whoever runs which part. One
+   job instead of k: no wake-ups between experts, and no Python between them.
 
    act 0: SiLU(gate + gate_bias) * (up + up_bias), each product and bias rounded to bf16 as torch
    does (the SwiGLU of Mixtral, Qwen, OLMoE, DeepSeek's routed experts). act 1: gpt-oss's clamped
