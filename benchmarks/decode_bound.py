@@ -1,17 +1,30 @@
-"""Decode speed against the memory-bandwidth bound on synthetic MoE shapes, all resident, CPU, bf16.
+"""Decode speed against the memory-bandwidth bound on synthetic MoE shapes, all resident, CPU, bf16
+activations; the routed experts in bf16 or (``--format``) a block format.
 
 For each ``--synthetic`` shape (random weights written straight into the store, as ``moeinf bench
 --synthetic`` does) the model is loaded, every expert touched once (all resident), and greedy decode
 timed over ``--tokens`` steps, ``--runs`` times. The bound: the bytes one decode step must read (every
 dense weight but the embedding table, which gives one row, plus top-k experts in each MoE layer) over
 the read bandwidth the kernels' thread pool reaches on a 1 GiB buffer in the same run, with the same
-thread count (``cuda_ext.cpu.read_bandwidth``), measured between the decode runs.
+thread count (``cuda_ext.cpu.read_bandwidth``), measured between the decode runs: the median bandwidth's
+bound against the median time, and (run by run) each run's time against the bandwidth measured at the
+start of that run, whose median and spread say more where the machine's rate moves from run to run.
+Each timed run starts after the prompt and one untimed step (the native step describes the model's
+layers on its first step, once per model: that took 1-2.5 ms/token of 16 steps on the many-expert
+shapes when it was timed).
 
 Three ways of running a step are interleaved: ``native step`` (the default path: every layer in one
 native call, ``engine.model.native_step``, where the model takes it; else the same as ``grouped``),
 ``grouped`` (the layers one by one, all of a token's experts in one native call) and ``per-expert``
 (the layers one by one, one native call per expert). The line under the shape says whether the native
 step applied.
+
+``--format q4_0`` (or any block format ``engine.formats`` knows: q4_1, q4_k, q6_k, q8_0, mxfp4) packs
+every routed expert's matrices into that format after loading, as a pull with ``--quantize`` would
+store them; the dense weights stay bf16. The weights are random, so (as ``predict_table.py`` does) only
+the first few matrices of each shape are quantised and every other expert gets its own copy of one of
+those blocks: its bytes, layout and kernels are a quantised model's, in a second instead of an hour.
+A format whose block does not divide a matrix's rows (q4_k and q6_k need rows of 256) is refused.
 
     flock /tmp/moeinf-heavy.lock .venv/bin/python benchmarks/decode_bound.py --synthetic qwen3-30b-a3b --scale 0.25
 """
@@ -61,6 +74,39 @@ def _touch_experts(model) -> None:
                         t.float().sum()
 
 
+def _quantise_experts(model, name: str, variants: int = 4) -> None:
+    """Every routed expert's gate, up and down packed into format ``name`` (in place, on the source's
+    cached weights); each expert its own copy of one of the first ``variants`` packings of its shape."""
+    from engine import formats
+    from engine.formats.tensor import QuantTensor
+
+    fmt = formats.get(name)
+    if not fmt.quantised:
+        raise SystemExit(f"--format {name}: not a block format")
+    made: dict[tuple[int, ...], list[QuantTensor]] = {}
+    count: dict[tuple[int, ...], int] = {}
+    for layer in model.layers:
+        mlp = layer.mlp
+        if not hasattr(mlp, "experts"):
+            continue
+        n = mlp.gate.weight.shape[0]
+        for _, w in mlp.experts.fetch(mlp.layer_idx, list(range(n))):
+            for attr in ("gate", "up", "down"):
+                t = getattr(w, attr)
+                if t.shape[-1] % fmt.block:
+                    raise SystemExit(f"--format {name}: rows of {t.shape[-1]} are not whole blocks of {fmt.block}")
+                key = tuple(t.shape)
+                have = made.setdefault(key, [])
+                count[key] = count.get(key, 0) + 1
+                if len(have) < variants:
+                    have.append(QuantTensor.quantise(t.float(), fmt))
+                    q = have[-1]
+                else:
+                    q = have[count[key] % variants].clone()
+                setattr(w, attr, q)
+    model._step = False  # described again, with the new tensors
+
+
 def _per_expert(model) -> dict:
     """Swap each MoE block's grouped ``accumulate`` for one native call per expert; returns the originals."""
     from cuda_ext.cpu import swiglu_accumulate
@@ -77,9 +123,12 @@ def _per_expert(model) -> dict:
 
 
 def _decode(model, prompt: torch.Tensor, tokens: int) -> float:
+    """Seconds per greedy decode step over ``tokens`` steps after the prompt and one untimed step (where
+    the native step describes the model's layers, once per model: seconds on the many-expert shapes)."""
     nxt = model(prompt, 0, last_only=True)[-1].argmax().view(1)
+    nxt = model(nxt, len(prompt))[-1].argmax().view(1)
     t0 = time.perf_counter()
-    for pos in range(len(prompt), len(prompt) + tokens):
+    for pos in range(len(prompt) + 1, len(prompt) + 1 + tokens):
         nxt = model(nxt, pos)[-1].argmax().view(1)
     return (time.perf_counter() - t0) / tokens
 
@@ -92,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--format", default="bf16", help="the routed experts' format: bf16, or a block format (q4_0, ...)")
     p.add_argument(
         "--workdir", type=Path, default=None, help="keep the synthetic models here (default: a temp dir)"
     )
@@ -111,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
             store = make_synthetic_from_shape(f"{name}-{args.scale}", shape)
             model = load_model(store, dtype=torch.bfloat16, max_seq_len=args.prompt_len + args.tokens + 8)
             _touch_experts(model)
+            if args.format != "bf16":
+                _quantise_experts(model, args.format)
             step_bytes, expert_bytes = _step_bytes(model)
             prompt = torch.randint(
                 3, shape.vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0)
@@ -139,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             bw = statistics.median(bandwidth)
             bound = step_bytes / bw
             print(
-                f"{name} at scale {args.scale}: {shape.num_layers} layers, {shape.num_experts} experts, top-{shape.top_k}, "
+                f"{name} at scale {args.scale}, experts {args.format}: {shape.num_layers} layers, {shape.num_experts} experts, top-{shape.top_k}, "
                 f"hidden {shape.hidden}, expert intermediate {shape.intermediate}, vocab {shape.vocab}; "
                 f"{step_bytes / 1e6:.0f} MB per step ({expert_bytes / 1e6:.0f} MB experts); read bandwidth "
                 f"{bw / 1e9:.1f} GB/s (min {min(bandwidth) / 1e9:.1f}, max {max(bandwidth) / 1e9:.1f}), "
@@ -148,9 +200,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  the native step over every layer {'applied' if native else 'did NOT apply'}")
             for mode, ts in times.items():
                 t = statistics.median(ts)
+                # each run against the bandwidth measured at its start (the shared machine's rate moves)
+                per_run = [step_bytes / b / x for b, x in zip(bandwidth, ts, strict=True)]
                 print(
                     f"  {mode:10s} {t * 1e3:7.1f} ms/token (runs {min(ts) * 1e3:.1f}-{max(ts) * 1e3:.1f}), "
-                    f"{1 / t:5.1f} tok/s, {bound / t:4.0%} of the bound"
+                    f"{1 / t:5.1f} tok/s, {bound / t:4.0%} of the bound (run by run: median "
+                    f"{statistics.median(per_run):.0%}, {min(per_run):.0%}-{max(per_run):.0%})"
                 )
             del model
         print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")

@@ -37,7 +37,11 @@ def _bf16_experts(k: int, h: int, i: int, seed: int, biases: bool = False) -> li
     ]
 
 
-@pytest.mark.parametrize("k,h,i", [(1, 64, 32), (3, 100, 37), (8, 512, 192), (4, 1000, 1030)])
+# (5, 256, 96) and (3, 128, 200) are split over two threads with an expert left over: four (two) run
+# whole, one part each, the last by rows (moe.c)
+@pytest.mark.parametrize(
+    "k,h,i", [(1, 64, 32), (3, 100, 37), (8, 512, 192), (4, 1000, 1030), (5, 256, 96), (3, 128, 200)]
+)
 @pytest.mark.parametrize("clamped", [None, (1.702, 7.0)])
 def test_grouped_experts_equal_one_call_per_expert(kernels, k, h, i, clamped):
     experts = _bf16_experts(k, h, i, seed=k * h + i, biases=clamped is not None)
@@ -106,6 +110,34 @@ def test_grouped_experts_on_stored_blocks_are_the_dequantised_experts(kernels, f
     assert ((acc.double() - exact).abs() <= 0.03 * scale + 1e-4).all(), float(
         (acc.double() - exact).abs().max()
     )
+
+
+@pytest.mark.parametrize("fmt", list(BLOCKS))
+def test_grouped_experts_on_stored_blocks_equal_one_call_per_expert(kernels, fmt):
+    """Three experts on two threads: two run whole, the third by rows (its h quantised in a phase of
+    its own); the same bits as one thread and as one call per expert."""
+    rng = np.random.default_rng(7)
+    h, i, k = (512, 256, 3) if BLOCKS[fmt].values == 256 else (96, 160, 3)
+    experts = [
+        ExpertWeights(_stored(fmt, i, h, rng)[0], _stored(fmt, i, h, rng)[0], _stored(fmt, h, i, rng)[0])
+        for _ in range(k)
+    ]
+    coefs = [0.6, 0.3, 0.1]
+    x = torch.randn(1, h, generator=torch.Generator().manual_seed(3)).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            one_by_one = torch.full((1, h), 0.25)
+            for w, c in zip(experts, coefs, strict=True):
+                assert cpu.swiglu_accumulate(x, w, c, one_by_one)
+            grouped = torch.full((1, h), 0.25)
+            assert cpu.experts_accumulate(x, experts, coefs, grouped)
+            results += [one_by_one, grouped]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(r, results[0]) for r in results[1:]), kernels
 
 
 def test_grouped_experts_decline_what_they_cannot_do():

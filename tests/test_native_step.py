@@ -8,7 +8,9 @@ import pytest
 import torch
 
 from cuda_ext import loader
+from engine import formats
 from engine.bench.synthetic import make_synthetic_model
+from engine.formats.tensor import QuantTensor
 from engine.memory.open import open_experts
 from engine.model.loader import load_model
 
@@ -89,6 +91,36 @@ def test_native_step_is_the_layers_one_by_one(family, experts, top_k):
     assert [layer for layer, _ in seen_a] == [layer for layer, _ in seen_b]
     assert all(torch.equal(x, y) for (_, x), (_, y) in zip(seen_a, seen_b, strict=True))  # the router inputs
     assert (st_a.accesses, st_a.hits, st_a.layer_hits) == (st_b.accesses, st_b.hits, st_b.layer_hits)
+
+
+def _quantise_experts(model, fmt):
+    """Every routed expert's matrices packed into block format ``fmt``, in place on the cached weights."""
+    for layer in model.layers:
+        mlp = layer.mlp
+        for _, w in mlp.experts.fetch(mlp.layer_idx, list(range(mlp.gate.weight.shape[0]))):
+            for attr in ("gate", "up", "down"):
+                setattr(w, attr, QuantTensor.quantise(getattr(w, attr).float(), formats.get(fmt)))
+    model._step = False
+
+
+@pytest.mark.parametrize("fmt,top_k", [("q4_0", 3), ("q8_0", 4)])
+def test_native_step_on_block_format_experts_is_the_layers_one_by_one(fmt, top_k):
+    """bf16 activations on experts kept in a block format (the int8 rows of quant.c): the step takes them
+    (three experts on two threads: two whole, the third by rows) with the same bits as the layers."""
+    root = make_synthetic_model(f"step-{fmt}", "qwen3_moe", num_layers=2, num_experts=8, top_k=top_k,
+                                hidden=128, intermediate=96, vocab=300, head_dim=32, kv_heads=2, heads=4)
+    prompt = torch.tensor([1, 17, 40, 99, 7, 23])
+    runs = []
+    for native in (True, False):
+        model = load_model(root, dtype=torch.bfloat16, max_seq_len=32)
+        _touch_experts(model)
+        _quantise_experts(model, fmt)
+        model.native_step = native
+        runs.append(_decode(model, prompt, 8))
+        if native:
+            assert model._step is not None and model._step is not False
+            assert all(s.type == formats.get(fmt).ggml_type for s in model._step.layers.array)
+    assert torch.equal(runs[0], runs[1])
 
 
 def test_native_step_steps_aside_under_a_budget_and_for_float32():

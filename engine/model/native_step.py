@@ -186,16 +186,16 @@ def run_layers(model, plan: StepPlan, x: torch.Tensor, ctx: StepContext) -> torc
     out, ids, _, routed_in, done = native_step.decode_layers(
         plan.layers, x, cos, sin, ctx.slot, ctx.start_pos, threads(1 << 30)
     )
-    off = 0
+    if done:  # each layer's [1, k] ids and [1, H] router input, as views made in two calls
+        id_rows = ids[: sum(plan.layers.topk[:done])].view(1, -1).split(plan.layers.topk[:done], dim=1)
+        in_rows = routed_in[:done].split(1)
     for i in range(done):
         hook = plan.hooks[i]
         if hook is None:
             continue
-        k = plan.layers.topk[i]
         source, layer = hook
-        source.observe(layer, ids[off : off + k].view(1, k), routed_in[i : i + 1])
-        source.count_hits(layer, k)
-        off += k
+        source.observe(layer, id_rows[i], in_rows[i])
+        source.count_hits(layer, plan.layers.topk[i])
     for layer in model.layers[done:]:  # a layer the kernels refused, and those after it
         out = layer(out, ctx)
     return out

@@ -15,7 +15,8 @@
        the exponentials rounded to bf16 before they weight the values, the sum in float32 divided by
        the float32 sum of the exponentials, the result rounded to bf16
      out = bf16(Wo o (+ bo))
-   The per-head part runs on the caller, or split by query heads over the pool when the cache is long. */
+   The per-head part is split by query heads over the call's threads (with the caller alone, the second
+   core would wait through it: a few microseconds a layer on the small shapes, every layer). */
 
 #include <stdlib.h>
 
@@ -141,7 +142,7 @@ int moeinf_attn_decode(const attn_plan *p, const uint16_t *x, const uint16_t *co
     }
     int64_t lo = p->window > 0 && pos - p->window + 1 > 0 ? pos - p->window + 1 : 0;
     heads_job j = {p, q, keys, values, R, KD, VD, lo, pos, o};
-    int nt = (pos - lo + 1) * nkv >= (1 << 16) ? nthreads : 1;
+    int nt = nthreads;
     if (nt > p->heads) nt = (int)p->heads;
     if (nt > 1) moeinf_pool_run(heads_task, &j, nt);
     else heads_task(&j, 0, 1);

@@ -5,11 +5,12 @@
 
    Weights are bf16 (type 0) or one block format (a GGUF type that quant.c takes: the activations x and
    h_e are then quantised per block of 32, as there). One pool job of phases (pool.c: parts claimed by
-   whichever thread comes first): the k * I gate/up rows split into parts; then (block formats) h
-   quantised; then the H output rows split into parts, each adding every expert's share of its rows in
-   expert order, so the sum is the same as k single-expert calls in that order, on any thread count and
-   whoever runs which part. One job instead of k: no wake-ups between experts, and no Python between
-   them.
+   whichever thread comes first, experts_unit_phase): as many experts as the threads divide run whole,
+   one part each (gate/up, h_e, down, with no barrier between an expert's gate/up and its down, and
+   whole experts claimed in turn to balance the threads), the others split by rows; each expert's
+   rounded, weighted output is kept, then added to acc row by row in expert order, so the sum is the
+   same as k single-expert calls in that order, on any thread count and whoever runs which part. One
+   job instead of k: no wake-ups between experts, and no Python between them.
 
    act 0: SiLU(gate + gate_bias) * (up + up_bias), each product and bias rounded to bf16 as torch
    does (the SwiGLU of Mixtral, Qwen, OLMoE, DeepSeek's routed experts). act 1: gpt-oss's clamped
@@ -44,6 +45,8 @@ typedef struct {
     float *hd, *hs;                      /* [k, I / 32] */
     float *acc;                          /* [H] float32 */
     float *acc_last;                     /* NULL, or [H]: where the last expert's share goes (a shared expert) */
+    float *vals;                         /* [k, H]: each expert's rounded, weighted output (by experts) */
+    int units;                           /* experts run whole, one part each (by experts) */
 } experts_job;
 
 static inline float silu(float v) { return v / (1.0f + expf(-v)); }
@@ -86,8 +89,10 @@ static inline float activate_f32(const experts_job *j, int e, int64_t n, float g
     return (u + 1.0f) * (g * (1.0f / (1.0f + expf(-(g * j->alpha)))));
 }
 
-/* float32 experts (f32): phase 0 writes hf, phase 1 reads it; the same row splits as the bf16 path */
-static void experts_phase_f32(experts_job *j, int phase, int part, int parts) {
+/* float32 experts (f32): phase 0 writes hf (the k * I gate/up rows split into parts), phase 1 reads it
+   (the H output rows split into parts, every expert's share of a row added in expert order) */
+static void experts_phase_f32(void *arg, int phase, int part, int parts) {
+    experts_job *j = arg;
     const int64_t H = j->H, I = j->I;
     frow_fn row = moeinf_frow_function(j->type), row_down = moeinf_frow_function(j->type_down);
     const float *x = (const float *)j->x;
@@ -116,68 +121,98 @@ static void experts_phase_f32(experts_job *j, int phase, int part, int parts) {
     }
 }
 
-/* phase 0: the k * I rows of gate and up, in blocks of 16 rows, split into parts; phase 1 (block
-   formats): h quantised per block of 32 for the down products; phase 2: the H output rows, every
-   expert's share of a row added in expert order */
-static void experts_phase(void *arg, int phase, int part, int parts) {
-    experts_job *j = arg;
-    if (j->f32) {
-        experts_phase_f32(j, phase == 0 ? 0 : 1, part, parts);
-        return;
-    }
+/* rows [r0, r1) of the k * I gate/up rows (expert r / I, row r % I): h = act(gate x, up x) */
+static void gate_up_rows(experts_job *j, int64_t r0, int64_t r1) {
     const int64_t H = j->H, I = j->I;
     float g[CHUNK], u[CHUNK];
     row_fn row = j->type ? moeinf_row_function(j->type) : 0;
+    for (int64_t r = r0; r < r1;) {
+        int e = (int)(r / I);
+        int64_t n0 = r - e * I, n1 = n0 + (r1 - r);
+        if (n1 > I) n1 = I;
+        for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
+            int64_t c1 = c0 + CHUNK < n1 ? c0 + CHUNK : n1;
+            if (row) {
+                const uint8_t *gw = (const uint8_t *)j->gate[e], *uw = (const uint8_t *)j->up[e];
+                for (int64_t n = c0; n < c1; n++) {
+                    g[n - c0] = row(gw + n * j->rb_gate, &j->xq, H / 32);
+                    u[n - c0] = row(uw + n * j->rb_gate, &j->xq, H / 32);
+                }
+            } else {
+                moeinf_dot_rows((const uint16_t *)j->x, (const uint16_t *)j->gate[e], g, c0, c1, H);
+                moeinf_dot_rows((const uint16_t *)j->x, (const uint16_t *)j->up[e], u, c0, c1, H);
+            }
+            for (int64_t n = c0; n < c1; n++) j->h[e * I + n] = activate(j, e, n, g[n - c0], u[n - c0]);
+        }
+        r += n1 - n0;
+    }
+}
+
+/* blocks [b0, b1) of h (32 values each, never across experts: I is a multiple of 32) quantised */
+static void quantise_h(experts_job *j, int64_t b0, int64_t b1) {
+    float tmp[32];
+    for (int64_t b = b0; b < b1; b++) {
+        for (int i = 0; i < 32; i++) tmp[i] = bf16_to_f32(j->h[32 * b + i]);
+        int sum = moeinf_quantize_block(tmp, j->hq + 32 * b, j->hd + b);
+        j->hs[b] = j->hd[b] * (float)sum;
+    }
+}
+
+/* expert e's output rows [n0, n1): vals[e, n] = bf16(coef_e * bf16(down_e h_e)[n]) */
+static void down_rows(experts_job *j, int e, int64_t n0, int64_t n1) {
+    const int64_t H = j->H, I = j->I;
+    float g[CHUNK];
+    row_fn row = j->type ? moeinf_row_function(j->type) : 0;
+    float *vals = j->vals + e * H;
+    for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
+        int64_t c1 = c0 + CHUNK < n1 ? c0 + CHUNK : n1;
+        if (row) {
+            const uint8_t *dw = (const uint8_t *)j->down[e];
+            xq_t hq = {j->hq + e * I, j->hd + e * (I / 32), j->hs + e * (I / 32)};
+            for (int64_t n = c0; n < c1; n++) g[n - c0] = row(dw + n * j->rb_down, &hq, I / 32);
+        } else {
+            moeinf_dot_rows(j->h + e * I, (const uint16_t *)j->down[e], g, c0, c1, I);
+        }
+        for (int64_t n = c0; n < c1; n++) vals[n] = round_bf16(down_value(j, e, n, g[n - c0]) * j->coef[e]);
+    }
+}
+
+/* The bf16 and block-format experts by whole experts: the first `units` experts are one part each
+   (gate/up, h, down: no barrier inside an expert, and parts claimed in turn balance the threads); the
+   other k - units (fewer than the threads) are split by rows as the phases allow. Every expert's
+   rounded, weighted output goes to vals [k, H]; the last phase adds them to acc in expert order, row by
+   row, the same sums as k single-expert calls in that order.
+   phase 0: part < units: expert `part` whole; part >= units: a slice of the rest's gate/up rows
+   phase 1: the rest's h quantised (block formats), split over the parts
+   phase 2: rows [lo, hi) of the rest's down, then acc[lo..hi) += vals[e][lo..hi) for e = 0..k-1 */
+static void experts_unit_phase(void *arg, int phase, int part, int parts) {
+    experts_job *j = arg;
+    const int64_t H = j->H, I = j->I;
+    const int units = j->units, slices = parts - units;
     int64_t lo, hi;
     if (phase == 0) {
-        split_rows(j->k * I, part, parts, &lo, &hi);
-        for (int64_t r = lo; r < hi;) {
-            int e = (int)(r / I);
-            int64_t n0 = r - e * I, n1 = n0 + (hi - r);
-            if (n1 > I) n1 = I;
-            for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
-                int64_t c1 = c0 + CHUNK < n1 ? c0 + CHUNK : n1;
-                if (row) {
-                    const uint8_t *gw = (const uint8_t *)j->gate[e], *uw = (const uint8_t *)j->up[e];
-                    for (int64_t n = c0; n < c1; n++) {
-                        g[n - c0] = row(gw + n * j->rb_gate, &j->xq, H / 32);
-                        u[n - c0] = row(uw + n * j->rb_gate, &j->xq, H / 32);
-                    }
-                } else {
-                    moeinf_dot_rows((const uint16_t *)j->x, (const uint16_t *)j->gate[e], g, c0, c1, H);
-                    moeinf_dot_rows((const uint16_t *)j->x, (const uint16_t *)j->up[e], u, c0, c1, H);
-                }
-                for (int64_t n = c0; n < c1; n++) j->h[e * I + n] = activate(j, e, n, g[n - c0], u[n - c0]);
-            }
-            r += n1 - n0;
+        if (part < units) {
+            gate_up_rows(j, part * I, (part + 1) * I);
+            if (j->type) quantise_h(j, part * I / 32, (part + 1) * I / 32);
+            down_rows(j, part, 0, H);
+        } else if (units < j->k) {
+            split_rows_by((j->k - units) * I, 16, part - units, slices, &lo, &hi);
+            gate_up_rows(j, units * I + lo, units * I + hi);
         }
         return;
     }
     if (phase == 1) {
-        if (!row) return;
-        int64_t blocks = j->k * I / 32;
-        float tmp[32];
-        for (int64_t b = blocks * part / parts; b < blocks * (part + 1) / parts; b++) {
-            for (int i = 0; i < 32; i++) tmp[i] = bf16_to_f32(j->h[32 * b + i]);
-            int sum = moeinf_quantize_block(tmp, j->hq + 32 * b, j->hd + b);
-            j->hs[b] = j->hd[b] * (float)sum;
-        }
+        if (!j->type || units == j->k) return;
+        int64_t b0 = units * I / 32, blocks = (j->k - units) * I / 32;
+        quantise_h(j, b0 + blocks * part / parts, b0 + blocks * (part + 1) / parts);
         return;
     }
     split_rows(H, part, parts, &lo, &hi);
-    for (int64_t c0 = lo; c0 < hi; c0 += CHUNK) {
-        int64_t c1 = c0 + CHUNK < hi ? c0 + CHUNK : hi;
-        for (int e = 0; e < j->k; e++) {
-            if (row) {
-                const uint8_t *dw = (const uint8_t *)j->down[e];
-                xq_t hq = {j->hq + e * I, j->hd + e * (I / 32), j->hs + e * (I / 32)};
-                for (int64_t n = c0; n < c1; n++) g[n - c0] = row(dw + n * j->rb_down, &hq, I / 32);
-            } else {
-                moeinf_dot_rows(j->h + e * I, (const uint16_t *)j->down[e], g, c0, c1, I);
-            }
-            float *dst = e == j->k - 1 && j->acc_last ? j->acc_last : j->acc;
-            for (int64_t n = c0; n < c1; n++) dst[n] += round_bf16(down_value(j, e, n, g[n - c0]) * j->coef[e]);
-        }
+    for (int e = units; e < j->k; e++) down_rows(j, e, lo, hi);
+    for (int e = 0; e < j->k; e++) {
+        float *dst = e == j->k - 1 && j->acc_last ? j->acc_last : j->acc;
+        const float *v = j->vals + e * H;
+        for (int64_t n = lo; n < hi; n++) dst[n] += v[n];
     }
 }
 
@@ -204,7 +239,12 @@ static void run_experts(experts_job *j, int nthreads) {
     int64_t small = j->H < j->k * j->I ? j->H : j->k * j->I;
     if ((int64_t)nt * 16 > small) nt = (int)((small + 15) / 16);
     if (nt < 1) nt = 1;
-    moeinf_pool_run_phases(experts_phase, j, j->f32 ? 2 : 3, nt, nt);
+    if (j->f32) {
+        moeinf_pool_run_phases(experts_phase_f32, j, 2, nt, nt);
+        return;
+    }
+    j->units = j->k - j->k % nt;
+    moeinf_pool_run_phases(experts_unit_phase, j, 3, j->units + nt, nt);
 }
 
 /* moeinf_experts_acc with the last of the k experts added to acc_last instead of acc (when not NULL): a
@@ -220,7 +260,7 @@ int moeinf_experts_acc_last(const uint16_t *x, int k, const void *const *gate, c
     fill_job(&j, x, k, gate, up, down, (const void *const *)gate_bias, (const void *const *)up_bias,
              (const void *const *)down_bias, coef, type, H, I, act, alpha, limit, acc);
     j.acc_last = acc_last;
-    size_t need = sizeof(uint16_t) * (size_t)(k * I) + 64;
+    size_t need = sizeof(uint16_t) * (size_t)(k * I) + 64 + sizeof(float) * (size_t)(k * H) + 64;
     int values = 1, bytes = 0;
     if (type) {
         if (!moeinf_block_geometry(type, &values, &bytes) || H % values || I % values) return -1;
@@ -232,6 +272,8 @@ int moeinf_experts_acc_last(const uint16_t *x, int k, const void *const *gate, c
     if (!mem) return -1;
     j.h = (uint16_t *)mem;
     char *p = mem + ((sizeof(uint16_t) * (size_t)(k * I) + 63) & ~(size_t)63);
+    j.vals = (float *)p;
+    p += (sizeof(float) * (size_t)(k * H) + 63) & ~(size_t)63;
     if (type) {
         int8_t *xq = (int8_t *)p;
         float *xd = (float *)(p + ((H + 63) & ~(int64_t)63)), *xs = xd + H / 32;

@@ -55,7 +55,9 @@ typedef struct {
     int64_t shared_I;                      /* 0: none */
 } step_layer;
 
-#define SPLIT_MIN (1 << 16)  /* as cuda_ext.cpu.threads: smaller products stay on the caller */
+/* as cuda_ext.cpu.threads: smaller products stay on the caller; but the router always takes the
+   threads (its 64-256 rows are split in one job; on the caller alone the other core waits) */
+#define SPLIT_MIN (1 << 16)
 static int pick(int64_t elements, int nthreads) { return elements < SPLIT_MIN ? 1 : nthreads; }
 
 /* x [H] bf16 in and out. ids [sum k], weights [sum k]: each layer's routing (k of the layer, none for a
@@ -89,9 +91,9 @@ int moeinf_decode_layers(const step_layer *layers, int n, int64_t H, uint16_t *x
             int64_t *id = ids + off;
             int err = L->router_kind == 1
                 ? moeinf_route_v3_mt(t, L->router, L->corr, L->E, H, L->k, L->n_group, L->topk_group,
-                                     L->renorm, L->scale, id, w, pick(L->E * H, nthreads))
+                                     L->renorm, L->scale, id, w, nthreads)
                 : moeinf_route(t, L->router, L->router_bias, L->E, H, L->k, L->renorm, L->order, id, w, 0,
-                               pick(L->E * H, nthreads));
+                               nthreads);
             if (err) return -(1 + l);
             const void *g[64], *u[64], *d[64], *gb[64], *ub[64], *db[64];
             float coef[64];
