@@ -332,7 +332,13 @@ def experts_accumulate(
     table = (ctypes.c_void_p * (6 * k))(*(e[m] for m in range(3, 9) for e in entries))
     c = (ctypes.c_float * k)(*coefs)
     base, step = ctypes.addressof(table), ctypes.sizeof(ctypes.c_void_p) * k
-    err = (lib.moeinf_experts_acc_f32 if f32 else lib.moeinf_experts_acc)(
+    if f32:
+        from cuda_ext.quant import int8_active
+
+        fn = lib.moeinf_experts_acc_f32_int8 if int8_active() else lib.moeinf_experts_acc_f32
+    else:
+        fn = lib.moeinf_experts_acc
+    err = fn(
         x.contiguous().data_ptr(),
         k,
         *(base + m * step for m in range(6)),

@@ -20,6 +20,10 @@ the PyTorch fallback left to the caller (None where the kernel does not apply).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
 import torch
 
 from cuda_ext import cpu, loader
@@ -32,6 +36,30 @@ MAX_TOKENS = 16  # bf16: more tokens than this, a batched matmul on dequantised 
 # q6_k, whose blocks cost the most to unpack: README "Computing on the stored blocks"
 MAX_TOKENS_F32 = 256
 MAX_TOKENS_F32_BY_FORMAT = {"q6_k": 64}
+
+
+_INT8 = contextvars.ContextVar("moeinf_int8_activations", default=False)
+
+
+@contextlib.contextmanager
+def int8_activations(on: bool) -> Iterator[None]:
+    """While it holds (``on``): float32 activations meet block-format weights with int8 activations
+    (``engine.formats.linear``'s products through ``qgemm``, one token's experts through
+    ``cuda_ext.cpu.experts_accumulate``'s int8 call). Outside it float32 activations are never rounded."""
+    token = _INT8.set(bool(on))
+    try:
+        yield
+    finally:
+        _INT8.reset(token)
+
+
+def int8_active() -> bool:
+    """Whether ``int8_activations`` holds here."""
+    return _INT8.get()
+
+
+# int8 activations: fewer rows than this take quant.c's row kernel (no unpacking), more the tiled GEMM
+QGEMM_MIN_TOKENS = 4
 
 
 def max_tokens(dtype: torch.dtype, fmt: str | None = None) -> int:
@@ -117,3 +145,56 @@ def _fgemv(lib, x, blocks, fmt, k, n, bias, out_dtype) -> torch.Tensor | None:
     if err:
         return None
     return out if out_dtype == torch.float32 else out.to(out_dtype)
+
+
+def qgemm(
+    x: torch.Tensor, blocks: torch.Tensor, fmt: str, k: int, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """``x @ W.T + bias`` (float32 [M, N]) for float32 x [M, K], any M, with the activations rounded to
+    int8 per block (module doc); None when the native kernel does not apply."""
+    lib = loader.cpu()
+    if (
+        lib is None
+        or fmt not in BLOCKS
+        or x.dim() != 2
+        or x.shape[0] < 1
+        or x.shape[1] != k
+        or k % BLOCKS[fmt].values
+        or x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or blocks.device.type != "cpu"
+        or blocks.dtype != torch.uint8
+        or not blocks.is_contiguous()
+    ):
+        return None
+    rb = row_bytes(fmt, k)
+    if blocks.numel() % rb:
+        return None
+    n = blocks.numel() // rb
+    if bias is not None:
+        if bias.device.type != "cpu" or bias.numel() != n:
+            return None
+        bias = bias.to(torch.float32).contiguous()
+    x = x.contiguous()
+    m = x.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    if m < QGEMM_MIN_TOKENS:
+        err = lib.lib.moeinf_qgemv(
+            BLOCKS[fmt].ggml_type, blocks.data_ptr(), n, k, x.data_ptr(), 0, m, None, out.data_ptr(), 0,
+            cpu.threads(blocks.numel() * 2),
+        )
+        if err:
+            return None
+        return out if bias is None else out.add_(bias)
+    err = lib.lib.moeinf_qgemm(
+        BLOCKS[fmt].ggml_type,
+        blocks.data_ptr(),
+        n,
+        k,
+        x.data_ptr(),
+        m,
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        cpu.threads(blocks.numel() * 2 * m),
+    )
+    return None if err else out

@@ -23,6 +23,7 @@ from cuda_ext import loader as cuda_ext_loader
 from cuda_ext.cpu import Linear
 from engine.errors import MoeinfError
 from engine.formats import storage
+from engine.formats.linear import check_activations
 from engine.formats.tensor import QuantTensor
 from engine.model.args import ModelArgs
 from engine.model.experts import ExpertSource, MappedExperts
@@ -82,8 +83,17 @@ def load_model(
     device: torch.device | str = "cpu",
     experts: ExpertSource | None = None,
     max_seq_len: int = 4096,
+    activations: str = "auto",
 ) -> CausalLM:
-    """The model of an opened store model (or a store directory), ready for ``forward(tokens, start_pos)``."""
+    """The model of an opened store model (or a store directory), ready for ``forward(tokens, start_pos)``.
+
+    activations: how float32 activations meet block-format weights (``engine.formats.linear.ACTIVATIONS``):
+    "auto" int8 per block on prompts (multi-token forwards), float32 on one-token decode; "float32"
+    never rounded; "int8" always. Nothing changes for other dtypes or float weights."""
+    try:
+        activations = check_activations(activations)
+    except ValueError as e:
+        raise MoeinfError(str(e)) from None
     store = as_store_model(store)
     model_root = store.root
     device = torch.device(device)
@@ -144,5 +154,6 @@ def load_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.requires_grad_(False)
     model.eval()
+    model.activations = activations
     model.setup_caches(max_seq_len, dtype, device)
     return model
