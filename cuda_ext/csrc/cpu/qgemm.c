@@ -151,18 +151,31 @@ static void unpack_k_fast(const geo_t *g, const uint8_t *w, uint8_t *out) {
         float *ms = m + 16 * sb;
         if (g->type == T_Q4_K) {
             const uint8_t *blk = w + 144 * sb, *qs = blk + 16;
-            uint8_t sc[8], mn[8];
-            q4k_scales(blk + 4, sc, mn);
+            /* the eight 6-bit scales (bytes 0-7) and mins (8-15), llama.cpp's way (quant_f32.c) */
+            uint32_t u[4];
+            memcpy(u, blk + 4, 12);
+            const uint32_t k1 = 0x3f3f3f3fu, k2 = 0x0f0f0f0fu, k3 = 0x03030303u;
+            u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+            const uint32_t mins_lo = u[1] & k1;
+            u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+            u[2] = mins_lo;
+            u[0] &= k1;
+            const __m128i scm = _mm_loadu_si128((const __m128i *)u);
+            const __m512i sc16 = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(scm)); /* lanes 0-7 sc, 8-15 mn */
             d[sb] = half(blk);
             const float dmin = half(blk + 2);
             for (int c = 0; c < 4; c++) {
                 __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
                 _mm512_store_si512((void *)(v + 64 * c),
                                    pair256(_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4)));
-                _mm512_store_si512((void *)(s + 32 * c),
-                                   pair256(_mm256_set1_epi16(sc[2 * c]), _mm256_set1_epi16(sc[2 * c + 1])));
+                /* int16 lanes 0-15: sub-block 2c's scale, 16-31: 2c + 1's */
+                __m512i idx = _mm512_add_epi16(_mm512_srli_epi16(grp, 1), _mm512_set1_epi16((short)(2 * c)));
+                _mm512_store_si512((void *)(s + 32 * c), _mm512_permutexvar_epi16(idx, sc16));
             }
-            for (int i = 0; i < 16; i++) ms[i] = -(dmin * (float)mn[i / 2]);
+            /* each 16 values' offset: -(dmin * min of its sub-block) */
+            const __m512i half_idx = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
+            const __m512 mnf = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(half_idx, _mm512_cvtepu8_epi32(scm)));
+            _mm512_storeu_ps(ms, _mm512_mul_ps(mnf, _mm512_set1_ps(-dmin)));
         } else {
             const uint8_t *blk = w + 210 * sb, *ql = blk, *qh = blk + 128;
             const int8_t *sc = (const int8_t *)(blk + 192);
@@ -185,7 +198,8 @@ static void unpack_k_fast(const geo_t *g, const uint8_t *w, uint8_t *out) {
                     _mm512_store_si512((void *)(s + 64 * h + 32 * c), _mm512_permutexvar_epi16(idx, sc16));
                 }
             }
-            for (int i = 0; i < 16; i++) ms[i] = -32.0f * dd * (float)sc[i];
+            _mm512_storeu_ps(ms, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)sc))),
+                                               _mm512_set1_ps(-32.0f * dd)));
         }
     }
 }
@@ -541,7 +555,16 @@ static void qgemm_phase(void *arg, int phase, int part, int parts) {
         return;
     }
     const int64_t live = n1 - n0, padded = up(live, TR);
-    for (int64_t r = 0; r < live; r++) unpack_row(g, j->W + (n0 + r) * j->wrow_bytes, rows + r * g->row_bytes);
+    for (int64_t r = 0; r < live; r++) {
+#if defined(__AVX2__) || defined(__AVX512F__)
+        /* the row after next, from memory while this one unpacks (the rows go by once per call) */
+        if (n0 + r + 2 < j->N) {
+            const char *next = (const char *)(j->W + (n0 + r + 2) * j->wrow_bytes);
+            for (int64_t l = 0; l < j->wrow_bytes; l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
+        }
+#endif
+        unpack_row(g, j->W + (n0 + r) * j->wrow_bytes, rows + r * g->row_bytes);
+    }
     if (padded > live) memset(rows + live * g->row_bytes, 0, (size_t)((padded - live) * g->row_bytes));
     const int T = g->kq ? TB : TA;
     float out[TR * TA];
