@@ -38,15 +38,23 @@ MAX_TOKENS_F32 = 256
 MAX_TOKENS_F32_BY_FORMAT = {"q6_k": 64}
 
 
-_INT8 = contextvars.ContextVar("moeinf_int8_activations", default=False)
+_INT8: contextvars.ContextVar[str | None] = contextvars.ContextVar("moeinf_int8_activations", default=None)
+
+# activations "auto" on a prompt: the fewest rows of x one product needs to take the int8 GEMM, by format
+# (measured against the float32 kernels, one thread, 3584 x 1024: the int8 GEMM is ahead from 16 rows on
+# for the 32-value formats, from 2 for q4_k and q6_k, whose float32 unpacking costs the most; README
+# "Computing on the stored blocks"); fewer rows keep the float32 kernels (not rounded)
+AUTO_MIN_ROWS = {"q8_0": 16, "q4_0": 16, "q4_1": 16, "mxfp4": 16, "q4_k": 2, "q6_k": 2}
 
 
 @contextlib.contextmanager
-def int8_activations(on: bool) -> Iterator[None]:
-    """While it holds (``on``): float32 activations meet block-format weights with int8 activations
-    (``engine.formats.linear``'s products through ``qgemm``, one token's experts through
-    ``cuda_ext.cpu.experts_accumulate``'s int8 call). Outside it float32 activations are never rounded."""
-    token = _INT8.set(bool(on))
+def int8_activations(mode: bool | str) -> Iterator[None]:
+    """While it holds, float32 activations meet block-format weights with int8 activations: ``True``
+    (or "int8") in every product (``engine.formats.linear``'s through ``qgemm``, one token's experts
+    through ``cuda_ext.cpu.experts_accumulate``'s int8 call); "auto" in products of at least
+    ``AUTO_MIN_ROWS[format]`` rows; ``False`` in none (float32 activations are never rounded)."""
+    value = "int8" if mode is True or mode == "int8" else "auto" if mode == "auto" else None
+    token = _INT8.set(value)
     try:
         yield
     finally:
@@ -54,8 +62,16 @@ def int8_activations(on: bool) -> Iterator[None]:
 
 
 def int8_active() -> bool:
-    """Whether ``int8_activations`` holds here."""
-    return _INT8.get()
+    """Whether ``int8_activations`` rounds every product here (``True``: decode too)."""
+    return _INT8.get() == "int8"
+
+
+def int8_min_rows(fmt: str) -> int | None:
+    """The fewest rows of x a product on ``fmt`` needs to take int8 activations here; None: not at all."""
+    mode = _INT8.get()
+    if mode is None:
+        return None
+    return 1 if mode == "int8" else AUTO_MIN_ROWS.get(fmt, 2)
 
 
 # int8 activations: fewer rows than this take quant.c's row kernel (no unpacking), more the tiled GEMM

@@ -6,7 +6,8 @@ path, which dequantises the weight to ``x``'s dtype and multiplies (any device, 
 
 ``int8_activations(True)``: while it holds, float32 activations meet block-format weights on the CPU
 with int8 activations (``cuda_ext.quant.qgemm``: quantised per block, as llama.cpp does; its documented
-bound), any number of rows. The models set it per forward from their ``activations`` mode
+bound), any number of rows; ``int8_activations("auto")``: in products of at least
+``cuda_ext.quant.AUTO_MIN_ROWS[format]`` rows, where the int8 GEMM is the faster. The models set it per forward from their ``activations`` mode
 (``ACTIVATIONS``); outside it (the default) float32 activations are never rounded.
 """
 
@@ -17,7 +18,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from cuda_ext.quant import int8_activations, int8_active  # noqa: F401  (re-exported: the models set it)
+from cuda_ext.quant import int8_activations, int8_min_rows  # noqa: F401  (re-exported: the models set it)
 from engine.formats.tensor import QuantTensor
 
 Kernel = Callable[[torch.Tensor, QuantTensor, torch.Tensor | None], torch.Tensor | None]
@@ -81,7 +82,8 @@ def _cpu_kernel(x: torch.Tensor, weight: QuantTensor, bias: torch.Tensor | None)
     ):
         return None
     rows = x.reshape(-1, weight.shape[1])
-    if x.dtype == torch.float32 and int8_active():
+    least = int8_min_rows(weight.format.name) if x.dtype == torch.float32 else None
+    if least is not None and rows.shape[0] >= least:
         y = qgemm(rows, weight.raw, weight.format.name, weight.shape[1], bias)
         if y is not None:
             return y.view(*x.shape[:-1], weight.shape[0])

@@ -77,6 +77,17 @@ def _place_quantised(
     return kept
 
 
+_FLOAT_FORMATS = frozenset({"f32", "f16", "bf16", "float32", "float16", "bfloat16"})
+
+
+def _has_block_weights(store: StoreModel, quantised: dict) -> bool:
+    """Whether the model keeps any weight in a block format (dense tensors placed as blocks, or experts)."""
+    if quantised:
+        return True
+    formats = (store.manifest.get("formats") or {}).get("experts") or {}
+    return any(str(f) not in _FLOAT_FORMATS for f in formats.values())
+
+
 def load_model(
     store: StoreModel | Path | str,
     dtype: torch.dtype = torch.float32,
@@ -154,6 +165,8 @@ def load_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.requires_grad_(False)
     model.eval()
-    model.activations = activations
+    # the mode matters only where float32 activations meet block-format weights: elsewhere (bf16, float
+    # weights) it is "float32", and every forward runs as it did
+    model.activations = activations if dtype == torch.float32 and _has_block_weights(store, quantised) else "float32"
     model.setup_caches(max_seq_len, dtype, device)
     return model
