@@ -54,9 +54,9 @@ def main() -> None:
         cells = []
         for m in rows:
             x = torch.randn(m, k, generator=torch.Generator().manual_seed(m))
-            t8 = cpu_time(lambda x=x: qgemm(x, blocks, fmt, k), args.repeat, args.runs)
+            t8 = cpu_time(lambda x=x, b=blocks, f=fmt: qgemm(x, b, f, k), args.repeat, args.runs)
             if m <= 256 and (fmt != "q6_k" or m <= 64):  # the float32 kernel's own limits (max_tokens)
-                t32 = cpu_time(lambda x=x: qlinear(x, blocks, fmt, k), args.repeat, args.runs)
+                t32 = cpu_time(lambda x=x, b=blocks, f=fmt: qlinear(x, b, f, k), args.repeat, args.runs)
                 cells.append(f"{m}: {n * k * m / t8 / 1e9:.0f} {n * k * m / t32 / 1e9:.0f} {t32 / t8:.2f}x")
             else:
                 cells.append(f"{m}: {n * k * m / t8 / 1e9:.0f} - -")
