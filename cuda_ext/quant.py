@@ -214,3 +214,32 @@ def qgemm(
         cpu.threads(blocks.numel() * 2 * m),
     )
     return None if err else out
+
+
+def qgemm_swiglu(x: torch.Tensor, gate, up) -> torch.Tensor | None:
+    """``silu(x @ Wg.T) * (x @ Wu.T)`` (float32 [M, I]) for float32 x [M, H] and a SwiGLU expert's gate and
+    up matrices (``QuantTensor``s [I, H] of one format), with int8 activations as ``qgemm`` (the same
+    bound for each product), in one native call; None where it does not apply (the int8 mode off for
+    this many rows, no kernels, other formats or shapes)."""
+    from cuda_ext.blocks import block_weight
+
+    lib = loader.cpu()
+    if lib is None or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[0] < 1:
+        return None
+    shape = tuple(getattr(gate, "shape", ()))
+    if len(shape) != 2 or tuple(getattr(up, "shape", ())) != shape or shape[1] != x.shape[1]:
+        return None
+    fmt = gate.format.name
+    least = int8_min_rows(fmt)
+    if least is None or x.shape[0] < max(least, QGEMM_MIN_TOKENS) or up.format.name != fmt:
+        return None
+    g, u = block_weight(gate, *shape), block_weight(up, *shape)
+    if g is None or u is None:
+        return None
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], shape[0], dtype=torch.float32)
+    err = lib.lib.moeinf_qgemm_swiglu(
+        g[0], g[1].data_ptr(), u[1].data_ptr(), shape[0], shape[1], x.data_ptr(), x.shape[0], out.data_ptr(),
+        cpu.threads(2 * g[1].numel() * x.shape[0]),
+    )
+    return None if err else out

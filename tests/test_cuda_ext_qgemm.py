@@ -101,3 +101,26 @@ def test_qgemm_declines_what_it_cannot_do():
     assert qgemm(x[:, :32], blocks, "q8_0", 33) is None
     assert qgemm(x, blocks[:, :-1].contiguous(), "q8_0", 64) is None  # not whole rows
     assert qgemm(x, blocks, "q8_0", 64) is not None
+
+
+@pytest.mark.parametrize("fmt", ["q8_0", "q4_k", "q6_k", "q4_0"])
+def test_swiglu_is_silu_of_gate_times_up(kernels, fmt):
+    """The fused gate/up call: the same products as two qgemm calls (the same tiles, so the same sums),
+    then silu(g) * u; under int8_activations only, and None where its rows are too few."""
+    from cuda_ext.quant import int8_activations, qgemm_swiglu
+    from engine.formats import get as get_format
+    from engine.formats.tensor import QuantTensor
+
+    n, k = (40, 512) if BLOCKS[fmt].values == 256 else (40, 96)
+    (gb, _), (ub, _) = _weights(fmt, n, k, seed=3), _weights(fmt, n, k, seed=4)
+    gate = QuantTensor(gb, get_format(fmt), (n, k))
+    up = QuantTensor(ub, get_format(fmt), (n, k))
+    x = torch.randn(33, k, generator=torch.Generator().manual_seed(5))
+    assert qgemm_swiglu(x, gate, up) is None  # not in an int8 forward
+    with int8_activations(True):
+        ours = qgemm_swiglu(x, gate, up)
+        assert qgemm_swiglu(x[:2], gate, up) is None  # below QGEMM_MIN_TOKENS: the separate products
+    with int8_activations("auto"):
+        assert (qgemm_swiglu(x[:8], gate, up) is None) == (fmt in ("q8_0", "q4_0"))  # AUTO_MIN_ROWS
+    expected = torch.nn.functional.silu(qgemm(x, gb, fmt, k)) * qgemm(x, ub, fmt, k)
+    assert torch.allclose(ours, expected, rtol=1e-5, atol=1e-6), kernels

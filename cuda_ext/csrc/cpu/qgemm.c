@@ -531,13 +531,15 @@ static uint8_t *rows_buffer(size_t bytes) {
 
 typedef struct {
     geo_t g;
-    const uint8_t *W;
+    const uint8_t *W, *U; /* U: the up matrix of a SwiGLU (moeinf_qgemm_swiglu), else NULL */
     int64_t N, M, wrow_bytes;
     const float *x, *bias;
     float *y;
     uint8_t *xq; /* [M] tokens of g.tok_bytes */
     int failed;
 } qgemm_job;
+
+static inline float silu(float v) { return v / (1.0f + expf(-v)); }
 
 static void qgemm_phase(void *arg, int phase, int part, int parts) {
     qgemm_job *j = arg;
@@ -549,29 +551,38 @@ static void qgemm_phase(void *arg, int phase, int part, int parts) {
     }
     const int64_t n0 = (int64_t)PART_ROWS * part, n1 = n0 + PART_ROWS < j->N ? n0 + PART_ROWS : j->N;
     if (n0 >= n1) return;
-    uint8_t *rows = rows_buffer((size_t)(PART_ROWS * g->row_bytes));
+    const int mats = j->U ? 2 : 1;
+    uint8_t *rows = rows_buffer((size_t)(mats * PART_ROWS * g->row_bytes));
     if (!rows) {
         __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
         return;
     }
     const int64_t live = n1 - n0, padded = up(live, TR);
-    for (int64_t r = 0; r < live; r++) {
+    for (int mat = 0; mat < mats; mat++) {
+        const uint8_t *W = mat ? j->U : j->W;
+        uint8_t *dst = rows + mat * PART_ROWS * g->row_bytes;
+        for (int64_t r = 0; r < live; r++) {
 #if defined(__AVX2__) || defined(__AVX512F__)
-        /* the row after next, from memory while this one unpacks (the rows go by once per call) */
-        if (n0 + r + 2 < j->N) {
-            const char *next = (const char *)(j->W + (n0 + r + 2) * j->wrow_bytes);
-            for (int64_t l = 0; l < j->wrow_bytes; l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
-        }
+            /* the row after next, from memory while this one unpacks (the rows go by once per call) */
+            if (n0 + r + 2 < j->N) {
+                const char *next = (const char *)(W + (n0 + r + 2) * j->wrow_bytes);
+                for (int64_t l = 0; l < j->wrow_bytes; l += 64) _mm_prefetch(next + l, _MM_HINT_T0);
+            }
 #endif
-        unpack_row(g, j->W + (n0 + r) * j->wrow_bytes, rows + r * g->row_bytes);
+            unpack_row(g, W + (n0 + r) * j->wrow_bytes, dst + r * g->row_bytes);
+        }
+        if (padded > live) memset(dst + live * g->row_bytes, 0, (size_t)((padded - live) * g->row_bytes));
     }
-    if (padded > live) memset(rows + live * g->row_bytes, 0, (size_t)((padded - live) * g->row_bytes));
     const int T = g->kq ? TB : TA;
-    float out[TR * TA];
+    float out[TR * TA], out_up[TR * TA];
     for (int64_t t0 = 0; t0 < j->M; t0 += T) {
         const int count = (int)(j->M - t0 < T ? j->M - t0 : T);
         for (int64_t r0 = 0; r0 < live; r0 += TR) {
             run_tile(g, count, rows + r0 * g->row_bytes, j->xq + t0 * g->tok_bytes, out);
+            if (j->U) {
+                run_tile(g, count, rows + (PART_ROWS + r0) * g->row_bytes, j->xq + t0 * g->tok_bytes, out_up);
+                for (int i = 0; i < TR * count; i++) out[i] = silu(out[i]) * out_up[i];
+            }
             for (int r = 0; r < TR && r0 + r < live; r++) {
                 const int64_t n = n0 + r0 + r;
                 const float b = j->bias ? j->bias[n] : 0.0f;
@@ -584,14 +595,14 @@ static void qgemm_phase(void *arg, int phase, int part, int parts) {
 /* y [M, N] = x [M, K] W^T (+ bias [N], or NULL), all float32, W [N, K] stored as rows of blocks of format
    `type` (K a multiple of the block's values). Returns 0, or -1 for an unknown type, a K the format cannot
    hold, or no memory. */
-int moeinf_qgemm(int type, const uint8_t *W, int64_t N, int64_t K, const float *x, int64_t M, const float *bias,
-                 float *y, int nthreads) {
+static int qgemm_run(int type, const uint8_t *W, const uint8_t *U, int64_t N, int64_t K, const float *x, int64_t M,
+                     const float *bias, float *y, int nthreads) {
     int values, bytes;
     if (!moeinf_block_geometry(type, &values, &bytes) || K % values || M < 1 || N < 1 || K < 1) return -1;
     qgemm_job j;
     memset(&j, 0, sizeof(j));
     geometry(type, K, &j.g);
-    j.W = W; j.N = N; j.M = M; j.wrow_bytes = K / values * bytes; j.x = x; j.bias = bias; j.y = y;
+    j.W = W; j.U = U; j.N = N; j.M = M; j.wrow_bytes = K / values * bytes; j.x = x; j.bias = bias; j.y = y;
     j.xq = moeinf_scratch((size_t)(M * j.g.tok_bytes));
     if (!j.xq) return -1;
     int parts = (int)((N + PART_ROWS - 1) / PART_ROWS);
@@ -599,4 +610,16 @@ int moeinf_qgemm(int type, const uint8_t *W, int64_t N, int64_t K, const float *
     if (nt > parts) nt = parts;
     moeinf_pool_run_phases(qgemm_phase, &j, 2, parts, nt);
     return j.failed ? -1 : 0;
+}
+
+int moeinf_qgemm(int type, const uint8_t *W, int64_t N, int64_t K, const float *x, int64_t M, const float *bias,
+                 float *y, int nthreads) {
+    return qgemm_run(type, W, 0, N, K, x, M, bias, y, nthreads);
+}
+
+/* h [M, N] = silu(x Wg^T) * (x Wu^T): a SwiGLU expert's gate and up products in one job (x quantised once,
+   each part's gate and up rows unpacked together), Wg and Wu [N, K] of one format. Returns as moeinf_qgemm. */
+int moeinf_qgemm_swiglu(int type, const uint8_t *Wg, const uint8_t *Wu, int64_t N, int64_t K, const float *x,
+                        int64_t M, float *h, int nthreads) {
+    return qgemm_run(type, Wg, Wu, N, K, x, M, 0, h, nthreads);
 }
