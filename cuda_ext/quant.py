@@ -229,12 +229,11 @@ def qgemm_swiglu(x: torch.Tensor, gate, up) -> torch.Tensor | None:
     shape = tuple(getattr(gate, "shape", ()))
     if len(shape) != 2 or tuple(getattr(up, "shape", ())) != shape or shape[1] != x.shape[1]:
         return None
-    fmt = gate.format.name
-    least = int8_min_rows(fmt)
-    if least is None or x.shape[0] < max(least, QGEMM_MIN_TOKENS) or up.format.name != fmt:
-        return None
     g, u = block_weight(gate, *shape), block_weight(up, *shape)
-    if g is None or u is None:
+    if g is None or u is None or g[0] != u[0]:
+        return None
+    least = int8_min_rows(gate.format.name)
+    if least is None or x.shape[0] < max(least, QGEMM_MIN_TOKENS):
         return None
     x = x.contiguous()
     out = torch.empty(x.shape[0], shape[0], dtype=torch.float32)
