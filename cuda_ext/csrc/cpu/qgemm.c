@@ -92,6 +92,19 @@ static void geometry(int type, int64_t K, geo_t *g) {
 /* ---------------------------------------------------------------- unpacking one row */
 
 #ifdef G_AVX512
+/* the sums of four vectors' lanes, out[0..3] = sum a, b, c, d (pairs of lanes added in one tree) */
+static inline void reduce4(__m512 a, __m512 b, __m512 c, __m512 d, float *out, int stride) {
+    __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    __m512 abcd = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+                                _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+    __m256 h = _mm256_add_ps(_mm512_castps512_ps256(abcd), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(abcd), 1)));
+    __m128 q = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+    float v[4];
+    _mm_storeu_ps(v, q);
+    for (int i = 0; i < 4; i++) out[i * stride] = v[i];
+}
+
 static inline __m512i pair256(__m256i a, __m256i b) { return _mm512_inserti64x4(_mm512_castsi256_si512(a), b, 1); }
 /* the nibbles of two 16-byte groups as [lo a, hi a, lo b, hi b] (two 32-value blocks) */
 static inline __m512i nib2(const uint8_t *a, const uint8_t *b) {
@@ -398,8 +411,7 @@ ALWAYS_INLINE void tile_a(const geo_t *g, int T, int mins, const uint8_t *rows, 
                 for (int r = 0; r < TR; r++)
                     acc[r][t] = _mm512_fmadd_ps(_mm512_load_ps((const float *)(rows + r * rb + g->o_m) + 16 * i), s, acc[r][t]);
             }
-    for (int r = 0; r < TR; r++)
-        for (int t = 0; t < T; t++) out[r * T + t] = _mm512_reduce_add_ps(acc[r][t]);
+    for (int t = 0; t < T; t++) reduce4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], out + t, T);
 }
 
 ALWAYS_INLINE void tile_b(const geo_t *g, int T, const uint8_t *rows, const uint8_t *toks, float *out) {
@@ -435,8 +447,7 @@ ALWAYS_INLINE void tile_b(const geo_t *g, int T, const uint8_t *rows, const uint
             for (int r = 0; r < TR; r++)
                 acc[r][t] = _mm512_fmadd_ps(_mm512_load_ps((const float *)(rows + r * rb + g->o_m) + 16 * i), s, acc[r][t]);
         }
-    for (int r = 0; r < TR; r++)
-        for (int t = 0; t < T; t++) out[r * T + t] = _mm512_reduce_add_ps(acc[r][t]);
+    for (int t = 0; t < T; t++) reduce4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], out + t, T);
 }
 #else
 /* plain C on the same unpacked rows: integer sums per block (or super-block), then the float scales */
