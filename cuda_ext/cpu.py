@@ -304,8 +304,9 @@ def experts_accumulate(
     given; acc [1, H] float32 contiguous. x [1, H] bf16: rounded to bf16 where the torch path rounds
     (block formats: the activations quantised to int8 per block, as ``cuda_ext.quant``). x float32
     (block formats only, float32 biases): everything in float32, each block dequantised in registers
-    to the values the torch path multiplies, no activation rounded. False (and acc untouched) when the
-    native path does not apply.
+    to the values the torch path multiplies, no activation rounded; under
+    ``cuda_ext.quant.int8_activations(True)`` (``activations="int8"``) x and h rounded to int8 per block
+    of 32 instead (``quant.c``'s rows). False (and acc untouched) when the native path does not apply.
     ``clamped=(alpha, limit)``: gpt-oss's clamped SwiGLU instead (``gpt_oss_moe.clamped_swiglu``)."""
     lib = _native()
     k = len(experts)

@@ -16,6 +16,18 @@ the PyTorch fallback left to the caller (None where the kernel does not apply).
   result is dequantise-then-multiply up to the order of the float32 sums (at most about
   ``(K / 64 + 7) * 2**-24 * sum_j |x_j w_j|``, and one rounding for the bias), the same bits for any
   number of tokens or threads.
+
+* ``qgemm(x, blocks, fmt, k, bias)``: the same product for float32 x of any number of rows with int8
+  activations (``csrc/cpu/qgemm.c``, llama.cpp's rounding): x quantised once per call to int8 per block
+  (of 32 values; of 256 for q4_k and q6_k, as llama.cpp's Q8_K), tiles of 4 rows x 4 (or 3) tokens on
+  the unpacked blocks, AVX-512 VNNI where the build has it. The error against dequantise-then-multiply
+  is at most ``sum_j |w_j| * d_x(j) / 2`` (d_x(j): the scale max|x| / 127 of the activation block
+  holding j) plus float32 rounding of the sums; fewer than ``QGEMM_MIN_TOKENS`` rows go through
+  ``csrc/cpu/quant.c``'s row kernel instead (blocks of 32 for every format: the same bound).
+  ``qgemm_swiglu(x, gate, up)``: a SwiGLU expert's ``silu(x Wg^T) * (x Wu^T)`` in one such call.
+
+* ``int8_activations(mode)``: the switch the models set per forward (``engine.formats.linear`` and the
+  experts read it): True rounds every product, "auto" those of ``AUTO_MIN_ROWS[format]`` rows or more.
 """
 
 from __future__ import annotations
