@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--store", type=Path, default=None, help="a model directory of a store (models/NAME)")
     p.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16 or float32")
     p.add_argument("--prefill", action="store_true", help="split the prompt's forward instead of a decode step")
+    p.add_argument("--activations", default="auto", help="float32 models on block formats: auto, float32 or int8")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -127,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
         from engine.model.loader import load_model
 
         store = _store(args, work)
-        model = load_model(store, dtype=getattr(torch, args.dtype), max_seq_len=args.prompt_len + args.tokens + 8)
+        model = load_model(store, dtype=getattr(torch, args.dtype), max_seq_len=args.prompt_len + args.tokens + 8,
+                           activations=args.activations)
         parts: dict[str, float] = {}
         _touch_experts(model)  # all resident: the native step is offered every expert
         sources, wrapped = [], []  # each expert source and expert function wrapped once (layers share them)
@@ -143,7 +145,11 @@ def main(argv: list[str] | None = None) -> int:
                     _timed_call(parts, "  of which observe", layer.mlp.experts, "observe")
                     _timed_fetch(parts, layer.mlp.experts)
                 fn = layer.mlp.expert_fn
-                if getattr(fn, "accumulate", None) is not None and not any(f is fn for f in wrapped):
+                if args.prefill:  # the prompt's tokens go expert by expert through the expert function
+                    if not any(f is layer.mlp for f in wrapped):
+                        wrapped.append(layer.mlp)
+                        _timed_call(parts, "  of which experts", layer.mlp, "expert_fn")
+                elif getattr(fn, "accumulate", None) is not None and not any(f is fn for f in wrapped):
                     wrapped.append(fn)  # layers may share one expert function: wrapped once
                     _timed_call(parts, "  of which experts", fn, "accumulate")
         _timed(parts, "lm head", model.lm_head)

@@ -181,12 +181,12 @@ def moeinf_bench(name: str, args: argparse.Namespace) -> tuple[float, float]:
     env = moeinf_env(args.work / "home", args.threads)
     if (args.work / "home" / "models" / name / "experts").exists():
         cmd = ["-m", "moeinf_cli", "bench", name, "-p", str(args.n_prompt), "-n", str(args.n_gen), "-r", "1",
-               "--expert-budget", "100%", "--json"]
+               "--expert-budget", "100%", "--activations", args.activations, "--json"]
         cp = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, check=True)
         row = json.loads(cp.stdout)["rows"][0]
         return row["prefill_tps"], row["decode_tps"]
     cmd = [__file__, "--time-dense", name, "-p", str(args.n_prompt), "-n", str(args.n_gen),
-           "--threads", str(args.threads), "--work", str(args.work)]
+           "--threads", str(args.threads), "--work", str(args.work), "--activations", args.activations]
     cp = subprocess.run([sys.executable, *cmd], env=env, capture_output=True, text=True, check=True)
     row = json.loads(cp.stdout.strip().splitlines()[-1])
     return row["prefill_tps"], row["decode_tps"]
@@ -205,7 +205,7 @@ def dense_timing(name: str, args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     store = open_model(name)
     dtype = resolve_dtype(None, store.stored_dtype, torch.device("cpu"))
-    model = load_model(store, dtype=dtype, max_seq_len=args.n_prompt + args.n_gen + 1)
+    model = load_model(store, dtype=dtype, max_seq_len=args.n_prompt + args.n_gen + 1, activations=args.activations)
     vocab = int(store.config.get("vocab_size") or 1000)
     prompt = torch.randint(0, vocab, (args.n_prompt,), generator=torch.Generator().manual_seed(0))
     t0 = time.perf_counter()
@@ -345,6 +345,7 @@ def main() -> None:
     p.add_argument("--heads", type=int, default=16)
     p.add_argument("--kv-heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--activations", default="auto", help="moeinf's --activations: auto, float32 or int8")
     p.add_argument("--prepare", action="store_true", help="only build the files and pull them")
     p.add_argument("--check", action="store_true", help="fidelity against transformers instead of timing")
     p.add_argument("--time-dense", default=None, metavar="NAME", help=argparse.SUPPRESS)  # moeinf_bench's child

@@ -304,8 +304,9 @@ def experts_accumulate(
     given; acc [1, H] float32 contiguous. x [1, H] bf16: rounded to bf16 where the torch path rounds
     (block formats: the activations quantised to int8 per block, as ``cuda_ext.quant``). x float32
     (block formats only, float32 biases): everything in float32, each block dequantised in registers
-    to the values the torch path multiplies, no activation rounded. False (and acc untouched) when the
-    native path does not apply.
+    to the values the torch path multiplies, no activation rounded; under
+    ``cuda_ext.quant.int8_activations(True)`` (``activations="int8"``) x and h rounded to int8 per block
+    of 32 instead (``quant.c``'s rows). False (and acc untouched) when the native path does not apply.
     ``clamped=(alpha, limit)``: gpt-oss's clamped SwiGLU instead (``gpt_oss_moe.clamped_swiglu``)."""
     lib = _native()
     k = len(experts)
@@ -332,7 +333,13 @@ def experts_accumulate(
     table = (ctypes.c_void_p * (6 * k))(*(e[m] for m in range(3, 9) for e in entries))
     c = (ctypes.c_float * k)(*coefs)
     base, step = ctypes.addressof(table), ctypes.sizeof(ctypes.c_void_p) * k
-    err = (lib.moeinf_experts_acc_f32 if f32 else lib.moeinf_experts_acc)(
+    if f32:
+        from cuda_ext.quant import int8_active
+
+        fn = lib.moeinf_experts_acc_f32_int8 if int8_active() else lib.moeinf_experts_acc_f32
+    else:
+        fn = lib.moeinf_experts_acc
+    err = fn(
         x.contiguous().data_ptr(),
         k,
         *(base + m * step for m in range(6)),

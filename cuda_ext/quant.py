@@ -16,9 +16,25 @@ the PyTorch fallback left to the caller (None where the kernel does not apply).
   result is dequantise-then-multiply up to the order of the float32 sums (at most about
   ``(K / 64 + 7) * 2**-24 * sum_j |x_j w_j|``, and one rounding for the bias), the same bits for any
   number of tokens or threads.
+
+* ``qgemm(x, blocks, fmt, k, bias)``: the same product for float32 x of any number of rows with int8
+  activations (``csrc/cpu/qgemm.c``, llama.cpp's rounding): x quantised once per call to int8 per block
+  (of 32 values; of 256 for q4_k and q6_k, as llama.cpp's Q8_K), tiles of 4 rows x 4 (or 3) tokens on
+  the unpacked blocks, AVX-512 VNNI where the build has it. The error against dequantise-then-multiply
+  is at most ``sum_j |w_j| * d_x(j) / 2`` (d_x(j): the scale max|x| / 127 of the activation block
+  holding j) plus float32 rounding of the sums; fewer than ``QGEMM_MIN_TOKENS`` rows go through
+  ``csrc/cpu/quant.c``'s row kernel instead (blocks of 32 for every format: the same bound).
+  ``qgemm_swiglu(x, gate, up)``: a SwiGLU expert's ``silu(x Wg^T) * (x Wu^T)`` in one such call.
+
+* ``int8_activations(mode)``: the switch the models set per forward (``engine.formats.linear`` and the
+  experts read it): True rounds every product, "auto" those of ``AUTO_MIN_ROWS[format]`` rows or more.
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
 
 import torch
 
@@ -32,6 +48,46 @@ MAX_TOKENS = 16  # bf16: more tokens than this, a batched matmul on dequantised 
 # q6_k, whose blocks cost the most to unpack: README "Computing on the stored blocks"
 MAX_TOKENS_F32 = 256
 MAX_TOKENS_F32_BY_FORMAT = {"q6_k": 64}
+
+
+_INT8: contextvars.ContextVar[str | None] = contextvars.ContextVar("moeinf_int8_activations", default=None)
+
+# activations "auto" on a prompt: the fewest rows of x one product needs to take the int8 GEMM, by format
+# (measured against the float32 kernels, one thread, 3584 x 1024: the int8 GEMM is ahead from 16 rows on
+# for the 32-value formats, from 2 for q4_k and q6_k, whose float32 unpacking costs the most; README
+# "Computing on the stored blocks"); fewer rows keep the float32 kernels (not rounded)
+AUTO_MIN_ROWS = {"q8_0": 16, "q4_0": 16, "q4_1": 16, "mxfp4": 16, "q4_k": 2, "q5_k": 2, "q6_k": 2}
+
+
+@contextlib.contextmanager
+def int8_activations(mode: bool | str) -> Iterator[None]:
+    """While it holds, float32 activations meet block-format weights with int8 activations: ``True``
+    (or "int8") in every product (``engine.formats.linear``'s through ``qgemm``, one token's experts
+    through ``cuda_ext.cpu.experts_accumulate``'s int8 call); "auto" in products of at least
+    ``AUTO_MIN_ROWS[format]`` rows; ``False`` in none (float32 activations are never rounded)."""
+    value = "int8" if mode is True or mode == "int8" else "auto" if mode == "auto" else None
+    token = _INT8.set(value)
+    try:
+        yield
+    finally:
+        _INT8.reset(token)
+
+
+def int8_active() -> bool:
+    """Whether ``int8_activations`` rounds every product here (``True``: decode too)."""
+    return _INT8.get() == "int8"
+
+
+def int8_min_rows(fmt: str) -> int | None:
+    """The fewest rows of x a product on ``fmt`` needs to take int8 activations here; None: not at all."""
+    mode = _INT8.get()
+    if mode is None:
+        return None
+    return 1 if mode == "int8" else AUTO_MIN_ROWS.get(fmt, 2)
+
+
+# int8 activations: fewer rows than this take quant.c's row kernel (no unpacking), more the tiled GEMM
+QGEMM_MIN_TOKENS = 4
 
 
 def max_tokens(dtype: torch.dtype, fmt: str | None = None) -> int:
@@ -117,3 +173,84 @@ def _fgemv(lib, x, blocks, fmt, k, n, bias, out_dtype) -> torch.Tensor | None:
     if err:
         return None
     return out if out_dtype == torch.float32 else out.to(out_dtype)
+
+
+def qgemm(
+    x: torch.Tensor, blocks: torch.Tensor, fmt: str, k: int, bias: torch.Tensor | None = None
+) -> torch.Tensor | None:
+    """``x @ W.T + bias`` (float32 [M, N]) for float32 x [M, K], any M, with the activations rounded to
+    int8 per block (module doc); None when the native kernel does not apply."""
+    lib = loader.cpu()
+    if (
+        lib is None
+        or fmt not in BLOCKS
+        or x.dim() != 2
+        or x.shape[0] < 1
+        or x.shape[1] != k
+        or k % BLOCKS[fmt].values
+        or x.dtype != torch.float32
+        or x.device.type != "cpu"
+        or blocks.device.type != "cpu"
+        or blocks.dtype != torch.uint8
+        or not blocks.is_contiguous()
+    ):
+        return None
+    rb = row_bytes(fmt, k)
+    if blocks.numel() % rb:
+        return None
+    n = blocks.numel() // rb
+    if bias is not None:
+        if bias.device.type != "cpu" or bias.numel() != n:
+            return None
+        bias = bias.to(torch.float32).contiguous()
+    x = x.contiguous()
+    m = x.shape[0]
+    out = torch.empty(m, n, dtype=torch.float32)
+    if m < QGEMM_MIN_TOKENS:
+        err = lib.lib.moeinf_qgemv(
+            BLOCKS[fmt].ggml_type, blocks.data_ptr(), n, k, x.data_ptr(), 0, m, None, out.data_ptr(), 0,
+            cpu.threads(blocks.numel() * 2),
+        )
+        if err:
+            return None
+        return out if bias is None else out.add_(bias)
+    err = lib.lib.moeinf_qgemm(
+        BLOCKS[fmt].ggml_type,
+        blocks.data_ptr(),
+        n,
+        k,
+        x.data_ptr(),
+        m,
+        None if bias is None else bias.data_ptr(),
+        out.data_ptr(),
+        cpu.threads(blocks.numel() * 2 * m),
+    )
+    return None if err else out
+
+
+def qgemm_swiglu(x: torch.Tensor, gate, up) -> torch.Tensor | None:
+    """``silu(x @ Wg.T) * (x @ Wu.T)`` (float32 [M, I]) for float32 x [M, H] and a SwiGLU expert's gate and
+    up matrices (``QuantTensor``s [I, H] of one format), with int8 activations as ``qgemm`` (the same
+    bound for each product), in one native call; None where it does not apply (the int8 mode off for
+    this many rows, no kernels, other formats or shapes)."""
+    from cuda_ext.blocks import block_weight
+
+    lib = loader.cpu()
+    if lib is None or x.dim() != 2 or x.dtype != torch.float32 or x.device.type != "cpu" or x.shape[0] < 1:
+        return None
+    shape = tuple(getattr(gate, "shape", ()))
+    if len(shape) != 2 or tuple(getattr(up, "shape", ())) != shape or shape[1] != x.shape[1]:
+        return None
+    g, u = block_weight(gate, *shape), block_weight(up, *shape)
+    if g is None or u is None or g[0] != u[0]:
+        return None
+    least = int8_min_rows(gate.format.name)
+    if least is None or x.shape[0] < max(least, QGEMM_MIN_TOKENS):
+        return None
+    x = x.contiguous()
+    out = torch.empty(x.shape[0], shape[0], dtype=torch.float32)
+    err = lib.lib.moeinf_qgemm_swiglu(
+        g[0], g[1].data_ptr(), u[1].data_ptr(), shape[0], shape[1], x.data_ptr(), x.shape[0], out.data_ptr(),
+        cpu.threads(2 * g[1].numel() * x.shape[0]),
+    )
+    return None if err else out

@@ -105,6 +105,16 @@ DTYPE = _opt(
     panel=LOADING_PANEL,
     help=f"Compute dtype: {DTYPE_FORMS}. (default the stored dtype)",
 )
+ACTIVATIONS = _opt(
+    "activations",
+    str | None,
+    None,
+    "--activations",
+    metavar="MODE",
+    panel=LOADING_PANEL,
+    help="float32 models on GGUF block weights: auto (int8 activations per block on prompts, as llama.cpp; "
+    "float32 on one-token decode), float32 (never rounded), int8 (decode too). (default auto)",
+)
 CTX = _opt(
     "ctx",
     int,
@@ -235,7 +245,7 @@ VERBOSE = _opt(
     help="After each answer, print timings and expert-cache figures to stderr.",
 )
 
-LOAD = (DEVICE, DTYPE, CTX, EXPERT_BUDGET, POLICY)
+LOAD = (DEVICE, DTYPE, ACTIVATIONS, CTX, EXPERT_BUDGET, POLICY)
 SAMPLING = (TEMPERATURE, TOP_K, TOP_P, MIN_P, REPEAT_PENALTY, REPEAT_LAST_N, SEED, NUM_PREDICT, STOP)
 
 

@@ -44,7 +44,7 @@ def test_layers_with_different_expert_formats_pull_and_run(tmp_path, monkeypatch
 
     ckpt = gguf_to_checkpoint(path, tmp_path / "ref", "float32")  # the gguf package's dequantisation
     ref = tf.AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
-    ours = load_model(pulled.path, dtype=torch.float32, max_seq_len=64)
+    ours = load_model(pulled.path, dtype=torch.float32, max_seq_len=64, activations="float32")
     seq = torch.tensor([PROMPT + list(range(20, 30))])
     with torch.no_grad():
         diff = (ours(seq[0], 0) - ref(seq).logits[0]).abs().max().item()
@@ -62,7 +62,8 @@ def test_layers_with_different_expert_formats_pull_and_run(tmp_path, monkeypatch
         src = open_experts(pulled.path, torch.float32, "cpu", str(budget), policy)
         assert isinstance(src, OffloadedExperts)
         try:
-            tokens = greedy(load_model(pulled.path, dtype=torch.float32, experts=src, max_seq_len=64), PROMPT, STEPS)
+            model = load_model(pulled.path, dtype=torch.float32, experts=src, max_seq_len=64, activations="float32")
+            tokens = greedy(model, PROMPT, STEPS)
             assert src.stats().demand_loads > 0
         finally:
             src.close()

@@ -50,11 +50,18 @@ def bench_main(
     seed: int = 0,
     batches: list[int] | None = None,
     progress: Callable[[str], None] | None = None,
+    activations: str = "auto",
 ) -> dict:
     from engine.runtime.devices import resolve_device, resolve_dtype
     from engine.store.opened import open_model
 
     say = progress or (lambda _msg: None)
+    from engine.formats.linear import check_activations
+
+    try:
+        activations = check_activations(activations)
+    except ValueError as e:
+        raise MoeinfError(str(e)) from None
     if repetitions < 1 or gen_tokens < 1 or prompt_tokens < 1:
         raise MoeinfError("-p, -n and -r must be at least 1")
     batches = list(batches or [1])
@@ -89,7 +96,8 @@ def bench_main(
         for cfg in configs:
             say(f"batch {b}, budget {cfg.budget}, policy {cfg.policy or '-'}: {repetitions} runs ...")
             rows.append(run_config(store, cfg, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, reps=repetitions,
-                                   dtype=torch_dtype, device=dev, trace=trace, seed=seed, batch=b))
+                                   dtype=torch_dtype, device=dev, trace=trace, seed=seed, batch=b,
+                                   activations=activations))
     probe = None
     compute: dict[int, float] = {}  # per batch size: the all-resident row's step time without stalls
     if profile:
@@ -114,6 +122,7 @@ def bench_main(
         "model": root.name,
         "family": layout.family,
         "dtype": str(torch_dtype).removeprefix("torch."),
+        "activations": activations,
         "device": str(dev),
         "threads": torch.get_num_threads(),
         "prompt_tokens": prompt_tokens,

@@ -192,7 +192,7 @@ def bench_forwards(batch: int, prompt_tokens: int, gen_tokens: int, T: int, star
 
 def _repetition(
     store: StoreModel, cfg: BenchConfig, prompts: list[torch.Tensor], starts: list[int], T: int, gen_tokens: int,
-    ctx: int, dtype: torch.dtype, device: torch.device, trace: RoutingTrace | None,
+    ctx: int, dtype: torch.dtype, device: torch.device, trace: RoutingTrace | None, activations: str = "auto",
 ) -> tuple[Rep, dict]:
     """One repetition from a fresh expert source and model, closed before it returns (so the next
     repetition starts from the memory the first one did); the Rep and the final counters."""
@@ -204,7 +204,8 @@ def _repetition(
     t0 = time.perf_counter()
     experts = open_experts(store, dtype, device, cfg.budget, cfg.policy, None, ctx=ctx)
     try:
-        model = load_model(store, dtype=dtype, device=device, experts=experts, max_seq_len=ctx)
+        model = load_model(store, dtype=dtype, device=device, experts=experts, max_seq_len=ctx,
+                           activations=activations)
         if batch > 1:
             model.setup_caches(ctx, dtype, device, slots=batch)
         before = _counters(experts)
@@ -257,6 +258,7 @@ def run_config(
     trace: RoutingTrace | None = None,
     seed: int = 0,
     batch: int = 1,
+    activations: str = "auto",
 ) -> BenchRow:
     ctx = prompt_tokens + gen_tokens + 1
     row = BenchRow(cfg.budget, cfg.policy or "-", prompt_tokens, gen_tokens, batch=batch)
@@ -268,7 +270,7 @@ def run_config(
     starts, used = batch_trace(trace, batch, prompt_tokens + gen_tokens) if trace is not None else ([0] * batch, None)
     T = trace.num_tokens if trace is not None else 1
     for _ in range(reps):
-        rep, end = _repetition(store, cfg, prompts, starts, T, gen_tokens, ctx, dtype, device, trace)
+        rep, end = _repetition(store, cfg, prompts, starts, T, gen_tokens, ctx, dtype, device, trace, activations)
         row.reps.append(rep)
         row.slots = int(end.get("slots") or 0) - int(end.get("stream_slots") or 0)
         row.budget_bytes = end.get("budget_bytes")

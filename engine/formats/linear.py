@@ -3,6 +3,12 @@
 A quantised weight is computed on as stored: a native kernel when one is registered for its format
 and device (``register_kernel``; cuda_ext's CPU kernels are registered below), otherwise the PyTorch
 path, which dequantises the weight to ``x``'s dtype and multiplies (any device, CPU or CUDA).
+
+``int8_activations(True)``: while it holds, float32 activations meet block-format weights on the CPU
+with int8 activations (``cuda_ext.quant.qgemm``: quantised per block, as llama.cpp does; its documented
+bound), any number of rows; ``int8_activations("auto")``: in products of at least
+``cuda_ext.quant.AUTO_MIN_ROWS[format]`` rows, where the int8 GEMM is the faster. The models set it per forward from their ``activations`` mode
+(``ACTIVATIONS``); outside it (the default) float32 activations are never rounded.
 """
 
 from __future__ import annotations
@@ -12,10 +18,24 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from cuda_ext.quant import int8_activations, int8_min_rows  # noqa: F401  (re-exported: the models set it)
 from engine.formats.tensor import QuantTensor
 
 Kernel = Callable[[torch.Tensor, QuantTensor, torch.Tensor | None], torch.Tensor | None]
 _KERNELS: dict[tuple[str, str], Kernel] = {}
+
+# how a float32 model's activations meet block-format weights: "auto" (int8 on prompts, multi-token
+# forwards; float32 on one-token decode), "float32" (never rounded), "int8" (always, as llama.cpp).
+# The switch itself lives with the kernels (cuda_ext.quant), which read it.
+ACTIVATIONS = ("auto", "float32", "int8")
+
+
+def check_activations(mode: str) -> str:
+    """``mode`` as one of ``ACTIVATIONS`` (case-insensitive); ValueError otherwise."""
+    m = str(mode).strip().lower()
+    if m not in ACTIVATIONS:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATIONS)}, not {mode!r}")
+    return m
 
 
 def register_kernel(format_name: str, device_type: str, kernel: Kernel) -> None:
@@ -53,7 +73,7 @@ def _cpu_kernel(x: torch.Tensor, weight: QuantTensor, bias: torch.Tensor | None)
     not (each block is dequantised in registers to the values the PyTorch path multiplies, so the
     result is that path's up to the order of the float32 sums). None (the PyTorch path) otherwise,
     and wherever the native kernels are off or missing."""
-    from cuda_ext.quant import max_tokens, qlinear
+    from cuda_ext.quant import max_tokens, qgemm, qlinear
 
     if (
         x.dtype not in (torch.bfloat16, torch.float32)
@@ -62,6 +82,11 @@ def _cpu_kernel(x: torch.Tensor, weight: QuantTensor, bias: torch.Tensor | None)
     ):
         return None
     rows = x.reshape(-1, weight.shape[1])
+    least = int8_min_rows(weight.format.name) if x.dtype == torch.float32 else None
+    if least is not None and rows.shape[0] >= least:
+        y = qgemm(rows, weight.raw, weight.format.name, weight.shape[1], bias)
+        if y is not None:
+            return y.view(*x.shape[:-1], weight.shape[0])
     if rows.shape[0] > max_tokens(x.dtype, weight.format.name):
         return None
     y = qlinear(rows, weight.raw, weight.format.name, weight.shape[1], bias)

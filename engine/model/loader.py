@@ -23,6 +23,7 @@ from cuda_ext import loader as cuda_ext_loader
 from cuda_ext.cpu import Linear
 from engine.errors import MoeinfError
 from engine.formats import storage
+from engine.formats.linear import check_activations
 from engine.formats.tensor import QuantTensor
 from engine.model.args import ModelArgs
 from engine.model.experts import ExpertSource, MappedExperts
@@ -76,14 +77,34 @@ def _place_quantised(
     return kept
 
 
+_FLOAT_FORMATS = frozenset({"f32", "f16", "bf16", "float32", "float16", "bfloat16"})
+
+
+def _has_block_weights(store: StoreModel, quantised: dict) -> bool:
+    """Whether the model keeps any weight in a block format (dense tensors placed as blocks, or experts)."""
+    if quantised:
+        return True
+    formats = (store.manifest.get("formats") or {}).get("experts") or {}
+    return any(str(f) not in _FLOAT_FORMATS for f in formats.values())
+
+
 def load_model(
     store: StoreModel | Path | str,
     dtype: torch.dtype = torch.float32,
     device: torch.device | str = "cpu",
     experts: ExpertSource | None = None,
     max_seq_len: int = 4096,
+    activations: str = "auto",
 ) -> CausalLM:
-    """The model of an opened store model (or a store directory), ready for ``forward(tokens, start_pos)``."""
+    """The model of an opened store model (or a store directory), ready for ``forward(tokens, start_pos)``.
+
+    activations: how float32 activations meet block-format weights (``engine.formats.linear.ACTIVATIONS``):
+    "auto" int8 per block on prompts (multi-token forwards), float32 on one-token decode; "float32"
+    never rounded; "int8" always. Nothing changes for other dtypes or float weights."""
+    try:
+        activations = check_activations(activations)
+    except ValueError as e:
+        raise MoeinfError(str(e)) from None
     store = as_store_model(store)
     model_root = store.root
     device = torch.device(device)
@@ -144,5 +165,8 @@ def load_model(
         model.lm_head.weight = model.embed_tokens.weight
     model.requires_grad_(False)
     model.eval()
+    # the mode matters only where float32 activations meet block-format weights: elsewhere (bf16, float
+    # weights) it is "float32", and every forward runs as it did
+    model.activations = activations if dtype == torch.float32 and _has_block_weights(store, quantised) else "float32"
     model.setup_caches(max_seq_len, dtype, device)
     return model

@@ -19,10 +19,17 @@ from torch import nn
 
 from cuda_ext.cpu import Linear, decode_threads
 from engine.errors import MoeinfError
+from engine.formats.linear import int8_activations
 from engine.model.args import ModelArgs
 from engine.model.layers.context import BatchContext, StepContext
 from engine.model.layers.norm import RMSNorm
 from engine.model.layers.rope import RotaryEmbedding
+
+# activations="auto": forwards of at least this many tokens take int8 activations. The int8 GEMM overtakes
+# the float32 kernels from 16 rows per product on the 32-value formats (cuda_ext.quant.AUTO_MIN_ROWS), and
+# a prompt's experts get T * top_k / experts rows each: 16 at 64 tokens on Mixtral's 8 experts, top-2.
+# Shorter prompts cost a few ms either way and keep float32 (the demo's 37-token answer with them).
+AUTO_INT8_TOKENS = 64
 
 
 class DecoderLayer(nn.Module):
@@ -79,6 +86,17 @@ class CausalLM(nn.Module):
         self.native_step = True
         self._step: object = False
         self._step_seen = -1
+        # float32 activations on block-format weights (engine.formats.linear.ACTIVATIONS): "float32" never
+        # rounds them; "auto" rounds them to int8 per block on forwards of AUTO_INT8_TOKENS tokens or more, in
+        # products of cuda_ext.quant.AUTO_MIN_ROWS rows or more
+        # (prompts), "int8" on every forward (decode too, as llama.cpp)
+        self.activations = "float32"
+
+    def _int8(self, tokens: int) -> bool | str:
+        """How a forward of ``tokens`` rows rounds float32 activations (``cuda_ext.quant.int8_activations``):
+        True (every product), "auto" (products of enough rows: a prompt's), False (none)."""
+        mode = self.activations
+        return True if mode == "int8" else "auto" if mode == "auto" and tokens >= AUTO_INT8_TOKENS else False
 
     def _apply(self, fn, recurse=True):
         self._step = False  # new tensors: describe them again
@@ -133,7 +151,8 @@ class CausalLM(nn.Module):
         ctx = StepContext(start_pos=start_pos, seqlen=T, device=device, slot=slot)
         if self.rotary is not None:
             ctx.cos, ctx.sin = self.rotary(start_pos, T)
-        with decode_threads(T == 1 and device.type == "cpu"):
+        int8 = self._int8(T)
+        with decode_threads((T == 1 or bool(int8)) and device.type == "cpu"), int8_activations(int8):
             x = self.embed_tokens(tokens.to(device))
             out = None
             if T == 1 and self.native_step and x.dtype == torch.bfloat16 and device.type == "cpu":
@@ -177,7 +196,8 @@ class CausalLM(nn.Module):
         if self.rotary is not None:
             ctx.cos = torch.cat([s.cos for s in steps])
             ctx.sin = torch.cat([s.sin for s in steps])
-        with decode_threads(len(tokens) == 1 and device.type == "cpu"):
+        int8 = self._int8(len(tokens))
+        with decode_threads((len(tokens) == 1 or bool(int8)) and device.type == "cpu"), int8_activations(int8):
             x = self.embed_tokens(tokens.to(device))
             for layer in self.layers:
                 x = layer(x, ctx)

@@ -391,13 +391,17 @@ def load(
     expert_budget: str | None = None,
     policy: str | None = None,
     verbose: bool = False,
+    activations: str = "auto",
 ) -> Session:
     """Load a store model (a name from ``moeinf pull``, or a store directory) into a ``Session``.
 
     device: "cpu" or "cuda[:N]"; dtype: float32/bfloat16/float16 (default: the stored dtype);
     ctx: KV-cache length in tokens (prompt plus reply); expert_budget: how much of the routed experts
     stays in fast memory ("25%", "2GB", "100%" = all; None = "auto": what fits the free memory);
-    policy: expert cache policy (a name of ``engine.policy.registry``; None = its default).
+    policy: expert cache policy (a name of ``engine.policy.registry``; None = its default);
+    activations: how float32 activations meet block-format (GGUF) weights on the CPU: "auto" (int8 per
+    block on prompts, as llama.cpp; float32 on one-token decode), "float32" (never rounded), "int8"
+    (decode too).
     Routing traces are recorded per generation under ``$MOEINF_HOME/traces/<model>``.
     """
     import sys
@@ -423,7 +427,8 @@ def load(
 
     from engine.model.loader import load_model
 
-    model = load_model(store, dtype=torch_dtype, device=dev, experts=experts, max_seq_len=int(ctx))
+    model = load_model(store, dtype=torch_dtype, device=dev, experts=experts, max_seq_len=int(ctx),
+                       activations=activations)
     load_s = time.perf_counter() - t0
     return Session(model, tokenizer, ctx=int(ctx), name=name, model_root=root, device=dev, dtype=torch_dtype,
                    experts=experts, recorder=recorder, load_s=load_s, config=store.config,

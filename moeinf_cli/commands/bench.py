@@ -7,7 +7,15 @@ import sys
 
 import typer
 
-from moeinf_cli.options import BUDGET_FORMS, DEFAULT_POLICY, DEVICE, DTYPE, POLICY_NAMES, with_options
+from moeinf_cli.options import (
+    ACTIVATIONS,
+    BUDGET_FORMS,
+    DEFAULT_POLICY,
+    DEVICE,
+    DTYPE,
+    POLICY_NAMES,
+    with_options,
+)
 
 HELP = """Benchmark a model: load time, time to first token, decode speed, expert-cache behaviour.
 
@@ -41,7 +49,7 @@ def _batch_sizes(text: str) -> list[int]:
 
 def register(app: typer.Typer) -> None:
     @app.command("bench", help=HELP)
-    @with_options(DEVICE, DTYPE)
+    @with_options(DEVICE, DTYPE, ACTIVATIONS)
     def bench(
         model: str | None = typer.Argument(
             None, metavar="MODEL", help="Model name in the store (omit with --synthetic)."
@@ -96,6 +104,7 @@ def register(app: typer.Typer) -> None:
         *,
         device: str,
         dtype: str | None,
+        activations: str | None,
     ) -> None:
         from engine.bench.run import bench_main
 
@@ -116,6 +125,7 @@ def register(app: typer.Typer) -> None:
             device=device,
             seed=seed,
             batches=_batch_sizes(batch_sizes),
+            activations=activations or "auto",
             progress=None if as_json else lambda msg: print(msg, file=sys.stderr),
         )
         if as_json:

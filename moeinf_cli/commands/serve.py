@@ -63,6 +63,13 @@ def _check_load_options(load: dict) -> None:
     if load.get("policy") is not None:
         policy_class(load["policy"])
     canonical_dtype(load.get("dtype"))
+    if load.get("activations") is not None:
+        from engine.formats.linear import check_activations
+
+        try:
+            check_activations(load["activations"])
+        except ValueError as e:
+            raise MoeinfError(str(e)) from None
     resolve_device(load.get("device", "auto"))
 
 

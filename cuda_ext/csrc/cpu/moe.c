@@ -32,6 +32,7 @@ typedef struct {
     int k, type, act, rb_gate, rb_down;  /* rb_*: bytes per row of a block-format matrix */
     int type_down;                       /* f32: the down matrices' block type */
     int f32;                             /* float32 x, h and biases (block formats only) */
+    int int8;                            /* f32 with x and h rounded to int8 per block of 32 (quant.c's rows) */
     int64_t H, I;
     const void *x;                       /* [H] bf16, or float32 when f32 */
     const void *gate[MAX_EXPERTS], *up[MAX_EXPERTS], *down[MAX_EXPERTS];
@@ -89,12 +90,14 @@ static inline float activate_f32(const experts_job *j, int e, int64_t n, float g
     return (u + 1.0f) * (g * (1.0f / (1.0f + expf(-(g * j->alpha)))));
 }
 
-/* float32 experts (f32): phase 0 writes hf (the k * I gate/up rows split into parts), phase 1 reads it
-   (the H output rows split into parts, every expert's share of a row added in expert order) */
+/* float32 experts (f32): phase 0 writes hf (the k * I gate/up rows split into parts); with int8
+   activations phase 1 quantises it per block of 32; the last phase reads it (the H output rows split
+   into parts, every expert's share of a row added in expert order) */
 static void experts_phase_f32(void *arg, int phase, int part, int parts) {
     experts_job *j = arg;
     const int64_t H = j->H, I = j->I;
     frow_fn row = moeinf_frow_function(j->type), row_down = moeinf_frow_function(j->type_down);
+    row_fn qrow = moeinf_row_function(j->type), qrow_down = moeinf_row_function(j->type_down);
     const float *x = (const float *)j->x;
     int64_t lo, hi;
     if (phase == 0) {
@@ -103,8 +106,23 @@ static void experts_phase_f32(void *arg, int phase, int part, int parts) {
             int e = (int)(r / I);
             int64_t n = r - e * I;
             const uint8_t *gw = (const uint8_t *)j->gate[e], *uw = (const uint8_t *)j->up[e];
-            float g = row(gw + n * j->rb_gate, x, H / 32), u = row(uw + n * j->rb_gate, x, H / 32);
+            float g, u;
+            if (j->int8) {
+                g = qrow(gw + n * j->rb_gate, &j->xq, H / 32);
+                u = qrow(uw + n * j->rb_gate, &j->xq, H / 32);
+            } else {
+                g = row(gw + n * j->rb_gate, x, H / 32);
+                u = row(uw + n * j->rb_gate, x, H / 32);
+            }
             j->hf[r] = activate_f32(j, e, n, g, u);
+        }
+        return;
+    }
+    if (j->int8 && phase == 1) { /* h quantised per block of 32 for the down products */
+        int64_t blocks = j->k * I / 32;
+        for (int64_t b = blocks * part / parts; b < blocks * (part + 1) / parts; b++) {
+            int sum = moeinf_quantize_block(j->hf + 32 * b, j->hq + 32 * b, j->hd + b);
+            j->hs[b] = j->hd[b] * (float)sum;
         }
         return;
     }
@@ -113,7 +131,14 @@ static void experts_phase_f32(void *arg, int phase, int part, int parts) {
         float sum = j->acc[n];
         for (int e = 0; e < j->k; e++) {
             const float *db = (const float *)j->down_bias[e];
-            float d = row_down((const uint8_t *)j->down[e] + n * j->rb_down, j->hf + e * I, I / 32);
+            const uint8_t *dw = (const uint8_t *)j->down[e] + n * j->rb_down;
+            float d;
+            if (j->int8) {
+                xq_t hq = {j->hq + e * I, j->hd + e * (I / 32), j->hs + e * (I / 32)};
+                d = qrow_down(dw, &hq, I / 32);
+            } else {
+                d = row_down(dw, j->hf + e * I, I / 32);
+            }
             if (db) d += db[n];
             sum += d * j->coef[e];
         }
@@ -239,8 +264,8 @@ static void run_experts(experts_job *j, int nthreads) {
     int64_t small = j->H < j->k * j->I ? j->H : j->k * j->I;
     if ((int64_t)nt * 16 > small) nt = (int)((small + 15) / 16);
     if (nt < 1) nt = 1;
-    if (j->f32) {
-        moeinf_pool_run_phases(experts_phase_f32, j, 2, nt, nt);
+    if (j->f32) { /* float32 x: gate/up, (int8 activations: h quantised), down */
+        moeinf_pool_run_phases(experts_phase_f32, j, j->int8 ? 3 : 2, nt, nt);
         return;
     }
     j->units = j->k - j->k % nt;
@@ -297,10 +322,23 @@ int moeinf_experts_acc(const uint16_t *x, int k, const void *const *gate, const 
 
 /* moeinf_experts_acc for float32 x [H] on block-format experts (type a GGUF block type, H and I multiples
    of its block), float32 biases (or NULL). Returns 0, or -1 for what it cannot do. */
+static int experts_f32(const float *x, int k, const void *const *gate, const void *const *up,
+                       const void *const *down, const float *const *gate_bias, const float *const *up_bias,
+                       const float *const *down_bias, const float *coef, int type, int64_t H, int64_t I,
+                       int act, float alpha, float limit, float *acc, int nthreads, int int8);
+
 int moeinf_experts_acc_f32(const float *x, int k, const void *const *gate, const void *const *up,
                            const void *const *down, const float *const *gate_bias, const float *const *up_bias,
                            const float *const *down_bias, const float *coef, int type, int64_t H, int64_t I,
                            int act, float alpha, float limit, float *acc, int nthreads) {
+    return experts_f32(x, k, gate, up, down, gate_bias, up_bias, down_bias, coef, type, H, I, act, alpha, limit, acc,
+                       nthreads, 0);
+}
+
+static int experts_f32(const float *x, int k, const void *const *gate, const void *const *up,
+                       const void *const *down, const float *const *gate_bias, const float *const *up_bias,
+                       const float *const *down_bias, const float *coef, int type, int64_t H, int64_t I,
+                       int act, float alpha, float limit, float *acc, int nthreads, int int8) {
     int values, bytes, dvalues, dbytes;
     const int type_down = (type >> 8) & 0xff ? (type >> 8) & 0xff : type & 0xff;
     type &= 0xff;
@@ -314,8 +352,34 @@ int moeinf_experts_acc_f32(const float *x, int k, const void *const *gate, const
     j.type_down = type_down;
     j.rb_gate = (int)(H / values * bytes);
     j.rb_down = (int)(I / dvalues * dbytes);
-    j.hf = moeinf_scratch(sizeof(float) * (size_t)(k * I) + 64);
-    if (!j.hf) return -1;
+    if (int8) {
+        size_t kI = (size_t)(k * I), need = sizeof(float) * kI + kI + 2 * sizeof(float) * (kI / 32) +
+                                          (size_t)H + 2 * sizeof(float) * (size_t)(H / 32) + 256;
+        char *mem = moeinf_scratch(need);
+        if (!mem) return -1;
+        j.hf = (float *)mem;
+        j.hq = (int8_t *)(mem + ((sizeof(float) * kI + 63) & ~(size_t)63));
+        j.hd = (float *)(j.hq + ((kI + 63) & ~(size_t)63));
+        j.hs = j.hd + kI / 32;
+        int8_t *xq = (int8_t *)(j.hs + kI / 32);
+        float *xd = (float *)(xq + ((H + 63) & ~(int64_t)63)), *xs = xd + H / 32;
+        moeinf_quantize_x(x, 0, H, xq, xd, xs);
+        j.xq = (xq_t){xq, xd, xs};
+        j.int8 = 1;
+    } else {
+        j.hf = moeinf_scratch(sizeof(float) * (size_t)(k * I) + 64);
+        if (!j.hf) return -1;
+    }
     run_experts(&j, nthreads);
     return 0;
+}
+
+/* moeinf_experts_acc_f32 with x and h rounded to int8 per block of 32 (quant.c's row kernels, as llama.cpp
+   multiplies a decode token): activations="int8" on one-token decode. */
+int moeinf_experts_acc_f32_int8(const float *x, int k, const void *const *gate, const void *const *up,
+                                const void *const *down, const float *const *gate_bias, const float *const *up_bias,
+                                const float *const *down_bias, const float *coef, int type, int64_t H, int64_t I,
+                                int act, float alpha, float limit, float *acc, int nthreads) {
+    return experts_f32(x, k, gate, up, down, gate_bias, up_bias, down_bias, coef, type, H, I, act, alpha, limit, acc,
+                       nthreads, 1);
 }

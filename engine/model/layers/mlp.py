@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from cuda_ext.cpu import Linear, swiglu_accumulate
+from cuda_ext.quant import qgemm_swiglu
 from engine.model.experts import ExpertWeights
 from engine.model.layers.activations import activation
 
@@ -47,4 +48,8 @@ class MLP(nn.Module):
             acc = torch.zeros(x.shape, dtype=torch.float32)
             if swiglu_accumulate(x, w, 1.0, acc):
                 return acc.to(x.dtype)
+        if self.native_swiglu and x.dtype == torch.float32 and self.gate_proj.bias is None and x.dim() == 2:
+            h = qgemm_swiglu(x, self.gate_proj.weight, self.up_proj.weight)  # an int8 prompt: one call
+            if h is not None:
+                return self.down_proj(h)
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
