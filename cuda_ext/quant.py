@@ -97,6 +97,26 @@ def max_tokens(dtype: torch.dtype, fmt: str | None = None) -> int:
     return MAX_TOKENS_F32_BY_FORMAT.get(fmt, MAX_TOKENS_F32) if fmt else MAX_TOKENS_F32
 
 
+
+def _rows(x: torch.Tensor, blocks: torch.Tensor, fmt: str, k: int) -> int | None:
+    """N, the rows of W stored as ``blocks`` in ``fmt`` (each ``row_bytes(fmt, k)``), when the kernels
+    take x [M >= 1, k] on the CPU against them; None where they do not (then the caller's fallback)."""
+    if (
+        fmt not in BLOCKS
+        or x.dim() != 2
+        or x.shape[0] < 1
+        or x.shape[1] != k
+        or k % BLOCKS[fmt].values
+        or x.device.type != "cpu"
+        or blocks.device.type != "cpu"
+        or blocks.dtype != torch.uint8
+        or not blocks.is_contiguous()
+    ):
+        return None
+    rb = row_bytes(fmt, k)
+    return None if blocks.numel() % rb else blocks.numel() // rb
+
+
 def qlinear(
     x: torch.Tensor,
     blocks: torch.Tensor,
@@ -111,23 +131,15 @@ def qlinear(
     out_dtype = out_dtype or x.dtype
     if (
         lib is None
-        or fmt not in BLOCKS
-        or x.dim() != 2
-        or not 1 <= x.shape[0] <= max_tokens(x.dtype, fmt)
-        or x.shape[1] != k
-        or k % BLOCKS[fmt].values
         or x.dtype not in (torch.bfloat16, torch.float32)
         or out_dtype not in (torch.bfloat16, torch.float32)
-        or x.device.type != "cpu"
-        or blocks.device.type != "cpu"
-        or blocks.dtype != torch.uint8
-        or not blocks.is_contiguous()
+        or x.dim() != 2
+        or x.shape[0] > max_tokens(x.dtype, fmt)
     ):
         return None
-    rb = row_bytes(fmt, k)
-    if blocks.numel() % rb:
+    n = _rows(x, blocks, fmt, k)
+    if n is None:
         return None
-    n = blocks.numel() // rb
     if bias is not None and (
         bias.dtype not in ((torch.bfloat16, torch.float32) if x.dtype == torch.float32 else (torch.bfloat16,))
         or bias.device.type != "cpu"
@@ -181,24 +193,11 @@ def qgemm(
     """``x @ W.T + bias`` (float32 [M, N]) for float32 x [M, K], any M, with the activations rounded to
     int8 per block (module doc); None when the native kernel does not apply."""
     lib = loader.cpu()
-    if (
-        lib is None
-        or fmt not in BLOCKS
-        or x.dim() != 2
-        or x.shape[0] < 1
-        or x.shape[1] != k
-        or k % BLOCKS[fmt].values
-        or x.dtype != torch.float32
-        or x.device.type != "cpu"
-        or blocks.device.type != "cpu"
-        or blocks.dtype != torch.uint8
-        or not blocks.is_contiguous()
-    ):
+    if lib is None or x.dtype != torch.float32:
         return None
-    rb = row_bytes(fmt, k)
-    if blocks.numel() % rb:
+    n = _rows(x, blocks, fmt, k)
+    if n is None:
         return None
-    n = blocks.numel() // rb
     if bias is not None:
         if bias.device.type != "cpu" or bias.numel() != n:
             return None
