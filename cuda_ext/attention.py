@@ -173,14 +173,32 @@ def decode(
     s = plan.struct
     if not _bf16_cpu(x, s.hidden) or not 0 <= pos < s.max_seq:
         return None
+    return run_decode("moeinf_attn_decode", plan, x, cos, sin, slot, pos, threads, _bf16_cpu, torch.bfloat16)
+
+
+def run_decode(
+    name: str,
+    plan: DecodePlan,
+    x: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    slot: int,
+    pos: int,
+    threads: int,
+    ok,
+    dtype: torch.dtype,
+) -> torch.Tensor | None:
+    """The native decode call ``name`` of a plan (x already checked): the rotary rows checked with ``ok``
+    (``blocks.bf16_cpu`` or ``f32_cpu``), the output [1, hidden] of ``dtype``; None when it cannot run."""
+    s = plan.struct
     if cos is not None:
-        if sin is None or not (_bf16_cpu(cos, s.head_dim) and _bf16_cpu(sin, s.head_dim)):
+        if sin is None or not (ok(cos, s.head_dim) and ok(sin, s.head_dim)):
             return None
     lib = loader.cpu()
     if lib is None:
         return None
-    out = torch.empty(1, s.hidden, dtype=torch.bfloat16)
-    err = lib.lib.moeinf_attn_decode(
+    out = torch.empty(1, s.hidden, dtype=dtype)
+    err = getattr(lib.lib, name)(
         plan.address,
         x.data_ptr(),
         None if cos is None else cos.data_ptr(),

@@ -18,7 +18,7 @@ import ctypes
 import torch
 
 from cuda_ext import loader
-from cuda_ext.attention import DecodePlan
+from cuda_ext.attention import DecodePlan, run_decode
 from cuda_ext.blocks import block_weight as _blocks
 from cuda_ext.blocks import f32_cpu as _f32_cpu
 
@@ -103,21 +103,4 @@ def decode(
     s = plan.struct
     if not _f32_cpu(x, s.hidden) or not 0 <= pos < s.max_seq or not 0 <= slot < plan.tensors[-2].shape[0]:
         return None
-    if cos is not None:
-        if sin is None or not (_f32_cpu(cos, s.head_dim) and _f32_cpu(sin, s.head_dim)):
-            return None
-    lib = loader.cpu()
-    if lib is None:
-        return None
-    out = torch.empty(1, s.hidden, dtype=torch.float32)
-    err = lib.lib.moeinf_attn_decode_f32(
-        plan.address,
-        x.data_ptr(),
-        None if cos is None else cos.data_ptr(),
-        None if sin is None else sin.data_ptr(),
-        slot,
-        pos,
-        out.data_ptr(),
-        threads,
-    )
-    return out if err == 0 else None
+    return run_decode("moeinf_attn_decode_f32", plan, x, cos, sin, slot, pos, threads, _f32_cpu, torch.float32)
