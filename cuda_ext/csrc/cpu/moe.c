@@ -27,6 +27,7 @@
 #include "common.h"
 
 #define MAX_EXPERTS 32
+#define DOWN_RUN 32 /* output rows of every expert's down taken together (float32 experts) */
 
 typedef struct {
     int k, type, act, rb_gate, rb_down;  /* rb_*: bytes per row of a block-format matrix */
@@ -96,24 +97,33 @@ static inline float activate_f32(const experts_job *j, int e, int64_t n, float g
 static void experts_phase_f32(void *arg, int phase, int part, int parts) {
     experts_job *j = arg;
     const int64_t H = j->H, I = j->I;
-    frow_fn row = moeinf_frow_function(j->type), row_down = moeinf_frow_function(j->type_down);
     row_fn qrow = moeinf_row_function(j->type), qrow_down = moeinf_row_function(j->type_down);
     const float *x = (const float *)j->x;
     int64_t lo, hi;
     if (phase == 0) {
         split_rows(j->k * I, part, parts, &lo, &hi);
+        if (!j->int8) { /* each expert's rows in runs, several rows a pass (quant_f32.c's fmrows) */
+            fmrows_fn rows = moeinf_fmrows_function(j->type);
+            float g[CHUNK], u[CHUNK];
+            for (int64_t r = lo; r < hi;) {
+                const int e = (int)(r / I);
+                const int64_t n0 = r - e * I, n1 = n0 + (hi - r) < I ? n0 + (hi - r) : I;
+                for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
+                    const int64_t c1 = c0 + CHUNK < n1 ? c0 + CHUNK : n1;
+                    rows((const uint8_t *)j->gate[e] + c0 * j->rb_gate, j->rb_gate, c1 - c0, x, H / 32, g);
+                    rows((const uint8_t *)j->up[e] + c0 * j->rb_gate, j->rb_gate, c1 - c0, x, H / 32, u);
+                    for (int64_t n = c0; n < c1; n++) j->hf[e * I + n] = activate_f32(j, e, n, g[n - c0], u[n - c0]);
+                }
+                r += n1 - n0;
+            }
+            return;
+        }
         for (int64_t r = lo; r < hi; r++) {
             int e = (int)(r / I);
             int64_t n = r - e * I;
             const uint8_t *gw = (const uint8_t *)j->gate[e], *uw = (const uint8_t *)j->up[e];
-            float g, u;
-            if (j->int8) {
-                g = qrow(gw + n * j->rb_gate, &j->xq, H / 32);
-                u = qrow(uw + n * j->rb_gate, &j->xq, H / 32);
-            } else {
-                g = row(gw + n * j->rb_gate, x, H / 32);
-                u = row(uw + n * j->rb_gate, x, H / 32);
-            }
+            float g = qrow(gw + n * j->rb_gate, &j->xq, H / 32);
+            float u = qrow(uw + n * j->rb_gate, &j->xq, H / 32);
             j->hf[r] = activate_f32(j, e, n, g, u);
         }
         return;
@@ -127,18 +137,33 @@ static void experts_phase_f32(void *arg, int phase, int part, int parts) {
         return;
     }
     split_rows(H, part, parts, &lo, &hi);
+    if (!j->int8) { /* DOWN_RUN rows of every expert, then each row's sum over the experts in order */
+        fmrows_fn rows = moeinf_fmrows_function(j->type_down);
+        float d[MAX_EXPERTS][DOWN_RUN];
+        for (int64_t c0 = lo; c0 < hi; c0 += DOWN_RUN) {
+            const int64_t c1 = c0 + DOWN_RUN < hi ? c0 + DOWN_RUN : hi;
+            for (int e = 0; e < j->k; e++)
+                rows((const uint8_t *)j->down[e] + c0 * j->rb_down, j->rb_down, c1 - c0, j->hf + e * I, I / 32, d[e]);
+            for (int64_t n = c0; n < c1; n++) {
+                float sum = j->acc[n];
+                for (int e = 0; e < j->k; e++) {
+                    const float *db = (const float *)j->down_bias[e];
+                    float v = d[e][n - c0];
+                    if (db) v += db[n];
+                    sum += v * j->coef[e];
+                }
+                j->acc[n] = sum;
+            }
+        }
+        return;
+    }
     for (int64_t n = lo; n < hi; n++) {
         float sum = j->acc[n];
         for (int e = 0; e < j->k; e++) {
             const float *db = (const float *)j->down_bias[e];
             const uint8_t *dw = (const uint8_t *)j->down[e] + n * j->rb_down;
-            float d;
-            if (j->int8) {
-                xq_t hq = {j->hq + e * I, j->hd + e * (I / 32), j->hs + e * (I / 32)};
-                d = qrow_down(dw, &hq, I / 32);
-            } else {
-                d = row_down(dw, j->hf + e * I, I / 32);
-            }
+            xq_t hq = {j->hq + e * I, j->hd + e * (I / 32), j->hs + e * (I / 32)};
+            float d = qrow_down(dw, &hq, I / 32);
             if (db) d += db[n];
             sum += d * j->coef[e];
         }
