@@ -5,7 +5,8 @@ each compiled as the loader's native build (``-O3 -march=native``) into a librar
 Two products, one token (float32 x), on the threads given:
 * ``fgemv``: one matrix N x K in a block format (``moeinf_fgemv``, M = 1);
 * ``experts``: a token's k SwiGLU experts H -> I -> H (``moeinf_experts_acc_f32``), as a GGUF model's
-  decode runs them (``--down`` names the down matrices' format apart, as Q4_K_M's q6_k).
+  decode runs them (``fmt/down`` names the down matrices' format apart, as Q4_K_M's q6_k); with
+  ``--bf16-x``, ``moeinf_experts_acc`` (bf16 x: a bf16 model's block-format experts, the native step's).
 
 Weights are random blocks with fixed, normal scales, several copies of each case so that a pass
 reads ``--mib`` of them (from memory, not cache, where that exceeds L3). Each round runs A then B
@@ -51,6 +52,8 @@ def build(src: Path, out: Path) -> ctypes.CDLL:
     lib.moeinf_fgemv.restype = _int
     lib.moeinf_experts_acc_f32.argtypes = [_p, _int, _p, _p, _p, _p, _p, _p, _p, _int, _i64, _i64, _int, _f32, _f32, _p, _int]
     lib.moeinf_experts_acc_f32.restype = _int
+    lib.moeinf_experts_acc.argtypes = lib.moeinf_experts_acc_f32.argtypes
+    lib.moeinf_experts_acc.restype = _int
     return lib
 
 
@@ -88,6 +91,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--calls", type=int, default=30)
+    ap.add_argument("--bf16-x", action="store_true",
+                    help="the experts with bf16 x (moeinf_experts_acc: a bf16 model's block-format experts)")
     ap.add_argument("--cpu-time", action="store_true",
                     help="time by the calling thread's CPU time (with --threads 1: the kernels' own rate, "
                     "which other programs on the cores do not slow)")
@@ -131,17 +136,19 @@ def main() -> None:
                 sets.append((mats, ptr(*[m[0].ctypes.data for m in mats]), ptr(*[m[1].ctypes.data for m in mats]),
                              ptr(*[m[2].ctypes.data for m in mats])))
             x = (rng.standard_normal(h) * 0.5).astype(np.float32)
+            xb = (x.view(np.uint32) >> 16).astype(np.uint16)  # bf16 x (truncated) for --bf16-x
             coef = np.full(k, 1.0 / k, np.float32)
             acc = np.zeros(h, np.float32)
             typ = FORMATS[fmt][0] | (FORMATS[down][0] << 8 if down != fmt else 0)
 
-            def run(lib, sets=sets, x=x, coef=coef, acc=acc, k=k, h=h, i=i, typ=typ):
+            def run(lib, sets=sets, x=x, xb=xb, coef=coef, acc=acc, k=k, h=h, i=i, typ=typ):
+                fn, xp = (lib.moeinf_experts_acc, xb.ctypes.data) if a.bf16_x else (lib.moeinf_experts_acc_f32, x.ctypes.data)
                 for _, g, u, d in sets:
-                    r = lib.moeinf_experts_acc_f32(x.ctypes.data, k, g, u, d, None, None, None, coef.ctypes.data, typ,
+                    r = fn(xp, k, g, u, d, None, None, None, coef.ctypes.data, typ,
                                                    h, i, 0, 0.0, 0.0, acc.ctypes.data, a.threads)
                     assert r == 0
 
-            cases.append((f"experts {fmt}{'/' + down if down != fmt else ''} {h}x{i} top-{k}", run, one * copies))
+            cases.append((f"experts{' bf16 x' if a.bf16_x else ''} {fmt}{'/' + down if down != fmt else ''} {h}x{i} top-{k}", run, one * copies))
         clock = time.thread_time if a.cpu_time else time.perf_counter
         print(f"A = {a.ref}, B = working tree; {'CPU time; ' if a.cpu_time else ''} {a.threads} threads, {a.rounds} rounds of {a.calls} calls each")
         print("| product | A GB/s | B GB/s | B time / A time |")
