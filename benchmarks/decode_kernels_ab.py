@@ -39,6 +39,7 @@ FORMATS = {
     "q5_k": (13, 256, 176, [0, 2]),
     "q6_k": (14, 256, 210, [208]),
     "mxfp4": (39, 32, 17, None),
+    "bf16": (0, 1, 2, None),  # plain bf16 weights (experts: moeinf_experts_acc with bf16 x)
 }
 _p, _i64, _int, _f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_float
 
@@ -72,6 +73,9 @@ def tree_at(ref: str, into: Path) -> Path:
 
 def blocks(fmt: str, rows: int, cols: int, rng: np.random.Generator) -> np.ndarray:
     _, values, nbytes, scales = FORMATS[fmt]
+    if fmt == "bf16":
+        w = (rng.standard_normal((rows, cols)) * 0.02).astype(np.float32)
+        return np.ascontiguousarray((w.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8))
     b = rng.integers(0, 256, size=(rows * cols // values, nbytes), dtype=np.uint8)
     if scales is None:
         b[:, 0] = 120  # e8m0: 2^-7
@@ -142,7 +146,7 @@ def main() -> None:
             typ = FORMATS[fmt][0] | (FORMATS[down][0] << 8 if down != fmt else 0)
 
             def run(lib, sets=sets, x=x, xb=xb, coef=coef, acc=acc, k=k, h=h, i=i, typ=typ):
-                fn, xp = (lib.moeinf_experts_acc, xb.ctypes.data) if a.bf16_x else (lib.moeinf_experts_acc_f32, x.ctypes.data)
+                fn, xp = (lib.moeinf_experts_acc, xb.ctypes.data) if a.bf16_x or typ == 0 else (lib.moeinf_experts_acc_f32, x.ctypes.data)
                 for _, g, u, d in sets:
                     r = fn(xp, k, g, u, d, None, None, None, coef.ctypes.data, typ,
                                                    h, i, 0, 0.0, 0.0, acc.ctypes.data, a.threads)

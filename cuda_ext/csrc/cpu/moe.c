@@ -30,6 +30,12 @@
 #include "common.h"
 
 #define MAX_EXPERTS 32
+#ifndef UNIT_MAX_BYTES
+#define UNIT_MAX_BYTES (4 << 20) /* experts of more bytes (about; block formats counted as 1 a weight) go by rows */
+#endif
+#ifndef ROW_PARTS
+#define ROW_PARTS 4 /* parts a thread, by rows */
+#endif
 #ifndef F32_ROW_BYTES
 #define F32_ROW_BYTES 1152 /* bf16 x on block rows up to this long: the float32 rows (faster there than int8) */
 #endif
@@ -310,6 +316,14 @@ static void run_experts(experts_job *j, int nthreads) {
     if (nt < 1) nt = 1;
     if (j->f32) { /* float32 x: gate/up, (int8 activations: h quantised), down */
         moeinf_pool_run_phases(experts_phase_f32, j, j->int8 ? 3 : 2, nt, nt);
+        return;
+    }
+    /* big experts by rows in more parts than threads: a thread the OS takes away mid-expert (other
+       programs on the cores) then holds back one part of several, not a whole expert */
+    const int64_t expert_bytes = 3 * j->H * j->I * (j->type ? 1 : 2);
+    if (expert_bytes > UNIT_MAX_BYTES && nt > 1) {
+        j->units = 0;
+        moeinf_pool_run_phases(experts_unit_phase, j, 3, ROW_PARTS * nt, nt);
         return;
     }
     j->units = j->k - j->k % nt;
