@@ -302,7 +302,9 @@ def experts_accumulate(
     the down matrices may be in another), in
     one native call (``csrc/cpu/moe.c``: every expert back to back in the pool), added in the order
     given; acc [1, H] float32 contiguous. x [1, H] bf16: rounded to bf16 where the torch path rounds
-    (block formats: the activations quantised to int8 per block, as ``cuda_ext.quant``). x float32
+    (block formats: the activations quantised to int8 per block, as ``cuda_ext.quant``; where every
+    row is short, as many small experts' are, x and h instead meet the blocks unrounded in the float32
+    rows, within that bound). x float32
     (block formats only, float32 biases): everything in float32, each block dequantised in registers
     to the values the torch path multiplies, no activation rounded; under
     ``cuda_ext.quant.int8_activations(True)`` (``activations="int8"``) x and h rounded to int8 per block

@@ -140,6 +140,28 @@ def test_grouped_experts_on_stored_blocks_equal_one_call_per_expert(kernels, fmt
     assert all(torch.equal(r, results[0]) for r in results[1:]), kernels
 
 
+def test_big_bf16_experts_by_rows_are_the_experts_whole():
+    """Experts over 4 MB go by rows in several parts a thread on two threads (whole experts on one): the
+    same bits either way, and as one call per expert."""
+    experts = _bf16_experts(3, 1024, 768, seed=9)
+    coefs = [0.5, 0.3, 0.2]
+    x = torch.randn(1, 1024, generator=torch.Generator().manual_seed(4)).bfloat16()
+    before = torch.get_num_threads()
+    try:
+        results = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            grouped = torch.full((1, 1024), 0.5)
+            assert cpu.experts_accumulate(x, experts, coefs, grouped)
+            one_by_one = torch.full((1, 1024), 0.5)
+            for w, c in zip(experts, coefs, strict=True):
+                assert cpu.swiglu_accumulate(x, w, c, one_by_one)
+            results += [grouped, one_by_one]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(r, results[0]) for r in results[1:])
+
+
 def test_grouped_experts_decline_what_they_cannot_do():
     experts = _bf16_experts(2, 64, 32, seed=1)
     x = torch.randn(1, 64).bfloat16()

@@ -197,6 +197,22 @@ def test_float32_same_bits_for_any_tokens_and_threads(kernels, fmt):
     assert torch.equal(alone, together) and torch.equal(three, alone[:3]), kernels
 
 
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_float32_one_token_rows_together_are_the_one_row_kernel(kernels, fmt):
+    """One token on several rows (AVX-512: four rows a pass over x, short rows; long rows one at a
+    time): every row the bits of the row alone, any row count (a remainder of 1-3 rows), and within the
+    float32 bound of the dequantised product."""
+    shapes = [(7, 768), (13, 2304), (4, 256)] if BLOCKS[fmt].values == 256 else [(7, 96), (13, 2080), (6, 1024), (4, 32)]
+    for i, (n, k) in enumerate(shapes):
+        blocks, dense = _weights(fmt, n, k, seed=70 + i)
+        x = torch.randn(1, k, generator=torch.Generator().manual_seed(i))
+        together = qlinear(x, blocks, fmt, k)
+        alone = torch.cat([qlinear(x, blocks[r : r + 1], fmt, k) for r in range(n)], dim=1)
+        assert torch.equal(together, alone), (kernels, fmt, n, k)
+        err = (together.double() - x.double() @ dense.double().T).abs()
+        assert (err <= _f32_bound(x, dense)).all(), (kernels, fmt, n, k, float(err.max()))
+
+
 def test_float32_vector_builds_give_the_same_bits(monkeypatch):
     """AVX-512 and AVX2 sum in the same order (64 lanes, the same pairwise tree): identical outputs."""
     features = loader.cpu_features() or frozenset()
@@ -212,8 +228,9 @@ def test_float32_vector_builds_give_the_same_bits(monkeypatch):
             blocks, _ = _weights(fmt, n, k, seed=2)
             x = torch.randn(3, k, generator=torch.Generator().manual_seed(1))
             outs[build].append(qlinear(x, blocks, fmt, k))
+            outs[build].append(qlinear(x[:1], blocks, fmt, k))  # one token: several rows a pass
     loader.reset()
-    for fmt, a, b in zip(FORMATS, outs["native"], outs["avx2"], strict=True):
+    for fmt, a, b in zip([f for f in FORMATS for _ in (3, 1)], outs["native"], outs["avx2"], strict=True):
         assert torch.equal(a, b), fmt
 
 

@@ -105,7 +105,7 @@ def _quantise_experts(model, fmt):
 
 @pytest.mark.parametrize("fmt,top_k", [("q4_0", 3), ("q8_0", 4)])
 def test_native_step_on_block_format_experts_is_the_layers_one_by_one(fmt, top_k):
-    """bf16 activations on experts kept in a block format (the int8 rows of quant.c): the step takes them
+    """bf16 activations on experts kept in a block format (short rows here: quant_f32.c's float32 rows): the step takes them
     (three experts on two threads: two whole, the third by rows) with the same bits as the layers."""
     root = make_synthetic_model(f"step-{fmt}", "qwen3_moe", num_layers=2, num_experts=8, top_k=top_k,
                                 hidden=128, intermediate=96, vocab=300, head_dim=32, kv_heads=2, heads=4)

@@ -135,5 +135,9 @@ static inline void *moeinf_scratch(size_t bytes) { return moeinf_scratch_for(SCR
 /* ---- block-format rows times float32 activations (quant_f32.c): no activation rounding */
 typedef float (*frow_fn)(const uint8_t *w, const float *x, int64_t nb);
 frow_fn moeinf_frow_function(int type);                         /* one row of `type` times x, nb = K / 32 */
+/* y[i] = row i of the n rows at w (rb bytes apart) times x for i < n, nb = K / 32: frow's bits, several
+   rows a pass */
+typedef void (*fmrows_fn)(const uint8_t *w, int64_t rb, int64_t n, const float *x, int64_t nb, float *y);
+fmrows_fn moeinf_fmrows_function(int type);
 
 #endif

@@ -4,7 +4,10 @@
        h_e = bf16(act(gate_e x, up_e x)),  d_e = down_e h_e,  acc += bf16(coef_e * bf16(d_e)), in order e = 0..k-1
 
    Weights are bf16 (type 0) or one block format (a GGUF type that quant.c takes: the activations x and
-   h_e are then quantised per block of 32, as there). One pool job of phases (pool.c: parts claimed by
+   h_e are then quantised per block of 32, as there; where every row is short, F32_ROW_BYTES, as many
+   small experts' are, x and h_e, bf16 values and so exact in float32, meet the blocks unrounded in
+   quant_f32.c's float32 rows, four rows a pass, which are the faster there: within the int8 bound,
+   dequantise-then-multiply up to the float32 sums' order). One pool job of phases (pool.c: parts claimed by
    whichever thread comes first, experts_unit_phase): as many experts as the threads divide run whole,
    one part each (gate/up, h_e, down, with no barrier between an expert's gate/up and its down, and
    whole experts claimed in turn to balance the threads), the others split by rows; each expert's
@@ -27,6 +30,16 @@
 #include "common.h"
 
 #define MAX_EXPERTS 32
+#ifndef UNIT_MAX_BYTES
+#define UNIT_MAX_BYTES (4 << 20) /* experts of more bytes (about; block formats counted as 1 a weight) go by rows */
+#endif
+#ifndef ROW_PARTS
+#define ROW_PARTS 4 /* parts a thread, by rows */
+#endif
+#ifndef F32_ROW_BYTES
+#define F32_ROW_BYTES 1152 /* bf16 x on block rows up to this long: the float32 rows (faster there than int8) */
+#endif
+#define DOWN_RUN 32 /* output rows of every expert's down taken together (float32 experts) */
 
 typedef struct {
     int k, type, act, rb_gate, rb_down;  /* rb_*: bytes per row of a block-format matrix */
@@ -40,7 +53,8 @@ typedef struct {
     float coef[MAX_EXPERTS];
     float alpha, limit;
     uint16_t *h;                         /* [k, I] bf16 */
-    float *hf;                           /* [k, I] float32 (f32) */
+    float *hf;                           /* [k, I] float32 (f32; bf16 x on short block rows: h's values) */
+    const float *xf;                     /* NULL, or bf16 x in float32 (short block rows: float32 rows) */
     xq_t xq;                             /* x quantised (block formats) */
     int8_t *hq;                          /* [k, I] h quantised */
     float *hd, *hs;                      /* [k, I / 32] */
@@ -96,24 +110,33 @@ static inline float activate_f32(const experts_job *j, int e, int64_t n, float g
 static void experts_phase_f32(void *arg, int phase, int part, int parts) {
     experts_job *j = arg;
     const int64_t H = j->H, I = j->I;
-    frow_fn row = moeinf_frow_function(j->type), row_down = moeinf_frow_function(j->type_down);
     row_fn qrow = moeinf_row_function(j->type), qrow_down = moeinf_row_function(j->type_down);
     const float *x = (const float *)j->x;
     int64_t lo, hi;
     if (phase == 0) {
         split_rows(j->k * I, part, parts, &lo, &hi);
+        if (!j->int8) { /* each expert's rows in runs, several rows a pass (quant_f32.c's fmrows) */
+            fmrows_fn rows = moeinf_fmrows_function(j->type);
+            float g[CHUNK], u[CHUNK];
+            for (int64_t r = lo; r < hi;) {
+                const int e = (int)(r / I);
+                const int64_t n0 = r - e * I, n1 = n0 + (hi - r) < I ? n0 + (hi - r) : I;
+                for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
+                    const int64_t c1 = c0 + CHUNK < n1 ? c0 + CHUNK : n1;
+                    rows((const uint8_t *)j->gate[e] + c0 * j->rb_gate, j->rb_gate, c1 - c0, x, H / 32, g);
+                    rows((const uint8_t *)j->up[e] + c0 * j->rb_gate, j->rb_gate, c1 - c0, x, H / 32, u);
+                    for (int64_t n = c0; n < c1; n++) j->hf[e * I + n] = activate_f32(j, e, n, g[n - c0], u[n - c0]);
+                }
+                r += n1 - n0;
+            }
+            return;
+        }
         for (int64_t r = lo; r < hi; r++) {
             int e = (int)(r / I);
             int64_t n = r - e * I;
             const uint8_t *gw = (const uint8_t *)j->gate[e], *uw = (const uint8_t *)j->up[e];
-            float g, u;
-            if (j->int8) {
-                g = qrow(gw + n * j->rb_gate, &j->xq, H / 32);
-                u = qrow(uw + n * j->rb_gate, &j->xq, H / 32);
-            } else {
-                g = row(gw + n * j->rb_gate, x, H / 32);
-                u = row(uw + n * j->rb_gate, x, H / 32);
-            }
+            float g = qrow(gw + n * j->rb_gate, &j->xq, H / 32);
+            float u = qrow(uw + n * j->rb_gate, &j->xq, H / 32);
             j->hf[r] = activate_f32(j, e, n, g, u);
         }
         return;
@@ -127,18 +150,33 @@ static void experts_phase_f32(void *arg, int phase, int part, int parts) {
         return;
     }
     split_rows(H, part, parts, &lo, &hi);
+    if (!j->int8) { /* DOWN_RUN rows of every expert, then each row's sum over the experts in order */
+        fmrows_fn rows = moeinf_fmrows_function(j->type_down);
+        float d[MAX_EXPERTS][DOWN_RUN];
+        for (int64_t c0 = lo; c0 < hi; c0 += DOWN_RUN) {
+            const int64_t c1 = c0 + DOWN_RUN < hi ? c0 + DOWN_RUN : hi;
+            for (int e = 0; e < j->k; e++)
+                rows((const uint8_t *)j->down[e] + c0 * j->rb_down, j->rb_down, c1 - c0, j->hf + e * I, I / 32, d[e]);
+            for (int64_t n = c0; n < c1; n++) {
+                float sum = j->acc[n];
+                for (int e = 0; e < j->k; e++) {
+                    const float *db = (const float *)j->down_bias[e];
+                    float v = d[e][n - c0];
+                    if (db) v += db[n];
+                    sum += v * j->coef[e];
+                }
+                j->acc[n] = sum;
+            }
+        }
+        return;
+    }
     for (int64_t n = lo; n < hi; n++) {
         float sum = j->acc[n];
         for (int e = 0; e < j->k; e++) {
             const float *db = (const float *)j->down_bias[e];
             const uint8_t *dw = (const uint8_t *)j->down[e] + n * j->rb_down;
-            float d;
-            if (j->int8) {
-                xq_t hq = {j->hq + e * I, j->hd + e * (I / 32), j->hs + e * (I / 32)};
-                d = qrow_down(dw, &hq, I / 32);
-            } else {
-                d = row_down(dw, j->hf + e * I, I / 32);
-            }
+            xq_t hq = {j->hq + e * I, j->hd + e * (I / 32), j->hs + e * (I / 32)};
+            float d = qrow_down(dw, &hq, I / 32);
             if (db) d += db[n];
             sum += d * j->coef[e];
         }
@@ -157,7 +195,11 @@ static void gate_up_rows(experts_job *j, int64_t r0, int64_t r1) {
         if (n1 > I) n1 = I;
         for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
             int64_t c1 = c0 + CHUNK < n1 ? c0 + CHUNK : n1;
-            if (row) {
+            if (j->xf) { /* short block rows: float32, several rows a pass */
+                fmrows_fn rows = moeinf_fmrows_function(j->type);
+                rows((const uint8_t *)j->gate[e] + c0 * j->rb_gate, j->rb_gate, c1 - c0, j->xf, H / 32, g);
+                rows((const uint8_t *)j->up[e] + c0 * j->rb_gate, j->rb_gate, c1 - c0, j->xf, H / 32, u);
+            } else if (row) {
                 const uint8_t *gw = (const uint8_t *)j->gate[e], *uw = (const uint8_t *)j->up[e];
                 for (int64_t n = c0; n < c1; n++) {
                     g[n - c0] = row(gw + n * j->rb_gate, &j->xq, H / 32);
@@ -173,9 +215,14 @@ static void gate_up_rows(experts_job *j, int64_t r0, int64_t r1) {
     }
 }
 
-/* blocks [b0, b1) of h (32 values each, never across experts: I is a multiple of 32) quantised */
+/* blocks [b0, b1) of h (32 values each, never across experts: I is a multiple of 32) quantised, or (float32
+   rows) converted to float32 */
 static void quantise_h(experts_job *j, int64_t b0, int64_t b1) {
     float tmp[32];
+    if (j->xf) {
+        for (int64_t i = 32 * b0; i < 32 * b1; i++) j->hf[i] = bf16_to_f32(j->h[i]);
+        return;
+    }
     for (int64_t b = b0; b < b1; b++) {
         for (int i = 0; i < 32; i++) tmp[i] = bf16_to_f32(j->h[32 * b + i]);
         int sum = moeinf_quantize_block(tmp, j->hq + 32 * b, j->hd + b);
@@ -191,7 +238,10 @@ static void down_rows(experts_job *j, int e, int64_t n0, int64_t n1) {
     float *vals = j->vals + e * H;
     for (int64_t c0 = n0; c0 < n1; c0 += CHUNK) {
         int64_t c1 = c0 + CHUNK < n1 ? c0 + CHUNK : n1;
-        if (row) {
+        if (j->xf) {
+            moeinf_fmrows_function(j->type)((const uint8_t *)j->down[e] + c0 * j->rb_down, j->rb_down, c1 - c0,
+                                            j->hf + e * I, I / 32, g);
+        } else if (row) {
             const uint8_t *dw = (const uint8_t *)j->down[e];
             xq_t hq = {j->hq + e * I, j->hd + e * (I / 32), j->hs + e * (I / 32)};
             for (int64_t n = c0; n < c1; n++) g[n - c0] = row(dw + n * j->rb_down, &hq, I / 32);
@@ -268,6 +318,14 @@ static void run_experts(experts_job *j, int nthreads) {
         moeinf_pool_run_phases(experts_phase_f32, j, j->int8 ? 3 : 2, nt, nt);
         return;
     }
+    /* big experts by rows in more parts than threads: a thread the OS takes away mid-expert (other
+       programs on the cores) then holds back one part of several, not a whole expert */
+    const int64_t expert_bytes = 3 * j->H * j->I * (j->type ? 1 : 2);
+    if (expert_bytes > UNIT_MAX_BYTES && nt > 1) {
+        j->units = 0;
+        moeinf_pool_run_phases(experts_unit_phase, j, 3, ROW_PARTS * nt, nt);
+        return;
+    }
     j->units = j->k - j->k % nt;
     moeinf_pool_run_phases(experts_unit_phase, j, 3, j->units + nt, nt);
 }
@@ -292,6 +350,7 @@ int moeinf_experts_acc_last(const uint16_t *x, int k, const void *const *gate, c
         j.rb_gate = (int)(H / values * bytes);
         j.rb_down = (int)(I / values * bytes);
         need += (size_t)H + 2 * sizeof(float) * (size_t)(H / 32) + (size_t)(k * I) + 2 * sizeof(float) * (size_t)(k * I / 32) + 256;
+        need += sizeof(float) * (size_t)(H + k * I) + 128;
     }
     char *mem = moeinf_scratch(need);
     if (!mem) return -1;
@@ -299,7 +358,14 @@ int moeinf_experts_acc_last(const uint16_t *x, int k, const void *const *gate, c
     char *p = mem + ((sizeof(uint16_t) * (size_t)(k * I) + 63) & ~(size_t)63);
     j.vals = (float *)p;
     p += (sizeof(float) * (size_t)(k * H) + 63) & ~(size_t)63;
-    if (type) {
+    if (type && j.rb_gate <= F32_ROW_BYTES && j.rb_down <= F32_ROW_BYTES) {
+        /* short rows (many small experts): x, bf16 values and so exact in float32, and h_e's bf16 values
+           meet the blocks in quant_f32.c's float32 rows, several rows a pass, no activation rounded */
+        float *xf = (float *)p;
+        for (int64_t i = 0; i < H; i++) xf[i] = bf16_to_f32(x[i]);
+        j.xf = xf;
+        j.hf = (float *)(p + ((sizeof(float) * (size_t)H + 63) & ~(size_t)63));
+    } else if (type) {
         int8_t *xq = (int8_t *)p;
         float *xd = (float *)(p + ((H + 63) & ~(int64_t)63)), *xs = xd + H / 32;
         moeinf_quantize_x(x, 1, H, xq, xd, xs);

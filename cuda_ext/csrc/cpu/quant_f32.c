@@ -21,7 +21,11 @@
                           once for up to four tokens (AVX-512); for more, blocks of rows (about
                           BLOCK_BYTES of weights, kept in L2) go through each tile of tokens in turn,
                           whose x stays in L1.
-   moeinf_frow_function   one row times one float32 x (moe.c's float32 experts). */
+   moeinf_frow_function   one row times one float32 x.
+   moeinf_fmrows_function n rows times one float32 x (moe.c's experts, one-token moeinf_fgemv): on
+                          AVX-512 four rows at a time, x read once for the four and each 64 values of it
+                          kept in registers while the four rows' blocks are unpacked against them (q5_k
+                          row by row); every row the same sums, in the same order, as the one-row kernel. */
 
 #include "common.h"
 
@@ -240,6 +244,115 @@ ALWAYS_INLINE void ftile(int type, int mt, const uint8_t *w, const float *x, int
     for (int t = 0; t < mt; t++) y[t * ldy] = reduce64(a[t][0], a[t][1], a[t][2], a[t][3]);
 }
 
+/* ---- several rows against one token: the decode products (moeinf_frows) */
+#ifndef MULTI_ROW_BYTES
+#define MULTI_ROW_BYTES 1152 /* longer rows one at a time: four long streams read slower from memory than one */
+#endif
+#ifndef PF_GROUP
+#define PF_GROUP 2048 /* bytes read ahead of four rows at least */
+#endif
+
+/* reduce64 of rows 0..3 at once, each row's tree the same (j + 32, j + 16, j + 8, j + 4, j + 2, j + 1):
+   the same bits as four reduce64 calls, with the shuffles shared */
+ALWAYS_INLINE void reduce64x4(__m512 (*a)[4], float *y) {
+    __m512 s[4];
+    for (int r = 0; r < 4; r++) s[r] = _mm512_add_ps(_mm512_add_ps(a[r][0], a[r][2]), _mm512_add_ps(a[r][1], a[r][3]));
+    /* j + 8: [s0.lo256 + s0.hi256, s1.lo256 + s1.hi256] */
+    const __m512 t01 = _mm512_add_ps(_mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(s[0], s[1], _MM_SHUFFLE(3, 2, 3, 2)));
+    const __m512 t23 = _mm512_add_ps(_mm512_shuffle_f32x4(s[2], s[3], _MM_SHUFFLE(1, 0, 1, 0)),
+                                     _mm512_shuffle_f32x4(s[2], s[3], _MM_SHUFFLE(3, 2, 3, 2)));
+    /* j + 4: quarter r holds row r's four lanes */
+    const __m512 u = _mm512_add_ps(_mm512_shuffle_f32x4(t01, t23, _MM_SHUFFLE(2, 0, 2, 0)),
+                                   _mm512_shuffle_f32x4(t01, t23, _MM_SHUFFLE(3, 1, 3, 1)));
+    const __m512 v = _mm512_add_ps(u, _mm512_permute_ps(u, _MM_SHUFFLE(3, 2, 3, 2))); /* j + 2 */
+    const __m512 w = _mm512_add_ps(v, _mm512_movehdup_ps(v));                         /* j + 1 */
+    const __m512 r = _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0), w);
+    _mm_storeu_ps(y, _mm512_castps512_ps128(r));
+}
+
+/* q4_k's (and q5_k's) d sc and -(dmin mn) of a super-block, as ftile's q4_k branch makes them */
+ALWAYS_INLINE void q4k_dscales(const uint8_t *blk, float *dsc, float *dmn) {
+    uint32_t u[4];
+    memcpy(u, blk + 4, 12);
+    const uint32_t m1 = 0x3f3f3f3fu, m2 = 0x0f0f0f0fu, m3 = 0x03030303u;
+    u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+    const uint32_t mins_lo = u[1] & m1;
+    u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+    u[2] = mins_lo;
+    u[0] &= m1;
+    const __m128i scm = _mm_loadu_si128((const __m128i *)u);
+    _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm)), _mm256_set1_ps(half(blk))));
+    _mm256_storeu_ps(dmn, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(scm, 8))),
+                                        _mm256_set1_ps(-half(blk + 2))));
+}
+
+/* y[r] = row r (at w + r rb) times x for r < 4: each row's products go to its 64 lanes in the order of
+   ftile(type, 1, ...), so every y[r] has ftile's bits; x is read once for the four rows (each 64 values
+   of it held in registers while the four rows' blocks are unpacked against them) and the four
+   reductions share their shuffles */
+ALWAYS_INLINE void fmulti(int type, const uint8_t *w, int64_t rb, const float *x, int64_t K, float *y) {
+    __m512 a[4][4];
+    for (int r = 0; r < 4; r++)
+        for (int i = 0; i < 4; i++) a[r][i] = _mm512_setzero_ps();
+    __m512 lo, hi;
+    /* the four rows are 4 rb contiguous bytes, read at the same pace: the lines `ahead` bytes past the
+       point that pace has reached are asked for (the hardware prefetcher follows one stream, not four) */
+    const int64_t ahead = 4 * rb > PF_GROUP ? 4 * rb : PF_GROUP;
+    if (type == T_Q4_K) {
+        for (int64_t sb = 0; sb < K / 256; sb++) {
+            float dsc[4][8], dmn[4][8];
+            const char *pf = (const char *)w + ahead + 4 * 144 * sb;
+            for (int l = 0; l < 4 * 144 + 63; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
+            for (int r = 0; r < 4; r++) q4k_dscales(w + r * rb + 144 * sb, dsc[r], dmn[r]);
+            const float *xs = x + 256 * sb;
+            for (int q = 0; q < 4; q++) { /* run q: sub-block 2q in the low nibbles, 2q + 1 in the high */
+                const __m512 x0 = _mm512_loadu_ps(xs + 64 * q), x1 = _mm512_loadu_ps(xs + 64 * q + 16);
+                const __m512 x2 = _mm512_loadu_ps(xs + 64 * q + 32), x3 = _mm512_loadu_ps(xs + 64 * q + 48);
+                for (int r = 0; r < 4; r++) {
+                    const uint8_t *qs = w + r * rb + 144 * sb + 16 + 32 * q;
+                    const __m512i t0 = bytes16(qs), t1 = bytes16(qs + 16);
+                    __m512 lut = _mm512_fmadd_ps(iota16(), _mm512_set1_ps(dsc[r][2 * q]), _mm512_set1_ps(dmn[r][2 * q]));
+                    a[r][0] = _mm512_fmadd_ps(_mm512_permutexvar_ps(t0, lut), x0, a[r][0]);
+                    a[r][1] = _mm512_fmadd_ps(_mm512_permutexvar_ps(t1, lut), x1, a[r][1]);
+                    lut = _mm512_fmadd_ps(iota16(), _mm512_set1_ps(dsc[r][2 * q + 1]), _mm512_set1_ps(dmn[r][2 * q + 1]));
+                    a[r][2] = _mm512_fmadd_ps(_mm512_permutexvar_ps(high4(t0), lut), x2, a[r][2]);
+                    a[r][3] = _mm512_fmadd_ps(_mm512_permutexvar_ps(high4(t1), lut), x3, a[r][3]);
+                }
+            }
+        }
+    } else {
+        const int bytes = block_bytes(type);
+        const int64_t nb = K / 32;
+        int64_t c = 0;
+        for (; c + 2 <= nb; c += 2) {
+            const __m512 x0 = _mm512_loadu_ps(x + 32 * c), x1 = _mm512_loadu_ps(x + 32 * c + 16);
+            const __m512 x2 = _mm512_loadu_ps(x + 32 * c + 32), x3 = _mm512_loadu_ps(x + 32 * c + 48);
+            const char *pf = (const char *)w + ahead + 4 * bytes * c;
+            for (int l = 0; l < 8 * bytes + 63; l += 64) _mm_prefetch(pf + l, _MM_HINT_T0);
+            for (int r = 0; r < 4; r++) {
+                const uint8_t *b = w + r * rb + bytes * c;
+                deq_block(type, b, &lo, &hi);
+                a[r][0] = _mm512_fmadd_ps(lo, x0, a[r][0]);
+                a[r][1] = _mm512_fmadd_ps(hi, x1, a[r][1]);
+                deq_block(type, b + bytes, &lo, &hi);
+                a[r][2] = _mm512_fmadd_ps(lo, x2, a[r][2]);
+                a[r][3] = _mm512_fmadd_ps(hi, x3, a[r][3]);
+            }
+        }
+        if (c < nb) {
+            const __m512 x0 = _mm512_loadu_ps(x + 32 * c), x1 = _mm512_loadu_ps(x + 32 * c + 16);
+            for (int r = 0; r < 4; r++) {
+                deq_block(type, w + r * rb + bytes * c, &lo, &hi);
+                a[r][0] = _mm512_fmadd_ps(lo, x0, a[r][0]);
+                a[r][1] = _mm512_fmadd_ps(hi, x1, a[r][1]);
+            }
+        }
+    }
+    reduce64x4(a, y);
+}
+#define HAVE_FMULTI 1
+
 /* ---------------------------------------------------------------- AVX2: 32 values = 4 x 8 lanes */
 #elif defined(F_AVX2)
 static inline __m256 cvt8(__m128i bytes) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(bytes)); } /* low 8 int8 */
@@ -455,6 +568,15 @@ typedef void (*frows_fn)(const uint8_t *w, const float *x, int64_t K, int64_t M,
 typedef void (*fblock_fn)(const uint8_t *W, int64_t rb, int64_t n0, int64_t n1, const float *x, int64_t K,
                           int64_t M, float *y, int64_t ldy);
 
+#ifdef HAVE_FMULTI
+#define MULTI_TAKES(T) ((T) != T_Q5_K && (T) != T_Q6_K) /* q5_k, q6_k: one row at a time */
+#define FMULTI(T, w, rb, x, K, y) fmulti(T, w, rb, x, K, y)
+#else
+#define MULTI_TAKES(T) 0
+#define MULTI_ROW_BYTES 0
+#define FMULTI(T, w, rb, x, K, y) ((void)0)
+#endif
+
 /* y[m * ldy] = row w times x[m] (x [M, K]) for every m < M, TILE tokens per dequantisation */
 #define FORMAT_ROWS(name, T)                                                                                   \
     static void frows_##name(const uint8_t *w, const float *x, int64_t K, int64_t M, float *y, int64_t ldy) {   \
@@ -487,6 +609,12 @@ typedef void (*fblock_fn)(const uint8_t *W, int64_t rb, int64_t n0, int64_t n1, 
         float y;                                                                                               \
         ftile(T, 1, w, x, 0, 32 * nb, &y, 0);                                                                  \
         return y;                                                                                              \
+    }                                                                                                          \
+    static void fmrows_##name(const uint8_t *w, int64_t rb, int64_t n, const float *x, int64_t nb, float *y) { \
+        int64_t i = 0;                                                                                         \
+        if (MULTI_TAKES(T) && rb <= MULTI_ROW_BYTES)                                                           \
+            for (; i + 4 <= n; i += 4) FMULTI(T, w + i * rb, rb, x, 32 * nb, y + i);                          \
+        for (; i < n; i++) ftile(T, 1, w + i * rb, x, 0, 32 * nb, y + i, 0);                                  \
     }
 
 FORMAT_ROWS(q8_0, T_Q8_0)
@@ -536,6 +664,19 @@ frow_fn moeinf_frow_function(int type) {
     }
 }
 
+fmrows_fn moeinf_fmrows_function(int type) {
+    switch (type) {
+        case T_Q8_0: return fmrows_q8_0;
+        case T_Q4_0: return fmrows_q4_0;
+        case T_Q4_1: return fmrows_q4_1;
+        case T_MXFP4: return fmrows_mxfp4;
+        case T_Q4_K: return fmrows_q4_k;
+        case T_Q5_K: return fmrows_q5_k;
+        case T_Q6_K: return fmrows_q6_k;
+        default: return 0;
+    }
+}
+
 /* ---------------------------------------------------------------- the product over the pool */
 
 #ifndef BLOCK_BYTES
@@ -545,6 +686,7 @@ frow_fn moeinf_frow_function(int type) {
 typedef struct {
     frows_fn rows;
     fblock_fn block;
+    fmrows_fn mrows;
     const uint8_t *W;
     int64_t N, K, row_bytes, M;
     const float *x, *bias; /* x [M, K]; bias [N] or NULL */
@@ -560,6 +702,8 @@ static void fgemv_task(void *arg, int tid, int nt) {
         if (rows < 4) rows = 4;
         for (int64_t n0 = lo; n0 < hi; n0 += rows)
             j->block(j->W, j->row_bytes, n0, n0 + rows < hi ? n0 + rows : hi, j->x, j->K, j->M, j->y, j->N);
+    } else if (j->M == 1) {
+        j->mrows(j->W + lo * j->row_bytes, j->row_bytes, hi - lo, j->x, j->K / 32, j->y + lo);
     } else {
         for (int64_t n = lo; n < hi; n++) j->rows(j->W + n * j->row_bytes, j->x, j->K, j->M, j->y + n, j->N);
     }
@@ -575,7 +719,7 @@ int moeinf_fgemv(int type, const uint8_t *W, int64_t N, int64_t K, const float *
                  float *y, int nthreads) {
     int values, bytes;
     if (!moeinf_block_geometry(type, &values, &bytes) || K % values || M < 1 || N < 1) return -1;
-    fgemv_job j = {rows_function(type), block_function(type), W, N, K, K / values * bytes, M, x, bias, y};
+    fgemv_job j = {rows_function(type), block_function(type), moeinf_fmrows_function(type), W, N, K, K / values * bytes, M, x, bias, y};
     int nt = nthreads;
     if ((int64_t)nt * 4 > N) nt = (int)((N + 3) / 4);
     moeinf_pool_run(fgemv_task, &j, nt < 1 ? 1 : nt);
