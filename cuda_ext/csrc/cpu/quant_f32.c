@@ -114,6 +114,24 @@ static inline float reduce64(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
     return _mm_cvtss_f32(u);
 }
 
+/* q4_k's (and q5_k's) d sc and -(dmin mn) of a super-block, the eight 6-bit scales and mins (q4k_scales) as
+   32-bit words, llama.cpp's way: scales in bytes 0..7, mins in 8..15; then d sc and -(dmin mn) as floats, eight
+   at a time (the same products as one by one: each is exact) */
+ALWAYS_INLINE void q4k_dscales(const uint8_t *blk, float *dsc, float *dmn) {
+    uint32_t u[4];
+    memcpy(u, blk + 4, 12);
+    const uint32_t m1 = 0x3f3f3f3fu, m2 = 0x0f0f0f0fu, m3 = 0x03030303u;
+    u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
+    const uint32_t mins_lo = u[1] & m1;
+    u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
+    u[2] = mins_lo;
+    u[0] &= m1;
+    const __m128i scm = _mm_loadu_si128((const __m128i *)u);
+    _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm)), _mm256_set1_ps(half(blk))));
+    _mm256_storeu_ps(dmn, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(scm, 8))),
+                                        _mm256_set1_ps(-half(blk + 2))));
+}
+
 /* q5_k (176-byte super-blocks: d, dmin, scales[12] as q4_k's, qh[32], qs[128] as q4_k's nibbles) times
    the tokens' x, into the lanes as q4_k's (sub-block j is chunk j): each sub-block's 32 codes (its
    nibble, and bit j of qh as bit 4) are looked up in its 32-entry table (d sc) q - dmin mn, two
@@ -126,19 +144,8 @@ ALWAYS_INLINE void ftile_q5_k(__m512 (*a)[4], int mt, const uint8_t *w, const fl
         const uint8_t *blk = w + 176 * sb, *qh = blk + 16, *qs = blk + 48;
         const float *xs = x + 256 * sb;
         for (int l = 0; l < 176; l += 64) _mm_prefetch((const char *)blk + PF_AHEAD + l, _MM_HINT_T0);
-        uint32_t u[4]; /* the scales and mins as q4_k's branch of ftile decodes them */
-        memcpy(u, blk + 4, 12);
-        const uint32_t m1 = 0x3f3f3f3fu, m2 = 0x0f0f0f0fu, m3 = 0x03030303u;
-        u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
-        const uint32_t mins_lo = u[1] & m1;
-        u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
-        u[2] = mins_lo;
-        u[0] &= m1;
-        const __m128i scm = _mm_loadu_si128((const __m128i *)u);
         float dsc[8], dmn[8];
-        _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm)), _mm256_set1_ps(half(blk))));
-        _mm256_storeu_ps(dmn, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(scm, 8))),
-                                            _mm256_set1_ps(-half(blk + 2))));
+        q4k_dscales(blk, dsc, dmn);
         /* qh << 4: bit j of sub-block j at bit 4 + j, brought down to bit 4 by a shift of j */
         const __m512i h0 = _mm512_slli_epi32(bytes16(qh), 4), h1 = _mm512_slli_epi32(bytes16(qh + 16), 4);
         for (int r = 0; r < 4; r++) { /* run r: sub-block 2r in the low nibbles, 2r + 1 in the high */
@@ -171,22 +178,8 @@ ALWAYS_INLINE void ftile(int type, int mt, const uint8_t *w, const float *x, int
             const uint8_t *blk = w + 144 * sb, *qs = blk + 16;
             const float *xs = x + 256 * sb;
             for (int l = 0; l < 144; l += 64) _mm_prefetch((const char *)blk + PF_AHEAD + l, _MM_HINT_T0);
-            /* the eight 6-bit scales and mins (q4k_scales) as 32-bit words, llama.cpp's way: scales in
-               bytes 0..7, mins in 8..15; then d sc and -(dmin mn) as floats, eight at a time (the same
-               products as one by one: each is exact) */
-            uint32_t u[4];
-            memcpy(u, blk + 4, 12);
-            const uint32_t m1 = 0x3f3f3f3fu, m2 = 0x0f0f0f0fu, m3 = 0x03030303u;
-            u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
-            const uint32_t mins_lo = u[1] & m1;
-            u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
-            u[2] = mins_lo;
-            u[0] &= m1;
-            const __m128i scm = _mm_loadu_si128((const __m128i *)u);
             float dsc[8], dmn[8];
-            _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm)), _mm256_set1_ps(half(blk))));
-            _mm256_storeu_ps(dmn, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(scm, 8))),
-                                                _mm256_set1_ps(-half(blk + 2))));
+            q4k_dscales(blk, dsc, dmn);
             for (int r = 0; r < 4; r++) { /* run r: sub-block 2r in the low nibbles, 2r + 1 in the high */
                 const __m512i t0 = bytes16(qs + 32 * r), t1 = bytes16(qs + 32 * r + 16);
                 /* (d sc) q - dmin mn for the 16 codes q: the sub-block's table */
@@ -271,21 +264,6 @@ ALWAYS_INLINE void reduce64x4(__m512 (*a)[4], float *y) {
     _mm_storeu_ps(y, _mm512_castps512_ps128(r));
 }
 
-/* q4_k's (and q5_k's) d sc and -(dmin mn) of a super-block, as ftile's q4_k branch makes them */
-ALWAYS_INLINE void q4k_dscales(const uint8_t *blk, float *dsc, float *dmn) {
-    uint32_t u[4];
-    memcpy(u, blk + 4, 12);
-    const uint32_t m1 = 0x3f3f3f3fu, m2 = 0x0f0f0f0fu, m3 = 0x03030303u;
-    u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
-    const uint32_t mins_lo = u[1] & m1;
-    u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
-    u[2] = mins_lo;
-    u[0] &= m1;
-    const __m128i scm = _mm_loadu_si128((const __m128i *)u);
-    _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm)), _mm256_set1_ps(half(blk))));
-    _mm256_storeu_ps(dmn, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(scm, 8))),
-                                        _mm256_set1_ps(-half(blk + 2))));
-}
 
 /* y[r] = row r (at w + r rb) times x for r < 4: each row's products go to its 64 lanes in the order of
    ftile(type, 1, ...), so every y[r] has ftile's bits; x is read once for the four rows (each 64 values
