@@ -49,10 +49,15 @@ static int64_t up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
      row:   int8 w [K64] | int32 corr [K64/4] = -128 * (sum of each 4 weights) | float dw [K64/4] (lane
             scales: chunk c's lanes 0-7 block 2c, 8-15 block 2c + 1) | float m [NB16] (q4_1's minimum)
      token: uint8 q + 128 [K64] | float dx [K64/4] (lane scales) | float s [NB16] = d * sum(q)
-   q4_k / q5_k / q6_k (SB = K / 256 super-blocks):
-     row:   uint8 w [K] (q4_k 0..15, q5_k 0..31, q6_k 0..63) | int16 sub-scale of each pair of values [K/2] |
-            float d [SB] | float m [K/16] (each 16 values' offset: q4_k -dmin * min, q6_k -32 d sc)
-     token: int8 q [K] | float d [SB] | float s [K/16] = d * sum(q) of each 16 values */
+   q4_k / q5_k / q6_k (SB = K / 256 super-blocks), every super-block's 256 values in the order P0: byte
+   64 c + 4 i + j holds value 16 i + 4 c + j (c: the 64-byte chunk, i: its 32-bit lane, j: the byte), so that
+   lane i of every chunk holds values of the one group of 16 values i (one sub-scale: q6_k's sixteen,
+   q4_k's and q5_k's eight of 32 values, each two groups): a plain vpdpbusd over the four chunks sums each
+   group's products in its own lane, and the sub-scales multiply those sums once per super-block:
+     row:   uint8 w [K] (q4_k 0..15, q5_k 0..31, q6_k 0..63) | float dsc [K/16] = d * sub-scale of each
+            group of 16 (exact: an fp16 times a 6- or 8-bit integer) | float m [K/16] (each group's
+            offset: q4_k and q5_k -dmin * min, q6_k -32 d sc)
+     token: int8 q [K] (P0) | float d [SB] | float s [K/16] = d * sum(q) of each group of 16 */
 typedef struct {
     int type, kq;
     int64_t K, K64, nb16;
@@ -69,9 +74,8 @@ static void geometry(int type, int64_t K, geo_t *g) {
     if (g->kq) {
         int64_t sb = K / 256;
         g->K64 = K;
-        g->o_corr = K;                 /* the sub-scales */
-        g->o_dw = 2 * K;               /* d per super-block */
-        g->o_m = up(2 * K + 4 * sb, 64);
+        g->o_dw = K;                   /* d x sub-scale of each 16 values */
+        g->o_m = K + 4 * (K / 16);     /* each 16 values' offset */
         g->row_bytes = up(g->o_m + 4 * (K / 16), 64);
         g->o_dx = K;
         g->o_s = up(K + 4 * sb, 64);
@@ -90,6 +94,12 @@ static void geometry(int type, int64_t K, geo_t *g) {
 }
 
 /* ---------------------------------------------------------------- unpacking one row */
+
+/* 256 values in order -> P0 (see "sizes" above): byte 64 c + 4 i + j takes value 16 i + 4 c + j */
+static void p0_order(const uint8_t *v, uint8_t *out) {
+    for (int c = 0; c < 4; c++)
+        for (int i = 0; i < 16; i++) memcpy(out + 64 * c + 4 * i, v + 16 * i + 4 * c, 4);
+}
 
 #ifdef G_AVX512
 /* the sums of four vectors' lanes, out[0..3] = sum a, b, c, d (pairs of lanes added in one tree) */
@@ -151,50 +161,70 @@ static int64_t unpack_a_fast(const geo_t *g, const uint8_t *w, uint8_t *out) {
     return b;
 }
 
+/* P0 of one super-block from its 256 values in order, four vectors of 64 (see "sizes" above): chunk c's
+   lane i takes dword 4 i + c of the values; a dword transpose within each vector (lane c of 128 bits: its
+   four groups' dword c), then a 4 x 4 transpose of 128-bit lanes across the four */
+static inline void store_p0(uint8_t *dst, __m512i z0, __m512i z1, __m512i z2, __m512i z3) {
+    const __m512i tr = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    z0 = _mm512_permutexvar_epi32(tr, z0);
+    z1 = _mm512_permutexvar_epi32(tr, z1);
+    z2 = _mm512_permutexvar_epi32(tr, z2);
+    z3 = _mm512_permutexvar_epi32(tr, z3);
+    const __m512i t0 = _mm512_shuffle_i64x2(z0, z1, 0x44), t1 = _mm512_shuffle_i64x2(z0, z1, 0xEE);
+    const __m512i t2 = _mm512_shuffle_i64x2(z2, z3, 0x44), t3 = _mm512_shuffle_i64x2(z2, z3, 0xEE);
+    _mm512_store_si512((void *)dst, _mm512_shuffle_i64x2(t0, t2, 0x88));
+    _mm512_store_si512((void *)(dst + 64), _mm512_shuffle_i64x2(t0, t2, 0xDD));
+    _mm512_store_si512((void *)(dst + 128), _mm512_shuffle_i64x2(t1, t3, 0x88));
+    _mm512_store_si512((void *)(dst + 192), _mm512_shuffle_i64x2(t1, t3, 0xDD));
+}
+
+/* q4_k's and q5_k's eight 6-bit scales (bytes 0-7) and mins (8-15) of the 12 bytes at s, llama.cpp's way */
+static inline __m128i q4k_scales16(const uint8_t *s) {
+    uint32_t u[4];
+    memcpy(u, s, 12);
+    const uint32_t k1 = 0x3f3f3f3fu, k2 = 0x0f0f0f0fu, k3 = 0x03030303u;
+    u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+    const uint32_t mins_lo = u[1] & k1;
+    u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+    u[2] = mins_lo;
+    u[0] &= k1;
+    return _mm_loadu_si128((const __m128i *)u);
+}
+
 static void unpack_k_fast(const geo_t *g, const uint8_t *w, uint8_t *out) {
     const int64_t K = g->K;
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
-    /* int16 lane i of a 64-value chunk takes the scale of value 2i's group of 16: i / 8 */
-    const __m512i grp = _mm512_set_epi16(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2,
-                                         1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    float *d = (float *)(out + g->o_dw), *m = (float *)(out + g->o_m);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    /* each group of 16 values' sub-block of 32: i / 2 */
+    const __m512i half_idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    float *dsc = (float *)(out + g->o_dw), *m = (float *)(out + g->o_m);
     for (int64_t sb = 0; sb < K / 256; sb++) {
         uint8_t *v = out + 256 * sb;
-        int16_t *s = (int16_t *)(out + g->o_corr) + 128 * sb;
-        float *ms = m + 16 * sb;
-        if (g->type == T_Q4_K) {
-            const uint8_t *blk = w + 144 * sb, *qs = blk + 16;
-            /* the eight 6-bit scales (bytes 0-7) and mins (8-15), llama.cpp's way (quant_f32.c) */
-            uint32_t u[4];
-            memcpy(u, blk + 4, 12);
-            const uint32_t k1 = 0x3f3f3f3fu, k2 = 0x0f0f0f0fu, k3 = 0x03030303u;
-            u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
-            const uint32_t mins_lo = u[1] & k1;
-            u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
-            u[2] = mins_lo;
-            u[0] &= k1;
-            const __m128i scm = _mm_loadu_si128((const __m128i *)u);
-            const __m512i sc16 = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(scm)); /* lanes 0-7 sc, 8-15 mn */
-            d[sb] = half(blk);
-            const float dmin = half(blk + 2);
-            for (int c = 0; c < 4; c++) {
+        __m512i z[4];
+        if (g->type == T_Q4_K || g->type == T_Q5_K) {
+            const int q5 = g->type == T_Q5_K;
+            const uint8_t *blk = w + (q5 ? 176 : 144) * sb, *qs = blk + (q5 ? 48 : 16);
+            const __m128i scm = q4k_scales16(blk + 4);
+            const __m512i sm32 = _mm512_cvtepu8_epi32(scm); /* lanes 0-7 sc, 8-15 mn */
+            const __m256i hb = q5 ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) { /* values 64c..64c+31: low nibbles of qs[32c..], 64c+32..: high */
                 __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-                _mm512_store_si512((void *)(v + 64 * c),
-                                   pair256(_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4)));
-                /* int16 lanes 0-15: sub-block 2c's scale, 16-31: 2c + 1's */
-                __m512i idx = _mm512_add_epi16(_mm512_srli_epi16(grp, 1), _mm512_set1_epi16((short)(2 * c)));
-                _mm512_store_si512((void *)(s + 32 * c), _mm512_permutexvar_epi16(idx, sc16));
+                __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                if (q5) { /* the fifth bit: bit 2c (2c + 1) of qh[l] */
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * c), one), 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * c + 1), one), 4));
+                }
+                z[c] = pair256(lo, hi);
             }
-            /* each 16 values' offset: -(dmin * min of its sub-block) */
-            const __m512i half_idx = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
-            const __m512 mnf = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(half_idx, _mm512_cvtepu8_epi32(scm)));
-            _mm512_storeu_ps(ms, _mm512_mul_ps(mnf, _mm512_set1_ps(-dmin)));
+            const float d = half(blk), dmin = half(blk + 2);
+            _mm512_store_ps(dsc + 16 * sb, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_permutexvar_epi32(half_idx, sm32)),
+                                                         _mm512_set1_ps(d)));
+            const __m512i mn_idx = _mm512_add_epi32(half_idx, _mm512_set1_epi32(8));
+            _mm512_store_ps(m + 16 * sb, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_permutexvar_epi32(mn_idx, sm32)),
+                                                       _mm512_set1_ps(-dmin)));
         } else {
             const uint8_t *blk = w + 210 * sb, *ql = blk, *qh = blk + 128;
-            const int8_t *sc = (const int8_t *)(blk + 192);
+            const __m512 scf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192))));
             const float dd = half(blk + 208);
-            d[sb] = dd;
-            const __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc)));
             for (int h = 0; h < 2; h++) {
                 __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
                 __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
@@ -203,17 +233,13 @@ static void unpack_k_fast(const geo_t *g, const uint8_t *w, uint8_t *out) {
                 __m256i p1 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m2), 4));
                 __m256i p2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m2), 4));
                 __m256i p3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m2), 4));
-                _mm512_store_si512((void *)(v + 128 * h), pair256(p0, p1));
-                _mm512_store_si512((void *)(v + 128 * h + 64), pair256(p2, p3));
-                for (int c = 0; c < 2; c++) {
-                    const int g0 = 8 * h + 4 * c; /* the chunk's first group of 16 */
-                    __m512i idx = _mm512_add_epi16(grp, _mm512_set1_epi16((short)g0));
-                    _mm512_store_si512((void *)(s + 64 * h + 32 * c), _mm512_permutexvar_epi16(idx, sc16));
-                }
+                z[2 * h] = pair256(p0, p1);
+                z[2 * h + 1] = pair256(p2, p3);
             }
-            _mm512_storeu_ps(ms, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)sc))),
-                                               _mm512_set1_ps(-32.0f * dd)));
+            _mm512_store_ps(dsc + 16 * sb, _mm512_mul_ps(scf, _mm512_set1_ps(dd)));
+            _mm512_store_ps(m + 16 * sb, _mm512_mul_ps(scf, _mm512_set1_ps(-32.0f * dd)));
         }
+        store_p0(v, z[0], z[1], z[2], z[3]);
     }
 }
 #endif
@@ -222,49 +248,32 @@ static void unpack_row(const geo_t *g, const uint8_t *w, uint8_t *out) {
     const int64_t K = g->K;
     if (g->kq) {
 #ifdef G_AVX512
-        if (g->type != T_Q5_K) { /* q5_k: the plain unpacking below */
-            unpack_k_fast(g, w, out);
-            return;
-        }
+        unpack_k_fast(g, w, out);
+        return;
 #endif
-        uint8_t *wu = out;
-        int16_t *sc16 = (int16_t *)(out + g->o_corr);
-        float *d = (float *)(out + g->o_dw), *m = (float *)(out + g->o_m);
+        float *dsc = (float *)(out + g->o_dw), *m = (float *)(out + g->o_m);
+        uint8_t v[256];
         for (int64_t sb = 0; sb < K / 256; sb++) {
-            uint8_t *v = wu + 256 * sb;
-            int16_t *s = sc16 + 128 * sb;
-            float *ms = m + 16 * sb;
-            if (g->type == T_Q5_K) { /* q4_k's scales; a value's fifth bit in qh (bit 2c, 2c + 1 of byte l) */
-                const uint8_t *blk = w + 176 * sb, *qh = blk + 16, *qs = blk + 48;
+            float *ds = dsc + 16 * sb, *ms = m + 16 * sb;
+            if (g->type == T_Q4_K || g->type == T_Q5_K) { /* q5_k: a value's fifth bit in qh (bit 2c, 2c + 1 of byte l) */
+                const int q5 = g->type == T_Q5_K;
+                const uint8_t *blk = w + (q5 ? 176 : 144) * sb, *qh = blk + 16, *qs = blk + (q5 ? 48 : 16);
                 uint8_t sc[8], mn[8];
                 q4k_scales(blk + 4, sc, mn);
-                d[sb] = half(blk);
-                const float dmin = half(blk + 2);
+                const float d = half(blk), dmin = half(blk + 2);
                 for (int c = 0; c < 4; c++)
                     for (int l = 0; l < 32; l++) {
-                        v[64 * c + l] = (uint8_t)((qs[32 * c + l] & 0x0F) | (((qh[l] >> (2 * c)) & 1) << 4));
-                        v[64 * c + 32 + l] = (uint8_t)((qs[32 * c + l] >> 4) | (((qh[l] >> (2 * c + 1)) & 1) << 4));
+                        v[64 * c + l] = (uint8_t)((qs[32 * c + l] & 0x0F) | (q5 ? ((qh[l] >> (2 * c)) & 1) << 4 : 0));
+                        v[64 * c + 32 + l] = (uint8_t)((qs[32 * c + l] >> 4) | (q5 ? ((qh[l] >> (2 * c + 1)) & 1) << 4 : 0));
                     }
-                for (int i = 0; i < 128; i++) s[i] = sc[i / 16];
-                for (int i = 0; i < 16; i++) ms[i] = -(dmin * (float)mn[i / 2]);
-            } else if (g->type == T_Q4_K) {
-                const uint8_t *blk = w + 144 * sb, *qs = blk + 16;
-                uint8_t sc[8], mn[8];
-                q4k_scales(blk + 4, sc, mn);
-                d[sb] = half(blk);
-                const float dmin = half(blk + 2);
-                for (int c = 0; c < 4; c++)
-                    for (int l = 0; l < 32; l++) {
-                        v[64 * c + l] = qs[32 * c + l] & 0x0F;
-                        v[64 * c + 32 + l] = qs[32 * c + l] >> 4;
-                    }
-                for (int i = 0; i < 128; i++) s[i] = sc[i / 16];
-                for (int i = 0; i < 16; i++) ms[i] = -(dmin * (float)mn[i / 2]);
+                for (int i = 0; i < 16; i++) {
+                    ds[i] = d * (float)sc[i / 2];
+                    ms[i] = -(dmin * (float)mn[i / 2]);
+                }
             } else {
                 const uint8_t *blk = w + 210 * sb, *ql = blk, *qh = blk + 128;
                 const int8_t *sc = (const int8_t *)(blk + 192);
                 const float dd = half(blk + 208);
-                d[sb] = dd;
                 for (int h = 0; h < 2; h++)
                     for (int p = 0; p < 4; p++)
                         for (int l = 0; l < 32; l++) {
@@ -272,9 +281,12 @@ static void unpack_row(const geo_t *g, const uint8_t *w, uint8_t *out) {
                             v[128 * h + 32 * p + l] =
                                 (uint8_t)((p < 2 ? low & 0x0F : low >> 4) | (((qh[32 * h + l] >> (2 * p)) & 3) << 4));
                         }
-                for (int i = 0; i < 128; i++) s[i] = sc[i / 8];
-                for (int i = 0; i < 16; i++) ms[i] = -32.0f * dd * (float)sc[i];
+                for (int i = 0; i < 16; i++) {
+                    ds[i] = dd * (float)sc[i];
+                    ms[i] = -32.0f * dd * (float)sc[i];
+                }
             }
+            p0_order(v, out + 256 * sb);
         }
         return;
     }
@@ -338,9 +350,9 @@ static void quant_token(const geo_t *g, const float *x, uint8_t *out) {
     if (g->kq) {
         int8_t *q = (int8_t *)out;
         float *d = (float *)(out + g->o_dx), *s = (float *)(out + g->o_s);
+        int8_t qs[256] __attribute__((aligned(64))); /* the super-block in order, then P0 */
         for (int64_t sb = 0; sb < K / 256; sb++) {
             const float *xs = x + 256 * sb;
-            int8_t *qs = q + 256 * sb;
             float amax = 0.0f;
 #ifdef __AVX512F__
             __m512 mx = _mm512_setzero_ps();
@@ -370,6 +382,12 @@ static void quant_token(const geo_t *g, const float *x, uint8_t *out) {
                 }
                 s[16 * sb + gi] = dd * (float)sum;
             }
+#endif
+#ifdef G_AVX512
+            store_p0((uint8_t *)(q + 256 * sb), _mm512_load_si512((const void *)qs), _mm512_load_si512((const void *)(qs + 64)),
+                     _mm512_load_si512((const void *)(qs + 128)), _mm512_load_si512((const void *)(qs + 192)));
+#else
+            p0_order((const uint8_t *)qs, (uint8_t *)(q + 256 * sb));
 #endif
         }
         return;
@@ -429,6 +447,9 @@ ALWAYS_INLINE void tile_a(const geo_t *g, int T, int mins, const uint8_t *rows, 
     for (int t = 0; t < T; t++) reduce4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], out + t, T);
 }
 
+/* q4_k / q5_k / q6_k: per super-block, a plain vpdpbusd per 64 values (weights unsigned, activations
+   signed) into lanes that each hold one group of 16 (P0); then per lane the group's d * sub-scale, the
+   token's d, and the group's offset times the token's sum */
 ALWAYS_INLINE void tile_b(const geo_t *g, int T, const uint8_t *rows, const uint8_t *toks, float *out) {
     const int64_t rb = g->row_bytes, tb = g->tok_bytes;
     __m512 acc[TR][TB];
@@ -444,24 +465,20 @@ ALWAYS_INLINE void tile_b(const geo_t *g, int T, const uint8_t *rows, const uint
             for (int r = 0; r < TR; r++) wv[r] = _mm512_load_si512((const void *)(rows + r * rb + off));
             for (int t = 0; t < T; t++) {
                 const __m512i xv = _mm512_load_si512((const void *)(toks + t * tb + off));
-                for (int r = 0; r < TR; r++)
-                    ai[r][t] = _mm512_dpwssd_epi32(ai[r][t], _mm512_maddubs_epi16(wv[r], xv),
-                                                   _mm512_load_si512((const void *)(rows + r * rb + g->o_corr + off)));
+                for (int r = 0; r < TR; r++) ai[r][t] = _mm512_dpbusd_epi32(ai[r][t], wv[r], xv);
             }
         }
         for (int r = 0; r < TR; r++) {
-            const __m512 dw = _mm512_set1_ps(((const float *)(rows + r * rb + g->o_dw))[sb]);
-            for (int t = 0; t < T; t++)
-                acc[r][t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(ai[r][t]), dw),
-                                            _mm512_set1_ps(((const float *)(toks + t * tb + g->o_dx))[sb]), acc[r][t]);
+            const __m512 dsc = _mm512_load_ps((const float *)(rows + r * rb + g->o_dw) + 16 * sb);
+            const __m512 m = _mm512_load_ps((const float *)(rows + r * rb + g->o_m) + 16 * sb);
+            for (int t = 0; t < T; t++) {
+                const __m512 dx = _mm512_set1_ps(((const float *)(toks + t * tb + g->o_dx))[sb]);
+                const __m512 s = _mm512_load_ps((const float *)(toks + t * tb + g->o_s) + 16 * sb);
+                acc[r][t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(ai[r][t]), dsc), dx, acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(m, s, acc[r][t]);
+            }
         }
     }
-    for (int64_t i = 0; i < g->K / 256; i++)
-        for (int t = 0; t < T; t++) {
-            const __m512 s = _mm512_load_ps((const float *)(toks + t * tb + g->o_s) + 16 * i);
-            for (int r = 0; r < TR; r++)
-                acc[r][t] = _mm512_fmadd_ps(_mm512_load_ps((const float *)(rows + r * rb + g->o_m) + 16 * i), s, acc[r][t]);
-        }
     for (int t = 0; t < T; t++) reduce4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], out + t, T);
 }
 #else
@@ -491,22 +508,23 @@ static void tile_a(const geo_t *g, int T, int mins, const uint8_t *rows, const u
 static void tile_b(const geo_t *g, int T, const uint8_t *rows, const uint8_t *toks, float *out) {
     for (int r = 0; r < TR; r++) {
         const uint8_t *rw = rows + r * g->row_bytes;
-        const int16_t *sc = (const int16_t *)(rw + g->o_corr);
-        const float *dw = (const float *)(rw + g->o_dw), *m = (const float *)(rw + g->o_m);
+        const float *dsc = (const float *)(rw + g->o_dw), *m = (const float *)(rw + g->o_m);
         for (int t = 0; t < T; t++) {
             const uint8_t *tk = toks + t * g->tok_bytes;
             const int8_t *q = (const int8_t *)tk;
             const float *dx = (const float *)(tk + g->o_dx), *s = (const float *)(tk + g->o_s);
             float acc = 0.0f;
             for (int64_t sb = 0; sb < g->K / 256; sb++) {
-                int32_t sum = 0;
-                for (int i = 0; i < 128; i++) {
-                    const int64_t j = 256 * sb + 2 * i;
-                    sum += (int32_t)sc[128 * sb + i] * ((int32_t)rw[j] * q[j] + (int32_t)rw[j + 1] * q[j + 1]);
-                }
-                acc += (float)sum * (dw[sb] * dx[sb]);
+                int32_t sum[16] = {0};
+                for (int c = 0; c < 4; c++)
+                    for (int i = 0; i < 16; i++)
+                        for (int j = 0; j < 4; j++) {
+                            const int64_t p = 256 * sb + 64 * c + 4 * i + j;
+                            sum[i] += (int32_t)rw[p] * q[p];
+                        }
+                for (int i = 0; i < 16; i++)
+                    acc += (float)sum[i] * dsc[16 * sb + i] * dx[sb] + m[16 * sb + i] * s[16 * sb + i];
             }
-            for (int64_t i = 0; i < g->K / 16; i++) acc += m[i] * s[i];
             out[r * T + t] = acc;
         }
     }
