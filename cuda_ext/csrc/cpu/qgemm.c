@@ -37,6 +37,7 @@
 #define TR 4         /* rows per register tile */
 #define TA 4         /* tokens per tile, 32-value formats */
 #define TB 3         /* tokens per tile, q4_k / q6_k */
+#define BAND_SIZE 16 /* tokens per band (AVX-512 q4_k / q5_k / q6_k) */
 
 static const int8_t MXFP4_X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
@@ -57,13 +58,18 @@ static int64_t up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
      row:   uint8 w [K] (q4_k 0..15, q5_k 0..31, q6_k 0..63) | float dsc [K/16] = d * sub-scale of each
             group of 16 (exact: an fp16 times a 6- or 8-bit integer) | float m [K/16] (each group's
             offset: q4_k and q5_k -dmin * min, q6_k -32 d sc)
-     token: int8 q [K] (P0) | float d [SB] | float s [K/16] = d * sum(q) of each group of 16 */
+     token: int8 q [K] (P0) | float d [SB] | float s [K/16] = d * sum(q) of each group of 16
+   and, on AVX-512 from 16 tokens on, bands of 16 tokens (the tokens in the 32-bit lanes, llama.cpp's
+   layout for its tiled k-quant kernels): dword p of the 16 tokens' P0 bytes side by side [K/4][16] |
+   float d [SB][16] | q4_k, q5_k: float s [K/32][16] = d * sum(q) of each sub-block of 32; q6_k: int32
+   [K/16][16] = -32 * sum(q) of each group of 16 (the offset of q6_k's codes, in the integer sums) */
 typedef struct {
     int type, kq;
     int64_t K, K64, nb16;
     int64_t row_bytes, tok_bytes;
     int64_t o_corr, o_dw, o_m;   /* row offsets */
     int64_t o_dx, o_s;           /* token offsets */
+    int64_t band_bytes, o_bdx, o_bs; /* a band of 16 tokens (q4_k / q5_k / q6_k on AVX-512) */
 } geo_t;
 
 static void geometry(int type, int64_t K, geo_t *g) {
@@ -80,6 +86,9 @@ static void geometry(int type, int64_t K, geo_t *g) {
         g->o_dx = K;
         g->o_s = up(K + 4 * sb, 64);
         g->tok_bytes = up(g->o_s + 4 * (K / 16), 64);
+        g->o_bdx = 16 * K;
+        g->o_bs = 16 * K + 64 * sb;
+        g->band_bytes = g->o_bs + 64 * (type == T_Q6_K ? K / 16 : K / 32);
     } else {
         g->K64 = up(K, 64);
         g->nb16 = up(K / 32, 16);
@@ -408,6 +417,102 @@ static void quant_token(const geo_t *g, const float *x, uint8_t *out) {
     }
 }
 
+/* ---------------------------------------------------------------- bands: 8 rows x 16 tokens
+
+   For q4_k, q5_k and q6_k from 16 tokens on (AVX-512): 16 tokens in the lanes of a vector, each row's four
+   weights of a dword broadcast, one vpdpbusd per 4 values x 16 tokens; a sub-block's integer sums (q6_k's
+   from -32 * sum(q)) meet the row's d * sub-scale in one FMA for all 16 tokens, and the token's d once per
+   super-block: the scales' work is spread over 16 tokens instead of falling on each. */
+#ifdef G_AVX512
+#define BAND BAND_SIZE
+#define BR 8 /* rows per band tile */
+#define BAND_MIN_LAST 12 /* fewer tokens left over than this: the tiles of TB tokens, else one padded band */
+
+/* token `lane` of a band from its quantised P0 bytes `tk` (quant_token) */
+static void band_put(const geo_t *g, const uint8_t *tk, uint8_t *band, int lane) {
+    const int64_t K = g->K;
+    const int q6 = g->type == T_Q6_K;
+    const float *dx = (const float *)(tk + g->o_dx);
+    const __m512i ones = _mm512_set1_epi8(1);
+    int32_t *codes = (int32_t *)band;
+    float *bdx = (float *)(band + g->o_bdx);
+    for (int64_t sb = 0; sb < K / 256; sb++) {
+        __m512i gs = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            const __m512i v = _mm512_load_si512((const void *)(tk + 256 * sb + 64 * c));
+            gs = _mm512_dpbusd_epi32(gs, ones, v); /* lane i: the sum of group i's codes */
+            int32_t w[16];
+            _mm512_storeu_si512((void *)w, v);
+            for (int i = 0; i < 16; i++) codes[(64 * sb + 16 * c + i) * BAND + lane] = w[i];
+        }
+        bdx[sb * BAND + lane] = dx[sb];
+        int32_t sum[16];
+        _mm512_storeu_si512((void *)sum, gs);
+        if (q6) {
+            int32_t *bs = (int32_t *)(band + g->o_bs);
+            for (int i = 0; i < 16; i++) bs[(16 * sb + i) * BAND + lane] = -32 * sum[i];
+        } else {
+            float *bs = (float *)(band + g->o_bs);
+            for (int i = 0; i < 8; i++) bs[(8 * sb + i) * BAND + lane] = dx[sb] * (float)(sum[2 * i] + sum[2 * i + 1]);
+        }
+    }
+}
+
+/* rows [BR] (P0-unpacked, g->row_bytes apart) x the band's 16 tokens: out[r * BAND + t] */
+static void band_tile(const geo_t *g, const uint8_t *rows, const uint8_t *band, float *out) {
+    const int64_t rb = g->row_bytes, K = g->K;
+    const uint8_t *codes = band;
+    __m512 facc[BR];
+    for (int r = 0; r < BR; r++) facc[r] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < K / 256; sb++) {
+        __m512 fs[BR];
+        for (int r = 0; r < BR; r++) fs[r] = _mm512_setzero_ps();
+        if (g->type == T_Q6_K) {
+            const int32_t *bs = (const int32_t *)(band + g->o_bs) + 16 * sb * BAND;
+            for (int i = 0; i < 16; i++) {
+                __m512i acc[BR];
+                const __m512i init = _mm512_load_si512((const void *)(bs + i * BAND));
+                for (int r = 0; r < BR; r++) acc[r] = init;
+                for (int c = 0; c < 4; c++) {
+                    const int64_t dw = 64 * sb + 16 * c + i;
+                    const __m512i xv = _mm512_load_si512((const void *)(codes + 64 * dw));
+                    for (int r = 0; r < BR; r++)
+                        acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(*(const int32_t *)(rows + r * rb + 4 * dw)), xv);
+                }
+                for (int r = 0; r < BR; r++) {
+                    const float dsc = ((const float *)(rows + r * rb + g->o_dw))[16 * sb + i];
+                    fs[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(dsc), fs[r]);
+                }
+            }
+        } else {
+            const float *bs = (const float *)(band + g->o_bs) + 8 * sb * BAND;
+            for (int s = 0; s < 8; s++) {
+                __m512i acc[BR];
+                for (int r = 0; r < BR; r++) acc[r] = _mm512_setzero_si512();
+                for (int c = 0; c < 4; c++)
+                    for (int h = 0; h < 2; h++) {
+                        const int64_t dw = 64 * sb + 16 * c + 2 * s + h;
+                        const __m512i xv = _mm512_load_si512((const void *)(codes + 64 * dw));
+                        for (int r = 0; r < BR; r++)
+                            acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(*(const int32_t *)(rows + r * rb + 4 * dw)), xv);
+                    }
+                const __m512 sv = _mm512_load_ps(bs + s * BAND);
+                for (int r = 0; r < BR; r++) {
+                    const float *rw = (const float *)(rows + r * rb + g->o_dw);
+                    const float dsc = rw[16 * sb + 2 * s];
+                    const float m = ((const float *)(rows + r * rb + g->o_m))[16 * sb + 2 * s];
+                    fs[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(dsc), fs[r]);
+                    facc[r] = _mm512_fmadd_ps(_mm512_set1_ps(m), sv, facc[r]);
+                }
+            }
+        }
+        const __m512 dxv = _mm512_load_ps((const float *)(band + g->o_bdx) + sb * BAND);
+        for (int r = 0; r < BR; r++) facc[r] = _mm512_fmadd_ps(fs[r], dxv, facc[r]);
+    }
+    for (int r = 0; r < BR; r++) _mm512_storeu_ps(out + r * BAND, facc[r]);
+}
+#endif
+
 /* ---------------------------------------------------------------- the tiles: 4 rows x T tokens
 
    rows: the part's unpacked rows (g->row_bytes apart), toks: the tile's quantised tokens (g->tok_bytes
@@ -580,6 +685,8 @@ typedef struct {
     const float *x, *bias;
     float *y;
     uint8_t *xq; /* [M] tokens of g.tok_bytes */
+    uint8_t *bands; /* [nbands] of g.band_bytes: tokens 0 .. BAND * nbands - 1 (the last band may be padded) */
+    int64_t nbands;
     int failed;
 } qgemm_job;
 
@@ -590,7 +697,13 @@ static void qgemm_phase(void *arg, int phase, int part, int parts) {
     const geo_t *g = &j->g;
     if (phase == 0) {
         for (int64_t m = j->M * part / parts; m < j->M * (part + 1) / parts; m++)
+        {
             quant_token(g, j->x + m * g->K, j->xq + m * g->tok_bytes);
+#ifdef G_AVX512
+            if (m < BAND * j->nbands)
+                band_put(g, j->xq + m * g->tok_bytes, j->bands + (m / BAND) * g->band_bytes, (int)(m % BAND));
+#endif
+        }
         return;
     }
     const int64_t n0 = (int64_t)PART_ROWS * part, n1 = n0 + PART_ROWS < j->N ? n0 + PART_ROWS : j->N;
@@ -601,7 +714,7 @@ static void qgemm_phase(void *arg, int phase, int part, int parts) {
         __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
         return;
     }
-    const int64_t live = n1 - n0, padded = up(live, TR);
+    const int64_t live = n1 - n0, padded = up(live, 8);
     for (int mat = 0; mat < mats; mat++) {
         const uint8_t *W = mat ? j->U : j->W;
         uint8_t *dst = rows + mat * PART_ROWS * g->row_bytes;
@@ -617,9 +730,31 @@ static void qgemm_phase(void *arg, int phase, int part, int parts) {
         }
         if (padded > live) memset(dst + live * g->row_bytes, 0, (size_t)((padded - live) * g->row_bytes));
     }
+    int64_t tstart = 0;
+#ifdef G_AVX512
+    float bout[BR * BAND], bout_up[BR * BAND];
+    for (int64_t bi = 0; bi < j->nbands; bi++) {
+        const uint8_t *band = j->bands + bi * g->band_bytes;
+        const int64_t t0 = BAND * bi;
+        const int count = (int)(j->M - t0 < BAND ? j->M - t0 : BAND);
+        for (int64_t r0 = 0; r0 < live; r0 += BR) {
+            band_tile(g, rows + r0 * g->row_bytes, band, bout);
+            if (j->U) {
+                band_tile(g, rows + (PART_ROWS + r0) * g->row_bytes, band, bout_up);
+                for (int i = 0; i < BR * BAND; i++) bout[i] = silu(bout[i]) * bout_up[i];
+            }
+            for (int r = 0; r < BR && r0 + r < live; r++) {
+                const int64_t n = n0 + r0 + r;
+                const float b = j->bias ? j->bias[n] : 0.0f;
+                for (int t = 0; t < count; t++) j->y[(t0 + t) * j->N + n] = bout[r * BAND + t] + b;
+            }
+        }
+    }
+    tstart = j->nbands * BAND;
+#endif
     const int T = g->kq ? TB : TA;
     float out[TR * TA], out_up[TR * TA];
-    for (int64_t t0 = 0; t0 < j->M; t0 += T) {
+    for (int64_t t0 = tstart; t0 < j->M; t0 += T) {
         const int count = (int)(j->M - t0 < T ? j->M - t0 : T);
         for (int64_t r0 = 0; r0 < live; r0 += TR) {
             run_tile(g, count, rows + r0 * g->row_bytes, j->xq + t0 * g->tok_bytes, out);
@@ -647,8 +782,15 @@ static int qgemm_run(int type, const uint8_t *W, const uint8_t *U, int64_t N, in
     memset(&j, 0, sizeof(j));
     geometry(type, K, &j.g);
     j.W = W; j.U = U; j.N = N; j.M = M; j.wrow_bytes = K / values * bytes; j.x = x; j.bias = bias; j.y = y;
-    j.xq = moeinf_scratch((size_t)(M * j.g.tok_bytes));
+#ifdef G_AVX512
+    /* the bands: every whole 16 tokens, and a last part of at least BAND_MIN_LAST (padded with zeros); the
+       tokens after them go through the tiles of 4 rows x TB */
+    if (j.g.kq) j.nbands = M / BAND + (M % BAND >= BAND_MIN_LAST);
+#endif
+    j.xq = moeinf_scratch((size_t)(M * j.g.tok_bytes + j.nbands * j.g.band_bytes));
     if (!j.xq) return -1;
+    j.bands = j.xq + M * j.g.tok_bytes;
+    if (j.nbands * BAND_SIZE > M) memset(j.bands + (j.nbands - 1) * j.g.band_bytes, 0, (size_t)j.g.band_bytes);
     int parts = (int)((N + PART_ROWS - 1) / PART_ROWS);
     int nt = nthreads < 1 ? 1 : nthreads;
     if (nt > parts) nt = parts;
