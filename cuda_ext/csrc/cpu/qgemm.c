@@ -426,7 +426,7 @@ static void quant_token(const geo_t *g, const float *x, uint8_t *out) {
 #ifdef G_AVX512
 #define BAND BAND_SIZE
 #define BR 8 /* rows per band tile */
-#define BAND_MIN_LAST 12 /* fewer tokens left over than this: the tiles of TB tokens, else one padded band */
+#define BAND_MIN_LAST 9 /* fewer tokens left over than this: the tiles of TB tokens, else one padded band (measured: even at 8) */
 
 /* token `lane` of a band from its quantised P0 bytes `tk` (quant_token) */
 static void band_put(const geo_t *g, const uint8_t *tk, uint8_t *band, int lane) {
