@@ -23,7 +23,8 @@ reader (the gguf package's reference dequantiser) must give back the transformer
 tensors exactly (names, llama.cpp's Q/K permutation, the merged expert tensors); then, per
 quantised file, moeinf on the kept blocks (float32) against transformers on the same file
 dequantised: the largest logit difference over a 32-token greedy continuation, and how many greedy
-tokens agree.
+tokens agree (moeinf with ``--activations``: under ``auto`` the k-quants' products are rounded to int8 on
+every forward, as llama.cpp rounds them; ``float32`` checks the unrounded kernels).
 
     .venv/bin/python benchmarks/vs_llamacpp.py --prepare                 # build the files, pull them
     .venv/bin/python benchmarks/vs_llamacpp.py --check                   # fidelity, not timed
@@ -305,7 +306,7 @@ def check(items: list[tuple[str, Path, str]], args: argparse.Namespace) -> None:
             seq = gen[0].tolist()
             ref_logits = ref(torch.tensor([seq])).logits[0]
         del ref
-        ours = load_model(home / "models" / name, dtype=torch.float32, max_seq_len=128)
+        ours = load_model(home / "models" / name, dtype=torch.float32, max_seq_len=128, activations=args.activations)
         with torch.no_grad():
             ours_logits = ours(torch.tensor(seq), 0)
             logits = ours(torch.tensor(prompt), 0)

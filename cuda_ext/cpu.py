@@ -307,8 +307,8 @@ def experts_accumulate(
     rows, within that bound). x float32
     (block formats only, float32 biases): everything in float32, each block dequantised in registers
     to the values the torch path multiplies, no activation rounded; under
-    ``cuda_ext.quant.int8_activations(True)`` (``activations="int8"``) x and h rounded to int8 per block
-    of 32 instead (``quant.c``'s rows). False (and acc untouched) when the native path does not apply.
+    ``cuda_ext.quant.int8_activations(True)`` (``activations="int8"``; "auto" on the gate's format in
+    ``cuda_ext.quant.AUTO_INT8_FORMATS``) x and h rounded to int8 per block of 32 instead (``quant.c``'s rows). False (and acc untouched) when the native path does not apply.
     ``clamped=(alpha, limit)``: gpt-oss's clamped SwiGLU instead (``gpt_oss_moe.clamped_swiglu``)."""
     lib = _native()
     k = len(experts)
@@ -338,7 +338,8 @@ def experts_accumulate(
     if f32:
         from cuda_ext.quant import int8_active
 
-        fn = lib.moeinf_experts_acc_f32_int8 if int8_active() else lib.moeinf_experts_acc_f32
+        fmt = getattr(getattr(experts[0].gate, "format", None), "name", None)
+        fn = lib.moeinf_experts_acc_f32_int8 if int8_active(fmt) else lib.moeinf_experts_acc_f32
     else:
         fn = lib.moeinf_experts_acc
     err = fn(

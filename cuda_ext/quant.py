@@ -27,7 +27,8 @@ the PyTorch fallback left to the caller (None where the kernel does not apply).
   ``qgemm_swiglu(x, gate, up)``: a SwiGLU expert's ``silu(x Wg^T) * (x Wu^T)`` in one such call.
 
 * ``int8_activations(mode)``: the switch the models set per forward (``engine.formats.linear`` and the
-  experts read it): True rounds every product, "auto" those of ``AUTO_MIN_ROWS[format]`` rows or more.
+  experts read it): True rounds every product, "auto" those of ``AUTO_MIN_ROWS[format]`` rows or more,
+  "kquants" those on the ``AUTO_INT8_FORMATS`` (q4_k, q5_k, q6_k: rounded by "auto" on decode too).
 """
 
 from __future__ import annotations
@@ -54,18 +55,24 @@ _INT8: contextvars.ContextVar[str | None] = contextvars.ContextVar("moeinf_int8_
 
 # activations "auto" on a prompt: the fewest rows of x one product needs to take the int8 GEMM, by format
 # (measured against the float32 kernels, one thread, 3584 x 1024: the int8 GEMM is ahead from 16 rows on
-# for the 32-value formats, from 2 for q4_k and q6_k, whose float32 unpacking costs the most; README
-# "Computing on the stored blocks"); fewer rows keep the float32 kernels (not rounded)
-AUTO_MIN_ROWS = {"q8_0": 16, "q4_0": 16, "q4_1": 16, "mxfp4": 16, "q4_k": 2, "q5_k": 2, "q6_k": 2}
+# for the 32-value formats; README "Computing on the stored blocks"); fewer rows keep the float32 kernels
+# (not rounded)
+AUTO_MIN_ROWS = {"q8_0": 16, "q4_0": 16, "q4_1": 16, "mxfp4": 16, "q4_k": 1, "q5_k": 1, "q6_k": 1}
+# the formats that "auto" rounds on every forward, one-token decode included: their float32 kernels pay the
+# most to unpack (6-bit sub-scales, q6_k's split codes) and the int8 row kernel (quant.c) is the faster
+# from one row on (a Q4_K_M decode step's experts 7.8 -> 4.7 ms, its q6_k LM head 2.2 -> 1.1 ms); the
+# 32-value formats keep float32 on decode and short prompts (q8_0's decode no faster in int8)
+AUTO_INT8_FORMATS = frozenset({"q4_k", "q5_k", "q6_k"})
 
 
 @contextlib.contextmanager
 def int8_activations(mode: bool | str) -> Iterator[None]:
     """While it holds, float32 activations meet block-format weights with int8 activations: ``True``
     (or "int8") in every product (``engine.formats.linear``'s through ``qgemm``, one token's experts
-    through ``cuda_ext.cpu.experts_accumulate``'s int8 call); "auto" in products of at least
-    ``AUTO_MIN_ROWS[format]`` rows; ``False`` in none (float32 activations are never rounded)."""
-    value = "int8" if mode is True or mode == "int8" else "auto" if mode == "auto" else None
+    through ``cuda_ext.cpu.experts_accumulate``'s int8 call); "auto" (a prompt) in products of at least
+    ``AUTO_MIN_ROWS[format]`` rows; "kquants" (decode, short prompts) in every product on the
+    ``AUTO_INT8_FORMATS`` only; ``False`` in none (float32 activations are never rounded)."""
+    value = "int8" if mode is True or mode == "int8" else mode if mode in ("auto", "kquants") else None
     token = _INT8.set(value)
     try:
         yield
@@ -73,9 +80,11 @@ def int8_activations(mode: bool | str) -> Iterator[None]:
         _INT8.reset(token)
 
 
-def int8_active() -> bool:
-    """Whether ``int8_activations`` rounds every product here (``True``: decode too)."""
-    return _INT8.get() == "int8"
+def int8_active(fmt: str | None = None) -> bool:
+    """Whether ``int8_activations`` rounds every product on ``fmt`` here, one token's included (``True``,
+    or "auto" / "kquants" for the ``AUTO_INT8_FORMATS``)."""
+    mode = _INT8.get()
+    return mode == "int8" or (mode in ("auto", "kquants") and fmt in AUTO_INT8_FORMATS)
 
 
 def int8_min_rows(fmt: str) -> int | None:
@@ -83,7 +92,9 @@ def int8_min_rows(fmt: str) -> int | None:
     mode = _INT8.get()
     if mode is None:
         return None
-    return 1 if mode == "int8" else AUTO_MIN_ROWS.get(fmt, 2)
+    if mode == "int8" or fmt in AUTO_INT8_FORMATS:
+        return 1
+    return AUTO_MIN_ROWS.get(fmt, 2) if mode == "auto" else None
 
 
 # int8 activations: fewer rows than this take quant.c's row kernel (no unpacking), more the tiled GEMM

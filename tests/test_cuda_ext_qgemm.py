@@ -1,7 +1,8 @@
 """The int8-activation GEMM (cuda_ext.quant.qgemm, csrc/cpu/qgemm.c) against dequantise-then-multiply.
 
-Every format, every build (native AVX-512 VNNI here, AVX2, portable C), token counts 1, 3, 17 and 130
-(the row kernel below QGEMM_MIN_TOKENS, the tiles and their ragged ends above), odd block counts, rows
+Every format, every build (native AVX-512 VNNI here, AVX2, portable C), token counts 1, 3, 12, 17, 30 and
+130 (the row kernel below QGEMM_MIN_TOKENS, the tiles and their ragged ends above; for q4_k, q5_k and q6_k
+on AVX-512 the bands of 16 tokens, a padded last band (12, 30) or the tiles after them), odd block counts, rows
 not a multiple of the tiles, one and two threads. The documented bound: the activations are rounded
 to int8 per block (of 32 values; of 256 for q4_k and q6_k from QGEMM_MIN_TOKENS rows on, as llama.cpp's
 Q8_K), so |ours - exact| <= sum_j |w_j| d_x(j) / 2 (d_x(j) = max|x| / 127 over j's block) plus float32
@@ -17,7 +18,7 @@ from cuda_ext.blocks import BLOCKS
 from cuda_ext.quant import QGEMM_MIN_TOKENS, qgemm
 
 FORMATS = list(BLOCKS)
-TOKENS = [1, 3, 17, 130]
+TOKENS = [1, 3, 12, 17, 30, 130]
 
 
 def _shapes(fmt: str) -> list[tuple[int, int]]:

@@ -102,7 +102,7 @@ def test_q4_k_m_mix_keeps_q5_k_attn_output_and_matches_transformers(tmp_path, mo
 
     ckpt = gguf_to_checkpoint(path, tmp_path / "ref", "float32")
     ref = tf.AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32).eval()
-    ours = load_model(pulled.path, dtype=torch.float32, max_seq_len=64)
+    ours = load_model(pulled.path, dtype=torch.float32, max_seq_len=64, activations="float32")  # the float32 contract
     assert ours.layers[0].self_attn.o_proj.weight.format.name == "q5_k"
     seq = torch.tensor([PROMPT + list(range(20, 30))])
     with torch.no_grad():

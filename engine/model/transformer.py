@@ -88,15 +88,18 @@ class CausalLM(nn.Module):
         self._step_seen = -1
         # float32 activations on block-format weights (engine.formats.linear.ACTIVATIONS): "float32" never
         # rounds them; "auto" rounds them to int8 per block on forwards of AUTO_INT8_TOKENS tokens or more, in
-        # products of cuda_ext.quant.AUTO_MIN_ROWS rows or more
-        # (prompts), "int8" on every forward (decode too, as llama.cpp)
+        # products of cuda_ext.quant.AUTO_MIN_ROWS rows or more (prompts), and on every forward (decode too)
+        # in the products on cuda_ext.quant.AUTO_INT8_FORMATS (q4_k, q5_k, q6_k); "int8" on every forward
+        # (decode too, as llama.cpp)
         self.activations = "float32"
 
     def _int8(self, tokens: int) -> bool | str:
         """How a forward of ``tokens`` rows rounds float32 activations (``cuda_ext.quant.int8_activations``):
         True (every product), "auto" (products of enough rows: a prompt's), False (none)."""
         mode = self.activations
-        return True if mode == "int8" else "auto" if mode == "auto" and tokens >= AUTO_INT8_TOKENS else False
+        if mode != "auto":
+            return mode == "int8"
+        return "auto" if tokens >= AUTO_INT8_TOKENS else "kquants"  # kquants: cuda_ext.quant.AUTO_INT8_FORMATS
 
     def _apply(self, fn, recurse=True):
         self._step = False  # new tensors: describe them again
@@ -152,7 +155,7 @@ class CausalLM(nn.Module):
         if self.rotary is not None:
             ctx.cos, ctx.sin = self.rotary(start_pos, T)
         int8 = self._int8(T)
-        with decode_threads((T == 1 or bool(int8)) and device.type == "cpu"), int8_activations(int8):
+        with decode_threads((T == 1 or int8 in (True, "auto")) and device.type == "cpu"), int8_activations(int8):
             x = self.embed_tokens(tokens.to(device))
             out = None
             if T == 1 and self.native_step and x.dtype == torch.bfloat16 and device.type == "cpu":
@@ -197,7 +200,7 @@ class CausalLM(nn.Module):
             ctx.cos = torch.cat([s.cos for s in steps])
             ctx.sin = torch.cat([s.sin for s in steps])
         int8 = self._int8(len(tokens))
-        with decode_threads((len(tokens) == 1 or bool(int8)) and device.type == "cpu"), int8_activations(int8):
+        with decode_threads((len(tokens) == 1 or int8 in (True, "auto")) and device.type == "cpu"), int8_activations(int8):
             x = self.embed_tokens(tokens.to(device))
             for layer in self.layers:
                 x = layer(x, ctx)

@@ -37,6 +37,7 @@
 #define TR 4         /* rows per register tile */
 #define TA 4         /* tokens per tile, 32-value formats */
 #define TB 3         /* tokens per tile, q4_k / q6_k */
+#define BAND_SIZE 16 /* tokens per band (AVX-512 q4_k / q5_k / q6_k) */
 
 static const int8_t MXFP4_X2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 
@@ -49,16 +50,26 @@ static int64_t up(int64_t v, int64_t m) { return (v + m - 1) / m * m; }
      row:   int8 w [K64] | int32 corr [K64/4] = -128 * (sum of each 4 weights) | float dw [K64/4] (lane
             scales: chunk c's lanes 0-7 block 2c, 8-15 block 2c + 1) | float m [NB16] (q4_1's minimum)
      token: uint8 q + 128 [K64] | float dx [K64/4] (lane scales) | float s [NB16] = d * sum(q)
-   q4_k / q5_k / q6_k (SB = K / 256 super-blocks):
-     row:   uint8 w [K] (q4_k 0..15, q5_k 0..31, q6_k 0..63) | int16 sub-scale of each pair of values [K/2] |
-            float d [SB] | float m [K/16] (each 16 values' offset: q4_k -dmin * min, q6_k -32 d sc)
-     token: int8 q [K] | float d [SB] | float s [K/16] = d * sum(q) of each 16 values */
+   q4_k / q5_k / q6_k (SB = K / 256 super-blocks), every super-block's 256 values in the order P0: byte
+   64 c + 4 i + j holds value 16 i + 4 c + j (c: the 64-byte chunk, i: its 32-bit lane, j: the byte), so that
+   lane i of every chunk holds values of the one group of 16 values i (one sub-scale: q6_k's sixteen,
+   q4_k's and q5_k's eight of 32 values, each two groups): a plain vpdpbusd over the four chunks sums each
+   group's products in its own lane, and the sub-scales multiply those sums once per super-block:
+     row:   uint8 w [K] (q4_k 0..15, q5_k 0..31, q6_k 0..63) | float dsc [K/16] = d * sub-scale of each
+            group of 16 (exact: an fp16 times a 6- or 8-bit integer) | float m [K/16] (each group's
+            offset: q4_k and q5_k -dmin * min, q6_k -32 d sc)
+     token: int8 q [K] (P0) | float d [SB] | float s [K/16] = d * sum(q) of each group of 16
+   and, on AVX-512 from 16 tokens on, bands of 16 tokens (the tokens in the 32-bit lanes, llama.cpp's
+   layout for its tiled k-quant kernels): dword p of the 16 tokens' P0 bytes side by side [K/4][16] |
+   float d [SB][16] | q4_k, q5_k: float s [K/32][16] = d * sum(q) of each sub-block of 32; q6_k: int32
+   [K/16][16] = -32 * sum(q) of each group of 16 (the offset of q6_k's codes, in the integer sums) */
 typedef struct {
     int type, kq;
     int64_t K, K64, nb16;
     int64_t row_bytes, tok_bytes;
     int64_t o_corr, o_dw, o_m;   /* row offsets */
     int64_t o_dx, o_s;           /* token offsets */
+    int64_t band_bytes, o_bdx, o_bs; /* a band of 16 tokens (q4_k / q5_k / q6_k on AVX-512) */
 } geo_t;
 
 static void geometry(int type, int64_t K, geo_t *g) {
@@ -69,13 +80,15 @@ static void geometry(int type, int64_t K, geo_t *g) {
     if (g->kq) {
         int64_t sb = K / 256;
         g->K64 = K;
-        g->o_corr = K;                 /* the sub-scales */
-        g->o_dw = 2 * K;               /* d per super-block */
-        g->o_m = up(2 * K + 4 * sb, 64);
+        g->o_dw = K;                   /* d x sub-scale of each 16 values */
+        g->o_m = K + 4 * (K / 16);     /* each 16 values' offset */
         g->row_bytes = up(g->o_m + 4 * (K / 16), 64);
         g->o_dx = K;
         g->o_s = up(K + 4 * sb, 64);
         g->tok_bytes = up(g->o_s + 4 * (K / 16), 64);
+        g->o_bdx = 16 * K;
+        g->o_bs = 16 * K + 64 * sb;
+        g->band_bytes = g->o_bs + 64 * (type == T_Q6_K ? K / 16 : K / 32);
     } else {
         g->K64 = up(K, 64);
         g->nb16 = up(K / 32, 16);
@@ -90,6 +103,12 @@ static void geometry(int type, int64_t K, geo_t *g) {
 }
 
 /* ---------------------------------------------------------------- unpacking one row */
+
+/* 256 values in order -> P0 (see "sizes" above): byte 64 c + 4 i + j takes value 16 i + 4 c + j */
+static void p0_order(const uint8_t *v, uint8_t *out) {
+    for (int c = 0; c < 4; c++)
+        for (int i = 0; i < 16; i++) memcpy(out + 64 * c + 4 * i, v + 16 * i + 4 * c, 4);
+}
 
 #ifdef G_AVX512
 /* the sums of four vectors' lanes, out[0..3] = sum a, b, c, d (pairs of lanes added in one tree) */
@@ -151,50 +170,70 @@ static int64_t unpack_a_fast(const geo_t *g, const uint8_t *w, uint8_t *out) {
     return b;
 }
 
+/* P0 of one super-block from its 256 values in order, four vectors of 64 (see "sizes" above): chunk c's
+   lane i takes dword 4 i + c of the values; a dword transpose within each vector (lane c of 128 bits: its
+   four groups' dword c), then a 4 x 4 transpose of 128-bit lanes across the four */
+static inline void store_p0(uint8_t *dst, __m512i z0, __m512i z1, __m512i z2, __m512i z3) {
+    const __m512i tr = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    z0 = _mm512_permutexvar_epi32(tr, z0);
+    z1 = _mm512_permutexvar_epi32(tr, z1);
+    z2 = _mm512_permutexvar_epi32(tr, z2);
+    z3 = _mm512_permutexvar_epi32(tr, z3);
+    const __m512i t0 = _mm512_shuffle_i64x2(z0, z1, 0x44), t1 = _mm512_shuffle_i64x2(z0, z1, 0xEE);
+    const __m512i t2 = _mm512_shuffle_i64x2(z2, z3, 0x44), t3 = _mm512_shuffle_i64x2(z2, z3, 0xEE);
+    _mm512_store_si512((void *)dst, _mm512_shuffle_i64x2(t0, t2, 0x88));
+    _mm512_store_si512((void *)(dst + 64), _mm512_shuffle_i64x2(t0, t2, 0xDD));
+    _mm512_store_si512((void *)(dst + 128), _mm512_shuffle_i64x2(t1, t3, 0x88));
+    _mm512_store_si512((void *)(dst + 192), _mm512_shuffle_i64x2(t1, t3, 0xDD));
+}
+
+/* q4_k's and q5_k's eight 6-bit scales (bytes 0-7) and mins (8-15) of the 12 bytes at s, llama.cpp's way */
+static inline __m128i q4k_scales16(const uint8_t *s) {
+    uint32_t u[4];
+    memcpy(u, s, 12);
+    const uint32_t k1 = 0x3f3f3f3fu, k2 = 0x0f0f0f0fu, k3 = 0x03030303u;
+    u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
+    const uint32_t mins_lo = u[1] & k1;
+    u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
+    u[2] = mins_lo;
+    u[0] &= k1;
+    return _mm_loadu_si128((const __m128i *)u);
+}
+
 static void unpack_k_fast(const geo_t *g, const uint8_t *w, uint8_t *out) {
     const int64_t K = g->K;
-    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3);
-    /* int16 lane i of a 64-value chunk takes the scale of value 2i's group of 16: i / 8 */
-    const __m512i grp = _mm512_set_epi16(3, 3, 3, 3, 3, 3, 3, 3, 2, 2, 2, 2, 2, 2, 2, 2,
-                                         1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
-    float *d = (float *)(out + g->o_dw), *m = (float *)(out + g->o_m);
+    const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);
+    /* each group of 16 values' sub-block of 32: i / 2 */
+    const __m512i half_idx = _mm512_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
+    float *dsc = (float *)(out + g->o_dw), *m = (float *)(out + g->o_m);
     for (int64_t sb = 0; sb < K / 256; sb++) {
         uint8_t *v = out + 256 * sb;
-        int16_t *s = (int16_t *)(out + g->o_corr) + 128 * sb;
-        float *ms = m + 16 * sb;
-        if (g->type == T_Q4_K) {
-            const uint8_t *blk = w + 144 * sb, *qs = blk + 16;
-            /* the eight 6-bit scales (bytes 0-7) and mins (8-15), llama.cpp's way (quant_f32.c) */
-            uint32_t u[4];
-            memcpy(u, blk + 4, 12);
-            const uint32_t k1 = 0x3f3f3f3fu, k2 = 0x0f0f0f0fu, k3 = 0x03030303u;
-            u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
-            const uint32_t mins_lo = u[1] & k1;
-            u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
-            u[2] = mins_lo;
-            u[0] &= k1;
-            const __m128i scm = _mm_loadu_si128((const __m128i *)u);
-            const __m512i sc16 = _mm512_cvtepu8_epi16(_mm256_castsi128_si256(scm)); /* lanes 0-7 sc, 8-15 mn */
-            d[sb] = half(blk);
-            const float dmin = half(blk + 2);
-            for (int c = 0; c < 4; c++) {
+        __m512i z[4];
+        if (g->type == T_Q4_K || g->type == T_Q5_K) {
+            const int q5 = g->type == T_Q5_K;
+            const uint8_t *blk = w + (q5 ? 176 : 144) * sb, *qs = blk + (q5 ? 48 : 16);
+            const __m128i scm = q4k_scales16(blk + 4);
+            const __m512i sm32 = _mm512_cvtepu8_epi32(scm); /* lanes 0-7 sc, 8-15 mn */
+            const __m256i hb = q5 ? _mm256_loadu_si256((const __m256i *)(blk + 16)) : _mm256_setzero_si256();
+            for (int c = 0; c < 4; c++) { /* values 64c..64c+31: low nibbles of qs[32c..], 64c+32..: high */
                 __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + 32 * c));
-                _mm512_store_si512((void *)(v + 64 * c),
-                                   pair256(_mm256_and_si256(raw, m4), _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4)));
-                /* int16 lanes 0-15: sub-block 2c's scale, 16-31: 2c + 1's */
-                __m512i idx = _mm512_add_epi16(_mm512_srli_epi16(grp, 1), _mm512_set1_epi16((short)(2 * c)));
-                _mm512_store_si512((void *)(s + 32 * c), _mm512_permutexvar_epi16(idx, sc16));
+                __m256i lo = _mm256_and_si256(raw, m4), hi = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+                if (q5) { /* the fifth bit: bit 2c (2c + 1) of qh[l] */
+                    lo = _mm256_or_si256(lo, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * c), one), 4));
+                    hi = _mm256_or_si256(hi, _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2 * c + 1), one), 4));
+                }
+                z[c] = pair256(lo, hi);
             }
-            /* each 16 values' offset: -(dmin * min of its sub-block) */
-            const __m512i half_idx = _mm512_setr_epi32(8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15);
-            const __m512 mnf = _mm512_cvtepi32_ps(_mm512_permutexvar_epi32(half_idx, _mm512_cvtepu8_epi32(scm)));
-            _mm512_storeu_ps(ms, _mm512_mul_ps(mnf, _mm512_set1_ps(-dmin)));
+            const float d = half(blk), dmin = half(blk + 2);
+            _mm512_store_ps(dsc + 16 * sb, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_permutexvar_epi32(half_idx, sm32)),
+                                                         _mm512_set1_ps(d)));
+            const __m512i mn_idx = _mm512_add_epi32(half_idx, _mm512_set1_epi32(8));
+            _mm512_store_ps(m + 16 * sb, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_permutexvar_epi32(mn_idx, sm32)),
+                                                       _mm512_set1_ps(-dmin)));
         } else {
             const uint8_t *blk = w + 210 * sb, *ql = blk, *qh = blk + 128;
-            const int8_t *sc = (const int8_t *)(blk + 192);
+            const __m512 scf = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(blk + 192))));
             const float dd = half(blk + 208);
-            d[sb] = dd;
-            const __m512i sc16 = _mm512_castsi256_si512(_mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)sc)));
             for (int h = 0; h < 2; h++) {
                 __m256i l0 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h));
                 __m256i l1 = _mm256_loadu_si256((const __m256i *)(ql + 64 * h + 32));
@@ -203,17 +242,13 @@ static void unpack_k_fast(const geo_t *g, const uint8_t *w, uint8_t *out) {
                 __m256i p1 = _mm256_or_si256(_mm256_and_si256(l1, m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 2), m2), 4));
                 __m256i p2 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l0, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 4), m2), 4));
                 __m256i p3 = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(l1, 4), m4), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(hb, 6), m2), 4));
-                _mm512_store_si512((void *)(v + 128 * h), pair256(p0, p1));
-                _mm512_store_si512((void *)(v + 128 * h + 64), pair256(p2, p3));
-                for (int c = 0; c < 2; c++) {
-                    const int g0 = 8 * h + 4 * c; /* the chunk's first group of 16 */
-                    __m512i idx = _mm512_add_epi16(grp, _mm512_set1_epi16((short)g0));
-                    _mm512_store_si512((void *)(s + 64 * h + 32 * c), _mm512_permutexvar_epi16(idx, sc16));
-                }
+                z[2 * h] = pair256(p0, p1);
+                z[2 * h + 1] = pair256(p2, p3);
             }
-            _mm512_storeu_ps(ms, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)sc))),
-                                               _mm512_set1_ps(-32.0f * dd)));
+            _mm512_store_ps(dsc + 16 * sb, _mm512_mul_ps(scf, _mm512_set1_ps(dd)));
+            _mm512_store_ps(m + 16 * sb, _mm512_mul_ps(scf, _mm512_set1_ps(-32.0f * dd)));
         }
+        store_p0(v, z[0], z[1], z[2], z[3]);
     }
 }
 #endif
@@ -222,49 +257,32 @@ static void unpack_row(const geo_t *g, const uint8_t *w, uint8_t *out) {
     const int64_t K = g->K;
     if (g->kq) {
 #ifdef G_AVX512
-        if (g->type != T_Q5_K) { /* q5_k: the plain unpacking below */
-            unpack_k_fast(g, w, out);
-            return;
-        }
+        unpack_k_fast(g, w, out);
+        return;
 #endif
-        uint8_t *wu = out;
-        int16_t *sc16 = (int16_t *)(out + g->o_corr);
-        float *d = (float *)(out + g->o_dw), *m = (float *)(out + g->o_m);
+        float *dsc = (float *)(out + g->o_dw), *m = (float *)(out + g->o_m);
+        uint8_t v[256];
         for (int64_t sb = 0; sb < K / 256; sb++) {
-            uint8_t *v = wu + 256 * sb;
-            int16_t *s = sc16 + 128 * sb;
-            float *ms = m + 16 * sb;
-            if (g->type == T_Q5_K) { /* q4_k's scales; a value's fifth bit in qh (bit 2c, 2c + 1 of byte l) */
-                const uint8_t *blk = w + 176 * sb, *qh = blk + 16, *qs = blk + 48;
+            float *ds = dsc + 16 * sb, *ms = m + 16 * sb;
+            if (g->type == T_Q4_K || g->type == T_Q5_K) { /* q5_k: a value's fifth bit in qh (bit 2c, 2c + 1 of byte l) */
+                const int q5 = g->type == T_Q5_K;
+                const uint8_t *blk = w + (q5 ? 176 : 144) * sb, *qh = blk + 16, *qs = blk + (q5 ? 48 : 16);
                 uint8_t sc[8], mn[8];
                 q4k_scales(blk + 4, sc, mn);
-                d[sb] = half(blk);
-                const float dmin = half(blk + 2);
+                const float d = half(blk), dmin = half(blk + 2);
                 for (int c = 0; c < 4; c++)
                     for (int l = 0; l < 32; l++) {
-                        v[64 * c + l] = (uint8_t)((qs[32 * c + l] & 0x0F) | (((qh[l] >> (2 * c)) & 1) << 4));
-                        v[64 * c + 32 + l] = (uint8_t)((qs[32 * c + l] >> 4) | (((qh[l] >> (2 * c + 1)) & 1) << 4));
+                        v[64 * c + l] = (uint8_t)((qs[32 * c + l] & 0x0F) | (q5 ? ((qh[l] >> (2 * c)) & 1) << 4 : 0));
+                        v[64 * c + 32 + l] = (uint8_t)((qs[32 * c + l] >> 4) | (q5 ? ((qh[l] >> (2 * c + 1)) & 1) << 4 : 0));
                     }
-                for (int i = 0; i < 128; i++) s[i] = sc[i / 16];
-                for (int i = 0; i < 16; i++) ms[i] = -(dmin * (float)mn[i / 2]);
-            } else if (g->type == T_Q4_K) {
-                const uint8_t *blk = w + 144 * sb, *qs = blk + 16;
-                uint8_t sc[8], mn[8];
-                q4k_scales(blk + 4, sc, mn);
-                d[sb] = half(blk);
-                const float dmin = half(blk + 2);
-                for (int c = 0; c < 4; c++)
-                    for (int l = 0; l < 32; l++) {
-                        v[64 * c + l] = qs[32 * c + l] & 0x0F;
-                        v[64 * c + 32 + l] = qs[32 * c + l] >> 4;
-                    }
-                for (int i = 0; i < 128; i++) s[i] = sc[i / 16];
-                for (int i = 0; i < 16; i++) ms[i] = -(dmin * (float)mn[i / 2]);
+                for (int i = 0; i < 16; i++) {
+                    ds[i] = d * (float)sc[i / 2];
+                    ms[i] = -(dmin * (float)mn[i / 2]);
+                }
             } else {
                 const uint8_t *blk = w + 210 * sb, *ql = blk, *qh = blk + 128;
                 const int8_t *sc = (const int8_t *)(blk + 192);
                 const float dd = half(blk + 208);
-                d[sb] = dd;
                 for (int h = 0; h < 2; h++)
                     for (int p = 0; p < 4; p++)
                         for (int l = 0; l < 32; l++) {
@@ -272,9 +290,12 @@ static void unpack_row(const geo_t *g, const uint8_t *w, uint8_t *out) {
                             v[128 * h + 32 * p + l] =
                                 (uint8_t)((p < 2 ? low & 0x0F : low >> 4) | (((qh[32 * h + l] >> (2 * p)) & 3) << 4));
                         }
-                for (int i = 0; i < 128; i++) s[i] = sc[i / 8];
-                for (int i = 0; i < 16; i++) ms[i] = -32.0f * dd * (float)sc[i];
+                for (int i = 0; i < 16; i++) {
+                    ds[i] = dd * (float)sc[i];
+                    ms[i] = -32.0f * dd * (float)sc[i];
+                }
             }
+            p0_order(v, out + 256 * sb);
         }
         return;
     }
@@ -338,9 +359,9 @@ static void quant_token(const geo_t *g, const float *x, uint8_t *out) {
     if (g->kq) {
         int8_t *q = (int8_t *)out;
         float *d = (float *)(out + g->o_dx), *s = (float *)(out + g->o_s);
+        int8_t qs[256] __attribute__((aligned(64))); /* the super-block in order, then P0 */
         for (int64_t sb = 0; sb < K / 256; sb++) {
             const float *xs = x + 256 * sb;
-            int8_t *qs = q + 256 * sb;
             float amax = 0.0f;
 #ifdef __AVX512F__
             __m512 mx = _mm512_setzero_ps();
@@ -371,6 +392,12 @@ static void quant_token(const geo_t *g, const float *x, uint8_t *out) {
                 s[16 * sb + gi] = dd * (float)sum;
             }
 #endif
+#ifdef G_AVX512
+            store_p0((uint8_t *)(q + 256 * sb), _mm512_load_si512((const void *)qs), _mm512_load_si512((const void *)(qs + 64)),
+                     _mm512_load_si512((const void *)(qs + 128)), _mm512_load_si512((const void *)(qs + 192)));
+#else
+            p0_order((const uint8_t *)qs, (uint8_t *)(q + 256 * sb));
+#endif
         }
         return;
     }
@@ -389,6 +416,102 @@ static void quant_token(const geo_t *g, const float *x, uint8_t *out) {
         s[b] = d * (float)sum;
     }
 }
+
+/* ---------------------------------------------------------------- bands: 8 rows x 16 tokens
+
+   For q4_k, q5_k and q6_k from 16 tokens on (AVX-512): 16 tokens in the lanes of a vector, each row's four
+   weights of a dword broadcast, one vpdpbusd per 4 values x 16 tokens; a sub-block's integer sums (q6_k's
+   from -32 * sum(q)) meet the row's d * sub-scale in one FMA for all 16 tokens, and the token's d once per
+   super-block: the scales' work is spread over 16 tokens instead of falling on each. */
+#ifdef G_AVX512
+#define BAND BAND_SIZE
+#define BR 8 /* rows per band tile */
+#define BAND_MIN_LAST 9 /* fewer tokens left over than this: the tiles of TB tokens, else one padded band (measured: even at 8) */
+
+/* token `lane` of a band from its quantised P0 bytes `tk` (quant_token) */
+static void band_put(const geo_t *g, const uint8_t *tk, uint8_t *band, int lane) {
+    const int64_t K = g->K;
+    const int q6 = g->type == T_Q6_K;
+    const float *dx = (const float *)(tk + g->o_dx);
+    const __m512i ones = _mm512_set1_epi8(1);
+    int32_t *codes = (int32_t *)band;
+    float *bdx = (float *)(band + g->o_bdx);
+    for (int64_t sb = 0; sb < K / 256; sb++) {
+        __m512i gs = _mm512_setzero_si512();
+        for (int c = 0; c < 4; c++) {
+            const __m512i v = _mm512_load_si512((const void *)(tk + 256 * sb + 64 * c));
+            gs = _mm512_dpbusd_epi32(gs, ones, v); /* lane i: the sum of group i's codes */
+            int32_t w[16];
+            _mm512_storeu_si512((void *)w, v);
+            for (int i = 0; i < 16; i++) codes[(64 * sb + 16 * c + i) * BAND + lane] = w[i];
+        }
+        bdx[sb * BAND + lane] = dx[sb];
+        int32_t sum[16];
+        _mm512_storeu_si512((void *)sum, gs);
+        if (q6) {
+            int32_t *bs = (int32_t *)(band + g->o_bs);
+            for (int i = 0; i < 16; i++) bs[(16 * sb + i) * BAND + lane] = -32 * sum[i];
+        } else {
+            float *bs = (float *)(band + g->o_bs);
+            for (int i = 0; i < 8; i++) bs[(8 * sb + i) * BAND + lane] = dx[sb] * (float)(sum[2 * i] + sum[2 * i + 1]);
+        }
+    }
+}
+
+/* rows [BR] (P0-unpacked, g->row_bytes apart) x the band's 16 tokens: out[r * BAND + t] */
+static void band_tile(const geo_t *g, const uint8_t *rows, const uint8_t *band, float *out) {
+    const int64_t rb = g->row_bytes, K = g->K;
+    const uint8_t *codes = band;
+    __m512 facc[BR];
+    for (int r = 0; r < BR; r++) facc[r] = _mm512_setzero_ps();
+    for (int64_t sb = 0; sb < K / 256; sb++) {
+        __m512 fs[BR];
+        for (int r = 0; r < BR; r++) fs[r] = _mm512_setzero_ps();
+        if (g->type == T_Q6_K) {
+            const int32_t *bs = (const int32_t *)(band + g->o_bs) + 16 * sb * BAND;
+            for (int i = 0; i < 16; i++) {
+                __m512i acc[BR];
+                const __m512i init = _mm512_load_si512((const void *)(bs + i * BAND));
+                for (int r = 0; r < BR; r++) acc[r] = init;
+                for (int c = 0; c < 4; c++) {
+                    const int64_t dw = 64 * sb + 16 * c + i;
+                    const __m512i xv = _mm512_load_si512((const void *)(codes + 64 * dw));
+                    for (int r = 0; r < BR; r++)
+                        acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(*(const int32_t *)(rows + r * rb + 4 * dw)), xv);
+                }
+                for (int r = 0; r < BR; r++) {
+                    const float dsc = ((const float *)(rows + r * rb + g->o_dw))[16 * sb + i];
+                    fs[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(dsc), fs[r]);
+                }
+            }
+        } else {
+            const float *bs = (const float *)(band + g->o_bs) + 8 * sb * BAND;
+            for (int s = 0; s < 8; s++) {
+                __m512i acc[BR];
+                for (int r = 0; r < BR; r++) acc[r] = _mm512_setzero_si512();
+                for (int c = 0; c < 4; c++)
+                    for (int h = 0; h < 2; h++) {
+                        const int64_t dw = 64 * sb + 16 * c + 2 * s + h;
+                        const __m512i xv = _mm512_load_si512((const void *)(codes + 64 * dw));
+                        for (int r = 0; r < BR; r++)
+                            acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_set1_epi32(*(const int32_t *)(rows + r * rb + 4 * dw)), xv);
+                    }
+                const __m512 sv = _mm512_load_ps(bs + s * BAND);
+                for (int r = 0; r < BR; r++) {
+                    const float *rw = (const float *)(rows + r * rb + g->o_dw);
+                    const float dsc = rw[16 * sb + 2 * s];
+                    const float m = ((const float *)(rows + r * rb + g->o_m))[16 * sb + 2 * s];
+                    fs[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(dsc), fs[r]);
+                    facc[r] = _mm512_fmadd_ps(_mm512_set1_ps(m), sv, facc[r]);
+                }
+            }
+        }
+        const __m512 dxv = _mm512_load_ps((const float *)(band + g->o_bdx) + sb * BAND);
+        for (int r = 0; r < BR; r++) facc[r] = _mm512_fmadd_ps(fs[r], dxv, facc[r]);
+    }
+    for (int r = 0; r < BR; r++) _mm512_storeu_ps(out + r * BAND, facc[r]);
+}
+#endif
 
 /* ---------------------------------------------------------------- the tiles: 4 rows x T tokens
 
@@ -429,6 +552,9 @@ ALWAYS_INLINE void tile_a(const geo_t *g, int T, int mins, const uint8_t *rows, 
     for (int t = 0; t < T; t++) reduce4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], out + t, T);
 }
 
+/* q4_k / q5_k / q6_k: per super-block, a plain vpdpbusd per 64 values (weights unsigned, activations
+   signed) into lanes that each hold one group of 16 (P0); then per lane the group's d * sub-scale, the
+   token's d, and the group's offset times the token's sum */
 ALWAYS_INLINE void tile_b(const geo_t *g, int T, const uint8_t *rows, const uint8_t *toks, float *out) {
     const int64_t rb = g->row_bytes, tb = g->tok_bytes;
     __m512 acc[TR][TB];
@@ -444,24 +570,20 @@ ALWAYS_INLINE void tile_b(const geo_t *g, int T, const uint8_t *rows, const uint
             for (int r = 0; r < TR; r++) wv[r] = _mm512_load_si512((const void *)(rows + r * rb + off));
             for (int t = 0; t < T; t++) {
                 const __m512i xv = _mm512_load_si512((const void *)(toks + t * tb + off));
-                for (int r = 0; r < TR; r++)
-                    ai[r][t] = _mm512_dpwssd_epi32(ai[r][t], _mm512_maddubs_epi16(wv[r], xv),
-                                                   _mm512_load_si512((const void *)(rows + r * rb + g->o_corr + off)));
+                for (int r = 0; r < TR; r++) ai[r][t] = _mm512_dpbusd_epi32(ai[r][t], wv[r], xv);
             }
         }
         for (int r = 0; r < TR; r++) {
-            const __m512 dw = _mm512_set1_ps(((const float *)(rows + r * rb + g->o_dw))[sb]);
-            for (int t = 0; t < T; t++)
-                acc[r][t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(ai[r][t]), dw),
-                                            _mm512_set1_ps(((const float *)(toks + t * tb + g->o_dx))[sb]), acc[r][t]);
+            const __m512 dsc = _mm512_load_ps((const float *)(rows + r * rb + g->o_dw) + 16 * sb);
+            const __m512 m = _mm512_load_ps((const float *)(rows + r * rb + g->o_m) + 16 * sb);
+            for (int t = 0; t < T; t++) {
+                const __m512 dx = _mm512_set1_ps(((const float *)(toks + t * tb + g->o_dx))[sb]);
+                const __m512 s = _mm512_load_ps((const float *)(toks + t * tb + g->o_s) + 16 * sb);
+                acc[r][t] = _mm512_fmadd_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(ai[r][t]), dsc), dx, acc[r][t]);
+                acc[r][t] = _mm512_fmadd_ps(m, s, acc[r][t]);
+            }
         }
     }
-    for (int64_t i = 0; i < g->K / 256; i++)
-        for (int t = 0; t < T; t++) {
-            const __m512 s = _mm512_load_ps((const float *)(toks + t * tb + g->o_s) + 16 * i);
-            for (int r = 0; r < TR; r++)
-                acc[r][t] = _mm512_fmadd_ps(_mm512_load_ps((const float *)(rows + r * rb + g->o_m) + 16 * i), s, acc[r][t]);
-        }
     for (int t = 0; t < T; t++) reduce4(acc[0][t], acc[1][t], acc[2][t], acc[3][t], out + t, T);
 }
 #else
@@ -491,22 +613,23 @@ static void tile_a(const geo_t *g, int T, int mins, const uint8_t *rows, const u
 static void tile_b(const geo_t *g, int T, const uint8_t *rows, const uint8_t *toks, float *out) {
     for (int r = 0; r < TR; r++) {
         const uint8_t *rw = rows + r * g->row_bytes;
-        const int16_t *sc = (const int16_t *)(rw + g->o_corr);
-        const float *dw = (const float *)(rw + g->o_dw), *m = (const float *)(rw + g->o_m);
+        const float *dsc = (const float *)(rw + g->o_dw), *m = (const float *)(rw + g->o_m);
         for (int t = 0; t < T; t++) {
             const uint8_t *tk = toks + t * g->tok_bytes;
             const int8_t *q = (const int8_t *)tk;
             const float *dx = (const float *)(tk + g->o_dx), *s = (const float *)(tk + g->o_s);
             float acc = 0.0f;
             for (int64_t sb = 0; sb < g->K / 256; sb++) {
-                int32_t sum = 0;
-                for (int i = 0; i < 128; i++) {
-                    const int64_t j = 256 * sb + 2 * i;
-                    sum += (int32_t)sc[128 * sb + i] * ((int32_t)rw[j] * q[j] + (int32_t)rw[j + 1] * q[j + 1]);
-                }
-                acc += (float)sum * (dw[sb] * dx[sb]);
+                int32_t sum[16] = {0};
+                for (int c = 0; c < 4; c++)
+                    for (int i = 0; i < 16; i++)
+                        for (int j = 0; j < 4; j++) {
+                            const int64_t p = 256 * sb + 64 * c + 4 * i + j;
+                            sum[i] += (int32_t)rw[p] * q[p];
+                        }
+                for (int i = 0; i < 16; i++)
+                    acc += (float)sum[i] * dsc[16 * sb + i] * dx[sb] + m[16 * sb + i] * s[16 * sb + i];
             }
-            for (int64_t i = 0; i < g->K / 16; i++) acc += m[i] * s[i];
             out[r * T + t] = acc;
         }
     }
@@ -562,6 +685,8 @@ typedef struct {
     const float *x, *bias;
     float *y;
     uint8_t *xq; /* [M] tokens of g.tok_bytes */
+    uint8_t *bands; /* [nbands] of g.band_bytes: tokens 0 .. BAND * nbands - 1 (the last band may be padded) */
+    int64_t nbands;
     int failed;
 } qgemm_job;
 
@@ -572,7 +697,13 @@ static void qgemm_phase(void *arg, int phase, int part, int parts) {
     const geo_t *g = &j->g;
     if (phase == 0) {
         for (int64_t m = j->M * part / parts; m < j->M * (part + 1) / parts; m++)
+        {
             quant_token(g, j->x + m * g->K, j->xq + m * g->tok_bytes);
+#ifdef G_AVX512
+            if (m < BAND * j->nbands)
+                band_put(g, j->xq + m * g->tok_bytes, j->bands + (m / BAND) * g->band_bytes, (int)(m % BAND));
+#endif
+        }
         return;
     }
     const int64_t n0 = (int64_t)PART_ROWS * part, n1 = n0 + PART_ROWS < j->N ? n0 + PART_ROWS : j->N;
@@ -583,7 +714,7 @@ static void qgemm_phase(void *arg, int phase, int part, int parts) {
         __atomic_store_n(&j->failed, 1, __ATOMIC_RELAXED);
         return;
     }
-    const int64_t live = n1 - n0, padded = up(live, TR);
+    const int64_t live = n1 - n0, padded = up(live, 8);
     for (int mat = 0; mat < mats; mat++) {
         const uint8_t *W = mat ? j->U : j->W;
         uint8_t *dst = rows + mat * PART_ROWS * g->row_bytes;
@@ -599,9 +730,31 @@ static void qgemm_phase(void *arg, int phase, int part, int parts) {
         }
         if (padded > live) memset(dst + live * g->row_bytes, 0, (size_t)((padded - live) * g->row_bytes));
     }
+    int64_t tstart = 0;
+#ifdef G_AVX512
+    float bout[BR * BAND], bout_up[BR * BAND];
+    for (int64_t bi = 0; bi < j->nbands; bi++) {
+        const uint8_t *band = j->bands + bi * g->band_bytes;
+        const int64_t t0 = BAND * bi;
+        const int count = (int)(j->M - t0 < BAND ? j->M - t0 : BAND);
+        for (int64_t r0 = 0; r0 < live; r0 += BR) {
+            band_tile(g, rows + r0 * g->row_bytes, band, bout);
+            if (j->U) {
+                band_tile(g, rows + (PART_ROWS + r0) * g->row_bytes, band, bout_up);
+                for (int i = 0; i < BR * BAND; i++) bout[i] = silu(bout[i]) * bout_up[i];
+            }
+            for (int r = 0; r < BR && r0 + r < live; r++) {
+                const int64_t n = n0 + r0 + r;
+                const float b = j->bias ? j->bias[n] : 0.0f;
+                for (int t = 0; t < count; t++) j->y[(t0 + t) * j->N + n] = bout[r * BAND + t] + b;
+            }
+        }
+    }
+    tstart = j->nbands * BAND;
+#endif
     const int T = g->kq ? TB : TA;
     float out[TR * TA], out_up[TR * TA];
-    for (int64_t t0 = 0; t0 < j->M; t0 += T) {
+    for (int64_t t0 = tstart; t0 < j->M; t0 += T) {
         const int count = (int)(j->M - t0 < T ? j->M - t0 : T);
         for (int64_t r0 = 0; r0 < live; r0 += TR) {
             run_tile(g, count, rows + r0 * g->row_bytes, j->xq + t0 * g->tok_bytes, out);
@@ -629,8 +782,15 @@ static int qgemm_run(int type, const uint8_t *W, const uint8_t *U, int64_t N, in
     memset(&j, 0, sizeof(j));
     geometry(type, K, &j.g);
     j.W = W; j.U = U; j.N = N; j.M = M; j.wrow_bytes = K / values * bytes; j.x = x; j.bias = bias; j.y = y;
-    j.xq = moeinf_scratch((size_t)(M * j.g.tok_bytes));
+#ifdef G_AVX512
+    /* the bands: every whole 16 tokens, and a last part of at least BAND_MIN_LAST (padded with zeros); the
+       tokens after them go through the tiles of 4 rows x TB */
+    if (j.g.kq) j.nbands = M / BAND + (M % BAND >= BAND_MIN_LAST);
+#endif
+    j.xq = moeinf_scratch((size_t)(M * j.g.tok_bytes + j.nbands * j.g.band_bytes));
     if (!j.xq) return -1;
+    j.bands = j.xq + M * j.g.tok_bytes;
+    if (j.nbands * BAND_SIZE > M) memset(j.bands + (j.nbands - 1) * j.g.band_bytes, 0, (size_t)j.g.band_bytes);
     int parts = (int)((N + PART_ROWS - 1) / PART_ROWS);
     int nt = nthreads < 1 ? 1 : nthreads;
     if (nt > parts) nt = parts;
