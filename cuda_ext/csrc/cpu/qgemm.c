@@ -187,19 +187,6 @@ static inline void store_p0(uint8_t *dst, __m512i z0, __m512i z1, __m512i z2, __
     _mm512_store_si512((void *)(dst + 192), _mm512_shuffle_i64x2(t1, t3, 0xDD));
 }
 
-/* q4_k's and q5_k's eight 6-bit scales (bytes 0-7) and mins (8-15) of the 12 bytes at s, llama.cpp's way */
-static inline __m128i q4k_scales16(const uint8_t *s) {
-    uint32_t u[4];
-    memcpy(u, s, 12);
-    const uint32_t k1 = 0x3f3f3f3fu, k2 = 0x0f0f0f0fu, k3 = 0x03030303u;
-    u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
-    const uint32_t mins_lo = u[1] & k1;
-    u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
-    u[2] = mins_lo;
-    u[0] &= k1;
-    return _mm_loadu_si128((const __m128i *)u);
-}
-
 static void unpack_k_fast(const geo_t *g, const uint8_t *w, uint8_t *out) {
     const int64_t K = g->K;
     const __m256i m4 = _mm256_set1_epi8(0x0F), m2 = _mm256_set1_epi8(3), one = _mm256_set1_epi8(1);

@@ -372,15 +372,6 @@ static float row_mxfp4(const uint8_t *w, const xq_t *x, int64_t nb) {
 }
 
 #ifdef Q_AVX512
-/* q4_k's eight 6-bit scales (bytes 0-7) and mins (bytes 8-15) of one super-block, by 32-bit lanes */
-static inline __m128i q4k_scales_vec(const uint8_t *s) {
-    uint32_t a, b, c;
-    memcpy(&a, s, 4); memcpy(&b, s + 4, 4); memcpy(&c, s + 8, 4);
-    uint32_t sc_hi = (c & 0x0f0f0f0fu) | (((a >> 6) & 0x03030303u) << 4);
-    uint32_t mn_hi = ((c >> 4) & 0x0f0f0f0fu) | (((b >> 6) & 0x03030303u) << 4);
-    return _mm_setr_epi32((int)(a & 0x3f3f3f3fu), (int)sc_hi, (int)(b & 0x3f3f3f3fu), (int)mn_hi);
-}
-
 static float row_q4_k_avx512(const uint8_t *w, const xq_t *x, int64_t nb) {
     const __m256i m = _mm256_set1_epi8(0x0F);
     const __m512i pair = _mm512_setr_epi32(0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1);
@@ -389,7 +380,7 @@ static float row_q4_k_avx512(const uint8_t *w, const xq_t *x, int64_t nb) {
     for (int64_t sb = 0; sb < nb / 8; sb++) {
         const uint8_t *blk = w + 144 * sb, *qs = blk + 16;
         const int8_t *q = x->q + 256 * sb;
-        __m128i scm = q4k_scales_vec(blk + 4);
+        __m128i scm = q4k_scales16(blk + 4);
         __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm));
         __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(scm, scm)));
         mins = _mm256_fmadd_ps(_mm256_mul_ps(mn, _mm256_set1_ps(half(blk + 2))), _mm256_loadu_ps(x->s + 8 * sb), mins);
@@ -419,7 +410,7 @@ static float row_q5_k_avx512(const uint8_t *w, const xq_t *x, int64_t nb) {
         const uint8_t *blk = w + 176 * sb, *qs = blk + 48;
         const int8_t *q = x->q + 256 * sb;
         const __m256i qh = _mm256_loadu_si256((const __m256i *)(blk + 16));
-        __m128i scm = q4k_scales_vec(blk + 4);
+        __m128i scm = q4k_scales16(blk + 4);
         __m256 sc = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm));
         __m256 mn = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(scm, scm)));
         mins = _mm256_fmadd_ps(_mm256_mul_ps(mn, _mm256_set1_ps(half(blk + 2))), _mm256_loadu_ps(x->s + 8 * sb), mins);

@@ -118,15 +118,7 @@ static inline float reduce64(__m512 a0, __m512 a1, __m512 a2, __m512 a3) {
    32-bit words, llama.cpp's way: scales in bytes 0..7, mins in 8..15; then d sc and -(dmin mn) as floats, eight
    at a time (the same products as one by one: each is exact) */
 ALWAYS_INLINE void q4k_dscales(const uint8_t *blk, float *dsc, float *dmn) {
-    uint32_t u[4];
-    memcpy(u, blk + 4, 12);
-    const uint32_t m1 = 0x3f3f3f3fu, m2 = 0x0f0f0f0fu, m3 = 0x03030303u;
-    u[3] = ((u[2] >> 4) & m2) | (((u[1] >> 6) & m3) << 4);
-    const uint32_t mins_lo = u[1] & m1;
-    u[1] = (u[2] & m2) | (((u[0] >> 6) & m3) << 4);
-    u[2] = mins_lo;
-    u[0] &= m1;
-    const __m128i scm = _mm_loadu_si128((const __m128i *)u);
+    const __m128i scm = q4k_scales16(blk + 4);
     _mm256_storeu_ps(dsc, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(scm)), _mm256_set1_ps(half(blk))));
     _mm256_storeu_ps(dmn, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(scm, 8))),
                                         _mm256_set1_ps(-half(blk + 2))));
