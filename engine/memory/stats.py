@@ -29,6 +29,9 @@ class CacheStats:
     prefetch_wasted: int = 0  # prefetched and evicted before any use
     prefetch_cancelled: int = 0  # queued prefetches dropped as stale before loading
     prefetch_dropped: int = 0  # prefetches refused: queue full or no evictable slot
+    speculative_loads: int = 0  # guesses read into a stream slot while the disk idled (whole reads)
+    speculative_useful: int = 0  # guesses the router then picked (counted as their demand loads)
+    speculative_aborted: int = 0  # guesses dropped while reading, their reads stopped part way
     streamed: int = 0  # prefill experts passed through the stream slots without caching
     evictions: int = 0
     bytes_loaded: int = 0  # bytes the loader read (disk) or copied (host to device)
@@ -36,6 +39,7 @@ class CacheStats:
     preload_bytes: int = 0
     preload_s: float = 0.0
     stall_s: float = 0.0  # time the compute waited for demand loads
+    disk_busy_s: float = 0.0  # time at least one load was reading (the slow tier was working)
     resident_experts: int = 0
     resident_bytes: int = 0
     peak_resident_bytes: int = 0
