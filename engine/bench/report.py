@@ -21,8 +21,6 @@ JSON schema (``moeinf bench --json``), version ``moeinf-bench/1``::
         "disk_busy_share": float,               # share of decode time with an expert load reading
         "loads_per_step": float,                # expert loads per decode step (all sequences together)
         "loads": int,                           # expert loads of the whole run (prompt + decode)
-        "speculative": {"loads", "useful", "aborted"},  # guesses read while the disk idled (whole reads),
-                                                #   those the router then picked (in "loads"), reads stopped
         "bytes_loaded": int,                    # bytes the loader read in that run (its own count)
         "os_read_bytes": int,                   # bytes the OS says this process read meanwhile (/proc/self/io)
         "belady_loads": int | null,             # --replay: Belady's optimum for the same tokens (batch > 1:
@@ -69,7 +67,6 @@ def row_dict(row: BenchRow, probe: Probe | None, compute_s: float | None) -> dic
         "disk_busy_share": row.disk_busy_share,
         "loads_per_step": row.decode_counter("demand_loads") + row.decode_counter("prefetch_loads"),
         "loads": loads,
-        "speculative": {k: int(row.total_counter(f"speculative_{k}")) for k in ("loads", "useful", "aborted")},
         "bytes_loaded": int(row.total_counter("bytes_loaded")),
         "os_read_bytes": int(row.total_counter("os_read_bytes")),
         "belady_loads": row.belady_loads,

@@ -132,8 +132,7 @@ class BenchRow:
 
 
 _COUNTERS = ("accesses", "hits", "demand_loads", "prefetch_loads", "prefetch_useful", "prefetch_wasted",
-             "bytes_loaded", "stall_s", "disk_busy_s",
-             "speculative_loads", "speculative_useful", "speculative_aborted")
+             "bytes_loaded", "stall_s", "disk_busy_s")
 
 
 def _counters(experts) -> dict:

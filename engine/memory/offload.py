@@ -45,7 +45,6 @@ from threading import Condition, Lock, RLock
 import torch
 
 from engine.memory.loader import DEMAND, PREFETCH, Job, Loader
-from engine.memory.shard import LoadAborted
 from engine.memory.stats import CacheStats
 from engine.memory.transfer import FREE, LOADING, RESIDENT, STREAM, Slot, Transfer
 from engine.model.experts import ExpertWeights
@@ -76,7 +75,6 @@ class OffloadedExperts:
         hints=None,
         hint_depth: int = 1,
         early_demand: bool = True,
-        speculative: bool = True,
     ):
         if capacity < top_k:
             raise ValueError(f"capacity {capacity} below top_k {top_k}")
@@ -97,12 +95,6 @@ class OffloadedExperts:
         self._pinned: dict[int, Slot] = {}  # by slot index
         self._landing: dict[Key, Job] = {}  # early demand loads into stream slots (``_land``)
         self.early_demand = early_demand  # decode misses start reading in ``observe`` (see ``_land``)
-        # reads of the next layer's likely experts into a free stream slot while the disk idles (``_speculate``)
-        self.speculative = speculative and prefetch and early_demand and stream_slots > 0
-        self.speculate_per_layer = 1
-        self._spec: dict[Key, Job] = {}
-        self._spec_next: list[Key] = []
-        self._moe_layers: list[int] = []  # decode layers in the order seen (the next layer after each)
         self._epoch = 0
         self._last_layer: int | None = None
         self._step_tokens: dict[int, int] = {}
@@ -135,7 +127,6 @@ class OffloadedExperts:
         """A new request starts (the policy hears it)."""
         with self.lock:
             self._check_open()
-            self._adopt_speculation(-1, [])
             self._drop_landing()
             self._last_layer = None
             self._step_tokens.clear()
@@ -149,7 +140,6 @@ class OffloadedExperts:
                 return
             self._release_pins()
             self.loader.cancel(lambda _key: True)
-            self._adopt_speculation(-1, [])
             self._drop_landing()
             self._last_layer = None
             self._step_tokens.clear()
@@ -165,9 +155,6 @@ class OffloadedExperts:
         tokens = int(topk_ids.shape[0]) if topk_ids.dim() > 1 else 1
         if tokens == 1 and self.n_stream and self.early_demand:
             self._land(layer, list(dict.fromkeys(routed_ids)))
-        elif self._spec or self._spec_next:
-            with self.lock:
-                self._adopt_speculation(-1, [])  # a step of many tokens streams through the stream slots
         if self.recorder is not None:
             self.recorder.on_route(layer, topk_ids)
         hints = []
@@ -182,22 +169,18 @@ class OffloadedExperts:
             routed = set(experts)
             # what was guessed for this layer and not routed is stale now
             self.loader.cancel(lambda k: k[0] == layer and k[1] not in routed)
-            if tokens > 1:
-                return
-            if self.prefetch_limit == 0:
-                self._plan_speculation(layer)
+            if tokens > 1 or self.prefetch_limit == 0:
                 return
             for nl, scores in hints:
                 self.policy.on_hint(nl, scores)
             wanted = [k for k in self.policy.prefetch(layer, self.prefetch_limit) if k not in self._resident]
             wanted_set = set(wanted)
             # a newer prediction replaces the queued older ones
-            self.loader.cancel(lambda k: k not in wanted_set and k[0] != layer and k not in self._spec)
+            self.loader.cancel(lambda k: k not in wanted_set and k[0] != layer)
             for key in wanted[: self.prefetch_limit]:
                 if self.loader.get(key) is None:
                     if self.loader.submit(key, PREFETCH, kind="prefetch") is None:
                         self._stats.prefetch_dropped += 1
-            self._plan_speculation(layer)
 
     def fetch(self, layer: int, expert_ids: Sequence[int]) -> Iterator[tuple[int, ExpertWeights]]:
         self._check_open()
@@ -372,11 +355,9 @@ class OffloadedExperts:
     def _land(self, layer: int, ids: list[int]) -> None:
         with self.lock:
             self._drop_landing()
-            self._adopt_speculation(layer, ids)
             if self._closed or self.loader.closed:
                 return
-            todo = [(layer, e) for e in ids if (layer, e) not in self._resident and (layer, e) not in self._landing
-                    and self.loader.get((layer, e)) is None]
+            todo = [(layer, e) for e in ids if (layer, e) not in self._resident and self.loader.get((layer, e)) is None]
             if not todo or len(todo) > len(self._free_stream):
                 return  # no room to land them all: the loads start in fetch
             for key in todo:
@@ -437,81 +418,6 @@ class OffloadedExperts:
             else:
                 job.data["orphan"] = True  # still reading: freed when it lands
 
-    # -- speculative loads (decode) --
-    #
-    # Between one layer's loads and the next layer's routing the disk idles (the rest of the layer and the
-    # next one's attention compute; a layer whose experts were all resident idles it throughout). While
-    # nothing is reading, one worker reads the next layer's most likely non-resident expert (the policy's
-    # ``speculate``) into a free stream slot: nothing is evicted for it. When that layer is routed a
-    # speculated expert it picked becomes that step's early demand load (``_adopt_speculation``: it joins
-    # the cache in ``fetch``, evicting the policy's victim exactly as its demand load would have), one it
-    # did not pick is dropped and its read stops after the pieces in flight (``LoadAborted``). So the
-    # cache's contents and every policy decision are those of demand paging; the price is the disk time
-    # and bytes of wrong guesses, read while the disk had nothing else to do, one at a time, with the
-    # other worker free for the demand loads. The guesses are the next layer's (the one routed next).
-
-    def _next_layer(self, layer: int) -> int | None:
-        order = self._moe_layers
-        if layer not in order:
-            order.append(layer)
-            order.sort()
-        i = order.index(layer)
-        return order[(i + 1) % len(order)] if len(order) > 1 else None
-
-    def _plan_speculation(self, layer: int) -> None:
-        """After ``layer``'s routing (lock held): the guesses for the next layer, then start one if idle."""
-        if not self.speculative:
-            return
-        nl = self._next_layer(layer)
-        if nl is None:
-            return
-        self._spec_next = [k for k in self.policy.speculate(nl, self.speculate_per_layer) if k not in self._resident]
-        self._speculate()
-
-    def _speculate(self) -> None:
-        """Start the next guess when nothing is reading or queued and a stream slot is free (lock held)."""
-        if not self._spec_next or self._reading or self._closed or self.loader.closed or self.loader.pending():
-            return
-        if not self._free_stream:
-            return
-        while self._spec_next:
-            key = self._spec_next.pop(0)
-            if key in self._resident or key in self._spec or self.loader.get(key) is not None:
-                continue
-            job = self.loader.submit(key, PREFETCH, kind="spec", spec=True)
-            if job is not None:
-                self._spec[key] = job
-            return
-
-    def _adopt_speculation(self, layer: int, ids: list[int]) -> None:
-        """``layer`` was routed to ``ids`` (lock held): a guess it picked becomes an early demand load
-        (``_landing``), every other guess is dropped (its read stopped, its slot freed)."""
-        self._spec_next = []
-        if not self._spec:
-            return
-        routed = {(layer, e) for e in ids}
-        st = self._stats
-        for key, job in list(self._spec.items()):
-            del self._spec[key]
-            if job.state in ("failed", "cancelled"):
-                continue
-            if key in routed and key not in self._resident:
-                st.speculative_useful += 1
-                st.demand_loads += 1  # the step's miss, loaded early
-                if job.state == "queued":  # not started: it goes as the step's early load
-                    self.loader.submit(key, DEMAND, kind="land")
-                else:
-                    job.data["kind"] = "land"
-                self._landing[key] = job
-                continue
-            if job.state == "queued":
-                self.loader.cancel(lambda k, key=key: k == key)
-            elif job.state == "running":
-                job.data["abort"] = True
-                job.data["orphan"] = True
-            elif job.slot is not None and job.slot.stream and job.slot.state == LANDED:
-                self._free_stream_slot(job.slot)
-
     # -- pins (lock held) --
 
     def _pin(self, slot: Slot) -> None:
@@ -563,8 +469,6 @@ class OffloadedExperts:
         """A slot for a load of ``kind``: demand (may wait), stream (free, else stream slot), prefetch,
         land (an early demand load: a free slot, else a stream slot, else as demand)."""
         while True:
-            if kind == "spec":  # a guess: only a spare stream slot, never an eviction
-                return self._free_stream.pop() if self._free_stream else None
             if self._free_main:
                 return self._free_main.pop()
             if kind == "land":
@@ -587,15 +491,10 @@ class OffloadedExperts:
 
     def _start(self, job: Job) -> bool:
         kind = "prefetch" if job.priority == PREFETCH else job.data.get("kind", "demand")
-        if job.data.get("kind") == "spec" and job.priority == PREFETCH:
-            kind = "spec"
-        if kind in ("prefetch", "spec") and job.key in self._resident:
+        if kind == "prefetch" and job.key in self._resident:
             return False
         slot = self._claim(kind)
         if slot is None:
-            if kind == "spec":
-                self._spec.pop(job.key, None)
-                return False
             if kind == "prefetch":
                 self._stats.prefetch_dropped += 1
                 return False
@@ -609,11 +508,7 @@ class OffloadedExperts:
 
     def _run(self, job: Job) -> None:
         layer, expert = job.key
-        if job.data.get("spec"):  # a guess: its read stops early once the routing said no
-            data = job.data
-            job.data["bytes"] = self.transfer.load(job.slot, self._path(layer, expert), lambda: data.get("abort", False))
-        else:
-            job.data["bytes"] = self.transfer.load(job.slot, self._path(layer, expert))
+        job.data["bytes"] = self.transfer.load(job.slot, self._path(layer, expert))
 
     def _finish(self, job: Job, error: BaseException | None) -> None:
         slot: Slot = job.slot
@@ -621,34 +516,11 @@ class OffloadedExperts:
         self._reading -= 1
         if self._reading == 0:
             st.disk_busy_s += time.perf_counter() - self._busy_since
-        spec = job.data.get("spec", False)
         if error is not None:
-            if isinstance(error, LoadAborted):
-                st.bytes_loaded += error.bytes
-                st.speculative_aborted += 1
-            self._spec.pop(job.key, None)
             slot.key, slot.state = None, FREE
             (self._free_stream if slot.stream else self._free_main).append(slot)
-            self._speculate()
             return
         st.bytes_loaded += job.data.get("bytes", 0)
-        if spec:
-            st.speculative_loads += 1
-            kind = job.data.get("kind")
-            if slot.stream and job.data.get("orphan"):  # dropped while reading
-                self._spec.pop(job.key, None)
-                self._landing.pop(job.key, None)
-                self._free_stream_slot(slot)
-            elif slot.stream and kind in ("spec", "land"):
-                slot.state = LANDED  # waits in its stream slot for the routing (``_adopt_speculation``)
-            elif slot.stream:  # adopted, and nothing was evictable: it streams
-                slot.state = STREAM
-                st.streamed += 1
-            else:  # adopted and swapped into the cache while it was reading
-                self._admit(job.key, slot, prefetched=False)
-            if self._reading == 0:
-                self._speculate()
-            return
         if job.first_priority == PREFETCH:
             st.prefetch_loads += 1
             if job.priority == DEMAND:  # the compute came for it while it was loading
@@ -665,8 +537,6 @@ class OffloadedExperts:
             st.streamed += 1
         else:
             self._admit(job.key, slot, prefetched=job.priority == PREFETCH)
-        if self._reading == 0:
-            self._speculate()
 
     def _admit(self, key: Key, slot: Slot, prefetched: bool) -> None:
         slot.state = RESIDENT

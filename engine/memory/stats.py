@@ -29,9 +29,6 @@ class CacheStats:
     prefetch_wasted: int = 0  # prefetched and evicted before any use
     prefetch_cancelled: int = 0  # queued prefetches dropped as stale before loading
     prefetch_dropped: int = 0  # prefetches refused: queue full or no evictable slot
-    speculative_loads: int = 0  # guesses read into a stream slot while the disk idled (whole reads)
-    speculative_useful: int = 0  # guesses the router then picked (counted as their demand loads)
-    speculative_aborted: int = 0  # guesses dropped while reading, their reads stopped part way
     streamed: int = 0  # prefill experts passed through the stream slots without caching
     evictions: int = 0
     bytes_loaded: int = 0  # bytes the loader read (disk) or copied (host to device)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -167,9 +166,8 @@ class Transfer(ABC):
         """Allocate ``n`` slots once (``n_stream`` of them for prefill streaming)."""
 
     @abstractmethod
-    def load(self, slot: Slot, path: Path, stop: Callable[[], bool] | None = None) -> int:
-        """Fill ``slot`` with the shard at ``path``; returns the bytes moved (read or copied). ``stop``:
-        a disk read may end early once it turns true (``engine.memory.shard.LoadAborted``)."""
+    def load(self, slot: Slot, path: Path) -> int:
+        """Fill ``slot`` with the shard at ``path``; returns the bytes moved (read or copied)."""
 
     def before_use(self, slot: Slot) -> None:
         """Called on the compute thread before the slot's weights are handed out."""
@@ -231,7 +229,7 @@ class DirectTransfer(Transfer):
             slots.append(Slot(i, i >= n - n_stream, self._slot_bytes, raw=mv[a:b], raw_t=arena_t[a:b]))
         return slots
 
-    def load(self, slot: Slot, path: Path, stop: Callable[[], bool] | None = None) -> int:
+    def load(self, slot: Slot, path: Path) -> int:
         """Read the shard into the slot's image. When the slot's last shard had the same header layout
         (every tensor at the same offsets, in the same dtype and shape: the experts of one layer format
         all do) the bytes were overwritten in place and the slot keeps its views and ``ExpertWeights``,
@@ -240,7 +238,7 @@ class DirectTransfer(Transfer):
         key = str(path)
         image = self._images.get(key)
         # a shard read before: its size is known (no fstat; a shorter file is still a truncation error)
-        size = self.reader.read_into(path, slot.raw, None if image is None else image[2], stop)
+        size = self.reader.read_into(path, slot.raw, None if image is None else image[2])
         header, layout = self._header(path, slot.raw, size)
         if image is None:
             items = tuple((n, t.start, t.end, t.torch_dtype, t.stored_shape) for n, t in header.tensors.items())
@@ -258,7 +256,6 @@ class DirectTransfer(Transfer):
 
     def close(self) -> None:
         super().close()
-        self.reader.close()
         self._images.clear()
         self._interned.clear()
         arena, self._arena = self._arena, None
@@ -293,10 +290,6 @@ class ConvertTransfer(Transfer):
             slots.append(s)
         return slots
 
-    def close(self) -> None:
-        super().close()
-        self.reader.close()
-
     def _staging(self) -> tuple[memoryview, torch.Tensor]:
         st = getattr(self._local, "staging", None)
         if st is None:
@@ -304,9 +297,9 @@ class ConvertTransfer(Transfer):
             st = self._local.staging = (memoryview(buf), torch.frombuffer(buf, dtype=torch.uint8), buf)
         return st[0], st[1]
 
-    def load(self, slot: Slot, path: Path, stop: Callable[[], bool] | None = None) -> int:
+    def load(self, slot: Slot, path: Path) -> int:
         mv, t = self._staging()
-        size = self.reader.read_into(path, mv, stop=stop)
+        size = self.reader.read_into(path, mv)
         header, layout = self._header(path, mv, size)
         self._view(slot, layout)
         for name, e in header.tensors.items():
@@ -366,7 +359,7 @@ class CudaTransfer(Transfer):
             }
         return st
 
-    def load(self, slot: Slot, path: Path, stop: Callable[[], bool] | None = None) -> int:
+    def load(self, slot: Slot, path: Path) -> int:
         st = self._worker_state()
         flat, done = st["staging"][st["next"]]
         st["next"] ^= 1

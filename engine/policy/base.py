@@ -63,13 +63,6 @@ class Policy(ABC):
         """After ``layer`` was routed: up to ``limit`` keys to load ahead, most urgent first."""
         return []
 
-    def speculate(self, layer: int, limit: int) -> list[Key]:
-        """Up to ``limit`` non-resident experts of ``layer`` most likely to be routed at its next run,
-        most likely first. Unlike ``prefetch`` this changes nothing in the cache: the live cache may
-        read them, when its disk would otherwise idle, into a spare slot that joins the cache (evicting
-        ``victim`` as a demand load would) only if the router then picks the expert. Default: none."""
-        return []
-
 
 def pick_min(resident: Collection[Key], pinned: Collection[Key], score: Callable[[Key], object]) -> Key:
     """The unpinned resident key with the smallest score; MoeinfError if every key is pinned."""

@@ -574,15 +574,6 @@ class EAMPolicy(Policy):
         for key in resident:
             self.resident[key] = True
 
-    def speculate(self, layer: int, limit: int) -> list[Key]:
-        """The non-resident experts of ``layer`` by P(used at its next run), highest first."""
-        if limit <= 0 or not 0 <= layer < self.num_layers:
-            return []
-        self._fresh()
-        p = np.where(self.resident[layer], -1.0, self._cum[layer, :, 0])
-        order = np.argsort(-p, kind="stable")[:limit]
-        return [(layer, int(e)) for e in order if p[e] >= 0]
-
     def prefetch(self, layer: int, limit: int) -> list[Key]:
         if limit <= 0:
             return []
