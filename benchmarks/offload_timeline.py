@@ -87,9 +87,7 @@ T.sort()
 t0 = T[len(T) // 3][0]
 ev = [e for e in T if e[0] >= t0]
 # busy intervals from run< run>
-busy = 0
 inflight = 0
-last = None
 idle_spans = []
 prev_end = None
 for t, tag, _k in ev:
@@ -98,7 +96,7 @@ for t, tag, _k in ev:
             idle_spans.append((prev_end, t))
         inflight += 1
     elif tag == "run>":
-        inflight -= 1
+        inflight = max(0, inflight - 1)  # the window may open while a read is under way
         if inflight == 0:
             prev_end = t
 total = ev[-1][0] - ev[0][0]
