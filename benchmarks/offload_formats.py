@@ -63,12 +63,12 @@ def prepare() -> None:
             print(f"{store_name(fmt)}: ready", file=sys.stderr)
 
 
-def run_round(prompt: int, gen: int, budgets: list[str]) -> dict:
+def run_round(prompt: int, gen: int, budgets: list[str], formats: list[str] = FORMATS) -> dict:
     from engine.bench.run import bench_main
 
     out = {"prompt_tokens": prompt, "gen_tokens": gen, "budgets": budgets, "loadavg": os.getloadavg()[0],
            "rows": []}
-    for fmt in FORMATS:
+    for fmt in formats:
         res = bench_main(model=store_name(fmt), synthetic=None, scale=1.0, prompt_tokens=prompt, gen_tokens=gen,
                          repetitions=1, budgets=budgets, policies=["eam"], replay=str(TRACE), profile=True,
                          dtype=None, device="cpu", progress=lambda m, f=fmt: print(f"{f}: {m}", file=sys.stderr))
@@ -92,7 +92,7 @@ def report(paths: list[str]) -> str:
         return f"{m:{fmt}}" if len(vals) == 1 else f"{m:{fmt}} ({min(vals):{fmt}}-{max(vals):{fmt}})"
 
     lines = ["| format | budget | expert MB | MB/token | hit % | ms/token | reachable ms/token | ms/reachable | "
-             "stall % | runs |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "stall % | disk busy % | runs |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for fmt in FORMATS:
         for (f, budget), rs in rows.items():
             if f != fmt:
@@ -103,7 +103,8 @@ def report(paths: list[str]) -> str:
                 med([r["bytes_per_token"] / 1e6 for r in rs], ".1f"), med([100 * r["hit_rate"] for r in rs], ".1f")
                 if rs[0].get("hit_rate") is not None else "-",
                 med([r["ms_per_token"] for r in rs], ".1f"), med([r.get("reachable_ms_per_token") for r in rs], ".1f"),
-                med(ratio, ".2f") if ratio else "-", med([100 * r["stall_share"] for r in rs], ".0f"), str(len(rs)),
+                med(ratio, ".2f") if ratio else "-", med([100 * r["stall_share"] for r in rs], ".0f"),
+                med([100 * r["disk_busy_share"] for r in rs if "disk_busy_share" in r], ".0f"), str(len(rs)),
             ]) + " |")
     return "\n".join(lines)
 
@@ -117,13 +118,14 @@ def main() -> None:
     r.add_argument("-p", type=int, default=1)
     r.add_argument("-n", type=int, default=80)
     r.add_argument("--budgets", default="100%,25%")
+    r.add_argument("--formats", default=",".join(FORMATS), help="a subset, e.g. q4_k,q8_0 (development runs)")
     rep = sub.add_parser("report")
     rep.add_argument("paths", nargs="+")
     a = ap.parse_args()
     if a.cmd == "prepare":
         prepare()
     elif a.cmd == "run":
-        doc = run_round(a.p, a.n, a.budgets.split(","))
+        doc = run_round(a.p, a.n, a.budgets.split(","), [f for f in a.formats.split(",") if f])
         out = Path(a.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".tmp")

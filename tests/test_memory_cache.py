@@ -105,6 +105,27 @@ def test_decode_fetch_gives_the_right_weights_and_pins_the_layer(model, referenc
         src.close()
 
 
+def test_disk_busy_time_covers_the_loads_and_no_more_than_the_run(model):
+    """``disk_busy_s``: the time at least one load was reading, counted once however many overlap."""
+    import time
+
+    src = _open(model, slots=TOP_K + 2)
+    rng = random.Random(1)
+    try:
+        t0 = time.perf_counter()
+        for _token in range(4):
+            for layer in range(LAYERS):
+                _decode_step(src, layer, rng.sample(range(EXPERTS), TOP_K))
+        elapsed = time.perf_counter() - t0
+        st = src.stats()
+        assert st.demand_loads > 0
+        assert 0 < st.disk_busy_s <= elapsed
+        with src.lock:
+            assert src._reading == 0  # every load that started finished
+    finally:
+        src.close()
+
+
 def test_prefill_streams_past_the_cache_without_flushing_it(model, reference):
     slots = 2 * TOP_K + 2  # main cache of 4 + 2 stream slots
     src = _open(model, slots=slots, prefetch=False)

@@ -18,6 +18,7 @@ JSON schema (``moeinf bench --json``), version ``moeinf-bench/1``::
         "ms_per_token": float, "ms_per_token_std": float,         # per sequence: ms per decode step
         "decode_tps": float,                    # aggregate: tokens of all sequences per second
         "hit_rate": float, "bytes_per_token": float, "stall_share": float,
+        "disk_busy_share": float,               # share of decode time with an expert load reading
         "loads_per_step": float,                # expert loads per decode step (all sequences together)
         "loads": int,                           # expert loads of the whole run (prompt + decode)
         "bytes_loaded": int,                    # bytes the loader read in that run (its own count)
@@ -63,6 +64,7 @@ def row_dict(row: BenchRow, probe: Probe | None, compute_s: float | None) -> dic
         "hit_rate": row.hit_rate,
         "bytes_per_token": row.decode_counter("bytes_loaded") / row.batch,
         "stall_share": row.stall_share,
+        "disk_busy_share": row.disk_busy_share,
         "loads_per_step": row.decode_counter("demand_loads") + row.decode_counter("prefetch_loads"),
         "loads": loads,
         "bytes_loaded": int(row.total_counter("bytes_loaded")),

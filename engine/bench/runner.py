@@ -113,6 +113,11 @@ class BenchRow:
         return self._med([r.decode_stats.get("stall_s", 0.0) / max(1e-9, sum(r.decode_s)) for r in self.reps])
 
     @property
+    def disk_busy_share(self) -> float:
+        """Share of the decode time in which at least one expert load was reading."""
+        return self._med([r.decode_stats.get("disk_busy_s", 0.0) / max(1e-9, sum(r.decode_s)) for r in self.reps])
+
+    @property
     def observed_bps(self) -> float:
         """The best rate at which the loader brought bytes in over a whole repetition (0 if none loaded)."""
         rates = [r.total_stats.get("bytes_loaded", 0) / (r.ttft_s + sum(r.decode_s)) for r in self.reps]
@@ -127,7 +132,7 @@ class BenchRow:
 
 
 _COUNTERS = ("accesses", "hits", "demand_loads", "prefetch_loads", "prefetch_useful", "prefetch_wasted",
-             "bytes_loaded", "stall_s")
+             "bytes_loaded", "stall_s", "disk_busy_s")
 
 
 def _counters(experts) -> dict:

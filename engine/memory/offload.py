@@ -111,6 +111,8 @@ class OffloadedExperts:
         self._stats.stream_slots = stream_slots
         policy.setup(num_layers, num_experts, self.main_capacity)
         self._closed = False
+        self._reading = 0  # loads between ``_start`` and ``_finish`` (for ``disk_busy_s``)
+        self._busy_since = 0.0
         me = weakref.ref(self)
         self.loader = Loader(
             self.lock, _weak(me, "_start", False), _weak(me, "_run", None), _weak(me, "_finish", None),
@@ -499,6 +501,9 @@ class OffloadedExperts:
             raise RuntimeError("the expert loader is closed")
         slot.key, slot.state = job.key, LOADING
         job.slot = slot
+        if self._reading == 0:
+            self._busy_since = time.perf_counter()
+        self._reading += 1
         return True
 
     def _run(self, job: Job) -> None:
@@ -508,6 +513,9 @@ class OffloadedExperts:
     def _finish(self, job: Job, error: BaseException | None) -> None:
         slot: Slot = job.slot
         st = self._stats
+        self._reading -= 1
+        if self._reading == 0:
+            st.disk_busy_s += time.perf_counter() - self._busy_since
         if error is not None:
             slot.key, slot.state = None, FREE
             (self._free_stream if slot.stream else self._free_main).append(slot)

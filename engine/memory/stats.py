@@ -36,6 +36,7 @@ class CacheStats:
     preload_bytes: int = 0
     preload_s: float = 0.0
     stall_s: float = 0.0  # time the compute waited for demand loads
+    disk_busy_s: float = 0.0  # time at least one load was reading (the slow tier was working)
     resident_experts: int = 0
     resident_bytes: int = 0
     peak_resident_bytes: int = 0
