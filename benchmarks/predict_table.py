@@ -165,17 +165,24 @@ def _trace_for(key: str):
 
 
 def run(key: str, prompt: int, gen: int, reps: int, policy: str, budgets: list[str], batches: list[int],
-        formats: list[str] | None = None, dtype: str = DTYPE, forecast: bool = True) -> dict:
+        formats: list[str] | None = None, dtype: str = DTYPE, forecast: bool = True, calibrate: bool = True) -> dict:
     from engine.bench.predict import bench_row_forecast
+    from engine.bench.replica import calibrate as calibrate_replica
     from engine.bench.run import bench_main
 
     trace_path = None if key == "demo" else str(TRACES / SYNTHETIC[key][-1])
     trace = _trace_for(key)
     out = {"key": key, "prompt_tokens": prompt, "gen_tokens": gen, "repetitions": reps, "policy": policy,
-           "dtype": dtype, "rows": []}
+           "dtype": dtype, "rows": [], "replicas": {}}
     for name, fmt in model_names(key):
         if formats and fmt not in formats:
             continue
+        if calibrate:  # the replica probe, right before the rows it forecasts (engine.bench.replica)
+            t0 = time.time()
+            fits = calibrate_replica(name, batches, prompt, gen, budgets, trace, dtype, save=False)
+            for b, fit in fits.items():
+                out["replicas"][f"{name}|b{b}"] = fit.as_dict()
+            print(f"{name}: replica probe {time.time() - t0:.0f} s", file=sys.stderr)
         marks: list[tuple[float, float, float]] = []
 
         def say(m: str, n: str = name, marks: list = marks) -> None:
@@ -192,7 +199,20 @@ def run(key: str, prompt: int, gen: int, reps: int, policy: str, budgets: list[s
             out["rows"].append({"model": key, "store": name, "format": fmt, "dtype": dtype, **row, **machine})
     if forecast:  # else ``reforecast`` adds them later (the dry cache runs need no lock on the machine)
         for row in out["rows"]:
-            row["forecast"] = bench_row_forecast(row["store"], row, prompt, gen, trace, dtype=dtype)
+            row["forecast"] = bench_row_forecast(row["store"], row, prompt, gen, trace, dtype=dtype,
+                                                 replicas=_replicas(out, row["store"]))
+    return out
+
+
+def _replicas(doc: dict, store: str) -> dict:
+    """{batch: ReplicaFit} the run's replica probe measured for ``store`` (empty: the kernel model times it)."""
+    from engine.bench.replica import ReplicaFit
+
+    out = {}
+    for k, d in (doc.get("replicas") or {}).items():
+        name, _, b = k.rpartition("|b")
+        if name == store:
+            out[int(b)] = ReplicaFit.from_dict(d)
     return out
 
 
@@ -209,14 +229,17 @@ def _machine_share(a: tuple[float, float, float], b: tuple[float, float, float])
     return {"cpu_per_s": (b[1] - a[1]) / wall, "loadavg": (a[2] + b[2]) / 2}
 
 
-def reforecast(path: str) -> None:
+def reforecast(path: str, kernels: bool = False) -> None:
+    """The forecasts of a run's rows again, from the run's replica probe (``kernels``: from the machine
+    profile's kernel probes only, as for a model that is not in the store)."""
     from engine.bench.predict import bench_row_forecast
 
     doc = json.loads(Path(path).read_text())
     trace = _trace_for(doc["key"])
     for row in doc["rows"]:
+        reps = {} if kernels else _replicas(doc, row["store"])
         row["forecast"] = bench_row_forecast(row["store"], row, doc["prompt_tokens"], doc["gen_tokens"], trace,
-                                             dtype=doc.get("dtype"))
+                                             dtype=doc.get("dtype"), replicas=reps)
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, path)
@@ -306,6 +329,8 @@ def main() -> None:
     r.add_argument("--batches", default=",".join(map(str, BATCHES)))
     r.add_argument("--formats", default="", help="comma-separated format labels to run (default: both)")
     r.add_argument("--dtype", default=DTYPE, help="compute dtype of every row (default: bfloat16)")
+    r.add_argument("--no-calibrate", action="store_true",
+                   help="no replica probe before the rows (their forecasts then come from the kernel probes)")
     r.add_argument("--no-forecast", action="store_true",
                    help="measure only; add the forecasts afterwards with `reforecast` (outside the lock)")
     r.add_argument("--out", required=True)
@@ -314,13 +339,14 @@ def main() -> None:
     q.add_argument("--parts", action="store_true", help="the decode step's compute and stalls, measured and forecast")
     f = sub.add_parser("reforecast", help="forecast the rows of a run's JSON again with the current profile")
     f.add_argument("paths", nargs="+")
+    f.add_argument("--kernels", action="store_true", help="ignore the runs' replica probes (the kernel model)")
     args = ap.parse_args()
     if args.cmd == "prepare":
         prepare(args.keys)
     elif args.cmd == "run":
         res = run(args.key, args.p, args.n, args.r, args.policy, args.budgets.split(","),
                   [int(b) for b in args.batches.split(",")], [f for f in args.formats.split(",") if f], args.dtype,
-                  forecast=not args.no_forecast)
+                  forecast=not args.no_forecast, calibrate=not args.no_calibrate)
         tmp = Path(args.out).with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1))
         os.replace(tmp, args.out)
@@ -328,7 +354,7 @@ def main() -> None:
             print(report([args.out]))
     elif args.cmd == "reforecast":
         for path in args.paths:
-            reforecast(path)
+            reforecast(path, args.kernels)
         print(report(args.paths))
     else:
         print(parts(args.paths) if args.parts else report(args.paths))

@@ -30,6 +30,7 @@ from engine.bench.cost import Costs, forward_time
 from engine.bench.simulate import Forward, LayerAccess, simulate
 
 COMPUTE_BAND = 0.15
+REPLICA_BAND = 0.15  # the least a replica forecast's band spans either side (its passes' spread, doubled, if more)
 PREFILL_CHUNK = 512
 TIMING_RUNS = 2  # dry runs the policy's own work is timed over (the fastest of them)
 BASE_POLICY = "lru"  # the policy of the overhead probe's cache (``engine.bench.kernels.probe_overhead``)
@@ -154,8 +155,36 @@ class Speeds:
     loads_ms: float
 
 
+def replica_times(shape, fit, forwards: list[Forward], offloaded: bool, share: float,
+                  scale: float = 1.0, load_scale: float = 1.0) -> PhaseTimes:
+    """The phases' times from the replica's fit (``engine.bench.replica``): each decode step the fitted step of
+    a model of ``shape.num_layers`` decoder layers with the dry run's demand and prefetch loads, plus the
+    policy's own work beyond lru's; the prefill the replica's at the nearest share, per layer. ``scale``
+    multiplies the compute, ``load_scale`` the loads' cost (the band)."""
+    L = shape.num_layers
+    steps = []
+    acc = miss = 0.0
+    prefill = 0.0
+    for f in forwards:
+        if f.phase == "prefill":
+            prefill += fit.prefill_s(L, f"{100 * share:g}%") * scale
+            continue
+        demand = sum(la.misses for la in f.layers)
+        base = fit.step_s(L, offloaded) if not offloaded else fit.step_s(L, True)
+        loads = (demand * fit.demand_s + f.prefetch_loads * fit.prefetch_s) if offloaded else 0.0
+        steps.append((base * scale + f.policy_extra_s, loads * load_scale))
+        acc += sum(la.experts for la in f.layers)
+        miss += demand
+    n_prefill = sum(1 for f in forwards if f.phase == "prefill")
+    if n_prefill > 1:  # the replica timed the run's whole prefill (every group): once, not per group
+        prefill /= n_prefill
+    return PhaseTimes(prefill, steps, 1 - miss / acc if acc else 1.0)
+
+
 def speeds(shape, profile, costs: Costs, batch: int, prompt: int, gen: int, capacity: int | None,
-           access: Access) -> Speeds:
+           access: Access, replica=None) -> Speeds:
+    """Decode and prefill speeds of a run (see the module doc); ``replica``: a ``ReplicaFit`` of this model at
+    this batch (``engine.bench.replica``), which then times the forwards instead of the kernel rates."""
     offloaded = capacity is not None
     point_f = run_forwards(shape, batch, prompt, gen, capacity, access, prefetch=True, hit_index=0)
     if access.trace is not None:
@@ -168,14 +197,24 @@ def speeds(shape, profile, costs: Costs, batch: int, prompt: int, gen: int, capa
     else:
         lo_f = run_forwards(shape, batch, prompt, gen, capacity, access, hit_index=1)
         hi_f = run_forwards(shape, batch, prompt, gen, capacity, access, hit_index=2)
-    cs = max(COMPUTE_BAND, profile.compute_spread)
-    ds = profile.read_spread
-    typ = max(1.0, getattr(profile, "compute_typical", 1.0))  # the probes' rates are their fastest passes
-    point = phase_times(shape, costs, point_f, offloaded, typ)
-    variants = [point]
-    for fw in (lo_f, hi_f):
-        for c, i in ((typ * (1 + cs), 1 + ds), (1 - cs, 1 - ds)):
-            variants.append(phase_times(shape, costs, fw, offloaded, c, i))
+    if replica is not None:
+        share = 1.0 if capacity is None else capacity / max(1, shape.experts_total)
+        cs = max(REPLICA_BAND, 2 * replica.spread)
+        ls = max(REPLICA_BAND, 2 * replica.offload_spread, profile.read_spread)
+        point = replica_times(shape, replica, point_f, offloaded, share)
+        variants = [point]
+        for fw in (lo_f, hi_f):
+            for c, i in ((1 + cs, 1 + ls), (1 - cs, 1 - ls)):
+                variants.append(replica_times(shape, replica, fw, offloaded, share, c, i))
+    else:
+        cs = max(COMPUTE_BAND, profile.compute_spread)
+        ds = profile.read_spread
+        typ = max(1.0, getattr(profile, "compute_typical", 1.0))  # the probes' rates are their fastest passes
+        point = phase_times(shape, costs, point_f, offloaded, typ)
+        variants = [point]
+        for fw in (lo_f, hi_f):
+            for c, i in ((typ * (1 + cs), 1 + ds), (1 - cs, 1 - ds)):
+                variants.append(phase_times(shape, costs, fw, offloaded, c, i))
     tokens = batch * prompt
 
     def tps(p: PhaseTimes) -> float:

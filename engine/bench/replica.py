@@ -1,0 +1,377 @@
+"""The replica probe: the engine's own bench run on a few layers of the model, right before it is needed.
+
+The kernel probes (``engine.bench.kernels``) time the engine's pieces on stand-in weights; what a decode
+step of a real model costs also depends on how those pieces run together (the native step over every
+layer, the per-layer Python, the LM head, what a load costs the compute thread while it runs, how much of a
+batch step's streamed loads overlap its products), and on a shared machine all of it moves from one hour to
+the next. So for a store model the profile also holds a **replica** measurement:
+
+1. **The replica** (``make_replica``): a store directory of the model's first ``layers`` decoder layers: its
+   own config with ``num_hidden_layers`` cut, the dense tensors of those layers and of the embedding, final
+   norm and LM head (written once), and links to those layers' expert shards. Same shapes, same formats,
+   same files the loader and the cache read; only the depth differs.
+2. **Its runs** (``probe_replica``): the bench's protocol (``engine.bench.runner``: a fresh load, ``prompt``
+   tokens of ``batch`` sequences prefilled, ``gen`` decode steps) all resident and behind the budgeted cache
+   at each asked share, the routing forced from the run's trace (its first layers) or the model's own
+   router. Between two decode steps the last-level cache is flushed when the real model's step reads more
+   than it holds (a model of many layers comes back to a layer after reading all the others: its weights
+   are never warm), so the replica's layers run as cold as the model's. Every step is timed with the
+   loads it made (demand and prefetch) and its stalls.
+3. **The fit** (``ReplicaFit``): the fixed part of a step (embedding, final norm and LM head at the step's
+   rows, timed alone, cold), the rest per decoder layer; behind the cache, a step's time as
+   ``a + c * (demand + prefetch loads)`` over every budgeted step (each load's
+   cost includes its stall, the compute thread's share of reading it, and whatever overlap the engine
+   reached; one cost for both kinds, fitted robustly: ``_fit_loads``). The real model's step is then ``fixed + layers * per-layer + the dry run's loads * their cost``
+   (``engine.bench.forecast``). The spread of the replica's passes (each run is made ``passes`` times,
+   interleaved) widens the band.
+
+Nothing here reads the bench's rows: the replica has a different depth, runs before them, and its fit is
+per layer and per load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPLICA_LAYERS = 4  # decoder layers of a replica (fewer when the model has fewer)
+REPLICA_MAX_EXPERT_BYTES = 2 << 30  # a replica whose experts exceed this is not made (the kernel model serves)
+PASSES = 2
+_LAYER = re.compile(r"(?:^|\.)(?:layers|blk|h)\.(\d+)\.")
+
+
+def replica_layers(num_layers: int, layer_expert_bytes: int, layers: int = REPLICA_LAYERS) -> int:
+    """Decoder layers of the replica: ``layers`` (at most the model's), 0 when they hold too many bytes."""
+    n = max(1, min(num_layers, layers))
+    return n if n * layer_expert_bytes <= REPLICA_MAX_EXPERT_BYTES else 0
+
+
+def _trim_config(config: dict, layers: int) -> dict:
+    """The config with ``num_hidden_layers`` cut to ``layers`` (and per-layer lists with it)."""
+    n = int(config.get("num_hidden_layers") or config.get("n_layer") or layers)
+    out = {}
+    for k, v in config.items():
+        if isinstance(v, list) and len(v) == n and k not in ("eos_token_id",):
+            v = v[:layers]
+        out[k] = v
+    out["num_hidden_layers"] = layers
+    if "n_layer" in config:
+        out["n_layer"] = layers
+    return out
+
+
+def make_replica(store, layers: int, root: Path) -> Path:
+    """A store directory at ``root`` holding the first ``layers`` decoder layers of ``store`` (see the module
+    doc); kept when one of the same source and depth is there."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    root = Path(root)
+    stamp = {"source": str(store.root), "layers": layers,
+             "manifest_mtime": os.path.getmtime(store.root / "manifest.json")
+             if (store.root / "manifest.json").exists() else 0.0}
+    if (root / "replica.json").is_file():
+        try:
+            if json.loads((root / "replica.json").read_text()) == stamp:
+                return root
+        except ValueError:
+            pass
+    shutil.rmtree(root, ignore_errors=True)
+    partial = root.with_name(root.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    (partial / "dense").mkdir(parents=True)
+    (partial / "config.json").write_text(json.dumps(_trim_config(store.config, layers), indent=1))
+    for f in store.root.iterdir():
+        if f.is_file() and f.name not in ("config.json", "manifest.json"):
+            os.symlink(f.resolve(), partial / f.name)
+    for i, f in enumerate(store.dense_files):
+        tensors, meta = {}, {}
+        with safe_open(str(f), framework="pt", device="cpu") as fh:
+            meta = fh.metadata() or {}
+            for key in fh.keys():
+                m = _LAYER.search(key)
+                if m is None or int(m.group(1)) < layers:
+                    tensors[key] = fh.get_tensor(key)
+        save_file(tensors, str(partial / "dense" / f"part-{i + 1:05d}.safetensors"), metadata=meta)
+    (partial / "experts").mkdir()
+    for layer in range(layers):
+        src = store.root / "experts" / f"L{layer}"
+        if src.is_dir():
+            os.symlink(src.resolve(), partial / "experts" / f"L{layer}")
+    manifest = dict(store.manifest)
+    manifest.update({"name": f"{store.name}-replica{layers}", "num_layers": layers,
+                     "moe_layers": [m for m in manifest.get("moe_layers", []) if m < layers], "files": {}})
+    (partial / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    (partial / "replica.json").write_text(json.dumps(stamp))
+    os.replace(partial, root)
+    return root
+
+
+@dataclass
+class ReplicaRun:
+    """One run of the replica: ``budget`` ("100%" resident), its prefill seconds and every decode step's
+    (seconds, demand loads, prefetch loads, stall seconds)."""
+
+    budget: str
+    prefill_s: float
+    steps: list[tuple[float, int, int, float]]
+    slots: int = 0
+
+
+@dataclass
+class ReplicaFit:
+    """The replica's measurements, fitted (see the module doc). Seconds."""
+
+    layers: int  # decoder layers of the replica
+    batch: int
+    fixed_s: float  # embedding + final norm + LM head at the step's rows
+    resident_layer_s: float  # a decoder layer of a decode step, every expert resident
+    offload_layer_s: float  # a decoder layer behind the cache, no load
+    demand_s: float  # one demand load
+    prefetch_s: float  # one prefetch load
+    prefill: dict[str, float] = field(default_factory=dict)  # budget -> prefill seconds per decoder layer
+    prefill_fixed_s: float = 0.0
+    spread: float = 0.0  # relative spread of the resident step between the replica's passes
+    offload_spread: float = 0.0  # the same for the budgeted steps (after the fit)
+    measured_at: float = 0.0  # time.time() when it was measured
+    probe_s: float = 0.0
+
+    def step_s(self, num_layers: int, offloaded: bool, demand: float = 0.0, prefetch: float = 0.0) -> float:
+        """A decode step of a model of ``num_layers`` decoder layers making those loads."""
+        if not offloaded:
+            return self.fixed_s + num_layers * self.resident_layer_s
+        return self.fixed_s + num_layers * self.offload_layer_s + demand * self.demand_s + prefetch * self.prefetch_s
+
+    def prefill_s(self, num_layers: int, budget: str) -> float:
+        per = self.prefill.get(budget)
+        if per is None:  # the nearest measured share
+            def share(b: str) -> float:
+                return float(b.rstrip("%")) if b.endswith("%") else 100.0
+            per = self.prefill[min(self.prefill, key=lambda b: abs(share(b) - share(budget)))]
+        return self.prefill_fixed_s + num_layers * per
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ReplicaFit:
+        return cls(**d)
+
+
+def _flush_buffer(nbytes: int) -> torch.Tensor:
+    return torch.ones(nbytes // 4, dtype=torch.float32)
+
+
+def _flush(buf: torch.Tensor | None) -> None:
+    if buf is not None:
+        float(buf.sum())
+
+
+def _fixed_time(model, rows: int, dtype: torch.dtype, flush: torch.Tensor | None, passes: int = 5) -> float:
+    """Embedding + final norm + LM head at ``rows`` rows (what a step costs beyond its decoder layers)."""
+    from cuda_ext.cpu import decode_threads
+
+    x = torch.randn(rows, model.args.hidden_size).to(dtype)
+    tok = torch.zeros(rows, dtype=torch.long)
+    times = []
+    with torch.inference_mode(), decode_threads(rows == 1):
+        for _ in range(passes + 1):
+            _flush(flush)
+            t0 = time.perf_counter()
+            model.embed_tokens(tok)
+            model.lm_head(model.norm(x)).float()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times[1:])
+
+
+def _run(root: Path, budget: str, policy: str | None, batch: int, prompt: int, gen: int, trace, dtype,
+         flush: torch.Tensor | None) -> tuple[ReplicaRun, float, float]:
+    """One replica run as ``engine.bench.runner._repetition`` makes it, each decode step timed with its loads;
+    also the fixed part at the decode's rows and at the prefill's."""
+    from engine.bench.forced import force_routing
+    from engine.bench.runner import _prefill_groups, bench_forwards
+    from engine.memory import open_experts
+    from engine.model.loader import load_model
+    from engine.store.opened import StoreModel
+
+    store = StoreModel.from_dir(root)
+    ctx = prompt + gen + 1
+    vocab = int(store.config.get("vocab_size") or 1000)
+    prompts = [torch.randint(0, vocab, (prompt,), generator=torch.Generator().manual_seed(i)) for i in range(batch)]
+    T = trace.num_tokens if trace is not None else 1
+    starts = [(i * T) // batch for i in range(batch)] if trace is not None else [0] * batch
+    experts = open_experts(store, dtype, "cpu", budget, policy if budget != "100%" else None, None, ctx=ctx)
+    try:
+        model = load_model(store, dtype=dtype, device="cpu", experts=experts, max_seq_len=ctx)
+        if batch > 1:
+            model.setup_caches(ctx, dtype, "cpu", slots=batch)
+        st0 = experts.stats() if hasattr(experts, "stats") else None
+        if st0 is not None and st0.as_dict().get("budget_bytes") is None:
+            layout = store.layout
+            for layer in layout.moe_layers:
+                for _ in experts.fetch(layer, list(range(layout.num_experts))):
+                    pass
+        forced = force_routing(model, trace) if trace is not None else None
+        experts.begin_sequence()
+        plan = bench_forwards(batch, prompt, gen, T, starts)
+        groups = _prefill_groups(batch, prompt)
+        last = [0] * batch
+        _flush(flush)
+        t0 = time.perf_counter()
+        for group, (_, rows, _) in zip(groups, plan, strict=False):
+            if forced is not None:
+                forced.rows = rows
+            logits = model.forward_batch(torch.cat([prompts[i] for i in group]), [(i, 0, prompt) for i in group])
+            for r, i in enumerate(group):
+                last[i] = int(logits[r].argmax())
+        prefill_s = time.perf_counter() - t0
+        tok = torch.tensor(last)
+        steps = []
+        for step, (_, rows, _) in enumerate(plan[len(groups):]):
+            if forced is not None:
+                forced.rows = rows
+            _flush(flush)
+            a = experts.stats()
+            t = time.perf_counter()
+            logits = model.forward_batch(tok, [(i, prompt + step, 1) for i in range(batch)])
+            tok = logits.argmax(dim=-1)
+            dt = time.perf_counter() - t
+            b = experts.stats()
+            steps.append((dt, int(b.demand_loads - a.demand_loads), int(b.prefetch_loads - a.prefetch_loads),
+                          float(b.stall_s - a.stall_s)))
+        experts.end_sequence()
+        slots = int(experts.stats().as_dict().get("slots") or 0)
+        fixed = _fixed_time(model, batch, dtype, flush)
+        fixed_pp = _fixed_time(model, len(groups[0]), dtype, flush, passes=2)
+    finally:
+        experts.close()
+    return ReplicaRun(budget, prefill_s, steps, slots), fixed, fixed_pp
+
+
+def _fit_loads(runs: list[ReplicaRun], skip: int) -> tuple[float, float, float]:
+    """(a, c, relative residual spread) of ``step = a + c * loads`` (demand and prefetch loads together) over
+    the budgeted runs' steps, the first ``skip`` of each left out (the cache's first steps after the prefill).
+    Theil-Sen: the slope the median of the pairwise slopes, the intercept the median residual, so a step that
+    other work on a shared machine slowed moves neither much (least squares did: a few slowed steps gave a
+    load a negative cost)."""
+    xs, ys = [], []
+    for r in runs:
+        for dt, d, p, _ in r.steps[skip:]:
+            xs.append(float(d + p))
+            ys.append(dt)
+    if not xs:
+        return 0.0, 0.0, 0.0
+    x, y = np.asarray(xs), np.asarray(ys)
+    i, j = np.triu_indices(len(x), 1)
+    dx = x[j] - x[i]
+    ok = dx != 0
+    c = max(0.0, float(np.median((y[j] - y[i])[ok] / dx[ok]))) if ok.any() else 0.0
+    a = float(np.median(y - c * x))
+    rel = float(np.median(np.abs(y - a - c * x)) / max(1e-9, float(np.median(y))))
+    return max(0.0, a), c, rel
+
+
+def probe_replica(store, batch: int, prompt: int, gen: int, budgets: list[str], policy: str | None = "lru",
+                  trace=None, dtype: torch.dtype = torch.bfloat16, work: Path | None = None,
+                  passes: int = PASSES, flush_bytes: int = 0, layers: int = REPLICA_LAYERS) -> ReplicaFit | None:
+    """The replica's runs and their fit (see the module doc); None when no replica can be made.
+    ``budgets``: the budgeted shares to run besides "100%"; ``trace``: the run's routing (the replica replays
+    its first layers); ``flush_bytes``: bytes read between steps (0: none; see ``flush_needed``)."""
+    from engine.store.paths import moeinf_home
+    from engine.trace.format import RoutingTrace
+
+    t_start = time.perf_counter()
+    layout = store.layout
+    n_layers = int(store.config.get("num_hidden_layers") or len(layout.moe_layers))
+    per_layer = layout.num_experts * store.expert_file_bytes
+    L = replica_layers(n_layers, per_layer, layers)
+    if L == 0:
+        return None
+    work = Path(work) if work is not None else moeinf_home() / "probe" / "replicas"
+    root = make_replica(store, L, work / f"{store.name}-L{L}")
+    sub = None
+    if trace is not None:
+        moe_idx = [i for i, m in enumerate(layout.moe_layers) if m < L]
+        sub = RoutingTrace(np.ascontiguousarray(trace.expert_ids[:, moe_idx]), trace.num_experts)
+    flush = _flush_buffer(flush_bytes) if flush_bytes else None
+    resident: list[ReplicaRun] = []
+    offload: list[ReplicaRun] = []
+    fixed, fixed_pp = [], []
+    for _ in range(max(1, passes)):  # interleaved: every configuration once, then again
+        for budget in ["100%", *budgets]:
+            run, f, fp = _run(root, budget, policy, batch, prompt, gen, sub, dtype, flush)
+            (resident if budget == "100%" else offload).append(run)
+            fixed.append(f)
+            fixed_pp.append(fp)
+    fx = statistics.median(fixed)
+    skip = min(2, max(0, gen - 4))
+    res_steps = [statistics.median([s[0] for s in r.steps[skip:]]) for r in resident]
+    res_step = statistics.median(res_steps)
+    spread = (max(res_steps) - min(res_steps)) / (2 * res_step) if res_step else 0.0
+    a, c, rel = _fit_loads(offload, skip) if offload else (res_step, 0.0, 0.0)
+    fpp = statistics.median(fixed_pp)
+    prefill: dict[str, float] = {}
+    for budget in ["100%", *budgets]:
+        runs = [r for r in resident + offload if r.budget == budget]
+        prefill[budget] = max(0.0, statistics.median([r.prefill_s for r in runs]) - fpp) / L
+    return ReplicaFit(
+        layers=L, batch=batch, fixed_s=fx, resident_layer_s=max(0.0, res_step - fx) / L,
+        offload_layer_s=max(0.0, a - fx) / L, demand_s=c, prefetch_s=c, prefill=prefill,
+        prefill_fixed_s=fpp, spread=spread, offload_spread=rel, measured_at=time.time(),
+        probe_s=time.perf_counter() - t_start,
+    )
+
+
+def flush_needed(step_bytes: float, llc: int) -> int:
+    """Bytes to read between the replica's steps: twice the last-level cache when the real model's step
+    reads more than it holds (else 0: the model's weights stay warm from one step to the next)."""
+    return 2 * llc if llc and step_bytes > llc else 0
+
+
+def calibrate(model: str, batches: list[int], prompt: int, gen: int, budgets: list[str], trace=None,
+              dtype: str = "bfloat16", save: bool = True, passes: int = PASSES) -> dict[int, ReplicaFit]:
+    """Probe the replica of store model ``model`` at each batch size (the budgeted shares ``budgets``), and
+    keep the fits in the machine profile (``MachineProfile.replicas``) unless ``save`` is False.
+    {batch: ReplicaFit}; a model too large for a replica gets none."""
+    from dataclasses import replace as dc_replace
+
+    from engine.bench.kernels import llc_bytes
+    from engine.bench.machine import PROFILE_FILE, machine_profile
+    from engine.bench.predict import _act_name, replica_key
+    from engine.bench.shape import read_shape
+    from engine.store.opened import open_model
+    from engine.store.paths import moeinf_home
+
+    store = open_model(model)
+    shape = read_shape(str(store.root))
+    act = _act_name(dtype)
+    shape = dc_replace(shape, compute_dtype=act)
+    torch_dtype = torch.float32 if act == "f32" else torch.bfloat16
+    llc = llc_bytes()
+    shares = [b for b in budgets if b != "100%"]
+    out: dict[int, ReplicaFit] = {}
+    for batch in batches:
+        distinct = min(shape.num_experts, shape.top_k * batch)
+        step_bytes = shape.dense_bytes + shape.moe_layers * distinct * shape.expert_bytes
+        fit = probe_replica(store, batch, prompt, gen, shares, trace=trace, dtype=torch_dtype, passes=passes,
+                            flush_bytes=flush_needed(step_bytes, llc))
+        if fit is not None:
+            out[batch] = fit
+    if save and out:
+        profile, _ = machine_profile()
+        for batch, fit in out.items():
+            profile.replicas[replica_key(store.name, act, batch, prompt, gen)] = fit.as_dict()
+        path = moeinf_home() / PROFILE_FILE
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(profile.as_dict(), indent=1))
+        os.replace(tmp, path)
+    return out
