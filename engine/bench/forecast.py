@@ -144,6 +144,13 @@ def phase_times(shape, costs: Costs, forwards: list[Forward], offloaded: bool,
     return PhaseTimes(prefill, steps, 1 - miss / acc if acc else 1.0)
 
 
+def decode_hits(forwards: list[Forward]) -> float:
+    """The decode phase's hit rate of a run's forwards."""
+    acc = sum(la.experts for f in forwards if f.phase == "decode" for la in f.layers)
+    miss = sum(la.misses for f in forwards if f.phase == "decode" for la in f.layers)
+    return 1 - miss / acc if acc else 1.0
+
+
 @dataclass
 class Speeds:
     decode_tps: float  # aggregate tokens/s of the batch's decode
@@ -170,7 +177,7 @@ def replica_times(shape, fit, forwards: list[Forward], offloaded: bool, share: f
             prefill += fit.prefill_s(L, f"{100 * share:g}%") * scale
             continue
         demand = sum(la.misses for la in f.layers)
-        base = fit.step_s(L, offloaded) if not offloaded else fit.step_s(L, True)
+        base = fit.step_s(L, offloaded)
         loads = (demand * fit.demand_s + f.prefetch_loads * fit.prefetch_s) if offloaded else 0.0
         steps.append((base * scale + f.policy_extra_s, loads * load_scale))
         acc += sum(la.experts for la in f.layers)
@@ -223,7 +230,7 @@ def speeds(shape, profile, costs: Costs, batch: int, prompt: int, gen: int, capa
     def pps(p: PhaseTimes) -> float:
         return tokens / p.prefill_s if p.prefill_s else 0.0
 
-    hits = [phase_times(shape, costs, fw, offloaded).decode_hits for fw in (point_f, lo_f, hi_f)]
+    hits = [decode_hits(fw) for fw in (point_f, lo_f, hi_f)]
     return Speeds(
         decode_tps=tps(point),
         decode_band=(min(tps(v) for v in variants), max(tps(v) for v in variants)),

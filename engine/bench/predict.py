@@ -157,9 +157,10 @@ def predict(
 
     bw = profile.disk_bps(shape.expert_bytes)
     latency = profile.read_latency_s
-    if dev == "cpu" and profile.kernels and slots >= shape.top_k:
-        if replicas is None:
-            replicas = profile_replicas(profile, shape, req)
+    if replicas is None:
+        replicas = profile_replicas(profile, shape, req) if dev == "cpu" else {}
+    timed = bool(profile.kernels) or (1 in replicas and req.batch in replicas)
+    if dev == "cpu" and timed and slots >= shape.top_k:
         sp = _engine_speeds(shape, profile, req, fmt, None if resolved.bytes is None else slots, trace, hit, policy,
                             replicas)
     else:
@@ -297,9 +298,11 @@ def _engine_speeds(shape, profile, req, fmt, capacity, trace, hit, policy, repli
 
     dense_fmt, head_fmt = _dense_formats(shape)
     cached = shape.expert_bytes_total if capacity is None else capacity * slot_bytes(shape)
-    costs = Costs.of(shape, profile, fmt, dense_fmt, head_fmt, working_set=shape.dense_bytes + cached)
+    # without kernel probes (a replica times every forward) the costs are not needed
+    costs = Costs.of(shape, profile, fmt, dense_fmt, head_fmt, working_set=shape.dense_bytes + cached) \
+        if profile.kernels else None
     kw = {}
-    if shape.store_name and shape.source == "store":
+    if shape.store_name and shape.source == "store" and profile.kernels:  # a profile measured here (not a given one)
         from engine.store.paths import models_dir
 
         root = models_dir() / shape.store_name
@@ -375,6 +378,12 @@ def bench_row_forecast(
     }
 
 
+def replace_batch(req: Request, batch: int) -> Request:
+    from dataclasses import replace
+
+    return replace(req, batch=batch)
+
+
 def _act_name(dtype: str) -> str:
     """The profile's activation name ("bf16" or "f32") of a ``--dtype`` value."""
     name = str(dtype).lower().removeprefix("torch.")
@@ -392,9 +401,31 @@ def bench_forecasts(
     from engine.bench.shape import read_shape
 
     shape = read_shape(str(model_root))
+    if dtype is not None:
+        from dataclasses import replace
+
+        shape = replace(shape, compute_dtype=_act_name(dtype))
     profile, _ = machine_profile()
+    replicas: dict = {}
+    if shape.store_name and shape.source == "store" and profile.kernels:  # a profile measured here (not a given one)
+        # the replica probe (engine.bench.replica) of this model at each batch size, measured now unless the
+        # profile holds it for these lengths (``moeinf predict --reprobe`` drops it)
+        from engine.bench.replica import calibrate
+
+        batches = sorted({int(r["batch"]) for r in rows})
+        req = Request(batch=max(batches), prefill_tokens=prompt_tokens, gen_tokens=gen_tokens)
+        held = {b: f for b in batches for f in [profile_replicas(profile, shape, replace_batch(req, b)).get(b)] if f}
+        missing = [b for b in batches if b not in held]
+        if missing:
+            budgets = sorted({r["budget"] for r in rows if r["budget"].endswith("%") and r["budget"] != "100%"})
+            if any(r.get("budget_bytes") is not None for r in rows) and not budgets:
+                budgets = ["25%"]  # budgets as sizes: the replica's loads at a quarter of its experts
+            held.update(calibrate(str(model_root), missing, prompt_tokens, gen_tokens, budgets, routing,
+                                  dtype or "bfloat16"))
+        replicas = held
     for row in rows:
-        fc = bench_row_forecast(model_root, row, prompt_tokens, gen_tokens, routing, shape, profile, dtype)
+        fc = bench_row_forecast(model_root, row, prompt_tokens, gen_tokens, routing, shape, profile, dtype,
+                                replicas={b: f for b, f in replicas.items() if b in (1, row["batch"])})
         row["forecast_tps"] = fc["decode_tps"]
         row["forecast_band"] = fc["decode_band"]
         row["forecast_prefill_tps"] = fc["prefill_tps"]

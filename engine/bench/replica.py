@@ -101,6 +101,9 @@ def make_replica(store, layers: int, root: Path) -> Path:
                 m = _LAYER.search(key)
                 if m is None or int(m.group(1)) < layers:
                     tensors[key] = fh.get_tensor(key)
+        if "moeinf.formats" in meta:  # the stored formats of the tensors kept only
+            kept = {k: v for k, v in json.loads(meta["moeinf.formats"]).items() if k in tensors}
+            meta = {**meta, "moeinf.formats": json.dumps(kept)}
         save_file(tensors, str(partial / "dense" / f"part-{i + 1:05d}.safetensors"), metadata=meta)
     (partial / "experts").mkdir()
     for layer in range(layers):
@@ -260,9 +263,9 @@ def _run(root: Path, budget: str, policy: str | None, batch: int, prompt: int, g
 def _fit_loads(runs: list[ReplicaRun], skip: int) -> tuple[float, float, float]:
     """(a, c, relative residual spread) of ``step = a + c * loads`` (demand and prefetch loads together) over
     the budgeted runs' steps, the first ``skip`` of each left out (the cache's first steps after the prefill).
-    Theil-Sen: the slope the median of the pairwise slopes, the intercept the median residual, so a step that
-    other work on a shared machine slowed moves neither much (least squares did: a few slowed steps gave a
-    load a negative cost)."""
+    The slope Theil-Sen's (the median of the pairwise slopes), so a step that other work on a shared machine
+    slowed does not move it much (least squares did: a few slowed steps gave a load a negative cost); the
+    intercept the mean residual, as the bench's figure is a mean over its steps."""
     xs, ys = [], []
     for r in runs:
         for dt, d, p, _ in r.steps[skip:]:
@@ -275,8 +278,10 @@ def _fit_loads(runs: list[ReplicaRun], skip: int) -> tuple[float, float, float]:
     dx = x[j] - x[i]
     ok = dx != 0
     c = max(0.0, float(np.median((y[j] - y[i])[ok] / dx[ok]))) if ok.any() else 0.0
-    a = float(np.median(y - c * x))
-    rel = float(np.median(np.abs(y - a - c * x)) / max(1e-9, float(np.median(y))))
+    # the intercept from the mean residual: the bench reports a mean over its steps, slowed ones included
+    a = float(np.mean(y - c * x))
+    typical = y - c * x - float(np.median(y - c * x))  # the steps' spread about the typical one
+    rel = float(np.median(np.abs(typical)) / max(1e-9, float(np.median(y))))
     return max(0.0, a), c, rel
 
 
@@ -314,7 +319,7 @@ def probe_replica(store, batch: int, prompt: int, gen: int, budgets: list[str], 
             fixed_pp.append(fp)
     fx = statistics.median(fixed)
     skip = min(2, max(0, gen - 4))
-    res_steps = [statistics.median([s[0] for s in r.steps[skip:]]) for r in resident]
+    res_steps = [statistics.mean([s[0] for s in r.steps[skip:]]) for r in resident]  # the bench's statistic
     res_step = statistics.median(res_steps)
     spread = (max(res_steps) - min(res_steps)) / (2 * res_step) if res_step else 0.0
     a, c, rel = _fit_loads(offload, skip) if offload else (res_step, 0.0, 0.0)
