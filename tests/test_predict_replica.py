@@ -37,8 +37,8 @@ def synth(_isolated_home):
 
 
 def _fit(**kw) -> ReplicaFit:
-    d = dict(layers=2, batch=1, fixed_s=1e-3, resident_layer_s=2e-3, offload_layer_s=3e-3, demand_s=4e-3,
-             prefetch_s=4e-3, prefill={"100%": 0.01, "25%": 0.03}, prefill_fixed_s=0.002, spread=0.05,
+    d = dict(layers=2, batch=1, fixed_s=1e-3, resident_layer_s=2e-3, offload_fixed_s=1.5e-3, offload_layer_s=3e-3,
+             demand_s=4e-3, prefetch_s=4e-3, prefill_fixed_s=0.002, prefill_layer_s=0.01, prefill_load_s=0.005, spread=0.05,
              offload_spread=0.05)
     d.update(kw)
     return ReplicaFit(**d)
@@ -79,32 +79,43 @@ def test_replica_layers_bounded_by_model_and_bytes():
     assert replica_layers(32, 4 << 30) == 0  # too big a layer: no replica, the kernel model serves
 
 
-def test_load_fit_recovers_cost_and_ignores_slowed_steps():
-    """step = a + c * loads, fitted robustly: a few steps slowed several-fold (other work on the machine)
-    move neither the per-load cost nor the load-free step much."""
+def test_load_fit_separates_fixed_layers_and_loads_and_ignores_slowed_steps():
+    """step = fixed + per_layer * depth + c * loads over two replica depths: a few steps slowed several-fold
+    (other work on the machine) barely move the per-load cost; the load-free parts are the steps' means (the
+    bench's statistic)."""
     rng = np.random.default_rng(0)
-    steps = []
-    for i in range(40):
-        loads = int(rng.integers(0, 8))
-        t = 0.010 + 0.002 * loads
-        if i % 10 == 3:
-            t *= 4  # slowed
-        steps.append((t, loads, 0, 0.0))
-    a, c, rel = _fit_loads([ReplicaRun("25%", 0.1, steps)], skip=0)
-    assert c == pytest.approx(0.002, rel=0.05)  # the slope: robust to the slowed steps
-    assert a == pytest.approx(np.mean([s[0] - c * s[1] for s in steps]))  # the intercept: their mean, as the bench
-    assert rel < 0.05
+    runs = []
+    for depth in (1, 4):
+        steps = []
+        for i in range(40):
+            loads = int(rng.integers(0, 3 * depth))
+            t = 0.004 + 0.002 * depth + 0.003 * loads
+            if i % 10 == 3:
+                t *= 4  # slowed
+            steps.append((t, loads, 0, 0.0))
+        runs.append(ReplicaRun("25%", 0.1, steps, depth=depth))
+    fixed, per, c, rel = _fit_loads(runs, skip=0)
+    assert c == pytest.approx(0.003, rel=0.05)  # the slope: robust to the slowed steps
+    base = {r.depth: np.mean([s[0] - c * s[1] for s in r.steps]) for r in runs}
+    assert per == pytest.approx((base[4] - base[1]) / 3) and fixed == pytest.approx(base[1] - per)
+    assert rel < 0.1
     # prefetch loads count as loads too
-    a2, c2, _ = _fit_loads([ReplicaRun("25%", 0.1, [(s[0], 0, s[1], 0.0) for s in steps])], skip=0)
-    assert (a2, c2) == pytest.approx((a, c))
+    same = [ReplicaRun("25%", 0.1, [(s[0], 0, s[1], 0.0) for s in r.steps], depth=r.depth) for r in runs]
+    assert _fit_loads(same, skip=0) == pytest.approx((fixed, per, c, rel))
+
+
+def test_two_depths_separate_the_steps_own_cost_from_its_layers():
+    from engine.bench.replica import _line
+
+    fixed, per = _line([1, 1, 4, 4], [0.005, 0.007, 0.011, 0.013])  # 4 ms a step + 2 ms a layer
+    assert fixed == pytest.approx(0.004) and per == pytest.approx(0.002)
 
 
 def test_fit_scales_to_the_models_depth_and_loads():
     f = _fit()
     assert f.step_s(32, False) == pytest.approx(1e-3 + 32 * 2e-3)
-    assert f.step_s(32, True, demand=3, prefetch=1) == pytest.approx(1e-3 + 32 * 3e-3 + 4 * 4e-3)
-    assert f.prefill_s(10, "25%") == pytest.approx(0.002 + 10 * 0.03)
-    assert f.prefill_s(10, "30%") == f.prefill_s(10, "25%")  # the nearest measured share
+    assert f.step_s(32, True, demand=3, prefetch=1) == pytest.approx(1.5e-3 + 32 * 3e-3 + 4 * 4e-3)
+    assert f.prefill_s(10, loads=4) == pytest.approx(0.002 + 10 * 0.01 + 4 * 0.005)
     assert ReplicaFit.from_dict(json.loads(json.dumps(f.as_dict()))) == f
 
 
@@ -150,5 +161,5 @@ def test_probe_replica_runs_the_bench_protocol(synth):
     fit = probe_replica(open_model(synth), 2, 3, 6, ["25%"], trace=_trace(20), passes=1, flush_bytes=1 << 20,
                         layers=2)
     assert fit is not None and fit.layers == 2 and fit.batch == 2
-    assert fit.fixed_s > 0 and fit.resident_layer_s >= 0 and fit.demand_s >= 0
-    assert set(fit.prefill) == {"100%", "25%"}
+    assert fit.fixed_s >= 0 and fit.resident_layer_s >= 0 and fit.demand_s >= 0 and fit.head_s > 0
+    assert fit.prefill_layer_s >= 0 and fit.prefill_load_s >= 0

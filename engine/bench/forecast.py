@@ -162,19 +162,22 @@ class Speeds:
     loads_ms: float
 
 
-def replica_times(shape, fit, forwards: list[Forward], offloaded: bool, share: float,
+def replica_times(shape, fit, forwards: list[Forward], offloaded: bool,
                   scale: float = 1.0, load_scale: float = 1.0) -> PhaseTimes:
     """The phases' times from the replica's fit (``engine.bench.replica``): each decode step the fitted step of
     a model of ``shape.num_layers`` decoder layers with the dry run's demand and prefetch loads, plus the
-    policy's own work beyond lru's; the prefill the replica's at the nearest share, per layer. ``scale``
+    policy's own work beyond lru's; the prefill the fitted resident prefill plus the dry run's prefill loads at
+    the replica's prefill cost per load. ``scale``
     multiplies the compute, ``load_scale`` the loads' cost (the band)."""
     L = shape.num_layers
     steps = []
     acc = miss = 0.0
-    prefill = 0.0
+    prefill_loads = 0.0
+    n_prefill = 0
     for f in forwards:
         if f.phase == "prefill":
-            prefill += fit.prefill_s(L, f"{100 * share:g}%") * scale
+            prefill_loads += sum(la.misses for la in f.layers) + f.prefetch_loads
+            n_prefill += 1
             continue
         demand = sum(la.misses for la in f.layers)
         base = fit.step_s(L, offloaded)
@@ -182,9 +185,8 @@ def replica_times(shape, fit, forwards: list[Forward], offloaded: bool, share: f
         steps.append((base * scale + f.policy_extra_s, loads * load_scale))
         acc += sum(la.experts for la in f.layers)
         miss += demand
-    n_prefill = sum(1 for f in forwards if f.phase == "prefill")
-    if n_prefill > 1:  # the replica timed the run's whole prefill (every group): once, not per group
-        prefill /= n_prefill
+    # the replica timed the run's whole prefill (every group of prompts) as one figure
+    prefill = (fit.prefill_s(L) * scale + fit.prefill_load_s * prefill_loads * load_scale) if n_prefill else 0.0
     return PhaseTimes(prefill, steps, 1 - miss / acc if acc else 1.0)
 
 
@@ -205,14 +207,13 @@ def speeds(shape, profile, costs: Costs, batch: int, prompt: int, gen: int, capa
         lo_f = run_forwards(shape, batch, prompt, gen, capacity, access, hit_index=1)
         hi_f = run_forwards(shape, batch, prompt, gen, capacity, access, hit_index=2)
     if replica is not None:
-        share = 1.0 if capacity is None else capacity / max(1, shape.experts_total)
         cs = max(REPLICA_BAND, 2 * replica.spread)
         ls = max(REPLICA_BAND, 2 * replica.offload_spread, profile.read_spread)
-        point = replica_times(shape, replica, point_f, offloaded, share)
+        point = replica_times(shape, replica, point_f, offloaded)
         variants = [point]
         for fw in (lo_f, hi_f):
             for c, i in ((1 + cs, 1 + ls), (1 - cs, 1 - ls)):
-                variants.append(replica_times(shape, replica, fw, offloaded, share, c, i))
+                variants.append(replica_times(shape, replica, fw, offloaded, c, i))
     else:
         cs = max(COMPUTE_BAND, profile.compute_spread)
         ds = profile.read_spread

@@ -17,12 +17,17 @@ the next. So for a store model the profile also holds a **replica** measurement:
    than it holds (a model of many layers comes back to a layer after reading all the others: its weights
    are never warm), so the replica's layers run as cold as the model's. Every step is timed with the
    loads it made (demand and prefetch) and its stalls.
-3. **The fit** (``ReplicaFit``): the fixed part of a step (embedding, final norm and LM head at the step's
-   rows, timed alone, cold), the rest per decoder layer; behind the cache, a step's time as
-   ``a + c * (demand + prefetch loads)`` over every budgeted step (each load's
-   cost includes its stall, the compute thread's share of reading it, and whatever overlap the engine
-   reached; one cost for both kinds, fitted robustly: ``_fit_loads``). The real model's step is then ``fixed + layers * per-layer + the dry run's loads * their cost``
-   (``engine.bench.forecast``). The spread of the replica's passes (each run is made ``passes`` times,
+3. **The fit** (``ReplicaFit``): two replicas, of one decoder layer and of ``layers``, separate what a step
+   costs per decoder layer from what it costs once (embedding, LM head, and the step's own work: waking the
+   kernels' threads, the forward's Python; 3-4 ms a step on the 2-core VM, which a fit through the head's
+   time alone put into the layers: the Mixtral-shaped replica forecast its 32-layer model 2x slow). Behind
+   the cache, a step is ``fixed + per-layer * depth + c * (demand + prefetch loads)`` over every budgeted step
+   (``_fit_loads``; each load's cost includes its stall, the compute thread's share of reading it, and
+   whatever overlap the engine reached). The real model's step is then ``fixed + layers * per-layer + the
+   dry run's loads * c`` (``engine.bench.forecast``), its prefill the line through the two replicas' resident
+   prefills plus the dry run's prefill loads at the budgeted prefills' median cost per load. A budgeted run
+   gives the replica at least twice the experts a layer routes to (``_replica_budget``: one layer of eight
+   experts has no 10%). The spread of the replica's passes (each run is made ``passes`` times,
    interleaved) widens the band.
 
 Nothing here reads the bench's rows: the replica has a different depth, runs before them, and its fit is
@@ -37,13 +42,13 @@ import re
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-REPLICA_LAYERS = 4  # decoder layers of a replica (fewer when the model has fewer)
+REPLICA_LAYERS = 4  # decoder layers of the deeper replica (fewer when the model has fewer); the other has one
 REPLICA_MAX_EXPERT_BYTES = 2 << 30  # a replica whose experts exceed this is not made (the kernel model serves)
 PASSES = 2
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blk|h)\.(\d+)\.")
@@ -128,23 +133,28 @@ class ReplicaRun:
     prefill_s: float
     steps: list[tuple[float, int, int, float]]
     slots: int = 0
+    depth: int = 1  # decoder layers of the replica that ran
+    prefill_loads: int = 0  # loads (demand and prefetch) during the prefill
 
 
 @dataclass
 class ReplicaFit:
     """The replica's measurements, fitted (see the module doc). Seconds."""
 
-    layers: int  # decoder layers of the replica
+    layers: int  # decoder layers of the deeper replica (the other has one)
     batch: int
-    fixed_s: float  # embedding + final norm + LM head at the step's rows
+    fixed_s: float  # a resident decode step beyond its decoder layers (embedding, head, the step's own work)
     resident_layer_s: float  # a decoder layer of a decode step, every expert resident
-    offload_layer_s: float  # a decoder layer behind the cache, no load
+    offload_fixed_s: float  # the same two behind the budgeted cache, without loads
+    offload_layer_s: float
     demand_s: float  # one demand load
     prefetch_s: float  # one prefetch load
-    prefill: dict[str, float] = field(default_factory=dict)  # budget -> prefill seconds per decoder layer
-    prefill_fixed_s: float = 0.0
+    prefill_fixed_s: float = 0.0  # the prefill (every expert resident) beyond its decoder layers
+    prefill_layer_s: float = 0.0  # a decoder layer of the prefill
+    prefill_load_s: float = 0.0  # one load of a prefill behind the cache (a cold cache loads what it routes to)
     spread: float = 0.0  # relative spread of the resident step between the replica's passes
-    offload_spread: float = 0.0  # the same for the budgeted steps (after the fit)
+    offload_spread: float = 0.0  # the budgeted steps' typical deviation from the fit, relative
+    head_s: float = 0.0  # embedding + final norm + LM head at the step's rows, timed alone (for the record)
     measured_at: float = 0.0  # time.time() when it was measured
     probe_s: float = 0.0
 
@@ -152,15 +162,12 @@ class ReplicaFit:
         """A decode step of a model of ``num_layers`` decoder layers making those loads."""
         if not offloaded:
             return self.fixed_s + num_layers * self.resident_layer_s
-        return self.fixed_s + num_layers * self.offload_layer_s + demand * self.demand_s + prefetch * self.prefetch_s
+        return (self.offload_fixed_s + num_layers * self.offload_layer_s + demand * self.demand_s
+                + prefetch * self.prefetch_s)
 
-    def prefill_s(self, num_layers: int, budget: str) -> float:
-        per = self.prefill.get(budget)
-        if per is None:  # the nearest measured share
-            def share(b: str) -> float:
-                return float(b.rstrip("%")) if b.endswith("%") else 100.0
-            per = self.prefill[min(self.prefill, key=lambda b: abs(share(b) - share(budget)))]
-        return self.prefill_fixed_s + num_layers * per
+    def prefill_s(self, num_layers: int, loads: float = 0.0) -> float:
+        """The prefill of a model of ``num_layers`` decoder layers making ``loads`` loads."""
+        return self.prefill_fixed_s + num_layers * self.prefill_layer_s + loads * self.prefill_load_s
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -170,13 +177,27 @@ class ReplicaFit:
         return cls(**d)
 
 
+def _line(depths: list[float], times: list[float]) -> tuple[float, float]:
+    """(fixed, per layer) of ``time = fixed + depth * per`` through the two depths' median times."""
+    lo, hi = min(depths), max(depths)
+    t_lo = statistics.median([t for d, t in zip(depths, times, strict=True) if d == lo])
+    t_hi = statistics.median([t for d, t in zip(depths, times, strict=True) if d == hi])
+    per = max(0.0, (t_hi - t_lo) / (hi - lo)) if hi > lo else 0.0
+    return max(0.0, t_lo - per * lo), per
+
+
 def _flush_buffer(nbytes: int) -> torch.Tensor:
     return torch.ones(nbytes // 4, dtype=torch.float32)
 
 
 def _flush(buf: torch.Tensor | None) -> None:
-    if buf is not None:
-        float(buf.sum())
+    """Read ``buf`` through the kernels' own pool (a torch op here would leave torch's threads spinning on
+    the cores the next step's kernels need: the replica's layers ran 2x slower after a ``torch.sum``)."""
+    if buf is None:
+        return
+    from cuda_ext.cpu import read_bandwidth
+
+    read_bandwidth(buf, torch.get_num_threads(), repeats=1)
 
 
 def _fixed_time(model, rows: int, dtype: torch.dtype, flush: torch.Tensor | None, passes: int = 5) -> float:
@@ -197,9 +218,9 @@ def _fixed_time(model, rows: int, dtype: torch.dtype, flush: torch.Tensor | None
 
 
 def _run(root: Path, budget: str, policy: str | None, batch: int, prompt: int, gen: int, trace, dtype,
-         flush: torch.Tensor | None) -> tuple[ReplicaRun, float, float]:
+         flush: torch.Tensor | None) -> tuple[ReplicaRun, float]:
     """One replica run as ``engine.bench.runner._repetition`` makes it, each decode step timed with its loads;
-    also the fixed part at the decode's rows and at the prefill's."""
+    also the embedding and LM head at the decode's rows, timed alone."""
     from engine.bench.forced import force_routing
     from engine.bench.runner import _prefill_groups, bench_forwards
     from engine.memory import open_experts
@@ -229,6 +250,7 @@ def _run(root: Path, budget: str, policy: str | None, batch: int, prompt: int, g
         groups = _prefill_groups(batch, prompt)
         last = [0] * batch
         _flush(flush)
+        p0 = experts.stats()
         t0 = time.perf_counter()
         for group, (_, rows, _) in zip(groups, plan, strict=False):
             if forced is not None:
@@ -237,6 +259,8 @@ def _run(root: Path, budget: str, policy: str | None, batch: int, prompt: int, g
             for r, i in enumerate(group):
                 last[i] = int(logits[r].argmax())
         prefill_s = time.perf_counter() - t0
+        p1 = experts.stats()
+        prefill_loads = int(p1.demand_loads + p1.prefetch_loads - p0.demand_loads - p0.prefetch_loads)
         tok = torch.tensor(last)
         steps = []
         for step, (_, rows, _) in enumerate(plan[len(groups):]):
@@ -254,35 +278,50 @@ def _run(root: Path, budget: str, policy: str | None, batch: int, prompt: int, g
         experts.end_sequence()
         slots = int(experts.stats().as_dict().get("slots") or 0)
         fixed = _fixed_time(model, batch, dtype, flush)
-        fixed_pp = _fixed_time(model, len(groups[0]), dtype, flush, passes=2)
     finally:
         experts.close()
-    return ReplicaRun(budget, prefill_s, steps, slots), fixed, fixed_pp
+    return ReplicaRun(budget, prefill_s, steps, slots, prefill_loads=prefill_loads), fixed
 
 
-def _fit_loads(runs: list[ReplicaRun], skip: int) -> tuple[float, float, float]:
-    """(a, c, relative residual spread) of ``step = a + c * loads`` (demand and prefetch loads together) over
-    the budgeted runs' steps, the first ``skip`` of each left out (the cache's first steps after the prefill).
-    The slope Theil-Sen's (the median of the pairwise slopes), so a step that other work on a shared machine
-    slowed does not move it much (least squares did: a few slowed steps gave a load a negative cost); the
-    intercept the mean residual, as the bench's figure is a mean over its steps."""
-    xs, ys = [], []
+def _fit_loads(runs: list[ReplicaRun], skip: int) -> tuple[float, float, float, float]:
+    """(fixed, per layer, per load, relative spread) of ``step = fixed + per_layer * depth + c * loads``
+    (demand and prefetch loads together) over the budgeted runs' steps, the first ``skip`` of each left out
+    (the cache's first steps after the prefill). The per-load cost is Theil-Sen's slope of each depth's steps
+    (the median of their pairwise slopes: a step that other work on a shared machine slowed moves it little;
+    least squares gave a load a negative cost), the two depths' slopes pooled; then the load-free step of each
+    depth is its mean residual (the bench's figure is a mean over its steps, slowed ones included), and the
+    line through the two depths gives the fixed and per-layer parts."""
+    by_depth: dict[int, tuple[list[float], list[float]]] = {}
     for r in runs:
+        xs, ys = by_depth.setdefault(r.depth, ([], []))
         for dt, d, p, _ in r.steps[skip:]:
             xs.append(float(d + p))
             ys.append(dt)
-    if not xs:
-        return 0.0, 0.0, 0.0
-    x, y = np.asarray(xs), np.asarray(ys)
-    i, j = np.triu_indices(len(x), 1)
-    dx = x[j] - x[i]
-    ok = dx != 0
-    c = max(0.0, float(np.median((y[j] - y[i])[ok] / dx[ok]))) if ok.any() else 0.0
-    # the intercept from the mean residual: the bench reports a mean over its steps, slowed ones included
-    a = float(np.mean(y - c * x))
-    typical = y - c * x - float(np.median(y - c * x))  # the steps' spread about the typical one
-    rel = float(np.median(np.abs(typical)) / max(1e-9, float(np.median(y))))
-    return max(0.0, a), c, rel
+    slopes = []
+    for xs, ys in by_depth.values():
+        x, y = np.asarray(xs), np.asarray(ys)
+        if len(x) < 2:
+            continue
+        i, j = np.triu_indices(len(x), 1)
+        dx = x[j] - x[i]
+        ok = dx != 0
+        slopes.append((y[j] - y[i])[ok] / dx[ok])
+    c = max(0.0, float(np.median(np.concatenate(slopes)))) if slopes and sum(len(s) for s in slopes) else 0.0
+    depths, base, devs, meds = [], [], [], []
+    for depth, (xs, ys) in by_depth.items():
+        if not xs:
+            continue
+        x, y = np.asarray(xs), np.asarray(ys)
+        resid = y - c * x
+        depths.append(float(depth))
+        base.append(float(np.mean(resid)))
+        devs += list(np.abs(resid - np.median(resid)))
+        meds.append(float(np.median(y)))
+    if not depths:
+        return 0.0, 0.0, 0.0, 0.0
+    fixed, per = _line(depths, base)
+    rel = float(np.median(devs) / max(1e-9, max(meds)))
+    return fixed, per, c, rel
 
 
 def probe_replica(store, batch: int, prompt: int, gen: int, budgets: list[str], policy: str | None = "lru",
@@ -302,38 +341,56 @@ def probe_replica(store, batch: int, prompt: int, gen: int, budgets: list[str], 
     if L == 0:
         return None
     work = Path(work) if work is not None else moeinf_home() / "probe" / "replicas"
-    root = make_replica(store, L, work / f"{store.name}-L{L}")
-    sub = None
-    if trace is not None:
-        moe_idx = [i for i, m in enumerate(layout.moe_layers) if m < L]
-        sub = RoutingTrace(np.ascontiguousarray(trace.expert_ids[:, moe_idx]), trace.num_experts)
+    depths = sorted({1, L})
+    roots = {d: make_replica(store, d, work / f"{store.name}-L{d}") for d in depths}
+    subs: dict[int, object] = {}
+    for d in depths:
+        subs[d] = None
+        if trace is not None:
+            moe_idx = [i for i, m in enumerate(layout.moe_layers) if m < d]
+            subs[d] = RoutingTrace(np.ascontiguousarray(trace.expert_ids[:, moe_idx]), trace.num_experts)
     flush = _flush_buffer(flush_bytes) if flush_bytes else None
-    resident: list[ReplicaRun] = []
-    offload: list[ReplicaRun] = []
-    fixed, fixed_pp = [], []
+    runs: list[ReplicaRun] = []
+    heads = []
     for _ in range(max(1, passes)):  # interleaved: every configuration once, then again
-        for budget in ["100%", *budgets]:
-            run, f, fp = _run(root, budget, policy, batch, prompt, gen, sub, dtype, flush)
-            (resident if budget == "100%" else offload).append(run)
-            fixed.append(f)
-            fixed_pp.append(fp)
-    fx = statistics.median(fixed)
+        for d in depths:
+            for budget in ["100%", *budgets]:
+                run, head = _run(roots[d], _replica_budget(budget, d, layout, batch), policy, batch, prompt, gen,
+                                 subs[d], dtype, flush)
+                run.budget = budget
+                run.depth = d
+                runs.append(run)
+                heads.append(head)
     skip = min(2, max(0, gen - 4))
-    res_steps = [statistics.mean([s[0] for s in r.steps[skip:]]) for r in resident]  # the bench's statistic
-    res_step = statistics.median(res_steps)
-    spread = (max(res_steps) - min(res_steps)) / (2 * res_step) if res_step else 0.0
-    a, c, rel = _fit_loads(offload, skip) if offload else (res_step, 0.0, 0.0)
-    fpp = statistics.median(fixed_pp)
-    prefill: dict[str, float] = {}
-    for budget in ["100%", *budgets]:
-        runs = [r for r in resident + offload if r.budget == budget]
-        prefill[budget] = max(0.0, statistics.median([r.prefill_s for r in runs]) - fpp) / L
+    resident = [r for r in runs if r.budget == "100%"]
+    offload = [r for r in runs if r.budget != "100%"]
+    means = [statistics.mean([s[0] for s in r.steps[skip:]]) for r in resident]  # the bench's statistic
+    fixed, per = _line([float(r.depth) for r in resident], means)
+    deep = [m for r, m in zip(resident, means, strict=True) if r.depth == L]
+    spread = (max(deep) - min(deep)) / (2 * statistics.median(deep)) if len(deep) > 1 else 0.0
+    if offload:
+        ofixed, oper, c, rel = _fit_loads(offload, skip)
+    else:
+        ofixed, oper, c, rel = fixed, per, 0.0, 0.0
+    pf, pp = _line([float(r.depth) for r in resident], [r.prefill_s for r in resident])
+    per_load = [(r.prefill_s - pf - pp * r.depth) / r.prefill_loads for r in offload if r.prefill_loads > 0]
+    pc = max(0.0, statistics.median(per_load)) if per_load else 0.0
     return ReplicaFit(
-        layers=L, batch=batch, fixed_s=fx, resident_layer_s=max(0.0, res_step - fx) / L,
-        offload_layer_s=max(0.0, a - fx) / L, demand_s=c, prefetch_s=c, prefill=prefill,
-        prefill_fixed_s=fpp, spread=spread, offload_spread=rel, measured_at=time.time(),
-        probe_s=time.perf_counter() - t_start,
+        layers=L, batch=batch, fixed_s=fixed, resident_layer_s=per, offload_fixed_s=ofixed, offload_layer_s=oper,
+        demand_s=c, prefetch_s=c, prefill_fixed_s=pf, prefill_layer_s=pp, prefill_load_s=pc, spread=spread,
+        offload_spread=rel,
+        head_s=statistics.median(heads), measured_at=time.time(), probe_s=time.perf_counter() - t_start,
     )
+
+
+def _replica_budget(budget: str, depth: int, layout, batch: int) -> str:
+    """The share of the replica's experts to run a budgeted share at: the same, or at least what leaves it
+    twice the experts a layer routes to plus two (a replica of one layer holds too few experts for 10%)."""
+    if budget == "100%" or not budget.endswith("%"):
+        return budget
+    need = (2 * min(layout.num_experts, layout.top_k * batch) + 2) / (depth * layout.num_experts)
+    share = max(float(budget.rstrip("%")) / 100, need)
+    return "100%" if share >= 0.95 else f"{100 * share:.1f}%"
 
 
 def flush_needed(step_bytes: float, llc: int) -> int:
