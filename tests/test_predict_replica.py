@@ -74,8 +74,10 @@ def test_trim_config_cuts_per_layer_lists():
 
 
 def test_replica_layers_bounded_by_model_and_bytes():
-    assert replica_layers(32, 1 << 20) == 4
-    assert replica_layers(2, 1 << 20) == 2
+    assert replica_layers(32, 1 << 20) == 8
+    assert replica_layers(8, 1 << 20) == 4  # at most half the model
+    assert replica_layers(3, 1 << 20) == 3  # a tiny model: all of it
+    assert replica_layers(32, 600 << 20) == 3  # fewer layers while they hold too many bytes
     assert replica_layers(32, 4 << 30) == 0  # too big a layer: no replica, the kernel model serves
 
 

@@ -10,7 +10,8 @@ the next. So for a store model the profile also holds a **replica** measurement:
    own config with ``num_hidden_layers`` cut, the dense tensors of those layers and of the embedding, final
    norm and LM head (written once), and links to those layers' expert shards. Same shapes, same formats,
    same files the loader and the cache read; only the depth differs.
-2. **Its runs** (``probe_replica``): the bench's protocol (``engine.bench.runner``: a fresh load, ``prompt``
+2. **Its runs** (``probe_replica``), of a replica of one decoder layer and one of ``REPLICA_LAYERS`` (at most
+   half the model's): the bench's protocol (``engine.bench.runner``: a fresh load, ``prompt``
    tokens of ``batch`` sequences prefilled, ``gen`` decode steps) all resident and behind the budgeted cache
    at each asked share, the routing forced from the run's trace (its first layers) or the model's own
    router. Between two decode steps the last-level cache is flushed when the real model's step reads more
@@ -48,15 +49,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-REPLICA_LAYERS = 4  # decoder layers of the deeper replica (fewer when the model has fewer); the other has one
+REPLICA_LAYERS = 8  # decoder layers of the deeper replica (at most half the model's); the other has one
 REPLICA_MAX_EXPERT_BYTES = 2 << 30  # a replica whose experts exceed this is not made (the kernel model serves)
 PASSES = 2
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blk|h)\.(\d+)\.")
 
 
 def replica_layers(num_layers: int, layer_expert_bytes: int, layers: int = REPLICA_LAYERS) -> int:
-    """Decoder layers of the replica: ``layers`` (at most the model's), 0 when they hold too many bytes."""
-    n = max(1, min(num_layers, layers))
+    """Decoder layers of the deeper replica: ``layers``, at most half the model's (a model of fewer than four:
+    all of them), fewer (down to two) while they hold more than ``REPLICA_MAX_EXPERT_BYTES``, else 0."""
+    n = num_layers if num_layers < 4 else min(num_layers // 2, layers)
+    while n > 2 and n * layer_expert_bytes > REPLICA_MAX_EXPERT_BYTES:
+        n -= 1
     return n if n * layer_expert_bytes <= REPLICA_MAX_EXPERT_BYTES else 0
 
 
@@ -352,9 +356,9 @@ def probe_replica(store, batch: int, prompt: int, gen: int, budgets: list[str], 
     flush = _flush_buffer(flush_bytes) if flush_bytes else None
     runs: list[ReplicaRun] = []
     heads = []
-    for _ in range(max(1, passes)):  # interleaved: every configuration once, then again
+    for i in range(max(1, passes) + 1):  # interleaved: every configuration once, then again (resident: once more)
         for d in depths:
-            for budget in ["100%", *budgets]:
+            for budget in ["100%", *budgets] if i < max(1, passes) else ["100%"]:
                 run, head = _run(roots[d], _replica_budget(budget, d, layout, batch), policy, batch, prompt, gen,
                                  subs[d], dtype, flush)
                 run.budget = budget
@@ -364,7 +368,9 @@ def probe_replica(store, batch: int, prompt: int, gen: int, budgets: list[str], 
     skip = min(2, max(0, gen - 4))
     resident = [r for r in runs if r.budget == "100%"]
     offload = [r for r in runs if r.budget != "100%"]
-    means = [statistics.mean([s[0] for s in r.steps[skip:]]) for r in resident]  # the bench's statistic
+    # each run's median step: the slope through the two depths is extrapolated to the model's depth, and a
+    # few slowed steps of a short run moved its mean by 40% (the fit of the loads takes the mean: see there)
+    means = [statistics.median([s[0] for s in r.steps[skip:]]) for r in resident]
     fixed, per = _line([float(r.depth) for r in resident], means)
     deep = [m for r, m in zip(resident, means, strict=True) if r.depth == L]
     spread = (max(deep) - min(deep)) / (2 * statistics.median(deep)) if len(deep) > 1 else 0.0
