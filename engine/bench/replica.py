@@ -22,9 +22,9 @@ the next. So for a store model the profile also holds a **replica** measurement:
    costs per decoder layer from what it costs once (embedding, LM head, and the step's own work: waking the
    kernels' threads, the forward's Python; 3-4 ms a step on the 2-core VM, which a fit through the head's
    time alone put into the layers: the Mixtral-shaped replica forecast its 32-layer model 2x slow). Behind
-   the cache, a step is ``fixed + per-layer * depth + c * (demand + prefetch loads)`` over every budgeted step
-   (``_fit_loads``; each load's cost includes its stall, the compute thread's share of reading it, and
-   whatever overlap the engine reached). The real model's step is then ``fixed + layers * per-layer + the
+   the cache, a step is ``fixed + per-layer * depth + c * (demand + prefetch loads)``
+   (the deeper replica's runs at every share, ``_fit_loads``; each load's cost includes its stall, the compute
+   thread's share of reading it, and whatever overlap the engine reached). The real model's step is then ``fixed + layers * per-layer + the
    dry run's loads * c`` (``engine.bench.forecast``), its prefill the line through the two replicas' resident
    prefills plus the dry run's prefill loads at the budgeted prefills' median cost per load. A budgeted run
    gives the replica at least twice the experts a layer routes to (``_replica_budget``: one layer of eight
@@ -43,7 +43,7 @@ import re
 import shutil
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,7 @@ import torch
 REPLICA_LAYERS = 8  # decoder layers of the deeper replica (at most half the model's); the other has one
 REPLICA_MAX_EXPERT_BYTES = 2 << 30  # a replica whose experts exceed this is not made (the kernel model serves)
 PASSES = 2
+RESIDENT_SPREAD = 0.15  # more resident passes (up to three) while the deeper replica's spread over them exceeds it
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blk|h)\.(\d+)\.")
 
 
@@ -159,6 +160,7 @@ class ReplicaFit:
     spread: float = 0.0  # relative spread of the resident step between the replica's passes
     offload_spread: float = 0.0  # the budgeted steps' typical deviation from the fit, relative
     head_s: float = 0.0  # embedding + final norm + LM head at the step's rows, timed alone (for the record)
+    runs: list = field(default_factory=list)  # [depth, budget, prefill s, median step s, loads a step] of each run
     measured_at: float = 0.0  # time.time() when it was measured
     probe_s: float = 0.0
 
@@ -287,45 +289,28 @@ def _run(root: Path, budget: str, policy: str | None, batch: int, prompt: int, g
     return ReplicaRun(budget, prefill_s, steps, slots, prefill_loads=prefill_loads), fixed
 
 
-def _fit_loads(runs: list[ReplicaRun], skip: int) -> tuple[float, float, float, float]:
-    """(fixed, per layer, per load, relative spread) of ``step = fixed + per_layer * depth + c * loads``
-    (demand and prefetch loads together) over the budgeted runs' steps, the first ``skip`` of each left out
-    (the cache's first steps after the prefill). The per-load cost is Theil-Sen's slope of each depth's steps
-    (the median of their pairwise slopes: a step that other work on a shared machine slowed moves it little;
-    least squares gave a load a negative cost), the two depths' slopes pooled; then the load-free step of each
-    depth is its mean residual (the bench's figure is a mean over its steps, slowed ones included), and the
-    line through the two depths gives the fixed and per-layer parts."""
-    by_depth: dict[int, tuple[list[float], list[float]]] = {}
+def _fit_loads(runs: list[ReplicaRun], skip: int) -> tuple[float, float, float]:
+    """(a, c, relative spread) of ``step = a + c * loads`` (demand and prefetch loads together) over the
+    budgeted runs' steps (of one depth, several shares: their loads differ), the first ``skip`` of each left
+    out (the cache's first steps after the prefill). ``c`` is Theil-Sen's slope (the median of the pairwise
+    slopes: a step that other work on a shared machine slowed moves it little; least squares gave a load a
+    negative cost); ``a`` the mean residual (the bench's figure is a mean over its steps, slowed ones
+    included)."""
+    xs, ys = [], []
     for r in runs:
-        xs, ys = by_depth.setdefault(r.depth, ([], []))
         for dt, d, p, _ in r.steps[skip:]:
             xs.append(float(d + p))
             ys.append(dt)
-    slopes = []
-    for xs, ys in by_depth.values():
-        x, y = np.asarray(xs), np.asarray(ys)
-        if len(x) < 2:
-            continue
-        i, j = np.triu_indices(len(x), 1)
-        dx = x[j] - x[i]
-        ok = dx != 0
-        slopes.append((y[j] - y[i])[ok] / dx[ok])
-    c = max(0.0, float(np.median(np.concatenate(slopes)))) if slopes and sum(len(s) for s in slopes) else 0.0
-    depths, base, devs, meds = [], [], [], []
-    for depth, (xs, ys) in by_depth.items():
-        if not xs:
-            continue
-        x, y = np.asarray(xs), np.asarray(ys)
-        resid = y - c * x
-        depths.append(float(depth))
-        base.append(float(np.mean(resid)))
-        devs += list(np.abs(resid - np.median(resid)))
-        meds.append(float(np.median(y)))
-    if not depths:
-        return 0.0, 0.0, 0.0, 0.0
-    fixed, per = _line(depths, base)
-    rel = float(np.median(devs) / max(1e-9, max(meds)))
-    return fixed, per, c, rel
+    if not xs:
+        return 0.0, 0.0, 0.0
+    x, y = np.asarray(xs), np.asarray(ys)
+    i, j = np.triu_indices(len(x), 1)
+    dx = x[j] - x[i]
+    ok = dx != 0
+    c = max(0.0, float(np.median((y[j] - y[i])[ok] / dx[ok]))) if ok.any() else 0.0
+    resid = y - c * x
+    rel = float(np.median(np.abs(resid - np.median(resid))) / max(1e-9, float(np.median(y))))
+    return max(0.0, float(np.mean(resid))), c, rel
 
 
 def probe_replica(store, batch: int, prompt: int, gen: int, budgets: list[str], policy: str | None = "lru",
@@ -366,16 +351,32 @@ def probe_replica(store, batch: int, prompt: int, gen: int, budgets: list[str], 
                 runs.append(run)
                 heads.append(head)
     skip = min(2, max(0, gen - 4))
+
+    def deep_spread() -> float:
+        deep = [statistics.median([s[0] for s in r.steps[skip:]]) for r in runs if r.budget == "100%" and r.depth == L]
+        return (max(deep) - min(deep)) / (2 * statistics.median(deep)) if len(deep) > 1 else 0.0
+
+    extra = 0
+    while deep_spread() > RESIDENT_SPREAD and extra < 3:  # a burst of other work: more resident passes
+        extra += 1
+        for d in depths:
+            run, head = _run(roots[d], "100%", policy, batch, prompt, gen, subs[d], dtype, flush)
+            run.depth = d
+            runs.append(run)
+            heads.append(head)
     resident = [r for r in runs if r.budget == "100%"]
     offload = [r for r in runs if r.budget != "100%"]
     # each run's median step: the slope through the two depths is extrapolated to the model's depth, and a
     # few slowed steps of a short run moved its mean by 40% (the fit of the loads takes the mean: see there)
     means = [statistics.median([s[0] for s in r.steps[skip:]]) for r in resident]
     fixed, per = _line([float(r.depth) for r in resident], means)
-    deep = [m for r, m in zip(resident, means, strict=True) if r.depth == L]
-    spread = (max(deep) - min(deep)) / (2 * statistics.median(deep)) if len(deep) > 1 else 0.0
-    if offload:
-        ofixed, oper, c, rel = _fit_loads(offload, skip)
+    spread = deep_spread()
+    # behind the cache: the deeper replica's budgeted runs (at one layer a budget may leave every expert
+    # resident), their load-free step split as the resident one's fixed part plus the rest per layer
+    deep_off = [r for r in offload if r.depth == L]
+    if deep_off:
+        a, c, rel = _fit_loads(deep_off, skip)
+        ofixed, oper = fixed, max(0.0, a - fixed) / L
     else:
         ofixed, oper, c, rel = fixed, per, 0.0, 0.0
     pf, pp = _line([float(r.depth) for r in resident], [r.prefill_s for r in resident])
@@ -386,6 +387,8 @@ def probe_replica(store, batch: int, prompt: int, gen: int, budgets: list[str], 
         demand_s=c, prefetch_s=c, prefill_fixed_s=pf, prefill_layer_s=pp, prefill_load_s=pc, spread=spread,
         offload_spread=rel,
         head_s=statistics.median(heads), measured_at=time.time(), probe_s=time.perf_counter() - t_start,
+        runs=[[r.depth, r.budget, r.prefill_s, statistics.median([s[0] for s in r.steps[skip:]]),
+               statistics.mean([s[1] + s[2] for s in r.steps[skip:]])] for r in runs],
     )
 
 
