@@ -15,21 +15,28 @@ Formats: bf16 and q4_k for the synthetic models (the q4_k copy is the bf16 one e
 ``--quantize q4_k``), the demo as ``make demo`` builds it (the GGUF's q4_1 blocks) and pulled again with
 ``--dtype bfloat16``.
 
-The forecast of each row is ``engine.bench.predict.bench_row_forecast``: the model's headers, the cached
-machine profile (probes of this machine and of the engine's own kernels, never these rows) and the
-routing model. Nothing in the forecast is fitted to the measured rows. The report shows, per row, the measured
-decode rate with the spread of its repetitions, and how much of the shared machine the row had (this process's
-CPU seconds per second, the 1-minute load average).
+The forecast of each row is ``engine.bench.predict.bench_row_forecast``: the model's headers, the replica
+probe (``engine.bench.replica``: the model's first layer and first 8 (at most half its layers) run as the bench
+runs them, all resident and at the rows' shares) that ``run`` makes in the same locked process right before
+the rows of each model and format (so the forecast and the rows see the machine in the same state on a shared
+VM), the cached machine profile (the disk, and the kernel probes: they time a row only where no replica fit
+is given) and the routing model (the engine's own cache run dry over the replayed trace). Nothing in the
+forecast is fitted to the measured rows. The report shows, per row, the measured decode rate with the spread of
+its repetitions, and how much of the shared machine the row had (this process's CPU seconds per second, the
+1-minute load average).
 
     python benchmarks/predict_table.py prepare                 # build the models (once, not timed)
     flock /tmp/moeinf-heavy.lock python -c "from engine.bench.machine import machine_profile as m; m(reprobe=True)"
-    # measure only, one locked run per model x format x batch (or fewer budgets a run: each under ~5 min):
-    flock /tmp/moeinf-heavy.lock python benchmarks/predict_table.py run mix --formats bf16 --batches 1 -r 3 \
-        --no-forecast --out /tmp/pt/m-mix-bf16-b1.json
+    # one locked run per model x format: the replica probe at batch 1 and 16, then the 8 rows (-r 2), then the
+    # forecasts (each run under ~10 min; the timeout inside the lock, not around it)
+    flock /tmp/moeinf-heavy.lock timeout 590 bash -c "python benchmarks/predict_table.py run mix --formats bf16 \
+        --batches 1,16 -r 2 --no-forecast --out /tmp/pt/m-mix-bf16.json && \
+        python benchmarks/predict_table.py reforecast /tmp/pt/m-mix-bf16.json"
     ...                                                        # (--budgets 25%,10%: a subset of the rows)
-    flock /tmp/moeinf-heavy.lock python benchmarks/predict_table.py reforecast /tmp/pt/m-*.json  # the forecasts
     python benchmarks/predict_table.py report /tmp/pt/m-*.json          # the markdown table and the summary
     python benchmarks/predict_table.py report --parts /tmp/pt/m-*.json  # each decode step: compute and stalls
+    # the same rows forecast by the kernel probes alone (as for a model not in the store): on a copy
+    cp /tmp/pt/m-*.json /tmp/pt-k/ && python benchmarks/predict_table.py reforecast --kernels /tmp/pt-k/m-*.json
 
 ``reforecast`` runs under the lock too: it times the policy's own work on the dry runs of the cache.
 """
