@@ -12,9 +12,9 @@ the next. So for a store model the profile also holds a **replica** measurement:
    same files the loader and the cache read; only the depth differs.
 2. **Its runs** (``probe_replica``), of a replica of one decoder layer and one of ``REPLICA_LAYERS`` (at most
    half the model's): the bench's protocol (``engine.bench.runner``: a fresh load, ``prompt``
-   tokens of ``batch`` sequences prefilled, ``gen`` decode steps) all resident and behind the budgeted cache
-   at each asked share, the routing forced from the run's trace (its first layers) or the model's own
-   router. Between two decode steps the last-level cache is flushed when the real model's step reads more
+   tokens of ``batch`` sequences prefilled, ``gen`` decode steps) all resident and (the deeper replica) behind
+   the budgeted cache at the largest and smallest asked shares, the routing forced from the run's trace (its
+   first layers) or the model's own router. Between two decode steps the last-level cache is flushed when the real model's step reads more
    than it holds (a model of many layers comes back to a layer after reading all the others: its weights
    are never warm), so the replica's layers run as cold as the model's. Every step is timed with the
    loads it made (demand and prefetch) and its stalls.
@@ -28,8 +28,8 @@ the next. So for a store model the profile also holds a **replica** measurement:
    dry run's loads * c`` (``engine.bench.forecast``), its prefill the line through the two replicas' resident
    prefills plus the dry run's prefill loads at the budgeted prefills' median cost per load. A budgeted run
    gives the replica at least twice the experts a layer routes to (``_replica_budget``: one layer of eight
-   experts has no 10%). The spread of the replica's passes (each run is made ``passes`` times,
-   interleaved) widens the band.
+   experts has no 10%). The spread of the replica's resident passes (``passes``, interleaved) and of the budgeted
+   steps about their fit widens the band.
 
 Nothing here reads the bench's rows: the replica has a different depth, runs before them, and its fit is
 per layer and per load.
@@ -51,7 +51,7 @@ import torch
 
 REPLICA_LAYERS = 8  # decoder layers of the deeper replica (at most half the model's); the other has one
 REPLICA_MAX_EXPERT_BYTES = 2 << 30  # a replica whose experts exceed this is not made (the kernel model serves)
-PASSES = 2
+PASSES = 3  # resident passes of each replica (the budgeted runs: one, of the deeper replica)
 RESIDENT_SPREAD = 0.15  # more resident passes (up to three) while the deeper replica's spread over them exceeds it
 _LAYER = re.compile(r"(?:^|\.)(?:layers|blk|h)\.(\d+)\.")
 
@@ -341,9 +341,13 @@ def probe_replica(store, batch: int, prompt: int, gen: int, budgets: list[str], 
     flush = _flush_buffer(flush_bytes) if flush_bytes else None
     runs: list[ReplicaRun] = []
     heads = []
-    for i in range(max(1, passes) + 1):  # interleaved: every configuration once, then again (resident: once more)
+    # the budgeted runs: the deeper replica only (the load fit's), at the largest and the smallest share (their
+    # loads differ most), once; the resident runs ``passes`` times, every configuration interleaved
+    shares = sorted(set(budgets), key=lambda b: float(b.rstrip("%")) if b.endswith("%") else 0.0)
+    shares = list(dict.fromkeys([shares[-1], shares[0]])) if shares else []
+    for i in range(max(1, passes)):
         for d in depths:
-            for budget in ["100%", *budgets] if i < max(1, passes) else ["100%"]:
+            for budget in ["100%", *shares] if i == 0 and d == L else ["100%"]:
                 run, head = _run(roots[d], _replica_budget(budget, d, layout, batch), policy, batch, prompt, gen,
                                  subs[d], dtype, flush)
                 run.budget = budget
