@@ -212,7 +212,7 @@ def speeds(shape, profile, costs: Costs, batch: int, prompt: int, gen: int, capa
         point = replica_times(shape, replica, point_f, offloaded)
         variants = [point]
         for fw in (lo_f, hi_f):
-            for c, i in ((1 + cs, 1 + ls), (1 - cs, 1 - ls)):
+            for c, i in ((1 + cs, 1 + ls), (1 / (1 + cs), 1 / (1 + ls))):  # a time never falls below zero
                 variants.append(replica_times(shape, replica, fw, offloaded, c, i))
     else:
         cs = max(COMPUTE_BAND, profile.compute_spread)

@@ -184,10 +184,12 @@ class ReplicaFit:
 
 
 def _line(depths: list[float], times: list[float]) -> tuple[float, float]:
-    """(fixed, per layer) of ``time = fixed + depth * per`` through the two depths' median times."""
+    """(fixed, per layer) of ``time = fixed + depth * per`` through the two depths' times, each the low median
+    of its runs (a burst of other work slowed some of the demo's batch runs 15-fold: their median was one of
+    them; other work only slows a run)."""
     lo, hi = min(depths), max(depths)
-    t_lo = statistics.median([t for d, t in zip(depths, times, strict=True) if d == lo])
-    t_hi = statistics.median([t for d, t in zip(depths, times, strict=True) if d == hi])
+    t_lo = statistics.median_low([t for d, t in zip(depths, times, strict=True) if d == lo])
+    t_hi = statistics.median_low([t for d, t in zip(depths, times, strict=True) if d == hi])
     per = max(0.0, (t_hi - t_lo) / (hi - lo)) if hi > lo else 0.0
     return max(0.0, t_lo - per * lo), per
 
@@ -397,11 +399,13 @@ def probe_replica(store, batch: int, prompt: int, gen: int, budgets: list[str], 
 
 
 def _replica_budget(budget: str, depth: int, layout, batch: int) -> str:
-    """The share of the replica's experts to run a budgeted share at: the same, or at least what leaves it
-    twice the experts a layer routes to plus two (a replica of one layer holds too few experts for 10%)."""
+    """The share of the replica's experts to run a budgeted share at: the same (so each layer has the slots it
+    has in the model), or at least twice the experts a token routes to plus two (a replica of one layer holds
+    too few experts for 10%). ``batch`` is not counted: a batch streams what its step cannot keep, as the model's
+    does (counting it left both of qw's batch shares at 51%, and the loads did not differ between them)."""
     if budget == "100%" or not budget.endswith("%"):
         return budget
-    need = (2 * min(layout.num_experts, layout.top_k * batch) + 2) / (depth * layout.num_experts)
+    need = (2 * layout.top_k + 2) / (depth * layout.num_experts)
     share = max(float(budget.rstrip("%")) / 100, need)
     return "100%" if share >= 0.95 else f"{100 * share:.1f}%"
 
