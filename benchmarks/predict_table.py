@@ -15,21 +15,28 @@ Formats: bf16 and q4_k for the synthetic models (the q4_k copy is the bf16 one e
 ``--quantize q4_k``), the demo as ``make demo`` builds it (the GGUF's q4_1 blocks) and pulled again with
 ``--dtype bfloat16``.
 
-The forecast of each row is ``engine.bench.predict.bench_row_forecast``: the model's headers, the cached
-machine profile (probes of this machine and of the engine's own kernels, never these rows) and the
-routing model. Nothing in the forecast is fitted to the measured rows. The report shows, per row, the measured
-decode rate with the spread of its repetitions, and how much of the shared machine the row had (this process's
-CPU seconds per second, the 1-minute load average).
+The forecast of each row is ``engine.bench.predict.bench_row_forecast``: the model's headers, the replica
+probe (``engine.bench.replica``: the model's first layer and first 8 (at most half its layers) run as the bench
+runs them, all resident and at the rows' shares) that ``run`` makes in the same locked process right before
+the rows of each model and format (so the forecast and the rows see the machine in the same state on a shared
+VM), the cached machine profile (the disk, and the kernel probes: they time a row only where no replica fit
+is given) and the routing model (the engine's own cache run dry over the replayed trace). Nothing in the
+forecast is fitted to the measured rows. The report shows, per row, the measured decode rate with the spread of
+its repetitions, and how much of the shared machine the row had (this process's CPU seconds per second, the
+1-minute load average).
 
     python benchmarks/predict_table.py prepare                 # build the models (once, not timed)
     flock /tmp/moeinf-heavy.lock python -c "from engine.bench.machine import machine_profile as m; m(reprobe=True)"
-    # measure only, one locked run per model x format x batch (or fewer budgets a run: each under ~5 min):
-    flock /tmp/moeinf-heavy.lock python benchmarks/predict_table.py run mix --formats bf16 --batches 1 -r 3 \
-        --no-forecast --out /tmp/pt/m-mix-bf16-b1.json
+    # one locked run per model x format: the replica probe at batch 1 and 16, then the 8 rows (-r 2), then the
+    # forecasts (each run under ~10 min; the timeout inside the lock, not around it)
+    flock /tmp/moeinf-heavy.lock timeout 590 bash -c "python benchmarks/predict_table.py run mix --formats bf16 \
+        --batches 1,16 -r 2 --no-forecast --out /tmp/pt/m-mix-bf16.json && \
+        python benchmarks/predict_table.py reforecast /tmp/pt/m-mix-bf16.json"
     ...                                                        # (--budgets 25%,10%: a subset of the rows)
-    flock /tmp/moeinf-heavy.lock python benchmarks/predict_table.py reforecast /tmp/pt/m-*.json  # the forecasts
     python benchmarks/predict_table.py report /tmp/pt/m-*.json          # the markdown table and the summary
     python benchmarks/predict_table.py report --parts /tmp/pt/m-*.json  # each decode step: compute and stalls
+    # the same rows forecast by the kernel probes alone (as for a model not in the store): on a copy
+    cp /tmp/pt/m-*.json /tmp/pt-k/ && python benchmarks/predict_table.py reforecast --kernels /tmp/pt-k/m-*.json
 
 ``reforecast`` runs under the lock too: it times the policy's own work on the dry runs of the cache.
 """
@@ -165,17 +172,24 @@ def _trace_for(key: str):
 
 
 def run(key: str, prompt: int, gen: int, reps: int, policy: str, budgets: list[str], batches: list[int],
-        formats: list[str] | None = None, dtype: str = DTYPE, forecast: bool = True) -> dict:
+        formats: list[str] | None = None, dtype: str = DTYPE, forecast: bool = True, calibrate: bool = True) -> dict:
     from engine.bench.predict import bench_row_forecast
+    from engine.bench.replica import calibrate as calibrate_replica
     from engine.bench.run import bench_main
 
     trace_path = None if key == "demo" else str(TRACES / SYNTHETIC[key][-1])
     trace = _trace_for(key)
     out = {"key": key, "prompt_tokens": prompt, "gen_tokens": gen, "repetitions": reps, "policy": policy,
-           "dtype": dtype, "rows": []}
+           "dtype": dtype, "rows": [], "replicas": {}}
     for name, fmt in model_names(key):
         if formats and fmt not in formats:
             continue
+        if calibrate:  # the replica probe, right before the rows it forecasts (engine.bench.replica)
+            t0 = time.time()
+            fits = calibrate_replica(name, batches, prompt, gen, budgets, trace, dtype, save=False)
+            for b, fit in fits.items():
+                out["replicas"][f"{name}|b{b}"] = fit.as_dict()
+            print(f"{name}: replica probe {time.time() - t0:.0f} s", file=sys.stderr)
         marks: list[tuple[float, float, float]] = []
 
         def say(m: str, n: str = name, marks: list = marks) -> None:
@@ -192,7 +206,20 @@ def run(key: str, prompt: int, gen: int, reps: int, policy: str, budgets: list[s
             out["rows"].append({"model": key, "store": name, "format": fmt, "dtype": dtype, **row, **machine})
     if forecast:  # else ``reforecast`` adds them later (the dry cache runs need no lock on the machine)
         for row in out["rows"]:
-            row["forecast"] = bench_row_forecast(row["store"], row, prompt, gen, trace, dtype=dtype)
+            row["forecast"] = bench_row_forecast(row["store"], row, prompt, gen, trace, dtype=dtype,
+                                                 replicas=_replicas(out, row["store"]))
+    return out
+
+
+def _replicas(doc: dict, store: str) -> dict:
+    """{batch: ReplicaFit} the run's replica probe measured for ``store`` (empty: the kernel model times it)."""
+    from engine.bench.replica import ReplicaFit
+
+    out = {}
+    for k, d in (doc.get("replicas") or {}).items():
+        name, _, b = k.rpartition("|b")
+        if name == store:
+            out[int(b)] = ReplicaFit.from_dict(d)
     return out
 
 
@@ -209,14 +236,17 @@ def _machine_share(a: tuple[float, float, float], b: tuple[float, float, float])
     return {"cpu_per_s": (b[1] - a[1]) / wall, "loadavg": (a[2] + b[2]) / 2}
 
 
-def reforecast(path: str) -> None:
+def reforecast(path: str, kernels: bool = False) -> None:
+    """The forecasts of a run's rows again, from the run's replica probe (``kernels``: from the machine
+    profile's kernel probes only, as for a model that is not in the store)."""
     from engine.bench.predict import bench_row_forecast
 
     doc = json.loads(Path(path).read_text())
     trace = _trace_for(doc["key"])
     for row in doc["rows"]:
+        reps = {} if kernels else _replicas(doc, row["store"])
         row["forecast"] = bench_row_forecast(row["store"], row, doc["prompt_tokens"], doc["gen_tokens"], trace,
-                                             dtype=doc.get("dtype"))
+                                             dtype=doc.get("dtype"), replicas=reps)
     tmp = Path(path).with_suffix(".tmp")
     tmp.write_text(json.dumps(doc, indent=1))
     os.replace(tmp, path)
@@ -306,6 +336,8 @@ def main() -> None:
     r.add_argument("--batches", default=",".join(map(str, BATCHES)))
     r.add_argument("--formats", default="", help="comma-separated format labels to run (default: both)")
     r.add_argument("--dtype", default=DTYPE, help="compute dtype of every row (default: bfloat16)")
+    r.add_argument("--no-calibrate", action="store_true",
+                   help="no replica probe before the rows (their forecasts then come from the kernel probes)")
     r.add_argument("--no-forecast", action="store_true",
                    help="measure only; add the forecasts afterwards with `reforecast` (outside the lock)")
     r.add_argument("--out", required=True)
@@ -314,13 +346,14 @@ def main() -> None:
     q.add_argument("--parts", action="store_true", help="the decode step's compute and stalls, measured and forecast")
     f = sub.add_parser("reforecast", help="forecast the rows of a run's JSON again with the current profile")
     f.add_argument("paths", nargs="+")
+    f.add_argument("--kernels", action="store_true", help="ignore the runs' replica probes (the kernel model)")
     args = ap.parse_args()
     if args.cmd == "prepare":
         prepare(args.keys)
     elif args.cmd == "run":
         res = run(args.key, args.p, args.n, args.r, args.policy, args.budgets.split(","),
                   [int(b) for b in args.batches.split(",")], [f for f in args.formats.split(",") if f], args.dtype,
-                  forecast=not args.no_forecast)
+                  forecast=not args.no_forecast, calibrate=not args.no_calibrate)
         tmp = Path(args.out).with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1))
         os.replace(tmp, args.out)
@@ -328,7 +361,7 @@ def main() -> None:
             print(report([args.out]))
     elif args.cmd == "reforecast":
         for path in args.paths:
-            reforecast(path)
+            reforecast(path, args.kernels)
         print(report(args.paths))
     else:
         print(parts(args.paths) if args.parts else report(args.paths))

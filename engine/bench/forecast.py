@@ -30,6 +30,7 @@ from engine.bench.cost import Costs, forward_time
 from engine.bench.simulate import Forward, LayerAccess, simulate
 
 COMPUTE_BAND = 0.15
+REPLICA_BAND = 0.15  # the least a replica forecast's band spans either side (its passes' spread, doubled, if more)
 PREFILL_CHUNK = 512
 TIMING_RUNS = 2  # dry runs the policy's own work is timed over (the fastest of them)
 BASE_POLICY = "lru"  # the policy of the overhead probe's cache (``engine.bench.kernels.probe_overhead``)
@@ -143,6 +144,13 @@ def phase_times(shape, costs: Costs, forwards: list[Forward], offloaded: bool,
     return PhaseTimes(prefill, steps, 1 - miss / acc if acc else 1.0)
 
 
+def decode_hits(forwards: list[Forward]) -> float:
+    """The decode phase's hit rate of a run's forwards."""
+    acc = sum(la.experts for f in forwards if f.phase == "decode" for la in f.layers)
+    miss = sum(la.misses for f in forwards if f.phase == "decode" for la in f.layers)
+    return 1 - miss / acc if acc else 1.0
+
+
 @dataclass
 class Speeds:
     decode_tps: float  # aggregate tokens/s of the batch's decode
@@ -154,8 +162,38 @@ class Speeds:
     loads_ms: float
 
 
+def replica_times(shape, fit, forwards: list[Forward], offloaded: bool,
+                  scale: float = 1.0, load_scale: float = 1.0) -> PhaseTimes:
+    """The phases' times from the replica's fit (``engine.bench.replica``): each decode step the fitted step of
+    a model of ``shape.num_layers`` decoder layers with the dry run's demand and prefetch loads, plus the
+    policy's own work beyond lru's; the prefill the fitted resident prefill plus the dry run's prefill loads at
+    the replica's prefill cost per load. ``scale``
+    multiplies the compute, ``load_scale`` the loads' cost (the band)."""
+    L = shape.num_layers
+    steps = []
+    acc = miss = 0.0
+    prefill_loads = 0.0
+    n_prefill = 0
+    for f in forwards:
+        if f.phase == "prefill":
+            prefill_loads += sum(la.misses for la in f.layers) + f.prefetch_loads
+            n_prefill += 1
+            continue
+        demand = sum(la.misses for la in f.layers)
+        base = fit.step_s(L, offloaded)
+        loads = (demand * fit.demand_s + f.prefetch_loads * fit.prefetch_s) if offloaded else 0.0
+        steps.append((base * scale + f.policy_extra_s, loads * load_scale))
+        acc += sum(la.experts for la in f.layers)
+        miss += demand
+    # the replica timed the run's whole prefill (every group of prompts) as one figure
+    prefill = (fit.prefill_s(L) * scale + fit.prefill_load_s * prefill_loads * load_scale) if n_prefill else 0.0
+    return PhaseTimes(prefill, steps, 1 - miss / acc if acc else 1.0)
+
+
 def speeds(shape, profile, costs: Costs, batch: int, prompt: int, gen: int, capacity: int | None,
-           access: Access) -> Speeds:
+           access: Access, replica=None) -> Speeds:
+    """Decode and prefill speeds of a run (see the module doc); ``replica``: a ``ReplicaFit`` of this model at
+    this batch (``engine.bench.replica``), which then times the forwards instead of the kernel rates."""
     offloaded = capacity is not None
     point_f = run_forwards(shape, batch, prompt, gen, capacity, access, prefetch=True, hit_index=0)
     if access.trace is not None:
@@ -168,14 +206,23 @@ def speeds(shape, profile, costs: Costs, batch: int, prompt: int, gen: int, capa
     else:
         lo_f = run_forwards(shape, batch, prompt, gen, capacity, access, hit_index=1)
         hi_f = run_forwards(shape, batch, prompt, gen, capacity, access, hit_index=2)
-    cs = max(COMPUTE_BAND, profile.compute_spread)
-    ds = profile.read_spread
-    typ = max(1.0, getattr(profile, "compute_typical", 1.0))  # the probes' rates are their fastest passes
-    point = phase_times(shape, costs, point_f, offloaded, typ)
-    variants = [point]
-    for fw in (lo_f, hi_f):
-        for c, i in ((typ * (1 + cs), 1 + ds), (1 - cs, 1 - ds)):
-            variants.append(phase_times(shape, costs, fw, offloaded, c, i))
+    if replica is not None:
+        cs = max(REPLICA_BAND, 2 * replica.spread)
+        ls = max(REPLICA_BAND, 2 * replica.offload_spread, profile.read_spread)
+        point = replica_times(shape, replica, point_f, offloaded)
+        variants = [point]
+        for fw in (lo_f, hi_f):
+            for c, i in ((1 + cs, 1 + ls), (1 / (1 + cs), 1 / (1 + ls))):  # a time never falls below zero
+                variants.append(replica_times(shape, replica, fw, offloaded, c, i))
+    else:
+        cs = max(COMPUTE_BAND, profile.compute_spread)
+        ds = profile.read_spread
+        typ = max(1.0, getattr(profile, "compute_typical", 1.0))  # the probes' rates are their fastest passes
+        point = phase_times(shape, costs, point_f, offloaded, typ)
+        variants = [point]
+        for fw in (lo_f, hi_f):
+            for c, i in ((typ * (1 + cs), 1 + ds), (1 - cs, 1 - ds)):
+                variants.append(phase_times(shape, costs, fw, offloaded, c, i))
     tokens = batch * prompt
 
     def tps(p: PhaseTimes) -> float:
@@ -184,7 +231,7 @@ def speeds(shape, profile, costs: Costs, batch: int, prompt: int, gen: int, capa
     def pps(p: PhaseTimes) -> float:
         return tokens / p.prefill_s if p.prefill_s else 0.0
 
-    hits = [phase_times(shape, costs, fw, offloaded).decode_hits for fw in (point_f, lo_f, hi_f)]
+    hits = [decode_hits(fw) for fw in (point_f, lo_f, hi_f)]
     return Speeds(
         decode_tps=tps(point),
         decode_band=(min(tps(v) for v in variants), max(tps(v) for v in variants)),

@@ -68,6 +68,8 @@ class MachineProfile:
     compute_typical: float = 1.0  # the compute probes' median pass over their fastest (the machine's other work)
     memory: dict = field(default_factory=dict)  # {"llc_bytes", "dram_bps"} (engine.bench.kernels.probe_memory)
     loads: dict = field(default_factory=dict)  # the engine's own loads (engine.bench.kernels.probe_loads)
+    # replica fits of store models (engine.bench.replica), by engine.bench.predict.replica_key
+    replicas: dict = field(default_factory=dict)
 
     def disk_bps(self, request_bytes: int) -> float:
         """Bytes/s for requests of ``request_bytes``, two in flight (``read_bps`` between its sizes)."""

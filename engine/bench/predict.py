@@ -79,10 +79,12 @@ def _distinct(num_experts: int, top_k: int, tokens: int) -> float:
 
 
 def predict(
-    shape: ModelShape, profile: MachineProfile, req: Request, routing: RoutingTrace | None = None
+    shape: ModelShape, profile: MachineProfile, req: Request, routing: RoutingTrace | None = None,
+    replicas: dict | None = None,
 ) -> dict:
     """The forecast (schema ``moeinf-predict/1``). ``routing``: a trace to replay for the hit rate
-    (``moeinf bench --replay``), else the model's own traces or the family default."""
+    (``moeinf bench --replay``), else the model's own traces or the family default. ``replicas``: {batch:
+    ``ReplicaFit``} of this model (``engine.bench.replica``; else the profile's, if it holds any for it)."""
     import torch
 
     from engine.memory.budget import fmt_bytes, mem_available, parse_budget, resolve_budget
@@ -155,8 +157,12 @@ def predict(
 
     bw = profile.disk_bps(shape.expert_bytes)
     latency = profile.read_latency_s
-    if dev == "cpu" and profile.kernels and slots >= shape.top_k:
-        sp = _engine_speeds(shape, profile, req, fmt, None if resolved.bytes is None else slots, trace, hit, policy)
+    if replicas is None:
+        replicas = profile_replicas(profile, shape, req) if dev == "cpu" else {}
+    timed = bool(profile.kernels) or (1 in replicas and req.batch in replicas)
+    if dev == "cpu" and timed and slots >= shape.top_k:
+        sp = _engine_speeds(shape, profile, req, fmt, None if resolved.bytes is None else slots, trace, hit, policy,
+                            replicas)
     else:
         sp = _analytic_speeds(shape, rates, profile, req, fmt, dense_fmt, fraction, hit, dev)
     if sp.get("hit") is not None:
@@ -209,6 +215,7 @@ def predict(
         "batch_tps_band": sp["batch_band"] if runs else None,
         "cold_start_s": cold,
         "max_ctx": int(max_ctx),
+        "timed_by": "replica" if sp.get("replica") else "kernels",
         "machine": {
             "io": profile.io,
             "disk_gbps": bw / 1e9,
@@ -263,24 +270,48 @@ def _analytic_speeds(shape, rates, profile, req, fmt, dense_fmt, fraction, hit, 
     }
 
 
-def _engine_speeds(shape, profile, req, fmt, capacity, trace, hit, policy) -> dict:
-    """Speeds from the engine's probed kernels and a dry run of its cache (``engine.bench.forecast``)."""
+def replica_key(store_name: str, dtype: str, batch: int, prompt: int, gen: int) -> str:
+    """The key of a replica fit in the machine profile (``MachineProfile.replicas``)."""
+    return f"{store_name}|{dtype}|b{batch}|p{prompt}|n{gen}"
+
+
+def profile_replicas(profile: MachineProfile, shape: ModelShape, req: Request) -> dict:
+    """{batch: ReplicaFit} the profile holds for this store model at the request's batch sizes and lengths."""
+    from engine.bench.replica import ReplicaFit
+
+    held = getattr(profile, "replicas", None) or {}
+    if not shape.store_name or not held:
+        return {}
+    out = {}
+    for b in {1, req.batch}:
+        d = held.get(replica_key(shape.store_name, shape.compute_dtype, b, req.prefill_tokens, req.gen_tokens))
+        if d is not None:
+            out[b] = ReplicaFit.from_dict(d)
+    return out
+
+
+def _engine_speeds(shape, profile, req, fmt, capacity, trace, hit, policy, replicas=None) -> dict:
+    """Speeds from the engine's probed kernels and a dry run of its cache (``engine.bench.forecast``); with
+    ``replicas`` ({batch: ReplicaFit}), the replica's fit times the forwards of those batch sizes."""
     from engine.bench.cost import Costs
     from engine.bench.forecast import Access, speeds
 
     dense_fmt, head_fmt = _dense_formats(shape)
     cached = shape.expert_bytes_total if capacity is None else capacity * slot_bytes(shape)
-    costs = Costs.of(shape, profile, fmt, dense_fmt, head_fmt, working_set=shape.dense_bytes + cached)
+    # without kernel probes (a replica times every forward) the costs are not needed
+    costs = Costs.of(shape, profile, fmt, dense_fmt, head_fmt, working_set=shape.dense_bytes + cached) \
+        if profile.kernels else None
     kw = {}
-    if shape.store_name and shape.source == "store":
+    if shape.store_name and shape.source == "store" and profile.kernels:  # a profile measured here (not a given one)
         from engine.store.paths import models_dir
 
         root = models_dir() / shape.store_name
         kw = {"model_name": shape.store_name, "model_root": root, "config": shape.config}
     access = Access(trace, (hit.hit, hit.low, hit.high), policy, kw)
-    one = speeds(shape, profile, costs, 1, req.prefill_tokens, req.gen_tokens, capacity, access)
+    replicas = replicas or {}
+    one = speeds(shape, profile, costs, 1, req.prefill_tokens, req.gen_tokens, capacity, access, replicas.get(1))
     many = one if req.batch == 1 else speeds(shape, profile, costs, req.batch, req.prefill_tokens, req.gen_tokens,
-                                              capacity, access)
+                                              capacity, access, replicas.get(req.batch))
     source = hit.source if trace is None else f"{hit.source}, run through the engine's cache"
     return {
         "decode": one.decode_tps, "decode_band": list(one.decode_band),
@@ -291,6 +322,7 @@ def _engine_speeds(shape, profile, req, fmt, capacity, trace, hit, policy) -> di
         "batch_compute_ms": many.compute_ms, "batch_loads_ms": many.loads_ms,
         "hit": HitEstimate(*one.hit, source) if capacity is not None else None,
         "batch_hit": HitEstimate(*many.hit, source) if capacity is not None else None,
+        "replica": replicas.get(req.batch) is not None,
     }
 
 
@@ -310,6 +342,7 @@ def _dense_formats(shape: ModelShape) -> tuple[str, str]:
 def bench_row_forecast(
     model, row: dict, prompt_tokens: int, gen_tokens: int, routing: RoutingTrace | None = None,
     shape: ModelShape | None = None, profile: MachineProfile | None = None, dtype: str | None = None,
+    replicas: dict | None = None,
 ) -> dict:
     """``moeinf predict``'s forecast of one ``moeinf bench`` row (its budget, policy and batch, the bench's
     prompt and decode lengths; ``dtype``: the bench's ``--dtype``, else the model's default): aggregate
@@ -328,7 +361,7 @@ def bench_row_forecast(
     policy = row["policy"] if row["policy"] in POLICY_NAMES else None
     req = Request(budget=row["budget"], batch=row["batch"], ctx=prompt_tokens + gen_tokens + 1, policy=policy,
                   available=1 << 50, prefill_tokens=prompt_tokens, gen_tokens=gen_tokens)
-    p = predict(shape, profile, req, routing)
+    p = predict(shape, profile, req, routing, replicas)
     band = p["batch_tps_band"]
     if band is None and p["decode_tps_band"]:
         scale = p["batch_tps"] / p["decode_tps"] if p["decode_tps"] else 1.0
@@ -341,7 +374,14 @@ def bench_row_forecast(
         "hit_rate": p["batch_hit_rate"],
         "hit_source": p["hit_rate"]["source"],
         "step_ms": p["batch_ms_per_step"],  # the point forecast's decode step: compute and the loads waited for
+        "timed_by": p["timed_by"],  # "replica" (engine.bench.replica) or "kernels" (the kernel probes)
     }
+
+
+def replace_batch(req: Request, batch: int) -> Request:
+    from dataclasses import replace
+
+    return replace(req, batch=batch)
 
 
 def _act_name(dtype: str) -> str:
@@ -361,9 +401,31 @@ def bench_forecasts(
     from engine.bench.shape import read_shape
 
     shape = read_shape(str(model_root))
+    if dtype is not None:
+        from dataclasses import replace
+
+        shape = replace(shape, compute_dtype=_act_name(dtype))
     profile, _ = machine_profile()
+    replicas: dict = {}
+    if shape.store_name and shape.source == "store" and profile.kernels:  # a profile measured here (not a given one)
+        # the replica probe (engine.bench.replica) of this model at each batch size, measured now unless the
+        # profile holds it for these lengths (``moeinf predict --reprobe`` drops it)
+        from engine.bench.replica import calibrate
+
+        batches = sorted({int(r["batch"]) for r in rows})
+        req = Request(batch=max(batches), prefill_tokens=prompt_tokens, gen_tokens=gen_tokens)
+        held = {b: f for b in batches for f in [profile_replicas(profile, shape, replace_batch(req, b)).get(b)] if f}
+        missing = [b for b in batches if b not in held]
+        if missing:
+            budgets = sorted({r["budget"] for r in rows if r["budget"].endswith("%") and r["budget"] != "100%"})
+            if any(r.get("budget_bytes") is not None for r in rows) and not budgets:
+                budgets = ["25%"]  # budgets as sizes: the replica's loads at a quarter of its experts
+            held.update(calibrate(str(model_root), missing, prompt_tokens, gen_tokens, budgets, routing,
+                                  dtype or "bfloat16"))
+        replicas = held
     for row in rows:
-        fc = bench_row_forecast(model_root, row, prompt_tokens, gen_tokens, routing, shape, profile, dtype)
+        fc = bench_row_forecast(model_root, row, prompt_tokens, gen_tokens, routing, shape, profile, dtype,
+                                replicas={b: f for b, f in replicas.items() if b in (1, row["batch"])})
         row["forecast_tps"] = fc["decode_tps"]
         row["forecast_band"] = fc["decode_band"]
         row["forecast_prefill_tps"] = fc["prefill_tps"]
