@@ -36,7 +36,8 @@ def _load(root):
     return lambda: engine.load(root, device="cpu", ctx=CTX)
 
 
-PACE_S = 0.005  # per piece: a 1024-token context takes over 5 s however fast the machine
+PACE_S = 0.02  # per piece: a 1024-token context takes over 20 s however fast the machine (a loaded one
+# set up the queue test's four clients in over 5 s once: the long one ended first)
 
 
 def _paced(root):
