@@ -467,14 +467,13 @@ class OffloadedExperts:
 
     def _claim(self, kind: str) -> Slot | None:
         """A slot for a load of ``kind``: demand (may wait), stream (free, else stream slot), prefetch,
-        land (an early demand load: a free slot, else a stream slot, else as demand)."""
+        land (an early demand load: a free slot, else a stream slot, else None: it evicts nothing, since
+        the policy has not heard this layer's routing yet; ``fetch`` loads the miss as demand)."""
         while True:
             if self._free_main:
                 return self._free_main.pop()
             if kind == "land":
-                if self._free_stream:
-                    return self._free_stream.pop()
-                kind = "demand"
+                return self._free_stream.pop() if self._free_stream else None
             if kind == "stream" and self._free_stream:
                 return self._free_stream.pop()
             if kind == "stream" and self.n_stream:
@@ -495,6 +494,8 @@ class OffloadedExperts:
             return False
         slot = self._claim(kind)
         if slot is None:
+            if kind == "land":  # dropped: _admit_landed leaves the miss to fetch's demand load
+                return False
             if kind == "prefetch":
                 self._stats.prefetch_dropped += 1
                 return False
