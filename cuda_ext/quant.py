@@ -56,8 +56,8 @@ _INT8: contextvars.ContextVar[str | None] = contextvars.ContextVar("moeinf_int8_
 # activations "auto" on a prompt: the fewest rows of x one product needs to take the int8 GEMM, by format
 # (measured against the float32 kernels, one thread, 3584 x 1024: the int8 GEMM is ahead from 16 rows on
 # for the 32-value formats; README "Computing on the stored blocks"); fewer rows keep the float32 kernels
-# (not rounded)
-AUTO_MIN_ROWS = {"q8_0": 16, "q4_0": 16, "q4_1": 16, "mxfp4": 16, "q4_k": 1, "q5_k": 1, "q6_k": 1}
+# (not rounded). The k-quants are not here: AUTO_INT8_FORMATS rounds them from one row on.
+AUTO_MIN_ROWS = {"q8_0": 16, "q4_0": 16, "q4_1": 16, "mxfp4": 16}
 # the formats that "auto" rounds on every forward, one-token decode included: their float32 kernels pay the
 # most to unpack (6-bit sub-scales, q6_k's split codes) and the int8 row kernel (quant.c) is the faster
 # from one row on (a Q4_K_M decode step's experts 7.8 -> 4.7 ms, its q6_k LM head 2.2 -> 1.1 ms); the

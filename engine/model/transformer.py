@@ -95,7 +95,8 @@ class CausalLM(nn.Module):
 
     def _int8(self, tokens: int) -> bool | str:
         """How a forward of ``tokens`` rows rounds float32 activations (``cuda_ext.quant.int8_activations``):
-        True (every product), "auto" (products of enough rows: a prompt's), False (none)."""
+        True (every product), "auto" (products of enough rows: a prompt's, and the k-quants' of any), "kquants"
+        (a decode step's or a short prompt's: the k-quants' products only), False (none)."""
         mode = self.activations
         if mode != "auto":
             return mode == "int8"
