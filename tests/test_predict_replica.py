@@ -166,3 +166,30 @@ def test_probe_replica_runs_the_bench_protocol(synth):
     assert fit is not None and fit.layers == 2 and fit.batch == 2
     assert fit.fixed_s >= 0 and fit.resident_layer_s >= 0 and fit.demand_s >= 0 and fit.head_s > 0
     assert fit.prefill_layer_s >= 0 and fit.prefill_load_s >= 0
+
+
+def test_resident_slope_is_floored_at_the_layers_bytes():
+    """Two replica depths whose times barely differ (an LM head dominating the step) must not forecast a layer
+    faster than its bytes can be read; the fixed part then takes what the shallower replica leaves."""
+    from engine.bench.replica import _line, layer_floor_s
+
+    depths, times = [1.0, 1.0, 4.0, 4.0], [0.0164, 0.0170, 0.0169, 0.0175]
+    fixed, per = _line(depths, times)
+    assert per == pytest.approx((0.0169 - 0.0164) / 3)
+    floor = layer_floor_s(19.5e6, 30e9)
+    assert floor == pytest.approx(0.65e-3)
+    f2, p2 = _line(depths, times, floor)
+    assert p2 == pytest.approx(floor) and f2 == pytest.approx(0.0164 - floor)
+    assert f2 + 8 * p2 > fixed + 8 * per  # the 8-layer model's step is forecast slower, as measured
+    assert _line(depths, times, 1e-6) == (fixed, per)  # a floor below the slope changes nothing
+    assert layer_floor_s(0, 30e9) == 0.0 and layer_floor_s(1e6, 0.0) == 0.0
+
+
+def test_probe_replica_applies_the_floor_when_layers_run_cold(synth):
+    from engine.bench.replica import probe_replica
+    from engine.store.opened import open_model
+
+    fit = probe_replica(open_model(synth), 1, 3, 6, [], passes=1, flush_bytes=1 << 22, layers=2,
+                        layer_bytes=50e6)
+    assert fit.read_bps > 0 and fit.layer_floor_s == pytest.approx(50e6 / fit.read_bps)
+    assert fit.resident_layer_s >= fit.layer_floor_s

@@ -21,7 +21,9 @@ the next. So for a store model the profile also holds a **replica** measurement:
 3. **The fit** (``ReplicaFit``): two replicas, of one decoder layer and of ``layers``, separate what a step
    costs per decoder layer from what it costs once (embedding, LM head, and the step's own work: waking the
    kernels' threads, the forward's Python; 3-4 ms a step on the 2-core VM, which a fit through the head's
-   time alone put into the layers: the Mixtral-shaped replica forecast its 32-layer model 2x slow). Behind
+   time alone put into the layers: the Mixtral-shaped replica forecast its 32-layer model 2x slow). Where the
+   layers run cold, the per-layer slope is at least a layer's bytes at the read rate measured in the probe
+   (``layer_floor_s``: with a 311 MB LM head the two depths differ by less than their spread). Behind
    the cache, a step is ``fixed + per-layer * depth + c * (demand + prefetch loads)``
    (the deeper replica's runs at every share, ``_fit_loads``; each load's cost includes its stall, the compute
    thread's share of reading it, and whatever overlap the engine reached). The real model's step is then ``fixed + layers * per-layer + the
@@ -160,6 +162,8 @@ class ReplicaFit:
     spread: float = 0.0  # relative spread of the resident step between the replica's passes
     offload_spread: float = 0.0  # the budgeted steps' typical deviation from the fit, relative
     head_s: float = 0.0  # embedding + final norm + LM head at the step's rows, timed alone (for the record)
+    read_bps: float = 0.0  # the pool's read rate, measured with the probe (0: layers warm, no floor)
+    layer_floor_s: float = 0.0  # the least a resident decoder layer was allowed (``layer_floor_s``)
     runs: list = field(default_factory=list)  # [depth, budget, prefill s, median step s, loads a step] of each run
     measured_at: float = 0.0  # time.time() when it was measured
     probe_s: float = 0.0
@@ -183,15 +187,26 @@ class ReplicaFit:
         return cls(**d)
 
 
-def _line(depths: list[float], times: list[float]) -> tuple[float, float]:
+def _line(depths: list[float], times: list[float], floor: float = 0.0) -> tuple[float, float]:
     """(fixed, per layer) of ``time = fixed + depth * per`` through the two depths' times, each the low median
     of its runs (a burst of other work slowed some of the demo's batch runs 15-fold: their median was one of
-    them; other work only slows a run)."""
+    them; other work only slows a run). ``per`` is at least ``floor`` (a layer's bytes at the read rate: see
+    ``layer_floor_s``); the fixed part is then what the shallower replica leaves."""
     lo, hi = min(depths), max(depths)
     t_lo = statistics.median_low([t for d, t in zip(depths, times, strict=True) if d == lo])
     t_hi = statistics.median_low([t for d, t in zip(depths, times, strict=True) if d == hi])
     per = max(0.0, (t_hi - t_lo) / (hi - lo)) if hi > lo else 0.0
+    per = max(per, floor)
     return max(0.0, t_lo - per * lo), per
+
+
+def layer_floor_s(layer_bytes: float, read_bps: float) -> float:
+    """The least a cold decoder layer's decode step can take: the bytes it reads (its dense weights and the
+    experts the step routes to) at the machine's read rate. Where the LM head dominates a step the two
+    replicas' difference is small against their spread, and the slope through them came out below it (the
+    Qwen3-shaped model: 0.18 ms a layer that reads 19.5 MB, 0.65 ms at 30 GB/s; its 8 layers then forecast
+    1.3x fast)."""
+    return layer_bytes / read_bps if layer_bytes > 0 and read_bps > 0 else 0.0
 
 
 def _flush_buffer(nbytes: int) -> torch.Tensor:
@@ -317,10 +332,13 @@ def _fit_loads(runs: list[ReplicaRun], skip: int) -> tuple[float, float, float]:
 
 def probe_replica(store, batch: int, prompt: int, gen: int, budgets: list[str], policy: str | None = "lru",
                   trace=None, dtype: torch.dtype = torch.bfloat16, work: Path | None = None,
-                  passes: int = PASSES, flush_bytes: int = 0, layers: int = REPLICA_LAYERS) -> ReplicaFit | None:
+                  passes: int = PASSES, flush_bytes: int = 0, layers: int = REPLICA_LAYERS,
+                  layer_bytes: float = 0.0) -> ReplicaFit | None:
     """The replica's runs and their fit (see the module doc); None when no replica can be made.
     ``budgets``: the budgeted shares to run besides "100%"; ``trace``: the run's routing (the replica replays
-    its first layers); ``flush_bytes``: bytes read between steps (0: none; see ``flush_needed``)."""
+    its first layers); ``flush_bytes``: bytes read between steps (0: none; see ``flush_needed``);
+    ``layer_bytes``: what a decoder layer of a decode step reads (with a flush, the resident slope is at least
+    those bytes at the read rate measured here: ``layer_floor_s``)."""
     from engine.store.paths import moeinf_home
     from engine.trace.format import RoutingTrace
 
@@ -375,7 +393,13 @@ def probe_replica(store, batch: int, prompt: int, gen: int, budgets: list[str], 
     # each run's median step: the slope through the two depths is extrapolated to the model's depth, and a
     # few slowed steps of a short run moved its mean by 40% (the fit of the loads takes the mean: see there)
     means = [statistics.median([s[0] for s in r.steps[skip:]]) for r in resident]
-    fixed, per = _line([float(r.depth) for r in resident], means)
+    read_bps = 0.0
+    if flush is not None:  # the layers run cold: none can beat its bytes at the rate the pool reads memory
+        from cuda_ext.cpu import read_bandwidth
+
+        read_bps = read_bandwidth(flush, torch.get_num_threads())
+    floor = layer_floor_s(layer_bytes, read_bps)
+    fixed, per = _line([float(r.depth) for r in resident], means, floor)
     spread = deep_spread()
     # behind the cache: the deeper replica's budgeted runs (at one layer a budget may leave every expert
     # resident), their load-free step split as the resident one's fixed part plus the rest per layer
@@ -391,7 +415,7 @@ def probe_replica(store, batch: int, prompt: int, gen: int, budgets: list[str], 
     return ReplicaFit(
         layers=L, batch=batch, fixed_s=fixed, resident_layer_s=per, offload_fixed_s=ofixed, offload_layer_s=oper,
         demand_s=c, prefetch_s=c, prefill_fixed_s=pf, prefill_layer_s=pp, prefill_load_s=pc, spread=spread,
-        offload_spread=rel,
+        offload_spread=rel, read_bps=read_bps, layer_floor_s=floor,
         head_s=statistics.median(heads), measured_at=time.time(), probe_s=time.perf_counter() - t_start,
         runs=[[r.depth, r.budget, r.prefill_s, statistics.median([s[0] for s in r.steps[skip:]]),
                statistics.mean([s[1] + s[2] for s in r.steps[skip:]])] for r in runs],
@@ -441,8 +465,10 @@ def calibrate(model: str, batches: list[int], prompt: int, gen: int, budgets: li
     for batch in batches:
         distinct = min(shape.num_experts, shape.top_k * batch)
         step_bytes = shape.dense_bytes + shape.moe_layers * distinct * shape.expert_bytes
+        routed = shape.num_experts * (1 - (1 - shape.top_k / shape.num_experts) ** batch)  # distinct, uniform
+        layer_bytes = (shape.layer_dense_bytes + shape.moe_layers * routed * shape.expert_bytes) / shape.num_layers
         fit = probe_replica(store, batch, prompt, gen, shares, trace=trace, dtype=torch_dtype, passes=passes,
-                            flush_bytes=flush_needed(step_bytes, llc))
+                            flush_bytes=flush_needed(step_bytes, llc), layer_bytes=layer_bytes)
         if fit is not None:
             out[batch] = fit
     if save and out:
