@@ -35,7 +35,7 @@ typedef struct {
     float *keys, *values;        /* the slot's [kv_heads, max_seq, D] */
     float *scores;               /* [nt, n] */
     int64_t pos, lo, n;          /* visible positions lo..pos, n of them */
-    frow_fn fq, fk, fv, fo;
+    fmrows_fn fq, fk, fv, fo;     /* quant_f32.c's several-rows kernels: four rows a pass */
     int64_t rq, rk, rv, ro;      /* bytes per row of wq, wk, wv, wo */
 } attn_f32_job;
 
@@ -89,12 +89,13 @@ static void rotate_f32(float *x, const float *cos, const float *sin, int64_t D) 
     memcpy(x, tmp, sizeof(float) * (size_t)D);
 }
 
-static void rows_f32(frow_fn f, const uint8_t *W, int64_t rb, const float *x, int64_t nb, const float *bias,
+/* rows n0..n1 of W times x into y (+ bias): x read once for every four rows, each row the one-row kernel's sums */
+static void rows_f32(fmrows_fn f, const uint8_t *W, int64_t rb, const float *x, int64_t nb, const float *bias,
                      int64_t n0, int64_t n1, float *y) {
-    for (int64_t n = n0; n < n1; n++) {
-        float v = f(W + n * rb, x, nb);
-        y[n] = bias ? v + bias[n] : v;
-    }
+    if (n1 <= n0) return;
+    f(W + n0 * rb, rb, n1 - n0, x, nb, y + n0);
+    if (bias)
+        for (int64_t n = n0; n < n1; n++) y[n] += bias[n];
 }
 
 /* four phases (pool.c): q/k/v rows, the key/value heads written, the query heads, the output rows */
@@ -163,7 +164,7 @@ int moeinf_attn_decode_f32(const attn_f32_plan *p, const float *x, const float *
     int64_t rb[4];
     for (int i = 0; i < 4; i++) {
         int values, bytes;
-        if (!moeinf_block_geometry((int)types[i], &values, &bytes) || ks[i] % values || !moeinf_frow_function((int)types[i]))
+        if (!moeinf_block_geometry((int)types[i], &values, &bytes) || ks[i] % values || !moeinf_fmrows_function((int)types[i]))
             return -1;
         rb[i] = ks[i] / values * bytes;
     }
@@ -178,8 +179,8 @@ int moeinf_attn_decode_f32(const attn_f32_plan *p, const float *x, const float *
         p, x, cos, sin, mem, mem + nq, mem + nq + nkv, mem + nq + 2 * nkv, out,
         p->k_cache + slot * p->kv_heads * S * D, p->v_cache + slot * p->kv_heads * S * D,
         mem + 2 * nq + 2 * nkv + 16, pos, lo, n,
-        moeinf_frow_function((int)p->tq), moeinf_frow_function((int)p->tk), moeinf_frow_function((int)p->tv),
-        moeinf_frow_function((int)p->to), rb[0], rb[1], rb[2], rb[3],
+        moeinf_fmrows_function((int)p->tq), moeinf_fmrows_function((int)p->tk), moeinf_fmrows_function((int)p->tv),
+        moeinf_fmrows_function((int)p->to), rb[0], rb[1], rb[2], rb[3],
     };
     moeinf_pool_run_phases(attn_f32_phase, &j, 4, nt, nt);
     return 0;
