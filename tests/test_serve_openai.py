@@ -387,7 +387,10 @@ def test_the_queue_takes_turns_between_clients(srv, client):
 
     with httpx.stream("POST", srv.url + "/v1/chat/completions", json=long, timeout=60) as response:
         lines = response.iter_lines()  # kept: a dropped iterator closes the connection
-        next(lines)  # the long one runs: the others wait
+        next(lines)  # the long one is queued (its first line comes at once) ...
+        deadline = time.monotonic() + 30
+        while srv.state.scheduler.waiting and time.monotonic() < deadline:
+            time.sleep(0.01)  # ... and runs once the last test's job has left the worker: the others wait
         threads = []
         for user, tag in (("alice", "a1"), ("alice", "a2"), ("alice", "a3"), ("bob", "b1")):
             waiting = srv.state.scheduler.waiting
