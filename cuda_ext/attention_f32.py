@@ -57,10 +57,12 @@ class _Plan(ctypes.Structure):
 _NAMES = {b.ggml_type: name for name, b in BLOCKS.items()}
 
 
-def _int8_mask(s) -> int:
-    """Bit i set where the product of q, k, v, o (i = 0..3) takes int8 activations under the current
-    ``cuda_ext.quant.int8_activations`` (as ``engine.formats.linear`` would for that matrix's format)."""
-    return sum(1 << i for i, t in enumerate((s.tq, s.tk, s.tv, s.to)) if int8_active(_NAMES.get(t)))
+def set_int8(plan: DecodePlan) -> None:
+    """The plan's int8 bits for the current ``cuda_ext.quant.int8_activations``: bit i set where the
+    product of q, k, v, o (i = 0..3) takes int8 activations (as ``engine.formats.linear`` would for that
+    matrix's format)."""
+    s = plan.struct
+    s.int8 = sum(1 << i for i, t in enumerate((s.tq, s.tk, s.tv, s.to)) if int8_active(_NAMES.get(t)))
 
 
 def decode_plan(module) -> DecodePlan | None:
@@ -117,5 +119,5 @@ def decode(
     s = plan.struct
     if not _f32_cpu(x, s.hidden) or not 0 <= pos < s.max_seq or not 0 <= slot < plan.tensors[-2].shape[0]:
         return None
-    s.int8 = _int8_mask(s)
+    set_int8(plan)
     return run_decode("moeinf_attn_decode_f32", plan, x, cos, sin, slot, pos, threads, _f32_cpu, torch.float32)
