@@ -6,7 +6,9 @@ blocks and format, float32 biases, the float32 KV cache), or gives None where th
 no native library, a projection that is not block-quantised, q/k norms or clip_qkv, a cache that is
 not float32, a head wider than 512. ``decode(plan, x, cos, sin, slot, pos, threads)`` then runs the
 layer for one float32 token: q/k/v (every block dequantised in registers to the values
-``engine.formats`` unpacks, as ``cuda_ext.quant``'s float32 kernel), rotary, the KV-cache write,
+``engine.formats`` unpacks, as ``cuda_ext.quant``'s float32 kernel; where ``cuda_ext.quant.int8_activations``
+rounds a matrix's products, as "auto" does the k-quants' on decode, x or o quantised per block of 32 and
+``quant.c``'s int8 rows, the same bits as ``engine.formats.linear`` there), rotary, the KV-cache write,
 softmax attention over the visible positions, the output projection, all in float32; the result is
 the torch path's up to the order of the float32 sums (``tests/test_cuda_ext_attention_f32.py``).
 """
@@ -19,8 +21,10 @@ import torch
 
 from cuda_ext import loader
 from cuda_ext.attention import DecodePlan, run_decode
+from cuda_ext.blocks import BLOCKS
 from cuda_ext.blocks import block_weight as _blocks
 from cuda_ext.blocks import f32_cpu as _f32_cpu
+from cuda_ext.quant import int8_active
 
 
 class _Plan(ctypes.Structure):
@@ -46,7 +50,19 @@ class _Plan(ctypes.Structure):
         ("scaling", ctypes.c_float),
         ("k_cache", ctypes.c_void_p),
         ("v_cache", ctypes.c_void_p),
+        ("int8", ctypes.c_int64),
     ]
+
+
+_NAMES = {b.ggml_type: name for name, b in BLOCKS.items()}
+
+
+def set_int8(plan: DecodePlan) -> None:
+    """The plan's int8 bits for the current ``cuda_ext.quant.int8_activations``: bit i set where the
+    product of q, k, v, o (i = 0..3) takes int8 activations (as ``engine.formats.linear`` would for that
+    matrix's format)."""
+    s = plan.struct
+    s.int8 = sum(1 << i for i, t in enumerate((s.tq, s.tk, s.tv, s.to)) if int8_active(_NAMES.get(t)))
 
 
 def decode_plan(module) -> DecodePlan | None:
@@ -103,4 +119,5 @@ def decode(
     s = plan.struct
     if not _f32_cpu(x, s.hidden) or not 0 <= pos < s.max_seq or not 0 <= slot < plan.tensors[-2].shape[0]:
         return None
+    set_int8(plan)
     return run_decode("moeinf_attn_decode_f32", plan, x, cos, sin, slot, pos, threads, _f32_cpu, torch.float32)

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cuda_ext import loader
-from cuda_ext.blocks import bf16_cpu, block_weight
+from cuda_ext.blocks import bf16_cpu, block_weight, f32_cpu
 
 # products of fewer elements than this run on the calling thread alone (waking a worker costs more)
 _SPLIT_MIN = 1 << 16
@@ -212,6 +212,42 @@ def route_topk(
         weights.data_ptr(),
         int(bf16),
         threads(n * h),
+    )
+    return None if err else (weights, ids)
+
+
+def route_topk_f32(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, k: int, renormalize: bool
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``route_topk`` for one float32 token x [1, H] and a float32 router matrix [E, H] (a float32 model's
+    router): float32 logits (the kernel's order of the sums), softmax, the k largest, renormalised when
+    asked; float32 weights [1, k] and int64 ids [1, k] in one native call, None where that does not apply."""
+    lib = _native()
+    if (
+        lib is None
+        or x.dim() != 2
+        or x.shape[0] != 1
+        or not f32_cpu(x)
+        or not isinstance(weight, torch.Tensor)
+        or weight.dim() != 2
+        or weight.shape[1] != x.shape[1]
+        or not f32_cpu(weight)
+        or not _bias_ok(bias, weight.shape[0], torch.float32)
+    ):
+        return None
+    ids = torch.empty(1, k, dtype=torch.int64)
+    weights = torch.empty(1, k, dtype=torch.float32)
+    n, h = weight.shape
+    err = lib.moeinf_route_f32(
+        x.contiguous().data_ptr(),
+        weight.data_ptr(),
+        None if bias is None else bias.data_ptr(),
+        n,
+        h,
+        k,
+        int(renormalize),
+        ids.data_ptr(),
+        weights.data_ptr(),
     )
     return None if err else (weights, ids)
 

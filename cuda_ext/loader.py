@@ -66,6 +66,8 @@ SIGNATURES: dict[str, list] = {
     "moeinf_rms_norm_f32": [_p, _p, _i64, _f32, _p],
     "moeinf_route": [_p, _p, _p, _i64, _i64, _int, _int, _int, _p, _p, _int, _int],
     "moeinf_decode_layers": [_p, _int, _i64, _p, _p, _p, _i64, _i64, _p, _p, _p, _int],
+    "moeinf_decode_layers_f32": [_p, _int, _i64, _p, _p, _p, _i64, _i64, _p, _p, _p, _int],
+    "moeinf_route_f32": [_p, _p, _p, _i64, _i64, _int, _int, _p, _p],
     "moeinf_mla_decode": [_p, _p, _p, _p, _i64, _i64, _p, _int],
     "moeinf_route_v3": [_p, _p, _p, _i64, _i64, _int, _int, _int, _int, _f32, _p, _p],
     "moeinf_route_v3_mt": [_p, _p, _p, _i64, _i64, _int, _int, _int, _int, _f32, _p, _p, _int],
@@ -85,6 +87,8 @@ _RESTYPES = {
     "moeinf_route_v3": _int,
     "moeinf_route_v3_mt": _int,
     "moeinf_decode_layers": _int,
+    "moeinf_decode_layers_f32": _int,
+    "moeinf_route_f32": _int,
     "moeinf_mla_decode": _int,
     "moeinf_read_bytes": ctypes.c_uint64,
 }

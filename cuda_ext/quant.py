@@ -80,6 +80,11 @@ def int8_activations(mode: bool | str) -> Iterator[None]:
         _INT8.reset(token)
 
 
+def int8_mode() -> str | None:
+    """The ``int8_activations`` mode in force: "int8", "auto", "kquants" or None."""
+    return _INT8.get()
+
+
 def int8_active(fmt: str | None = None) -> bool:
     """Whether ``int8_activations`` rounds every product on ``fmt`` here, one token's included (``True``,
     or "auto" / "kquants" for the ``AUTO_INT8_FORMATS``)."""

@@ -1,4 +1,5 @@
-"""The decoder layers of one bf16 decode token in one native call (``csrc/cpu/step.c``).
+"""The decoder layers of one decode token in one native call (``csrc/cpu/step.c``): bf16, or (``*_f32``) a
+float32 model whose attention and experts are block formats (a GGUF model).
 
 ``layer_struct(...)`` describes one pre-norm layer: its attention's plan (``cuda_ext.attention``, or
 ``cuda_ext.mla`` for multi-head latent attention), the two RMSNorms (bf16 weight, or gpt-oss's weight
@@ -134,15 +135,18 @@ def decode_layers(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """(hidden [1, H] bf16, ids [sum k] int64, weights [sum k] float32, router inputs [layers, H] bf16,
     layers done): the hidden state after the layers done (all of them, unless a kernel refused one: the
-    caller runs the rest one by one from there), the routing of those done and their router inputs."""
+    caller runs the rest one by one from there), the routing of those done and their router inputs.
+    ``LayersF32``: x and the router inputs float32, each layer's int8 bits (its experts' and its
+    attention plan's) set for the current mode first."""
     lib = loader.cpu()
     if lib is None:
         return x, torch.empty(0, dtype=torch.int64), torch.empty(0), torch.empty(0), 0
+    f32 = isinstance(layers, LayersF32)
     out = x.contiguous().clone()
     ids = torch.empty(layers.total_k, dtype=torch.int64)
     weights = torch.empty(layers.total_k, dtype=torch.float32)
-    routed_in = torch.empty(layers.count, layers.hidden, dtype=torch.bfloat16)
-    err = lib.lib.moeinf_decode_layers(
+    routed_in = torch.empty(layers.count, layers.hidden, dtype=torch.float32 if f32 else torch.bfloat16)
+    err = (lib.lib.moeinf_decode_layers_f32 if f32 else lib.lib.moeinf_decode_layers)(
         layers.array,
         layers.count,
         layers.hidden,
@@ -158,3 +162,71 @@ def decode_layers(
     )
     done = layers.count if err == 0 else -err - 1
     return out, ids, weights, routed_in, done
+
+
+# ---------------------------------------------------------------- one float32 token (a GGUF model's)
+
+
+class _LayerF32(ctypes.Structure):
+    _fields_ = [
+        ("attn", ctypes.c_void_p),
+        ("in_norm", ctypes.c_void_p),
+        ("post_norm", ctypes.c_void_p),
+        ("eps", ctypes.c_float),
+        ("k", ctypes.c_int),
+        ("renorm", ctypes.c_int),
+        ("type", ctypes.c_int),
+        ("int8", ctypes.c_int),
+        ("E", ctypes.c_int64),
+        ("I", ctypes.c_int64),
+        ("router", ctypes.c_void_p),
+        ("router_bias", ctypes.c_void_p),
+        ("table", ctypes.c_void_p),
+    ]
+
+
+class LayersF32(Layers):
+    """``Layers`` of a float32 model; ``fmts[i]``: layer i's experts' (gate) format, for its int8 bit."""
+
+    def __init__(self, structs: list[_LayerF32], keep: list, hidden: int, fmts: list[str | None]):
+        self.array = (_LayerF32 * len(structs))(*structs)
+        self.keep = keep
+        self.hidden = hidden
+        self.count = len(structs)
+        self.topk = [s.k if s.E else 0 for s in structs]
+        self.total_k = sum(self.topk)
+        self.fmts = fmts
+
+
+def layer_struct_f32(
+    attn_plan,
+    in_norm: torch.Tensor,
+    post_norm: torch.Tensor,
+    eps: float,
+    entries: list[tuple],
+    router: torch.Tensor | None = None,
+    router_bias: torch.Tensor | None = None,
+    top_k: int = 0,
+    renormalize: bool = False,
+) -> tuple[_LayerF32, list]:
+    """One float32 layer's struct and what it must keep alive: ``attn_plan`` a ``cuda_ext.attention_f32``
+    plan, float32 norms, ``entries`` every routed expert's float32 ``cuda_ext.cpu._expert_entry`` in expert
+    order with a float32 ``router`` [E, H], or (no router) one entry: a dense layer's MLP."""
+    E = len(entries) if router is not None else 0
+    table = (ctypes.c_void_p * (6 * len(entries)))(*(e[m] for m in range(3, 9) for e in entries))
+    struct = _LayerF32(
+        attn_plan.address,
+        in_norm.data_ptr(),
+        post_norm.data_ptr(),
+        eps,
+        top_k if E else 1,
+        int(renormalize),
+        entries[0][0],
+        0,
+        E,
+        entries[0][1],
+        _ptr(router),
+        _ptr(router_bias),
+        ctypes.addressof(table),
+    )
+    return struct, [attn_plan, in_norm, post_norm, router, router_bias, table]

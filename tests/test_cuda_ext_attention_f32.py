@@ -5,7 +5,9 @@ Formats mixed within a layer as llama.cpp's quantisations mix them (q4_k q, q8_0
 q5_k o as its Q4_K_M keeps a MoE model's attn_output; q4_1;
 q4_0 with mxfp4), biases, GQA groups, a sliding window, no rotary, a cache long enough to be split over
 threads, a second slot. Both paths start from the same cache; the native one must write the same keys
-and values and give the same output up to the order of the float32 sums."""
+and values and give the same output up to the order of the float32 sums. Under
+cuda_ext.quant.int8_activations ("kquants", as "auto" decodes; or every product) the products it names
+take int8 activations on both paths (the torch path's through engine.formats.linear), so they agree again."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 
 from cuda_ext import attention_f32 as native
 from cuda_ext import loader
+from cuda_ext.quant import int8_activations
 from engine import formats
 from engine.formats.tensor import QuantTensor
 from engine.model.layers.attention import Attention
@@ -59,8 +62,13 @@ def _run(m, rope, x, pos, slot, use_native):
 
 
 @pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("cache_len", [64, 2048])
-def test_native_decode_equals_the_torch_path(case, cache_len):
+@pytest.mark.parametrize(("cache_len", "mode"), [(64, False), (2048, False), (64, "kquants"), (64, "int8")])
+def test_native_decode_equals_the_torch_path(case, cache_len, mode):
+    with int8_activations(mode):
+        _native_equals_torch(case, cache_len)
+
+
+def _native_equals_torch(case, cache_len):
     m, rope = _module(**CASES[case])
     if rope is not None:
         rope.setup(cache_len, torch.float32, torch.device("cpu"))
@@ -91,6 +99,27 @@ def test_native_decode_equals_the_torch_path(case, cache_len):
         assert err <= 1e-5 * scale, f"{case} pos {pos}: {err} against output scale {scale}"
 
 
+def test_int8_products_are_taken_where_the_mode_says():
+    """q4_k q and q5_k o are rounded under "kquants" (the q8_0 k and v are not): the output moves by the
+    int8 error, far more than the float32 sums' order; on a q8_0-only layer "kquants" changes nothing."""
+    outs = {}
+    for case in ("q4_k_m-moe", "q8_0-no-rotary"):
+        m, rope = _module(**CASES[case])
+        if rope is not None:
+            rope.setup(64, torch.float32, torch.device("cpu"))
+        m.setup_cache(64, torch.float32, torch.device("cpu"))
+        plan = native.decode_plan(m)
+        x = torch.randn(1, m.q_proj.weight.shape[1])
+        cos, sin = rope(5, 1) if rope is not None else (None, None)
+        for mode in (False, "kquants"):
+            with int8_activations(mode):
+                outs[case, mode] = native.decode(plan, x, cos, sin, 0, 5, 2)
+            assert plan.struct.int8 == (0b1001 if mode and case == "q4_k_m-moe" else 0)
+    ref = outs["q4_k_m-moe", False]
+    assert (outs["q4_k_m-moe", "kquants"] - ref).abs().max() > 1e-3 * ref.abs().max()
+    assert torch.equal(outs["q8_0-no-rotary", "kquants"], outs["q8_0-no-rotary", False])
+
+
 def test_native_decode_is_the_same_on_any_thread_count():
     m, rope = _module(**CASES["q4_k_m-mix"])
     rope.setup(600, torch.float32, torch.device("cpu"))
@@ -98,10 +127,12 @@ def test_native_decode_is_the_same_on_any_thread_count():
     plan = native.decode_plan(m)
     x = torch.randn(1, 256)
     cos, sin = rope(500, 1)
-    outs = []
-    for t in (1, 2, 3):
-        outs.append(native.decode(plan, x, cos, sin, 0, 500, t))
-    assert all(torch.equal(o, outs[0]) for o in outs)
+    for mode in (False, "kquants"):
+        outs = []
+        with int8_activations(mode):
+            for t in (1, 2, 3):
+                outs.append(native.decode(plan, x, cos, sin, 0, 500, t))
+        assert all(torch.equal(o, outs[0]) for o in outs)
 
 
 def test_plan_refuses_what_it_cannot_run():

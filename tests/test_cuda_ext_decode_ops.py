@@ -83,6 +83,31 @@ def test_router_matches_torch(experts, hidden, k, renorm, wdtype, bias):
             assert abs(w.float().sum().item() - 1) < 1e-2
 
 
+@pytest.mark.parametrize("experts,hidden,k,renorm,bias", [(8, 1024, 2, False, False), (128, 256, 8, True, True), (60, 72, 4, True, False)])
+def test_float32_router_matches_torch(experts, hidden, k, renorm, bias):
+    """A float32 model's router (a GGUF's float32 ffn_gate_inp) in one native call: the experts torch picks
+    (where no two are within the float32 sums' order of each other) and its weights to float32 rounding."""
+    torch.manual_seed(experts + hidden)
+    router = SoftmaxTopKRouter(hidden, experts, k, renormalize=renorm, weights_dtype="input", bias=bias)
+    with torch.no_grad():
+        router.weight.normal_(0, 2 / hidden**0.5)
+        if bias:
+            router.bias.normal_(0, 0.5)
+    for _ in range(30):
+        x = torch.randn(1, hidden)
+        routed = cpu.route_topk_f32(x, router.weight, router.bias, k, renorm)
+        assert routed is not None
+        w, ids = router(x)
+        assert torch.equal(w, routed[0]) and torch.equal(ids, routed[1])  # the module takes the native call
+        assert w.dtype == torch.float32 and ids.dtype == torch.int64 and ids.shape == (1, k)
+        want_w, want_ids, probs = _torch_route(x, router)
+        top = probs[0].sort(descending=True).values
+        if (top[: k + 1].diff().abs() > 1e-5).all():  # no near-tie among the first k + 1
+            assert torch.equal(ids, want_ids)
+            assert torch.allclose(w, want_w, rtol=1e-5, atol=1e-7)
+    assert cpu.route_topk_f32(x.bfloat16(), router.weight, router.bias, k, renorm) is None
+
+
 def test_router_tie_takes_the_lower_id():
     router = SoftmaxTopKRouter(16, 6, 2, renormalize=False).bfloat16()
     with torch.no_grad():

@@ -123,6 +123,69 @@ def test_native_step_on_block_format_experts_is_the_layers_one_by_one(fmt, top_k
     assert torch.equal(runs[0], runs[1])
 
 
+def _block_weight(linear, fmt):
+    w = linear.weight.detach().float()
+    del linear.weight
+    linear.weight = QuantTensor.quantise(w, formats.get(fmt))
+
+
+def _gguf_like(model, attn_fmts, gate_fmt, down_fmts, dense_fmt):
+    """A float32 model as a GGUF gives it: attention and experts in block formats (the down matrices in a
+    format of their own per layer, as Q4_K_M's q6_k ffn_down), and layer 0's MoE block replaced by a
+    dense SiLU MLP in ``dense_fmt``."""
+    for layer, down_fmt in zip(model.layers, down_fmts, strict=True):
+        attn = layer.self_attn
+        for proj, fmt in zip((attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj), attn_fmts, strict=True):
+            _block_weight(proj, fmt)
+        attn._plan = attn._plan_f32 = False
+        mlp = layer.mlp
+        for _, w in mlp.experts.fetch(mlp.layer_idx, list(range(mlp.gate.weight.shape[0]))):
+            for attr, fmt in (("gate", gate_fmt), ("up", gate_fmt), ("down", down_fmt)):
+                setattr(w, attr, QuantTensor.quantise(getattr(w, attr).float(), formats.get(fmt)))
+    hidden = model.args.hidden_size
+    dense = _dense_mlp(hidden, 256).float()
+    for proj in (dense.gate_proj, dense.up_proj, dense.down_proj):
+        _block_weight(proj, dense_fmt)
+    model.layers[0].mlp = dense
+    model._step = False
+
+
+@pytest.mark.parametrize("activations", ["auto", "float32", "int8"])
+def test_native_step_on_a_float32_gguf_model_is_the_layers_one_by_one(activations):
+    """A float32 model with block-format attention (q4_k q, q8_0 k/v, q5_k o) and experts (q4_k gate/up,
+    q6_k or q4_k down), a dense q4_1 layer: the float32 step (float32 router, attention_f32, float32 or
+    int8 experts as the mode says) gives the layers' bits, routing, router inputs and hit counts."""
+    root = make_synthetic_model("step-f32", "mixtral", num_layers=3, num_experts=8, top_k=2, hidden=256,
+                                intermediate=256, vocab=300, head_dim=64, kv_heads=2, heads=4)
+    prompt = torch.tensor([1, 17, 40, 99, 7, 23])
+    runs = []
+    for native in (True, False):
+        rec = Recorder()
+        source = open_experts(root, torch.float32, "cpu", budget=None, recorder=rec)
+        model = load_model(root, dtype=torch.float32, experts=source, max_seq_len=64)
+        model.activations = activations
+        _gguf_like(model, ("q4_k", "q8_0", "q8_0", "q5_k"), "q4_k", ("q4_k", "q6_k", "q4_k"), "q4_1")
+        model.native_step = native
+        seen, observe = [], source.observe
+
+        def watch(layer, ids, hidden, seen=seen, observe=observe):
+            seen.append((layer, hidden.clone()))
+            return observe(layer, ids, hidden)
+
+        source.observe = watch
+        logits = _decode(model, prompt, 12)
+        if native:
+            assert model._step is not None and model._step is not False, "the float32 step did not apply"
+            assert model._step.layers.topk == [0, 2, 2]
+        runs.append((logits, rec.routes, source.stats(), seen))
+    (a, routes_a, st_a, seen_a), (b, routes_b, st_b, seen_b) = runs
+    assert torch.equal(a, b)
+    assert routes_a == routes_b
+    assert [layer for layer, _ in seen_a] == [layer for layer, _ in seen_b]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(seen_a, seen_b, strict=True))
+    assert (st_a.accesses, st_a.hits, st_a.layer_hits) == (st_b.accesses, st_b.hits, st_b.layer_hits)
+
+
 def test_native_step_steps_aside_under_a_budget_and_for_float32():
     root = make_synthetic_model("step-aside", "qwen3_moe", num_layers=2, num_experts=8, top_k=2, hidden=128,
                                 intermediate=64, vocab=300, head_dim=32)
@@ -132,7 +195,7 @@ def test_native_step_steps_aside_under_a_budget_and_for_float32():
     assert model._step is None  # the cache's fetch decides what is loaded: the layers run one by one
     model32 = load_model(root, dtype=torch.float32, max_seq_len=32)
     _decode(model32, torch.tensor([1, 2, 3]), 3)
-    assert model32._step is False  # never tried
+    assert model32._step is None  # float32 weights, not blocks: no native float32 attention
 
 
 def test_native_step_steps_aside_for_a_wrapped_router(tmp_path, monkeypatch):

@@ -10,6 +10,11 @@ is made of pre-norm layers the kernels know and every routed expert is in memory
   ``DeepseekV3Router``, whose experts are SiLU SwiGLU or gpt-oss's clamped SwiGLU, with or without a
   shared SiLU ``MLP`` (no shared-expert gate); or a dense SiLU ``MLP`` (DeepSeek's first layers);
 
+or, in a float32 model whose attention and experts are block formats (a GGUF model, ``_step_plan_f32``),
+float32 ``RMSNorm``s, ``Attention`` on ``cuda_ext.attention_f32``, a float32 ``SoftmaxTopKRouter`` (no
+shared expert) or a dense SiLU ``MLP``, the int8 bits of the experts and attention set per
+``cuda_ext.quant.int8_activations`` mode (as the layers decide them one by one);
+
 and asks each MoE layer's expert source for all its experts (``native_experts``: the all-resident
 source offers them once every expert is loaded); None when any of it does not hold. ``run_layers(model,
 plan, x, ctx)`` runs the layers and then gives the expert source what the layers would have: ``observe``
@@ -24,10 +29,13 @@ import inspect
 import torch
 
 from cuda_ext import attention as native_attention
+from cuda_ext import attention_f32 as native_attention_f32
 from cuda_ext import mla as native_mla
 from cuda_ext import step as native_step
 from cuda_ext.blocks import bf16_cpu as _bf16
+from cuda_ext.blocks import f32_cpu as _f32
 from cuda_ext.cpu import _expert_entry, experts_accumulate, threads
+from cuda_ext.quant import int8_active, int8_mode
 from engine.model.experts import ExpertWeights
 from engine.model.layers.attention import Attention
 from engine.model.layers.context import StepContext
@@ -38,10 +46,12 @@ from engine.model.layers.router import SoftmaxTopKRouter
 
 
 class StepPlan:
-    def __init__(self, layers: native_step.Layers, hooks: list, rope_dim: int | None):
+    def __init__(self, layers: native_step.Layers, hooks: list, rope_dim: int | None, attn_plans: list | None = None):
         self.layers = layers
         self.hooks = hooks  # per layer: (expert source, MoE layer index) or None (a dense layer)
         self.rope_dim = rope_dim
+        self.attn_plans = attn_plans  # float32: each layer's attention_f32 plan (its int8 bits set per mode)
+        self.mode: object = False  # float32: the int8_activations mode the int8 bits were set for
 
 
 def _norm_kind(norm, hidden: int) -> bool | None:
@@ -135,10 +145,74 @@ def _moe(mlp, hidden: int) -> tuple[dict, list] | None:
     return args, [experts]
 
 
+def _step_plan_f32(model) -> StepPlan | None:
+    """``step_plan`` for a float32 model whose attention and experts are block formats (a GGUF model):
+    ``RMSNorm``s with float32 weights, ``Attention`` on ``cuda_ext.attention_f32``, an ``MoEBlock`` with a
+    float32 ``SoftmaxTopKRouter`` and no shared expert, or a dense SiLU ``MLP``."""
+    from engine.model.transformer import DecoderLayer
+
+    structs, keep, hooks, fmts, plans = [], [], [], [], []
+    hidden = model.args.hidden_size
+    head_dim = None
+    for layer in model.layers:
+        if type(layer) is not DecoderLayer:
+            return None
+        n1, n2, attn, mlp = layer.input_layernorm, layer.post_attention_layernorm, layer.self_attn, layer.mlp
+        if not (type(n1) is RMSNorm and type(n2) is RMSNorm and n1.eps == n2.eps
+                and _f32(n1.weight, hidden) and _f32(n2.weight, hidden) and type(attn) is Attention):
+            return None
+        if attn._plan_f32 is False:
+            attn._plan_f32 = native_attention_f32.decode_plan(attn)
+        plan = attn._plan_f32
+        if plan is None or (head_dim is not None and plan.struct.head_dim != head_dim):
+            return None
+        head_dim = plan.struct.head_dim
+        if type(mlp) is MoEBlock:
+            gate = mlp.gate
+            if type(gate) is not SoftmaxTopKRouter or mlp.shared_expert is not None or mlp.shared_expert_gate is not None:
+                return None
+            E = gate.weight.shape[0]
+            accumulate = inspect.unwrap(getattr(mlp.expert_fn, "accumulate", None) or (lambda: None))
+            if not (_f32(gate.weight, E * hidden) and (gate.bias is None or _f32(gate.bias, E))
+                    and accumulate is experts_accumulate and hasattr(mlp.experts, "native_experts")):
+                return None
+            experts = mlp.experts.native_experts(mlp.layer_idx, E)
+            if experts is None:
+                return None
+            entries = [_expert_entry(w, True) for w in experts]
+            if any(e is None or e[:3] != entries[0][:3] for e in entries) or entries[0][2] != hidden:
+                return None
+            struct, kept = native_step.layer_struct_f32(
+                plan, n1.weight, n2.weight, n1.eps, entries, gate.weight, gate.bias, gate.top_k, gate.renormalize
+            )
+            keep += [experts]
+            hooks.append((mlp.experts, mlp.layer_idx))
+        elif type(mlp) is MLP and mlp.native_swiglu:
+            w = mlp._expert_weights()
+            entry = _expert_entry(w, True)
+            if entry is None or entry[2] != hidden:
+                return None
+            struct, kept = native_step.layer_struct_f32(plan, n1.weight, n2.weight, n1.eps, [entry])
+            keep += [w]
+            hooks.append(None)
+            experts = [w]
+        else:
+            return None
+        fmts.append(getattr(getattr(experts[0].gate, "format", None), "name", None))
+        plans.append(plan)
+        structs.append(struct)
+        keep += [*kept, mlp]
+    if not structs:
+        return None
+    return StepPlan(native_step.LayersF32(structs, keep, hidden, fmts), hooks, head_dim, plans)
+
+
 def step_plan(model) -> StepPlan | None:
     """The native step's description of ``model`` (a ``CausalLM``), or None where it does not apply."""
     from engine.model.transformer import DecoderLayer
 
+    if model.layers and _f32(getattr(model.layers[0].input_layernorm, "weight", None)):
+        return _step_plan_f32(model)
     structs, keep, hooks = [], [], []
     hidden = model.args.hidden_size
     rope_dim = None
@@ -179,10 +253,16 @@ def step_plan(model) -> StepPlan | None:
 def run_layers(model, plan: StepPlan, x: torch.Tensor, ctx: StepContext) -> torch.Tensor | None:
     """x [1, H] through every layer; None (nothing done) where this token cannot take the native step."""
     cos, sin = ctx.cos, ctx.sin
-    if cos is not None and not (_bf16(cos, plan.rope_dim) and _bf16(sin, plan.rope_dim)):
+    ok = _bf16 if plan.attn_plans is None else _f32
+    if cos is not None and not (ok(cos, plan.rope_dim) and ok(sin, plan.rope_dim)):
         return None
-    if not _bf16(x, plan.layers.hidden) or not 0 <= ctx.start_pos < model.max_seq_len:
+    if not ok(x, plan.layers.hidden) or not 0 <= ctx.start_pos < model.max_seq_len:
         return None
+    if plan.attn_plans is not None and plan.mode != int8_mode():  # the int8 bits of this mode
+        for struct, fmt, attn in zip(plan.layers.array, plan.layers.fmts, plan.attn_plans, strict=True):
+            struct.int8 = int(int8_active(fmt))
+            native_attention_f32.set_int8(attn)
+        plan.mode = int8_mode()
     out, ids, _, routed_in, done = native_step.decode_layers(
         plan.layers, x, cos, sin, ctx.slot, ctx.start_pos, threads(1 << 30)
     )

@@ -159,7 +159,7 @@ class CausalLM(nn.Module):
         with decode_threads((T == 1 or int8 in (True, "auto")) and device.type == "cpu"), int8_activations(int8):
             x = self.embed_tokens(tokens.to(device))
             out = None
-            if T == 1 and self.native_step and x.dtype == torch.bfloat16 and device.type == "cpu":
+            if T == 1 and self.native_step and x.dtype in (torch.bfloat16, torch.float32) and device.type == "cpu":
                 out = self._native_layers(x, ctx)
             if out is None:
                 for layer in self.layers:

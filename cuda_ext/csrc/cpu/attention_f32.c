@@ -12,7 +12,9 @@
    The phases of the job, each split over the threads, a barrier between them: the q/k/v rows (by 4
    rows), the rotary and cache write of the key/value heads, the query heads' attention, the output rows.
    The projections give dequantise-then-multiply up to the order of the float32 sums (quant_f32.c's
-   bound); the attention differs from PyTorch's float32 kernel only in the order of its sums and in
+   bound), except those the plan's int8 bits name (set per call from cuda_ext.quant's int8_activations:
+   the k-quants on decode under "auto"): x, or each head's o, quantised per block of 32 and quant.c's
+   int8 rows, the bits of engine.formats.linear's product on that matrix (quant.c's documented bound); the attention differs from PyTorch's float32 kernel only in the order of its sums and in
    expf's last bit. Nothing here depends on the thread count: the same bits on any number of threads. */
 
 #include <stdlib.h>
@@ -26,6 +28,7 @@ typedef struct {
     const float *bq, *bk, *bv, *bo;                              /* NULL: no bias */
     float scaling;
     float *k_cache, *v_cache; /* [slots, kv_heads, max_seq, D] float32 */
+    int64_t int8;             /* bit i (q, k, v, o): that product takes int8 activations (set per call) */
 } attn_f32_plan;
 
 typedef struct {
@@ -37,6 +40,10 @@ typedef struct {
     int64_t pos, lo, n;          /* visible positions lo..pos, n of them */
     fmrows_fn fq, fk, fv, fo;     /* quant_f32.c's several-rows kernels: four rows a pass */
     int64_t rq, rk, rv, ro;      /* bytes per row of wq, wk, wv, wo */
+    row_fn iq, ik, iv, io;       /* quant.c's int8 rows, for the products the plan's int8 bits name (else NULL) */
+    xq_t xq, oq;                 /* x and o quantised per block of 32 (int8 products only) */
+    int8_t *oq8;                 /* oq's codes and scales, written head by head */
+    float *od, *os;
 } attn_f32_job;
 
 
@@ -98,6 +105,19 @@ static void rows_f32(fmrows_fn f, const uint8_t *W, int64_t rb, const float *x, 
         for (int64_t n = n0; n < n1; n++) y[n] += bias[n];
 }
 
+/* rows n0..n1 of W times the quantised x into y (+ bias): quant.c's int8 rows, as cuda_ext.quant's qgemv */
+static void rows_i8(row_fn f, const uint8_t *W, int64_t rb, const xq_t *x, int64_t nb, const float *bias,
+                    int64_t n0, int64_t n1, float *y) {
+    for (int64_t n = n0; n < n1; n++) y[n] = f(W + n * rb, x, nb) + (bias ? bias[n] : 0.0f);
+}
+
+/* either kind of rows: int8 where f8 is set */
+static inline void rows_any(row_fn f8, fmrows_fn f, const uint8_t *W, int64_t rb, const float *x, const xq_t *xq,
+                            int64_t nb, const float *bias, int64_t n0, int64_t n1, float *y) {
+    if (f8) rows_i8(f8, W, rb, xq, nb, bias, n0, n1, y);
+    else rows_f32(f, W, rb, x, nb, bias, n0, n1, y);
+}
+
 /* four phases (pool.c): q/k/v rows, the key/value heads written, the query heads, the output rows */
 static void attn_f32_phase(void *arg, int phase, int tid, int nt) {
     attn_f32_job *j = arg;
@@ -108,13 +128,13 @@ static void attn_f32_phase(void *arg, int phase, int tid, int nt) {
 
     if (phase == 0) { /* the rows of q, k and v, end to end */
         split_rows_by(nq + 2 * nkv, 4, tid, nt, &lo, &hi);
-        if (lo < nq) rows_f32(j->fq, p->wq, j->rq, j->x, H / 32, p->bq, lo, hi < nq ? hi : nq, j->q);
+        if (lo < nq) rows_any(j->iq, j->fq, p->wq, j->rq, j->x, &j->xq, H / 32, p->bq, lo, hi < nq ? hi : nq, j->q);
         for (int m = 0; m < 2; m++) { /* k, then v */
             const int64_t base = nq + m * nkv;
             int64_t a = lo > base ? lo - base : 0, b = hi - base < nkv ? hi - base : nkv;
             if (a < b)
-                rows_f32(m ? j->fv : j->fk, m ? p->wv : p->wk, m ? j->rv : j->rk, j->x, H / 32, m ? p->bv : p->bk, a, b,
-                         m ? j->v : j->k);
+                rows_any(m ? j->iv : j->ik, m ? j->fv : j->fk, m ? p->wv : p->wk, m ? j->rv : j->rk, j->x, &j->xq, H / 32,
+                         m ? p->bv : p->bk, a, b, m ? j->v : j->k);
         }
         return;
     }
@@ -146,12 +166,17 @@ static void attn_f32_phase(void *arg, int phase, int tid, int nt) {
             }
             const float inv = 1.0f / sum;
             for (int64_t d = 0; d < D; d++) o[d] *= inv;
+            if (j->io) /* the head's blocks of 32 quantised for the output rows (D % 32 == 0) */
+                for (int64_t b = h * D / 32; b < (h + 1) * D / 32; b++) {
+                    int sq = moeinf_quantize_block(j->o + b * 32, j->oq8 + b * 32, j->od + b);
+                    j->os[b] = j->od[b] * (float)sq;
+                }
         }
         return;
     }
     /* the output rows */
     split_rows_by(H, 4, tid, nt, &lo, &hi);
-    rows_f32(j->fo, p->wo, j->ro, j->o, nq / 32, p->bo, lo, hi, j->out);
+    rows_any(j->io, j->fo, p->wo, j->ro, j->o, &j->oq, nq / 32, p->bo, lo, hi, j->out);
 }
 
 /* Returns 0, or -1 for what it cannot do (an unknown type, a size its format cannot hold, a head wider
@@ -172,8 +197,14 @@ int moeinf_attn_decode_f32(const attn_f32_plan *p, const float *x, const float *
     if (nt > MAX_THREADS) nt = MAX_THREADS;
     if (nt > p->heads) nt = (int)p->heads;
     const int64_t lo = p->window > 0 && pos - p->window + 1 > 0 ? pos - p->window + 1 : 0, n = pos - lo + 1;
-    float *mem = moeinf_scratch_for(SCRATCH_ATTN_F32, sizeof(float) * (size_t)(2 * nq + 2 * nkv + 16 + nt * n));
+    /* int8 products: x's codes [H] and scales, o's [nq] and scales, after the float32 buffers */
+    const int64_t H = p->hidden, nf = 2 * nq + 2 * nkv + 16 + nt * n;
+    const int any8 = (p->int8 & 7) != 0, o8 = (p->int8 & 8) && D % 32 == 0;
+    float *mem = moeinf_scratch_for(SCRATCH_ATTN_F32, sizeof(float) * (size_t)(nf + 2 * (H + nq) / 32 + 32) + (size_t)(H + nq) + 64);
     if (!mem) return -1;
+    float *xd = mem + nf, *xs = xd + H / 32, *od = xs + H / 32, *os = od + nq / 32;
+    int8_t *xq8 = (int8_t *)(((uintptr_t)(os + nq / 32) + 63) & ~(uintptr_t)63), *oq8 = xq8 + H;
+    if (any8) moeinf_quantize_x(x, 0, H, xq8, xd, xs);
     const int64_t S = p->max_seq;
     attn_f32_job j = {
         p, x, cos, sin, mem, mem + nq, mem + nq + nkv, mem + nq + 2 * nkv, out,
@@ -181,6 +212,9 @@ int moeinf_attn_decode_f32(const attn_f32_plan *p, const float *x, const float *
         mem + 2 * nq + 2 * nkv + 16, pos, lo, n,
         moeinf_fmrows_function((int)p->tq), moeinf_fmrows_function((int)p->tk), moeinf_fmrows_function((int)p->tv),
         moeinf_fmrows_function((int)p->to), rb[0], rb[1], rb[2], rb[3],
+        (p->int8 & 1) ? moeinf_row_function((int)p->tq) : 0, (p->int8 & 2) ? moeinf_row_function((int)p->tk) : 0,
+        (p->int8 & 4) ? moeinf_row_function((int)p->tv) : 0, o8 ? moeinf_row_function((int)p->to) : 0,
+        {xq8, xd, xs}, {oq8, od, os}, oq8, od, os,
     };
     moeinf_pool_run_phases(attn_f32_phase, &j, 4, nt, nt);
     return 0;

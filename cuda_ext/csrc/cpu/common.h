@@ -87,15 +87,14 @@ static inline void q4k_scales(const uint8_t *s, uint8_t *sc, uint8_t *mn) {
 #if defined(__AVX2__) || defined(__AVX512F__)
 /* q4_k's and q5_k's eight 6-bit scales (bytes 0-7) and mins (8-15) of the 12 bytes at s, llama.cpp's way */
 static inline __m128i q4k_scales16(const uint8_t *s) {
-    uint32_t u[4];
-    memcpy(u, s, 12);
+    uint32_t u0, u1, u2;
+    memcpy(&u0, s, 4);
+    memcpy(&u1, s + 4, 4);
+    memcpy(&u2, s + 8, 4);
     const uint32_t k1 = 0x3f3f3f3fu, k2 = 0x0f0f0f0fu, k3 = 0x03030303u;
-    u[3] = ((u[2] >> 4) & k2) | (((u[1] >> 6) & k3) << 4);
-    const uint32_t mins_lo = u[1] & k1;
-    u[1] = (u[2] & k2) | (((u[0] >> 6) & k3) << 4);
-    u[2] = mins_lo;
-    u[0] &= k1;
-    return _mm_loadu_si128((const __m128i *)u);
+    /* built in registers: four 4-byte stores read back as one 16-byte load would miss store forwarding */
+    return _mm_setr_epi32((int)(u0 & k1), (int)((u2 & k2) | (((u0 >> 6) & k3) << 4)), (int)(u1 & k1),
+                          (int)(((u2 >> 4) & k2) | (((u1 >> 6) & k3) << 4)));
 }
 #endif
 

@@ -14,6 +14,9 @@
        order 1: gpt-oss's router (engine/model/families/gpt_oss/experts.py): the k largest bf16 logits,
        then their softmax rounded to bf16 as torch.softmax(top, dtype=bf16) does, written as float32.
 
+   moeinf_route_f32(x, W, bias, E, H, k, renorm, ids, weights): order 0 for one float32 token and a float32
+       router weight (a float32 model's router): float32 logits, float32 weights.
+
    moeinf_rms_norm_f32(x, w, n, eps, out): the same for a float32 row and weight (no rounding but float32's).
 
    moeinf_rms_norm_f32w(x, w, n, eps, out): gpt-oss's RMSNorm, the weight applied in float32 before
@@ -67,6 +70,62 @@ void moeinf_rms_norm_f32w(const uint16_t *x, const uint16_t *w, int64_t n, float
 #define MAX_TOPK 64
 
 
+/* softmax over p [E] (m its largest value) in float32, then the k largest in descending order (the
+   lower id first on a tie), renormalised to sum to one when asked, written as float32 or bf16 */
+static void softmax_topk(float *p, float m, int64_t E, int k, int renorm, int64_t *ids, void *weights, int bf16_out) {
+    float s = 0.0f;
+    for (int64_t e = 0; e < E; e++) {
+        p[e] = expf(p[e] - m);
+        s += p[e];
+    }
+    for (int64_t e = 0; e < E; e++) p[e] /= s;
+    float top[MAX_TOPK];
+    unsigned char taken[MAX_ROUTED] = {0};
+    float total = 0.0f;
+    for (int i = 0; i < k; i++) {
+        int64_t best = -1;
+        for (int64_t e = 0; e < E; e++)
+            if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;  /* a tie: the lower id */
+        taken[best] = 1;
+        ids[i] = best;
+        top[i] = p[best];
+        total += p[best];
+    }
+    for (int i = 0; i < k; i++) {
+        float v = renorm ? top[i] / total : top[i];
+        if (bf16_out) ((uint16_t *)weights)[i] = f32_to_bf16(v);
+        else ((float *)weights)[i] = v;
+    }
+}
+
+/* x . w over n float32 values, sixteen partial sums in lanes then added in order (the same bits on
+   every call of this build) */
+static float dot_f32_lanes(const float *a, const float *b, int64_t n) {
+    float acc[16] = {0};
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16)
+        for (int l = 0; l < 16; l++) acc[l] += a[i + l] * b[i + l];
+    float s = 0.0f;
+    for (int l = 0; l < 16; l++) s += acc[l];
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
+/* The softmax top-k router for one float32 token (a float32 model's, its router weight float32):
+   logits = W x (+ b) in float32 (dot_f32_lanes: the order of the sums is this kernel's, not F.linear's),
+   then as moeinf_route's order 0; float32 weights. Returns 0, or -1 as moeinf_route. */
+int moeinf_route_f32(const float *x, const float *W, const float *bias, int64_t E, int64_t H, int k, int renorm,
+                     int64_t *ids, float *weights) {
+    if (E < 1 || E > MAX_ROUTED || k < 1 || k > MAX_TOPK || k > E) return -1;
+    float p[MAX_ROUTED], m = -INFINITY;
+    for (int64_t e = 0; e < E; e++) {
+        p[e] = dot_f32_lanes(x, W + e * H, H) + (bias ? bias[e] : 0.0f);
+        if (p[e] > m) m = p[e];
+    }
+    softmax_topk(p, m, E, k, renorm, ids, weights, 0);
+    return 0;
+}
+
 /* Returns 0, or -1 for what it cannot do (more than 1024 experts, k outside 1..min(E, 64)). */
 int moeinf_route(const uint16_t *x, const uint16_t *W, const uint16_t *bias, int64_t E, int64_t H, int k,
                  int renorm, int order, int64_t *ids, void *weights, int bf16_out, int nthreads) {
@@ -97,29 +156,7 @@ int moeinf_route(const uint16_t *x, const uint16_t *W, const uint16_t *bias, int
         for (int i = 0; i < k; i++) ((float *)weights)[i] = round_bf16(top[i] / sum);
         return 0;
     }
-    float s = 0.0f;
-    for (int64_t e = 0; e < E; e++) {
-        p[e] = expf(p[e] - m);
-        s += p[e];
-    }
-    for (int64_t e = 0; e < E; e++) p[e] /= s;
-    float top[MAX_TOPK];
-    unsigned char taken[MAX_ROUTED] = {0};
-    float total = 0.0f;
-    for (int i = 0; i < k; i++) {
-        int64_t best = -1;
-        for (int64_t e = 0; e < E; e++)
-            if (!taken[e] && (best < 0 || p[e] > p[best])) best = e;  /* a tie: the lower id */
-        taken[best] = 1;
-        ids[i] = best;
-        top[i] = p[best];
-        total += p[best];
-    }
-    for (int i = 0; i < k; i++) {
-        float v = renorm ? top[i] / total : top[i];
-        if (bf16_out) ((uint16_t *)weights)[i] = f32_to_bf16(v);
-        else ((float *)weights)[i] = v;
-    }
+    softmax_topk(p, m, E, k, renorm, ids, weights, bf16_out);
     return 0;
 }
 

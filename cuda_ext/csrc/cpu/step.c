@@ -1,4 +1,5 @@
-/* Decoder layers of one bf16 token in one call: the layer loop of a decode step, for the pre-norm layers
+/* Decoder layers of one bf16 token in one call (moeinf_decode_layers; a float32 token of a GGUF model's
+   block-format layers: moeinf_decode_layers_f32, at the end): the layer loop of a decode step, for the pre-norm layers
    of engine/model/transformer.py's DecoderLayer (every routed expert resident). Each layer is exactly
    the per-layer native path:
      t = norm(x); a = attn(t); h = bf16(x + a)           (decode.c; attention.c, or mla.c for MLA)
@@ -140,6 +141,90 @@ int moeinf_decode_layers(const step_layer *layers, int n, int64_t H, uint16_t *x
             else y = round_bf16(acc[i]);
             x[i] = f32_to_bf16(bf16_to_f32(h[i]) + y);
         }
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- one float32 token (a GGUF model's)
+
+   The same layer loop for a float32 model whose attention and experts are kept in block formats:
+     t = rms_norm_f32(x); a = attn_f32(t); h = x + a              (decode.c; attention_f32.c)
+     t = rms_norm_f32(h); ids, w = route_f32(t)                    (decode.c: softmax top-k, float32 router)
+     acc = sum_e w_e expert_e(t)                                    (moe.c's float32 experts, int8 when asked)
+     x = h + acc   (a dense layer: acc = its MLP, moe.c with one expert and weight 1)
+   each piece the native call the layers make one by one (engine/model/layers), so the same bits. The
+   int8 bits (the attention plan's and each layer's `int8`) are set per call from int8_activations. */
+
+int moeinf_attn_decode_f32(const void *plan, const float *x, const float *cos, const float *sin, int64_t slot,
+                           int64_t pos, float *out, int nthreads);
+void moeinf_rms_norm_f32(const float *x, const float *w, int64_t n, float eps, float *out);
+int moeinf_route_f32(const float *x, const float *W, const float *bias, int64_t E, int64_t H, int k, int renorm,
+                     int64_t *ids, float *weights);
+typedef int (*experts_f32_fn)(const float *x, int k, const void *const *gate, const void *const *up,
+                              const void *const *down, const float *const *gate_bias, const float *const *up_bias,
+                              const float *const *down_bias, const float *coef, int type, int64_t H, int64_t I,
+                              int act, float alpha, float limit, float *acc, int nthreads);
+int moeinf_experts_acc_f32(const float *x, int k, const void *const *gate, const void *const *up,
+                           const void *const *down, const float *const *gate_bias, const float *const *up_bias,
+                           const float *const *down_bias, const float *coef, int type, int64_t H, int64_t I,
+                           int act, float alpha, float limit, float *acc, int nthreads);
+int moeinf_experts_acc_f32_int8(const float *x, int k, const void *const *gate, const void *const *up,
+                                const void *const *down, const float *const *gate_bias, const float *const *up_bias,
+                                const float *const *down_bias, const float *coef, int type, int64_t H, int64_t I,
+                                int act, float alpha, float limit, float *acc, int nthreads);
+
+typedef struct {
+    const void *attn;                      /* attention_f32.c's plan */
+    const float *in_norm, *post_norm;      /* [H] float32 */
+    float eps;
+    int k, renorm, type, int8;             /* type: the experts' (moe.c's float32 type); int8: x and h rounded */
+    int64_t E, I;                          /* E 0: a dense layer (its MLP in `table`, one expert) */
+    const float *router, *router_bias;     /* [E, H], [E] or NULL, float32 */
+    const void *const *table;              /* [6 * max(E, 1)]: gate, up, down, gate/up/down bias of every expert */
+} step_f32_layer;
+
+/* x [H] float32 in and out; ids, weights [sum k]; routed_in [n, H] or NULL. Returns as moeinf_decode_layers. */
+int moeinf_decode_layers_f32(const step_f32_layer *layers, int n, int64_t H, float *x, const float *cos,
+                             const float *sin, int64_t slot, int64_t pos, int64_t *ids, float *weights,
+                             float *routed_in, int nthreads) {
+    char *mem = moeinf_scratch_for(SCRATCH_STEP, sizeof(float) * (size_t)(4 * H) + 256);
+    if (!mem) return -1;
+    float *t = (float *)(((uintptr_t)mem + 63) & ~(uintptr_t)63), *a = t + H, *h = a + H, *acc = h + H;
+    int64_t off = 0;
+    for (int l = 0; l < n; l++) {
+        const step_f32_layer *L = layers + l;
+        moeinf_rms_norm_f32(x, L->in_norm, H, L->eps, t);
+        if (moeinf_attn_decode_f32(L->attn, t, cos, sin, slot, pos, a, nthreads)) return -(1 + l);
+        for (int64_t i = 0; i < H; i++) h[i] = x[i] + a[i];
+        moeinf_rms_norm_f32(h, L->post_norm, H, L->eps, t);
+        const void *g[64], *u[64], *d[64], *gb[64], *ub[64], *db[64];
+        float coef[64];
+        int k = 1;
+        if (L->E) {
+            if (routed_in) memcpy(routed_in + l * H, t, sizeof(float) * (size_t)H);
+            float *w = weights + off;
+            int64_t *id = ids + off;
+            if (L->k > 64 || moeinf_route_f32(t, L->router, L->router_bias, L->E, H, L->k, L->renorm, id, w))
+                return -(1 + l);
+            k = L->k;
+            for (int e = 0; e < k; e++) {
+                int64_t j = id[e];
+                coef[e] = w[e];
+                g[e] = L->table[j]; u[e] = L->table[L->E + j]; d[e] = L->table[2 * L->E + j];
+                gb[e] = L->table[3 * L->E + j]; ub[e] = L->table[4 * L->E + j]; db[e] = L->table[5 * L->E + j];
+            }
+            off += k;
+        } else {
+            coef[0] = 1.0f;
+            g[0] = L->table[0]; u[0] = L->table[1]; d[0] = L->table[2];
+            gb[0] = L->table[3]; ub[0] = L->table[4]; db[0] = L->table[5];
+        }
+        memset(acc, 0, sizeof(float) * (size_t)H);
+        experts_f32_fn run = L->int8 ? moeinf_experts_acc_f32_int8 : moeinf_experts_acc_f32;
+        if (run(t, k, g, u, d, (const float *const *)gb, (const float *const *)ub, (const float *const *)db, coef,
+                L->type, H, L->I, 0, 0.0f, 0.0f, acc, pick(3 * L->I * H, nthreads)))
+            return -(1 + l);
+        for (int64_t i = 0; i < H; i++) x[i] = h[i] + acc[i];
     }
     return 0;
 }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from cuda_ext.cpu import linear, route_topk
+from cuda_ext.cpu import linear, route_topk, route_topk_f32
 
 
 class SoftmaxTopKRouter(nn.Module):
@@ -40,6 +40,10 @@ class SoftmaxTopKRouter(nn.Module):
             routed = route_topk(  # one decode token: one native call
                 x, self.weight, self.bias, self.top_k, self.renormalize, self.weights_dtype == "input"
             )
+            if routed is not None:
+                return routed
+        if x.dim() == 2 and x.shape[0] == 1 and x.dtype == torch.float32 and x.device.type == "cpu":
+            routed = route_topk_f32(x, self.weight, self.bias, self.top_k, self.renormalize)  # a float32 model's
             if routed is not None:
                 return routed
         logits = linear(x, self.weight, self.bias)
