@@ -22,14 +22,20 @@ from cuda_ext import loader
 ROUTE_SOFTMAX, ROUTE_V3, ROUTE_NONE = 0, 1, 2
 
 
+# the first fields of both layer structs (step.c's step_layer and step_f32_layer)
+_HEAD = [
+    ("attn", ctypes.c_void_p),
+    ("in_norm", ctypes.c_void_p),
+    ("post_norm", ctypes.c_void_p),
+    ("eps", ctypes.c_float),
+    ("k", ctypes.c_int),
+    ("renorm", ctypes.c_int),
+]
+
+
 class _Layer(ctypes.Structure):
     _fields_ = [
-        ("attn", ctypes.c_void_p),
-        ("in_norm", ctypes.c_void_p),
-        ("post_norm", ctypes.c_void_p),
-        ("eps", ctypes.c_float),
-        ("k", ctypes.c_int),
-        ("renorm", ctypes.c_int),
+        *_HEAD,
         ("bf16_weights", ctypes.c_int),
         ("type", ctypes.c_int),
         ("E", ctypes.c_int64),
@@ -169,12 +175,7 @@ def decode_layers(
 
 class _LayerF32(ctypes.Structure):
     _fields_ = [
-        ("attn", ctypes.c_void_p),
-        ("in_norm", ctypes.c_void_p),
-        ("post_norm", ctypes.c_void_p),
-        ("eps", ctypes.c_float),
-        ("k", ctypes.c_int),
-        ("renorm", ctypes.c_int),
+        *_HEAD,
         ("type", ctypes.c_int),
         ("int8", ctypes.c_int),
         ("E", ctypes.c_int64),

@@ -54,6 +54,35 @@ def _touch_experts(model):
             list(mlp.experts.fetch(mlp.layer_idx, list(range(mlp.gate.weight.shape[0]))))
 
 
+def _run_watched(root, dtype, native, prompt, prepare, max_seq_len):
+    """One decode of the model at ``root`` (all experts resident; ``prepare(model)`` first) with the native
+    step on or off: (logits, the recorder's routes, the source's stats, each observe's layer and router
+    input), and the model."""
+    rec = Recorder()
+    source = open_experts(root, dtype, "cpu", budget=None, recorder=rec)
+    model = load_model(root, dtype=dtype, experts=source, max_seq_len=max_seq_len)
+    prepare(model)
+    model.native_step = native
+    seen, observe = [], source.observe
+
+    def watch(layer, ids, hidden):
+        seen.append((layer, hidden.clone()))
+        return observe(layer, ids, hidden)
+
+    source.observe = watch
+    logits = _decode(model, prompt, 12)
+    return (logits, rec.routes, source.stats(), seen), model
+
+
+def _assert_same_runs(runs):
+    (a, routes_a, st_a, seen_a), (b, routes_b, st_b, seen_b) = runs
+    assert torch.equal(a, b)
+    assert routes_a == routes_b  # the recorder saw every layer's routing, in order
+    assert [layer for layer, _ in seen_a] == [layer for layer, _ in seen_b]
+    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(seen_a, seen_b, strict=True))  # the router inputs
+    assert (st_a.accesses, st_a.hits, st_a.layer_hits) == (st_b.accesses, st_b.hits, st_b.layer_hits)
+
+
 @pytest.mark.parametrize(
     "family,experts,top_k",
     [("qwen3_moe", 16, 4), ("mixtral", 8, 2), ("olmoe", 8, 3), ("gpt_oss", 8, 2), ("deepseek_v3", 16, 4)],
@@ -66,31 +95,18 @@ def test_native_step_is_the_layers_one_by_one(family, experts, top_k):
     root = make_synthetic_model(f"step-{family}", family, num_layers=3, num_experts=experts, top_k=top_k,
                                 hidden=128, intermediate=96, vocab=300, head_dim=32, kv_heads=2, heads=4)
     prompt = torch.arange(1, 130) % 290 + 3 if family == "gpt_oss" else torch.tensor([1, 17, 40, 99, 7, 23])
-    runs = []
-    for native in (True, False):
-        rec = Recorder()
-        source = open_experts(root, torch.bfloat16, "cpu", budget=None, recorder=rec)
-        model = load_model(root, dtype=torch.bfloat16, experts=source, max_seq_len=160)
+
+    def prepare(model):
         if family == "deepseek_v3":
             model.layers[0].mlp = _dense_mlp(128, 160)
         _touch_experts(model)
-        model.native_step = native
-        seen, observe = [], source.observe
 
-        def watch(layer, ids, hidden, seen=seen, observe=observe):
-            seen.append((layer, hidden.clone()))
-            return observe(layer, ids, hidden)
-
-        source.observe = watch
-        logits = _decode(model, prompt, 12)
+    runs = []
+    for native in (True, False):
+        run, model = _run_watched(root, torch.bfloat16, native, prompt, prepare, 160)
         assert (model._step is not False and model._step is not None) == native
-        runs.append((logits, rec.routes, source.stats(), seen))
-    (a, routes_a, st_a, seen_a), (b, routes_b, st_b, seen_b) = runs
-    assert torch.equal(a, b)
-    assert routes_a == routes_b  # the recorder saw every layer's routing, in order
-    assert [layer for layer, _ in seen_a] == [layer for layer, _ in seen_b]
-    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(seen_a, seen_b, strict=True))  # the router inputs
-    assert (st_a.accesses, st_a.hits, st_a.layer_hits) == (st_b.accesses, st_b.hits, st_b.layer_hits)
+        runs.append(run)
+    _assert_same_runs(runs)
 
 
 def _quantise_experts(model, fmt):
@@ -158,32 +174,19 @@ def test_native_step_on_a_float32_gguf_model_is_the_layers_one_by_one(activation
     root = make_synthetic_model("step-f32", "mixtral", num_layers=3, num_experts=8, top_k=2, hidden=256,
                                 intermediate=256, vocab=300, head_dim=64, kv_heads=2, heads=4)
     prompt = torch.tensor([1, 17, 40, 99, 7, 23])
-    runs = []
-    for native in (True, False):
-        rec = Recorder()
-        source = open_experts(root, torch.float32, "cpu", budget=None, recorder=rec)
-        model = load_model(root, dtype=torch.float32, experts=source, max_seq_len=64)
+
+    def prepare(model):
         model.activations = activations
         _gguf_like(model, ("q4_k", "q8_0", "q8_0", "q5_k"), "q4_k", ("q4_k", "q6_k", "q4_k"), "q4_1")
-        model.native_step = native
-        seen, observe = [], source.observe
 
-        def watch(layer, ids, hidden, seen=seen, observe=observe):
-            seen.append((layer, hidden.clone()))
-            return observe(layer, ids, hidden)
-
-        source.observe = watch
-        logits = _decode(model, prompt, 12)
+    runs = []
+    for native in (True, False):
+        run, model = _run_watched(root, torch.float32, native, prompt, prepare, 64)
         if native:
             assert model._step is not None and model._step is not False, "the float32 step did not apply"
             assert model._step.layers.topk == [0, 2, 2]
-        runs.append((logits, rec.routes, source.stats(), seen))
-    (a, routes_a, st_a, seen_a), (b, routes_b, st_b, seen_b) = runs
-    assert torch.equal(a, b)
-    assert routes_a == routes_b
-    assert [layer for layer, _ in seen_a] == [layer for layer, _ in seen_b]
-    assert all(torch.equal(x, y) for (_, x), (_, y) in zip(seen_a, seen_b, strict=True))
-    assert (st_a.accesses, st_a.hits, st_a.layer_hits) == (st_b.accesses, st_b.hits, st_b.layer_hits)
+        runs.append(run)
+    _assert_same_runs(runs)
 
 
 def test_native_step_steps_aside_under_a_budget_and_for_float32():
