@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from cuda_ext import step as native_step
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from decode_bound import _touch_experts  # noqa: E402
 from decode_vs_transformers import add_model_args, make_checkpoint  # noqa: E402
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     _timed_call(parts, "  of which experts", fn, "accumulate")
         _timed(parts, "lm head", model.lm_head)
         prompt = torch.randint(3, args.vocab, (args.prompt_len,), generator=torch.Generator().manual_seed(0))
-        runs, native_runs = [], []
+        runs, native_runs, native_parts = [], [], []
         for run in range(args.runs + 1):  # run 0 warms up; decode: layer by layer (timed per module), then native
             if args.prefill:
                 parts.clear()
@@ -167,12 +169,14 @@ def main(argv: list[str] | None = None) -> int:
                 model.native_step = native  # the native step over every layer skips the modules' timers
                 nxt = model(prompt, 0, last_only=True)[-1].argmax().view(1)
                 parts.clear()
-                t0 = time.perf_counter()
-                for pos in range(args.prompt_len, args.prompt_len + args.tokens):
-                    nxt = model(nxt, pos)[-1].argmax().view(1)
-                dt = (time.perf_counter() - t0) / args.tokens
+                with native_step.Profile() as prof:  # the native step's parts (read only when it ran)
+                    t0 = time.perf_counter()
+                    for pos in range(args.prompt_len, args.prompt_len + args.tokens):
+                        nxt = model(nxt, pos)[-1].argmax().view(1)
+                    dt = (time.perf_counter() - t0) / args.tokens
                 if run and native:
                     native_runs.append(dt)
+                    native_parts.append({k: v / args.tokens for k, v in prof.seconds.items()})
                 elif run:
                     runs.append((dt, {k: v / args.tokens for k, v in parts.items()}))
         runs.sort(key=lambda r: r[0])
@@ -202,6 +206,14 @@ def main(argv: list[str] | None = None) -> int:
         print(
             "  (glue: the MoE block's own Python and torch ops between router, observe, fetch and the experts)"
         )
+        if not args.prefill and taken:
+            layers_s = [sum(p.values()) for p in native_parts]
+            mid = native_parts[sorted(range(len(layers_s)), key=layers_s.__getitem__)[len(layers_s) // 2]]
+            print("  the native step's layers (the run of median layer time; step.c's clock between parts):")
+            for name, t in mid.items():
+                print(f"  {name:18s} {t * 1e3:8.2f} {t * 1e6 / layers:9.1f}")
+            outside = native - sum(mid.values())
+            print(f"  {'outside the layers':18s} {outside * 1e3:8.2f}  (embedding, final norm, LM head, argmax, Python)")
         print(f"load average (1, 5, 15 min) at the end: {', '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 

@@ -68,6 +68,7 @@ SIGNATURES: dict[str, list] = {
     "moeinf_decode_layers": [_p, _int, _i64, _p, _p, _p, _i64, _i64, _p, _p, _p, _int],
     "moeinf_decode_layers_f32": [_p, _int, _i64, _p, _p, _p, _i64, _i64, _p, _p, _p, _int],
     "moeinf_route_f32": [_p, _p, _p, _i64, _i64, _int, _int, _p, _p],
+    "moeinf_step_profile": [_p],
     "moeinf_mla_decode": [_p, _p, _p, _p, _i64, _i64, _p, _int],
     "moeinf_route_v3": [_p, _p, _p, _i64, _i64, _int, _int, _int, _int, _f32, _p, _p],
     "moeinf_route_v3_mt": [_p, _p, _p, _i64, _i64, _int, _int, _int, _int, _f32, _p, _p, _int],

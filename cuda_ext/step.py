@@ -20,6 +20,31 @@ import torch
 from cuda_ext import loader
 
 ROUTE_SOFTMAX, ROUTE_V3, ROUTE_NONE = 0, 1, 2
+PROFILE_PARTS = ("attention", "router", "experts", "rest")  # step.c's PROF_* order
+
+
+class Profile:
+    """While it holds (``with Profile() as p``), every native step adds the seconds of each of its parts
+    (attention, router, experts with a shared expert or a dense MLP, the rest: norms, residual adds, the
+    loop) to ``p.seconds``; one clock read between parts, none when no profile is active."""
+
+    def __init__(self):
+        self._acc = (ctypes.c_double * len(PROFILE_PARTS))()
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        return dict(zip(PROFILE_PARTS, self._acc, strict=True))
+
+    def __enter__(self) -> Profile:
+        lib = loader.cpu()
+        if lib is not None:
+            lib.lib.moeinf_step_profile(self._acc)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        lib = loader.cpu()
+        if lib is not None:
+            lib.lib.moeinf_step_profile(None)
 
 
 # the first fields of both layer structs (step.c's step_layer and step_f32_layer)

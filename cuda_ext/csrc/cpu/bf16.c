@@ -147,18 +147,25 @@ typedef struct {
     int64_t N[MAX_MATS];
 } many_job;
 
+/* part `part` of `parts` of moeinf_gemv_many's rows (the matrices' rows end to end, split by 16): what one
+   thread of its job computes, for a caller that runs the product inside a job of its own (mla.c) */
+void moeinf_gemv_many_part(const uint16_t *x, int64_t K, int count, const uint16_t *const *W,
+                           const uint16_t *const *bias, uint16_t *const *y, const int64_t *N, int part, int parts) {
+    int64_t total = 0;
+    for (int m = 0; m < count; m++) total += N[m];
+    int64_t lo, hi;
+    split_rows(total, part, parts, &lo, &hi);
+    int64_t base = 0;
+    for (int m = 0; m < count; m++) {
+        int64_t a = lo > base ? lo - base : 0, b = hi - base < N[m] ? hi - base : N[m];
+        if (a < b) gemv_rows(x, W[m], bias ? bias[m] : 0, y[m], a, b, K);
+        base += N[m];
+    }
+}
+
 static void many_task(void *arg, int tid, int nt) {
     many_job *j = arg;
-    int64_t total = 0;
-    for (int m = 0; m < j->count; m++) total += j->N[m];
-    int64_t lo, hi;
-    split_rows(total, tid, nt, &lo, &hi);
-    int64_t base = 0;
-    for (int m = 0; m < j->count; m++) {
-        int64_t a = lo > base ? lo - base : 0, b = hi - base < j->N[m] ? hi - base : j->N[m];
-        if (a < b) gemv_rows(j->x, j->W[m], j->bias[m], j->y[m], a, b, j->K);
-        base += j->N[m];
-    }
+    moeinf_gemv_many_part(j->x, j->K, j->count, j->W, j->bias, j->y, j->N, tid, nt);
 }
 
 /* y_m = bf16(W_m x) (+ bias_m, rounded again) for m < count, every W_m [N_m, K]; bias_m may be NULL */

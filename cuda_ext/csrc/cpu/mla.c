@@ -13,7 +13,8 @@
      p = bf16(softmax(score * scale)) in float32;  mix[h] = bf16(sum_t p[h, t] c[t])
      o[h] = bf16(W_uv[h] mix[h])                       (moeinf_heads_wx: the value half of kv_b)
      out = bf16(W_o o (+ b))
-   The per-head scores run on the caller, or split by heads over the pool when the cache is long. */
+   All of it is one pool job of four phases (mla_phase, below): the products' rows and the heads split over
+   the threads, with the bits of the products called one by one. */
 
 #include <stdlib.h>
 
@@ -36,8 +37,6 @@ typedef struct {
 } mla_plan;
 
 
-#define SPLIT_MIN (1 << 16)
-static int pick(int64_t elements, int nthreads) { return elements < SPLIT_MIN ? 1 : nthreads; }
 
 /* x [d] rotated in bf16 by cos/sin [d/2] (apply_rope in the model dtype) */
 static void rope_bf16(uint16_t *x, const uint16_t *cos, const uint16_t *sin, int64_t d, int interleave) {
@@ -96,48 +95,79 @@ static void mla_heads(void *arg, int tid, int nt) {
     free(s);
 }
 
+void moeinf_gemv_many_part(const uint16_t *x, int64_t K, int count, const uint16_t *const *W,
+                           const uint16_t *const *bias, uint16_t *const *y, const int64_t *N, int part, int parts);
+
+/* the whole token as one pool job of four phases: (0) the rows of q_a (or q) and kv_a; (1) the rows of
+   q_b, each part normalising q_a itself (the same bits in every part), and part 0 the latent and key
+   written at pos; (2) the heads, split over the parts: q's rope, q_nope absorbed, the scores, softmax
+   and mix over the cache, the value half of kv_b; (3) the rows of o_proj. Each product is the same
+   rows in the same blocks of 16 as its own moeinf_gemv_many call, so the bits do not change. */
+typedef struct {
+    const mla_plan *p;
+    const uint16_t *x, *cos, *sin;
+    int64_t slot, pos;
+    uint16_t *qa, *qn, *q, *kv, *q_lat, *mix, *o, *qnope, *out;  /* qn: one [q_rank] per part */
+} mla_fused;
+
+static void mla_phase(void *arg, int phase, int part, int parts) {
+    mla_fused *f = arg;
+    const mla_plan *p = f->p;
+    const int64_t H = p->hidden, nh = p->heads, L = p->kv_rank, R = p->rope, qk = p->nope + p->rope, QR = p->q_rank;
+    const int64_t nq = nh * qk, nkv = L + R, hr = p->nope + p->v;
+    if (phase == 0) {
+        const uint16_t *W[2] = {QR ? p->wqa : p->wq, p->wkva}, *B[2] = {QR ? p->bqa : 0, p->bkva};
+        uint16_t *Y[2] = {QR ? f->qa : f->q, f->kv};
+        int64_t N[2] = {QR ? QR : nq, nkv};
+        moeinf_gemv_many_part(f->x, H, 2, W, B, Y, N, part, parts);
+    } else if (phase == 1) {
+        if (QR) {
+            uint16_t *qn = f->qn + part * QR;
+            moeinf_rms_norm(f->qa, p->q_norm, QR, p->q_eps, qn);
+            const uint16_t *W[1] = {p->wqb}, *B[1] = {0};
+            uint16_t *Y[1] = {f->q};
+            int64_t N[1] = {nq};
+            moeinf_gemv_many_part(qn, QR, 1, W, B, Y, N, part, parts);
+        }
+        if (part == 0) {
+            uint16_t *c_row = p->latent + (f->slot * p->max_seq + f->pos) * L;
+            uint16_t *k_row = p->k_rope + (f->slot * p->max_seq + f->pos) * R;
+            moeinf_rms_norm(f->kv, p->kv_norm, L, p->kv_eps, c_row);
+            memcpy(k_row, f->kv + L, sizeof(uint16_t) * (size_t)R);
+            rope_bf16(k_row, f->cos, f->sin, R, (int)p->interleave);
+        }
+    } else if (phase == 2) {
+        mla_job j = {p, f->q, f->q_lat, p->latent + f->slot * p->max_seq * L, p->k_rope + f->slot * p->max_seq * R,
+                     f->pos + 1, f->mix};
+        for (int64_t h = nh * part / parts; h < nh * (part + 1) / parts; h++) {
+            rope_bf16(f->q + h * qk + p->nope, f->cos, f->sin, R, (int)p->interleave);
+            memcpy(f->qnope + h * p->nope, f->q + h * qk, sizeof(uint16_t) * (size_t)p->nope);
+            moeinf_heads_xtw(f->qnope + h * p->nope, p->wkvb + h * hr * L, f->q_lat + h * L, 1, hr, 0, p->nope, L, 1);
+            mla_heads(&j, (int)h, (int)nh);  /* head h alone */
+            moeinf_heads_wx(f->mix + h * L, p->wkvb + h * hr * L, f->o + h * p->v, 1, hr, p->nope, p->v, L, 1);
+        }
+    } else {
+        const uint16_t *W[1] = {p->wo}, *B[1] = {p->bo};
+        uint16_t *Y[1] = {f->out};
+        int64_t N[1] = {H};
+        moeinf_gemv_many_part(f->o, nh * p->v, 1, W, B, Y, N, part, parts);
+    }
+}
+
 /* Returns 0, or -1 for what it cannot do (a position outside the cache, an odd rope width, no memory). */
 int moeinf_mla_decode(const mla_plan *p, const uint16_t *x, const uint16_t *cos, const uint16_t *sin,
                       int64_t slot, int64_t pos, uint16_t *out, int nthreads) {
     const int64_t H = p->hidden, nh = p->heads, L = p->kv_rank, R = p->rope, qk = p->nope + p->rope;
     if (pos < 0 || pos >= p->max_seq || R % 2 || !cos || !sin) return -1;
     const int64_t nq = nh * qk, nkv = L + R, QR = p->q_rank;
-    uint16_t *mem = moeinf_scratch_for(SCRATCH_MLA, sizeof(uint16_t) * (size_t)(2 * QR + nq + nkv + 2 * nh * L + nh * p->v + nh * p->nope + 64));
-    if (!mem) return -1;
-    uint16_t *qa = mem, *qn = qa + QR, *q = qn + QR, *kv = q + nq, *q_lat = kv + nkv, *mix = q_lat + nh * L;
-    uint16_t *o = mix + nh * L, *qnope = o + nh * p->v;
-    /* the products of x: q_a (or q) and kv_a in one pool job */
-    {
-        const uint16_t *W[2] = {QR ? p->wqa : p->wq, p->wkva}, *B[2] = {QR ? p->bqa : 0, p->bkva};
-        uint16_t *Y[2] = {QR ? qa : q, kv};
-        int64_t N[2] = {QR ? QR : nq, nkv};
-        moeinf_gemv_many(x, H, 2, W, B, Y, N, pick((N[0] + N[1]) * H, nthreads));
-    }
-    if (QR) {
-        moeinf_rms_norm(qa, p->q_norm, QR, p->q_eps, qn);
-        const uint16_t *W[1] = {p->wqb}, *B[1] = {0};
-        uint16_t *Y[1] = {q};
-        int64_t N[1] = {nq};
-        moeinf_gemv_many(qn, QR, 1, W, B, Y, N, pick(nq * QR, nthreads));
-    }
-    uint16_t *c_row = p->latent + (slot * p->max_seq + pos) * L, *k_row = p->k_rope + (slot * p->max_seq + pos) * R;
-    moeinf_rms_norm(kv, p->kv_norm, L, p->kv_eps, c_row);
-    memcpy(k_row, kv + L, sizeof(uint16_t) * (size_t)R);
-    rope_bf16(k_row, cos, sin, R, (int)p->interleave);
-    for (int64_t h = 0; h < nh; h++) rope_bf16(q + h * qk + p->nope, cos, sin, R, (int)p->interleave);
-    /* q_nope absorbed into the latent: heads_xtw reads x [heads, nope], q's nope parts packed */
-    for (int64_t h = 0; h < nh; h++) memcpy(qnope + h * p->nope, q + h * qk, sizeof(uint16_t) * (size_t)p->nope);
-    const int64_t hr = p->nope + p->v;
-    moeinf_heads_xtw(qnope, p->wkvb, q_lat, nh, hr, 0, p->nope, L, pick(nh * p->nope * L, nthreads));
-    mla_job j = {p, q, q_lat, p->latent + slot * p->max_seq * L, p->k_rope + slot * p->max_seq * R, pos + 1, mix};
-    int nt = (pos + 1) * nh * (L + R) >= SPLIT_MIN ? nthreads : 1;
+    int nt = nthreads < 1 ? 1 : nthreads;
+    if (nt > MAX_THREADS) nt = MAX_THREADS;
     if (nt > nh) nt = (int)nh;
-    if (nt > 1) moeinf_pool_run(mla_heads, &j, nt);
-    else mla_heads(&j, 0, 1);
-    moeinf_heads_wx(mix, p->wkvb, o, nh, hr, p->nope, p->v, L, pick(nh * p->v * L, nthreads));
-    const uint16_t *Wo[1] = {p->wo}, *Bo[1] = {p->bo};
-    uint16_t *Yo[1] = {out};
-    int64_t No[1] = {H};
-    moeinf_gemv_many(o, nh * p->v, 1, Wo, Bo, Yo, No, pick(H * nh * p->v, nthreads));
+    uint16_t *mem = moeinf_scratch_for(SCRATCH_MLA, sizeof(uint16_t) * (size_t)((1 + nt) * QR + nq + nkv + 2 * nh * L + nh * p->v + nh * p->nope + 64));
+    if (!mem) return -1;
+    uint16_t *qa = mem, *q = qa + QR, *kv = q + nq, *q_lat = kv + nkv, *mix = q_lat + nh * L;
+    uint16_t *o = mix + nh * L, *qnope = o + nh * p->v, *qn = qnope + nh * p->nope;
+    mla_fused f = {p, x, cos, sin, slot, pos, qa, qn, q, kv, q_lat, mix, o, qnope, out};
+    moeinf_pool_run_phases(mla_phase, &f, 4, nt, nt);
     return 0;
 }

@@ -12,6 +12,7 @@
    for the expert source's hooks. */
 
 #include <stdlib.h>
+#include <time.h>
 
 #include "common.h"
 
@@ -61,6 +62,24 @@ typedef struct {
 #define SPLIT_MIN (1 << 16)
 static int pick(int64_t elements, int nthreads) { return elements < SPLIT_MIN ? 1 : nthreads; }
 
+/* Where a step's time goes (benchmarks/decode_step_breakdown.py): NULL, or seconds accumulated by part,
+   PROF_ATTN, PROF_ROUTER, PROF_EXPERTS and PROF_REST (norms, residual adds, the layer loop) */
+enum { PROF_ATTN, PROF_ROUTER, PROF_EXPERTS, PROF_REST, PROF_PARTS };
+static double *step_prof;
+void moeinf_step_profile(double *acc) { step_prof = acc; }
+static double prof_now(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
+}
+/* the time since *t goes to part `part`; *t moves to now (nothing when no profile is asked for) */
+static inline void prof_mark(double *t, int part) {
+    if (!step_prof) return;
+    double now = prof_now();
+    step_prof[part] += now - *t;
+    *t = now;
+}
+
 /* x [H] bf16 in and out. ids [sum k], weights [sum k]: each layer's routing (k of the layer, none for a
    dense layer); routed_in [n, H] or NULL: each layer's router input. Returns 0, or -(1 + layer) for a
    layer the kernels refused (x then holds that layer's input). */
@@ -74,9 +93,11 @@ int moeinf_decode_layers(const step_layer *layers, int n, int64_t H, uint16_t *x
     float *acc = (float *)(((uintptr_t)(h + H) + 63) & ~(uintptr_t)63);
     float *acc2 = (float *)(((uintptr_t)(acc + H) + 63) & ~(uintptr_t)63);
     int64_t off = 0;
+    double pt = step_prof ? prof_now() : 0.0;
     for (int l = 0; l < n; l++) {
         const step_layer *L = layers + l;
         (L->norm_f32w ? moeinf_rms_norm_f32w : moeinf_rms_norm)(x, L->in_norm, H, L->eps, t);
+        prof_mark(&pt, PROF_REST);
         if (L->attn_kind == 1) {
             if (moeinf_mla_decode(L->attn, t, cos, sin, slot, pos, a, nthreads)) return -(1 + l);
         } else {
@@ -84,9 +105,11 @@ int moeinf_decode_layers(const step_layer *layers, int n, int64_t H, uint16_t *x
             if (moeinf_attn_decode(L->attn, t, cos, sin, slot, pos, a, pick(ap[1] * ap[3] * H, nthreads)))
                 return -(1 + l);
         }
+        prof_mark(&pt, PROF_ATTN);
         for (int64_t i = 0; i < H; i++) h[i] = f32_to_bf16(bf16_to_f32(x[i]) + bf16_to_f32(a[i]));
         (L->norm_f32w ? moeinf_rms_norm_f32w : moeinf_rms_norm)(h, L->post_norm, H, L->eps, t);
         if (routed_in) memcpy(routed_in + l * H, t, sizeof(uint16_t) * (size_t)H);
+        prof_mark(&pt, PROF_REST);
         if (L->router_kind != 2) {
             float *w = weights + off;
             int64_t *id = ids + off;
@@ -96,6 +119,7 @@ int moeinf_decode_layers(const step_layer *layers, int n, int64_t H, uint16_t *x
                 : moeinf_route(t, L->router, L->router_bias, L->E, H, L->k, L->renorm, L->order, id, w, 0,
                                nthreads);
             if (err) return -(1 + l);
+            prof_mark(&pt, PROF_ROUTER);
             const void *g[64], *u[64], *d[64], *gb[64], *ub[64], *db[64];
             float coef[64];
             for (int e = 0; e < L->k; e++) {
@@ -134,6 +158,7 @@ int moeinf_decode_layers(const step_layer *layers, int n, int64_t H, uint16_t *x
                 return -(1 + l);
         }
     combine:
+        prof_mark(&pt, PROF_EXPERTS);
         for (int64_t i = 0; i < H; i++) {
             float y;
             if (L->router_kind == 2) y = round_bf16(acc2[i]);
@@ -142,6 +167,7 @@ int moeinf_decode_layers(const step_layer *layers, int n, int64_t H, uint16_t *x
             x[i] = f32_to_bf16(bf16_to_f32(h[i]) + y);
         }
     }
+    prof_mark(&pt, PROF_REST);
     return 0;
 }
 
@@ -191,12 +217,16 @@ int moeinf_decode_layers_f32(const step_f32_layer *layers, int n, int64_t H, flo
     if (!mem) return -1;
     float *t = (float *)(((uintptr_t)mem + 63) & ~(uintptr_t)63), *a = t + H, *h = a + H, *acc = h + H;
     int64_t off = 0;
+    double pt = step_prof ? prof_now() : 0.0;
     for (int l = 0; l < n; l++) {
         const step_f32_layer *L = layers + l;
         moeinf_rms_norm_f32(x, L->in_norm, H, L->eps, t);
+        prof_mark(&pt, PROF_REST);
         if (moeinf_attn_decode_f32(L->attn, t, cos, sin, slot, pos, a, nthreads)) return -(1 + l);
+        prof_mark(&pt, PROF_ATTN);
         for (int64_t i = 0; i < H; i++) h[i] = x[i] + a[i];
         moeinf_rms_norm_f32(h, L->post_norm, H, L->eps, t);
+        prof_mark(&pt, PROF_REST);
         const void *g[64], *u[64], *d[64], *gb[64], *ub[64], *db[64];
         float coef[64];
         int k = 1;
@@ -206,6 +236,7 @@ int moeinf_decode_layers_f32(const step_f32_layer *layers, int n, int64_t H, flo
             int64_t *id = ids + off;
             if (L->k > 64 || moeinf_route_f32(t, L->router, L->router_bias, L->E, H, L->k, L->renorm, id, w))
                 return -(1 + l);
+            prof_mark(&pt, PROF_ROUTER);
             k = L->k;
             for (int e = 0; e < k; e++) {
                 int64_t j = id[e];
@@ -224,7 +255,9 @@ int moeinf_decode_layers_f32(const step_f32_layer *layers, int n, int64_t H, flo
         if (run(t, k, g, u, d, (const float *const *)gb, (const float *const *)ub, (const float *const *)db, coef,
                 L->type, H, L->I, 0, 0.0f, 0.0f, acc, pick(3 * L->I * H, nthreads)))
             return -(1 + l);
+        prof_mark(&pt, PROF_EXPERTS);
         for (int64_t i = 0; i < H; i++) x[i] = h[i] + acc[i];
     }
+    prof_mark(&pt, PROF_REST);
     return 0;
 }
