@@ -218,3 +218,31 @@ def test_native_step_steps_aside_for_a_wrapped_router(tmp_path, monkeypatch):
     force_routing(model, RoutingTrace(ids, num_experts=8))
     _decode(model, torch.tensor([1, 2, 3]), 3)
     assert model._step is None
+
+
+def test_profile_times_the_native_steps_parts():
+    """``cuda_ext.step.Profile`` (decode_step_breakdown.py's native split): while it holds, each native step
+    adds its attention, router, experts and rest seconds, which sum to less than the wall time; after it,
+    nothing more is added, and the bits do not change."""
+    import time
+
+    from cuda_ext import step as native_step
+
+    root = make_synthetic_model("step-profile", "qwen3_moe", num_layers=2, num_experts=8, top_k=2, hidden=128,
+                                intermediate=64, vocab=300, head_dim=32)
+    model = load_model(root, dtype=torch.bfloat16, max_seq_len=32)
+    _touch_experts(model)
+    prompt = torch.tensor([1, 2, 3])
+    plain = _decode(model, prompt, 4)
+    with native_step.Profile() as prof:
+        t0 = time.perf_counter()
+        profiled = _decode(model, prompt, 4)
+        wall = time.perf_counter() - t0
+    assert model._step is not None and model._step is not False
+    assert torch.equal(plain, profiled)
+    seconds = prof.seconds
+    assert set(seconds) == {"attention", "router", "experts", "rest"}
+    assert all(seconds[name] > 0 for name in ("attention", "router", "experts"))
+    assert sum(seconds.values()) < wall
+    _decode(model, prompt, 2)
+    assert prof.seconds == seconds
