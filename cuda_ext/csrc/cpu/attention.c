@@ -87,9 +87,7 @@ static void heads_task(void *arg, int tid, int nt) {
         }
         for (int64_t t = 0; t < n; t++) {
             const uint16_t *k = K + (r0 + t) * KD;
-            float dot = 0.0f;
-            for (int64_t d = 0; d < D; d++) dot += qf[d] * bf16_to_f32(k[d]);
-            s[t] = dot * p->scaling;
+            s[t] = dot_bf16_lanes(qf, k, D) * p->scaling;
             if (s[t] > m) m = s[t];
         }
         float sum = p->sinks ? expf(sink - m) : 0.0f;  /* its value is zero: the sum only */

@@ -60,31 +60,6 @@ typedef struct {
     uint16_t *mix;                  /* [heads, kv_rank] */
 } mla_job;
 
-/* a . b over n values (a float32, b bf16) in sixteen partial sums, then added in order: vectorised, where
-   one running sum waits on each add (a head's scores were bound by that latency) */
-static inline float dot_bf16_lanes(const float *a, const uint16_t *b, int64_t n) {
-    int64_t i = 0;
-    float s = 0.0f;
-#if defined(__AVX512F__)
-    if (n >= 16) {
-        __m512 acc = _mm512_setzero_ps();
-        for (; i + 16 <= n; i += 16) {
-            __m512 bv = _mm512_castsi512_ps(_mm512_slli_epi32(
-                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(b + i))), 16));
-            acc = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), bv, acc);
-        }
-        s = _mm512_reduce_add_ps(acc);
-    }
-#else
-    float acc[16] = {0};
-    for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) acc[l] += a[i + l] * bf16_to_f32(b[i + l]);
-    for (int l = 0; l < 16; l++) s += acc[l];
-#endif
-    for (; i < n; i++) s += a[i] * bf16_to_f32(b[i]);
-    return s;
-}
-
 static void mla_heads(void *arg, int tid, int nt) {
     mla_job *j = arg;
     const mla_plan *p = j->p;
