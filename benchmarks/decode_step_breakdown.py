@@ -35,7 +35,7 @@ import torch
 from cuda_ext import step as native_step
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from decode_bound import _touch_experts  # noqa: E402
+from decode_bound import _quantise_experts, _touch_experts  # noqa: E402
 from decode_vs_transformers import add_model_args, make_checkpoint  # noqa: E402
 
 
@@ -119,6 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16 or float32")
     p.add_argument("--prefill", action="store_true", help="split the prompt's forward instead of a decode step")
     p.add_argument("--activations", default="auto", help="float32 models on block formats: auto, float32 or int8")
+    p.add_argument("--format", default="bf16", help="the routed experts packed into a block format (q4_0, ...), as decode_bound.py")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -134,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
                            activations=args.activations)
         parts: dict[str, float] = {}
         _touch_experts(model)  # all resident: the native step is offered every expert
+        if args.format != "bf16":
+            _quantise_experts(model, args.format)
         sources, wrapped = [], []  # each expert source and expert function wrapped once (layers share them)
         for layer in model.layers:
             _timed(parts, "norms", layer.input_layernorm)
