@@ -3,7 +3,8 @@ block formats (a GGUF model's), in one native call (``csrc/cpu/attention_f32.c``
 
 ``decode_plan(module)`` describes an ``engine.model.layers.attention.Attention`` once (each projection's
 blocks and format, float32 biases, the float32 KV cache), or gives None where the call does not apply:
-no native library, a projection that is not block-quantised, q/k norms or clip_qkv, a cache that is
+no native library, a projection that is not block-quantised, q/k norms over the whole projection
+(OLMoE's; Qwen3's per-head norms are taken) or clip_qkv, a cache that is
 not float32, a head wider than 512. ``decode(plan, x, cos, sin, slot, pos, threads)`` then runs the
 layer for one float32 token: q/k/v (every block dequantised in registers to the values
 ``engine.formats`` unpacks, as ``cuda_ext.quant``'s float32 kernel; where ``cuda_ext.quant.int8_activations``
@@ -51,6 +52,9 @@ class _Plan(ctypes.Structure):
         ("k_cache", ctypes.c_void_p),
         ("v_cache", ctypes.c_void_p),
         ("int8", ctypes.c_int64),
+        ("q_norm", ctypes.c_void_p),
+        ("k_norm", ctypes.c_void_p),
+        ("norm_eps", ctypes.c_float),
     ]
 
 
@@ -67,7 +71,7 @@ def set_int8(plan: DecodePlan) -> None:
 
 def decode_plan(module) -> DecodePlan | None:
     """The kernel's description of ``module`` (an ``Attention``), or None when the native path cannot run it."""
-    if loader.cpu() is None or module.qk_norm is not None or module.clip_qkv is not None:
+    if loader.cpu() is None or module.qk_norm not in (None, "head") or module.clip_qkv is not None:
         return None
     cache = module.kv_cache
     nh, nkv, D = module.num_heads, module.num_kv_heads, module.head_dim
@@ -91,6 +95,11 @@ def decode_plan(module) -> DecodePlan | None:
     def ptr(t) -> int | None:
         return None if t is None else t.data_ptr()
 
+    norms = (module.q_norm.weight, module.k_norm.weight) if module.qk_norm == "head" else (None, None)
+    if not all(w is None or _f32_cpu(w, D) for w in norms):
+        return None
+    if module.qk_norm == "head" and module.q_norm.eps != module.k_norm.eps:
+        return None
     struct = _Plan(
         H, nh, nkv, D, cache.max_seq_len, int(module.sliding_window or 0),
         *(f[0] for f in found),
@@ -99,9 +108,13 @@ def decode_plan(module) -> DecodePlan | None:
         float(module.scaling),
         cache.k.data_ptr(),
         cache.v.data_ptr(),
+        0,
+        *(ptr(w) for w in norms),
+        float(module.q_norm.eps) if module.qk_norm == "head" else 0.0,
     )
     key = tuple(id(p.weight) for p in projs) + tuple(ptr(b) for b in biases) + (cache.k.data_ptr(), cache.v.data_ptr())
-    return DecodePlan(struct, tuple(f[1] for f in found) + biases + (cache.k, cache.v), key)
+    key += tuple(ptr(w) for w in norms)
+    return DecodePlan(struct, tuple(f[1] for f in found) + biases + norms + (cache.k, cache.v), key)
 
 
 def decode(

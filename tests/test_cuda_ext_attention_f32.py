@@ -1,7 +1,8 @@
 """One float32 decode token through attention with block-format projections in one native call
 (cuda_ext.attention_f32) against the module's torch path on the same blocks.
 
-Formats mixed within a layer as llama.cpp's quantisations mix them (q4_k q, q8_0 k and v, q6_k o, or
+Formats mixed within a layer as llama.cpp's quantisations mix them (q4_k q, q8_0 k and v, q6_k o (with
+Qwen3's per-head q/k norms too), or
 q5_k o as its Q4_K_M keeps a MoE model's attn_output; q4_1;
 q4_0 with mxfp4), biases, GQA groups, a sliding window, no rotary, a cache long enough to be split over
 threads, a second slot. Both paths start from the same cache; the native one must write the same keys
@@ -31,6 +32,8 @@ CASES = {
     "q4_1-biases": dict(fmts=("q4_1",) * 4, qkv_bias=True, o_bias=True),
     "q4_0-mxfp4-window": dict(kv_heads=1, fmts=("q4_0", "mxfp4", "q4_0", "mxfp4"), sliding_window=5),
     "q8_0-no-rotary": dict(fmts=("q8_0",) * 4, rotary=False),
+    "q4_k-qwen3-head-norms": dict(hidden=256, heads=4, kv_heads=2, head_dim=64, fmts=("q4_k", "q8_0", "q8_0", "q6_k"),
+                                  qk_norm="head"),
 }
 
 
@@ -44,6 +47,10 @@ def _module(hidden=96, heads=3, kv_heads=3, head_dim=32, fmts=("q8_0",) * 4, rot
         if proj.bias is not None:
             with torch.no_grad():
                 proj.bias.copy_(torch.randn_like(proj.bias))
+    if m.qk_norm is not None:
+        with torch.no_grad():
+            m.q_norm.weight.copy_(1 + 0.3 * torch.randn_like(m.q_norm.weight))
+            m.k_norm.weight.copy_(1 + 0.3 * torch.randn_like(m.k_norm.weight))
     rope = RotaryEmbedding({"rope_type": "default", "rope_theta": 10000.0}, head_dim, 4096) if rotary else None
     return m, rope
 
@@ -147,6 +154,6 @@ def test_plan_refuses_what_it_cannot_run():
     dense = Attention(96, 4, 4, 32)
     dense.setup_cache(32, torch.float32, torch.device("cpu"))
     assert native.decode_plan(dense) is None  # float weights: the torch path
-    normed, _ = _module(qk_norm="head")
+    normed, _ = _module(qk_norm="proj")
     normed.setup_cache(32, torch.float32, torch.device("cpu"))
-    assert native.decode_plan(normed) is None
+    assert native.decode_plan(normed) is None  # OLMoE's norms over the whole projection: the torch path

@@ -166,12 +166,15 @@ def _gguf_like(model, attn_fmts, gate_fmt, down_fmts, dense_fmt):
     model._step = False
 
 
-@pytest.mark.parametrize("activations", ["auto", "float32", "int8"])
-def test_native_step_on_a_float32_gguf_model_is_the_layers_one_by_one(activations):
-    """A float32 model with block-format attention (q4_k q, q8_0 k/v, q5_k o) and experts (q4_k gate/up,
-    q6_k or q4_k down), a dense q4_1 layer: the float32 step (float32 router, attention_f32, float32 or
-    int8 experts as the mode says) gives the layers' bits, routing, router inputs and hit counts."""
-    root = make_synthetic_model("step-f32", "mixtral", num_layers=3, num_experts=8, top_k=2, hidden=256,
+@pytest.mark.parametrize(
+    "family,activations", [("mixtral", "auto"), ("mixtral", "float32"), ("mixtral", "int8"), ("qwen3_moe", "auto")]
+)
+def test_native_step_on_a_float32_gguf_model_is_the_layers_one_by_one(family, activations):
+    """A float32 model with block-format attention (q4_k q, q8_0 k/v, q5_k o; Qwen3's per-head q/k norms)
+    and experts (q4_k gate/up, q6_k or q4_k down), a dense q4_1 layer: the float32 step (float32 router,
+    attention_f32, float32 or int8 experts as the mode says) gives the layers' bits, routing, router inputs
+    and hit counts."""
+    root = make_synthetic_model(f"step-f32-{family}", family, num_layers=3, num_experts=8, top_k=2, hidden=256,
                                 intermediate=256, vocab=300, head_dim=64, kv_heads=2, heads=4)
     prompt = torch.tensor([1, 17, 40, 99, 7, 23])
 

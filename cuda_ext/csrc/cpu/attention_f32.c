@@ -5,6 +5,7 @@
    for one float32 token of one sequence, everything in float32:
      q, k, v = Wq x (+ bq), ...       each matrix in its own block format (quant_f32.c's rows: every block
                                       dequantised in registers to the values engine.formats unpacks)
+     q and k RMSNorm per head when the plan has their weights (Qwen3's q_norm / k_norm)
      rotary, rotate-half convention: x cos + rotate_half(x) sin
      k, v written at position pos of the KV cache's slot (float32)
      softmax(q k^T * scaling) v over the visible positions (all up to pos, or the last `window` of them)
@@ -29,7 +30,11 @@ typedef struct {
     float scaling;
     float *k_cache, *v_cache; /* [slots, kv_heads, max_seq, D] float32 */
     int64_t int8;             /* bit i (q, k, v, o): that product takes int8 activations (set per call) */
+    const float *q_norm, *k_norm; /* NULL, or [D] float32: an RMSNorm over each head's q and k (Qwen3's) */
+    float norm_eps;
 } attn_f32_plan;
+
+void moeinf_rms_norm_f32(const float *x, const float *w, int64_t n, float eps, float *out);
 
 typedef struct {
     const attn_f32_plan *p;
@@ -140,6 +145,7 @@ static void attn_f32_phase(void *arg, int phase, int tid, int nt) {
     }
     if (phase == 1) { /* each key/value head rotated and written at pos */
         for (int64_t h = p->kv_heads * tid / nt; h < p->kv_heads * (tid + 1) / nt; h++) {
+            if (p->k_norm) moeinf_rms_norm_f32(j->k + h * D, p->k_norm, D, p->norm_eps, j->k + h * D);
             if (j->cos) rotate_f32(j->k + h * D, j->cos, j->sin, D);
             memcpy(j->keys + (h * S + j->pos) * D, j->k + h * D, sizeof(float) * (size_t)D);
             memcpy(j->values + (h * S + j->pos) * D, j->v + h * D, sizeof(float) * (size_t)D);
@@ -150,6 +156,7 @@ static void attn_f32_phase(void *arg, int phase, int tid, int nt) {
         float *s = j->scores + tid * j->n;
         for (int64_t h = p->heads * tid / nt; h < p->heads * (tid + 1) / nt; h++) {
             float *q = j->q + h * D, *o = j->o + h * D;
+            if (p->q_norm) moeinf_rms_norm_f32(q, p->q_norm, D, p->norm_eps, q);
             if (j->cos) rotate_f32(q, j->cos, j->sin, D);
             const float *K = j->keys + (h / group) * S * D + j->lo * D, *V = j->values + (h / group) * S * D + j->lo * D;
             float m = -INFINITY;
