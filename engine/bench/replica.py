@@ -13,7 +13,8 @@ the next. So for a store model the profile also holds a **replica** measurement:
 2. **Its runs** (``probe_replica``), of a replica of one decoder layer and one of ``REPLICA_LAYERS`` (at most
    half the model's): the bench's protocol (``engine.bench.runner``: a fresh load, ``prompt``
    tokens of ``batch`` sequences prefilled, ``gen`` decode steps) all resident and (the deeper replica) behind
-   the budgeted cache at the largest and smallest asked shares, the routing forced from the run's trace (its
+   the budgeted cache at the largest and smallest asked shares (each twice: in the first pass and the last),
+   the routing forced from the run's trace (its
    first layers) or the model's own router. Between two decode steps the last-level cache is flushed when the real model's step reads more
    than it holds (a model of many layers comes back to a layer after reading all the others: its weights
    are never warm), so the replica's layers run as cold as the model's. Every step is timed with the
