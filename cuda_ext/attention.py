@@ -187,6 +187,7 @@ def run_decode(
     threads: int,
     ok,
     dtype: torch.dtype,
+    *extra: int,
 ) -> torch.Tensor | None:
     """The native decode call ``name`` of a plan (x already checked): the rotary rows checked with ``ok``
     (``blocks.bf16_cpu`` or ``f32_cpu``), the output [1, hidden] of ``dtype``; None when it cannot run."""
@@ -207,5 +208,6 @@ def run_decode(
         pos,
         out.data_ptr(),
         threads,
+        *extra,
     )
     return out if err == 0 else None

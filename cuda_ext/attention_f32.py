@@ -51,7 +51,6 @@ class _Plan(ctypes.Structure):
         ("scaling", ctypes.c_float),
         ("k_cache", ctypes.c_void_p),
         ("v_cache", ctypes.c_void_p),
-        ("int8", ctypes.c_int64),
         ("q_norm", ctypes.c_void_p),
         ("k_norm", ctypes.c_void_p),
         ("norm_eps", ctypes.c_float),
@@ -61,12 +60,12 @@ class _Plan(ctypes.Structure):
 _NAMES = {b.ggml_type: name for name, b in BLOCKS.items()}
 
 
-def set_int8(plan: DecodePlan) -> None:
-    """The plan's int8 bits for the current ``cuda_ext.quant.int8_activations``: bit i set where the
+def int8_bits(plan: DecodePlan) -> int:
+    """The call's int8 bits under the current ``cuda_ext.quant.int8_activations``: bit i set where the
     product of q, k, v, o (i = 0..3) takes int8 activations (as ``engine.formats.linear`` would for that
     matrix's format)."""
     s = plan.struct
-    s.int8 = sum(1 << i for i, t in enumerate((s.tq, s.tk, s.tv, s.to)) if int8_active(_NAMES.get(t)))
+    return sum(1 << i for i, t in enumerate((s.tq, s.tk, s.tv, s.to)) if int8_active(_NAMES.get(t)))
 
 
 def decode_plan(module) -> DecodePlan | None:
@@ -108,7 +107,6 @@ def decode_plan(module) -> DecodePlan | None:
         float(module.scaling),
         cache.k.data_ptr(),
         cache.v.data_ptr(),
-        0,
         *(ptr(w) for w in norms),
         float(module.q_norm.eps) if module.qk_norm == "head" else 0.0,
     )
@@ -132,5 +130,6 @@ def decode(
     s = plan.struct
     if not _f32_cpu(x, s.hidden) or not 0 <= pos < s.max_seq or not 0 <= slot < plan.tensors[-2].shape[0]:
         return None
-    set_int8(plan)
-    return run_decode("moeinf_attn_decode_f32", plan, x, cos, sin, slot, pos, threads, _f32_cpu, torch.float32)
+    return run_decode(
+        "moeinf_attn_decode_f32", plan, x, cos, sin, slot, pos, threads, _f32_cpu, torch.float32, int8_bits(plan)
+    )

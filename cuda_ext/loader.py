@@ -60,7 +60,7 @@ SIGNATURES: dict[str, list] = {
     "moeinf_qgemm_swiglu": [_int, _p, _p, _i64, _i64, _p, _i64, _p, _int],
     "moeinf_read_bytes": [_p, _i64, _int],
     "moeinf_attn_decode": [_p, _p, _p, _p, _i64, _i64, _p, _int],
-    "moeinf_attn_decode_f32": [_p, _p, _p, _p, _i64, _i64, _p, _int],
+    "moeinf_attn_decode_f32": [_p, _p, _p, _p, _i64, _i64, _p, _int, _int],
     "moeinf_rms_norm": [_p, _p, _i64, _f32, _p],
     "moeinf_rms_norm_f32w": [_p, _p, _i64, _f32, _p],
     "moeinf_rms_norm_f32": [_p, _p, _i64, _f32, _p],

@@ -87,13 +87,18 @@ class _Layer(ctypes.Structure):
 class Layers:
     """The structs of a model's layers, kept with everything they point into."""
 
-    def __init__(self, structs: list[_Layer], keep: list, hidden: int):
-        self.array = (_Layer * len(structs))(*structs)
+    def __init__(self, structs: list, keep: list, hidden: int):
+        self.array = (type(structs[0]) * len(structs))(*structs)
         self.keep = keep
         self.hidden = hidden
         self.count = len(structs)
-        self.topk = [0 if s.router_kind == ROUTE_NONE else s.k for s in structs]
+        self.topk = [self._routed(s) for s in structs]
         self.total_k = sum(self.topk)
+
+    @staticmethod
+    def _routed(s: _Layer) -> int:
+        """The experts a token of this layer routes to (0: a dense layer)."""
+        return 0 if s.router_kind == ROUTE_NONE else s.k
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -167,8 +172,8 @@ def decode_layers(
     """(hidden [1, H] bf16, ids [sum k] int64, weights [sum k] float32, router inputs [layers, H] bf16,
     layers done): the hidden state after the layers done (all of them, unless a kernel refused one: the
     caller runs the rest one by one from there), the routing of those done and their router inputs.
-    ``LayersF32``: x and the router inputs float32, each layer's int8 bits (its experts' and its
-    attention plan's) set for the current mode first."""
+    ``LayersF32``: x and the router inputs float32, each layer's int8 bits (``int8``, its experts';
+    ``attn_int8``, its attention's) set for the current mode first."""
     lib = loader.cpu()
     if lib is None:
         return x, torch.empty(0, dtype=torch.int64), torch.empty(0), torch.empty(0), 0
@@ -203,6 +208,7 @@ class _LayerF32(ctypes.Structure):
         *_HEAD,
         ("type", ctypes.c_int),
         ("int8", ctypes.c_int),
+        ("attn_int8", ctypes.c_int),
         ("E", ctypes.c_int64),
         ("I", ctypes.c_int64),
         ("router", ctypes.c_void_p),
@@ -215,13 +221,12 @@ class LayersF32(Layers):
     """``Layers`` of a float32 model; ``fmts[i]``: layer i's experts' (gate) format, for its int8 bit."""
 
     def __init__(self, structs: list[_LayerF32], keep: list, hidden: int, fmts: list[str | None]):
-        self.array = (_LayerF32 * len(structs))(*structs)
-        self.keep = keep
-        self.hidden = hidden
-        self.count = len(structs)
-        self.topk = [s.k if s.E else 0 for s in structs]
-        self.total_k = sum(self.topk)
+        super().__init__(structs, keep, hidden)
         self.fmts = fmts
+
+    @staticmethod
+    def _routed(s: _LayerF32) -> int:
+        return s.k if s.E else 0
 
 
 def layer_struct_f32(
@@ -248,6 +253,7 @@ def layer_struct_f32(
         top_k if E else 1,
         int(renormalize),
         entries[0][0],
+        0,
         0,
         E,
         entries[0][1],

@@ -50,8 +50,8 @@ class StepPlan:
         self.layers = layers
         self.hooks = hooks  # per layer: (expert source, MoE layer index) or None (a dense layer)
         self.rope_dim = rope_dim
-        self.attn_plans = attn_plans  # float32: each layer's attention_f32 plan (its int8 bits set per mode)
-        self.mode: object = False  # float32: the int8_activations mode the int8 bits were set for
+        self.attn_plans = attn_plans  # float32: each layer's attention_f32 plan (for its int8 bits)
+        self.mode: object = False  # float32: the int8_activations mode the layers' int8 bits were set for
 
 
 def _norm_kind(norm, hidden: int) -> bool | None:
@@ -261,7 +261,7 @@ def run_layers(model, plan: StepPlan, x: torch.Tensor, ctx: StepContext) -> torc
     if plan.attn_plans is not None and plan.mode != int8_mode():  # the int8 bits of this mode
         for struct, fmt, attn in zip(plan.layers.array, plan.layers.fmts, plan.attn_plans, strict=True):
             struct.int8 = int(int8_active(fmt))
-            native_attention_f32.set_int8(attn)
+            struct.attn_int8 = native_attention_f32.int8_bits(attn)
         plan.mode = int8_mode()
     out, ids, _, routed_in, done = native_step.decode_layers(
         plan.layers, x, cos, sin, ctx.slot, ctx.start_pos, threads(1 << 30)

@@ -13,7 +13,7 @@
    The phases of the job, each split over the threads, a barrier between them: the q/k/v rows (by 4
    rows), the rotary and cache write of the key/value heads, the query heads' attention, the output rows.
    The projections give dequantise-then-multiply up to the order of the float32 sums (quant_f32.c's
-   bound), except those the plan's int8 bits name (set per call from cuda_ext.quant's int8_activations:
+   bound), except those the call's int8 bits name (from cuda_ext.quant's int8_activations:
    the k-quants on decode under "auto"): x, or each head's o, quantised per block of 32 and quant.c's
    int8 rows, the bits of engine.formats.linear's product on that matrix (quant.c's documented bound); the attention differs from PyTorch's float32 kernel only in the order of its sums and in
    expf's last bit. Nothing here depends on the thread count: the same bits on any number of threads. */
@@ -29,7 +29,6 @@ typedef struct {
     const float *bq, *bk, *bv, *bo;                              /* NULL: no bias */
     float scaling;
     float *k_cache, *v_cache; /* [slots, kv_heads, max_seq, D] float32 */
-    int64_t int8;             /* bit i (q, k, v, o): that product takes int8 activations (set per call) */
     const float *q_norm, *k_norm; /* NULL, or [D] float32: an RMSNorm over each head's q and k (Qwen3's) */
     float norm_eps;
 } attn_f32_plan;
@@ -45,44 +44,12 @@ typedef struct {
     int64_t pos, lo, n;          /* visible positions lo..pos, n of them */
     fmrows_fn fq, fk, fv, fo;     /* quant_f32.c's several-rows kernels: four rows a pass */
     int64_t rq, rk, rv, ro;      /* bytes per row of wq, wk, wv, wo */
-    row_fn iq, ik, iv, io;       /* quant.c's int8 rows, for the products the plan's int8 bits name (else NULL) */
+    row_fn iq, ik, iv, io;       /* quant.c's int8 rows, for the products the call's int8 bits name (else NULL) */
     xq_t xq, oq;                 /* x and o quantised per block of 32 (int8 products only) */
     int8_t *oq8;                 /* oq's codes and scales, written head by head */
     float *od, *os;
 } attn_f32_job;
 
-
-static float dot_f32(const float *a, const float *b, int64_t n) {
-    int64_t i = 0;
-    float s = 0.0f;
-#if defined(__AVX512F__)
-    if (n >= 16) {
-        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
-        for (; i + 32 <= n; i += 32) {
-            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-            acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
-        }
-        for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
-        s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
-    }
-#elif defined(__AVX2__) && defined(__FMA__)
-    if (n >= 8) {
-        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-        for (; i + 16 <= n; i += 16) {
-            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
-        }
-        for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
-        __m256 t = _mm256_add_ps(acc0, acc1);
-        __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-        u = _mm_add_ps(u, _mm_movehl_ps(u, u));
-        u = _mm_add_ss(u, _mm_movehdup_ps(u));
-        s = _mm_cvtss_f32(u);
-    }
-#endif
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
 
 /* y += a * x over n values (vectorised by the compiler: no sum across lanes) */
 static inline void axpy_f32(float *restrict y, float a, const float *restrict x, int64_t n) {
@@ -186,10 +153,11 @@ static void attn_f32_phase(void *arg, int phase, int tid, int nt) {
     rows_any(j->io, j->fo, p->wo, j->ro, j->o, &j->oq, nq / 32, p->bo, lo, hi, j->out);
 }
 
-/* Returns 0, or -1 for what it cannot do (an unknown type, a size its format cannot hold, a head wider
-   than 512, a position outside the cache, no memory); nothing is written then. */
+/* int8: bit i (q, k, v, o) set where that product takes int8 activations. Returns 0, or -1 for what it
+   cannot do (an unknown type, a size its format cannot hold, a head wider than 512, a position outside
+   the cache, no memory); nothing is written then. */
 int moeinf_attn_decode_f32(const attn_f32_plan *p, const float *x, const float *cos, const float *sin, int64_t slot,
-                           int64_t pos, float *out, int nthreads) {
+                           int64_t pos, float *out, int nthreads, int int8) {
     const int64_t D = p->head_dim, nq = p->heads * D, nkv = p->kv_heads * D;
     if (D > 512 || D % 2 || pos < 0 || pos >= p->max_seq || p->kv_heads < 1 || p->heads % p->kv_heads) return -1;
     const int64_t types[4] = {p->tq, p->tk, p->tv, p->to}, ks[4] = {p->hidden, p->hidden, p->hidden, nq};
@@ -206,7 +174,7 @@ int moeinf_attn_decode_f32(const attn_f32_plan *p, const float *x, const float *
     const int64_t lo = p->window > 0 && pos - p->window + 1 > 0 ? pos - p->window + 1 : 0, n = pos - lo + 1;
     /* int8 products: x's codes [H] and scales, o's [nq] and scales, after the float32 buffers */
     const int64_t H = p->hidden, nf = 2 * nq + 2 * nkv + 16 + nt * n;
-    const int any8 = (p->int8 & 7) != 0, o8 = (p->int8 & 8) && D % 32 == 0;
+    const int any8 = (int8 & 7) != 0, o8 = (int8 & 8) && D % 32 == 0;
     float *mem = moeinf_scratch_for(SCRATCH_ATTN_F32, sizeof(float) * (size_t)(nf + 2 * (H + nq) / 32 + 32) + (size_t)(H + nq) + 64);
     if (!mem) return -1;
     float *xd = mem + nf, *xs = xd + H / 32, *od = xs + H / 32, *os = od + nq / 32;
@@ -219,8 +187,8 @@ int moeinf_attn_decode_f32(const attn_f32_plan *p, const float *x, const float *
         mem + 2 * nq + 2 * nkv + 16, pos, lo, n,
         moeinf_fmrows_function((int)p->tq), moeinf_fmrows_function((int)p->tk), moeinf_fmrows_function((int)p->tv),
         moeinf_fmrows_function((int)p->to), rb[0], rb[1], rb[2], rb[3],
-        (p->int8 & 1) ? moeinf_row_function((int)p->tq) : 0, (p->int8 & 2) ? moeinf_row_function((int)p->tk) : 0,
-        (p->int8 & 4) ? moeinf_row_function((int)p->tv) : 0, o8 ? moeinf_row_function((int)p->to) : 0,
+        (int8 & 1) ? moeinf_row_function((int)p->tq) : 0, (int8 & 2) ? moeinf_row_function((int)p->tk) : 0,
+        (int8 & 4) ? moeinf_row_function((int)p->tv) : 0, o8 ? moeinf_row_function((int)p->to) : 0,
         {xq8, xd, xs}, {oq8, od, os}, oq8, od, os,
     };
     moeinf_pool_run_phases(attn_f32_phase, &j, 4, nt, nt);

@@ -154,6 +154,40 @@ frow_fn moeinf_frow_function(int type);                         /* one row of `t
 typedef void (*fmrows_fn)(const uint8_t *w, int64_t rb, int64_t n, const float *x, int64_t nb, float *y);
 fmrows_fn moeinf_fmrows_function(int type);
 
+/* ---- float32 a . b over n values (attention_f32.c's scores, decode.c's float32 router): two
+   vector accumulators, added at the end (the same bits on every call of a build) */
+static inline float dot_f32(const float *a, const float *b, int64_t n) {
+    int64_t i = 0;
+    float s = 0.0f;
+#if defined(__AVX512F__)
+    if (n >= 16) {
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (; i + 32 <= n; i += 32) {
+            acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), acc1);
+        }
+        for (; i + 16 <= n; i += 16) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), acc0);
+        s = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+    }
+#elif defined(__AVX2__) && defined(__FMA__)
+    if (n >= 8) {
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (; i + 16 <= n; i += 16) {
+            acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+            acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+        }
+        for (; i + 8 <= n; i += 8) acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+        __m256 t = _mm256_add_ps(acc0, acc1);
+        __m128 u = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+        u = _mm_add_ps(u, _mm_movehl_ps(u, u));
+        u = _mm_add_ss(u, _mm_movehdup_ps(u));
+        s = _mm_cvtss_f32(u);
+    }
+#endif
+    for (; i < n; i++) s += a[i] * b[i];
+    return s;
+}
+
 /* ---- attention's scores (attention.c, mla.c) */
 /* a . b over n values (a float32, b bf16) in sixteen partial sums, then added in order: vectorised, where
    one running sum waits on each add (a head's scores were bound by that latency) */

@@ -98,28 +98,15 @@ static void softmax_topk(float *p, float m, int64_t E, int k, int renorm, int64_
     }
 }
 
-/* x . w over n float32 values, sixteen partial sums in lanes then added in order (the same bits on
-   every call of this build) */
-static float dot_f32_lanes(const float *a, const float *b, int64_t n) {
-    float acc[16] = {0};
-    int64_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int l = 0; l < 16; l++) acc[l] += a[i + l] * b[i + l];
-    float s = 0.0f;
-    for (int l = 0; l < 16; l++) s += acc[l];
-    for (; i < n; i++) s += a[i] * b[i];
-    return s;
-}
-
 /* The softmax top-k router for one float32 token (a float32 model's, its router weight float32):
-   logits = W x (+ b) in float32 (dot_f32_lanes: the order of the sums is this kernel's, not F.linear's),
+   logits = W x (+ b) in float32 (common.h's dot_f32: the order of the sums is this kernel's, not F.linear's),
    then as moeinf_route's order 0; float32 weights. Returns 0, or -1 as moeinf_route. */
 int moeinf_route_f32(const float *x, const float *W, const float *bias, int64_t E, int64_t H, int k, int renorm,
                      int64_t *ids, float *weights) {
     if (E < 1 || E > MAX_ROUTED || k < 1 || k > MAX_TOPK || k > E) return -1;
     float p[MAX_ROUTED], m = -INFINITY;
     for (int64_t e = 0; e < E; e++) {
-        p[e] = dot_f32_lanes(x, W + e * H, H) + (bias ? bias[e] : 0.0f);
+        p[e] = dot_f32(x, W + e * H, H) + (bias ? bias[e] : 0.0f);
         if (p[e] > m) m = p[e];
     }
     softmax_topk(p, m, E, k, renorm, ids, weights, 0);

@@ -137,13 +137,15 @@ static void mla_phase(void *arg, int phase, int part, int parts) {
     } else if (phase == 2) {
         mla_job j = {p, f->q, f->q_lat, p->latent + f->slot * p->max_seq * L, p->k_rope + f->slot * p->max_seq * R,
                      f->pos + 1, f->mix};
-        for (int64_t h = nh * part / parts; h < nh * (part + 1) / parts; h++) {
+        const int64_t h0 = nh * part / parts, h1 = nh * (part + 1) / parts;  /* mla_heads' share of `part` */
+        for (int64_t h = h0; h < h1; h++) {
             rope_bf16(f->q + h * qk + p->nope, f->cos, f->sin, R, (int)p->interleave);
             memcpy(f->qnope + h * p->nope, f->q + h * qk, sizeof(uint16_t) * (size_t)p->nope);
             moeinf_heads_xtw(f->qnope + h * p->nope, p->wkvb + h * hr * L, f->q_lat + h * L, 1, hr, 0, p->nope, L, 1);
-            mla_heads(&j, (int)h, (int)nh);  /* head h alone */
-            moeinf_heads_wx(f->mix + h * L, p->wkvb + h * hr * L, f->o + h * p->v, 1, hr, p->nope, p->v, L, 1);
         }
+        mla_heads(&j, part, parts);
+        for (int64_t h = h0; h < h1; h++)
+            moeinf_heads_wx(f->mix + h * L, p->wkvb + h * hr * L, f->o + h * p->v, 1, hr, p->nope, p->v, L, 1);
     } else {
         const uint16_t *W[1] = {p->wo}, *B[1] = {p->bo};
         uint16_t *Y[1] = {f->out};

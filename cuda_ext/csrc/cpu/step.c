@@ -179,10 +179,10 @@ int moeinf_decode_layers(const step_layer *layers, int n, int64_t H, uint16_t *x
      acc = sum_e w_e expert_e(t)                                    (moe.c's float32 experts, int8 when asked)
      x = h + acc   (a dense layer: acc = its MLP, moe.c with one expert and weight 1)
    each piece the native call the layers make one by one (engine/model/layers), so the same bits. The
-   int8 bits (the attention plan's and each layer's `int8`) are set per call from int8_activations. */
+   int8 bits (each layer's `int8` and `attn_int8`) are set for the int8_activations mode in force. */
 
 int moeinf_attn_decode_f32(const void *plan, const float *x, const float *cos, const float *sin, int64_t slot,
-                           int64_t pos, float *out, int nthreads);
+                           int64_t pos, float *out, int nthreads, int int8);
 void moeinf_rms_norm_f32(const float *x, const float *w, int64_t n, float eps, float *out);
 int moeinf_route_f32(const float *x, const float *W, const float *bias, int64_t E, int64_t H, int k, int renorm,
                      int64_t *ids, float *weights);
@@ -204,6 +204,7 @@ typedef struct {
     const float *in_norm, *post_norm;      /* [H] float32 */
     float eps;
     int k, renorm, type, int8;             /* type: the experts' (moe.c's float32 type); int8: x and h rounded */
+    int attn_int8;                         /* the attention's int8 bits (attention_f32.c) */
     int64_t E, I;                          /* E 0: a dense layer (its MLP in `table`, one expert) */
     const float *router, *router_bias;     /* [E, H], [E] or NULL, float32 */
     const void *const *table;              /* [6 * max(E, 1)]: gate, up, down, gate/up/down bias of every expert */
@@ -222,7 +223,7 @@ int moeinf_decode_layers_f32(const step_f32_layer *layers, int n, int64_t H, flo
         const step_f32_layer *L = layers + l;
         moeinf_rms_norm_f32(x, L->in_norm, H, L->eps, t);
         prof_mark(&pt, PROF_REST);
-        if (moeinf_attn_decode_f32(L->attn, t, cos, sin, slot, pos, a, nthreads)) return -(1 + l);
+        if (moeinf_attn_decode_f32(L->attn, t, cos, sin, slot, pos, a, nthreads, L->attn_int8)) return -(1 + l);
         prof_mark(&pt, PROF_ATTN);
         for (int64_t i = 0; i < H; i++) h[i] = x[i] + a[i];
         moeinf_rms_norm_f32(h, L->post_norm, H, L->eps, t);
